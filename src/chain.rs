@@ -1,0 +1,465 @@
+//! The hash chain: every stream (the envelope's tenant, or its source) gets gapless sequence
+//! numbers from 1 and a SHA-256 link to its previous record.
+//!
+//! ```text
+//! canonical = msgpack map { "stream": str, "seq": uint, "slot": uint, "envelope": Envelope v1 }
+//! hash      = SHA-256( prev_hash (32 raw bytes; 32 zero bytes for seq 1) || canonical )
+//! ```
+//!
+//! The exact layout and a worked example are in spool-format.md §8. Because the envelope's own
+//! encoding is canonical (named keys in a fixed order, empty fields omitted, sorted maps), the
+//! hash of a forwarded record can be recomputed by anyone from the JSON the file sink writes.
+//!
+//! **Determinism across crashes.** The chain is computed once per record, by the worker that
+//! owns the record's slot, and is then made durable in a SEALED spool record before the record
+//! leaves the process (see `forward::worker`). Replay re-sends sealed records byte for byte and
+//! seals only records that were never sealed, continuing from heads that include every seal on
+//! disk (plus the checkpoint written before compaction). So a record forwarded twice carries the
+//! same sequence number, the same hashes and the same gate output, even if the rules changed in
+//! between.
+//!
+//! Bound: one head (stream name, sequence number, 32-byte hash) per stream that has ever sent a
+//! record; they are checkpointed to `chain-heads` before compaction deletes seals.
+
+use std::collections::HashMap;
+use std::io::BufRead;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::envelope::Envelope;
+use crate::spool::Position;
+
+pub const GENESIS: [u8; 32] = [0u8; 32];
+
+/// What sinks receive, and one JSON line of the file sink.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ForwardRecord {
+    pub stream: String,
+    pub seq: u64,
+    /// Lowercase hex of the previous record's hash (64 zeros for seq 1).
+    pub prev_hash: String,
+    /// Lowercase hex of this record's hash.
+    pub hash: String,
+    pub slot: u16,
+    pub envelope: Envelope,
+}
+
+#[derive(Serialize)]
+struct Canonical<'a> {
+    stream: &'a str,
+    seq: u64,
+    slot: u16,
+    envelope: &'a Envelope,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ChainError {
+    #[error("cannot encode: {0}")]
+    Encode(#[from] rmp_serde::encode::Error),
+    #[error("cannot decode: {0}")]
+    Decode(#[from] rmp_serde::decode::Error),
+    #[error("I/O error on {path}: {source}")]
+    Io {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The canonical bytes a record's hash covers.
+pub fn canonical_bytes(
+    stream: &str,
+    seq: u64,
+    slot: u16,
+    envelope: &Envelope,
+) -> Result<Vec<u8>, ChainError> {
+    Ok(rmp_serde::to_vec_named(&Canonical {
+        stream,
+        seq,
+        slot,
+        envelope,
+    })?)
+}
+
+/// `SHA-256(prev || canonical)`.
+pub fn link(prev: &[u8; 32], canonical: &[u8]) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(prev);
+    h.update(canonical);
+    h.finalize().into()
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChainHead {
+    pub seq: u64,
+    pub hash: [u8; 32],
+}
+
+/// Per-stream chain heads.
+#[derive(Debug, Clone, Default)]
+pub struct Chains {
+    heads: HashMap<String, ChainHead>,
+}
+
+impl Chains {
+    pub fn new() -> Chains {
+        Chains::default()
+    }
+
+    pub fn head(&self, stream: &str) -> Option<ChainHead> {
+        self.heads.get(stream).copied()
+    }
+
+    pub fn len(&self) -> usize {
+        self.heads.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.heads.is_empty()
+    }
+
+    /// Sets a stream's head back (used to undo seals whose spool append failed).
+    pub fn restore(&mut self, stream: &str, head: Option<ChainHead>) {
+        match head {
+            Some(h) => {
+                self.heads.insert(stream.to_string(), h);
+            }
+            None => {
+                self.heads.remove(stream);
+            }
+        }
+    }
+
+    /// Gives `envelope` the next sequence number and link of its stream.
+    pub fn seal(&mut self, envelope: Envelope) -> Result<ForwardRecord, ChainError> {
+        let stream = envelope.stream().to_string();
+        let prev = self.heads.get(&stream).copied().unwrap_or(ChainHead {
+            seq: 0,
+            hash: GENESIS,
+        });
+        let seq = prev.seq + 1;
+        let slot = envelope.slot;
+        let canonical = canonical_bytes(&stream, seq, slot, &envelope)?;
+        let hash = link(&prev.hash, &canonical);
+        self.heads.insert(stream.clone(), ChainHead { seq, hash });
+        Ok(ForwardRecord {
+            stream,
+            seq,
+            prev_hash: hex::encode(prev.hash),
+            hash: hex::encode(hash),
+            slot,
+            envelope,
+        })
+    }
+
+    /// Advances a head past a record sealed earlier (found in the spool at start-up).
+    pub fn observe(&mut self, record: &ForwardRecord) {
+        let mut hash = [0u8; 32];
+        if hex::decode_to_slice(&record.hash, &mut hash).is_err() {
+            return;
+        }
+        let entry = self
+            .heads
+            .entry(record.stream.clone())
+            .or_insert(ChainHead {
+                seq: 0,
+                hash: GENESIS,
+            });
+        if record.seq > entry.seq {
+            *entry = ChainHead {
+                seq: record.seq,
+                hash,
+            };
+        }
+    }
+
+    /// Writes all heads atomically: temp file, fdatasync, rename, directory fsync.
+    pub fn save(&self, path: &Path) -> Result<(), ChainError> {
+        let io = |source| ChainError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        let mut heads: Vec<(&String, &ChainHead)> = self.heads.iter().collect();
+        heads.sort_by(|a, b| a.0.cmp(b.0));
+        let bytes = rmp_serde::to_vec_named(&heads)?;
+        let dir = path.parent().unwrap_or(Path::new("."));
+        let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(io)?;
+        std::io::Write::write_all(&mut tmp, &bytes).map_err(io)?;
+        tmp.as_file().sync_data().map_err(io)?;
+        tmp.persist(path).map_err(|e| io(e.error))?;
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io)?;
+        Ok(())
+    }
+
+    /// Loads a checkpoint; a missing file is an empty set of heads.
+    pub fn load(path: &Path) -> Result<Chains, ChainError> {
+        let bytes = match std::fs::read(path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Chains::new()),
+            Err(source) => {
+                return Err(ChainError::Io {
+                    path: path.to_path_buf(),
+                    source,
+                })
+            }
+        };
+        let heads: Vec<(String, ChainHead)> = rmp_serde::from_slice(&bytes)?;
+        Ok(Chains {
+            heads: heads.into_iter().collect(),
+        })
+    }
+}
+
+/// Payload of a SEALED spool record: the forward records of one batch, each with the spool
+/// position of the envelope it came from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SealedBatch {
+    pub entries: Vec<SealedEntry>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SealedEntry {
+    pub position: Position,
+    pub record: ForwardRecord,
+}
+
+impl SealedBatch {
+    pub fn encode(&self) -> Result<Vec<u8>, ChainError> {
+        Ok(rmp_serde::to_vec_named(self)?)
+    }
+    pub fn decode(bytes: &[u8]) -> Result<SealedBatch, ChainError> {
+        Ok(rmp_serde::from_slice(bytes)?)
+    }
+}
+
+/// Payload of a TOMBSTONE spool record: envelope positions whose delivery is complete.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Tombstone {
+    pub positions: Vec<Position>,
+}
+
+impl Tombstone {
+    pub fn encode(&self) -> Result<Vec<u8>, ChainError> {
+        Ok(rmp_serde::to_vec_named(self)?)
+    }
+    pub fn decode(bytes: &[u8]) -> Result<Tombstone, ChainError> {
+        Ok(rmp_serde::from_slice(bytes)?)
+    }
+}
+
+/// What `verify` found wrong, naming the first broken stream and sequence number.
+#[derive(Debug, thiserror::Error)]
+pub enum VerifyError {
+    #[error("line {line}: not a forward record: {reason}")]
+    Malformed { line: usize, reason: String },
+    #[error("stream {stream:?} seq {seq} (line {line}): {reason}")]
+    Broken {
+        stream: String,
+        seq: u64,
+        line: usize,
+        reason: String,
+    },
+    #[error("I/O error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize)]
+pub struct VerifySummary {
+    pub streams: usize,
+    pub records: u64,
+    pub duplicates: u64,
+}
+
+/// Checks JSON lines of forward records: every stream gapless from 1, every link valid, and a
+/// record delivered twice delivered identically. Streams may interleave.
+pub fn verify_jsonl(reader: impl BufRead) -> Result<VerifySummary, VerifyError> {
+    // Per stream, the hash of every sequence number seen so far (index seq - 1).
+    let mut streams: HashMap<String, Vec<[u8; 32]>> = HashMap::new();
+    let mut summary = VerifySummary::default();
+    for (n, line) in reader.lines().enumerate() {
+        let line_no = n + 1;
+        let line = line?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let rec: ForwardRecord =
+            serde_json::from_str(&line).map_err(|e| VerifyError::Malformed {
+                line: line_no,
+                reason: e.to_string(),
+            })?;
+        let broken = |reason: String| VerifyError::Broken {
+            stream: rec.stream.clone(),
+            seq: rec.seq,
+            line: line_no,
+            reason,
+        };
+        if rec.envelope.stream() != rec.stream {
+            return Err(broken(format!(
+                "envelope belongs to stream {:?}",
+                rec.envelope.stream()
+            )));
+        }
+        let mut prev = [0u8; 32];
+        let mut hash = [0u8; 32];
+        hex::decode_to_slice(&rec.prev_hash, &mut prev)
+            .map_err(|e| broken(format!("prev_hash is not 32 hex bytes: {e}")))?;
+        hex::decode_to_slice(&rec.hash, &mut hash)
+            .map_err(|e| broken(format!("hash is not 32 hex bytes: {e}")))?;
+        let canonical = canonical_bytes(&rec.stream, rec.seq, rec.slot, &rec.envelope)
+            .map_err(|e| broken(e.to_string()))?;
+        if link(&prev, &canonical) != hash {
+            return Err(broken(
+                "hash does not match SHA-256(prev_hash || canonical bytes)".into(),
+            ));
+        }
+        if rec.slot != crate::slots::slot_of(&rec.stream) {
+            return Err(broken(format!(
+                "slot {} is not the stream's slot {}",
+                rec.slot,
+                crate::slots::slot_of(&rec.stream)
+            )));
+        }
+        let seen = streams.entry(rec.stream.clone()).or_default();
+        let last = seen.len() as u64;
+        if rec.seq == 0 {
+            return Err(broken("sequence numbers start at 1".into()));
+        }
+        if rec.seq <= last {
+            if seen[(rec.seq - 1) as usize] != hash {
+                return Err(broken("delivered twice with different content".into()));
+            }
+            summary.duplicates += 1;
+        } else if rec.seq == last + 1 {
+            let expected_prev = if last == 0 {
+                GENESIS
+            } else {
+                seen[(last - 1) as usize]
+            };
+            if prev != expected_prev {
+                return Err(broken(format!("prev_hash does not link to seq {last}")));
+            }
+            seen.push(hash);
+        } else {
+            return Err(broken(format!(
+                "gap: previous record of this stream is seq {last}"
+            )));
+        }
+        summary.records += 1;
+    }
+    summary.streams = streams.len();
+    Ok(summary)
+}
+
+/// `verify_jsonl` over a file, or over every `*.jsonl` file of a directory in name order.
+pub fn verify_path(path: &Path) -> Result<VerifySummary, VerifyError> {
+    if path.is_dir() {
+        let mut files: Vec<_> = std::fs::read_dir(path)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().and_then(|e| e.to_str()) == Some("jsonl"))
+            .collect();
+        files.sort();
+        let mut joined = Vec::new();
+        for f in files {
+            let mut bytes = std::fs::read(&f)?;
+            if !bytes.ends_with(b"\n") && !bytes.is_empty() {
+                bytes.push(b'\n');
+            }
+            joined.extend(bytes);
+        }
+        verify_jsonl(std::io::Cursor::new(joined))
+    } else {
+        verify_jsonl(std::io::BufReader::new(std::fs::File::open(path)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(stream: &str, text: &str) -> Envelope {
+        Envelope {
+            version: 1,
+            id: text.into(),
+            source: stream.into(),
+            text: Some(text.into()),
+            ts_ms: 1_700_000_000_000,
+            slot: crate::slots::slot_of(stream),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn seal_numbers_each_stream_from_one_and_links_to_the_previous_hash() {
+        let mut c = Chains::new();
+        let a1 = c.seal(env("a", "x")).unwrap();
+        let b1 = c.seal(env("b", "y")).unwrap();
+        let a2 = c.seal(env("a", "z")).unwrap();
+        assert_eq!((a1.seq, b1.seq, a2.seq), (1, 1, 2));
+        assert_eq!(a1.prev_hash, hex::encode(GENESIS));
+        assert_eq!(a2.prev_hash, a1.hash);
+    }
+
+    #[test]
+    fn restore_undoes_a_seal() {
+        let mut c = Chains::new();
+        c.seal(env("a", "x")).unwrap();
+        let before = c.head("a");
+        c.seal(env("a", "y")).unwrap();
+        c.restore("a", before);
+        assert_eq!(c.seal(env("a", "z")).unwrap().seq, 2);
+    }
+
+    #[test]
+    fn observe_takes_the_highest_sequence_number() {
+        let mut c = Chains::new();
+        let r1 = Chains::new().seal(env("a", "x")).unwrap();
+        let mut other = Chains::new();
+        other.seal(env("a", "x")).unwrap();
+        let r2 = other.seal(env("a", "y")).unwrap();
+        c.observe(&r2);
+        c.observe(&r1);
+        assert_eq!(c.head("a").unwrap().seq, 2);
+    }
+
+    #[test]
+    fn checkpoints_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = Chains::new();
+        c.seal(env("a", "x")).unwrap();
+        c.seal(env("b", "x")).unwrap();
+        let path = dir.path().join("chain-heads");
+        c.save(&path).unwrap();
+        let loaded = Chains::load(&path).unwrap();
+        assert_eq!(loaded.head("a"), c.head("a"));
+        assert_eq!(loaded.len(), 2);
+        assert!(Chains::load(&dir.path().join("missing"))
+            .unwrap()
+            .is_empty());
+    }
+
+    #[test]
+    fn sealed_and_tombstone_payloads_round_trip() {
+        let rec = Chains::new().seal(env("a", "x")).unwrap();
+        let b = SealedBatch {
+            entries: vec![SealedEntry {
+                position: Position {
+                    segment: 1,
+                    offset: 64,
+                },
+                record: rec,
+            }],
+        };
+        assert_eq!(SealedBatch::decode(&b.encode().unwrap()).unwrap(), b);
+        let t = Tombstone {
+            positions: vec![Position {
+                segment: 2,
+                offset: 8,
+            }],
+        };
+        assert_eq!(Tombstone::decode(&t.encode().unwrap()).unwrap(), t);
+    }
+}

@@ -1,0 +1,126 @@
+//! Compaction: deleting segments whose envelopes are all complete.
+//!
+//! Segments are deleted oldest first, as a prefix, never the active one and never one the
+//! dispatcher has not read past. Prefix order is what makes deletion safe without rewriting
+//! anything: a tombstone always sits in the same or a later segment than the envelope it
+//! completes, so when segment N goes, every envelope its tombstones name is in N or older and
+//! is gone too — no tombstone that still matters is ever deleted, and tombstones never pile up
+//! beyond the segments that still hold pending work. Spool bytes on disk therefore stay
+//! proportional to the span from the oldest pending envelope to the head of the log.
+//!
+//! Seal records leave with their segments too, and with them the evidence of each stream's
+//! chain head. So before any deletion the chain heads are checkpointed to `chain-heads`
+//! (atomically: temp file, fsync, rename, fsync of the directory); start-up loads the
+//! checkpoint and then advances it with the seals still in the spool.
+//!
+//! A compaction pass runs after tombstones are written (the workers notify it) and at least
+//! every [`COMPACTION_INTERVAL`]; the same loop refreshes the pending-work gauges.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{watch, Notify};
+
+use crate::chain::Chains;
+use crate::forward::ledger::Ledger;
+use crate::ingest::server::stopped;
+use crate::metrics::Metrics;
+use crate::ring::Ring;
+use crate::spool::Spool;
+
+pub const COMPACTION_INTERVAL: Duration = Duration::from_secs(1);
+
+pub struct Compactor {
+    pub spool: Spool,
+    pub ledger: Arc<Ledger>,
+    pub chains: Arc<Mutex<Chains>>,
+    pub ring: Arc<Ring>,
+    pub heads_path: PathBuf,
+    pub metrics: Arc<Metrics>,
+    pub wake: Arc<Notify>,
+}
+
+impl Compactor {
+    pub async fn run(self, mut stop: watch::Receiver<bool>) {
+        loop {
+            tokio::select! {
+                _ = stopped(&mut stop) => return,
+                _ = self.wake.notified() => {}
+                _ = tokio::time::sleep(COMPACTION_INTERVAL) => {}
+            }
+            self.refresh_gauges();
+            if let Err(e) = self.pass().await {
+                tracing::error!(error = %e, "compaction pass failed; segments are kept and it will retry");
+            }
+        }
+    }
+
+    fn refresh_gauges(&self) {
+        let (pending, bytes, oldest) = self.ledger.pending_stats();
+        let unread = self
+            .ring
+            .envelopes_committed()
+            .saturating_sub(self.ledger.live_added());
+        let m = &self.metrics;
+        m.spool_pending_records.set((pending + unread) as i64);
+        m.spool_pending_bytes.set(bytes as i64);
+        let age = oldest.map_or(0.0, |since| {
+            crate::ingest::now_ms().saturating_sub(since) as f64 / 1000.0
+        });
+        m.spool_oldest_pending_age_seconds.set(age);
+        m.spool_segments_active
+            .set(self.spool.segments().len() as i64);
+    }
+
+    /// One pass: find the deletable prefix, checkpoint the chain heads, delete.
+    pub async fn pass(&self) -> Result<u64, CompactionError> {
+        let segments = self.spool.segments();
+        let ids: Vec<u64> = segments.iter().map(|s| s.id).collect();
+        let Some(&active) = ids.last() else {
+            return Ok(0);
+        };
+        let Some(below) = self.ledger.compactable_below(&ids, active) else {
+            return Ok(0);
+        };
+        let snapshot = self
+            .chains
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let path = self.heads_path.clone();
+        let spool = self.spool.clone();
+        let freed = tokio::task::spawn_blocking(move || -> Result<u64, CompactionError> {
+            snapshot
+                .save(&path)
+                .map_err(|e| CompactionError::Checkpoint(e.to_string()))?;
+            Ok(spool.remove_segments_below(below)?)
+        })
+        .await
+        .map_err(|e| CompactionError::Task(e.to_string()))??;
+        self.ledger.forget_below(below);
+        let deleted = ids.iter().filter(|&&id| id < below).count() as u64;
+        self.metrics
+            .compaction_segments_deleted_total
+            .inc_by(deleted);
+        self.metrics.compaction_bytes_reclaimed_total.inc_by(freed);
+        tracing::info!(
+            segments = deleted,
+            bytes = freed,
+            first_kept = below,
+            "compaction deleted completed segments"
+        );
+        self.refresh_gauges();
+        Ok(freed)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CompactionError {
+    #[error("chain-heads checkpoint failed: {0}")]
+    Checkpoint(String),
+    #[error(transparent)]
+    Spool(#[from] crate::spool::SpoolError),
+    #[error("blocking task failed: {0}")]
+    Task(String),
+}

@@ -1,0 +1,747 @@
+//! Configuration: embedded defaults, a TOML file, `SPOOLGATE_*` environment overrides and CLI
+//! flags, applied in that order. Every bound the daemon has is a key here, with its default and
+//! the range `validate` accepts; README.md's configuration reference is generated from the same
+//! list by hand and must stay in step with it.
+//!
+//! Environment overrides name a key path: `SPOOLGATE_DATA_DIR` sets `data_dir`,
+//! `SPOOLGATE_SPOOL__DURABILITY=never` sets `spool.durability` (sections and keys are separated
+//! by a double underscore, and the rest is lower-cased). Values parse as TOML when they can
+//! (`8192`, `true`, `"x"`), else they are taken as strings.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::spool::{Durability, SpoolOptions};
+
+const KIB: u64 = 1024;
+const MIB: u64 = 1024 * KIB;
+const GIB: u64 = 1024 * MIB;
+
+/// `SPOOLGATE_*` variables that are not config keys: flags read by clap, and failpoints.
+const ENV_NOT_CONFIG: &[&str] = &["CONFIG", "LOG_FORMAT", "FAILPOINT_"];
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config is not valid TOML or has an unknown/mistyped key: {0}")]
+    Parse(String),
+    #[error("invalid value for {key}: {reason}")]
+    Invalid { key: String, reason: String },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Directory for segments, chain state, sink output and dead letters.
+    pub data_dir: PathBuf,
+    pub ingest: IngestConfig,
+    pub metrics: MetricsConfig,
+    pub spool: SpoolConfig,
+    pub ring: RingConfig,
+    pub gate: GateConfig,
+    pub forward: ForwardConfig,
+    /// Named sinks. Records go to the sink named by their `routing_hints.sink`, else `default`.
+    pub sinks: BTreeMap<String, SinkConfig>,
+    pub shutdown: ShutdownConfig,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UnknownFields {
+    /// Unknown top-level fields of a client envelope are moved into `meta`.
+    Meta,
+    /// Unknown top-level fields are a 400.
+    Reject,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenConfig {
+    pub token: String,
+    pub tenant: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IngestConfig {
+    pub listen: SocketAddr,
+    /// Largest request body accepted (413 above it).
+    pub body_bytes_max: u64,
+    /// Largest single envelope, as encoded msgpack (413 above it).
+    pub envelope_bytes_max: u64,
+    /// Most envelopes in one request (413 above it).
+    pub batch_items_max: usize,
+    /// Simultaneous ingest connections; further ones wait in the kernel backlog.
+    pub connections_max: usize,
+    pub header_read_timeout_ms: u64,
+    pub body_read_timeout_ms: u64,
+    pub idle_timeout_ms: u64,
+    pub unknown_fields: UnknownFields,
+    /// A retried `id` within this window is answered with its original position.
+    pub dedup_window_secs: u64,
+    /// Bound on ids remembered for dedup (oldest forgotten first).
+    pub dedup_entries_max: usize,
+    /// Bearer tokens; when non-empty, every ingest request needs one.
+    pub tokens: Vec<TokenConfig>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    pub listen: SocketAddr,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DurabilityMode {
+    Always,
+    Interval,
+    Never,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SpoolConfig {
+    pub durability: DurabilityMode,
+    /// With `durability = "interval"`: the longest time between fdatasyncs.
+    pub fsync_interval_ms: u64,
+    pub segment_bytes_max: u64,
+    pub record_bytes_max: u32,
+    pub commit_batch_records_max: usize,
+    pub commit_batch_bytes_max: usize,
+    pub queue_depth_max: usize,
+    pub preallocate: bool,
+    /// Spool bytes on disk above which `low` priority gets 429.
+    pub quota_soft_bytes: u64,
+    /// Spool bytes on disk above which everything gets 429.
+    pub quota_hard_bytes: u64,
+    /// Free bytes on the data filesystem below which `low` priority gets 429.
+    pub disk_free_soft_bytes: u64,
+    /// Free bytes on the data filesystem below which everything gets 429.
+    pub disk_free_hard_bytes: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RingConfig {
+    pub capacity_records: usize,
+    pub capacity_bytes: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PiiAction {
+    /// Count only; text unchanged.
+    Tag,
+    /// Replace each match in the text with `[KIND]`.
+    Mask,
+    /// Replace each match with `[KIND:first 16 hex of HMAC-SHA-256(key, match)]`.
+    Hash,
+    /// Forward no text at all, only its hash (applies when the kind is found).
+    DropText,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GateConfig {
+    /// TOML rules file (tags, intent, routing); watched and hot-reloaded. None = no rules.
+    pub rules_path: Option<PathBuf>,
+    /// Longest extractive summary, in characters.
+    pub summary_chars_max: usize,
+    /// Longest text prefix scanned for PII and rules, in bytes.
+    pub scan_bytes_max: usize,
+    /// Action per PII kind; kinds not listed use `pii_default`.
+    pub pii: BTreeMap<String, PiiAction>,
+    pub pii_default: PiiAction,
+    /// Key for `hash` PII action. Change it and hashed values change.
+    pub pii_hash_key: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ForwardConfig {
+    pub workers: usize,
+    pub batch_records_max: usize,
+    pub batch_bytes_max: usize,
+    pub linger_ms: u64,
+    pub retry_initial_ms: u64,
+    pub retry_max_ms: u64,
+    /// A sink call running longer than this counts as a stuck worker (takeover).
+    pub worker_deadline_ms: u64,
+    /// Bound on records dispatched to one worker and not yet confirmed.
+    pub worker_queue_records_max: usize,
+    pub dead_letter_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WireFormat {
+    Json,
+    Msgpack,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
+pub enum SinkConfig {
+    /// JSON lines in `dir`, rotated at `file_bytes_max`, fsync'd before success.
+    File {
+        dir: Option<PathBuf>,
+        #[serde(default = "default_sink_file_bytes_max")]
+        file_bytes_max: u64,
+    },
+    /// POST batches to `url`; 2xx = delivered.
+    Http {
+        url: String,
+        #[serde(default = "default_wire_format")]
+        format: WireFormat,
+        #[serde(default = "default_http_timeout_ms")]
+        timeout_ms: u64,
+        #[serde(default)]
+        headers: BTreeMap<String, String>,
+    },
+}
+
+fn default_sink_file_bytes_max() -> u64 {
+    64 * MIB
+}
+fn default_wire_format() -> WireFormat {
+    WireFormat::Json
+}
+fn default_http_timeout_ms() -> u64 {
+    10_000
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShutdownConfig {
+    /// SIGTERM to exit: stop accepting, finish in-flight work, flush. Past this, exit anyway
+    /// (nothing acknowledged is lost: it is on disk and replays at the next start).
+    pub deadline_ms: u64,
+}
+
+impl Default for IngestConfig {
+    fn default() -> Self {
+        IngestConfig {
+            listen: "127.0.0.1:8750".parse().expect("valid literal address"),
+            body_bytes_max: 16 * MIB,
+            envelope_bytes_max: MIB,
+            batch_items_max: 10_000,
+            connections_max: 1024,
+            header_read_timeout_ms: 5_000,
+            body_read_timeout_ms: 15_000,
+            idle_timeout_ms: 60_000,
+            unknown_fields: UnknownFields::Meta,
+            dedup_window_secs: 600,
+            dedup_entries_max: 1_000_000,
+            tokens: Vec::new(),
+        }
+    }
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            listen: "127.0.0.1:8751".parse().expect("valid literal address"),
+        }
+    }
+}
+
+impl Default for SpoolConfig {
+    fn default() -> Self {
+        SpoolConfig {
+            durability: DurabilityMode::Always,
+            fsync_interval_ms: 100,
+            segment_bytes_max: 64 * MIB,
+            record_bytes_max: (MIB + 64 * KIB) as u32,
+            commit_batch_records_max: 4096,
+            commit_batch_bytes_max: (8 * MIB) as usize,
+            queue_depth_max: 8192,
+            preallocate: true,
+            quota_soft_bytes: 3 * GIB,
+            quota_hard_bytes: 4 * GIB,
+            disk_free_soft_bytes: 512 * MIB,
+            disk_free_hard_bytes: 128 * MIB,
+        }
+    }
+}
+
+impl Default for RingConfig {
+    fn default() -> Self {
+        RingConfig {
+            capacity_records: 65_536,
+            capacity_bytes: (64 * MIB) as usize,
+        }
+    }
+}
+
+impl Default for GateConfig {
+    fn default() -> Self {
+        GateConfig {
+            rules_path: None,
+            summary_chars_max: 280,
+            scan_bytes_max: (64 * KIB) as usize,
+            pii: BTreeMap::new(),
+            pii_default: PiiAction::Tag,
+            pii_hash_key: "spoolgate-default-pii-key".into(),
+        }
+    }
+}
+
+impl Default for ForwardConfig {
+    fn default() -> Self {
+        ForwardConfig {
+            workers: 2,
+            batch_records_max: 512,
+            batch_bytes_max: (4 * MIB) as usize,
+            linger_ms: 5,
+            retry_initial_ms: 100,
+            retry_max_ms: 30_000,
+            worker_deadline_ms: 60_000,
+            worker_queue_records_max: 8192,
+            dead_letter_dir: None,
+        }
+    }
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        ShutdownConfig {
+            deadline_ms: 20_000,
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        let mut sinks = BTreeMap::new();
+        sinks.insert(
+            "default".to_string(),
+            SinkConfig::File {
+                dir: None,
+                file_bytes_max: default_sink_file_bytes_max(),
+            },
+        );
+        Config {
+            data_dir: PathBuf::from("./spoolgate-data"),
+            ingest: IngestConfig::default(),
+            metrics: MetricsConfig::default(),
+            spool: SpoolConfig::default(),
+            ring: RingConfig::default(),
+            gate: GateConfig::default(),
+            forward: ForwardConfig::default(),
+            sinks,
+            shutdown: ShutdownConfig::default(),
+        }
+    }
+}
+
+fn invalid(key: &str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.to_string(),
+        reason: reason.into(),
+    }
+}
+
+fn check_range(key: &str, value: u64, min: u64, max: u64) -> Result<(), ConfigError> {
+    if value < min || value > max {
+        return Err(invalid(key, format!("{value} is outside {min}..={max}")));
+    }
+    Ok(())
+}
+
+impl Config {
+    /// Builds the configuration from defaults, an optional file, the environment and `sets`
+    /// (`key.path=value` pairs from the command line), then validates it.
+    pub fn load(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+        sets: &[(String, String)],
+    ) -> Result<Config, ConfigError> {
+        let mut tree = toml::Value::try_from(Config::default())
+            .map_err(|e| ConfigError::Parse(e.to_string()))?;
+        if let Some(path) = file {
+            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                path: path.to_path_buf(),
+                source,
+            })?;
+            let from_file: toml::Value = text
+                .parse::<toml::Table>()
+                .map(toml::Value::Table)
+                .map_err(|e| ConfigError::Parse(format!("{}: {e}", path.display())))?;
+            // A sink named in the file replaces the default of that name whole: sink types have
+            // different keys, so merging them key by key would mix two types.
+            if let (Some(file_sinks), Some(base_sinks)) = (
+                from_file.get("sinks").and_then(toml::Value::as_table),
+                tree.get_mut("sinks").and_then(toml::Value::as_table_mut),
+            ) {
+                for name in file_sinks.keys() {
+                    base_sinks.remove(name);
+                }
+            }
+            merge(&mut tree, from_file);
+        }
+        for (name, value) in env {
+            if let Some(rest) = name.strip_prefix("SPOOLGATE_") {
+                if rest.is_empty() || ENV_NOT_CONFIG.iter().any(|p| rest.starts_with(p)) {
+                    continue;
+                }
+                let path: Vec<String> = rest.split("__").map(|p| p.to_lowercase()).collect();
+                set_path(&mut tree, &path, &value);
+            }
+        }
+        for (key, value) in sets {
+            let path: Vec<String> = key.split('.').map(str::to_string).collect();
+            set_path(&mut tree, &path, value);
+        }
+        let config: Config = tree
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Parse(e.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks every bound. The messages name the key, the value and the accepted range.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let s = &self.spool;
+        check_range(
+            "spool.segment_bytes_max",
+            s.segment_bytes_max,
+            MIB,
+            4 * GIB - 1,
+        )?;
+        check_range(
+            "spool.record_bytes_max",
+            u64::from(s.record_bytes_max),
+            1024,
+            s.segment_bytes_max / 2,
+        )?;
+        check_range("spool.fsync_interval_ms", s.fsync_interval_ms, 1, 60_000)?;
+        check_range(
+            "spool.commit_batch_records_max",
+            s.commit_batch_records_max as u64,
+            1,
+            1 << 20,
+        )?;
+        check_range(
+            "spool.commit_batch_bytes_max",
+            s.commit_batch_bytes_max as u64,
+            u64::from(s.record_bytes_max),
+            GIB,
+        )?;
+        check_range(
+            "spool.queue_depth_max",
+            s.queue_depth_max as u64,
+            1,
+            1 << 20,
+        )?;
+        if s.quota_soft_bytes > s.quota_hard_bytes {
+            return Err(invalid(
+                "spool.quota_soft_bytes",
+                "must not exceed spool.quota_hard_bytes",
+            ));
+        }
+        if s.disk_free_soft_bytes < s.disk_free_hard_bytes {
+            return Err(invalid(
+                "spool.disk_free_soft_bytes",
+                "must be at least spool.disk_free_hard_bytes (soft trips first)",
+            ));
+        }
+        let i = &self.ingest;
+        check_range(
+            "ingest.envelope_bytes_max",
+            i.envelope_bytes_max,
+            256,
+            u64::from(s.record_bytes_max) - 1024,
+        )?;
+        check_range(
+            "ingest.body_bytes_max",
+            i.body_bytes_max,
+            i.envelope_bytes_max,
+            GIB,
+        )?;
+        check_range(
+            "ingest.batch_items_max",
+            i.batch_items_max as u64,
+            1,
+            1_000_000,
+        )?;
+        check_range(
+            "ingest.connections_max",
+            i.connections_max as u64,
+            1,
+            1_000_000,
+        )?;
+        check_range(
+            "ingest.header_read_timeout_ms",
+            i.header_read_timeout_ms,
+            10,
+            600_000,
+        )?;
+        check_range(
+            "ingest.body_read_timeout_ms",
+            i.body_read_timeout_ms,
+            10,
+            600_000,
+        )?;
+        check_range("ingest.idle_timeout_ms", i.idle_timeout_ms, 10, 3_600_000)?;
+        check_range(
+            "ingest.dedup_entries_max",
+            i.dedup_entries_max as u64,
+            0,
+            100_000_000,
+        )?;
+        for (n, t) in i.tokens.iter().enumerate() {
+            if t.token.len() < 16 {
+                return Err(invalid(
+                    &format!("ingest.tokens[{n}].token"),
+                    "must be at least 16 characters",
+                ));
+            }
+            if t.tenant.is_empty() {
+                return Err(invalid(
+                    &format!("ingest.tokens[{n}].tenant"),
+                    "must not be empty",
+                ));
+            }
+        }
+        if i.listen == self.metrics.listen && i.listen.port() != 0 {
+            return Err(invalid("metrics.listen", "must differ from ingest.listen"));
+        }
+        check_range(
+            "ring.capacity_records",
+            self.ring.capacity_records as u64,
+            1,
+            1 << 24,
+        )?;
+        check_range(
+            "ring.capacity_bytes",
+            self.ring.capacity_bytes as u64,
+            1,
+            16 * GIB,
+        )?;
+        check_range(
+            "gate.summary_chars_max",
+            self.gate.summary_chars_max as u64,
+            0,
+            65_536,
+        )?;
+        check_range(
+            "gate.scan_bytes_max",
+            self.gate.scan_bytes_max as u64,
+            64,
+            64 * MIB,
+        )?;
+        let f = &self.forward;
+        check_range("forward.workers", f.workers as u64, 1, 256)?;
+        check_range(
+            "forward.batch_records_max",
+            f.batch_records_max as u64,
+            1,
+            100_000,
+        )?;
+        check_range(
+            "forward.batch_bytes_max",
+            f.batch_bytes_max as u64,
+            1024,
+            GIB,
+        )?;
+        check_range("forward.linger_ms", f.linger_ms, 0, 60_000)?;
+        check_range("forward.retry_initial_ms", f.retry_initial_ms, 1, 600_000)?;
+        check_range(
+            "forward.retry_max_ms",
+            f.retry_max_ms,
+            f.retry_initial_ms,
+            3_600_000,
+        )?;
+        check_range(
+            "forward.worker_deadline_ms",
+            f.worker_deadline_ms,
+            100,
+            3_600_000,
+        )?;
+        check_range(
+            "forward.worker_queue_records_max",
+            f.worker_queue_records_max as u64,
+            1,
+            1 << 24,
+        )?;
+        if !self.sinks.contains_key("default") {
+            return Err(invalid("sinks", "a sink named \"default\" is required"));
+        }
+        for (name, sink) in &self.sinks {
+            if let SinkConfig::Http { url, .. } = sink {
+                if !(url.starts_with("http://")) {
+                    return Err(invalid(
+                        &format!("sinks.{name}.url"),
+                        "must be an http:// URL",
+                    ));
+                }
+            }
+        }
+        check_range(
+            "shutdown.deadline_ms",
+            self.shutdown.deadline_ms,
+            100,
+            3_600_000,
+        )?;
+        Ok(())
+    }
+
+    pub fn spool_dir(&self) -> PathBuf {
+        self.data_dir.join("spool")
+    }
+
+    pub fn dead_letter_dir(&self) -> PathBuf {
+        self.forward
+            .dead_letter_dir
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("dead-letter"))
+    }
+
+    pub fn spool_options(&self) -> SpoolOptions {
+        let s = &self.spool;
+        SpoolOptions {
+            dir: self.spool_dir(),
+            segment_bytes_max: s.segment_bytes_max,
+            record_bytes_max: s.record_bytes_max,
+            durability: match s.durability {
+                DurabilityMode::Always => Durability::Always,
+                DurabilityMode::Interval => {
+                    Durability::Interval(Duration::from_millis(s.fsync_interval_ms))
+                }
+                DurabilityMode::Never => Durability::Never,
+            },
+            commit_batch_records_max: s.commit_batch_records_max,
+            commit_batch_bytes_max: s.commit_batch_bytes_max,
+            queue_depth_max: s.queue_depth_max,
+            preallocate: s.preallocate,
+        }
+    }
+}
+
+/// Overlays `over` onto `base`, table by table.
+fn merge(base: &mut toml::Value, over: toml::Value) {
+    match (base, over) {
+        (toml::Value::Table(b), toml::Value::Table(o)) => {
+            for (k, v) in o {
+                match b.get_mut(&k) {
+                    Some(existing) if existing.is_table() && v.is_table() => merge(existing, v),
+                    _ => {
+                        b.insert(k, v);
+                    }
+                }
+            }
+        }
+        (b, o) => *b = o,
+    }
+}
+
+fn set_path(tree: &mut toml::Value, path: &[String], raw: &str) {
+    let value = format!("v = {raw}")
+        .parse::<toml::Table>()
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_string()));
+    let mut node = tree;
+    for (n, key) in path.iter().enumerate() {
+        let Some(table) = node.as_table_mut() else {
+            return;
+        };
+        if n + 1 == path.len() {
+            table.insert(key.clone(), value);
+            return;
+        }
+        node = table
+            .entry(key.clone())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, text).unwrap();
+        let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string()));
+        Config::load(Some(&path), env, &[])
+    }
+
+    #[test]
+    fn defaults_are_valid_and_safe() {
+        let c = Config::load(None, Vec::new(), &[]).unwrap();
+        assert_eq!(c.spool.durability, DurabilityMode::Always);
+        assert_eq!(c.ingest.listen.to_string(), "127.0.0.1:8750");
+        assert_eq!(c.metrics.listen.to_string(), "127.0.0.1:8751");
+        assert!(matches!(
+            c.sinks.get("default"),
+            Some(SinkConfig::File { .. })
+        ));
+    }
+
+    #[test]
+    fn file_then_env_then_flags_override_in_that_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(
+            &path,
+            "data_dir = \"/a\"\n[spool]\ndurability = \"interval\"\n",
+        )
+        .unwrap();
+        let env = vec![("SPOOLGATE_DATA_DIR".to_string(), "/b".to_string())];
+        let sets = vec![("spool.durability".to_string(), "never".to_string())];
+        let c = Config::load(Some(&path), env, &sets).unwrap();
+        assert_eq!(c.data_dir, PathBuf::from("/b"));
+        assert_eq!(c.spool.durability, DurabilityMode::Never);
+    }
+
+    #[test]
+    fn env_override_reaches_nested_numeric_keys() {
+        let c = load("", &[("SPOOLGATE_FORWARD__WORKERS", "7")]).unwrap();
+        assert_eq!(c.forward.workers, 7);
+    }
+
+    #[test]
+    fn unknown_keys_are_refused_with_their_name() {
+        let err = load("[spool]\nsegment_byte_max = 5\n", &[]).unwrap_err();
+        assert!(err.to_string().contains("segment_byte_max"), "{err}");
+    }
+
+    #[test]
+    fn out_of_range_values_name_key_and_range() {
+        let err = load("[forward]\nworkers = 0\n", &[]).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "invalid value for forward.workers: 0 is outside 1..=256"
+        );
+    }
+
+    #[test]
+    fn an_http_sink_parses_with_defaults() {
+        let c = load(
+            "[sinks.default]\ntype = \"http\"\nurl = \"http://127.0.0.1:9/x\"\n",
+            &[],
+        )
+        .unwrap();
+        match c.sinks.get("default").unwrap() {
+            SinkConfig::Http {
+                format, timeout_ms, ..
+            } => {
+                assert_eq!(*format, WireFormat::Json);
+                assert_eq!(*timeout_ms, 10_000);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}

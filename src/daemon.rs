@@ -1,0 +1,399 @@
+//! `spoolgate serve`: the daemon's lifecycle.
+//!
+//! Start-up order matters for the guarantees:
+//! 1. bind both listeners first, so a port conflict fails fast and clients get 503 (not a
+//!    refused connection) while recovery runs;
+//! 2. open the spool: take the directory lock, recover every segment;
+//! 3. scan what recovery kept, in one pass, to rebuild the dedup index, the ledger (pending,
+//!    sealed, complete) and the chain heads, then start the pipeline, which replays whatever
+//!    is pending;
+//! 4. only then publish the spool to the handlers — `/readyz` turns 200 and ingest answers.
+//!
+//! Shutdown (SIGTERM or SIGINT): mark draining (new requests get 503, `/readyz` fails), stop
+//! accepting, let in-flight requests finish, stop the pipeline after its in-flight batch, close
+//! the spool (flush and fdatasync), exit 0 — all within `shutdown.deadline_ms`. Past the
+//! deadline the process exits anyway with status 1: nothing acknowledged is lost by that, since
+//! it is on disk and replays at the next start.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use std::sync::Mutex;
+
+use crate::chain::Chains;
+use crate::compaction::Compactor;
+use crate::config::Config;
+use crate::forward::dead_letter::DeadLetter;
+use crate::forward::ledger::{self, Ledger, ScanSummary};
+use crate::forward::pipeline::{Pipeline, PipelineParts};
+use crate::forward::sink::build_sinks;
+use crate::gate::Gate;
+use crate::ingest::backpressure::{filesystem_free_bytes, SAMPLE_INTERVAL};
+use crate::ingest::server::{serve, stopped, ConnectionLimits};
+use crate::ingest::{self, IngestState};
+use crate::metrics::Metrics;
+use crate::ring::Ring;
+use crate::spool::{Spool, SpoolError};
+
+/// Chain heads checkpoint, in the data directory (see `compaction`).
+pub const CHAIN_HEADS_FILE: &str = "chain-heads";
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("cannot bind {what} listener on {addr}: {source}")]
+    Bind {
+        what: &'static str,
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot create data directory {path}: {source}")]
+    DataDir {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Spool(#[from] SpoolError),
+    #[error("a start-up task failed: {0}")]
+    Task(String),
+    #[error("cannot start the pipeline: {0}")]
+    Pipeline(String),
+}
+
+/// How `run` ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Exit {
+    /// Everything drained within the deadline.
+    Clean,
+    /// The deadline passed first.
+    DeadlineExceeded,
+}
+
+pub async fn run(config: Config) -> Result<Exit, DaemonError> {
+    let metrics = Arc::new(Metrics::new());
+    metrics.register_process_collector();
+    metrics
+        .start_time_seconds
+        .set(ingest::now_ms() as f64 / 1000.0);
+
+    std::fs::create_dir_all(&config.data_dir).map_err(|source| DaemonError::DataDir {
+        path: config.data_dir.clone(),
+        source,
+    })?;
+    let ingest_listener = TcpListener::bind(config.ingest.listen)
+        .await
+        .map_err(|source| DaemonError::Bind {
+            what: "ingest",
+            addr: config.ingest.listen,
+            source,
+        })?;
+    let admin_listener = TcpListener::bind(config.metrics.listen)
+        .await
+        .map_err(|source| DaemonError::Bind {
+            what: "metrics",
+            addr: config.metrics.listen,
+            source,
+        })?;
+    tracing::info!(
+        ingest = %ingest_listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+        metrics = %admin_listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+        data_dir = %config.data_dir.display(),
+        durability = ?config.spool.durability,
+        version = env!("CARGO_PKG_VERSION"),
+        "spoolgate starting"
+    );
+
+    write_addresses(&config, &ingest_listener, &admin_listener)?;
+
+    let state = Arc::new(IngestState::new(config.clone(), metrics.clone()));
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let limits = ConnectionLimits {
+        connections_max: config.ingest.connections_max,
+        header_read_timeout: Duration::from_millis(config.ingest.header_read_timeout_ms),
+        idle_timeout: Duration::from_millis(config.ingest.idle_timeout_ms),
+    };
+    let ingest_server = {
+        let state = state.clone();
+        tokio::spawn(serve(
+            ingest_listener,
+            move |req| ingest::handle(state.clone(), req),
+            limits,
+            stop_rx.clone(),
+            Some(metrics.ingest_connections_open.clone()),
+        ))
+    };
+    let (admin_stop_tx, admin_stop_rx) = watch::channel(false);
+    let admin_server = {
+        let state = state.clone();
+        tokio::spawn(serve(
+            admin_listener,
+            move |req| ingest::handle_admin(state.clone(), req),
+            ConnectionLimits {
+                connections_max: 64,
+                ..limits
+            },
+            admin_stop_rx,
+            None,
+        ))
+    };
+
+    let ring = Arc::new(Ring::new(
+        config.ring.capacity_records,
+        config.ring.capacity_bytes,
+        metrics.clone(),
+    ));
+    let opened = {
+        let opts = config.spool_options();
+        let metrics = metrics.clone();
+        let observer: Arc<dyn crate::spool::CommitObserver> = ring.clone();
+        let fs = filesystem_with_failpoints();
+        tokio::task::spawn_blocking(move || Spool::open_with_fs(opts, fs, metrics, Some(observer)))
+            .await
+            .map_err(|e| DaemonError::Task(e.to_string()))?
+    };
+    let (spool, report) = opened?;
+    tracing::info!(
+        segments = report.segments,
+        records = report.records,
+        torn_tail_bytes = report.torn_tail_bytes,
+        damaged_ranges = report.damaged.len(),
+        duration_ms = report.duration.as_millis() as u64,
+        "recovery finished"
+    );
+    for d in &report.damaged {
+        tracing::warn!(
+            segment = d.segment,
+            offset = d.offset,
+            bytes = d.len_bytes,
+            records_lost = d.records_lost,
+            "recovery dropped a damaged range"
+        );
+    }
+
+    let heads_path = config.data_dir.join(CHAIN_HEADS_FILE);
+    let chains = Chains::load(&heads_path).map_err(|e| DaemonError::Pipeline(e.to_string()))?;
+    let chains = Arc::new(Mutex::new(chains));
+    let ledger = Arc::new(Ledger::default());
+    let summary = {
+        let (spool, state, ledger, chains) =
+            (spool.clone(), state.clone(), ledger.clone(), chains.clone());
+        tokio::task::spawn_blocking(move || -> Result<ScanSummary, SpoolError> {
+            let mut chains = chains.lock().unwrap_or_else(|p| p.into_inner());
+            ledger::scan(
+                &spool,
+                &ledger,
+                ingest::now_ms(),
+                |env, position| {
+                    state.dedup.insert_recovered(
+                        crate::ingest::dedup::key(env.tenant.as_deref(), &env.id),
+                        position,
+                        env.slot,
+                    )
+                },
+                |record| chains.observe(record),
+            )
+        })
+        .await
+        .map_err(|e| DaemonError::Task(e.to_string()))??
+    };
+    tracing::info!(
+        envelopes = summary.envelopes,
+        pending = summary.pending,
+        sealed = summary.sealed,
+        tombstoned = summary.tombstoned,
+        undecodable = summary.undecodable,
+        "spool scanned; pending envelopes will be replayed"
+    );
+
+    let gate = Arc::new(
+        Gate::new(&config.gate, metrics.clone())
+            .map_err(|e| DaemonError::Pipeline(e.to_string()))?,
+    );
+    let _rules_watcher = gate
+        .watch()
+        .map_err(|e| DaemonError::Pipeline(e.to_string()))?;
+    let sinks = build_sinks(&config.sinks, &config.data_dir)
+        .map_err(|e| DaemonError::Pipeline(e.to_string()))?;
+    let compaction_wake = Arc::new(tokio::sync::Notify::new());
+    let pipeline = Pipeline::start(PipelineParts {
+        spool: spool.clone(),
+        ring: ring.clone(),
+        gate,
+        chains: chains.clone(),
+        ledger: ledger.clone(),
+        sinks,
+        dead_letter: DeadLetter::new(&config.dead_letter_dir()),
+        config: config.forward.clone(),
+        metrics: metrics.clone(),
+        compaction: compaction_wake.clone(),
+        replay_end: summary.end,
+    });
+    let (compactor_stop_tx, compactor_stop_rx) = watch::channel(false);
+    let compactor = tokio::spawn(
+        Compactor {
+            spool: spool.clone(),
+            ledger,
+            chains,
+            ring: ring.clone(),
+            heads_path,
+            metrics: metrics.clone(),
+            wake: compaction_wake,
+        }
+        .run(compactor_stop_rx),
+    );
+
+    let sampler = tokio::spawn(sample_loop(state.clone(), spool.clone(), stop_rx.clone()));
+    // The first sample must land before ingest opens, or the watermarks would read as empty.
+    take_sample(&state, &spool, 0, Duration::ZERO);
+    if state.spool.set(spool.clone()).is_err() {
+        return Err(DaemonError::Task("spool published twice".into()));
+    }
+    tracing::info!("ready");
+
+    wait_for_signal().await;
+    let deadline = Duration::from_millis(config.shutdown.deadline_ms);
+    tracing::info!(
+        deadline_ms = deadline.as_millis() as u64,
+        "shutdown requested; draining"
+    );
+    state
+        .draining
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = stop_tx.send(true);
+    let drained = tokio::time::timeout(deadline, async {
+        let _ = ingest_server.await;
+        let _ = sampler.await;
+        pipeline.shutdown().await;
+        let _ = compactor_stop_tx.send(true);
+        let _ = compactor.await;
+        let spool = spool.clone();
+        tokio::task::spawn_blocking(move || spool.close()).await
+    })
+    .await;
+    let _ = admin_stop_tx.send(true);
+    let _ = admin_server.await;
+    match drained {
+        Ok(Ok(Ok(()))) => {
+            tracing::info!("shutdown complete");
+            Ok(Exit::Clean)
+        }
+        Ok(Ok(Err(e))) => {
+            tracing::error!(error = %e, "closing the spool failed");
+            Err(e.into())
+        }
+        Ok(Err(e)) => Err(DaemonError::Task(e.to_string())),
+        Err(_) => {
+            tracing::warn!("shutdown deadline passed; exiting with work in flight (it replays at the next start)");
+            Ok(Exit::DeadlineExceeded)
+        }
+    }
+}
+
+/// Environment variable naming a failpoint for fault-injection drills and tests: the N-th
+/// fdatasync of the spool (counting from 1) fails with EIO, as a dying disk would.
+pub const FAILPOINT_FSYNC_ENV: &str = "SPOOLGATE_FAILPOINT_FSYNC_FAILS_AT";
+
+/// The real filesystem, wrapped in the fault-injecting one when a failpoint is set.
+fn filesystem_with_failpoints() -> Arc<dyn crate::spool::fs::FileSystem> {
+    use crate::spool::fs::{FaultFs, Faults, StdFs};
+    match std::env::var(FAILPOINT_FSYNC_ENV)
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        Some(n) if n > 0 => {
+            tracing::warn!(
+                failpoint = FAILPOINT_FSYNC_ENV,
+                at = n,
+                "fault injection enabled: fdatasync number {n} will fail"
+            );
+            let faults = Faults::new();
+            faults
+                .syncs_until_failure
+                .store(n, std::sync::atomic::Ordering::SeqCst);
+            Arc::new(FaultFs::new(StdFs, faults))
+        }
+        _ => Arc::new(StdFs),
+    }
+}
+
+/// Name of the file, in the data directory, that holds the bound listen addresses.
+pub const ADDRESSES_FILE: &str = "spoolgate.addr";
+
+/// Writes the bound addresses to `<data_dir>/spoolgate.addr` as JSON, so tools started with port
+/// 0 (tests, drills) can find the daemon without guessing free ports. Written atomically.
+fn write_addresses(
+    config: &Config,
+    ingest: &TcpListener,
+    admin: &TcpListener,
+) -> Result<(), DaemonError> {
+    let io = |source| DaemonError::DataDir {
+        path: config.data_dir.join(ADDRESSES_FILE),
+        source,
+    };
+    let body = serde_json::json!({
+        "ingest": ingest.local_addr().map_err(io)?.to_string(),
+        "metrics": admin.local_addr().map_err(io)?.to_string(),
+        "pid": std::process::id(),
+    });
+    let mut tmp = tempfile::NamedTempFile::new_in(&config.data_dir).map_err(io)?;
+    std::io::Write::write_all(&mut tmp, body.to_string().as_bytes()).map_err(io)?;
+    tmp.persist(config.data_dir.join(ADDRESSES_FILE))
+        .map_err(|e| io(e.error))?;
+    Ok(())
+}
+
+fn take_sample(state: &IngestState, spool: &Spool, reclaimed: u64, elapsed: Duration) {
+    let spool_bytes = spool.disk_bytes();
+    let free = filesystem_free_bytes(&state.config.data_dir).unwrap_or(u64::MAX);
+    state
+        .backpressure
+        .sample(spool_bytes, free, reclaimed, elapsed);
+    let m = &state.metrics;
+    m.spool_disk_bytes.set(spool_bytes as i64);
+    m.spool_filesystem_free_bytes
+        .set(free.min(i64::MAX as u64) as i64);
+    m.spool_poisoned
+        .set(i64::from(spool.poison_reason().is_some()));
+}
+
+async fn sample_loop(state: Arc<IngestState>, spool: Spool, mut stop: watch::Receiver<bool>) {
+    let mut last = Instant::now();
+    let mut last_reclaimed = state.metrics.compaction_bytes_reclaimed_total.get();
+    let mut tick = tokio::time::interval(SAMPLE_INTERVAL);
+    loop {
+        tokio::select! {
+            _ = stopped(&mut stop) => return,
+            _ = tick.tick() => {}
+        }
+        let now = Instant::now();
+        let reclaimed_total = state.metrics.compaction_bytes_reclaimed_total.get();
+        take_sample(&state, &spool, reclaimed_total - last_reclaimed, now - last);
+        last = now;
+        last_reclaimed = reclaimed_total;
+    }
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => {
+            // Without signal handlers the daemon can only be stopped by SIGKILL, which is safe
+            // (everything acknowledged is on disk), so carry on.
+            tracing::warn!("could not install signal handlers; stop with SIGKILL");
+            std::future::pending::<()>().await;
+        }
+    }
+}

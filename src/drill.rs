@@ -1,0 +1,536 @@
+//! `spoolgate drill`: a crash-recovery drill, as operators are told to run one.
+//!
+//! The drill starts a spoolgate binary on a scratch data directory (or drives one the operator
+//! already runs, given its addresses and how to kill and restart it), sends load from several
+//! client threads while keeping a ledger of every id that was answered 202, and kills the
+//! daemon with SIGKILL at seeded random moments — after a random number of acknowledgements, so
+//! a run is reproducible in its schedule. After each kill it restarts the daemon and measures
+//! the time until `/readyz` answers 200. When the last round is done it waits for the pipeline
+//! to deliver everything, and checks three things against what the sink received:
+//!
+//! - **no loss**: every acknowledged id was delivered at least once;
+//! - **identical duplicates**: an id delivered more than once was delivered byte-identically
+//!   (same sequence number, hashes and gate output);
+//! - **chains verify**: every stream is gapless from 1 and every link is valid.
+//!
+//! The sink is the daemon's file sink (JSON lines under `<data>/out`) or, with `--sink http`,
+//! a recording HTTP server inside the drill process, which outlives the daemon's deaths.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::{BufRead, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+/// Counts rules-file rewrites across restarts (only with `flip_rules`).
+static RULES_GENERATION: AtomicU64 = AtomicU64::new(0);
+
+/// Bound on how long the drill waits for the daemon to become ready or to drain.
+pub const WAIT_MAX: Duration = Duration::from_secs(180);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DrillSink {
+    File,
+    Http,
+}
+
+#[derive(Debug, Clone)]
+pub struct DrillOptions {
+    pub binary: PathBuf,
+    pub data_dir: PathBuf,
+    pub kills: usize,
+    pub seed: u64,
+    pub clients: usize,
+    /// Each round runs until this many more acknowledgements (drawn from 1..=max) arrived.
+    pub acks_per_round_max: u64,
+    pub sink: DrillSink,
+    /// Extra `--set KEY=VALUE` for the daemon.
+    pub sets: Vec<String>,
+    /// Rewrite the rules file while the daemon is down, before every restart, so replayed
+    /// records would be classified differently if anything were recomputed.
+    pub flip_rules: bool,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct DrillReport {
+    pub seed: u64,
+    pub kills: usize,
+    pub acknowledged: u64,
+    pub delivered_unique: u64,
+    pub delivered_total: u64,
+    pub duplicates: u64,
+    pub lost: u64,
+    pub non_identical_duplicates: u64,
+    pub chain_error: Option<String>,
+    pub streams: u64,
+    pub ready_after_restart_ms: Vec<u64>,
+    pub lost_ids: Vec<String>,
+}
+
+impl DrillReport {
+    pub fn passed(&self) -> bool {
+        self.lost == 0
+            && self.non_identical_duplicates == 0
+            && self.chain_error.is_none()
+            && self.acknowledged > 0
+    }
+}
+
+impl std::fmt::Display for DrillReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut ready = self.ready_after_restart_ms.clone();
+        ready.sort_unstable();
+        let pct = |p: f64| -> u64 {
+            if ready.is_empty() {
+                return 0;
+            }
+            ready[((ready.len() - 1) as f64 * p).round() as usize]
+        };
+        writeln!(
+            f,
+            "drill seed {}: {}",
+            self.seed,
+            if self.passed() { "PASSED" } else { "FAILED" }
+        )?;
+        writeln!(f, "  kills (SIGKILL)          {}", self.kills)?;
+        writeln!(f, "  envelopes acknowledged   {}", self.acknowledged)?;
+        writeln!(f, "  delivered (unique)       {}", self.delivered_unique)?;
+        writeln!(f, "  delivered (total)        {}", self.delivered_total)?;
+        writeln!(
+            f,
+            "  duplicates               {} (non-identical: {})",
+            self.duplicates, self.non_identical_duplicates
+        )?;
+        writeln!(f, "  lost                     {}", self.lost)?;
+        writeln!(f, "  streams verified         {}", self.streams)?;
+        writeln!(
+            f,
+            "  chains                   {}",
+            self.chain_error
+                .as_deref()
+                .unwrap_or("every stream gapless, every link valid")
+        )?;
+        writeln!(
+            f,
+            "  time to ready (ms)       p50 {}  p90 {}  max {}",
+            pct(0.5),
+            pct(0.9),
+            ready.last().copied().unwrap_or(0)
+        )?;
+        for id in self.lost_ids.iter().take(20) {
+            writeln!(f, "  LOST {id}")?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DrillError {
+    #[error("I/O error: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Daemon(String),
+}
+
+/// One HTTP/1.1 request with `Connection: close`; returns status and body.
+pub fn http(
+    addr: &str,
+    method: &str,
+    path: &str,
+    content_type: &str,
+    body: &[u8],
+) -> std::io::Result<(u16, Vec<u8>)> {
+    let mut s = TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    s.set_write_timeout(Some(Duration::from_secs(30)))?;
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )?;
+    s.write_all(body)?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| {
+            std::io::Error::new(std::io::ErrorKind::InvalidData, "truncated response")
+        })?;
+    let status = std::str::from_utf8(&raw[..split])
+        .ok()
+        .and_then(|h| h.split_whitespace().nth(1))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    Ok((status, raw[split + 4..].to_vec()))
+}
+
+struct Running {
+    child: Child,
+    ingest: String,
+    metrics: String,
+}
+
+fn start_daemon(
+    opts: &DrillOptions,
+    sink_url: Option<&str>,
+) -> Result<(Running, Duration), DrillError> {
+    std::fs::create_dir_all(&opts.data_dir)?;
+    let addr_file = opts.data_dir.join(crate::daemon::ADDRESSES_FILE);
+    let _ = std::fs::remove_file(&addr_file);
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(opts.data_dir.with_extension("log"))?;
+    let mut cmd = Command::new(&opts.binary);
+    cmd.arg("serve")
+        .arg("--data-dir")
+        .arg(&opts.data_dir)
+        .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(log));
+    if let Some(url) = sink_url {
+        let config = opts.data_dir.with_extension("toml");
+        std::fs::write(
+            &config,
+            format!("[sinks.default]\ntype = \"http\"\nurl = \"{url}\"\n"),
+        )?;
+        cmd.arg("--config").arg(config);
+    }
+    for s in &opts.sets {
+        cmd.args(["--set", s]);
+    }
+    if opts.flip_rules {
+        let rules = opts.data_dir.with_extension("rules.toml");
+        let generation = RULES_GENERATION.fetch_add(1, Ordering::Relaxed);
+        std::fs::write(
+            &rules,
+            format!("[[rule]]\nname = \"drill\"\nkeywords = [\"drill\"]\ntags = [\"generation-{generation}\"]\nintent = \"drill-{generation}\"\n"),
+        )?;
+        cmd.args(["--set", &format!("gate.rules_path=\"{}\"", rules.display())]);
+    }
+    let started = Instant::now();
+    let mut child = cmd.spawn()?;
+    let pid = child.id();
+    let (ingest, metrics) = loop {
+        if let Some(status) = child.try_wait()? {
+            return Err(DrillError::Daemon(format!(
+                "daemon exited during start-up with {status}; see {}",
+                opts.data_dir.with_extension("log").display()
+            )));
+        }
+        if started.elapsed() > WAIT_MAX {
+            let _ = child.kill();
+            return Err(DrillError::Daemon(
+                "daemon did not bind its listeners in time".into(),
+            ));
+        }
+        let parsed = std::fs::read_to_string(&addr_file)
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .filter(|v| v["pid"].as_u64() == Some(u64::from(pid)));
+        if let Some(v) = parsed {
+            break (
+                v["ingest"].as_str().unwrap_or_default().to_string(),
+                v["metrics"].as_str().unwrap_or_default().to_string(),
+            );
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Err(DrillError::Daemon(format!(
+                "daemon exited during recovery with {status}"
+            )));
+        }
+        if started.elapsed() > WAIT_MAX {
+            let _ = child.kill();
+            return Err(DrillError::Daemon(
+                "daemon did not become ready in time".into(),
+            ));
+        }
+        if matches!(
+            http(&metrics, "GET", "/readyz", "text/plain", b""),
+            Ok((200, _))
+        ) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    Ok((
+        Running {
+            child,
+            ingest,
+            metrics,
+        },
+        started.elapsed(),
+    ))
+}
+
+/// A recording HTTP sink: stores every JSON record it is sent, in arrival order.
+struct Recorder {
+    addr: String,
+    records: Arc<Mutex<Vec<String>>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Recorder {
+    fn start() -> std::io::Result<Recorder> {
+        let listener = TcpListener::bind("127.0.0.1:0")?;
+        let addr = listener.local_addr()?.to_string();
+        let records = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (r, s) = (records.clone(), stop.clone());
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                if s.load(Ordering::Relaxed) {
+                    break;
+                }
+                let Ok(conn) = conn else { continue };
+                let r = r.clone();
+                std::thread::spawn(move || {
+                    let _ = serve_recorder_connection(conn, &r);
+                });
+            }
+        });
+        Ok(Recorder {
+            addr,
+            records,
+            stop,
+        })
+    }
+}
+
+impl Drop for Recorder {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = TcpStream::connect(&self.addr);
+    }
+}
+
+fn serve_recorder_connection(conn: TcpStream, records: &Mutex<Vec<String>>) -> std::io::Result<()> {
+    let mut reader = std::io::BufReader::new(conn.try_clone()?);
+    let mut out = conn;
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line)? == 0 {
+            return Ok(());
+        }
+        let mut len = 0usize;
+        loop {
+            let mut h = String::new();
+            reader.read_line(&mut h)?;
+            let h = h.trim_end();
+            if h.is_empty() {
+                break;
+            }
+            if let Some((k, v)) = h.split_once(':') {
+                if k.eq_ignore_ascii_case("content-length") {
+                    len = v.trim().parse().unwrap_or(0);
+                }
+            }
+        }
+        let mut body = vec![0u8; len];
+        reader.read_exact(&mut body)?;
+        let status = match serde_json::from_slice::<Vec<serde_json::Value>>(&body) {
+            Ok(batch) => {
+                let mut r = records.lock().unwrap_or_else(|p| p.into_inner());
+                for rec in batch {
+                    r.push(rec.to_string());
+                }
+                "200 OK"
+            }
+            Err(_) => "400 Bad Request",
+        };
+        write!(out, "HTTP/1.1 {status}\r\nContent-Length: 0\r\n\r\n")?;
+    }
+}
+
+/// Reads the file sink's output: one JSON record per line, in file-name order.
+fn read_file_sink(dir: &Path) -> std::io::Result<Vec<String>> {
+    let mut files: Vec<PathBuf> = match std::fs::read_dir(dir) {
+        Ok(rd) => rd.filter_map(|e| e.ok().map(|e| e.path())).collect(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    files.sort();
+    let mut out = Vec::new();
+    for f in files {
+        if f.extension().and_then(|e| e.to_str()) != Some("jsonl") {
+            continue;
+        }
+        let text = std::fs::read_to_string(&f)?;
+        out.extend(text.lines().filter(|l| !l.is_empty()).map(str::to_string));
+    }
+    Ok(out)
+}
+
+/// One client: sends batches until `stop` is set or the daemon stops answering.
+fn client(
+    ingest: &str,
+    seed: u64,
+    next_id: &AtomicU64,
+    acked: &Mutex<Vec<String>>,
+    got: &AtomicU64,
+    stop: &AtomicBool,
+) {
+    let mut rng = fastrand::Rng::with_seed(seed);
+    while !stop.load(Ordering::Relaxed) {
+        let batch = rng.usize(1..=8);
+        let items: Vec<serde_json::Value> = (0..batch)
+            .map(|_| {
+                let n = next_id.fetch_add(1, Ordering::Relaxed);
+                let pii = if n % 3 == 0 {
+                    " contact me at drill@example.com"
+                } else {
+                    ""
+                };
+                serde_json::json!({
+                    "id": format!("drill-{n}"),
+                    "source": "drill",
+                    "tenant": format!("tenant-{}", n % 7),
+                    "text": format!("drill envelope {n}.{pii} Some more words to classify."),
+                })
+            })
+            .collect();
+        let body = serde_json::Value::Array(items.clone()).to_string();
+        match http(
+            ingest,
+            "POST",
+            "/v1/envelopes",
+            "application/json",
+            body.as_bytes(),
+        ) {
+            Ok((202, _)) => {
+                let mut a = acked.lock().unwrap_or_else(|p| p.into_inner());
+                a.extend(
+                    items
+                        .iter()
+                        .map(|i| i["id"].as_str().unwrap_or_default().to_string()),
+                );
+                got.fetch_add(batch as u64, Ordering::Relaxed);
+            }
+            Ok(_) => {}
+            Err(_) => return,
+        }
+    }
+}
+
+pub fn run(opts: &DrillOptions) -> Result<DrillReport, DrillError> {
+    let mut report = DrillReport {
+        seed: opts.seed,
+        ..Default::default()
+    };
+    let recorder = match opts.sink {
+        DrillSink::Http => Some(Recorder::start()?),
+        DrillSink::File => None,
+    };
+    let sink_url = recorder
+        .as_ref()
+        .map(|r| format!("http://{}/ingest", r.addr));
+    let mut rng = fastrand::Rng::with_seed(opts.seed);
+    let next_id = AtomicU64::new(0);
+    let acked = Mutex::new(Vec::new());
+    let (mut running, _) = start_daemon(opts, sink_url.as_deref())?;
+    for round in 0..opts.kills {
+        let target = rng.u64(1..=opts.acks_per_round_max.max(1));
+        let ingest = running.ingest.clone();
+        let got = AtomicU64::new(0);
+        let stop = AtomicBool::new(false);
+        // The kill lands while the clients are mid-request: they keep sending until the daemon
+        // is gone, and the kill comes as soon as the round's acknowledgement target is reached.
+        std::thread::scope(|scope| {
+            for c in 0..opts.clients {
+                let seed = rng.u64(..) ^ c as u64;
+                let (ingest, next_id, acked, got, stop) = (&ingest, &next_id, &acked, &got, &stop);
+                scope.spawn(move || client(ingest, seed, next_id, acked, got, stop));
+            }
+            let waited = Instant::now();
+            while got.load(Ordering::Relaxed) < target && waited.elapsed() < WAIT_MAX {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            let _ = running.child.kill();
+            let _ = running.child.wait();
+            stop.store(true, Ordering::Relaxed);
+        });
+        report.kills += 1;
+        let (r, ready) = start_daemon(opts, sink_url.as_deref())?;
+        report.ready_after_restart_ms.push(ready.as_millis() as u64);
+        running = r;
+        tracing::info!(round, target, "drill round done");
+    }
+    let acked: Vec<String> = acked.into_inner().unwrap_or_else(|p| p.into_inner());
+    report.acknowledged = acked.len() as u64;
+
+    let collect = |recorder: &Option<Recorder>| -> Result<Vec<String>, DrillError> {
+        Ok(match recorder {
+            Some(r) => r.records.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+            None => read_file_sink(&opts.data_dir.join("out"))?,
+        })
+    };
+    let started = Instant::now();
+    let mut delivered = collect(&recorder)?;
+    loop {
+        let ids: std::collections::HashSet<String> =
+            delivered.iter().filter_map(|l| record_id(l)).collect();
+        if acked.iter().all(|a| ids.contains(a)) || started.elapsed() > WAIT_MAX {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        delivered = collect(&recorder)?;
+    }
+    let _ = Command::new("kill")
+        .args(["-TERM", &running.child.id().to_string()])
+        .status();
+    let _ = running.child.wait();
+    let delivered = collect(&recorder)?;
+
+    let mut by_id: HashMap<String, Vec<&String>> = HashMap::new();
+    for line in &delivered {
+        if let Some(id) = record_id(line) {
+            by_id.entry(id).or_default().push(line);
+        }
+    }
+    report.delivered_total = delivered.len() as u64;
+    report.delivered_unique = by_id.len() as u64;
+    for copies in by_id.values() {
+        report.duplicates += copies.len() as u64 - 1;
+        if copies
+            .iter()
+            .any(|c| canonical_json(c) != canonical_json(copies[0]))
+        {
+            report.non_identical_duplicates += 1;
+        }
+    }
+    for a in &acked {
+        if !by_id.contains_key(a) {
+            report.lost += 1;
+            report.lost_ids.push(a.clone());
+        }
+    }
+    let joined = delivered.join("\n");
+    match crate::chain::verify_jsonl(std::io::Cursor::new(joined.as_bytes())) {
+        Ok(summary) => report.streams = summary.streams as u64,
+        Err(e) => report.chain_error = Some(e.to_string()),
+    }
+    let _ = running.metrics;
+    Ok(report)
+}
+
+fn record_id(line: &str) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_str(line).ok()?;
+    Some(v["envelope"]["id"].as_str()?.to_string())
+}
+
+/// Re-serialises through a sorted map so two encodings of the same record compare equal.
+fn canonical_json(line: &str) -> String {
+    serde_json::from_str::<BTreeMap<String, serde_json::Value>>(line)
+        .map(|m| serde_json::to_string(&m).unwrap_or_default())
+        .unwrap_or_else(|_| line.to_string())
+}

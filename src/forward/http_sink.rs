@@ -1,0 +1,151 @@
+//! The HTTP sink: POSTs each batch, as a JSON array or a msgpack array of forward records, to a
+//! configured URL. 2xx = delivered. 408, 429, 5xx and transport errors are retryable (with the
+//! server's `Retry-After` seconds, if any); any other status is a permanent rejection, reported
+//! with up to [`REASON_BYTES_MAX`] bytes of the response body.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::header::{HeaderName, HeaderValue, CONTENT_TYPE, RETRY_AFTER};
+use hyper::Request;
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::rt::TokioExecutor;
+
+use super::sink::{DeliverFuture, Sink, SinkError};
+use crate::chain::ForwardRecord;
+use crate::config::WireFormat;
+
+/// Bytes of a rejecting response's body kept as the dead-letter reason.
+pub const REASON_BYTES_MAX: usize = 2048;
+
+pub struct HttpSink {
+    name: String,
+    url: hyper::Uri,
+    format: WireFormat,
+    timeout: Duration,
+    headers: Vec<(HeaderName, HeaderValue)>,
+    client: Client<HttpConnector, Full<Bytes>>,
+}
+
+impl HttpSink {
+    pub fn new(
+        name: &str,
+        url: &str,
+        format: WireFormat,
+        timeout: Duration,
+        headers: BTreeMap<String, String>,
+    ) -> Result<HttpSink, String> {
+        let url: hyper::Uri = url
+            .parse()
+            .map_err(|e| format!("invalid url {url:?}: {e}"))?;
+        let headers = headers
+            .into_iter()
+            .map(|(k, v)| {
+                Ok((
+                    HeaderName::from_bytes(k.as_bytes())
+                        .map_err(|e| format!("header {k:?}: {e}"))?,
+                    HeaderValue::from_str(&v).map_err(|e| format!("header {k:?}: {e}"))?,
+                ))
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(timeout));
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(30))
+            .pool_max_idle_per_host(8)
+            .build(connector);
+        Ok(HttpSink {
+            name: name.to_string(),
+            url,
+            format,
+            timeout,
+            headers,
+            client,
+        })
+    }
+
+    fn body(&self, batch: &[ForwardRecord]) -> Result<(Bytes, &'static str), SinkError> {
+        let encoded = match self.format {
+            WireFormat::Json => serde_json::to_vec(batch).map_err(|e| e.to_string()),
+            WireFormat::Msgpack => rmp_serde::to_vec_named(batch).map_err(|e| e.to_string()),
+        };
+        let ct = match self.format {
+            WireFormat::Json => "application/json",
+            WireFormat::Msgpack => "application/msgpack",
+        };
+        encoded
+            .map(|b| (Bytes::from(b), ct))
+            .map_err(|reason| SinkError::Rejected {
+                status: 0,
+                reason: format!("cannot encode batch: {reason}"),
+            })
+    }
+
+    async fn post(&self, batch: &[ForwardRecord]) -> Result<(), SinkError> {
+        let (body, ct) = self.body(batch)?;
+        let mut req = Request::post(self.url.clone())
+            .header(CONTENT_TYPE, ct)
+            .body(Full::new(body))
+            .map_err(|e| SinkError::Rejected {
+                status: 0,
+                reason: format!("cannot build request: {e}"),
+            })?;
+        for (k, v) in &self.headers {
+            req.headers_mut().insert(k.clone(), v.clone());
+        }
+        let resp = match tokio::time::timeout(self.timeout, self.client.request(req)).await {
+            Err(_) => {
+                return Err(SinkError::Retryable {
+                    reason: format!("no response within {} ms", self.timeout.as_millis()),
+                    retry_after: None,
+                })
+            }
+            Ok(Err(e)) => {
+                return Err(SinkError::Retryable {
+                    reason: format!("request failed: {e}"),
+                    retry_after: None,
+                })
+            }
+            Ok(Ok(r)) => r,
+        };
+        let status = resp.status().as_u16();
+        let retry_after = resp
+            .headers()
+            .get(RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(Duration::from_secs);
+        let body = tokio::time::timeout(
+            self.timeout,
+            Limited::new(resp.into_body(), 64 * 1024).collect(),
+        )
+        .await
+        .ok()
+        .and_then(|r| r.ok())
+        .map(|c| c.to_bytes())
+        .unwrap_or_default();
+        let reason =
+            String::from_utf8_lossy(&body[..body.len().min(REASON_BYTES_MAX)]).into_owned();
+        match status {
+            200..=299 => Ok(()),
+            408 | 429 | 500..=599 => Err(SinkError::Retryable {
+                reason: format!("status {status}: {reason}"),
+                retry_after,
+            }),
+            _ => Err(SinkError::Rejected { status, reason }),
+        }
+    }
+}
+
+impl Sink for HttpSink {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn deliver<'a>(&'a self, batch: &'a [ForwardRecord]) -> DeliverFuture<'a> {
+        Box::pin(self.post(batch))
+    }
+}

@@ -1,0 +1,431 @@
+//! The pipeline: a dispatcher that reads the spool in log order and hands each pending envelope
+//! to the worker owning its slot, and a supervisor that runs the dispatcher and the workers in
+//! *epochs*.
+//!
+//! Reading: the dispatcher takes records from the memory ring while the ring holds the record at
+//! its cursor, and reads them back from the segments otherwise (at start-up, after a ring
+//! overflow, after a rewind). Its memory is bounded by one read chunk
+//! ([`READ_CHUNK_RECORDS_MAX`]) and the workers' bounded inboxes
+//! (`forward.worker_queue_records_max` each); when an inbox is full the dispatcher waits, and
+//! the ring overflows into the segments rather than blocking ingest.
+//!
+//! Epochs: within an epoch the slot ownership table is fixed, so each slot has exactly one
+//! worker and per-slot order holds. When a worker fails (a panic, a sink stuck past
+//! `forward.worker_deadline_ms`, an append error), the epoch ends: the dispatcher and every
+//! worker stop after their in-flight batch, the failed worker is marked down (its slots pass to
+//! their secondary), and a new epoch starts with the dispatcher rewound to the first record in
+//! the spool. The rewind re-dispatches every envelope still pending — the failed worker's
+//! included, from their last tombstone — and a sealed one is re-sent from its seal, so the
+//! secondary forwards exactly what the primary would have. After a back-off the supervisor
+//! restarts the failed worker the same way (another epoch, ownership restored). Start-up replay
+//! is simply the first epoch.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+use crate::chain::Chains;
+use crate::config::ForwardConfig;
+use crate::envelope::Envelope;
+use crate::forward::dead_letter::DeadLetter;
+use crate::forward::ledger::{Ledger, PendingInfo};
+use crate::forward::sink::Sink;
+use crate::forward::worker::{WorkItem, Worker, WorkerContext, WorkerError};
+use crate::gate::Gate;
+use crate::ingest::server::stopped;
+use crate::metrics::Metrics;
+use crate::ring::{Ring, RingRead};
+use crate::slots::Ownership;
+use crate::spool::{Position, Reader, Record, RecordKind, Spool, SpoolError};
+
+/// Records read from the segments per blocking read.
+pub const READ_CHUNK_RECORDS_MAX: usize = 256;
+/// First and longest wait before restarting a failed worker.
+pub const RESTART_BACKOFF_INITIAL: Duration = Duration::from_millis(200);
+pub const RESTART_BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// How often an idle dispatcher re-checks the spool's durable end, in case a ring wake-up was
+/// missed (it never is in practice; this bounds the cost if it were).
+const IDLE_RECHECK: Duration = Duration::from_millis(200);
+
+/// Everything the pipeline needs, assembled by the daemon.
+pub struct PipelineParts {
+    pub spool: Spool,
+    pub ring: Arc<Ring>,
+    pub gate: Arc<Gate>,
+    pub chains: Arc<Mutex<Chains>>,
+    pub ledger: Arc<Ledger>,
+    pub sinks: BTreeMap<String, Arc<dyn Sink>>,
+    pub dead_letter: DeadLetter,
+    pub config: ForwardConfig,
+    pub metrics: Arc<Metrics>,
+    pub compaction: Arc<tokio::sync::Notify>,
+    /// Where the start-up scan ended: envelopes before it are replayed.
+    pub replay_end: Position,
+}
+
+pub struct Pipeline {
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+impl Pipeline {
+    pub fn start(parts: PipelineParts) -> Pipeline {
+        let (stop, stop_rx) = watch::channel(false);
+        let task = tokio::spawn(supervise(parts, stop_rx));
+        Pipeline { stop, task }
+    }
+
+    /// Stops dispatching; workers finish the batch in hand (or abandon a retry wait: that
+    /// batch is sealed and re-sent identically at the next start) and exit.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+    }
+}
+
+enum EpochEnd {
+    Stop,
+    WorkerFailed(usize, String),
+    Restart(usize),
+    DispatcherFailed(String),
+}
+
+async fn supervise(parts: PipelineParts, mut stop: watch::Receiver<bool>) {
+    let workers = parts.config.workers;
+    // A batch's seal records are appended as one unit, which must fit a segment comfortably.
+    let mut forward_config = parts.config.clone();
+    let segment_quarter = (parts.spool.segment_bytes_max() / 4) as usize;
+    forward_config.batch_bytes_max = forward_config.batch_bytes_max.min(segment_quarter.max(1));
+    let ctx = Arc::new(WorkerContext {
+        spool: parts.spool.clone(),
+        gate: parts.gate.clone(),
+        chains: parts.chains.clone(),
+        ledger: parts.ledger.clone(),
+        sinks: parts.sinks.clone(),
+        dead_letter: parts.dead_letter.clone(),
+        config: forward_config,
+        metrics: parts.metrics.clone(),
+        compaction: parts.compaction.clone(),
+    });
+    let mut ownership = Ownership::round_robin(workers);
+    let mut restart_at: Vec<Option<tokio::time::Instant>> = vec![None; workers];
+    let mut restart_backoff: Vec<Duration> = vec![RESTART_BACKOFF_INITIAL; workers];
+    let mut first_epoch = true;
+    loop {
+        if parts.spool.poison_reason().is_some() {
+            tracing::error!("spool is poisoned; forwarding stops until restart");
+            stopped(&mut stop).await;
+            return;
+        }
+        let (epoch_tx, epoch_rx) = watch::channel(false);
+        let mut senders: Vec<Option<mpsc::Sender<WorkItem>>> = vec![None; workers];
+        let mut handles: tokio::task::JoinSet<Result<(), WorkerError>> =
+            tokio::task::JoinSet::new();
+        let mut worker_of: std::collections::HashMap<tokio::task::Id, usize> =
+            std::collections::HashMap::new();
+        for (w, sender) in senders.iter_mut().enumerate() {
+            if !ownership.is_alive(w) {
+                continue;
+            }
+            let (tx, rx) = mpsc::channel(parts.config.worker_queue_records_max);
+            *sender = Some(tx);
+            let worker = Worker {
+                id: w,
+                ctx: ctx.clone(),
+                inbox: rx,
+                stop: epoch_rx.clone(),
+            };
+            let handle = handles.spawn(worker.run());
+            worker_of.insert(handle.id(), w);
+        }
+        let dispatcher = Dispatcher {
+            spool: parts.spool.clone(),
+            ring: parts.ring.clone(),
+            ledger: parts.ledger.clone(),
+            dead_letter: parts.dead_letter.clone(),
+            metrics: parts.metrics.clone(),
+            ownership: ownership.clone(),
+            senders,
+            cursor: parts.spool.first_position(),
+            reader: None,
+            replay_end: if first_epoch {
+                Some(parts.replay_end)
+            } else {
+                None
+            },
+            stop: epoch_rx.clone(),
+        };
+        first_epoch = false;
+        let mut dispatcher = tokio::spawn(dispatcher.run());
+
+        let next_restart = restart_at
+            .iter()
+            .enumerate()
+            .filter_map(|(w, t)| t.map(|t| (w, t)))
+            .min_by_key(|(_, t)| *t);
+        let end = {
+            let worker_exit = async {
+                match handles.join_next_with_id().await {
+                    Some(result) => result,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = stopped(&mut stop) => EpochEnd::Stop,
+                result = worker_exit => match result {
+                    Ok((id, Ok(()))) => EpochEnd::WorkerFailed(worker_of[&id], "exited unexpectedly".into()),
+                    Ok((id, Err(e))) => EpochEnd::WorkerFailed(worker_of[&id], e.to_string()),
+                    Err(join) => EpochEnd::WorkerFailed(worker_of[&join.id()], format!("panicked: {join}")),
+                },
+                _ = async {
+                    match next_restart {
+                        Some((_, at)) => tokio::time::sleep_until(at).await,
+                        None => std::future::pending().await,
+                    }
+                } => EpochEnd::Restart(next_restart.map(|(w, _)| w).unwrap_or(0)),
+                result = &mut dispatcher => EpochEnd::DispatcherFailed(match result {
+                    Ok(Ok(())) => "stopped".into(),
+                    Ok(Err(e)) => e.to_string(),
+                    Err(join) => format!("panicked: {join}"),
+                }),
+            }
+        };
+
+        // End the epoch: nothing new is dispatched, every worker finishes its batch in hand.
+        let _ = epoch_tx.send(true);
+        if !dispatcher.is_finished() {
+            let _ = dispatcher.await;
+        }
+        while handles.join_next().await.is_some() {}
+        match end {
+            EpochEnd::Stop => return,
+            EpochEnd::WorkerFailed(w, why) => {
+                parts.metrics.worker_takeovers_total.inc();
+                let moved = ownership.mark_down(w);
+                let delay = restart_backoff[w];
+                restart_backoff[w] = (delay * 2).min(RESTART_BACKOFF_MAX);
+                restart_at[w] = Some(tokio::time::Instant::now() + delay);
+                tracing::warn!(worker = w, reason = %why, slots_moved = moved.len(), restart_in_ms = delay.as_millis() as u64, "worker failed; secondaries take over its slots");
+            }
+            EpochEnd::Restart(w) => {
+                restart_at[w] = None;
+                ownership.mark_up(w);
+                tracing::info!(worker = w, "worker restarted; it owns its slots again");
+            }
+            EpochEnd::DispatcherFailed(why) => {
+                tracing::error!(reason = %why, "dispatcher stopped; restarting the epoch");
+                tokio::select! {
+                    _ = stopped(&mut stop) => return,
+                    _ = tokio::time::sleep(RESTART_BACKOFF_INITIAL) => {}
+                }
+            }
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum DispatchError {
+    #[error("reading the spool failed: {0}")]
+    Spool(#[from] SpoolError),
+    #[error("blocking read task failed: {0}")]
+    Task(String),
+}
+
+struct Dispatcher {
+    spool: Spool,
+    ring: Arc<Ring>,
+    ledger: Arc<Ledger>,
+    dead_letter: DeadLetter,
+    metrics: Arc<Metrics>,
+    ownership: Ownership,
+    senders: Vec<Option<mpsc::Sender<WorkItem>>>,
+    cursor: Position,
+    reader: Option<Reader>,
+    /// In the first epoch, envelopes before this position count as replayed.
+    replay_end: Option<Position>,
+    stop: watch::Receiver<bool>,
+}
+
+impl Dispatcher {
+    async fn run(mut self) -> Result<(), DispatchError> {
+        loop {
+            if *self.stop.borrow() {
+                return Ok(());
+            }
+            match self.ring.take_at(self.cursor) {
+                RingRead::Record(record) => {
+                    if !self.dispatch(record).await {
+                        return Ok(());
+                    }
+                }
+                RingRead::Gap => {
+                    if !self.read_segments().await? {
+                        return Ok(());
+                    }
+                }
+                RingRead::Empty => {
+                    if self.cursor < self.spool.durable_end() && self.read_segments().await? {
+                        continue;
+                    }
+                    tokio::select! {
+                        _ = stopped(&mut self.stop) => return Ok(()),
+                        _ = self.ring.wait() => {}
+                        _ = tokio::time::sleep(IDLE_RECHECK) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// Reads one chunk from the segments at the cursor and dispatches it. `Ok(false)` if
+    /// nothing was there or the epoch ended.
+    async fn read_segments(&mut self) -> Result<bool, DispatchError> {
+        let mut reader = match self.reader.take() {
+            Some(r) if r.position() == self.cursor => r,
+            _ => self.spool.reader(self.cursor),
+        };
+        let (reader, chunk) = tokio::task::spawn_blocking(move || {
+            let mut out: Vec<Record> = Vec::new();
+            while out.len() < READ_CHUNK_RECORDS_MAX {
+                match reader.next_record() {
+                    Ok(Some(r)) => out.push(r),
+                    Ok(None) => break,
+                    Err(e) => return (reader, Err(e)),
+                }
+            }
+            (reader, Ok(out))
+        })
+        .await
+        .map_err(|e| DispatchError::Task(e.to_string()))?;
+        self.reader = Some(reader);
+        let chunk = chunk?;
+        if chunk.is_empty() {
+            return Ok(false);
+        }
+        for record in chunk {
+            if !self.dispatch(record).await {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    /// Handles the record at the cursor and advances it. `false` when the epoch ended.
+    async fn dispatch(&mut self, record: Record) -> bool {
+        debug_assert!(
+            record.position >= self.cursor,
+            "records arrive in log order"
+        );
+        self.cursor = record.next;
+        if record.kind != RecordKind::ENVELOPE {
+            self.ledger.counted_up_to(record.next);
+            return true;
+        }
+        let live = record.position >= self.ledger.counted_position();
+        if !live && !self.ledger.is_pending(record.position) {
+            return true;
+        }
+        let envelope = match Envelope::decode(&record.payload) {
+            Ok(env) => env,
+            Err(e) => {
+                self.undecodable(&record, &e.to_string()).await;
+                return true;
+            }
+        };
+        if live {
+            let now = crate::ingest::now_ms();
+            self.ledger.add_pending(
+                record.position,
+                PendingInfo {
+                    since_ms: envelope.ts_ms.min(now),
+                    bytes: record.payload.len() as u32,
+                },
+            );
+            self.ledger.counted_up_to(record.next);
+        }
+        if let Some(end) = self.replay_end {
+            if record.position < end {
+                self.metrics.replay_recovered_total.inc();
+            }
+        }
+        self.metrics
+            .gate_envelopes_total
+            .with_label_values(&["ok"])
+            .inc();
+        let item = WorkItem {
+            position: record.position,
+            sealed: self.ledger.sealed(record.position),
+            bytes: record.payload.len(),
+            envelope,
+        };
+        let Some(owner) = self
+            .ownership
+            .owner(item.envelope.slot % crate::slots::SLOTS)
+        else {
+            // Every worker that could own this slot is down: wait for the epoch to end
+            // (a restart) rather than skip ahead and break per-slot order.
+            stopped(&mut self.stop).await;
+            return false;
+        };
+        let Some(sender) = self.senders[owner].as_ref() else {
+            stopped(&mut self.stop).await;
+            return false;
+        };
+        tokio::select! {
+            biased;
+            _ = stopped(&mut self.stop) => false,
+            sent = sender.send(item) => sent.is_ok(),
+        }
+    }
+
+    /// An envelope record whose CRC held but whose msgpack does not decode cannot be forwarded:
+    /// it goes to the dead-letter directory as raw bytes and is tombstoned.
+    async fn undecodable(&mut self, record: &Record, why: &str) {
+        self.metrics
+            .gate_envelopes_total
+            .with_label_values(&["undecodable"])
+            .inc();
+        tracing::error!(
+            segment = record.position.segment,
+            offset = record.position.offset,
+            error = why,
+            "envelope record does not decode; dead-lettering its raw bytes"
+        );
+        if let Err(e) = self
+            .dead_letter
+            .write_raw(record.position, why, &record.payload)
+        {
+            tracing::error!(error = %e, "dead-letter write failed; the record stays pending");
+            return;
+        }
+        let payload = match (crate::chain::Tombstone {
+            positions: vec![record.position],
+        })
+        .encode()
+        {
+            Ok(p) => p,
+            Err(_) => return,
+        };
+        if self
+            .spool
+            .append(vec![(RecordKind::TOMBSTONE, bytes::Bytes::from(payload))])
+            .await
+            .is_ok()
+        {
+            if record.position >= self.ledger.counted_position() {
+                self.ledger.add_pending(
+                    record.position,
+                    PendingInfo {
+                        since_ms: 0,
+                        bytes: record.payload.len() as u32,
+                    },
+                );
+                self.ledger.counted_up_to(record.next);
+            }
+            self.ledger.complete(&[record.position]);
+        }
+    }
+}

@@ -1,0 +1,364 @@
+//! A consumer worker: owns a set of slots, and for each batch of their envelopes runs
+//! gate → chain → seal → sink → tombstone.
+//!
+//! Why seal before forwarding: a record forwarded twice must be forwarded identically, even if
+//! the process dies after the sink received it and before the tombstone, and even if the rules
+//! file changed in between. The worker therefore appends one SEALED record holding the complete
+//! forward records of the batch (sequence numbers, hashes and gate output included) with an
+//! unconditional fdatasync *before* the first byte goes to a sink. From then on the batch is
+//! only ever forwarded from those sealed bytes: after a crash, replay finds the seal (no
+//! tombstone) and re-sends exactly that; nothing is recomputed. If the seal append fails, the
+//! chain heads advanced for the batch are rolled back, so no sequence number is ever skipped.
+//!
+//! Order: a worker handles one batch at a time and retries it until it is confirmed, dead-
+//! lettered, or the worker is stopped, so records of a slot reach a sink in log order.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::sync::{mpsc, watch};
+
+use crate::chain::{Chains, ForwardRecord, SealedBatch, SealedEntry, Tombstone};
+use crate::config::ForwardConfig;
+use crate::envelope::Envelope;
+use crate::forward::dead_letter::DeadLetter;
+use crate::forward::ledger::Ledger;
+use crate::forward::retry::Backoff;
+use crate::forward::sink::{Sink, SinkError};
+use crate::gate::Gate;
+use crate::ingest::server::stopped;
+use crate::metrics::Metrics;
+use crate::spool::{Position, RecordKind, Spool, SpoolError};
+
+/// One envelope handed to a worker by the dispatcher.
+#[derive(Debug)]
+pub struct WorkItem {
+    pub position: Position,
+    pub envelope: Envelope,
+    /// The forward record sealed in an earlier run or epoch, to be re-sent as is.
+    pub sealed: Option<ForwardRecord>,
+    pub bytes: usize,
+}
+
+/// Why a worker stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("sink {sink} did not answer within the worker deadline of {deadline_ms} ms")]
+    Stuck { sink: String, deadline_ms: u64 },
+    #[error("spool append failed: {0}")]
+    Spool(#[from] SpoolError),
+    #[error("dead-letter write failed: {0}")]
+    DeadLetter(std::io::Error),
+}
+
+/// Splits a batch's seal entries into SEALED records that each fit `record_bytes_max`; they are
+/// appended together, all or nothing.
+fn seal_records(
+    entries: Vec<SealedEntry>,
+    record_bytes_max: u32,
+) -> Result<Vec<(RecordKind, Bytes)>, WorkerError> {
+    let invalid =
+        |e: crate::chain::ChainError| WorkerError::Spool(SpoolError::Invalid(e.to_string()));
+    let mut out = Vec::new();
+    let mut chunk: Vec<SealedEntry> = Vec::new();
+    let mut chunk_bytes = 0usize;
+    for entry in entries {
+        let size = rmp_serde::to_vec_named(&entry)
+            .map_err(|e| invalid(e.into()))?
+            .len();
+        if size + 64 > record_bytes_max as usize {
+            return Err(WorkerError::Spool(SpoolError::TooLarge {
+                len: size,
+                max: record_bytes_max,
+            }));
+        }
+        if !chunk.is_empty() && chunk_bytes + size + 64 > record_bytes_max as usize {
+            let bytes = SealedBatch {
+                entries: std::mem::take(&mut chunk),
+            }
+            .encode()
+            .map_err(invalid)?;
+            out.push((RecordKind::SEALED, Bytes::from(bytes)));
+            chunk_bytes = 0;
+        }
+        chunk_bytes += size;
+        chunk.push(entry);
+    }
+    if !chunk.is_empty() {
+        let bytes = SealedBatch { entries: chunk }.encode().map_err(invalid)?;
+        out.push((RecordKind::SEALED, Bytes::from(bytes)));
+    }
+    Ok(out)
+}
+
+/// What a worker shares with the rest of the pipeline.
+pub struct WorkerContext {
+    pub spool: Spool,
+    pub gate: Arc<Gate>,
+    pub chains: Arc<Mutex<Chains>>,
+    pub ledger: Arc<Ledger>,
+    pub sinks: BTreeMap<String, Arc<dyn Sink>>,
+    pub dead_letter: DeadLetter,
+    pub config: ForwardConfig,
+    pub metrics: Arc<Metrics>,
+    /// Woken after every tombstone append, so compaction can look.
+    pub compaction: Arc<tokio::sync::Notify>,
+}
+
+pub struct Worker {
+    pub id: usize,
+    pub ctx: Arc<WorkerContext>,
+    pub inbox: mpsc::Receiver<WorkItem>,
+    pub stop: watch::Receiver<bool>,
+}
+
+impl Worker {
+    /// Runs until stopped (Ok) or until something makes this worker unfit (Err): the
+    /// supervisor then hands its slots to their secondary.
+    pub async fn run(mut self) -> Result<(), WorkerError> {
+        let label = self.id.to_string();
+        let lag = self
+            .ctx
+            .metrics
+            .forward_lag_records
+            .with_label_values(&[&label]);
+        loop {
+            let Some(batch) = self.next_batch().await else {
+                return Ok(());
+            };
+            lag.set(batch.len() as i64 + self.inbox.len() as i64);
+            let done = self.process(batch).await?;
+            if !done {
+                return Ok(());
+            }
+            lag.set(self.inbox.len() as i64);
+        }
+    }
+
+    /// Waits for a first item, then lingers up to `linger_ms` to fill the batch up to its
+    /// record and byte bounds. `None` when stopped or when the dispatcher is gone.
+    async fn next_batch(&mut self) -> Option<Vec<WorkItem>> {
+        let cfg = &self.ctx.config;
+        let first = tokio::select! {
+            biased;
+            _ = stopped(&mut self.stop) => return None,
+            item = self.inbox.recv() => item?,
+        };
+        let mut bytes = first.bytes;
+        let mut batch = vec![first];
+        let linger = tokio::time::sleep(Duration::from_millis(cfg.linger_ms));
+        tokio::pin!(linger);
+        while batch.len() < cfg.batch_records_max && bytes < cfg.batch_bytes_max {
+            let item = match self.inbox.try_recv() {
+                Ok(item) => item,
+                Err(_) => tokio::select! {
+                    _ = &mut linger => break,
+                    item = self.inbox.recv() => match item { Some(i) => i, None => break },
+                },
+            };
+            bytes += item.bytes;
+            batch.push(item);
+        }
+        Some(batch)
+    }
+
+    /// Gates and chains the unsealed items, and makes the seal durable. Returns the forward
+    /// records in batch order.
+    async fn seal(&self, batch: &mut [WorkItem]) -> Result<Vec<ForwardRecord>, WorkerError> {
+        let ctx = &self.ctx;
+        let mut fresh: Vec<SealedEntry> = Vec::new();
+        let mut snapshot = Vec::new();
+        {
+            let mut chains = ctx.chains.lock().unwrap_or_else(|p| p.into_inner());
+            for item in batch.iter_mut() {
+                if item.sealed.is_some() {
+                    continue;
+                }
+                let started = Instant::now();
+                let mut env = std::mem::take(&mut item.envelope);
+                ctx.gate.classify(&mut env);
+                ctx.metrics
+                    .gate_duration_seconds
+                    .observe(started.elapsed().as_secs_f64());
+                let stream = env.stream().to_string();
+                snapshot.push((stream.clone(), chains.head(&stream)));
+                let record = match chains.seal(env) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        for (stream, head) in snapshot.into_iter().rev() {
+                            chains.restore(&stream, head);
+                        }
+                        return Err(WorkerError::Spool(SpoolError::Invalid(e.to_string())));
+                    }
+                };
+                item.sealed = Some(record.clone());
+                fresh.push(SealedEntry {
+                    position: item.position,
+                    record,
+                });
+            }
+            ctx.metrics.chain_streams.set(chains.len() as i64);
+        }
+        if !fresh.is_empty() {
+            let appended = match seal_records(fresh, ctx.spool.record_bytes_max()) {
+                Ok(records) => ctx
+                    .spool
+                    .append_synced(records)
+                    .await
+                    .map_err(WorkerError::from),
+                Err(e) => Err(e),
+            };
+            if let Err(e) = appended {
+                // Undo in reverse so a stream sealed twice in this batch returns to its
+                // head from before the batch.
+                let mut chains = ctx.chains.lock().unwrap_or_else(|p| p.into_inner());
+                for (stream, head) in snapshot.into_iter().rev() {
+                    chains.restore(&stream, head);
+                }
+                for item in batch.iter_mut() {
+                    item.sealed = None;
+                }
+                return Err(e);
+            }
+            ctx.ledger.record_sealed(
+                batch
+                    .iter()
+                    .filter_map(|i| i.sealed.clone().map(|r| (i.position, r))),
+            );
+        }
+        Ok(batch
+            .iter()
+            .map(|i| i.sealed.clone().expect("every item sealed above"))
+            .collect())
+    }
+
+    /// Processes one batch to completion. `Ok(false)` when stopped before the batch was
+    /// confirmed (it stays pending and sealed; it is re-sent identically later).
+    async fn process(&mut self, mut batch: Vec<WorkItem>) -> Result<bool, WorkerError> {
+        let records = self.seal(&mut batch).await?;
+        let positions: Vec<Position> = batch.iter().map(|i| i.position).collect();
+        let mut by_sink: BTreeMap<String, Vec<ForwardRecord>> = BTreeMap::new();
+        for r in records {
+            let name = r
+                .envelope
+                .routing_hints
+                .get("sink")
+                .filter(|n| self.ctx.sinks.contains_key(n.as_str()))
+                .cloned()
+                .unwrap_or_else(|| "default".to_string());
+            by_sink.entry(name).or_default().push(r);
+        }
+        for (name, records) in &by_sink {
+            if !self.deliver(name, records).await? {
+                return Ok(false);
+            }
+        }
+        // About 30 bytes per position; chunked so each record fits `record_bytes_max`.
+        let per_record = (self.ctx.spool.record_bytes_max() as usize / 40).max(1);
+        let mut tombstones = Vec::new();
+        for chunk in positions.chunks(per_record) {
+            let payload = Tombstone {
+                positions: chunk.to_vec(),
+            }
+            .encode()
+            .map_err(|e| WorkerError::Spool(SpoolError::Invalid(e.to_string())))?;
+            tombstones.push((RecordKind::TOMBSTONE, Bytes::from(payload)));
+        }
+        self.ctx.spool.append(tombstones).await?;
+        self.ctx.ledger.complete(&positions);
+        self.ctx
+            .metrics
+            .tombstones_written_total
+            .inc_by(positions.len() as u64);
+        self.ctx.compaction.notify_one();
+        Ok(true)
+    }
+
+    /// Delivers one sink's share of a batch, retrying retryable failures with backoff.
+    /// `Ok(false)` when stopped while waiting to retry.
+    async fn deliver(
+        &mut self,
+        name: &str,
+        records: &[ForwardRecord],
+    ) -> Result<bool, WorkerError> {
+        let ctx = self.ctx.clone();
+        let sink = ctx
+            .sinks
+            .get(name)
+            .expect("sink chosen from the configured set")
+            .clone();
+        let m = &ctx.metrics;
+        let deadline = Duration::from_millis(ctx.config.worker_deadline_ms);
+        let mut backoff = Backoff::new(
+            Duration::from_millis(ctx.config.retry_initial_ms),
+            Duration::from_millis(ctx.config.retry_max_ms),
+            fastrand::u64(..),
+        );
+        let mut failing_since: Option<Instant> = None;
+        loop {
+            let started = Instant::now();
+            let outcome = tokio::time::timeout(deadline, sink.deliver(records)).await;
+            let wait = match outcome {
+                Err(_) => {
+                    m.forward_errors_total
+                        .with_label_values(&[name, "timeout"])
+                        .inc();
+                    return Err(WorkerError::Stuck {
+                        sink: name.to_string(),
+                        deadline_ms: ctx.config.worker_deadline_ms,
+                    });
+                }
+                Ok(Ok(())) => {
+                    m.forward_batch_duration_seconds
+                        .with_label_values(&[name])
+                        .observe(started.elapsed().as_secs_f64());
+                    m.forward_records_total
+                        .with_label_values(&[name])
+                        .inc_by(records.len() as u64);
+                    if let Some(since) = failing_since {
+                        tracing::info!(
+                            sink = name,
+                            failing_for_ms = since.elapsed().as_millis() as u64,
+                            "sink recovered"
+                        );
+                    }
+                    return Ok(true);
+                }
+                Ok(Err(SinkError::Rejected { status, reason })) => {
+                    m.forward_errors_total
+                        .with_label_values(&[name, "rejected"])
+                        .inc();
+                    let path = ctx
+                        .dead_letter
+                        .write(name, status, &reason, records)
+                        .map_err(WorkerError::DeadLetter)?;
+                    m.forward_dead_lettered_records_total
+                        .with_label_values(&[name])
+                        .inc_by(records.len() as u64);
+                    tracing::warn!(sink = name, status, %reason, file = %path.display(), records = records.len(), "sink rejected a batch; dead-lettered");
+                    return Ok(true);
+                }
+                Ok(Err(SinkError::Retryable {
+                    reason,
+                    retry_after,
+                })) => {
+                    m.forward_errors_total
+                        .with_label_values(&[name, "retryable"])
+                        .inc();
+                    if failing_since.is_none() {
+                        failing_since = Some(Instant::now());
+                        tracing::warn!(sink = name, %reason, "sink failing; retrying with backoff");
+                    }
+                    backoff.next_delay(retry_after)
+                }
+            };
+            m.forward_retries_total.with_label_values(&[name]).inc();
+            tokio::select! {
+                _ = stopped(&mut self.stop) => return Ok(false),
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+}

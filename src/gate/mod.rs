@@ -1,0 +1,361 @@
+//! The gate: deterministic classification of each envelope before it is chained.
+//!
+//! For an envelope with text the gate sets `text_hash` (SHA-256 of the original text, hex) and
+//! `char_len`, counts PII by kind (`pii`), applies the rules file (`tags`, `intent_hint`,
+//! `routing_hints`, see [`rules`]), applies the PII policy to the text, and takes an extractive
+//! summary of the text *after* the policy, so a summary never shows what the policy hid.
+//!
+//! PII policy per kind (`gate.pii`, default `gate.pii_default`):
+//! - `tag`: count only;
+//! - `mask`: replace each match with `[KIND]`;
+//! - `hash`: replace each match with `[KIND:<first 16 hex of HMAC-SHA-256(pii_hash_key, match)>]`;
+//! - `drop_text`: forward no text (and no summary) when the kind is found; `text_hash` and
+//!   `char_len` still describe the original. This is the "hash only after ingest" choice; note
+//!   the spool itself keeps the text until compaction deletes its segment.
+//!
+//! Only the first `gate.scan_bytes_max` bytes are scanned for PII and rules (bounded cost per
+//! envelope); text beyond that is forwarded as is, or dropped with `drop_text`.
+//!
+//! Determinism: the output depends only on the envelope, the rules and the config. It still
+//! changes when the rules change, which is why the chain seals the gate's output before
+//! forwarding (see `chain`).
+//!
+//! Hot reload: [`Gate::watch`] watches the rules file's directory (editors replace files by
+//! rename) and reloads on change; an invalid file is refused with an error log and
+//! `spoolgate_gate_rules_reloads_total{result="error"}`, and the previous rules stay in force.
+
+pub mod pii;
+pub mod rules;
+pub mod summary;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+
+use sha2::{Digest, Sha256};
+
+use crate::config::{GateConfig, PiiAction};
+use crate::envelope::Envelope;
+use crate::metrics::Metrics;
+pub use pii::PII_KINDS;
+use rules::Rules;
+
+#[derive(Debug, thiserror::Error)]
+pub enum GateError {
+    #[error("cannot read rules file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("rules file {path} is invalid: {reason}")]
+    Invalid { path: PathBuf, reason: String },
+    #[error("cannot watch rules file: {0}")]
+    Watch(#[from] notify::Error),
+}
+
+pub struct Gate {
+    config: GateConfig,
+    detector: pii::Detector,
+    rules: RwLock<Arc<Rules>>,
+    generation: AtomicU64,
+    metrics: Arc<Metrics>,
+}
+
+/// Keeps the rules file watched; dropping it stops the watching.
+pub struct RulesWatcher {
+    _watcher: notify::RecommendedWatcher,
+}
+
+fn hmac_sha256(key: &[u8], msg: &[u8]) -> [u8; 32] {
+    const BLOCK: usize = 64;
+    let mut k = [0u8; BLOCK];
+    if key.len() > BLOCK {
+        k[..32].copy_from_slice(&Sha256::digest(key));
+    } else {
+        k[..key.len()].copy_from_slice(key);
+    }
+    let inner = Sha256::new()
+        .chain_update(k.map(|b| b ^ 0x36))
+        .chain_update(msg)
+        .finalize();
+    Sha256::new()
+        .chain_update(k.map(|b| b ^ 0x5c))
+        .chain_update(inner)
+        .finalize()
+        .into()
+}
+
+fn load_rules(path: &std::path::Path) -> Result<Rules, GateError> {
+    let meta = std::fs::metadata(path).map_err(|source| GateError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    if meta.len() > rules::RULES_FILE_BYTES_MAX {
+        return Err(GateError::Invalid {
+            path: path.to_path_buf(),
+            reason: format!(
+                "{} bytes, over the limit of {}",
+                meta.len(),
+                rules::RULES_FILE_BYTES_MAX
+            ),
+        });
+    }
+    let text = std::fs::read_to_string(path).map_err(|source| GateError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    Rules::parse(&text).map_err(|reason| GateError::Invalid {
+        path: path.to_path_buf(),
+        reason,
+    })
+}
+
+impl Gate {
+    pub fn new(config: &GateConfig, metrics: Arc<Metrics>) -> Result<Gate, GateError> {
+        let rules = match &config.rules_path {
+            Some(p) => load_rules(p)?,
+            None => Rules::empty(),
+        };
+        Ok(Gate {
+            config: config.clone(),
+            detector: pii::Detector::new(),
+            rules: RwLock::new(Arc::new(rules)),
+            generation: AtomicU64::new(1),
+            metrics,
+        })
+    }
+
+    /// Increments on every successful reload.
+    pub fn rules_generation(&self) -> u64 {
+        self.generation.load(Ordering::SeqCst)
+    }
+
+    /// Re-reads the rules file; on error the previous rules stay in force.
+    pub fn reload(&self) -> Result<(), GateError> {
+        let Some(path) = &self.config.rules_path else {
+            return Ok(());
+        };
+        match load_rules(path) {
+            Ok(rules) => {
+                let n = rules.len();
+                *self.rules.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(rules);
+                self.generation.fetch_add(1, Ordering::SeqCst);
+                self.metrics
+                    .gate_rules_reloads_total
+                    .with_label_values(&["ok"])
+                    .inc();
+                tracing::info!(path = %path.display(), rules = n, "rules reloaded");
+                Ok(())
+            }
+            Err(e) => {
+                self.metrics
+                    .gate_rules_reloads_total
+                    .with_label_values(&["error"])
+                    .inc();
+                tracing::error!(error = %e, "rules reload refused; the previous rules stay in force");
+                Err(e)
+            }
+        }
+    }
+
+    /// Watches the rules file and reloads it on change. `None` without a rules file.
+    pub fn watch(self: &Arc<Self>) -> Result<Option<RulesWatcher>, GateError> {
+        use notify::Watcher;
+        let Some(path) = self.config.rules_path.clone() else {
+            return Ok(None);
+        };
+        let dir = path
+            .parent()
+            .map(|p| {
+                if p.as_os_str().is_empty() {
+                    std::path::Path::new(".")
+                } else {
+                    p
+                }
+            })
+            .unwrap_or(std::path::Path::new("."))
+            .to_path_buf();
+        let name = path.file_name().map(|n| n.to_os_string());
+        let gate = Arc::downgrade(self);
+        let mut watcher =
+            notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+                let Ok(event) = event else { return };
+                if matches!(event.kind, notify::EventKind::Access(_)) {
+                    return;
+                }
+                if !event
+                    .paths
+                    .iter()
+                    .any(|p| p.file_name().map(|n| n.to_os_string()) == name)
+                {
+                    return;
+                }
+                if let Some(gate) = gate.upgrade() {
+                    // A write may be seen half-done; the next event reloads the finished file,
+                    // and a half file that fails to parse changes nothing.
+                    let _ = gate.reload();
+                }
+            })?;
+        watcher.watch(&dir, notify::RecursiveMode::NonRecursive)?;
+        Ok(Some(RulesWatcher { _watcher: watcher }))
+    }
+
+    fn action(&self, kind: &str) -> PiiAction {
+        self.config
+            .pii
+            .get(kind)
+            .copied()
+            .unwrap_or(self.config.pii_default)
+    }
+
+    /// Classifies `env` in place (see the module doc).
+    pub fn classify(&self, env: &mut Envelope) {
+        let rules = self.rules.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let Some(text) = env.text.take() else {
+            let d = rules.decide(&env.source, "");
+            env.tags = d.tags;
+            env.intent_hint = d.intent;
+            env.routing_hints = d.routing;
+            return;
+        };
+        env.text_hash = Some(hex::encode(Sha256::digest(text.as_bytes())));
+        env.char_len = Some(text.chars().count() as u64);
+        let mut scan_end = text.len().min(self.config.scan_bytes_max);
+        while !text.is_char_boundary(scan_end) {
+            scan_end -= 1;
+        }
+        let scanned = &text[..scan_end];
+        let matches = self.detector.find(scanned);
+        let mut counts: BTreeMap<String, u64> = BTreeMap::new();
+        let mut drop_text = false;
+        for m in &matches {
+            let kind = PII_KINDS[m.kind];
+            *counts.entry(kind.to_string()).or_insert(0) += 1;
+            drop_text |= self.action(kind) == PiiAction::DropText;
+        }
+        for (kind, n) in &counts {
+            self.metrics
+                .gate_pii_found_total
+                .with_label_values(&[kind])
+                .inc_by(*n);
+        }
+        let d = rules.decide(&env.source, scanned);
+        env.tags = d.tags;
+        env.intent_hint = d.intent;
+        env.routing_hints = d.routing;
+        env.pii = counts;
+        if drop_text {
+            env.text = None;
+            env.summary_extractive = None;
+            return;
+        }
+        let mut out = String::with_capacity(text.len());
+        let mut at = 0;
+        for m in &matches {
+            let kind = PII_KINDS[m.kind];
+            let replacement = match self.action(kind) {
+                PiiAction::Tag | PiiAction::DropText => continue,
+                PiiAction::Mask => format!("[{}]", kind.to_uppercase()),
+                PiiAction::Hash => {
+                    let mac = hmac_sha256(
+                        self.config.pii_hash_key.as_bytes(),
+                        &text.as_bytes()[m.start..m.end],
+                    );
+                    format!("[{}:{}]", kind.to_uppercase(), &hex::encode(mac)[..16])
+                }
+            };
+            out.push_str(&text[at..m.start]);
+            out.push_str(&replacement);
+            at = m.end;
+        }
+        out.push_str(&text[at..]);
+        env.summary_extractive = summary::summarize(&out, self.config.summary_chars_max);
+        env.text = Some(out);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gate(pii: &[(&str, PiiAction)]) -> Gate {
+        let cfg = GateConfig {
+            pii: pii.iter().map(|(k, a)| (k.to_string(), *a)).collect(),
+            ..GateConfig::default()
+        };
+        Gate::new(&cfg, Arc::new(Metrics::new())).unwrap()
+    }
+
+    fn classify(g: &Gate, text: &str) -> Envelope {
+        let mut e = Envelope {
+            source: "s".into(),
+            text: Some(text.into()),
+            ..Default::default()
+        };
+        g.classify(&mut e);
+        e
+    }
+
+    #[test]
+    fn tag_counts_and_keeps_the_text() {
+        let e = classify(&gate(&[]), "Mail a@b.io or c@d.io.");
+        assert_eq!(e.pii.get("email"), Some(&2));
+        assert_eq!(e.text.as_deref(), Some("Mail a@b.io or c@d.io."));
+        assert_eq!(e.char_len, Some(22));
+        assert_eq!(e.text_hash.as_deref().map(str::len), Some(64));
+    }
+
+    #[test]
+    fn mask_replaces_matches_and_the_summary_never_shows_them() {
+        let e = classify(
+            &gate(&[("email", PiiAction::Mask)]),
+            "Write to jane@example.com today.",
+        );
+        assert_eq!(e.text.as_deref(), Some("Write to [EMAIL] today."));
+        assert_eq!(
+            e.summary_extractive.as_deref(),
+            Some("Write to [EMAIL] today.")
+        );
+    }
+
+    #[test]
+    fn hash_replaces_matches_with_a_keyed_digest() {
+        let e = classify(&gate(&[("email", PiiAction::Hash)]), "jane@example.com");
+        let t = e.text.unwrap();
+        assert!(
+            t.starts_with("[EMAIL:") && t.len() == "[EMAIL:]".len() + 16,
+            "{t}"
+        );
+        assert_eq!(
+            t,
+            classify(&gate(&[("email", PiiAction::Hash)]), "jane@example.com")
+                .text
+                .unwrap()
+        );
+    }
+
+    #[test]
+    fn drop_text_forwards_only_the_hash() {
+        let e = classify(&gate(&[("us_ssn", PiiAction::DropText)]), "ssn 123-45-6789");
+        assert_eq!(e.text, None);
+        assert_eq!(e.summary_extractive, None);
+        assert!(e.text_hash.is_some());
+    }
+
+    #[test]
+    fn classification_is_deterministic() {
+        let g = gate(&[("email", PiiAction::Mask)]);
+        assert_eq!(classify(&g, "x a@b.io. y"), classify(&g, "x a@b.io. y"));
+    }
+
+    #[test]
+    fn hmac_matches_rfc_4231_case_2() {
+        let mac = hmac_sha256(b"Jefe", b"what do ya want for nothing?");
+        assert_eq!(
+            hex::encode(mac),
+            "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+        );
+    }
+}

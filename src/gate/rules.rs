@@ -1,0 +1,277 @@
+//! The rules file: tags, intent, lane, sink and routing hints from keywords and regexes.
+//!
+//! ```toml
+//! [[rule]]
+//! name = "refunds"                 # required, unique
+//! keywords = ["refund", "chargeback"]  # case-insensitive substrings
+//! regex = ['(?i)order #\d+']       # Rust regex syntax
+//! source = "billing"               # optional: only envelopes from this source
+//! tags = ["billing", "refund"]
+//! intent = "refund_request"        # the first matching rule (file order) with one wins
+//! lane = "high"                    # high|normal|low -> routing_hints.lane (first wins)
+//! sink = "default"                 # -> routing_hints.sink (first wins)
+//! routing = { team = "payments" }  # more routing hints (first rule to set a key wins)
+//! ```
+//!
+//! All keywords of all rules are matched in one pass (Aho-Corasick, ASCII case-insensitive),
+//! all regexes in one pass (`RegexSet`), so the cost grows with the text, not with the rules.
+//! A rule matches when any of its keywords or regexes does (and its `source` filter, if any).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use aho_corasick::AhoCorasick;
+use regex::RegexSet;
+use serde::Deserialize;
+
+/// Bounds on a rules file, so a bad file cannot make the gate slow or huge.
+pub const RULES_MAX: usize = 10_000;
+pub const PATTERNS_PER_RULE_MAX: usize = 1_000;
+pub const RULES_FILE_BYTES_MAX: u64 = 8 * 1024 * 1024;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RuleFile {
+    #[serde(default)]
+    rule: Vec<RuleSpec>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RuleSpec {
+    name: String,
+    #[serde(default)]
+    keywords: Vec<String>,
+    #[serde(default)]
+    regex: Vec<String>,
+    source: Option<String>,
+    #[serde(default)]
+    tags: Vec<String>,
+    intent: Option<String>,
+    lane: Option<String>,
+    sink: Option<String>,
+    #[serde(default)]
+    routing: BTreeMap<String, String>,
+}
+
+#[derive(Debug)]
+struct Rule {
+    source: Option<String>,
+    tags: Vec<String>,
+    intent: Option<String>,
+    routing: Vec<(String, String)>,
+}
+
+/// Compiled rules.
+#[derive(Debug)]
+pub struct Rules {
+    rules: Vec<Rule>,
+    keywords: Option<AhoCorasick>,
+    keyword_rule: Vec<usize>,
+    regexes: RegexSet,
+    regex_rule: Vec<usize>,
+}
+
+/// What the rules decided for one envelope.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Decision {
+    pub tags: Vec<String>,
+    pub intent: Option<String>,
+    pub routing: BTreeMap<String, String>,
+}
+
+impl Rules {
+    pub fn empty() -> Rules {
+        Rules {
+            rules: Vec::new(),
+            keywords: None,
+            keyword_rule: Vec::new(),
+            regexes: RegexSet::empty(),
+            regex_rule: Vec::new(),
+        }
+    }
+
+    /// Parses and compiles a rules file; the error names the rule and what is wrong.
+    pub fn parse(text: &str) -> Result<Rules, String> {
+        let file: RuleFile = toml::from_str(text).map_err(|e| e.to_string())?;
+        if file.rule.len() > RULES_MAX {
+            return Err(format!(
+                "{} rules, over the limit of {RULES_MAX}",
+                file.rule.len()
+            ));
+        }
+        let mut names = BTreeSet::new();
+        let mut rules = Vec::new();
+        let (mut kw, mut kw_rule, mut rx, mut rx_rule) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for (n, spec) in file.rule.into_iter().enumerate() {
+            let bad = |why: String| format!("rule {:?} (#{}): {why}", spec.name, n + 1);
+            if spec.name.is_empty() {
+                return Err(bad("name must not be empty".into()));
+            }
+            if !names.insert(spec.name.clone()) {
+                return Err(bad("duplicate name".into()));
+            }
+            if spec.keywords.is_empty() && spec.regex.is_empty() {
+                return Err(bad("needs at least one keyword or regex".into()));
+            }
+            if spec.keywords.len() + spec.regex.len() > PATTERNS_PER_RULE_MAX {
+                return Err(bad(format!("more than {PATTERNS_PER_RULE_MAX} patterns")));
+            }
+            if let Some(k) = spec.keywords.iter().find(|k| k.is_empty()) {
+                return Err(bad(format!("empty keyword {k:?}")));
+            }
+            for r in &spec.regex {
+                regex::Regex::new(r).map_err(|e| bad(format!("invalid regex {r:?}: {e}")))?;
+            }
+            let mut routing: Vec<(String, String)> = Vec::new();
+            if let Some(lane) = &spec.lane {
+                if !matches!(lane.as_str(), "high" | "normal" | "low") {
+                    return Err(bad(format!(
+                        "lane must be high, normal or low, not {lane:?}"
+                    )));
+                }
+                routing.push(("lane".into(), lane.clone()));
+            }
+            if let Some(sink) = &spec.sink {
+                routing.push(("sink".into(), sink.clone()));
+            }
+            routing.extend(spec.routing.iter().map(|(k, v)| (k.clone(), v.clone())));
+            for k in &spec.keywords {
+                kw.push(k.clone());
+                kw_rule.push(n);
+            }
+            for r in &spec.regex {
+                rx.push(r.clone());
+                rx_rule.push(n);
+            }
+            let mut tags = spec.tags.clone();
+            tags.sort();
+            tags.dedup();
+            rules.push(Rule {
+                source: spec.source,
+                tags,
+                intent: spec.intent,
+                routing,
+            });
+        }
+        let keywords = if kw.is_empty() {
+            None
+        } else {
+            Some(
+                AhoCorasick::builder()
+                    .ascii_case_insensitive(true)
+                    .build(&kw)
+                    .map_err(|e| format!("keywords: {e}"))?,
+            )
+        };
+        let regexes = RegexSet::new(&rx).map_err(|e| format!("regexes: {e}"))?;
+        Ok(Rules {
+            rules,
+            keywords,
+            keyword_rule: kw_rule,
+            regexes,
+            regex_rule: rx_rule,
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.rules.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rules.is_empty()
+    }
+
+    /// Applies every matching rule, in file order.
+    pub fn decide(&self, source: &str, text: &str) -> Decision {
+        if self.rules.is_empty() {
+            return Decision::default();
+        }
+        let mut hit = vec![false; self.rules.len()];
+        if let Some(ac) = &self.keywords {
+            for m in ac.find_overlapping_iter(text) {
+                hit[self.keyword_rule[m.pattern().as_usize()]] = true;
+            }
+        }
+        for i in self.regexes.matches(text).iter() {
+            hit[self.regex_rule[i]] = true;
+        }
+        let mut d = Decision::default();
+        let mut tags = BTreeSet::new();
+        for (rule, _) in self.rules.iter().zip(&hit).filter(|(_, h)| **h) {
+            if rule.source.as_deref().is_some_and(|s| s != source) {
+                continue;
+            }
+            tags.extend(rule.tags.iter().cloned());
+            if d.intent.is_none() {
+                d.intent = rule.intent.clone();
+            }
+            for (k, v) in &rule.routing {
+                d.routing.entry(k.clone()).or_insert_with(|| v.clone());
+            }
+        }
+        d.tags = tags.into_iter().collect();
+        d
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const RULES: &str = r#"
+[[rule]]
+name = "refunds"
+keywords = ["Refund"]
+tags = ["billing", "refund"]
+intent = "refund_request"
+lane = "high"
+routing = { team = "payments" }
+
+[[rule]]
+name = "orders"
+regex = ['(?i)order #\d+']
+tags = ["orders", "billing"]
+intent = "order_status"
+sink = "orders"
+
+[[rule]]
+name = "only-from-crm"
+keywords = ["vip"]
+source = "crm"
+tags = ["vip"]
+"#;
+
+    #[test]
+    fn matching_rules_merge_tags_and_the_first_intent_wins() {
+        let r = Rules::parse(RULES).unwrap();
+        let d = r.decide("web", "A REFUND for order #42 please");
+        assert_eq!(d.tags, vec!["billing", "orders", "refund"]);
+        assert_eq!(d.intent.as_deref(), Some("refund_request"));
+        assert_eq!(d.routing.get("lane").map(String::as_str), Some("high"));
+        assert_eq!(d.routing.get("sink").map(String::as_str), Some("orders"));
+        assert_eq!(d.routing.get("team").map(String::as_str), Some("payments"));
+    }
+
+    #[test]
+    fn a_source_filter_limits_a_rule() {
+        let r = Rules::parse(RULES).unwrap();
+        assert!(r.decide("web", "vip").tags.is_empty());
+        assert_eq!(r.decide("crm", "vip").tags, vec!["vip"]);
+    }
+
+    #[test]
+    fn invalid_files_name_the_rule_and_the_problem() {
+        let e = Rules::parse("[[rule]]\nname = \"x\"\nregex = [\"(\"]\n").unwrap_err();
+        assert!(
+            e.contains("rule \"x\"") && e.contains("invalid regex"),
+            "{e}"
+        );
+        let e = Rules::parse("[[rule]]\nname = \"y\"\n").unwrap_err();
+        assert!(e.contains("at least one keyword"), "{e}");
+        let e = Rules::parse("[[rule]]\nname = \"z\"\nkeywords=[\"a\"]\nlane = \"fast\"\n")
+            .unwrap_err();
+        assert!(e.contains("lane"), "{e}");
+        assert!(Rules::parse("[[rule]]\nname = \"q\"\nkeyword = [\"a\"]\n").is_err());
+    }
+}

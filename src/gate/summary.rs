@@ -1,0 +1,63 @@
+//! The extractive summary: the leading sentences of the (already masked) text that fit in
+//! `chars_max` characters. Leading sentences carry the topic in most short documents and events,
+//! and taking them is deterministic and cheap. A first sentence longer than the bound is cut at
+//! a character boundary and ends with an ellipsis.
+
+pub fn summarize(text: &str, chars_max: usize) -> Option<String> {
+    let text = text.trim();
+    if text.is_empty() || chars_max == 0 {
+        return None;
+    }
+    let mut out = String::new();
+    let mut used = 0usize;
+    let mut start = 0usize;
+    let bytes = text.as_bytes();
+    let mut i = 0usize;
+    while i < bytes.len() {
+        let end_of_sentence = matches!(bytes[i], b'.' | b'!' | b'?')
+            && (i + 1 == bytes.len() || bytes[i + 1].is_ascii_whitespace());
+        if end_of_sentence || i + 1 == bytes.len() {
+            let sentence = text[start..=i].trim();
+            let n = sentence.chars().count();
+            let sep = usize::from(!out.is_empty());
+            if used + sep + n > chars_max {
+                break;
+            }
+            if sep == 1 {
+                out.push(' ');
+            }
+            out.push_str(sentence);
+            used += sep + n;
+            start = i + 1;
+        }
+        i += 1;
+    }
+    if out.is_empty() {
+        let cut: String = text.chars().take(chars_max.saturating_sub(1)).collect();
+        return Some(format!("{}…", cut.trim_end()));
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn whole_leading_sentences_fit_the_bound() {
+        let s = summarize("First one. Second one! Third one is long enough.", 25).unwrap();
+        assert_eq!(s, "First one. Second one!");
+    }
+
+    #[test]
+    fn a_long_first_sentence_is_cut_on_a_character_boundary() {
+        let s = summarize("ééééééééééééééééééé", 5).unwrap();
+        assert_eq!(s.chars().count(), 5);
+        assert!(s.ends_with('…'));
+    }
+
+    #[test]
+    fn empty_text_has_no_summary() {
+        assert_eq!(summarize("   ", 10), None);
+    }
+}

@@ -1,0 +1,245 @@
+//! The dedup index: an `id` seen again within the window is answered with its original
+//! position instead of being written twice, so a client may retry any request whose answer it
+//! did not see.
+//!
+//! Keys are `(tenant, id)`: ids are the client's, so two tenants may use the same one. Entries
+//! expire after `ingest.dedup_window_secs` and the index holds at most `ingest.dedup_entries_max`
+//! entries (oldest evicted first), so memory is bounded whatever the traffic. The index is
+//! rebuilt at start-up from the envelope records still in the spool (their window restarts at
+//! start-up, which errs on the side of deduplicating); records already compacted away are no
+//! longer deduplicated.
+//!
+//! An id that is being written by one request is *pending*: a concurrent request with the same
+//! id gets 409 and retries, rather than both being written.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use crate::spool::Position;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Entry {
+    Pending,
+    Done { position: Position, slot: u16 },
+}
+
+struct Inner {
+    map: HashMap<String, (Entry, Instant)>,
+    /// Insertion order, for expiry and eviction. May hold keys already removed or re-inserted;
+    /// those are recognised by their timestamp and skipped.
+    order: VecDeque<(String, Instant)>,
+}
+
+pub struct Dedup {
+    inner: Mutex<Inner>,
+    window: Duration,
+    entries_max: usize,
+}
+
+/// What `reserve` found for one key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reservation {
+    /// New id, now pending: write it, then `complete` or `abort`.
+    Reserved,
+    /// Already written at this position.
+    Hit { position: Position, slot: u16 },
+}
+
+/// A key of the request is being written by another request right now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Conflict {
+    pub index: usize,
+}
+
+pub fn key(tenant: Option<&str>, id: &str) -> String {
+    let mut k = String::with_capacity(id.len() + 1 + tenant.map_or(0, str::len));
+    k.push_str(tenant.unwrap_or(""));
+    k.push('\0');
+    k.push_str(id);
+    k
+}
+
+impl Dedup {
+    pub fn new(window: Duration, entries_max: usize) -> Dedup {
+        Dedup {
+            inner: Mutex::new(Inner {
+                map: HashMap::new(),
+                order: VecDeque::new(),
+            }),
+            window,
+            entries_max,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        // Every critical section leaves the map consistent before it can panic.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn expire(&self, inner: &mut Inner, now: Instant) {
+        while let Some((k, at)) = inner.order.front() {
+            let too_old = now.duration_since(*at) > self.window;
+            let too_many = inner.map.len() > self.entries_max;
+            if !too_old && !too_many {
+                break;
+            }
+            let (k, at) = (k.clone(), *at);
+            inner.order.pop_front();
+            if let Some((entry, stamped)) = inner.map.get(&k) {
+                // Pending entries are never evicted: their request is still running.
+                if *stamped == at && *entry != Entry::Pending {
+                    inner.map.remove(&k);
+                }
+            }
+        }
+    }
+
+    /// Looks up every key of a request; new keys become pending. All-or-nothing: on a conflict
+    /// nothing is reserved.
+    pub fn reserve(&self, keys: &[String]) -> Result<Vec<Reservation>, Conflict> {
+        if self.entries_max == 0 {
+            return Ok(vec![Reservation::Reserved; keys.len()]);
+        }
+        let now = Instant::now();
+        let mut inner = self.lock();
+        self.expire(&mut inner, now);
+        let mut out = Vec::with_capacity(keys.len());
+        for (index, k) in keys.iter().enumerate() {
+            match inner.map.get(k) {
+                Some((Entry::Pending, _)) => return Err(Conflict { index }),
+                Some((Entry::Done { position, slot }, _)) => out.push(Reservation::Hit {
+                    position: *position,
+                    slot: *slot,
+                }),
+                None => out.push(Reservation::Reserved),
+            }
+        }
+        for (k, r) in keys.iter().zip(&out) {
+            if *r == Reservation::Reserved {
+                inner.map.insert(k.clone(), (Entry::Pending, now));
+                inner.order.push_back((k.clone(), now));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Records where reserved keys were written.
+    pub fn complete(&self, written: impl IntoIterator<Item = (String, Position, u16)>) {
+        if self.entries_max == 0 {
+            return;
+        }
+        let now = Instant::now();
+        let mut inner = self.lock();
+        for (k, position, slot) in written {
+            inner
+                .map
+                .insert(k.clone(), (Entry::Done { position, slot }, now));
+            inner.order.push_back((k, now));
+        }
+        self.expire(&mut inner, now);
+    }
+
+    /// Releases reserved keys whose write failed, so a retry can write them.
+    pub fn abort(&self, keys: impl IntoIterator<Item = String>) {
+        let mut inner = self.lock();
+        for k in keys {
+            if matches!(inner.map.get(&k), Some((Entry::Pending, _))) {
+                inner.map.remove(&k);
+            }
+        }
+    }
+
+    /// Adds an entry found in the spool at start-up.
+    pub fn insert_recovered(&self, key: String, position: Position, slot: u16) {
+        self.complete(std::iter::once((key, position, slot)));
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pos(offset: u64) -> Position {
+        Position { segment: 1, offset }
+    }
+
+    #[test]
+    fn a_completed_id_is_a_hit_with_its_original_position() {
+        let d = Dedup::new(Duration::from_secs(60), 10);
+        let k = key(Some("t"), "a");
+        assert_eq!(
+            d.reserve(std::slice::from_ref(&k)).unwrap(),
+            vec![Reservation::Reserved]
+        );
+        d.complete([(k.clone(), pos(5), 3)]);
+        assert_eq!(
+            d.reserve(&[k]).unwrap(),
+            vec![Reservation::Hit {
+                position: pos(5),
+                slot: 3
+            }]
+        );
+    }
+
+    #[test]
+    fn a_pending_id_conflicts_and_nothing_else_is_reserved() {
+        let d = Dedup::new(Duration::from_secs(60), 10);
+        d.reserve(&[key(None, "a")]).unwrap();
+        let err = d.reserve(&[key(None, "b"), key(None, "a")]).unwrap_err();
+        assert_eq!(err.index, 1);
+        assert_eq!(
+            d.reserve(&[key(None, "b")]).unwrap(),
+            vec![Reservation::Reserved]
+        );
+    }
+
+    #[test]
+    fn an_aborted_id_can_be_written_again() {
+        let d = Dedup::new(Duration::from_secs(60), 10);
+        d.reserve(&[key(None, "a")]).unwrap();
+        d.abort([key(None, "a")]);
+        assert_eq!(
+            d.reserve(&[key(None, "a")]).unwrap(),
+            vec![Reservation::Reserved]
+        );
+    }
+
+    #[test]
+    fn the_same_id_of_two_tenants_is_two_keys() {
+        assert_ne!(key(Some("a"), "x"), key(Some("b"), "x"));
+        assert_ne!(key(None, "a\0x"), key(Some("a"), "x"));
+    }
+
+    #[test]
+    fn the_entry_bound_evicts_the_oldest() {
+        let d = Dedup::new(Duration::from_secs(60), 2);
+        for (n, id) in ["a", "b", "c"].iter().enumerate() {
+            d.insert_recovered(key(None, id), pos(n as u64), 0);
+        }
+        assert_eq!(d.len(), 2);
+        assert_eq!(
+            d.reserve(&[key(None, "a")]).unwrap(),
+            vec![Reservation::Reserved]
+        );
+    }
+
+    #[test]
+    fn entries_expire_after_the_window() {
+        let d = Dedup::new(Duration::ZERO, 10);
+        d.insert_recovered(key(None, "a"), pos(1), 0);
+        // With a zero window any later reservation finds the entry expired.
+        assert_eq!(
+            d.reserve(&[key(None, "a")]).unwrap(),
+            vec![Reservation::Reserved]
+        );
+    }
+}

@@ -1,0 +1,463 @@
+//! Ingest: the HTTP front end on loopback.
+//!
+//! `POST /v1/envelopes` takes one envelope or a batch (JSON object or array, NDJSON, msgpack
+//! map or array). The request is checked in this order, and the first failure answers:
+//!
+//! | check                                   | status | body `error`          |
+//! |-----------------------------------------|--------|-----------------------|
+//! | route and method                        | 404/405| `not_found`/`method_not_allowed` |
+//! | recovery finished                       | 503    | `not_ready`           |
+//! | spool not poisoned                      | 503    | `poisoned`            |
+//! | bearer token (when tokens configured)   | 401/403| `unauthorized`/`forbidden` |
+//! | content type                            | 415    | `unsupported_media_type` |
+//! | Content-Length / body size              | 413    | `body_too_large`      |
+//! | body arrives within the timeout         | 408    | `body_timeout`        |
+//! | every item valid (see `parse`)          | 400/413| `invalid_envelope`, ... with `index` |
+//! | backpressure watermarks                 | 429    | `backpressure` with `reason` |
+//! | no concurrent request with the same id  | 409    | `id_in_flight` with `index` |
+//! | spool append (fdatasync'd)              | 429 on ENOSPC, 503 on I/O failure |
+//!
+//! Only then `202 Accepted`, with each envelope's `id`, `slot` and spool `position`. A batch is
+//! all-or-nothing and judged by its lowest priority. Nothing of a refused request is written.
+
+pub mod backpressure;
+pub mod dedup;
+pub mod parse;
+pub mod server;
+
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
+use hyper::{Method, Request, Response, StatusCode};
+use serde_json::json;
+
+use crate::config::Config;
+use crate::envelope::Priority;
+use crate::metrics::Metrics;
+use crate::spool::{RecordKind, Spool, SpoolError};
+use backpressure::{Backpressure, Refusal};
+use dedup::{Dedup, Reservation};
+use parse::{ContentType, ParseLimits};
+use server::HttpResponse;
+
+/// Everything the ingest handlers share. `spool` is set once recovery has finished; until then
+/// every ingest request is answered 503 and `/readyz` fails.
+pub struct IngestState {
+    pub config: Config,
+    pub metrics: Arc<Metrics>,
+    pub spool: OnceLock<Spool>,
+    pub dedup: Dedup,
+    pub backpressure: Backpressure,
+    /// Set when shutdown starts: new requests get 503 while in-flight ones finish.
+    pub draining: std::sync::atomic::AtomicBool,
+}
+
+impl IngestState {
+    pub fn new(config: Config, metrics: Arc<Metrics>) -> IngestState {
+        let dedup = Dedup::new(
+            Duration::from_secs(config.ingest.dedup_window_secs),
+            config.ingest.dedup_entries_max,
+        );
+        let backpressure = Backpressure::new(&config.spool);
+        IngestState {
+            config,
+            metrics,
+            spool: OnceLock::new(),
+            dedup,
+            backpressure,
+            draining: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// Ready = recovered, not poisoned, not draining, and below the hard watermarks.
+    pub fn readiness(&self) -> Result<(), &'static str> {
+        let Some(spool) = self.spool.get() else {
+            return Err("recovering");
+        };
+        if spool.poison_reason().is_some() {
+            return Err("poisoned");
+        }
+        if self.draining.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err("shutting down");
+        }
+        if !self.backpressure.below_hard_marks() {
+            return Err("above a hard watermark");
+        }
+        Ok(())
+    }
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+pub fn json_response(status: StatusCode, body: serde_json::Value) -> HttpResponse {
+    let mut resp = Response::new(Full::new(Bytes::from(body.to_string())));
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp
+}
+
+fn error(status: StatusCode, code: &str, message: impl Into<String>) -> HttpResponse {
+    json_response(status, json!({"error": code, "message": message.into()}))
+}
+
+fn refusal_response(r: &Refusal) -> HttpResponse {
+    let mut resp = json_response(
+        StatusCode::TOO_MANY_REQUESTS,
+        json!({
+            "error": "backpressure",
+            "reason": r.reason,
+            "limit": r.limit,
+            "limit_bytes": r.limit_bytes,
+            "current_bytes": r.current_bytes,
+            "retry_after_secs": r.retry_after_secs,
+            "message": format!("refused: {} (limit {}); retry after {} s", r.reason, r.limit, r.retry_after_secs),
+        }),
+    );
+    resp.headers_mut()
+        .insert(RETRY_AFTER, HeaderValue::from(r.retry_after_secs));
+    resp
+}
+
+/// Entry point for the ingest listener.
+pub async fn handle(state: Arc<IngestState>, req: Request<Incoming>) -> HttpResponse {
+    let started = Instant::now();
+    let route = if req.uri().path() == "/v1/envelopes" {
+        "/v1/envelopes"
+    } else {
+        "other"
+    };
+    let resp = route_request(&state, req).await;
+    let m = &state.metrics;
+    m.ingest_requests_total
+        .with_label_values(&[route, resp.status().as_str()])
+        .inc();
+    m.ingest_request_duration_seconds
+        .with_label_values(&[route])
+        .observe(started.elapsed().as_secs_f64());
+    resp
+}
+
+async fn route_request(state: &IngestState, req: Request<Incoming>) -> HttpResponse {
+    if req.uri().path() != "/v1/envelopes" {
+        return error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no route {}", req.uri().path()),
+        );
+    }
+    if req.method() != Method::POST {
+        let mut resp = error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "use POST",
+        );
+        resp.headers_mut()
+            .insert("allow", HeaderValue::from_static("POST"));
+        return resp;
+    }
+    ingest(state, req).await
+}
+
+fn unavailable(state: &IngestState, reason: &'static str, message: String) -> HttpResponse {
+    state
+        .metrics
+        .ingest_rejected_total
+        .with_label_values(&[reason])
+        .inc();
+    error(StatusCode::SERVICE_UNAVAILABLE, reason, message)
+}
+
+async fn ingest(state: &IngestState, req: Request<Incoming>) -> HttpResponse {
+    let Some(spool) = state.spool.get() else {
+        return unavailable(state, "not_ready", "recovery is still running".into());
+    };
+    if state.draining.load(std::sync::atomic::Ordering::Relaxed) {
+        return unavailable(state, "not_ready", "shutting down".into());
+    }
+    if let Some(reason) = spool.poison_reason() {
+        return unavailable(state, "poisoned", format!("spool refuses writes: {reason}"));
+    }
+    let cfg = &state.config.ingest;
+
+    let auth_tenant = if cfg.tokens.is_empty() {
+        None
+    } else {
+        let header = req
+            .headers()
+            .get(hyper::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok());
+        let Some(token) = header.and_then(|h| h.strip_prefix("Bearer ")) else {
+            let mut resp = error(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "a bearer token is required",
+            );
+            resp.headers_mut()
+                .insert("www-authenticate", HeaderValue::from_static("Bearer"));
+            return resp;
+        };
+        match cfg
+            .tokens
+            .iter()
+            .find(|t| constant_time_eq(t.token.as_bytes(), token.as_bytes()))
+        {
+            Some(t) => Some(t.tenant.clone()),
+            None => {
+                return error(
+                    StatusCode::FORBIDDEN,
+                    "forbidden",
+                    "the bearer token is not valid",
+                )
+            }
+        }
+    };
+
+    let content_type = req
+        .headers()
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let Some(content_type) = ContentType::parse(content_type) else {
+        return error(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            format!(
+                "content type {content_type:?} is not one of application/json, application/x-ndjson, application/msgpack"
+            ),
+        );
+    };
+    let declared = req
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if let Some(len) = declared {
+        if len > cfg.body_bytes_max {
+            return error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body_too_large",
+                format!(
+                    "body of {len} bytes exceeds ingest.body_bytes_max {}",
+                    cfg.body_bytes_max
+                ),
+            );
+        }
+    }
+    let limited = Limited::new(req.into_body(), cfg.body_bytes_max as usize);
+    let body = match tokio::time::timeout(
+        Duration::from_millis(cfg.body_read_timeout_ms),
+        limited.collect(),
+    )
+    .await
+    {
+        Err(_) => {
+            return error(
+                StatusCode::REQUEST_TIMEOUT,
+                "body_timeout",
+                format!("body not received within {} ms", cfg.body_read_timeout_ms),
+            )
+        }
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
+            return error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body_too_large",
+                format!("body exceeds ingest.body_bytes_max {}", cfg.body_bytes_max),
+            )
+        }
+        Ok(Err(e)) => return error(StatusCode::BAD_REQUEST, "body_read_failed", e.to_string()),
+        Ok(Ok(collected)) => collected.to_bytes(),
+    };
+
+    let limits = ParseLimits {
+        batch_items_max: cfg.batch_items_max,
+        envelope_bytes_max: cfg.envelope_bytes_max,
+        unknown_fields: cfg.unknown_fields,
+    };
+    let parsed = match parse::parse_request(
+        content_type,
+        &body,
+        &limits,
+        auth_tenant.as_deref(),
+        now_ms(),
+    ) {
+        Ok(p) => p,
+        Err(e) => {
+            let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::BAD_REQUEST);
+            let mut body = json!({"error": e.code(), "message": e.to_string()});
+            if let Some(index) = e.index() {
+                body["index"] = json!(index);
+            }
+            return json_response(status, body);
+        }
+    };
+
+    let lowest = parsed
+        .iter()
+        .map(|p| p.envelope.priority)
+        .max()
+        .unwrap_or(Priority::Normal);
+    if let Err(refusal) = state.backpressure.check(lowest) {
+        state
+            .metrics
+            .ingest_rejected_total
+            .with_label_values(&[refusal.reason])
+            .inc();
+        return refusal_response(&refusal);
+    }
+
+    let keys: Vec<String> = parsed
+        .iter()
+        .map(|p| dedup::key(p.envelope.tenant.as_deref(), &p.envelope.id))
+        .collect();
+    let reservations = match state.dedup.reserve(&keys) {
+        Ok(r) => r,
+        Err(conflict) => {
+            return json_response(
+                StatusCode::CONFLICT,
+                json!({
+                    "error": "id_in_flight",
+                    "index": conflict.index,
+                    "message": format!("envelope at index {}: its id is being written by a concurrent request; retry", conflict.index),
+                }),
+            )
+        }
+    };
+    let to_write: Vec<(RecordKind, Bytes)> = parsed
+        .iter()
+        .zip(&reservations)
+        .filter(|(_, r)| **r == Reservation::Reserved)
+        .map(|(p, _)| (RecordKind::ENVELOPE, Bytes::copy_from_slice(&p.encoded)))
+        .collect();
+    let reserved_keys = || {
+        keys.iter()
+            .zip(&reservations)
+            .filter(|(_, r)| **r == Reservation::Reserved)
+            .map(|(k, _)| k.clone())
+    };
+    let written = if to_write.is_empty() {
+        Vec::new()
+    } else {
+        match spool.append(to_write).await {
+            Ok(positions) => positions,
+            Err(e) => {
+                state.dedup.abort(reserved_keys());
+                return append_error(state, e);
+            }
+        }
+    };
+    let mut written_iter = written.iter();
+    let mut completed = Vec::with_capacity(written.len());
+    let mut items = Vec::with_capacity(parsed.len());
+    let mut hits = 0u64;
+    for ((p, r), k) in parsed.iter().zip(&reservations).zip(&keys) {
+        let (position, slot, duplicate) = match r {
+            Reservation::Reserved => {
+                let position = *written_iter
+                    .next()
+                    .expect("one position per written record");
+                completed.push((k.clone(), position, p.envelope.slot));
+                (position, p.envelope.slot, false)
+            }
+            Reservation::Hit { position, slot } => {
+                hits += 1;
+                (*position, *slot, true)
+            }
+        };
+        items.push(json!({
+            "id": p.envelope.id,
+            "slot": slot,
+            "position": {"segment": position.segment, "offset": position.offset},
+            "duplicate": duplicate,
+        }));
+    }
+    state.dedup.complete(completed);
+    state.metrics.ingest_dedup_hits_total.inc_by(hits);
+    state
+        .metrics
+        .ingest_envelopes_accepted_total
+        .inc_by(written.len() as u64);
+    json_response(
+        StatusCode::ACCEPTED,
+        json!({"accepted": items.len(), "envelopes": items}),
+    )
+}
+
+fn append_error(state: &IngestState, e: SpoolError) -> HttpResponse {
+    match e {
+        SpoolError::Full(detail) => {
+            let refusal = state.backpressure.enospc();
+            state
+                .metrics
+                .ingest_rejected_total
+                .with_label_values(&["enospc"])
+                .inc();
+            tracing::warn!(%detail, "append refused: filesystem full");
+            refusal_response(&refusal)
+        }
+        SpoolError::TooLarge { len, max } => error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "envelope_too_large",
+            format!("record of {len} bytes exceeds spool.record_bytes_max {max}"),
+        ),
+        SpoolError::Poisoned(reason) => {
+            unavailable(state, "poisoned", format!("spool refuses writes: {reason}"))
+        }
+        other => unavailable(state, "poisoned", format!("spool write failed: {other}")),
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Entry point for the metrics/health listener.
+pub async fn handle_admin(state: Arc<IngestState>, req: Request<Incoming>) -> HttpResponse {
+    match (req.method(), req.uri().path()) {
+        (&Method::GET, "/metrics") => {
+            let mut resp = Response::new(Full::new(Bytes::from(state.metrics.render())));
+            resp.headers_mut().insert(
+                CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            resp
+        }
+        (&Method::GET, "/healthz") => json_response(StatusCode::OK, json!({"status": "alive"})),
+        (&Method::GET, "/readyz") => match state.readiness() {
+            Ok(()) => json_response(StatusCode::OK, json!({"status": "ready"})),
+            Err(why) => json_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                json!({"status": "not_ready", "reason": why}),
+            ),
+        },
+        _ => error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "routes: /metrics, /healthz, /readyz",
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_comparison_needs_equal_bytes() {
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"ab"));
+    }
+}

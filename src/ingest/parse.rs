@@ -1,0 +1,554 @@
+//! Request bodies to envelopes: content-type dispatch, per-item validation, and the defaults
+//! spoolgate fills in (`id`, `ts_ms`, `slot`, `version`).
+//!
+//! A request is validated whole before anything is written: the first invalid item makes the
+//! request a 400 that names the item's index and the reason, and nothing of it reaches the
+//! spool. All three content types go through one path: the body is decoded into JSON values
+//! (msgpack through serde as well), then each item is checked field by field, so the error
+//! messages are the same whatever the encoding.
+
+use std::collections::BTreeMap;
+
+use serde_json::Value;
+
+use crate::config::UnknownFields;
+use crate::envelope::{Envelope, Priority, ENVELOPE_VERSION};
+use crate::slots::slot_of;
+
+/// Longest `source`, `tenant` or `id`, in bytes.
+pub const NAME_BYTES_MAX: usize = 256;
+/// Deepest nesting accepted inside `meta`.
+pub const META_DEPTH_MAX: usize = 32;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ContentType {
+    Json,
+    NdJson,
+    Msgpack,
+}
+
+impl ContentType {
+    /// Parses a Content-Type header value; parameters such as `charset=utf-8` are ignored.
+    pub fn parse(header: &str) -> Option<ContentType> {
+        let essence = header
+            .split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase();
+        match essence.as_str() {
+            "application/json" => Some(ContentType::Json),
+            "application/x-ndjson" | "application/ndjson" | "application/jsonl" => {
+                Some(ContentType::NdJson)
+            }
+            "application/msgpack" | "application/x-msgpack" | "application/vnd.msgpack" => {
+                Some(ContentType::Msgpack)
+            }
+            _ => None,
+        }
+    }
+}
+
+/// Why a request body was refused. Every variant maps to one HTTP status.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ParseError {
+    /// 400: the body is not valid in its declared encoding.
+    #[error("body is not valid {encoding}: {reason}")]
+    Malformed {
+        encoding: &'static str,
+        reason: String,
+    },
+    /// 400: one item is invalid.
+    #[error("envelope at index {index}: {reason}")]
+    Item { index: usize, reason: String },
+    /// 413: too many items.
+    #[error("batch of {count} envelopes exceeds ingest.batch_items_max {max}")]
+    TooManyItems { count: usize, max: usize },
+    /// 413: one item is too large once encoded.
+    #[error(
+        "envelope at index {index} is {len} bytes encoded, over ingest.envelope_bytes_max {max}"
+    )]
+    ItemTooLarge { index: usize, len: usize, max: u64 },
+    /// 400: the request has no envelopes.
+    #[error("request contains no envelopes")]
+    Empty,
+}
+
+impl ParseError {
+    pub fn status(&self) -> u16 {
+        match self {
+            ParseError::TooManyItems { .. } | ParseError::ItemTooLarge { .. } => 413,
+            _ => 400,
+        }
+    }
+
+    pub fn code(&self) -> &'static str {
+        match self {
+            ParseError::Malformed { .. } => "malformed_body",
+            ParseError::Item { .. } => "invalid_envelope",
+            ParseError::TooManyItems { .. } => "too_many_envelopes",
+            ParseError::ItemTooLarge { .. } => "envelope_too_large",
+            ParseError::Empty => "empty_batch",
+        }
+    }
+
+    pub fn index(&self) -> Option<usize> {
+        match self {
+            ParseError::Item { index, .. } | ParseError::ItemTooLarge { index, .. } => Some(*index),
+            _ => None,
+        }
+    }
+}
+
+/// What the parser needs to know besides the body.
+pub struct ParseLimits {
+    pub batch_items_max: usize,
+    pub envelope_bytes_max: u64,
+    pub unknown_fields: UnknownFields,
+}
+
+/// A validated envelope and its encoded bytes, ready for the spool.
+#[derive(Debug)]
+pub struct Parsed {
+    pub envelope: Envelope,
+    pub encoded: Vec<u8>,
+}
+
+/// Decodes the body into a list of items (an object/map alone is a batch of one).
+fn decode_items(
+    content_type: ContentType,
+    body: &[u8],
+    limits: &ParseLimits,
+) -> Result<Vec<Value>, ParseError> {
+    let items = match content_type {
+        ContentType::Json => {
+            let value: Value = serde_json::from_slice(body).map_err(|e| ParseError::Malformed {
+                encoding: "JSON",
+                reason: e.to_string(),
+            })?;
+            into_items(value, "JSON")?
+        }
+        ContentType::Msgpack => {
+            let mut de = rmp_serde::Deserializer::new(body);
+            let value: Value =
+                serde::Deserialize::deserialize(&mut de).map_err(|e| ParseError::Malformed {
+                    encoding: "msgpack",
+                    reason: e.to_string(),
+                })?;
+            let consumed = de.get_ref().len();
+            if consumed != 0 {
+                return Err(ParseError::Malformed {
+                    encoding: "msgpack",
+                    reason: format!("{consumed} trailing bytes after the first value"),
+                });
+            }
+            into_items(value, "msgpack")?
+        }
+        ContentType::NdJson => {
+            let mut items = Vec::new();
+            for (n, line) in body.split(|&b| b == b'\n').enumerate() {
+                let line = line.strip_suffix(b"\r").unwrap_or(line);
+                if line.iter().all(u8::is_ascii_whitespace) {
+                    continue;
+                }
+                if items.len() >= limits.batch_items_max {
+                    return Err(ParseError::TooManyItems {
+                        count: items.len() + 1,
+                        max: limits.batch_items_max,
+                    });
+                }
+                let value: Value =
+                    serde_json::from_slice(line).map_err(|e| ParseError::Malformed {
+                        encoding: "NDJSON",
+                        reason: format!("line {}: {e}", n + 1),
+                    })?;
+                items.push(value);
+            }
+            items
+        }
+    };
+    if items.is_empty() {
+        return Err(ParseError::Empty);
+    }
+    if items.len() > limits.batch_items_max {
+        return Err(ParseError::TooManyItems {
+            count: items.len(),
+            max: limits.batch_items_max,
+        });
+    }
+    Ok(items)
+}
+
+fn into_items(value: Value, encoding: &'static str) -> Result<Vec<Value>, ParseError> {
+    match value {
+        Value::Array(items) => Ok(items),
+        Value::Object(_) => Ok(vec![value]),
+        other => Err(ParseError::Malformed {
+            encoding,
+            reason: format!(
+                "expected an object or an array of objects, found {}",
+                kind_of(&other)
+            ),
+        }),
+    }
+}
+
+fn kind_of(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+fn depth(v: &Value) -> usize {
+    match v {
+        Value::Array(a) => 1 + a.iter().map(depth).max().unwrap_or(0),
+        Value::Object(o) => 1 + o.values().map(depth).max().unwrap_or(0),
+        _ => 0,
+    }
+}
+
+fn name_field(
+    obj: &serde_json::Map<String, Value>,
+    key: &str,
+    required: bool,
+) -> Result<Option<String>, String> {
+    match obj.get(key) {
+        None | Some(Value::Null) if required => Err(format!("`{key}` is required")),
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => {
+            if s.is_empty() {
+                return Err(format!("`{key}` must not be empty"));
+            }
+            if s.len() > NAME_BYTES_MAX {
+                return Err(format!(
+                    "`{key}` is {} bytes, over the limit of {NAME_BYTES_MAX}",
+                    s.len()
+                ));
+            }
+            if s.chars().any(char::is_control) {
+                return Err(format!("`{key}` must not contain control characters"));
+            }
+            Ok(Some(s.clone()))
+        }
+        Some(other) => Err(format!(
+            "`{key}` must be a string, found {}",
+            kind_of(other)
+        )),
+    }
+}
+
+const KNOWN_FIELDS: &[&str] = &[
+    "source", "text", "id", "tenant", "ts_ms", "priority", "meta",
+];
+
+/// Validates one item and turns it into an Envelope with spoolgate's defaults filled in.
+/// `auth_tenant` is the tenant bound to the request's token, if auth is on.
+fn item_to_envelope(
+    value: Value,
+    unknown: UnknownFields,
+    auth_tenant: Option<&str>,
+    now_ms: u64,
+) -> Result<Envelope, String> {
+    let Value::Object(mut obj) = value else {
+        return Err(format!("must be an object, found {}", kind_of(&value)));
+    };
+    let source = name_field(&obj, "source", true)?.expect("required field present");
+    let id = match name_field(&obj, "id", false)? {
+        Some(id) => id,
+        None => uuid::Uuid::now_v7().to_string(),
+    };
+    let mut tenant = name_field(&obj, "tenant", false)?;
+    if let Some(bound) = auth_tenant {
+        match &tenant {
+            Some(t) if t != bound => {
+                return Err(format!(
+                    "`tenant` is {t:?} but the token is bound to tenant {bound:?}"
+                ));
+            }
+            _ => tenant = Some(bound.to_string()),
+        }
+    }
+    let text = match obj.get("text") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => Some(s.clone()),
+        Some(other) => return Err(format!("`text` must be a string, found {}", kind_of(other))),
+    };
+    let ts_ms = match obj.get("ts_ms") {
+        None | Some(Value::Null) => now_ms,
+        Some(Value::Number(n)) => n.as_u64().ok_or_else(|| {
+            format!("`ts_ms` must be a non-negative integer of milliseconds, found {n}")
+        })?,
+        Some(other) => {
+            return Err(format!(
+                "`ts_ms` must be an integer, found {}",
+                kind_of(other)
+            ))
+        }
+    };
+    let priority = match obj.get("priority") {
+        None | Some(Value::Null) => Priority::Normal,
+        Some(Value::String(s)) => match s.as_str() {
+            "high" => Priority::High,
+            "normal" => Priority::Normal,
+            "low" => Priority::Low,
+            _ => {
+                return Err(format!(
+                    "`priority` must be one of high, normal, low; found {s:?}"
+                ))
+            }
+        },
+        Some(other) => {
+            return Err(format!(
+                "`priority` must be a string, found {}",
+                kind_of(other)
+            ))
+        }
+    };
+    let mut meta: BTreeMap<String, Value> = match obj.remove("meta") {
+        None | Some(Value::Null) => BTreeMap::new(),
+        Some(Value::Object(m)) => m.into_iter().collect(),
+        Some(other) => {
+            return Err(format!(
+                "`meta` must be an object, found {}",
+                kind_of(&other)
+            ))
+        }
+    };
+    for (key, value) in obj {
+        if KNOWN_FIELDS.contains(&key.as_str()) {
+            continue;
+        }
+        match unknown {
+            UnknownFields::Reject => return Err(format!("unknown field `{key}`")),
+            UnknownFields::Meta => {
+                if meta.contains_key(&key) {
+                    return Err(format!("unknown field `{key}` collides with `meta.{key}`"));
+                }
+                meta.insert(key, value);
+            }
+        }
+    }
+    let meta_depth = meta.values().map(depth).max().unwrap_or(0);
+    if meta_depth > META_DEPTH_MAX {
+        return Err(format!(
+            "`meta` nests {meta_depth} levels deep, over the limit of {META_DEPTH_MAX}"
+        ));
+    }
+    let stream = tenant.as_deref().unwrap_or(&source).to_string();
+    Ok(Envelope {
+        version: ENVELOPE_VERSION,
+        id,
+        slot: slot_of(&stream),
+        source,
+        tenant,
+        text,
+        ts_ms,
+        meta,
+        priority,
+        ..Default::default()
+    })
+}
+
+/// Decodes and validates a whole request. Either every envelope is valid or none is returned.
+pub fn parse_request(
+    content_type: ContentType,
+    body: &[u8],
+    limits: &ParseLimits,
+    auth_tenant: Option<&str>,
+    now_ms: u64,
+) -> Result<Vec<Parsed>, ParseError> {
+    let items = decode_items(content_type, body, limits)?;
+    let mut out = Vec::with_capacity(items.len());
+    for (index, item) in items.into_iter().enumerate() {
+        let envelope = item_to_envelope(item, limits.unknown_fields, auth_tenant, now_ms)
+            .map_err(|reason| ParseError::Item { index, reason })?;
+        let encoded = envelope.encode().map_err(|e| ParseError::Item {
+            index,
+            reason: e.to_string(),
+        })?;
+        if encoded.len() as u64 > limits.envelope_bytes_max {
+            return Err(ParseError::ItemTooLarge {
+                index,
+                len: encoded.len(),
+                max: limits.envelope_bytes_max,
+            });
+        }
+        out.push(Parsed { envelope, encoded });
+    }
+    let mut seen = std::collections::HashSet::with_capacity(out.len());
+    for (index, p) in out.iter().enumerate() {
+        if !seen.insert(p.envelope.id.as_str()) {
+            return Err(ParseError::Item {
+                index,
+                reason: format!("`id` {:?} appears twice in this request", p.envelope.id),
+            });
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMITS: ParseLimits = ParseLimits {
+        batch_items_max: 100,
+        envelope_bytes_max: 4096,
+        unknown_fields: UnknownFields::Meta,
+    };
+
+    fn json(body: &str) -> Result<Vec<Parsed>, ParseError> {
+        parse_request(ContentType::Json, body.as_bytes(), &LIMITS, None, 1000)
+    }
+
+    #[test]
+    fn a_single_object_is_a_batch_of_one_with_defaults_filled() {
+        let p = json(r#"{"source":"svc","text":"hi"}"#).unwrap();
+        assert_eq!(p.len(), 1);
+        let e = &p[0].envelope;
+        assert_eq!(e.source, "svc");
+        assert_eq!(e.ts_ms, 1000);
+        assert_eq!(e.version, ENVELOPE_VERSION);
+        assert_eq!(e.slot, slot_of("svc"));
+        assert_eq!(e.id.len(), 36, "generated ids are UUIDv7 strings");
+        assert_eq!(Envelope::decode(&p[0].encoded).unwrap(), *e);
+    }
+
+    #[test]
+    fn the_error_names_the_index_of_the_bad_item() {
+        let mut items: Vec<String> = (0..60)
+            .map(|i| format!(r#"{{"source":"s","id":"{i}"}}"#))
+            .collect();
+        items[57] = r#"{"source":"s","ts_ms":"yesterday"}"#.into();
+        let err = json(&format!("[{}]", items.join(","))).unwrap_err();
+        assert_eq!(err.index(), Some(57));
+        assert_eq!(err.status(), 400);
+        assert!(err.to_string().contains("ts_ms"), "{err}");
+    }
+
+    #[test]
+    fn missing_source_is_refused() {
+        let err = json(r#"{"text":"x"}"#).unwrap_err();
+        assert_eq!(err.to_string(), "envelope at index 0: `source` is required");
+    }
+
+    #[test]
+    fn ndjson_lines_are_items_and_blank_lines_are_skipped() {
+        let body = "{\"source\":\"a\"}\n\n{\"source\":\"b\"}\r\n";
+        let p = parse_request(ContentType::NdJson, body.as_bytes(), &LIMITS, None, 1).unwrap();
+        assert_eq!(p.len(), 2);
+        assert_eq!(p[1].envelope.source, "b");
+    }
+
+    #[test]
+    fn msgpack_maps_and_arrays_parse() {
+        let one =
+            rmp_serde::to_vec_named(&serde_json::json!({"source":"m","priority":"low"})).unwrap();
+        let p = parse_request(ContentType::Msgpack, &one, &LIMITS, None, 1).unwrap();
+        assert_eq!(p[0].envelope.priority, Priority::Low);
+        let many =
+            rmp_serde::to_vec_named(&serde_json::json!([{"source":"m"},{"source":"n"}])).unwrap();
+        assert_eq!(
+            parse_request(ContentType::Msgpack, &many, &LIMITS, None, 1)
+                .unwrap()
+                .len(),
+            2
+        );
+    }
+
+    #[test]
+    fn truncated_msgpack_is_malformed() {
+        let mut one = rmp_serde::to_vec_named(&serde_json::json!({"source":"m"})).unwrap();
+        one.pop();
+        let err = parse_request(ContentType::Msgpack, &one, &LIMITS, None, 1).unwrap_err();
+        assert_eq!(err.code(), "malformed_body");
+    }
+
+    #[test]
+    fn unknown_fields_go_to_meta_or_are_rejected() {
+        let p = json(r#"{"source":"s","color":"red"}"#).unwrap();
+        assert_eq!(
+            p[0].envelope.meta.get("color"),
+            Some(&Value::String("red".into()))
+        );
+        let strict = ParseLimits {
+            unknown_fields: UnknownFields::Reject,
+            ..LIMITS
+        };
+        let err = parse_request(
+            ContentType::Json,
+            br#"{"source":"s","color":"red"}"#,
+            &strict,
+            None,
+            1,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("unknown field `color`"));
+    }
+
+    #[test]
+    fn a_token_bound_tenant_is_applied_and_a_different_one_refused() {
+        let p = parse_request(
+            ContentType::Json,
+            br#"{"source":"s"}"#,
+            &LIMITS,
+            Some("acme"),
+            1,
+        )
+        .unwrap();
+        assert_eq!(p[0].envelope.tenant.as_deref(), Some("acme"));
+        let err = parse_request(
+            ContentType::Json,
+            br#"{"source":"s","tenant":"evil"}"#,
+            &LIMITS,
+            Some("acme"),
+            1,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("bound to tenant"), "{err}");
+    }
+
+    #[test]
+    fn oversized_items_and_batches_are_413() {
+        let big = format!(r#"{{"source":"s","text":"{}"}}"#, "x".repeat(5000));
+        assert_eq!(json(&big).unwrap_err().status(), 413);
+        let many = format!("[{}]", vec![r#"{"source":"s"}"#; 101].join(","));
+        assert_eq!(json(&many).unwrap_err().status(), 413);
+    }
+
+    #[test]
+    fn negative_and_fractional_timestamps_are_refused() {
+        assert!(json(r#"{"source":"s","ts_ms":-1}"#).is_err());
+        assert!(json(r#"{"source":"s","ts_ms":1.5}"#).is_err());
+    }
+
+    #[test]
+    fn duplicate_ids_within_one_request_are_refused() {
+        let err = json(r#"[{"source":"s","id":"a"},{"source":"s","id":"a"}]"#).unwrap_err();
+        assert_eq!(err.index(), Some(1));
+    }
+
+    #[test]
+    fn deep_meta_is_refused() {
+        let deep = format!(
+            r#"{{"source":"s","meta":{{"k":{}1{}}}}}"#,
+            "[".repeat(40),
+            "]".repeat(40)
+        );
+        assert!(json(&deep).unwrap_err().to_string().contains("nests"));
+    }
+
+    #[test]
+    fn content_types_parse_with_parameters() {
+        assert_eq!(
+            ContentType::parse("application/json; charset=utf-8"),
+            Some(ContentType::Json)
+        );
+        assert_eq!(ContentType::parse("text/plain"), None);
+    }
+}

@@ -1,0 +1,320 @@
+//! The `spoolgate` binary: command-line parsing, logging set-up and error reporting. All the
+//! behaviour lives in the library; this file is the only place that uses `anyhow`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+
+use spoolgate::config::Config;
+
+#[derive(Parser)]
+#[command(
+    name = "spoolgate",
+    version,
+    about = "A durable ingest sidecar: spool, classify, chain, forward."
+)]
+struct Cli {
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human, env = "SPOOLGATE_LOG_FORMAT")]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the daemon (embedded defaults when given no options).
+    Serve(ServeArgs),
+    /// Configuration tools.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+    /// Print a spool directory's segments, record counts and damaged ranges (read-only).
+    Inspect {
+        /// The spool directory (`<data_dir>/spool`) or the data directory.
+        dir: PathBuf,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Verify hash chains in file-sink output (a .jsonl file or a directory of them).
+    Verify { path: PathBuf },
+    /// Run a crash-recovery drill: load, SIGKILL at seeded random moments, restart, check.
+    Drill(DrillArgs),
+    /// Exit 0 if URL answers 2xx (for container health checks).
+    Health {
+        #[arg(default_value = "http://127.0.0.1:8751/readyz")]
+        url: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Validate a config file (with the environment's SPOOLGATE_* overrides applied).
+    Check { file: PathBuf },
+    /// Print the effective configuration as TOML.
+    Show {
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+}
+
+#[derive(clap::Args)]
+struct DrillArgs {
+    /// Number of SIGKILLs.
+    #[arg(long, default_value_t = 20)]
+    kills: usize,
+    /// Seed for the kill schedule and the load.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Concurrent client threads.
+    #[arg(long, default_value_t = 4)]
+    clients: usize,
+    /// Each round kills after 1..=N further acknowledged envelopes.
+    #[arg(long, default_value_t = 400)]
+    acks_per_round_max: u64,
+    /// Sink the daemon forwards to: file (its embedded file sink) or http (a recorder in the drill).
+    #[arg(long, default_value = "file")]
+    sink: String,
+    /// Scratch data directory (default: a new temporary directory, removed afterwards).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// The spoolgate binary to drill (default: this one).
+    #[arg(long)]
+    binary: Option<PathBuf>,
+    /// Extra daemon settings, `KEY=VALUE` (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    sets: Vec<String>,
+    /// Rewrite the rules file before every restart (tests that replays are not re-classified).
+    #[arg(long)]
+    flip_rules: bool,
+    /// Also write the report as JSON to this file.
+    #[arg(long)]
+    report_json: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// TOML config file.
+    #[arg(long, short = 'c', env = "SPOOLGATE_CONFIG")]
+    config: Option<PathBuf>,
+    /// Data directory (overrides `data_dir`).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Ingest listen address (overrides `ingest.listen`).
+    #[arg(long)]
+    listen: Option<String>,
+    /// Metrics/health listen address (overrides `metrics.listen`).
+    #[arg(long)]
+    metrics_listen: Option<String>,
+    /// Durability mode: always, interval or never (overrides `spool.durability`).
+    #[arg(long)]
+    durability: Option<String>,
+    /// Any key: `--set forward.workers=4` (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    sets: Vec<String>,
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    match format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+fn load_config(
+    file: Option<&std::path::Path>,
+    sets: &[(String, String)],
+) -> anyhow::Result<Config> {
+    Ok(Config::load(file, std::env::vars(), sets)?)
+}
+
+fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    let mut sets = Vec::new();
+    if let Some(d) = args.data_dir {
+        sets.push(("data_dir".to_string(), toml_string(&d.to_string_lossy())));
+    }
+    if let Some(l) = args.listen {
+        sets.push(("ingest.listen".to_string(), toml_string(&l)));
+    }
+    if let Some(l) = args.metrics_listen {
+        sets.push(("metrics.listen".to_string(), toml_string(&l)));
+    }
+    if let Some(d) = args.durability {
+        sets.push(("spool.durability".to_string(), toml_string(&d)));
+    }
+    for kv in args.sets {
+        let (k, v) = kv
+            .split_once('=')
+            .with_context(|| format!("--set {kv:?} is not KEY=VALUE"))?;
+        sets.push((k.to_string(), v.to_string()));
+    }
+    let config = load_config(args.config.as_deref(), &sets)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("spoolgate")
+        .build()
+        .context("cannot start the async runtime")?;
+    match runtime.block_on(spoolgate::daemon::run(config))? {
+        spoolgate::daemon::Exit::Clean => Ok(ExitCode::SUCCESS),
+        spoolgate::daemon::Exit::DeadlineExceeded => Ok(ExitCode::from(1)),
+    }
+}
+
+/// Quotes a flag value as a TOML string so paths and addresses are never parsed as numbers.
+fn toml_string(s: &str) -> String {
+    toml::Value::String(s.to_string()).to_string()
+}
+
+fn health(url: &str) -> anyhow::Result<ExitCode> {
+    let rest = url
+        .strip_prefix("http://")
+        .with_context(|| format!("{url} is not an http:// URL"))?;
+    let (host, path) = rest.split_once('/').map_or((rest, "/"), |(h, p)| (h, p));
+    let path = if path.starts_with('/') {
+        path.to_string()
+    } else {
+        format!("/{path}")
+    };
+    use std::io::{Read, Write};
+    let mut stream =
+        std::net::TcpStream::connect(host).with_context(|| format!("cannot connect to {host}"))?;
+    stream.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let status = response.split_whitespace().nth(1).unwrap_or("");
+    println!("{}", response.lines().next().unwrap_or(""));
+    Ok(if status.starts_with('2') {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+fn drill(args: DrillArgs) -> anyhow::Result<ExitCode> {
+    let scratch = tempfile::tempdir().context("cannot create a scratch directory")?;
+    let data_dir = args.data_dir.unwrap_or_else(|| scratch.path().join("data"));
+    let binary = match args.binary {
+        Some(b) => b,
+        None => std::env::current_exe().context("cannot find this binary")?,
+    };
+    let sink = match args.sink.as_str() {
+        "file" => spoolgate::drill::DrillSink::File,
+        "http" => spoolgate::drill::DrillSink::Http,
+        other => anyhow::bail!("--sink must be file or http, not {other:?}"),
+    };
+    let opts = spoolgate::drill::DrillOptions {
+        binary,
+        data_dir,
+        kills: args.kills,
+        seed: args.seed,
+        clients: args.clients.max(1),
+        acks_per_round_max: args.acks_per_round_max.max(1),
+        sink,
+        sets: args.sets,
+        flip_rules: args.flip_rules,
+    };
+    let report = spoolgate::drill::run(&opts)?;
+    print!("{report}");
+    if let Some(path) = args.report_json {
+        std::fs::write(&path, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    Ok(if report.passed() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Serve(args) => serve(args),
+        Command::Config {
+            command: ConfigCommand::Check { file },
+        } => {
+            load_config(Some(&file), &[])
+                .with_context(|| format!("{} is not a valid config", file.display()))?;
+            println!("{}: ok", file.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Config {
+            command: ConfigCommand::Show { config },
+        } => {
+            let c = load_config(config.as_deref(), &[])?;
+            print!("{}", toml::to_string_pretty(&c)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Health { url } => health(&url),
+        Command::Inspect { dir, json } => {
+            let dir = if dir.join("spool").is_dir() {
+                dir.join("spool")
+            } else {
+                dir
+            };
+            let report = spoolgate::spool::inspect(&dir)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{report}");
+            }
+            let damaged = report
+                .segments
+                .iter()
+                .any(|s| !s.damaged.is_empty() || s.header.is_err());
+            Ok(if damaged {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            })
+        }
+        Command::Verify { path } => match spoolgate::chain::verify_path(&path) {
+            Ok(s) => {
+                println!(
+                    "{}: ok: {} stream(s), {} record(s), {} identical duplicate(s)",
+                    path.display(),
+                    s.streams,
+                    s.records,
+                    s.duplicates
+                );
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(e) => {
+                println!("{}: BROKEN: {e}", path.display());
+                Ok(ExitCode::from(1))
+            }
+        },
+        Command::Drill(args) => drill(args),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("spoolgate: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}

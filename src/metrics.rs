@@ -1,0 +1,242 @@
+//! Every metric spoolgate exports, in one place.
+//!
+//! Names follow the Prometheus conventions: a `spoolgate_` prefix, base units (`_seconds`,
+//! `_bytes`), `_total` only on counters, and gauges named for what they measure
+//! (`spoolgate_spool_pending_records`, not `..._total`). Labels have small fixed value sets
+//! (route, status code, reason, sink, kind, worker); nothing is labelled by tenant, stream or id,
+//! so cardinality stays bounded however many tenants send data.
+//!
+//! A `Metrics` value owns its own `Registry`, so tests can build as many as they like without
+//! colliding. The daemon creates one and passes it down as `Arc<Metrics>`.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+/// Latency buckets from 50 µs to 10 s, for fsync, request, gate and forward durations.
+const DURATION_BUCKETS_SECONDS: &[f64] = &[
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+    2.5, 5.0, 10.0,
+];
+
+/// Group-commit batch sizes, in records.
+const BATCH_RECORDS_BUCKETS: &[f64] = &[
+    1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 4096.0,
+];
+
+pub struct Metrics {
+    pub registry: Registry,
+
+    // Spool.
+    pub spool_pending_records: IntGauge,
+    pub spool_pending_bytes: IntGauge,
+    pub spool_segments_active: IntGauge,
+    pub spool_oldest_pending_age_seconds: prometheus::Gauge,
+    pub spool_disk_bytes: IntGauge,
+    pub spool_filesystem_free_bytes: IntGauge,
+    pub spool_appends_total: IntCounter,
+    pub spool_append_bytes_total: IntCounter,
+    pub spool_fsync_duration_seconds: Histogram,
+    pub spool_commit_batch_records: Histogram,
+    pub spool_poisoned: IntGauge,
+    pub spool_full_errors_total: IntCounter,
+
+    // Ingest.
+    pub ingest_requests_total: IntCounterVec,
+    pub ingest_envelopes_accepted_total: IntCounter,
+    pub ingest_rejected_total: IntCounterVec,
+    pub ingest_request_duration_seconds: HistogramVec,
+    pub ingest_dedup_hits_total: IntCounter,
+    pub ingest_connections_open: IntGauge,
+
+    // Ring and gate.
+    pub ring_depth_records: IntGauge,
+    pub ring_capacity_records: IntGauge,
+    pub ring_overflows_total: IntCounter,
+    pub gate_envelopes_total: IntCounterVec,
+    pub gate_pii_found_total: IntCounterVec,
+    pub gate_rules_reloads_total: IntCounterVec,
+    pub gate_duration_seconds: Histogram,
+
+    // Chain and forwarding.
+    pub forward_records_total: IntCounterVec,
+    pub forward_batch_duration_seconds: HistogramVec,
+    pub forward_errors_total: IntCounterVec,
+    pub forward_retries_total: IntCounterVec,
+    pub forward_dead_lettered_records_total: IntCounterVec,
+    pub forward_lag_records: IntGaugeVec,
+    pub worker_takeovers_total: IntCounter,
+    pub chain_streams: IntGauge,
+
+    // Tombstones and compaction.
+    pub tombstones_written_total: IntCounter,
+    pub compaction_segments_deleted_total: IntCounter,
+    pub compaction_bytes_reclaimed_total: IntCounter,
+
+    // Recovery (values describe the last start of this process).
+    pub replay_recovered_total: IntCounter,
+    pub recovery_corrupt_records_dropped_total: IntCounter,
+    pub recovery_corrupt_bytes_dropped_total: IntCounter,
+    pub recovery_torn_tail_bytes_truncated_total: IntCounter,
+    pub recovery_duration_seconds: prometheus::Gauge,
+
+    // Process.
+    pub build_info: IntGaugeVec,
+    pub start_time_seconds: prometheus::Gauge,
+}
+
+fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
+    let c = IntCounter::new(name, help).expect("metric definition is valid");
+    registry
+        .register(Box::new(c.clone()))
+        .expect("metric registered once");
+    c
+}
+
+fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("metric definition is valid");
+    registry
+        .register(Box::new(c.clone()))
+        .expect("metric registered once");
+    c
+}
+
+fn gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
+    let g = IntGauge::new(name, help).expect("metric definition is valid");
+    registry
+        .register(Box::new(g.clone()))
+        .expect("metric registered once");
+    g
+}
+
+fn float_gauge(registry: &Registry, name: &str, help: &str) -> prometheus::Gauge {
+    let g = prometheus::Gauge::new(name, help).expect("metric definition is valid");
+    registry
+        .register(Box::new(g.clone()))
+        .expect("metric registered once");
+    g
+}
+
+fn gauge_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("metric definition is valid");
+    registry
+        .register(Box::new(g.clone()))
+        .expect("metric registered once");
+    g
+}
+
+fn histogram(registry: &Registry, name: &str, help: &str, buckets: &[f64]) -> Histogram {
+    let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets.to_vec()))
+        .expect("metric definition is valid");
+    registry
+        .register(Box::new(h.clone()))
+        .expect("metric registered once");
+    h
+}
+
+fn histogram_vec(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+    buckets: &[f64],
+) -> HistogramVec {
+    let h = HistogramVec::new(
+        HistogramOpts::new(name, help).buckets(buckets.to_vec()),
+        labels,
+    )
+    .expect("metric definition is valid");
+    registry
+        .register(Box::new(h.clone()))
+        .expect("metric registered once");
+    h
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let r = Registry::new();
+        let d = DURATION_BUCKETS_SECONDS;
+        let m = Metrics {
+            spool_pending_records: gauge(&r, "spoolgate_spool_pending_records", "Envelopes acknowledged and not yet tombstoned."),
+            spool_pending_bytes: gauge(&r, "spoolgate_spool_pending_bytes", "Payload bytes of envelopes acknowledged and not yet tombstoned."),
+            spool_segments_active: gauge(&r, "spoolgate_spool_segments", "Segment files currently in the spool directory."),
+            spool_oldest_pending_age_seconds: float_gauge(&r, "spoolgate_spool_oldest_pending_age_seconds", "Age of the oldest acknowledged, not yet tombstoned envelope (0 when none)."),
+            spool_disk_bytes: gauge(&r, "spoolgate_spool_disk_bytes", "Bytes the spool's segment files occupy (their allocated length)."),
+            spool_filesystem_free_bytes: gauge(&r, "spoolgate_spool_filesystem_free_bytes", "Free bytes available to spoolgate on the data directory's filesystem."),
+            spool_appends_total: counter(&r, "spoolgate_spool_appends_total", "Records appended to the spool and made durable."),
+            spool_append_bytes_total: counter(&r, "spoolgate_spool_append_bytes_total", "Framed bytes appended to the spool."),
+            spool_fsync_duration_seconds: histogram(&r, "spoolgate_spool_fsync_duration_seconds", "Duration of each spool fdatasync.", d),
+            spool_commit_batch_records: histogram(&r, "spoolgate_spool_commit_batch_records", "Records per group commit (one write, one fdatasync).", BATCH_RECORDS_BUCKETS),
+            spool_poisoned: gauge(&r, "spoolgate_spool_poisoned", "1 when a write or fsync failed and the spool refuses appends until restart."),
+            spool_full_errors_total: counter(&r, "spoolgate_spool_full_errors_total", "Commit batches refused because the filesystem was full (ENOSPC)."),
+
+            ingest_requests_total: counter_vec(&r, "spoolgate_ingest_requests_total", "HTTP requests by route and status code.", &["route", "code"]),
+            ingest_envelopes_accepted_total: counter(&r, "spoolgate_ingest_envelopes_accepted_total", "Envelopes acknowledged with 202 (dedup hits excluded)."),
+            ingest_rejected_total: counter_vec(&r, "spoolgate_ingest_rejected_total", "Requests refused with 429 or 503, by reason (disk, quota, priority, enospc, poisoned, not_ready).", &["reason"]),
+            ingest_request_duration_seconds: histogram_vec(&r, "spoolgate_ingest_request_duration_seconds", "Ingest request duration, from headers read to response.", &["route"], d),
+            ingest_dedup_hits_total: counter(&r, "spoolgate_ingest_dedup_hits_total", "Envelopes answered from the dedup index instead of being written again."),
+            ingest_connections_open: gauge(&r, "spoolgate_ingest_connections_open", "Open ingest connections."),
+
+            ring_depth_records: gauge(&r, "spoolgate_ring_depth_records", "Records waiting in the memory ring."),
+            ring_capacity_records: gauge(&r, "spoolgate_ring_capacity_records", "Capacity of the memory ring in records."),
+            ring_overflows_total: counter(&r, "spoolgate_ring_overflows_total", "Records not pushed to the full ring; the consumer read them back from the segments."),
+            gate_envelopes_total: counter_vec(&r, "spoolgate_gate_envelopes_total", "Envelopes classified by the gate, by outcome (ok, undecodable).", &["outcome"]),
+            gate_pii_found_total: counter_vec(&r, "spoolgate_gate_pii_found_total", "PII matches found by the gate, by kind.", &["kind"]),
+            gate_rules_reloads_total: counter_vec(&r, "spoolgate_gate_rules_reloads_total", "Rules file reloads by result (ok, error).", &["result"]),
+            gate_duration_seconds: histogram(&r, "spoolgate_gate_duration_seconds", "Time to classify one envelope.", d),
+
+            forward_records_total: counter_vec(&r, "spoolgate_forward_records_total", "Records delivered and confirmed by a sink.", &["sink"]),
+            forward_batch_duration_seconds: histogram_vec(&r, "spoolgate_forward_batch_duration_seconds", "Time for a sink to confirm one batch.", &["sink"], d),
+            forward_errors_total: counter_vec(&r, "spoolgate_forward_errors_total", "Failed delivery attempts by sink and kind (retryable, rejected, io, timeout, panic).", &["sink", "kind"]),
+            forward_retries_total: counter_vec(&r, "spoolgate_forward_retries_total", "Delivery retries by sink.", &["sink"]),
+            forward_dead_lettered_records_total: counter_vec(&r, "spoolgate_forward_dead_lettered_records_total", "Records written to the dead-letter directory after a permanent sink rejection.", &["sink"]),
+            forward_lag_records: gauge_vec(&r, "spoolgate_forward_lag_records", "Records dispatched to a consumer worker and not yet tombstoned, by worker.", &["worker"]),
+            worker_takeovers_total: counter(&r, "spoolgate_worker_takeovers_total", "Times a secondary worker took over a failed worker's slots."),
+            chain_streams: gauge(&r, "spoolgate_chain_streams", "Streams with a hash chain head."),
+
+            tombstones_written_total: counter(&r, "spoolgate_tombstones_written_total", "Records marked complete by a tombstone."),
+            compaction_segments_deleted_total: counter(&r, "spoolgate_compaction_segments_deleted_total", "Segments deleted because every record in them was complete."),
+            compaction_bytes_reclaimed_total: counter(&r, "spoolgate_compaction_bytes_reclaimed_total", "Bytes freed by deleting segments."),
+
+            replay_recovered_total: counter(&r, "spoolgate_replay_recovered_total", "Acknowledged, untombstoned records replayed to the consumers at the last start."),
+            recovery_corrupt_records_dropped_total: counter(&r, "spoolgate_recovery_corrupt_records_dropped_total", "Records dropped as corrupt by recovery at the last start (damaged frames counted once each)."),
+            recovery_corrupt_bytes_dropped_total: counter(&r, "spoolgate_recovery_corrupt_bytes_dropped_total", "Bytes skipped as corrupt by recovery at the last start."),
+            recovery_torn_tail_bytes_truncated_total: counter(&r, "spoolgate_recovery_torn_tail_bytes_truncated_total", "Bytes of an unacknowledged torn tail cut from the last segment at the last start."),
+            recovery_duration_seconds: float_gauge(&r, "spoolgate_recovery_duration_seconds", "How long recovery took at the last start."),
+
+            build_info: gauge_vec(&r, "spoolgate_build_info", "Build information; the value is always 1.", &["version"]),
+            start_time_seconds: float_gauge(&r, "spoolgate_start_time_seconds", "Unix time the process started."),
+            registry: r,
+        };
+        m.build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        m
+    }
+
+    /// Registers the process collector (CPU, resident memory, open fds). Separate from `new`
+    /// because only one per process makes sense and unit tests build many `Metrics`.
+    pub fn register_process_collector(&self) {
+        let pc = prometheus::process_collector::ProcessCollector::for_self();
+        // A second registration in one registry fails harmlessly; nothing to do then.
+        let _ = self.registry.register(Box::new(pc));
+    }
+
+    /// Text exposition format for `GET /metrics`.
+    pub fn render(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(16 * 1024);
+        let encoder = TextEncoder::new();
+        // Encoding into a Vec cannot fail on I/O; a failure would mean an invalid metric family.
+        if let Err(e) = encoder.encode(&self.registry.gather(), &mut out) {
+            tracing::error!(error = %e, "metrics encoding failed");
+        }
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}

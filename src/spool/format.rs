@@ -1,0 +1,356 @@
+//! The byte layout of segment files: the segment header, record frames, and the pure functions
+//! that encode them and find them again in damaged bytes. spool-format.md is the contract this
+//! file implements; the golden-bytes test pins the two together.
+//!
+//! Everything is little-endian. CRCs are CRC-32/ISO-HDLC (the zlib/PNG CRC: polynomial
+//! 0x04C11DB7 reflected, init 0xFFFFFFFF, final xor 0xFFFFFFFF), as computed by `crc32fast`.
+
+/// Segment header magic.
+pub const SEGMENT_MAGIC: [u8; 8] = *b"SPOOLSEG";
+/// The format version this build writes and reads.
+pub const FORMAT_VERSION: u16 = 1;
+/// Bytes of the segment header; the first frame starts here.
+pub const HEADER_LEN: u64 = 64;
+/// Every frame starts with these bytes. 0xF7 never occurs in UTF-8 text, so text payloads
+/// cannot fake a frame start, and resynchronisation has few candidates to try.
+pub const FRAME_MARKER: [u8; 4] = [0xF7, b'S', b'G', b'F'];
+/// Bytes of a frame header: marker, length, kind, flags, reserved, CRC.
+pub const FRAME_HEADER_LEN: u64 = 16;
+/// Frames start at multiples of this, so resynchronisation only looks at aligned offsets.
+pub const FRAME_ALIGN: u64 = 8;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SegmentHeader {
+    pub segment_id: u64,
+    pub created_ms: u64,
+    pub segment_bytes_max: u64,
+}
+
+impl SegmentHeader {
+    pub fn encode(&self) -> [u8; HEADER_LEN as usize] {
+        let mut h = [0u8; HEADER_LEN as usize];
+        h[0..8].copy_from_slice(&SEGMENT_MAGIC);
+        h[8..10].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+        h[10..12].copy_from_slice(&(HEADER_LEN as u16).to_le_bytes());
+        // 12..16 flags, zero.
+        h[16..24].copy_from_slice(&self.segment_id.to_le_bytes());
+        h[24..32].copy_from_slice(&self.created_ms.to_le_bytes());
+        h[32..40].copy_from_slice(&self.segment_bytes_max.to_le_bytes());
+        // 40..60 reserved, zero.
+        let crc = crc32fast::hash(&h[0..60]);
+        h[60..64].copy_from_slice(&crc.to_le_bytes());
+        h
+    }
+
+    /// Decodes and checks a header; the error says what is wrong with it.
+    pub fn decode(bytes: &[u8]) -> Result<SegmentHeader, String> {
+        if bytes.len() < HEADER_LEN as usize {
+            return Err(format!(
+                "header is {} bytes, needs {HEADER_LEN}",
+                bytes.len()
+            ));
+        }
+        if bytes[0..8] != SEGMENT_MAGIC {
+            return Err("bad segment magic".into());
+        }
+        let crc = u32::from_le_bytes(bytes[60..64].try_into().expect("4 bytes"));
+        if crc32fast::hash(&bytes[0..60]) != crc {
+            return Err("segment header CRC mismatch".into());
+        }
+        let version = u16::from_le_bytes([bytes[8], bytes[9]]);
+        if version != FORMAT_VERSION {
+            return Err(format!("unsupported format version {version}"));
+        }
+        let header_len = u16::from_le_bytes([bytes[10], bytes[11]]);
+        if u64::from(header_len) != HEADER_LEN {
+            return Err(format!("unexpected header length {header_len}"));
+        }
+        Ok(SegmentHeader {
+            segment_id: u64::from_le_bytes(bytes[16..24].try_into().expect("8 bytes")),
+            created_ms: u64::from_le_bytes(bytes[24..32].try_into().expect("8 bytes")),
+            segment_bytes_max: u64::from_le_bytes(bytes[32..40].try_into().expect("8 bytes")),
+        })
+    }
+}
+
+/// Total bytes a frame with `payload_len` bytes of payload occupies, padding included.
+pub fn frame_len(payload_len: usize) -> u64 {
+    let raw = FRAME_HEADER_LEN + payload_len as u64;
+    raw.div_ceil(FRAME_ALIGN) * FRAME_ALIGN
+}
+
+/// Appends one frame (header, payload, zero padding) to `out`.
+pub fn encode_frame(kind: u8, payload: &[u8], out: &mut Vec<u8>) {
+    assert!(kind != 0, "kind 0 is reserved for the zeroed tail");
+    let len = u32::try_from(payload.len()).expect("payload length fits u32");
+    let start = out.len();
+    out.extend_from_slice(&FRAME_MARKER);
+    out.extend_from_slice(&len.to_le_bytes());
+    out.push(kind);
+    out.push(0); // flags
+    out.extend_from_slice(&[0, 0]); // reserved
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&out[start + 4..start + 12]);
+    crc.update(payload);
+    out.extend_from_slice(&crc.finalize().to_le_bytes());
+    out.extend_from_slice(payload);
+    let padded = start + frame_len(payload.len()) as usize;
+    out.resize(padded, 0);
+}
+
+/// What is at a given offset of a segment's bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FrameAt {
+    /// A valid frame: kind, payload range within the slice, and total length with padding.
+    Valid {
+        kind: u8,
+        payload_start: usize,
+        payload_len: usize,
+        total: u64,
+    },
+    /// Sixteen zero bytes (or fewer, up to the end): where a pre-zeroed segment's data ends.
+    Zero,
+    /// The slice ends before a frame header or its payload.
+    Truncated,
+    /// Bytes that are neither a valid frame nor zeros.
+    Invalid,
+}
+
+/// Parses the frame at `pos` of `bytes`. `payload_max` bounds the length field, so a damaged
+/// length cannot make anyone allocate or read far.
+pub fn frame_at(bytes: &[u8], pos: usize, payload_max: u32) -> FrameAt {
+    let Some(rest) = bytes.get(pos..) else {
+        return FrameAt::Truncated;
+    };
+    if rest.len() < FRAME_HEADER_LEN as usize {
+        if rest.iter().all(|&b| b == 0) {
+            return FrameAt::Zero;
+        }
+        return FrameAt::Truncated;
+    }
+    let head = &rest[..FRAME_HEADER_LEN as usize];
+    if head.iter().all(|&b| b == 0) {
+        return FrameAt::Zero;
+    }
+    if head[0..4] != FRAME_MARKER {
+        return FrameAt::Invalid;
+    }
+    let len = u32::from_le_bytes(head[4..8].try_into().expect("4 bytes"));
+    let kind = head[8];
+    if kind == 0 || len > payload_max || head[9] != 0 || head[10..12] != [0, 0] {
+        return FrameAt::Invalid;
+    }
+    let payload_start = pos + FRAME_HEADER_LEN as usize;
+    let payload_end = payload_start + len as usize;
+    if payload_end > bytes.len() {
+        return FrameAt::Truncated;
+    }
+    let crc = u32::from_le_bytes(head[12..16].try_into().expect("4 bytes"));
+    let mut h = crc32fast::Hasher::new();
+    h.update(&head[4..12]);
+    h.update(&bytes[payload_start..payload_end]);
+    if h.finalize() != crc {
+        return FrameAt::Invalid;
+    }
+    FrameAt::Valid {
+        kind,
+        payload_start,
+        payload_len: len as usize,
+        total: frame_len(len as usize),
+    }
+}
+
+/// The first aligned offset at or after `from` where a valid frame starts, if any.
+pub fn resync(bytes: &[u8], from: usize, payload_max: u32) -> Option<usize> {
+    let align = FRAME_ALIGN as usize;
+    let mut pos = from.div_ceil(align) * align;
+    while pos + FRAME_HEADER_LEN as usize <= bytes.len() {
+        if bytes[pos..pos + 4] == FRAME_MARKER {
+            if let FrameAt::Valid { .. } = frame_at(bytes, pos, payload_max) {
+                return Some(pos);
+            }
+        }
+        pos += align;
+    }
+    None
+}
+
+/// One item found by [`scan`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Scanned {
+    Frame {
+        offset: u64,
+        kind: u8,
+        payload_start: usize,
+        payload_len: usize,
+    },
+    /// Bytes that held no valid frame, followed by a valid frame.
+    Damaged { offset: u64, len: u64 },
+}
+
+/// The result of scanning one segment's bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScanResult {
+    pub items: Vec<Scanned>,
+    /// Where valid data ends: the offset the writer would append at.
+    pub data_end: u64,
+    /// Non-zero bytes after `data_end` with no valid frame among them (a torn or damaged tail).
+    pub tail_garbage_bytes: u64,
+}
+
+/// Scans a whole segment (header included) and finds every valid frame, every damaged range
+/// between valid frames, and where the data ends. Always terminates: every step advances.
+pub fn scan(bytes: &[u8], payload_max: u32) -> ScanResult {
+    let mut items = Vec::new();
+    let mut pos = HEADER_LEN as usize;
+    loop {
+        match frame_at(bytes, pos, payload_max) {
+            FrameAt::Valid {
+                kind,
+                payload_start,
+                payload_len,
+                total,
+            } => {
+                items.push(Scanned::Frame {
+                    offset: pos as u64,
+                    kind,
+                    payload_start,
+                    payload_len,
+                });
+                pos += total as usize;
+            }
+            FrameAt::Zero | FrameAt::Truncated | FrameAt::Invalid => {
+                // Either the end of the data, or damage with valid frames after it.
+                match resync(bytes, pos + 1, payload_max) {
+                    Some(next) => {
+                        items.push(Scanned::Damaged {
+                            offset: pos as u64,
+                            len: (next - pos) as u64,
+                        });
+                        pos = next;
+                    }
+                    None => {
+                        let end = pos.min(bytes.len());
+                        let garbage = bytes[end..]
+                            .iter()
+                            .rposition(|&b| b != 0)
+                            .map_or(0, |last| last + 1)
+                            as u64;
+                        return ScanResult {
+                            items,
+                            data_end: end as u64,
+                            tail_garbage_bytes: garbage,
+                        };
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn segment(frames: &[(u8, &[u8])]) -> Vec<u8> {
+        let mut b = SegmentHeader {
+            segment_id: 1,
+            created_ms: 0,
+            segment_bytes_max: 4096,
+        }
+        .encode()
+        .to_vec();
+        for (k, p) in frames {
+            encode_frame(*k, p, &mut b);
+        }
+        b
+    }
+
+    #[test]
+    fn frames_are_aligned_and_round_trip() {
+        let mut out = Vec::new();
+        encode_frame(1, b"abc", &mut out);
+        assert_eq!(out.len(), 24);
+        match frame_at(&out, 0, 1024) {
+            FrameAt::Valid {
+                kind,
+                payload_start,
+                payload_len,
+                total,
+            } => {
+                assert_eq!((kind, payload_len, total), (1, 3, 24));
+                assert_eq!(&out[payload_start..payload_start + payload_len], b"abc");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_header_round_trips_and_a_flipped_bit_is_caught() {
+        let h = SegmentHeader {
+            segment_id: 9,
+            created_ms: 5,
+            segment_bytes_max: 77,
+        };
+        let mut bytes = h.encode();
+        assert_eq!(SegmentHeader::decode(&bytes).unwrap(), h);
+        bytes[17] ^= 1;
+        assert!(SegmentHeader::decode(&bytes).is_err());
+    }
+
+    #[test]
+    fn a_flipped_length_bit_is_caught_by_the_crc() {
+        let mut out = Vec::new();
+        encode_frame(1, &[7u8; 40], &mut out);
+        out[4] ^= 0x08;
+        assert_ne!(
+            std::mem::discriminant(&frame_at(&out, 0, 1024)),
+            std::mem::discriminant(&FrameAt::Valid {
+                kind: 0,
+                payload_start: 0,
+                payload_len: 0,
+                total: 0
+            })
+        );
+    }
+
+    #[test]
+    fn scanning_a_zero_padded_segment_ends_at_the_zeros() {
+        let mut b = segment(&[(1, b"one"), (2, b"two")]);
+        let end = b.len() as u64;
+        b.resize(4096, 0);
+        let r = scan(&b, 1024);
+        assert_eq!(r.items.len(), 2);
+        assert_eq!(r.data_end, end);
+        assert_eq!(r.tail_garbage_bytes, 0);
+    }
+
+    #[test]
+    fn a_damaged_frame_between_good_ones_is_skipped_and_reported() {
+        let mut b = segment(&[(1, b"one"), (1, b"two"), (1, b"three")]);
+        b[64 + 24 + 17] ^= 0xff; // inside the second frame's payload
+        let r = scan(&b, 1024);
+        let frames = r
+            .items
+            .iter()
+            .filter(|i| matches!(i, Scanned::Frame { .. }))
+            .count();
+        assert_eq!(frames, 2);
+        assert!(r.items.contains(&Scanned::Damaged {
+            offset: 88,
+            len: 24
+        }));
+    }
+
+    #[test]
+    fn a_torn_tail_is_garbage_after_the_data_end() {
+        let mut b = segment(&[(1, b"one"), (1, b"two")]);
+        let full = b.len();
+        b.truncate(full - 12);
+        b.resize(4096, 0);
+        let r = scan(&b, 1024);
+        assert_eq!(r.items.len(), 1);
+        assert_eq!(r.data_end, 88);
+        assert!(r.tail_garbage_bytes > 0);
+    }
+}

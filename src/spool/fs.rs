@@ -1,0 +1,435 @@
+//! The filesystem seam. The spool does all its I/O through [`FileSystem`] and [`SegmentFile`],
+//! so tests can swap the real filesystem ([`StdFs`]) for one that loses unsynced writes on a
+//! simulated crash ([`MemFs`]) or fails on command ([`FaultFs`]).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// One open segment file. Positional reads and writes, so readers and the writer never share
+/// a file cursor.
+#[allow(clippy::len_without_is_empty)]
+pub trait SegmentFile: Send + Sync {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize>;
+    fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
+    /// fdatasync.
+    fn sync_data(&self) -> io::Result<()>;
+    fn set_len(&self, len: u64) -> io::Result<()>;
+    fn len(&self) -> io::Result<u64>;
+}
+
+pub trait FileSystem: Send + Sync {
+    fn create_dir_all(&self, dir: &Path) -> io::Result<()>;
+    /// File names (not paths) in `dir`.
+    fn list(&self, dir: &Path) -> io::Result<Vec<String>>;
+    /// Opens an existing file for reading and writing.
+    fn open(&self, path: &Path) -> io::Result<Arc<dyn SegmentFile>>;
+    /// Creates a new file; fails if it exists.
+    fn create(&self, path: &Path) -> io::Result<Arc<dyn SegmentFile>>;
+    fn remove(&self, path: &Path) -> io::Result<()>;
+    /// fsync of the directory, making creations and removals in it durable.
+    fn sync_dir(&self, dir: &Path) -> io::Result<()>;
+    /// Takes an exclusive lock on `path` for as long as the returned guard lives; fails with
+    /// `WouldBlock` if another holder has it.
+    fn lock(&self, path: &Path) -> io::Result<Box<dyn Send + Sync>>;
+}
+
+/// The real filesystem.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct StdFs;
+
+struct StdFile(std::fs::File);
+
+impl SegmentFile for StdFile {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        self.0.read_at(buf, offset)
+    }
+    fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.0.write_all_at(buf, offset)
+    }
+    fn sync_data(&self) -> io::Result<()> {
+        self.0.sync_data()
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.0.set_len(len)
+    }
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.0.metadata()?.len())
+    }
+}
+
+struct LockGuard(#[allow(dead_code)] std::fs::File);
+
+impl FileSystem for StdFs {
+    fn create_dir_all(&self, dir: &Path) -> io::Result<()> {
+        std::fs::create_dir_all(dir)
+    }
+    fn list(&self, dir: &Path) -> io::Result<Vec<String>> {
+        let mut names = Vec::new();
+        for entry in std::fs::read_dir(dir)? {
+            if let Some(name) = entry?.file_name().to_str() {
+                names.push(name.to_string());
+            }
+        }
+        Ok(names)
+    }
+    fn open(&self, path: &Path) -> io::Result<Arc<dyn SegmentFile>> {
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)?;
+        Ok(Arc::new(StdFile(f)))
+    }
+    fn create(&self, path: &Path) -> io::Result<Arc<dyn SegmentFile>> {
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(path)?;
+        Ok(Arc::new(StdFile(f)))
+    }
+    fn remove(&self, path: &Path) -> io::Result<()> {
+        std::fs::remove_file(path)
+    }
+    fn sync_dir(&self, dir: &Path) -> io::Result<()> {
+        std::fs::File::open(dir)?.sync_all()
+    }
+    fn lock(&self, path: &Path) -> io::Result<Box<dyn Send + Sync>> {
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)?;
+        rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive)
+            .map_err(io::Error::from)?;
+        Ok(Box::new(LockGuard(f)))
+    }
+}
+
+/// An in-memory filesystem that models what a crash keeps: everything synced survives; of the
+/// writes since a file's last sync, a prefix survives in order and the last surviving one may be
+/// torn at any byte; files created since the directory's last sync may vanish.
+#[derive(Default)]
+pub struct MemFs {
+    state: Mutex<MemState>,
+}
+
+#[derive(Default)]
+struct MemState {
+    files: BTreeMap<PathBuf, Arc<MemFile>>,
+    /// Names made durable by a directory sync.
+    durable_names: BTreeSet<PathBuf>,
+    locked: BTreeSet<PathBuf>,
+}
+
+#[derive(Default)]
+struct MemFile {
+    inner: Mutex<MemFileInner>,
+}
+
+#[derive(Default, Clone)]
+struct MemFileInner {
+    data: Vec<u8>,
+    synced: Vec<u8>,
+    /// Writes and truncations since the last sync, in order.
+    unsynced: Vec<MemOp>,
+}
+
+#[derive(Clone)]
+enum MemOp {
+    Write(u64, Vec<u8>),
+    SetLen(u64),
+}
+
+fn apply(data: &mut Vec<u8>, op: &MemOp) {
+    match op {
+        MemOp::Write(off, bytes) => {
+            let end = *off as usize + bytes.len();
+            if data.len() < end {
+                data.resize(end, 0);
+            }
+            data[*off as usize..end].copy_from_slice(bytes);
+        }
+        MemOp::SetLen(len) => data.resize(*len as usize, 0),
+    }
+}
+
+impl MemFile {
+    fn lock(&self) -> std::sync::MutexGuard<'_, MemFileInner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl SegmentFile for MemFile {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        let f = self.lock();
+        let start = (offset as usize).min(f.data.len());
+        let n = buf.len().min(f.data.len() - start);
+        buf[..n].copy_from_slice(&f.data[start..start + n]);
+        Ok(n)
+    }
+    fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        let mut f = self.lock();
+        let op = MemOp::Write(offset, buf.to_vec());
+        apply(&mut f.data, &op);
+        f.unsynced.push(op);
+        Ok(())
+    }
+    fn sync_data(&self) -> io::Result<()> {
+        let mut f = self.lock();
+        f.synced = f.data.clone();
+        f.unsynced.clear();
+        Ok(())
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        let mut f = self.lock();
+        let op = MemOp::SetLen(len);
+        apply(&mut f.data, &op);
+        f.unsynced.push(op);
+        Ok(())
+    }
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.lock().data.len() as u64)
+    }
+}
+
+impl MemFs {
+    pub fn new() -> MemFs {
+        MemFs::default()
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, MemState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Simulates a crash: keeps what a real disk could have kept (see the type's doc), chosen
+    /// by `rng`, and releases all locks.
+    pub fn crash(&self, rng: &mut impl FnMut(u64) -> u64) {
+        let mut st = self.state();
+        st.locked.clear();
+        let names: Vec<PathBuf> = st.files.keys().cloned().collect();
+        for name in names {
+            if !st.durable_names.contains(&name) && rng(2) == 0 {
+                st.files.remove(&name);
+                continue;
+            }
+            let file = st.files[&name].clone();
+            let mut f = file.lock();
+            let keep = rng(f.unsynced.len() as u64 + 1) as usize;
+            let mut data = f.synced.clone();
+            for op in &f.unsynced[..keep] {
+                apply(&mut data, op);
+            }
+            if keep < f.unsynced.len() {
+                if let MemOp::Write(off, bytes) = &f.unsynced[keep] {
+                    let torn = rng(bytes.len() as u64 + 1) as usize;
+                    apply(&mut data, &MemOp::Write(*off, bytes[..torn].to_vec()));
+                }
+            }
+            f.data = data.clone();
+            f.synced = data;
+            f.unsynced.clear();
+        }
+        st.durable_names = st.files.keys().cloned().collect();
+    }
+
+    /// Direct access to a file's bytes, for corruption tests.
+    pub fn bytes(&self, path: &Path) -> Option<Vec<u8>> {
+        self.state().files.get(path).map(|f| f.lock().data.clone())
+    }
+
+    pub fn set_bytes(&self, path: &Path, bytes: Vec<u8>) {
+        if let Some(f) = self.state().files.get(path) {
+            let mut g = f.lock();
+            g.data = bytes.clone();
+            g.synced = bytes;
+            g.unsynced.clear();
+        }
+    }
+}
+
+struct MemLock {
+    fs: Arc<MemFs>,
+    path: PathBuf,
+}
+
+impl Drop for MemLock {
+    fn drop(&mut self) {
+        self.fs.state().locked.remove(&self.path);
+    }
+}
+
+/// `MemFs` is used through an `Arc` so locks can release themselves.
+impl FileSystem for Arc<MemFs> {
+    fn create_dir_all(&self, _dir: &Path) -> io::Result<()> {
+        Ok(())
+    }
+    fn list(&self, dir: &Path) -> io::Result<Vec<String>> {
+        Ok(self
+            .state()
+            .files
+            .keys()
+            .filter(|p| p.parent() == Some(dir))
+            .filter_map(|p| p.file_name().and_then(|n| n.to_str()).map(str::to_string))
+            .collect())
+    }
+    fn open(&self, path: &Path) -> io::Result<Arc<dyn SegmentFile>> {
+        match self.state().files.get(path) {
+            Some(f) => Ok(f.clone()),
+            None => Err(io::Error::new(io::ErrorKind::NotFound, "no such file")),
+        }
+    }
+    fn create(&self, path: &Path) -> io::Result<Arc<dyn SegmentFile>> {
+        let mut st = self.state();
+        if st.files.contains_key(path) {
+            return Err(io::Error::new(io::ErrorKind::AlreadyExists, "file exists"));
+        }
+        let f = Arc::new(MemFile::default());
+        st.files.insert(path.to_path_buf(), f.clone());
+        Ok(f)
+    }
+    fn remove(&self, path: &Path) -> io::Result<()> {
+        let mut st = self.state();
+        st.files.remove(path);
+        st.durable_names.remove(path);
+        Ok(())
+    }
+    fn sync_dir(&self, dir: &Path) -> io::Result<()> {
+        let mut st = self.state();
+        let names: Vec<PathBuf> = st
+            .files
+            .keys()
+            .filter(|p| p.parent() == Some(dir))
+            .cloned()
+            .collect();
+        st.durable_names.extend(names);
+        Ok(())
+    }
+    fn lock(&self, path: &Path) -> io::Result<Box<dyn Send + Sync>> {
+        let mut st = self.state();
+        if !st.locked.insert(path.to_path_buf()) {
+            return Err(io::Error::new(io::ErrorKind::WouldBlock, "locked"));
+        }
+        Ok(Box::new(MemLock {
+            fs: self.clone(),
+            path: path.to_path_buf(),
+        }))
+    }
+}
+
+/// Wraps a filesystem and fails on command: fdatasync with EIO, writes with ENOSPC (after
+/// writing half the buffer, like a real short write), creations with ENOSPC.
+pub struct FaultFs<F> {
+    inner: F,
+    pub faults: Arc<Faults>,
+}
+
+#[derive(Default)]
+pub struct Faults {
+    /// Counts fdatasyncs down: the one that brings it from 1 to 0 fails with EIO. 0 = off.
+    pub syncs_until_failure: AtomicU64,
+    /// While set, every write fails with ENOSPC after writing half its bytes.
+    pub enospc_writes: AtomicBool,
+    /// While set, writes at or past this offset fail with ENOSPC (u64::MAX = off).
+    pub enospc_from_offset: AtomicU64,
+    /// While set, files created fail every write with ENOSPC (a full disk seen at rotation).
+    pub enospc_new_files: AtomicBool,
+}
+
+impl Faults {
+    pub fn new() -> Arc<Faults> {
+        Arc::new(Faults {
+            enospc_from_offset: AtomicU64::new(u64::MAX),
+            ..Default::default()
+        })
+    }
+}
+
+impl<F: FileSystem> FaultFs<F> {
+    pub fn new(inner: F, faults: Arc<Faults>) -> FaultFs<F> {
+        FaultFs { inner, faults }
+    }
+}
+
+struct FaultFile {
+    inner: Arc<dyn SegmentFile>,
+    faults: Arc<Faults>,
+    /// Created while `enospc_new_files` was set.
+    born_full: bool,
+}
+
+fn enospc() -> io::Error {
+    io::Error::from_raw_os_error(28)
+}
+
+impl SegmentFile for FaultFile {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        self.inner.read_at(buf, offset)
+    }
+    fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        let limit = self.faults.enospc_from_offset.load(Ordering::SeqCst);
+        if self.born_full
+            || self.faults.enospc_writes.load(Ordering::SeqCst)
+            || offset + buf.len() as u64 > limit
+        {
+            let half = buf.len() / 2;
+            self.inner.write_all_at(&buf[..half], offset)?;
+            return Err(enospc());
+        }
+        self.inner.write_all_at(buf, offset)
+    }
+    fn sync_data(&self) -> io::Result<()> {
+        let left = self.faults.syncs_until_failure.load(Ordering::SeqCst);
+        if left > 0 {
+            self.faults
+                .syncs_until_failure
+                .store(left - 1, Ordering::SeqCst);
+            if left == 1 {
+                return Err(io::Error::from_raw_os_error(5));
+            }
+        }
+        self.inner.sync_data()
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.inner.set_len(len)
+    }
+    fn len(&self) -> io::Result<u64> {
+        self.inner.len()
+    }
+}
+
+impl<F: FileSystem> FileSystem for FaultFs<F> {
+    fn create_dir_all(&self, dir: &Path) -> io::Result<()> {
+        self.inner.create_dir_all(dir)
+    }
+    fn list(&self, dir: &Path) -> io::Result<Vec<String>> {
+        self.inner.list(dir)
+    }
+    fn open(&self, path: &Path) -> io::Result<Arc<dyn SegmentFile>> {
+        Ok(Arc::new(FaultFile {
+            inner: self.inner.open(path)?,
+            faults: self.faults.clone(),
+            born_full: false,
+        }))
+    }
+    fn create(&self, path: &Path) -> io::Result<Arc<dyn SegmentFile>> {
+        Ok(Arc::new(FaultFile {
+            inner: self.inner.create(path)?,
+            faults: self.faults.clone(),
+            born_full: self.faults.enospc_new_files.load(Ordering::SeqCst),
+        }))
+    }
+    fn remove(&self, path: &Path) -> io::Result<()> {
+        self.inner.remove(path)
+    }
+    fn sync_dir(&self, dir: &Path) -> io::Result<()> {
+        self.inner.sync_dir(dir)
+    }
+    fn lock(&self, path: &Path) -> io::Result<Box<dyn Send + Sync>> {
+        self.inner.lock(path)
+    }
+}

@@ -1,0 +1,297 @@
+//! Recovery: what `open` does before the first append. The decision table it implements is in
+//! spool-format.md ("Recovery"); each row has a test in tests/spool_recovery.rs.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Instant;
+
+use super::format::{self, Scanned, SegmentHeader, HEADER_LEN};
+use super::fs::FileSystem;
+use super::writer::{create_segment, CreateError};
+use super::{
+    parse_segment_name, segment_path, DamagedRange, Position, RecoveryReport, SegMeta, SpoolError,
+    SpoolOptions,
+};
+use crate::metrics::Metrics;
+
+pub(crate) struct Recovered {
+    pub segments: BTreeMap<u64, SegMeta>,
+    pub end: Position,
+    pub report: RecoveryReport,
+    pub lock: Box<dyn Send + Sync>,
+}
+
+fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> SpoolError + 'a {
+    move |source| SpoolError::Io {
+        op,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Reads a whole file through the seam.
+pub(crate) fn read_all(file: &dyn super::fs::SegmentFile, len: u64) -> std::io::Result<Vec<u8>> {
+    let mut buf = vec![0u8; len as usize];
+    let mut at = 0usize;
+    while at < buf.len() {
+        let n = file.read_at(&mut buf[at..], at as u64)?;
+        if n == 0 {
+            buf.truncate(at);
+            break;
+        }
+        at += n;
+    }
+    Ok(buf)
+}
+
+/// An estimate of the records lost in a damaged range: the aligned frame markers in it, at
+/// least one.
+pub(crate) fn records_in(bytes: &[u8]) -> u64 {
+    let markers = bytes
+        .chunks(format::FRAME_ALIGN as usize)
+        .filter(|c| c.len() >= 4 && c[..4] == format::FRAME_MARKER)
+        .count() as u64;
+    markers.max(1)
+}
+
+pub(crate) fn recover(
+    opts: &SpoolOptions,
+    fs: &dyn FileSystem,
+    metrics: &Metrics,
+) -> Result<Recovered, SpoolError> {
+    let started = Instant::now();
+    fs.create_dir_all(&opts.dir)
+        .map_err(io("create directory", &opts.dir))?;
+    let lock_path = opts.dir.join("LOCK");
+    let lock = fs.lock(&lock_path).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::WouldBlock {
+            SpoolError::Locked(opts.dir.clone())
+        } else {
+            SpoolError::Io {
+                op: "lock",
+                path: lock_path.clone(),
+                source: e,
+            }
+        }
+    })?;
+    let names = fs
+        .list(&opts.dir)
+        .map_err(io("list directory", &opts.dir))?;
+    let mut ids: Vec<u64> = names.iter().filter_map(|n| parse_segment_name(n)).collect();
+    ids.sort_unstable();
+    // Void markers name unacknowledged ranges a poisoned writer left behind.
+    let mut voids: BTreeMap<u64, u64> = BTreeMap::new();
+    for n in &names {
+        if let Some(rest) = n.strip_prefix("void-") {
+            if let Some((seg, off)) = rest.split_once('-') {
+                if let (Ok(seg), Ok(off)) = (seg.parse::<u64>(), off.parse::<u64>()) {
+                    let e = voids.entry(seg).or_insert(off);
+                    *e = (*e).min(off);
+                }
+            }
+        }
+    }
+
+    let mut report = RecoveryReport::default();
+    let mut segments = BTreeMap::new();
+    // Set when the newest segment's header is damaged: appends then go to a fresh segment
+    // rather than after frames whose container is in doubt.
+    let mut fresh_segment_needed = false;
+    let last = ids.last().copied();
+    let payload_max = opts.record_bytes_max;
+    for (n, &id) in ids.iter().enumerate() {
+        if n > 0 && ids[n - 1] + 1 != id {
+            tracing::warn!(
+                after = ids[n - 1],
+                next = id,
+                "segment ids have a gap; continuing with the next segment"
+            );
+        }
+        let path = segment_path(&opts.dir, id);
+        let file = fs.open(&path).map_err(io("open segment", &path))?;
+        let file_len = file.len().map_err(io("stat segment", &path))?;
+        let mut bytes = read_all(file.as_ref(), file_len).map_err(io("read segment", &path))?;
+        let is_last = Some(id) == last;
+
+        if let Some(&void_at) = voids.get(&id) {
+            if (void_at as usize) < bytes.len() {
+                let dropped = bytes[void_at as usize..]
+                    .iter()
+                    .rposition(|&b| b != 0)
+                    .map_or(0, |p| p + 1);
+                tracing::warn!(
+                    segment = id,
+                    offset = void_at,
+                    bytes = dropped,
+                    "dropping a batch whose write or fsync failed (never acknowledged)"
+                );
+                let zeros = vec![0u8; bytes.len() - void_at as usize];
+                file.write_all_at(&zeros, void_at)
+                    .map_err(io("zero void range", &path))?;
+                file.sync_data().map_err(io("fdatasync", &path))?;
+                bytes[void_at as usize..].fill(0);
+                report.torn_tail_bytes += dropped as u64;
+            }
+        }
+
+        match SegmentHeader::decode(&bytes) {
+            Ok(h) if h.segment_id == id => {}
+            Ok(h) => {
+                tracing::warn!(
+                    segment = id,
+                    header_id = h.segment_id,
+                    "segment header names another id; trusting the file name"
+                );
+            }
+            Err(why) => {
+                let has_frames = format::resync(&bytes, HEADER_LEN as usize, payload_max).is_some();
+                if is_last && !has_frames && bytes.iter().all(|&b| b == 0) {
+                    // A rotation that crashed before its header was written: nothing in it
+                    // was ever acknowledged.
+                    tracing::warn!(
+                        segment = id,
+                        "removing an incomplete new segment (crash during rotation)"
+                    );
+                    fs.remove(&path).map_err(io("remove segment", &path))?;
+                    fs.sync_dir(&opts.dir)
+                        .map_err(io("fsync directory", &opts.dir))?;
+                    continue;
+                }
+                tracing::warn!(segment = id, reason = %why, "segment header damaged; reading its frames anyway");
+                fresh_segment_needed |= is_last;
+                let range = DamagedRange {
+                    segment: id,
+                    offset: 0,
+                    len_bytes: HEADER_LEN.min(bytes.len() as u64),
+                    records_lost: 0,
+                };
+                report.damaged.push(range);
+            }
+        }
+
+        let scanned = format::scan(&bytes, payload_max);
+        let mut damaged = Vec::new();
+        for item in &scanned.items {
+            match item {
+                Scanned::Frame { .. } => report.records += 1,
+                Scanned::Damaged { offset, len } => {
+                    let lost = records_in(&bytes[*offset as usize..(*offset + *len) as usize]);
+                    tracing::warn!(
+                        segment = id,
+                        offset,
+                        bytes = len,
+                        records_lost = lost,
+                        "skipping a damaged range"
+                    );
+                    report.damaged.push(DamagedRange {
+                        segment: id,
+                        offset: *offset,
+                        len_bytes: *len,
+                        records_lost: lost,
+                    });
+                    damaged.push((*offset, *offset + *len));
+                }
+            }
+        }
+        if scanned.tail_garbage_bytes > 0 {
+            let at = scanned.data_end;
+            let len = scanned.tail_garbage_bytes;
+            if is_last {
+                // Bytes after the last valid frame of the newest segment were never
+                // acknowledged (an acknowledgement waits for the whole batch's fdatasync):
+                // a torn write. Zero them so the next append starts clean.
+                tracing::warn!(
+                    segment = id,
+                    offset = at,
+                    bytes = len,
+                    "truncating a torn tail"
+                );
+                file.write_all_at(&vec![0u8; len as usize], at)
+                    .map_err(io("zero torn tail", &path))?;
+                if !opts.preallocate {
+                    file.set_len(at).map_err(io("truncate torn tail", &path))?;
+                }
+                file.sync_data().map_err(io("fdatasync", &path))?;
+                report.torn_tail_bytes += len;
+            } else {
+                let lost = records_in(&bytes[at as usize..(at + len) as usize]);
+                tracing::warn!(
+                    segment = id,
+                    offset = at,
+                    bytes = len,
+                    records_lost = lost,
+                    "the tail of a sealed segment is damaged"
+                );
+                report.damaged.push(DamagedRange {
+                    segment: id,
+                    offset: at,
+                    len_bytes: len,
+                    records_lost: lost,
+                });
+            }
+        }
+        segments.insert(
+            id,
+            SegMeta {
+                path,
+                file,
+                file_bytes: file_len,
+                data_end: scanned.data_end.max(HEADER_LEN),
+                damaged,
+            },
+        );
+    }
+    for n in names.iter().filter(|n| n.starts_with("void-")) {
+        let p = opts.dir.join(n);
+        fs.remove(&p).map_err(io("remove void marker", &p))?;
+    }
+    if !voids.is_empty() {
+        fs.sync_dir(&opts.dir)
+            .map_err(io("fsync directory", &opts.dir))?;
+    }
+
+    if segments.is_empty() || fresh_segment_needed {
+        let id = ids.last().map_or(1, |l| l + 1);
+        let file = match create_segment(opts, fs, metrics, id) {
+            Ok(f) => f,
+            Err(CreateError::Full(why)) => return Err(SpoolError::Full(why)),
+            Err(CreateError::Io(why)) => return Err(SpoolError::Invalid(why)),
+        };
+        let file_bytes = file.len().unwrap_or(HEADER_LEN);
+        segments.insert(
+            id,
+            SegMeta {
+                path: segment_path(&opts.dir, id),
+                file,
+                file_bytes,
+                data_end: HEADER_LEN,
+                damaged: Vec::new(),
+            },
+        );
+    }
+    let (&active, meta) = segments.iter().next_back().expect("at least one segment");
+    let end = Position {
+        segment: active,
+        offset: meta.data_end,
+    };
+    report.segments = segments.len();
+    report.duration = started.elapsed();
+    let lost: u64 = report.damaged.iter().map(|d| d.records_lost).sum();
+    let lost_bytes: u64 = report.damaged.iter().map(|d| d.len_bytes).sum();
+    metrics.recovery_corrupt_records_dropped_total.inc_by(lost);
+    metrics
+        .recovery_corrupt_bytes_dropped_total
+        .inc_by(lost_bytes);
+    metrics
+        .recovery_torn_tail_bytes_truncated_total
+        .inc_by(report.torn_tail_bytes);
+    metrics
+        .recovery_duration_seconds
+        .set(report.duration.as_secs_f64());
+    Ok(Recovered {
+        segments,
+        end,
+        report,
+        lock,
+    })
+}

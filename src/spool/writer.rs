@@ -1,0 +1,535 @@
+//! Group commit: the one thread that writes segments.
+//!
+//! Appenders send requests over a bounded channel; the writer takes everything waiting (up to
+//! the batch bounds), turns it into as few writes as the segment boundaries allow — normally
+//! exactly one — and at most one fdatasync per write, then answers every request of the batch.
+//! Nothing is answered before its bytes are written, and in `always` mode (or for a synced
+//! request) nothing is answered before the fdatasync returned.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use tokio::sync::{mpsc, oneshot};
+
+use super::format::{self, SegmentHeader, HEADER_LEN};
+use super::fs::SegmentFile;
+use super::{Durability, Position, Record, RecordKind, SegMeta, Shared, SpoolError};
+
+/// Zero-fill chunk size when preallocating a segment.
+const ZERO_CHUNK_BYTES: usize = 1 << 20;
+
+type Reply = oneshot::Sender<Result<Vec<Position>, SpoolError>>;
+
+enum Request {
+    Append {
+        records: Vec<(RecordKind, Bytes)>,
+        synced: bool,
+        reply: Reply,
+    },
+    /// Interval mode: time to fdatasync whatever is written.
+    Tick,
+    Close(oneshot::Sender<Result<(), SpoolError>>),
+}
+
+pub(crate) struct WriterHandle {
+    shared: Arc<Shared>,
+    tx: std::sync::Mutex<Option<mpsc::Sender<Request>>>,
+    thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+fn sender(h: &WriterHandle) -> Result<mpsc::Sender<Request>, SpoolError> {
+    h.tx.lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone()
+        .ok_or(SpoolError::Closed)
+}
+
+impl WriterHandle {
+    fn precheck(&self, records: &[(RecordKind, Bytes)]) -> Result<(), SpoolError> {
+        if let Some(reason) = self.shared.poison_reason() {
+            return Err(SpoolError::Poisoned(reason));
+        }
+        let max = self.shared.opts.record_bytes_max;
+        for (_, payload) in records {
+            if payload.len() > max as usize {
+                return Err(SpoolError::TooLarge {
+                    len: payload.len(),
+                    max,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    pub async fn append(
+        &self,
+        records: Vec<(RecordKind, Bytes)>,
+        synced: bool,
+    ) -> Result<Vec<Position>, SpoolError> {
+        self.precheck(&records)?;
+        if records.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (reply, rx) = oneshot::channel();
+        sender(self)?
+            .send(Request::Append {
+                records,
+                synced,
+                reply,
+            })
+            .await
+            .map_err(|_| SpoolError::Closed)?;
+        rx.await.map_err(|_| SpoolError::Closed)?
+    }
+
+    pub fn append_blocking(
+        &self,
+        records: Vec<(RecordKind, Bytes)>,
+        synced: bool,
+    ) -> Result<Vec<Position>, SpoolError> {
+        self.precheck(&records)?;
+        if records.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (reply, rx) = oneshot::channel();
+        sender(self)?
+            .blocking_send(Request::Append {
+                records,
+                synced,
+                reply,
+            })
+            .map_err(|_| SpoolError::Closed)?;
+        rx.blocking_recv().map_err(|_| SpoolError::Closed)?
+    }
+
+    pub fn close(&self) -> Result<(), SpoolError> {
+        let Some(tx) = self.tx.lock().unwrap_or_else(|p| p.into_inner()).take() else {
+            return Ok(());
+        };
+        let (reply, rx) = oneshot::channel();
+        let sent = tx.blocking_send(Request::Close(reply)).is_ok();
+        drop(tx);
+        let result = if sent {
+            rx.blocking_recv().unwrap_or(Ok(()))
+        } else {
+            Ok(())
+        };
+        if let Some(t) = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = t.join();
+        }
+        self.shared
+            .closed
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        result
+    }
+}
+
+impl Drop for WriterHandle {
+    fn drop(&mut self) {
+        // Dropping the sender lets the writer thread drain and exit; waiting for it means the
+        // directory lock is released by the time the last handle is gone.
+        self.tx.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(t) = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = t.join();
+        }
+    }
+}
+
+struct Writer {
+    shared: Arc<Shared>,
+    rx: mpsc::Receiver<Request>,
+    active: u64,
+    file: Arc<dyn SegmentFile>,
+    offset: u64,
+    /// Written but not yet fdatasync'd (interval and never modes).
+    dirty: bool,
+    _lock: Box<dyn Send + Sync>,
+}
+
+pub(crate) fn start(
+    shared: Arc<Shared>,
+    lock: Box<dyn Send + Sync>,
+    end: Position,
+) -> Result<WriterHandle, SpoolError> {
+    let (tx, rx) = mpsc::channel(shared.opts.queue_depth_max);
+    let file = shared
+        .segments_read()
+        .get(&end.segment)
+        .map(|m| m.file.clone())
+        .ok_or_else(|| {
+            SpoolError::Invalid(format!(
+                "active segment {} missing after recovery",
+                end.segment
+            ))
+        })?;
+    let writer = Writer {
+        shared: shared.clone(),
+        rx,
+        active: end.segment,
+        file,
+        offset: end.offset,
+        dirty: false,
+        _lock: lock,
+    };
+    if let Durability::Interval(every) = shared.opts.durability {
+        let tick = tx.clone();
+        std::thread::Builder::new()
+            .name("spool-fsync-tick".into())
+            .spawn(move || loop {
+                std::thread::sleep(every);
+                if let Err(mpsc::error::TrySendError::Closed(_)) = tick.try_send(Request::Tick) {
+                    return;
+                }
+            })
+            .map_err(|e| SpoolError::Invalid(format!("cannot start the fsync ticker: {e}")))?;
+    }
+    let thread = std::thread::Builder::new()
+        .name("spool-writer".into())
+        .spawn(move || writer.run())
+        .map_err(|e| SpoolError::Invalid(format!("cannot start the writer thread: {e}")))?;
+    Ok(WriterHandle {
+        shared,
+        tx: std::sync::Mutex::new(Some(tx)),
+        thread: std::sync::Mutex::new(Some(thread)),
+    })
+}
+
+struct Pending {
+    records: Vec<(RecordKind, Bytes)>,
+    synced: bool,
+    reply: Reply,
+    bytes: u64,
+}
+
+fn is_enospc(e: &std::io::Error) -> bool {
+    e.raw_os_error() == Some(28)
+}
+
+impl Writer {
+    fn run(mut self) {
+        while let Some(first) = self.rx.blocking_recv() {
+            let mut batch: Vec<Pending> = Vec::new();
+            let mut tick = false;
+            let mut close = None;
+            let mut records = 0usize;
+            let mut bytes = 0u64;
+            let mut next = Some(first);
+            while let Some(req) = next.take() {
+                match req {
+                    Request::Append {
+                        records: r,
+                        synced,
+                        reply,
+                    } => {
+                        let b: u64 = r.iter().map(|(_, p)| format::frame_len(p.len())).sum();
+                        records += r.len();
+                        bytes += b;
+                        batch.push(Pending {
+                            records: r,
+                            synced,
+                            reply,
+                            bytes: b,
+                        });
+                    }
+                    Request::Tick => tick = true,
+                    Request::Close(reply) => {
+                        close = Some(reply);
+                        break;
+                    }
+                }
+                if records >= self.shared.opts.commit_batch_records_max
+                    || bytes >= self.shared.opts.commit_batch_bytes_max as u64
+                {
+                    break;
+                }
+                next = self.rx.try_recv().ok();
+            }
+            if !batch.is_empty() {
+                self.commit(batch);
+            }
+            if (tick || close.is_some()) && self.dirty {
+                if let Err(e) = self.sync() {
+                    self.shared.set_poison(format!("fdatasync failed: {e}"));
+                }
+            }
+            if let Some(reply) = close {
+                let result = match self.shared.poison_reason() {
+                    Some(r) => Err(SpoolError::Poisoned(r)),
+                    None => Ok(()),
+                };
+                let _ = reply.send(result);
+                return;
+            }
+        }
+        // All senders are gone: flush what interval mode left unsynced.
+        if self.dirty {
+            let _ = self.sync();
+        }
+    }
+
+    fn sync(&mut self) -> std::io::Result<()> {
+        let started = Instant::now();
+        self.file.sync_data()?;
+        self.shared
+            .metrics
+            .spool_fsync_duration_seconds
+            .observe(started.elapsed().as_secs_f64());
+        self.dirty = false;
+        Ok(())
+    }
+
+    /// Writes `batch` in as few groups as segment boundaries allow.
+    fn commit(&mut self, batch: Vec<Pending>) {
+        let mut group: Vec<Pending> = Vec::new();
+        let mut group_bytes = 0u64;
+        let mut rest = batch.into_iter();
+        while let Some(p) = rest.next() {
+            if let Some(reason) = self.shared.poison_reason() {
+                let _ = p.reply.send(Err(SpoolError::Poisoned(reason)));
+                continue;
+            }
+            if self.offset + group_bytes + p.bytes > self.shared.opts.segment_bytes_max {
+                if !group.is_empty() {
+                    self.write_group(std::mem::take(&mut group));
+                    group_bytes = 0;
+                }
+                if let Err(e) = self.rotate() {
+                    let _ = p.reply.send(Err(clone_err(&e)));
+                    for q in rest.by_ref() {
+                        let _ = q.reply.send(Err(clone_err(&e)));
+                    }
+                    return;
+                }
+            }
+            group_bytes += p.bytes;
+            group.push(p);
+        }
+        if !group.is_empty() {
+            self.write_group(group);
+        }
+    }
+
+    fn write_group(&mut self, group: Vec<Pending>) {
+        let start = self.offset;
+        let total: u64 = group.iter().map(|p| p.bytes).sum();
+        let mut buf = Vec::with_capacity(total as usize);
+        let mut committed: Vec<Record> = Vec::new();
+        let mut positions: Vec<Vec<Position>> = Vec::with_capacity(group.len());
+        for p in &group {
+            let mut mine = Vec::with_capacity(p.records.len());
+            for (kind, payload) in &p.records {
+                let at = start + buf.len() as u64;
+                format::encode_frame(kind.0, payload, &mut buf);
+                let position = Position {
+                    segment: self.active,
+                    offset: at,
+                };
+                mine.push(position);
+                committed.push(Record {
+                    position,
+                    kind: *kind,
+                    payload: payload.clone(),
+                    next: Position {
+                        segment: self.active,
+                        offset: start + buf.len() as u64,
+                    },
+                });
+            }
+            positions.push(mine);
+        }
+        debug_assert_eq!(buf.len() as u64, total, "frame lengths add up");
+        let path = self.shared.segment_path(self.active);
+        if let Err(e) = self.file.write_all_at(&buf, start) {
+            let err = if is_enospc(&e) && self.undo(start, total).is_ok() {
+                self.shared.metrics.spool_full_errors_total.inc();
+                SpoolError::Full(format!(
+                    "writing {} bytes to {}: {e}",
+                    total,
+                    path.display()
+                ))
+            } else {
+                self.void(start);
+                self.shared
+                    .set_poison(format!("write to {} failed: {e}", path.display()));
+                SpoolError::Poisoned(self.shared.poison_reason().unwrap_or_default())
+            };
+            for p in group {
+                let _ = p.reply.send(Err(clone_err(&err)));
+            }
+            return;
+        }
+        self.dirty = true;
+        let must_sync =
+            self.shared.opts.durability == Durability::Always || group.iter().any(|p| p.synced);
+        if must_sync {
+            if let Err(e) = self.sync() {
+                self.void(start);
+                self.shared
+                    .set_poison(format!("fdatasync of {} failed: {e}", path.display()));
+                let reason = self.shared.poison_reason().unwrap_or_default();
+                for p in group {
+                    let _ = p.reply.send(Err(SpoolError::Poisoned(reason.clone())));
+                }
+                return;
+            }
+        }
+        self.offset = start + total;
+        if let Some(meta) = self.shared.segments_write().get_mut(&self.active) {
+            meta.data_end = self.offset;
+            meta.file_bytes = meta.file_bytes.max(self.offset);
+        }
+        let m = &self.shared.metrics;
+        m.spool_appends_total.inc_by(committed.len() as u64);
+        m.spool_append_bytes_total.inc_by(total);
+        m.spool_commit_batch_records.observe(committed.len() as f64);
+        self.shared.durable.send_replace(Position {
+            segment: self.active,
+            offset: self.offset,
+        });
+        if let Some(observer) = &self.shared.observer {
+            observer.on_commit(&committed);
+        }
+        for (p, pos) in group.into_iter().zip(positions) {
+            let _ = p.reply.send(Ok(pos));
+        }
+    }
+
+    /// After an ENOSPC write: zero what may have been written, so no partial frame is left to
+    /// be read, and (without preallocation) give the space back.
+    fn undo(&mut self, start: u64, len: u64) -> std::io::Result<()> {
+        if self.shared.opts.preallocate {
+            self.file.write_all_at(&vec![0u8; len as usize], start)?;
+        } else {
+            self.file.set_len(start)?;
+        }
+        self.file.sync_data()
+    }
+
+    /// Best effort: leaves a marker so the next start drops the unacknowledged range at
+    /// `offset` of the active segment (see the module doc).
+    fn void(&self, offset: u64) {
+        let dir = &self.shared.opts.dir;
+        let marker = dir.join(format!("void-{:020}-{:020}", self.active, offset));
+        if self.shared.fs.create(&marker).is_ok() {
+            let _ = self.shared.fs.sync_dir(dir);
+        }
+    }
+
+    /// Starts a new segment: zero-fill (if preallocating), header, fdatasync, directory fsync.
+    fn rotate(&mut self) -> Result<(), SpoolError> {
+        if self.dirty {
+            if let Err(e) = self.sync() {
+                self.shared
+                    .set_poison(format!("fdatasync before rotation failed: {e}"));
+                return Err(SpoolError::Poisoned(
+                    self.shared.poison_reason().unwrap_or_default(),
+                ));
+            }
+        }
+        let id = self.active + 1;
+        let file = match create_segment(
+            &self.shared.opts,
+            self.shared.fs.as_ref(),
+            &self.shared.metrics,
+            id,
+        ) {
+            Ok(f) => f,
+            Err(CreateError::Full(why)) => return Err(SpoolError::Full(why)),
+            Err(CreateError::Io(why)) => {
+                self.shared.set_poison(why);
+                return Err(SpoolError::Poisoned(
+                    self.shared.poison_reason().unwrap_or_default(),
+                ));
+            }
+        };
+        let path = self.shared.segment_path(id);
+        let file_bytes = file.len().unwrap_or(HEADER_LEN);
+        self.shared.segments_write().insert(
+            id,
+            SegMeta {
+                path,
+                file: file.clone(),
+                file_bytes,
+                data_end: HEADER_LEN,
+                damaged: Vec::new(),
+            },
+        );
+        self.active = id;
+        self.file = file;
+        self.offset = HEADER_LEN;
+        self.shared
+            .metrics
+            .spool_segments_active
+            .set(self.shared.segments_read().len() as i64);
+        Ok(())
+    }
+}
+
+/// Why a segment could not be created.
+pub(crate) enum CreateError {
+    /// The filesystem is full; the partial file was removed.
+    Full(String),
+    /// Anything else.
+    Io(String),
+}
+
+/// Creates segment `id` ready for appends: zero-fill (if preallocating), header, fdatasync,
+/// directory fsync. A full disk removes the partial file.
+pub(crate) fn create_segment(
+    opts: &super::SpoolOptions,
+    fs: &dyn super::fs::FileSystem,
+    metrics: &crate::metrics::Metrics,
+    id: u64,
+) -> Result<Arc<dyn SegmentFile>, CreateError> {
+    let path = super::segment_path(&opts.dir, id);
+    let fail = |what: &str, e: std::io::Error| -> CreateError {
+        if is_enospc(&e) {
+            let _ = fs.remove(&path);
+            let _ = fs.sync_dir(&opts.dir);
+            metrics.spool_full_errors_total.inc();
+            CreateError::Full(format!("{what} {}: {e}", path.display()))
+        } else {
+            CreateError::Io(format!("{what} {} failed: {e}", path.display()))
+        }
+    };
+    let file = fs.create(&path).map_err(|e| fail("creating", e))?;
+    if opts.preallocate {
+        let zeros = vec![0u8; ZERO_CHUNK_BYTES];
+        let mut at = 0u64;
+        while at < opts.segment_bytes_max {
+            let n = (opts.segment_bytes_max - at).min(ZERO_CHUNK_BYTES as u64) as usize;
+            file.write_all_at(&zeros[..n], at)
+                .map_err(|e| fail("preallocating", e))?;
+            at += n as u64;
+        }
+    }
+    let header = SegmentHeader {
+        segment_id: id,
+        created_ms: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0),
+        segment_bytes_max: opts.segment_bytes_max,
+    };
+    file.write_all_at(&header.encode(), 0)
+        .map_err(|e| fail("writing the header of", e))?;
+    file.sync_data().map_err(|e| fail("fdatasync of", e))?;
+    fs.sync_dir(&opts.dir)
+        .map_err(|e| fail("fsync of the directory holding", e))?;
+    Ok(file)
+}
+
+fn clone_err(e: &SpoolError) -> SpoolError {
+    match e {
+        SpoolError::Full(s) => SpoolError::Full(s.clone()),
+        SpoolError::Poisoned(s) => SpoolError::Poisoned(s.clone()),
+        SpoolError::TooLarge { len, max } => SpoolError::TooLarge {
+            len: *len,
+            max: *max,
+        },
+        SpoolError::Locked(p) => SpoolError::Locked(p.clone()),
+        SpoolError::Closed => SpoolError::Closed,
+        other => SpoolError::Invalid(other.to_string()),
+    }
+}

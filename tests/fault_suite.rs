@@ -1,0 +1,254 @@
+//! The fault suite: crash drills, a failing fdatasync, on-disk corruption, hostile input and
+//! hostile clients, each against the real binary. Outcomes are deterministic: the drills are
+//! seeded, and every wait is on a condition (readiness, a metric, a file).
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+
+use common::{envelope, file_sink_records, ids, request, Daemon};
+use serde_json::json;
+use spoolgate::drill::{DrillOptions, DrillSink};
+
+fn drill(sink: DrillSink, seed: u64, flip_rules: bool) {
+    let scratch = tempfile::tempdir().unwrap();
+    let report = spoolgate::drill::run(&DrillOptions {
+        binary: common::bin().into(),
+        data_dir: scratch.path().join("data"),
+        kills: 20,
+        seed,
+        clients: 4,
+        acks_per_round_max: 150,
+        sink,
+        sets: vec![
+            "spool.segment_bytes_max=4194304".into(),
+            "forward.retry_initial_ms=5".into(),
+        ],
+        flip_rules,
+    })
+    .unwrap();
+    assert!(report.passed(), "{report}");
+    assert_eq!(report.kills, 20);
+    assert_eq!(report.lost, 0, "{report}");
+}
+
+#[test]
+fn twenty_kills_under_load_with_the_file_sink_lose_nothing_and_chains_verify() {
+    drill(DrillSink::File, 11, false);
+}
+
+#[test]
+fn twenty_kills_under_load_with_the_http_sink_and_rules_changing_while_down_lose_nothing() {
+    drill(DrillSink::Http, 12, true);
+}
+
+#[test]
+fn a_failed_fdatasync_answers_503_poisons_the_spool_and_a_restart_recovers() {
+    // fdatasync 1 and 2 create the first segment; the 6th is the 4th append's.
+    let scratch = tempfile::tempdir().unwrap();
+    let data = scratch.path().join("data");
+    let mut d = Daemon::start_in(&data, &[], &[(spoolgate::daemon::FAILPOINT_FSYNC_ENV, "6")]);
+    let mut acked = Vec::new();
+    let mut refused = Vec::new();
+    for n in 0..10 {
+        let r = d.post_json(&envelope(n));
+        match r.status {
+            202 => acked.push(format!("e-{n}")),
+            503 => {
+                assert_eq!(r.json()["error"], "poisoned", "{}", r.text());
+                refused.push(format!("e-{n}"));
+            }
+            other => panic!("unexpected {other}: {}", r.text()),
+        }
+    }
+    assert!(!refused.is_empty(), "the failpoint must have fired");
+    assert_eq!(d.get("/readyz").status, 503);
+    assert_eq!(d.metric("spoolgate_spool_poisoned"), 1.0);
+    d.kill9();
+    d.envs.clear();
+    d.restart();
+    let r = d.post_json(&envelope(100));
+    assert_eq!(r.status, 202);
+    d.wait_metric("spoolgate_forward_records_total{sink=\"default\"}", |v| {
+        v >= (acked.len() + 1) as f64
+    });
+    let delivered = ids(&file_sink_records(&d.data_dir));
+    for id in &acked {
+        assert!(delivered.contains(id), "acknowledged {id} lost");
+    }
+    for id in &refused {
+        assert!(
+            !delivered.contains(id),
+            "{id} was refused with 503 but delivered as if acknowledged"
+        );
+    }
+}
+
+#[test]
+fn corrupt_bytes_mid_segment_and_a_truncated_tail_cost_only_the_touched_records() {
+    // A sink that never answers keeps everything pending in the spool while we corrupt it.
+    let hold = common::TestSink::start(|_| (503, "hold".into()));
+    let scratch = tempfile::tempdir().unwrap();
+    let cfg = hold.config_file(scratch.path(), "");
+    let data = scratch.path().join("data");
+    let mut d = Daemon::start_in(
+        &data,
+        &[
+            "--config",
+            cfg.to_str().unwrap(),
+            "--set",
+            "spool.preallocate=false",
+        ],
+        &[],
+    );
+    let mut positions = Vec::new();
+    for n in 0..20 {
+        let r = d.post_json(&envelope(n));
+        assert_eq!(r.status, 202);
+        positions.push(
+            r.json()["envelopes"][0]["position"]["offset"]
+                .as_u64()
+                .unwrap(),
+        );
+    }
+    assert_eq!(d.terminate().code(), Some(0));
+    let seg = data.join("spool").join(format!("{:020}.seg", 1));
+    let mut bytes = std::fs::read(&seg).unwrap();
+    // Flip a byte inside envelope 7's payload, and cut the file in the middle of envelope 19.
+    bytes[positions[7] as usize + 30] ^= 0x55;
+    bytes.truncate(positions[19] as usize + 25);
+    std::fs::write(&seg, bytes).unwrap();
+
+    d.args = vec!["--set".into(), "spool.preallocate=false".into()];
+    d.restart();
+    d.wait_metric("spoolgate_forward_records_total{sink=\"default\"}", |v| {
+        v >= 18.0
+    });
+    assert_eq!(
+        d.metric("spoolgate_recovery_corrupt_records_dropped_total"),
+        1.0
+    );
+    assert!(d.metric("spoolgate_recovery_torn_tail_bytes_truncated_total") > 0.0);
+    let log = d.log();
+    assert!(log.contains("skipping a damaged range"), "{log}");
+    let delivered = ids(&file_sink_records(&d.data_dir));
+    for n in 0..20 {
+        let id = format!("e-{n}");
+        assert_eq!(delivered.contains(&id), n != 7 && n != 19, "{id}");
+    }
+}
+
+#[test]
+fn malformed_input_gets_its_documented_4xx_and_leaves_the_spool_unchanged() {
+    let d = Daemon::start(&[]);
+    let mut deep = String::new();
+    for _ in 0..200 {
+        deep.push('[');
+    }
+    let huge_field = format!(
+        r#"{{"source":"s","text":"{}"}}"#,
+        "x".repeat(10 * 1024 * 1024)
+    );
+    let many: String = format!("[{}]", vec![r#"{"source":"s"}"#; 100_000].join(","));
+    let corpus: Vec<(&str, Vec<u8>, u16)> = vec![
+        ("application/json", br#"{"source":"s""#.to_vec(), 400),
+        ("application/json", br#"{"source":["s"]}"#.to_vec(), 400),
+        (
+            "application/json",
+            br#"{"source":"s","ts_ms":"NaN"}"#.to_vec(),
+            400,
+        ),
+        (
+            "application/json",
+            br#"{"source":"s","ts_ms":1e400}"#.to_vec(),
+            400,
+        ),
+        ("application/json", deep.into_bytes(), 400),
+        ("application/json", vec![b'{', 0xff, 0xfe, b'}'], 400),
+        ("application/json", br#"{"source":"\u0000"}"#.to_vec(), 400),
+        ("application/json", huge_field.into_bytes(), 413),
+        ("application/json", many.into_bytes(), 413),
+        (
+            "application/x-ndjson",
+            b"{\"source\":\"s\"}\nnot json\n".to_vec(),
+            400,
+        ),
+        ("application/msgpack", vec![0x81, 0xa6], 400),
+        (
+            "application/msgpack",
+            vec![0x81, 0xa6, b's', b'o', b'u', b'r', b'c', b'e', 0x05],
+            400,
+        ),
+        (
+            "application/msgpack",
+            vec![
+                0x81, 0xa6, b's', b'o', b'u', b'r', b'c', b'e', 0xa2, 0xff, 0xfe,
+            ],
+            400,
+        ),
+        ("application/msgpack", vec![0x81, 0x01, 0x02], 400),
+        (
+            "application/msgpack",
+            vec![0xcb, 0x7f, 0xf8, 0, 0, 0, 0, 0, 0],
+            400,
+        ),
+        ("application/xml", b"<x/>".to_vec(), 415),
+        ("", br#"{"source":"s"}"#.to_vec(), 415),
+        ("application/json", br#"{"text":"no source"}"#.to_vec(), 400),
+    ];
+    for (ct, body, status) in corpus {
+        let headers: Vec<(&str, &str)> = if ct.is_empty() {
+            vec![]
+        } else {
+            vec![("Content-Type", ct)]
+        };
+        let r = request(&d.ingest, "POST", "/v1/envelopes", &headers, &body).unwrap();
+        assert_eq!(
+            r.status,
+            status,
+            "{ct} {:?}: {}",
+            String::from_utf8_lossy(&body[..body.len().min(30)]),
+            r.text()
+        );
+        assert!(r.json()["message"].as_str().is_some_and(|m| !m.is_empty()));
+    }
+    assert_eq!(d.metric("spoolgate_spool_appends_total"), 0.0);
+    assert_eq!(d.get("/healthz").status, 200);
+    assert_eq!(d.post_json(&envelope(1)).status, 202);
+}
+
+#[test]
+fn idle_connections_and_a_client_that_never_reads_do_not_stop_others_being_served() {
+    let d = Daemon::start(&[
+        "--set",
+        "ingest.connections_max=64",
+        "--set",
+        "ingest.header_read_timeout_ms=300",
+        "--set",
+        "ingest.idle_timeout_ms=300",
+    ]);
+    // A client that sends a request and never reads the response.
+    let mut deaf = TcpStream::connect(&d.ingest).unwrap();
+    let body = json!([envelope(1)]).to_string();
+    write!(
+        deaf,
+        "POST /v1/envelopes HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    // Many idle connections at once: more than connections_max.
+    let idle: Vec<TcpStream> = (0..2000)
+        .filter_map(|_| TcpStream::connect(&d.ingest).ok())
+        .collect();
+    assert!(idle.len() > 64);
+    // Everyone else is still served: idle connections are cut by the timeouts.
+    for n in 0..5 {
+        let r = d.post_json(&envelope(100 + n));
+        assert_eq!(r.status, 202, "{}", r.text());
+    }
+    drop(idle);
+    let mut buf = [0u8; 1];
+    let _ = deaf.read(&mut buf);
+    assert!(d.metric("spoolgate_ingest_connections_open") <= 64.0);
+}

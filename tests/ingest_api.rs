@@ -1,0 +1,354 @@
+//! The ingest API as a client sees it: the real binary, real HTTP.
+
+mod common;
+
+use common::{envelope, request, Daemon};
+use serde_json::json;
+
+#[test]
+fn a_json_object_is_accepted_with_its_id_slot_and_position() {
+    let d = Daemon::start(&[]);
+    let r = d.post_json(&json!({"source": "svc", "id": "one", "text": "hi"}));
+    assert_eq!(r.status, 202, "{}", r.text());
+    let body = r.json();
+    assert_eq!(body["accepted"], 1);
+    let e = &body["envelopes"][0];
+    assert_eq!(e["id"], "one");
+    assert_eq!(e["slot"], u64::from(spoolgate::slots::slot_of("svc")));
+    assert!(e["position"]["segment"].as_u64().unwrap() >= 1);
+    assert_eq!(e["duplicate"], false);
+}
+
+#[test]
+fn a_json_array_ndjson_and_msgpack_are_all_accepted() {
+    let d = Daemon::start(&[]);
+    let r = d.post_json(&json!([envelope(1), envelope(2)]));
+    assert_eq!(r.status, 202, "{}", r.text());
+    assert_eq!(r.json()["accepted"], 2);
+
+    let nd = format!("{}\n{}\n", envelope(3), envelope(4));
+    let r = d.post("application/x-ndjson", nd.as_bytes());
+    assert_eq!(r.status, 202, "{}", r.text());
+    assert_eq!(r.json()["accepted"], 2);
+
+    let one = rmp_serde::to_vec_named(&envelope(5)).unwrap();
+    let r = d.post("application/msgpack", &one);
+    assert_eq!(r.status, 202, "{}", r.text());
+    let many = rmp_serde::to_vec_named(&json!([envelope(6), envelope(7), envelope(8)])).unwrap();
+    let r = d.post("application/msgpack", &many);
+    assert_eq!(r.status, 202, "{}", r.text());
+    assert_eq!(r.json()["accepted"], 3);
+    assert_eq!(d.metric("spoolgate_ingest_envelopes_accepted_total"), 8.0);
+}
+
+#[test]
+fn a_bad_item_at_index_57_is_named_and_nothing_is_written() {
+    let d = Daemon::start(&[]);
+    let appends_before = d.metric("spoolgate_spool_appends_total");
+    let mut items: Vec<serde_json::Value> = (0..100).map(envelope).collect();
+    items[57] = json!({"id": "no-source", "text": "x"});
+    let r = d.post_json(&json!(items));
+    assert_eq!(r.status, 400);
+    let body = r.json();
+    assert_eq!(body["error"], "invalid_envelope");
+    assert_eq!(body["index"], 57);
+    assert!(body["message"]
+        .as_str()
+        .unwrap()
+        .contains("`source` is required"));
+    assert_eq!(d.metric("spoolgate_spool_appends_total"), appends_before);
+    // None of the 99 valid ids was remembered either: all of them can be sent now.
+    items[57] = envelope(57);
+    let r = d.post_json(&json!(items));
+    assert_eq!(r.status, 202);
+    assert!(r.json()["envelopes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|e| e["duplicate"] == false));
+}
+
+#[test]
+fn every_client_error_has_its_status_and_a_reason() {
+    let d = Daemon::start(&[
+        "--set",
+        "ingest.body_bytes_max=4096",
+        "--set",
+        "ingest.envelope_bytes_max=1024",
+    ]);
+    let cases: Vec<(&str, Vec<u8>, u16, &str)> = vec![
+        (
+            "application/json",
+            b"{not json".to_vec(),
+            400,
+            "malformed_body",
+        ),
+        ("application/json", b"42".to_vec(), 400, "malformed_body"),
+        ("application/json", b"[]".to_vec(), 400, "empty_batch"),
+        (
+            "application/json",
+            br#"{"source": 5}"#.to_vec(),
+            400,
+            "invalid_envelope",
+        ),
+        (
+            "application/json",
+            br#"{"source":"s","priority":"urgent"}"#.to_vec(),
+            400,
+            "invalid_envelope",
+        ),
+        ("application/msgpack", vec![0xc1], 400, "malformed_body"),
+        (
+            "text/plain",
+            b"hello".to_vec(),
+            415,
+            "unsupported_media_type",
+        ),
+        ("application/json", vec![b' '; 5000], 413, "body_too_large"),
+        (
+            "application/json",
+            format!(r#"{{"source":"s","text":"{}"}}"#, "x".repeat(2000)).into_bytes(),
+            413,
+            "envelope_too_large",
+        ),
+    ];
+    for (ct, body, status, code) in cases {
+        let r = d.post(ct, &body);
+        assert_eq!(
+            r.status,
+            status,
+            "{ct} {:?}: {}",
+            String::from_utf8_lossy(&body[..body.len().min(40)]),
+            r.text()
+        );
+        assert_eq!(r.json()["error"], code, "{}", r.text());
+        assert!(!r.json()["message"].as_str().unwrap_or("").is_empty());
+    }
+    let r = request(&d.ingest, "GET", "/v1/envelopes", &[], b"").unwrap();
+    assert_eq!(r.status, 405);
+    let r = request(&d.ingest, "POST", "/nope", &[], b"").unwrap();
+    assert_eq!(r.status, 404);
+    assert_eq!(d.metric("spoolgate_spool_appends_total"), 0.0);
+}
+
+#[test]
+fn with_tokens_on_a_missing_token_is_401_a_wrong_one_403_and_a_foreign_tenant_is_refused() {
+    let scratch = tempfile::tempdir().unwrap();
+    let cfg = scratch.path().join("c.toml");
+    std::fs::write(
+        &cfg,
+        "[[ingest.tokens]]\ntoken = \"0123456789abcdef-acme\"\ntenant = \"acme\"\n",
+    )
+    .unwrap();
+    let d = Daemon::start(&["--config", cfg.to_str().unwrap()]);
+    let body = json!({"source": "s"}).to_string();
+    let r = d.post("application/json", body.as_bytes());
+    assert_eq!(r.status, 401);
+    let r = request(
+        &d.ingest,
+        "POST",
+        "/v1/envelopes",
+        &[
+            ("Content-Type", "application/json"),
+            ("Authorization", "Bearer wrong-token-wrong-token"),
+        ],
+        body.as_bytes(),
+    )
+    .unwrap();
+    assert_eq!(r.status, 403);
+    let ok = [
+        ("Content-Type", "application/json"),
+        ("Authorization", "Bearer 0123456789abcdef-acme"),
+    ];
+    let r = request(&d.ingest, "POST", "/v1/envelopes", &ok, body.as_bytes()).unwrap();
+    assert_eq!(r.status, 202, "{}", r.text());
+    let foreign = json!({"source": "s", "tenant": "other"}).to_string();
+    let r = request(&d.ingest, "POST", "/v1/envelopes", &ok, foreign.as_bytes()).unwrap();
+    assert_eq!(r.status, 400);
+    assert!(r.text().contains("bound to tenant"), "{}", r.text());
+}
+
+#[test]
+fn a_retried_id_is_answered_with_its_original_position_even_after_a_restart() {
+    let mut d = Daemon::start(&[]);
+    let first = d.post_json(&json!({"source": "s", "id": "retry-me"}));
+    assert_eq!(first.status, 202);
+    let original = first.json()["envelopes"][0]["position"].clone();
+    let again = d.post_json(&json!({"source": "s", "id": "retry-me"}));
+    assert_eq!(again.json()["envelopes"][0]["position"], original);
+    assert_eq!(again.json()["envelopes"][0]["duplicate"], true);
+    d.kill9();
+    d.restart();
+    let after = d.post_json(&json!({"source": "s", "id": "retry-me"}));
+    assert_eq!(after.status, 202);
+    assert_eq!(after.json()["envelopes"][0]["position"], original);
+    assert_eq!(after.json()["envelopes"][0]["duplicate"], true);
+    assert_eq!(d.metric("spoolgate_ingest_dedup_hits_total"), 1.0);
+}
+
+/// Posts 50 KB envelopes until the spool has rotated into a second 1 MiB segment.
+fn fill_first_segment(d: &Daemon) {
+    let text = "y".repeat(50_000);
+    for n in 0..40 {
+        let r = d.post_json(&json!({"source": "fill", "id": format!("fill-{n}"), "text": text}));
+        assert_eq!(r.status, 202, "{}", r.text());
+        if d.metric("spoolgate_spool_segments") >= 2.0 {
+            break;
+        }
+    }
+    d.wait_metric("spoolgate_spool_disk_bytes", |v| v >= 2.0 * 1048576.0);
+}
+
+/// A sink that never confirms, so nothing is compacted away while a test fills the spool.
+fn held_sink_config(scratch: &std::path::Path) -> (common::TestSink, String) {
+    let sink = common::TestSink::start(|_| (503, "hold".into()));
+    let cfg = sink.config_file(scratch, "");
+    (sink, cfg.to_str().unwrap().to_string())
+}
+
+#[test]
+fn above_the_spool_quota_ingest_answers_429_with_retry_after_and_the_limit() {
+    // Segments are 1 MiB (preallocated); the hard quota of 1.5 MiB trips once a second exists.
+    let scratch = tempfile::tempdir().unwrap();
+    let (_sink, cfg) = held_sink_config(scratch.path());
+    let d = Daemon::start(&[
+        "--config",
+        &cfg,
+        "--set",
+        "spool.segment_bytes_max=1048576",
+        "--set",
+        "spool.record_bytes_max=65536",
+        "--set",
+        "ingest.envelope_bytes_max=60000",
+        "--set",
+        "spool.commit_batch_bytes_max=65536",
+        "--set",
+        "spool.quota_soft_bytes=1572864",
+        "--set",
+        "spool.quota_hard_bytes=1572864",
+    ]);
+    fill_first_segment(&d);
+    let r = d.post_json(&envelope(2));
+    assert_eq!(r.status, 429, "{}", r.text());
+    let body = r.json();
+    assert_eq!(body["reason"], "quota");
+    assert_eq!(body["limit"], "spool.quota_hard_bytes");
+    let retry: u64 = r
+        .header("retry-after")
+        .expect("Retry-After")
+        .parse()
+        .unwrap();
+    assert!((1..=60).contains(&retry));
+    assert_eq!(
+        d.metric("spoolgate_ingest_rejected_total{reason=\"quota\"}"),
+        1.0
+    );
+    // Readiness reports the hard watermark too.
+    assert_eq!(d.get("/readyz").status, 503);
+}
+
+#[test]
+fn above_the_soft_quota_only_low_priority_is_refused() {
+    let scratch = tempfile::tempdir().unwrap();
+    let (_sink, cfg) = held_sink_config(scratch.path());
+    let d = Daemon::start(&[
+        "--config",
+        &cfg,
+        "--set",
+        "spool.segment_bytes_max=1048576",
+        "--set",
+        "spool.record_bytes_max=65536",
+        "--set",
+        "ingest.envelope_bytes_max=60000",
+        "--set",
+        "spool.commit_batch_bytes_max=65536",
+        "--set",
+        "spool.quota_soft_bytes=1572864",
+        "--set",
+        "spool.quota_hard_bytes=1073741824",
+    ]);
+    fill_first_segment(&d);
+    let low = d.post_json(&json!({"source": "s", "priority": "low"}));
+    assert_eq!(low.status, 429);
+    assert_eq!(low.json()["reason"], "priority");
+    let normal = d.post_json(&json!({"source": "s", "priority": "normal"}));
+    assert_eq!(normal.status, 202);
+}
+
+#[test]
+fn sigterm_exits_zero_and_everything_acknowledged_survives() {
+    let mut d = Daemon::start(&[]);
+    let ingest = d.ingest.clone();
+    // Requests race the shutdown; each one either got 202 (and must survive) or was refused.
+    let senders: Vec<_> = (0..4)
+        .map(|t| {
+            let ingest = ingest.clone();
+            std::thread::spawn(move || {
+                let mut acked = Vec::new();
+                for n in 0..200 {
+                    let id = format!("t{t}-{n}");
+                    let body = json!({"source": "s", "id": id}).to_string();
+                    match request(
+                        &ingest,
+                        "POST",
+                        "/v1/envelopes",
+                        &[("Content-Type", "application/json")],
+                        body.as_bytes(),
+                    ) {
+                        Ok(r) if r.status == 202 => acked.push(id),
+                        Ok(r) => assert!(r.status == 503, "unexpected {}: {}", r.status, r.text()),
+                        Err(_) => break,
+                    }
+                }
+                acked
+            })
+        })
+        .collect();
+    d.wait_metric("spoolgate_ingest_envelopes_accepted_total", |v| v >= 20.0);
+    let status = d.terminate();
+    assert!(status.success(), "exit status {status}; log:\n{}", d.log());
+    let acked: Vec<String> = senders
+        .into_iter()
+        .flat_map(|h| h.join().unwrap())
+        .collect();
+    assert!(!acked.is_empty());
+    d.restart();
+    // Every acknowledged id is in the spool: sending it again is a dedup hit.
+    for id in &acked {
+        let r = d.post_json(&json!({"source": "s", "id": id}));
+        assert_eq!(
+            r.json()["envelopes"][0]["duplicate"],
+            true,
+            "{id} was acknowledged but is missing"
+        );
+    }
+}
+
+#[test]
+fn a_client_sending_headers_byte_by_byte_is_cut_off_by_the_header_timeout() {
+    use std::io::{Read, Write};
+    let d = Daemon::start(&["--set", "ingest.header_read_timeout_ms=300"]);
+    let mut slow = std::net::TcpStream::connect(&d.ingest).unwrap();
+    slow.set_read_timeout(Some(common::DEADLINE)).unwrap();
+    // Send a partial header and then nothing: the server must close the connection on its own.
+    slow.write_all(b"POST /v1/envelopes HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        .unwrap();
+    let mut buf = Vec::new();
+    match slow.read_to_end(&mut buf) {
+        // Closed by the server (possibly after a 408 response).
+        Ok(_) => assert!(
+            buf.is_empty() || buf.starts_with(b"HTTP/1.1 408"),
+            "{}",
+            String::from_utf8_lossy(&buf)
+        ),
+        Err(e) => assert!(
+            !matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ),
+            "the server never closed the stalled connection"
+        ),
+    }
+    // Other clients were served all along.
+    assert_eq!(d.post_json(&envelope(1)).status, 202);
+}

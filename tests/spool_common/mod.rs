@@ -1,0 +1,66 @@
+//! Helpers shared by the spool tests: small spools, appending numbered payloads, reading back.
+#![allow(dead_code)]
+
+use std::path::Path;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use spoolgate::metrics::Metrics;
+use spoolgate::spool::fs::FileSystem;
+use spoolgate::spool::{Durability, Position, RecordKind, RecoveryReport, Spool, SpoolOptions};
+
+pub fn options(dir: &Path) -> SpoolOptions {
+    SpoolOptions {
+        dir: dir.to_path_buf(),
+        segment_bytes_max: 4096,
+        record_bytes_max: 1024,
+        durability: Durability::Always,
+        commit_batch_records_max: 64,
+        commit_batch_bytes_max: 4096,
+        queue_depth_max: 64,
+        preallocate: false,
+    }
+}
+
+pub fn open(opts: &SpoolOptions) -> (Spool, RecoveryReport, Arc<Metrics>) {
+    let metrics = Arc::new(Metrics::new());
+    let (s, r) = Spool::open(opts.clone(), metrics.clone(), None).expect("open spool");
+    (s, r, metrics)
+}
+
+pub fn open_fs(opts: &SpoolOptions, fs: Arc<dyn FileSystem>) -> (Spool, RecoveryReport) {
+    Spool::open_with_fs(opts.clone(), fs, Arc::new(Metrics::new()), None).expect("open spool")
+}
+
+/// A payload that names its number and has a length that varies with it.
+pub fn payload(n: u64) -> Bytes {
+    let mut p = format!("record-{n:06}-").into_bytes();
+    p.extend(std::iter::repeat_n(
+        b'a' + (n % 26) as u8,
+        (n % 97) as usize,
+    ));
+    Bytes::from(p)
+}
+
+pub fn number_of(payload: &[u8]) -> u64 {
+    std::str::from_utf8(&payload[7..13])
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+pub fn append(spool: &Spool, n: u64) -> Position {
+    spool
+        .append_blocking(vec![(RecordKind::ENVELOPE, payload(n))], false)
+        .expect("append")[0]
+}
+
+/// Every record's number, in log order.
+pub fn read_all(spool: &Spool) -> Vec<u64> {
+    let mut r = spool.reader(spool.first_position());
+    let mut out = Vec::new();
+    while let Some(rec) = r.next_record().expect("read") {
+        out.push(number_of(&rec.payload));
+    }
+    out
+}

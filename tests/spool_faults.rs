@@ -1,0 +1,186 @@
+//! Failures through the filesystem seam: ENOSPC, failed fdatasync, the directory lock.
+
+mod spool_common;
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use spool_common::*;
+use spoolgate::spool::fs::{FaultFs, Faults, StdFs};
+use spoolgate::spool::{RecordKind, SpoolError};
+
+#[test]
+fn enospc_during_a_write_fails_that_batch_cleanly_and_the_spool_keeps_working() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = options(dir.path());
+    let faults = Faults::new();
+    let (s, _) = open_fs(&opts, Arc::new(FaultFs::new(StdFs, faults.clone())));
+    append(&s, 0);
+    faults.enospc_writes.store(true, Ordering::SeqCst);
+    let err = s
+        .append_blocking(
+            vec![
+                (RecordKind::ENVELOPE, payload(1)),
+                (RecordKind::ENVELOPE, payload(2)),
+            ],
+            false,
+        )
+        .unwrap_err();
+    assert!(matches!(err, SpoolError::Full(_)), "{err}");
+    assert!(s.poison_reason().is_none());
+    assert_eq!(
+        read_all(&s),
+        vec![0],
+        "nothing of the failed batch is readable"
+    );
+    faults.enospc_writes.store(false, Ordering::SeqCst);
+    append(&s, 3);
+    assert_eq!(read_all(&s), vec![0, 3]);
+    s.close().unwrap();
+    // Nor does anything of it come back after a restart.
+    let (s, report, _) = open(&opts);
+    assert_eq!(read_all(&s), vec![0, 3]);
+    assert!(report.damaged.is_empty());
+}
+
+#[test]
+fn enospc_while_creating_a_preallocated_segment_fails_the_batch_and_a_later_rotation_succeeds() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts = options(dir.path());
+    opts.preallocate = true;
+    let faults = Faults::new();
+    let (s, _) = open_fs(&opts, Arc::new(FaultFs::new(StdFs, faults.clone())));
+    let mut n = 0;
+    while s.segments().len() == 1 && n < 30 {
+        append(&s, n);
+        n += 1;
+    }
+    let before = read_all(&s);
+    // The disk is full for new files: the next rotation hits ENOSPC while zero-filling.
+    faults.enospc_new_files.store(true, Ordering::SeqCst);
+    let mut full = None;
+    for m in 100..200 {
+        match s.append_blocking(vec![(RecordKind::ENVELOPE, payload(m))], false) {
+            Ok(_) => continue,
+            Err(e) => {
+                full = Some(e);
+                break;
+            }
+        }
+    }
+    assert!(matches!(full, Some(SpoolError::Full(_))), "{full:?}");
+    assert!(s.poison_reason().is_none());
+    faults.enospc_new_files.store(false, Ordering::SeqCst);
+    append(&s, 500);
+    let after = read_all(&s);
+    assert!(after.starts_with(&before));
+    assert_eq!(*after.last().unwrap(), 500);
+}
+
+#[test]
+fn a_failed_fdatasync_poisons_the_spool_and_the_refused_batch_never_comes_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = options(dir.path());
+    let faults = Faults::new();
+    {
+        let (s, _) = open_fs(&opts, Arc::new(FaultFs::new(StdFs, faults.clone())));
+        append(&s, 0);
+        append(&s, 1);
+        faults.syncs_until_failure.store(1, Ordering::SeqCst);
+        let err = s
+            .append_blocking(vec![(RecordKind::ENVELOPE, payload(2))], false)
+            .unwrap_err();
+        assert!(matches!(err, SpoolError::Poisoned(_)), "{err}");
+        assert!(s.poison_reason().unwrap().contains("fdatasync"));
+        // Every later append is refused too: no retry-and-ignore.
+        let err = s
+            .append_blocking(vec![(RecordKind::ENVELOPE, payload(3))], false)
+            .unwrap_err();
+        assert!(matches!(err, SpoolError::Poisoned(_)));
+        let _ = s.close();
+    }
+    let (s, _, _) = open(&opts);
+    assert_eq!(
+        read_all(&s),
+        vec![0, 1],
+        "the refused record must not be recovered and forwarded"
+    );
+    append(&s, 4);
+    assert_eq!(read_all(&s), vec![0, 1, 4]);
+}
+
+#[test]
+fn a_second_open_of_the_same_directory_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = options(dir.path());
+    let (s, _, _) = open(&opts);
+    let err = spoolgate::spool::Spool::open(
+        opts.clone(),
+        Arc::new(spoolgate::metrics::Metrics::new()),
+        None,
+    )
+    .err()
+    .expect("second open must fail");
+    assert!(matches!(err, SpoolError::Locked(_)), "{err}");
+    s.close().unwrap();
+    drop(s);
+    let (s2, _, _) = open(&opts);
+    drop(s2);
+}
+
+#[test]
+fn records_over_the_bound_are_refused_before_anything_is_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = options(dir.path());
+    let (s, _, _) = open(&opts);
+    let big = bytes::Bytes::from(vec![b'x'; 2000]);
+    let err = s
+        .append_blocking(
+            vec![
+                (RecordKind::ENVELOPE, payload(0)),
+                (RecordKind::ENVELOPE, big),
+            ],
+            false,
+        )
+        .unwrap_err();
+    assert!(matches!(
+        err,
+        SpoolError::TooLarge {
+            len: 2000,
+            max: 1024
+        }
+    ));
+    assert!(read_all(&s).is_empty());
+}
+
+#[test]
+fn interval_and_never_modes_acknowledge_without_waiting_for_fdatasync_and_close_flushes() {
+    for durability in [
+        spoolgate::spool::Durability::Interval(std::time::Duration::from_millis(5)),
+        spoolgate::spool::Durability::Never,
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut opts = options(dir.path());
+        opts.durability = durability;
+        let metrics = Arc::new(spoolgate::metrics::Metrics::new());
+        let (s, _) = spoolgate::spool::Spool::open(opts.clone(), metrics.clone(), None).unwrap();
+        let syncs_before = metrics.spool_fsync_duration_seconds.get_sample_count();
+        append(&s, 0);
+        if durability == spoolgate::spool::Durability::Never {
+            assert_eq!(
+                metrics.spool_fsync_duration_seconds.get_sample_count(),
+                syncs_before
+            );
+        }
+        s.append_blocking(vec![(RecordKind::ENVELOPE, payload(1))], true)
+            .unwrap();
+        assert_eq!(
+            metrics.spool_fsync_duration_seconds.get_sample_count(),
+            syncs_before + 1,
+            "a synced append always fdatasyncs"
+        );
+        s.close().unwrap();
+        let (s, _, _) = open(&opts);
+        assert_eq!(read_all(&s), vec![0, 1]);
+    }
+}

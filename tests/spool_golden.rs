@@ -1,0 +1,100 @@
+//! Golden bytes: the encoder's output must equal the vectors printed in spool-format.md, byte
+//! for byte. If this fails, either the format changed (bump the version and update the
+//! contract) or the document is wrong.
+
+use spoolgate::envelope::{Envelope, Priority, ENVELOPE_VERSION};
+use spoolgate::spool::format::{encode_frame, SegmentHeader};
+
+/// The two-record segment of spool-format.md, built with the library's encoders.
+fn golden_segment() -> Vec<u8> {
+    let header = SegmentHeader {
+        segment_id: 1,
+        created_ms: 1_700_000_000_000,
+        segment_bytes_max: 1_048_576,
+    };
+    let mut bytes = header.encode().to_vec();
+    let first = Envelope {
+        version: ENVELOPE_VERSION,
+        id: "a1".into(),
+        source: "svc".into(),
+        text: Some("hi".into()),
+        ts_ms: 1_700_000_000_000,
+        slot: spoolgate::slots::slot_of("svc"),
+        priority: Priority::Normal,
+        ..Default::default()
+    };
+    let second = Envelope {
+        id: "a2".into(),
+        tenant: Some("acme".into()),
+        text: None,
+        slot: spoolgate::slots::slot_of("acme"),
+        priority: Priority::High,
+        ..first.clone()
+    };
+    encode_frame(1, &first.encode().unwrap(), &mut bytes);
+    encode_frame(1, &second.encode().unwrap(), &mut bytes);
+    bytes
+}
+
+/// The hex between the `golden-segment` markers of spool-format.md.
+fn documented_hex() -> String {
+    let doc =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/spool-format.md")).unwrap();
+    let start = doc
+        .find("<!-- golden-segment:begin -->")
+        .expect("begin marker");
+    let end = doc.find("<!-- golden-segment:end -->").expect("end marker");
+    doc[start..end]
+        .lines()
+        .skip(1)
+        .filter(|l| !l.starts_with("```"))
+        .flat_map(|l| l.split_whitespace().skip(1).collect::<Vec<_>>())
+        .collect::<Vec<_>>()
+        .join("")
+}
+
+fn hexdump(bytes: &[u8]) -> String {
+    bytes
+        .chunks(16)
+        .enumerate()
+        .map(|(n, c)| {
+            let hex: Vec<String> = c.iter().map(|b| format!("{b:02x}")).collect();
+            format!("{:04x}  {}\n", n * 16, hex.join(" "))
+        })
+        .collect()
+}
+
+#[test]
+fn the_documented_segment_is_what_the_encoder_writes() {
+    let bytes = golden_segment();
+    let documented = documented_hex();
+    assert_eq!(
+        hex::encode(&bytes),
+        documented,
+        "spool-format.md's golden segment differs from the encoder; current bytes:\n{}",
+        hexdump(&bytes)
+    );
+}
+
+#[test]
+fn the_documented_segment_decodes_to_its_two_envelopes() {
+    let bytes = hex::decode(documented_hex()).unwrap();
+    let scanned = spoolgate::spool::format::scan(&bytes, 1 << 20);
+    let payloads: Vec<Envelope> = scanned
+        .items
+        .iter()
+        .map(|item| match item {
+            spoolgate::spool::format::Scanned::Frame {
+                payload_start,
+                payload_len,
+                kind: 1,
+                ..
+            } => Envelope::decode(&bytes[*payload_start..payload_start + payload_len]).unwrap(),
+            other => panic!("unexpected {other:?}"),
+        })
+        .collect();
+    assert_eq!(payloads.len(), 2);
+    assert_eq!(payloads[0].id, "a1");
+    assert_eq!(payloads[1].tenant.as_deref(), Some("acme"));
+    assert_eq!(scanned.data_end, bytes.len() as u64);
+}

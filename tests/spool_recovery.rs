@@ -1,0 +1,223 @@
+//! One test per row of the recovery decision table in spool-format.md §4.
+
+mod spool_common;
+
+use spool_common::*;
+use spoolgate::spool::format::HEADER_LEN;
+use spoolgate::spool::{Position, RecordKind};
+
+fn seg(dir: &std::path::Path, id: u64) -> std::path::PathBuf {
+    dir.join(format!("{id:020}.seg"))
+}
+
+fn write_and_close(opts: &spoolgate::spool::SpoolOptions, n: u64) -> Vec<Position> {
+    let (s, _, _) = open(opts);
+    let positions = (0..n).map(|i| append(&s, i)).collect();
+    s.close().unwrap();
+    positions
+}
+
+#[test]
+fn row_1_valid_frames_are_all_kept_across_a_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = options(dir.path());
+    write_and_close(&opts, 100);
+    let (s, report, _) = open(&opts);
+    assert_eq!(read_all(&s), (0..100).collect::<Vec<_>>());
+    assert!(
+        report.segments > 1,
+        "100 records span several 4 KiB segments"
+    );
+    assert!(report.damaged.is_empty());
+    assert_eq!(report.records, 100);
+}
+
+#[test]
+fn row_2_a_damaged_frame_mid_segment_costs_only_itself_and_is_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = options(dir.path());
+    let positions = write_and_close(&opts, 3);
+    let path = seg(dir.path(), 1);
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[positions[1].offset as usize + 20] ^= 0x40;
+    std::fs::write(&path, bytes).unwrap();
+    let (s, report, metrics) = open(&opts);
+    assert_eq!(read_all(&s), vec![0, 2]);
+    assert_eq!(report.damaged.len(), 1);
+    assert_eq!(report.damaged[0].offset, positions[1].offset);
+    assert_eq!(report.damaged[0].records_lost, 1);
+    assert_eq!(metrics.recovery_corrupt_records_dropped_total.get(), 1);
+}
+
+#[test]
+fn row_3_data_ends_at_zeros_in_a_preallocated_segment() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts = options(dir.path());
+    opts.preallocate = true;
+    write_and_close(&opts, 5);
+    assert_eq!(std::fs::metadata(seg(dir.path(), 1)).unwrap().len(), 4096);
+    let (s, report, _) = open(&opts);
+    assert_eq!(read_all(&s), vec![0, 1, 2, 3, 4]);
+    assert_eq!(report.torn_tail_bytes, 0);
+    append(&s, 5);
+    assert_eq!(read_all(&s), vec![0, 1, 2, 3, 4, 5]);
+}
+
+#[test]
+fn row_4_a_torn_tail_of_the_newest_segment_is_zeroed_and_appends_continue() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = options(dir.path());
+    let positions = write_and_close(&opts, 3);
+    let path = seg(dir.path(), 1);
+    let bytes = std::fs::read(&path).unwrap();
+    // Cut the last frame in half: a write that was in flight when the power went.
+    let cut = positions[2].offset as usize + 20;
+    std::fs::write(&path, &bytes[..cut]).unwrap();
+    let (s, report, metrics) = open(&opts);
+    assert_eq!(read_all(&s), vec![0, 1]);
+    assert_eq!(report.torn_tail_bytes, (cut as u64) - positions[2].offset);
+    assert_eq!(
+        metrics.recovery_torn_tail_bytes_truncated_total.get(),
+        report.torn_tail_bytes
+    );
+    assert!(
+        report.damaged.is_empty(),
+        "a torn tail is not counted as corruption"
+    );
+    append(&s, 7);
+    s.close().unwrap();
+    let (s, report, _) = open(&opts);
+    assert_eq!(read_all(&s), vec![0, 1, 7]);
+    assert_eq!(report.torn_tail_bytes, 0);
+}
+
+#[test]
+fn row_5_a_damaged_tail_of_an_older_segment_is_reported_as_corruption() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = options(dir.path());
+    let positions = write_and_close(&opts, 100);
+    let last_in_first: Vec<&Position> = positions.iter().filter(|p| p.segment == 1).collect();
+    let victim = **last_in_first.last().unwrap();
+    let path = seg(dir.path(), 1);
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[victim.offset as usize + 18] ^= 0x01;
+    std::fs::write(&path, bytes).unwrap();
+    let (s, report, _) = open(&opts);
+    let all = read_all(&s);
+    assert_eq!(all.len(), 99);
+    assert!(!all.contains(&(last_in_first.len() as u64 - 1)));
+    assert_eq!(report.damaged.len(), 1);
+    assert_eq!(report.damaged[0].segment, 1);
+    assert_eq!(report.torn_tail_bytes, 0);
+}
+
+#[test]
+fn row_6_a_damaged_segment_header_still_yields_its_frames() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = options(dir.path());
+    write_and_close(&opts, 3);
+    let path = seg(dir.path(), 1);
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[3] ^= 0xff;
+    std::fs::write(&path, bytes).unwrap();
+    let (s, report, _) = open(&opts);
+    assert_eq!(read_all(&s), vec![0, 1, 2]);
+    assert_eq!(report.damaged.len(), 1);
+    assert_eq!(
+        (report.damaged[0].offset, report.damaged[0].len_bytes),
+        (0, HEADER_LEN)
+    );
+    assert_eq!(report.damaged[0].records_lost, 0);
+    // New records go to a fresh segment, not after frames in a doubtful container.
+    let p = append(&s, 3);
+    assert_eq!(p.segment, 2);
+    assert_eq!(read_all(&s), vec![0, 1, 2, 3]);
+}
+
+#[test]
+fn row_7_an_all_zero_newest_segment_is_an_interrupted_rotation_and_is_removed() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = options(dir.path());
+    write_and_close(&opts, 3);
+    std::fs::write(seg(dir.path(), 2), vec![0u8; 4096]).unwrap();
+    let (s, report, _) = open(&opts);
+    assert!(!seg(dir.path(), 2).exists());
+    assert_eq!(read_all(&s), vec![0, 1, 2]);
+    assert_eq!(report.segments, 1);
+}
+
+#[test]
+fn row_8_a_header_naming_another_id_is_trusted_by_file_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = options(dir.path());
+    write_and_close(&opts, 3);
+    std::fs::rename(seg(dir.path(), 1), seg(dir.path(), 5)).unwrap();
+    let (s, _, _) = open(&opts);
+    assert_eq!(s.first_position().segment, 5);
+    assert_eq!(read_all(&s), vec![0, 1, 2]);
+}
+
+#[test]
+fn row_9_a_gap_in_segment_ids_is_stepped_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = options(dir.path());
+    let positions = write_and_close(&opts, 300);
+    assert!(positions.last().unwrap().segment >= 3);
+    std::fs::remove_file(seg(dir.path(), 2)).unwrap();
+    let (s, _, _) = open(&opts);
+    let expected: Vec<u64> = positions
+        .iter()
+        .enumerate()
+        .filter(|(_, p)| p.segment != 2)
+        .map(|(n, _)| n as u64)
+        .collect();
+    assert_eq!(read_all(&s), expected);
+}
+
+#[test]
+fn row_10_a_void_marker_drops_the_refused_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = options(dir.path());
+    let positions = write_and_close(&opts, 4);
+    let marker = dir
+        .path()
+        .join(format!("void-{:020}-{:020}", 1, positions[2].offset));
+    std::fs::write(&marker, b"").unwrap();
+    let (s, report, _) = open(&opts);
+    assert_eq!(read_all(&s), vec![0, 1]);
+    assert!(report.torn_tail_bytes > 0);
+    assert!(!marker.exists());
+}
+
+#[test]
+fn row_11_an_empty_directory_gets_segment_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = options(&dir.path().join("fresh"));
+    let (s, report, _) = open(&opts);
+    assert_eq!(report.segments, 1);
+    assert_eq!(
+        s.first_position(),
+        Position {
+            segment: 1,
+            offset: HEADER_LEN
+        }
+    );
+    assert!(seg(&dir.path().join("fresh"), 1).exists());
+    assert!(read_all(&s).is_empty());
+}
+
+#[test]
+fn unknown_record_kinds_survive_recovery_and_are_returned_to_readers_to_skip() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = options(dir.path());
+    let (s, _, _) = open(&opts);
+    s.append_blocking(vec![(RecordKind(77), payload(1))], false)
+        .unwrap();
+    append(&s, 2);
+    s.close().unwrap();
+    let (s, report, _) = open(&opts);
+    assert_eq!(report.records, 2);
+    let mut r = s.reader(s.first_position());
+    assert_eq!(r.next_record().unwrap().unwrap().kind, RecordKind(77));
+    assert_eq!(r.next_record().unwrap().unwrap().kind, RecordKind::ENVELOPE);
+}
