@@ -221,3 +221,28 @@ fn unknown_record_kinds_survive_recovery_and_are_returned_to_readers_to_skip() {
     assert_eq!(r.next_record().unwrap().unwrap().kind, RecordKind(77));
     assert_eq!(r.next_record().unwrap().unwrap().kind, RecordKind::ENVELOPE);
 }
+
+#[test]
+fn row_12_a_segment_from_a_newer_format_version_is_refused_untouched() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = options(dir.path());
+    write_and_close(&opts, 3);
+    let path = seg(dir.path(), 1);
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[8..10].copy_from_slice(&2u16.to_le_bytes());
+    let crc = crc32fast::hash(&bytes[0..60]);
+    bytes[60..64].copy_from_slice(&crc.to_le_bytes());
+    std::fs::write(&path, &bytes).unwrap();
+    let metrics = std::sync::Arc::new(spoolgate::metrics::Metrics::new());
+    let err = match spoolgate::spool::Spool::open(opts.clone(), metrics, None) {
+        Ok(_) => panic!("a spool written by format version 2 was opened"),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains("format version 2"), "{err}");
+    assert!(err.contains("00000000000000000001.seg"), "{err}");
+    assert_eq!(
+        std::fs::read(&path).unwrap(),
+        bytes,
+        "the segment was changed"
+    );
+}

@@ -42,6 +42,17 @@ impl SegmentHeader {
         h
     }
 
+    /// The version of an intact header written by a newer format, if this is one. Recovery
+    /// refuses such a spool instead of treating the header as damage and misreading frames.
+    pub fn newer_version(bytes: &[u8]) -> Option<u16> {
+        if bytes.len() < HEADER_LEN as usize || bytes[0..8] != SEGMENT_MAGIC {
+            return None;
+        }
+        let crc = u32::from_le_bytes(bytes[60..64].try_into().expect("4 bytes"));
+        let version = u16::from_le_bytes([bytes[8], bytes[9]]);
+        (crc32fast::hash(&bytes[0..60]) == crc && version > FORMAT_VERSION).then_some(version)
+    }
+
     /// Decodes and checks a header; the error says what is wrong with it.
     pub fn decode(bytes: &[u8]) -> Result<SegmentHeader, String> {
         if bytes.len() < HEADER_LEN as usize {

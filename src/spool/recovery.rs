@@ -134,6 +134,13 @@ pub(crate) fn recover(
             }
         }
 
+        if let Some(version) = SegmentHeader::newer_version(&bytes) {
+            return Err(SpoolError::Invalid(format!(
+                "{} was written by spool format version {version}; this build reads version {}",
+                path.display(),
+                format::FORMAT_VERSION
+            )));
+        }
         match SegmentHeader::decode(&bytes) {
             Ok(h) if h.segment_id == id => {}
             Ok(h) => {

@@ -1,0 +1,107 @@
+//! Golden chain vector: the canonical bytes and hashes of spool-format.md §8, recomputed with
+//! the library. If this fails, either the chain's byte layout changed (a format change: bump the
+//! version and update the contract) or the document is wrong.
+
+use spoolgate::chain::{canonical_bytes, link, verify_jsonl, Chains, GENESIS};
+use spoolgate::envelope::{Envelope, Priority, ENVELOPE_VERSION};
+
+/// The two gated envelopes of stream "acme" that §8 chains.
+fn documented_envelopes() -> [Envelope; 2] {
+    let first = Envelope {
+        version: ENVELOPE_VERSION,
+        id: "c1".into(),
+        source: "svc".into(),
+        tenant: Some("acme".into()),
+        text: Some("hi".into()),
+        text_hash: Some("8f434346648f6b96df89dda901c5176b10a6d83961dd3c1ac88b59b2dc327aa4".into()),
+        char_len: Some(2),
+        tags: vec!["greeting".into()],
+        ts_ms: 1_700_000_000_000,
+        slot: spoolgate::slots::slot_of("acme"),
+        priority: Priority::Normal,
+        ..Default::default()
+    };
+    let second = Envelope {
+        id: "c2".into(),
+        tags: Vec::new(),
+        ..first.clone()
+    };
+    [first, second]
+}
+
+/// The text between `<!-- golden-chain:NAME:begin -->` and its end marker, hex digits only.
+fn documented(name: &str) -> String {
+    let doc =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/spool-format.md")).unwrap();
+    let begin = format!("<!-- golden-chain:{name}:begin -->");
+    let end = format!("<!-- golden-chain:{name}:end -->");
+    let start = doc.find(&begin).unwrap_or_else(|| panic!("marker {begin}"));
+    let stop = doc.find(&end).unwrap_or_else(|| panic!("marker {end}"));
+    doc[start + begin.len()..stop]
+        .lines()
+        .filter(|l| !l.starts_with("```"))
+        .flat_map(|l| {
+            // Hexdump lines carry a 4-digit offset first; hash lines are bare hex.
+            let words: Vec<&str> = l.split_whitespace().collect();
+            if words.len() > 1 {
+                words[1..].to_vec()
+            } else {
+                words
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("")
+}
+
+#[test]
+fn the_text_hash_in_the_vector_is_the_sha256_of_its_text() {
+    use sha2::{Digest, Sha256};
+    let [first, _] = documented_envelopes();
+    assert_eq!(
+        first.text_hash.as_deref(),
+        Some(hex::encode(Sha256::digest(b"hi")).as_str())
+    );
+}
+
+#[test]
+fn the_documented_canonical_bytes_are_what_the_chain_hashes() {
+    let [first, _] = documented_envelopes();
+    let canonical = canonical_bytes("acme", 1, first.slot, &first).unwrap();
+    assert_eq!(hex::encode(&canonical), documented("canonical-1"));
+}
+
+#[test]
+fn the_documented_hashes_link_from_genesis() {
+    let [first, second] = documented_envelopes();
+    let h1 = link(
+        &GENESIS,
+        &canonical_bytes("acme", 1, first.slot, &first).unwrap(),
+    );
+    let h2 = link(
+        &h1,
+        &canonical_bytes("acme", 2, second.slot, &second).unwrap(),
+    );
+    assert_eq!(hex::encode(h1), documented("hash-1"));
+    assert_eq!(hex::encode(h2), documented("hash-2"));
+}
+
+#[test]
+fn sealing_the_documented_envelopes_gives_the_documented_records() {
+    let [first, second] = documented_envelopes();
+    let mut chains = Chains::new();
+    let r1 = chains.seal(first).unwrap();
+    let r2 = chains.seal(second).unwrap();
+    assert_eq!((r1.stream.as_str(), r1.seq, r2.seq), ("acme", 1, 2));
+    assert_eq!(r1.prev_hash, hex::encode(GENESIS));
+    assert_eq!(r1.hash, documented("hash-1"));
+    assert_eq!(r2.prev_hash, r1.hash);
+    assert_eq!(r2.hash, documented("hash-2"));
+    // The file sink's JSON lines of these records verify.
+    let lines = format!(
+        "{}\n{}\n",
+        serde_json::to_string(&r1).unwrap(),
+        serde_json::to_string(&r2).unwrap()
+    );
+    let summary = verify_jsonl(lines.as_bytes()).unwrap();
+    assert_eq!(summary.records, 2);
+}
