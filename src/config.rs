@@ -169,6 +169,9 @@ pub struct GateConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ForwardConfig {
+    /// `false` runs ingest only: nothing is gated, forwarded, tombstoned or compacted, and the
+    /// spool grows until its quota answers 429. For benchmarks and sink maintenance windows.
+    pub enabled: bool,
     pub workers: usize,
     pub batch_records_max: usize,
     pub batch_bytes_max: usize,
@@ -299,6 +302,7 @@ impl Default for GateConfig {
 impl Default for ForwardConfig {
     fn default() -> Self {
         ForwardConfig {
+            enabled: true,
             workers: 2,
             batch_records_max: 512,
             batch_bytes_max: (4 * MIB) as usize,

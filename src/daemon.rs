@@ -219,18 +219,25 @@ pub async fn run(config: Config) -> Result<Exit, DaemonError> {
     let sinks = build_sinks(&config.sinks, &config.data_dir)
         .map_err(|e| DaemonError::Pipeline(e.to_string()))?;
     let compaction_wake = Arc::new(tokio::sync::Notify::new());
-    let pipeline = Pipeline::start(PipelineParts {
-        spool: spool.clone(),
-        ring: ring.clone(),
-        gate,
-        chains: chains.clone(),
-        ledger: ledger.clone(),
-        sinks,
-        dead_letter: DeadLetter::new(&config.dead_letter_dir()),
-        config: config.forward.clone(),
-        metrics: metrics.clone(),
-        compaction: compaction_wake.clone(),
-        replay_end: summary.end,
+    if !config.forward.enabled {
+        tracing::warn!(
+            "forward.enabled = false: ingest only, nothing will be forwarded or compacted"
+        );
+    }
+    let pipeline = config.forward.enabled.then(|| {
+        Pipeline::start(PipelineParts {
+            spool: spool.clone(),
+            ring: ring.clone(),
+            gate,
+            chains: chains.clone(),
+            ledger: ledger.clone(),
+            sinks,
+            dead_letter: DeadLetter::new(&config.dead_letter_dir()),
+            config: config.forward.clone(),
+            metrics: metrics.clone(),
+            compaction: compaction_wake.clone(),
+            replay_end: summary.end,
+        })
     });
     let (compactor_stop_tx, compactor_stop_rx) = watch::channel(false);
     let compactor = tokio::spawn(
@@ -267,7 +274,9 @@ pub async fn run(config: Config) -> Result<Exit, DaemonError> {
     let drained = tokio::time::timeout(deadline, async {
         let _ = ingest_server.await;
         let _ = sampler.await;
-        pipeline.shutdown().await;
+        if let Some(pipeline) = pipeline {
+            pipeline.shutdown().await;
+        }
         let _ = compactor_stop_tx.send(true);
         let _ = compactor.await;
         let spool = spool.clone();

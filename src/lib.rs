@@ -28,6 +28,8 @@
 //! - [`forward`]: sinks, batching, retries, dead letters, workers, tombstones, replay.
 //! - [`compaction`]: deleting segments whose records are all complete.
 //! - [`metrics`]: every exported metric, in one place.
+//! - [`daemon`]: start-up, recovery, readiness and graceful shutdown; [`drill`] and [`loadgen`]
+//!   are the operator tools behind `spoolgate drill` and `spoolgate bench`.
 
 pub mod chain;
 pub mod compaction;
@@ -38,6 +40,7 @@ pub mod envelope;
 pub mod forward;
 pub mod gate;
 pub mod ingest;
+pub mod loadgen;
 pub mod metrics;
 pub mod ring;
 pub mod slots;

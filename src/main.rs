@@ -50,6 +50,8 @@ enum Command {
     Verify { path: PathBuf },
     /// Run a crash-recovery drill: load, SIGKILL at seeded random moments, restart, check.
     Drill(DrillArgs),
+    /// Drive closed-loop HTTP load against a running daemon and report throughput and latency.
+    Bench(BenchArgs),
     /// Exit 0 if URL answers 2xx (for container health checks).
     Health {
         #[arg(default_value = "http://127.0.0.1:8751/readyz")]
@@ -100,6 +102,44 @@ struct DrillArgs {
     /// Also write the report as JSON to this file.
     #[arg(long)]
     report_json: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+struct BenchArgs {
+    /// Ingest listener, `host:port`.
+    #[arg(long, default_value = "127.0.0.1:8750")]
+    ingest: String,
+    /// Metrics listener, `host:port`: samples the backlog during the run.
+    #[arg(long)]
+    metrics: Option<String>,
+    /// Read both addresses from `<DIR>/spoolgate.addr` (a daemon started with port 0).
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// Concurrent keep-alive connections, each sending its next request when answered.
+    #[arg(long, default_value_t = 64)]
+    connections: usize,
+    /// Measured seconds (after the warm-up).
+    #[arg(long, default_value_t = 10.0)]
+    duration_s: f64,
+    /// Unmeasured seconds first.
+    #[arg(long, default_value_t = 1.0)]
+    warmup_s: f64,
+    /// Bytes of text per envelope.
+    #[arg(long, default_value_t = 512)]
+    text_bytes: usize,
+    /// Envelopes per request: 1 sends a JSON object, more send a msgpack array.
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    /// Fraction of texts carrying PII.
+    #[arg(long, default_value_t = 1.0 / 3.0)]
+    pii_fraction: f64,
+    /// After the load, wait until nothing is pending and report end-to-end envelopes/s
+    /// (needs the metrics address).
+    #[arg(long)]
+    wait_drained: bool,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(clap::Args)]
@@ -304,7 +344,71 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         },
         Command::Drill(args) => drill(args),
+        Command::Bench(args) => bench(args),
     }
+}
+
+fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
+    let (mut ingest, mut metrics) = (args.ingest, args.metrics);
+    if let Some(dir) = &args.data_dir {
+        let path = dir.join(spoolgate::daemon::ADDRESSES_FILE);
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        let addrs: serde_json::Value = serde_json::from_str(&text)?;
+        let field = |k: &str| addrs[k].as_str().map(str::to_string);
+        ingest = field("ingest").context("no ingest address in the address file")?;
+        metrics = field("metrics").or(metrics);
+    }
+    anyhow::ensure!(args.connections >= 1, "--connections must be at least 1");
+    anyhow::ensure!(
+        (0.0..=1.0).contains(&args.pii_fraction),
+        "--pii-fraction must be within 0..=1"
+    );
+    anyhow::ensure!(
+        !args.wait_drained || metrics.is_some(),
+        "--wait-drained needs --metrics or --data-dir"
+    );
+    let opts = spoolgate::loadgen::LoadOptions {
+        ingest,
+        metrics,
+        connections: args.connections,
+        duration: std::time::Duration::from_secs_f64(args.duration_s.max(0.1)),
+        warmup: std::time::Duration::from_secs_f64(args.warmup_s.max(0.0)),
+        text_bytes: args.text_bytes,
+        batch: args.batch.max(1),
+        pii_fraction: args.pii_fraction,
+        wait_drained: args.wait_drained,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    let report = runtime.block_on(spoolgate::loadgen::run(opts))?;
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        println!(
+            "{} connections, batch {}, {} B texts, {:.1} s: {:.0} requests/s, {:.0} envelopes/s; latency p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms, max {:.2} ms; 202 {}, 429 {}, other {}, transport errors {}",
+            report.connections,
+            report.batch,
+            report.text_bytes,
+            report.duration_s,
+            report.requests_per_s,
+            report.envelopes_per_s,
+            report.latency_p50_ms,
+            report.latency_p99_ms,
+            report.latency_p999_ms,
+            report.latency_max_ms,
+            report.requests_ok,
+            report.requests_429,
+            report.requests_other,
+            report.transport_errors
+        );
+        if let (Some(d), Some(e)) = (report.drain_s, report.end_to_end_envelopes_per_s) {
+            println!("drained in {d:.2} s after the load: {e:.0} envelopes/s delivered end to end");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn main() -> ExitCode {

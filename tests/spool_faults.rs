@@ -184,3 +184,16 @@ fn interval_and_never_modes_acknowledge_without_waiting_for_fdatasync_and_close_
         assert_eq!(read_all(&s), vec![0, 1]);
     }
 }
+
+#[test]
+fn dropping_an_interval_mode_spool_without_close_releases_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts = options(dir.path());
+    opts.durability = spoolgate::spool::Durability::Interval(std::time::Duration::from_millis(1));
+    let (s, _, _) = open(&opts);
+    append(&s, 7);
+    // Dropping joins the writer thread; with a ticker keeping the channel open this hung.
+    drop(s);
+    let (s, _, _) = open(&opts);
+    assert_eq!(read_all(&s), vec![7]);
+}

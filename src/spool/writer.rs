@@ -173,12 +173,16 @@ pub(crate) fn start(
         _lock: lock,
     };
     if let Durability::Interval(every) = shared.opts.durability {
-        let tick = tx.clone();
+        // The ticker holds only a weak sender: a strong one would keep the channel open after
+        // the last handle is dropped, and the writer (and `Drop`, which joins it) would wait
+        // for ever.
+        let tick = tx.downgrade();
         std::thread::Builder::new()
             .name("spool-fsync-tick".into())
             .spawn(move || loop {
                 std::thread::sleep(every);
-                if let Err(mpsc::error::TrySendError::Closed(_)) = tick.try_send(Request::Tick) {
+                let Some(tx) = tick.upgrade() else { return };
+                if let Err(mpsc::error::TrySendError::Closed(_)) = tx.try_send(Request::Tick) {
                     return;
                 }
             })
