@@ -91,29 +91,39 @@ fn spool_run(base: &Path, size: usize, appenders: usize) -> Round {
     let (spool, _) = Spool::open(opts, metrics.clone(), None).expect("open spool");
     let spool = Arc::new(spool);
     let payload = Bytes::from(vec![b'x'; size]);
+    // Appenders are tokio tasks on a multi-threaded runtime, as the daemon's request handlers
+    // are; 64 OS threads on a 2-core machine would measure the scheduler instead.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
     let start = Instant::now();
     let deadline = start + RUN_DURATION;
-    let threads: Vec<_> = (0..appenders)
-        .map(|_| {
-            let spool = spool.clone();
-            let payload = payload.clone();
-            std::thread::spawn(move || {
-                let mut latencies = Vec::with_capacity(1 << 16);
-                while Instant::now() < deadline {
-                    let t = Instant::now();
-                    spool
-                        .append_blocking(vec![(RecordKind::ENVELOPE, payload.clone())], false)
-                        .expect("append");
-                    latencies.push(t.elapsed());
-                }
-                latencies
+    let mut latencies: Vec<Duration> = runtime.block_on(async {
+        let tasks: Vec<_> = (0..appenders)
+            .map(|_| {
+                let spool = spool.clone();
+                let payload = payload.clone();
+                tokio::spawn(async move {
+                    let mut latencies = Vec::with_capacity(1 << 16);
+                    while Instant::now() < deadline {
+                        let t = Instant::now();
+                        spool
+                            .append(vec![(RecordKind::ENVELOPE, payload.clone())])
+                            .await
+                            .expect("append");
+                        latencies.push(t.elapsed());
+                    }
+                    latencies
+                })
             })
-        })
-        .collect();
-    let mut latencies: Vec<Duration> = threads
-        .into_iter()
-        .flat_map(|t| t.join().expect("appender thread"))
-        .collect();
+            .collect();
+        let mut all = Vec::new();
+        for t in tasks {
+            all.extend(t.await.expect("appender task"));
+        }
+        all
+    });
     let elapsed = start.elapsed().as_secs_f64();
     latencies.sort();
     let records = latencies.len() as f64;

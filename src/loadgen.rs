@@ -2,7 +2,8 @@
 //!
 //! Each of `connections` tasks holds one keep-alive HTTP/1.1 connection and sends its next
 //! request as soon as the previous one is answered, so the offered load is whatever the daemon
-//! sustains at that concurrency. A request carries one JSON envelope or a msgpack batch of
+//! sustains at that concurrency; with `rate` the connections pace themselves to a total rate
+//! instead (to show whether the backlog stays flat at that rate). A request carries one JSON envelope or a msgpack batch of
 //! `batch` envelopes; one text in three (by default) carries PII, so the gate has work to do.
 //!
 //! With `metrics` set it also samples `spoolgate_spool_pending_records` during the run (to
@@ -47,6 +48,9 @@ pub struct LoadOptions {
     /// Fraction of texts that carry PII, in 0..=1.
     pub pii_fraction: f64,
     pub wait_drained: bool,
+    /// Pace the load to this many envelopes per second in total (spread over the
+    /// connections); `None` sends as fast as answers come back.
+    pub rate: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -201,7 +205,18 @@ async fn connection(
     let mut latencies = Vec::new();
     let mut sender = None;
     let mut i = first;
+    // With a rate, each connection sends on its own schedule and never catches up a backlog
+    // of missed sends in a burst (a slow answer simply delays the schedule).
+    let interval = opts
+        .rate
+        .filter(|r| *r > 0.0)
+        .map(|r| Duration::from_secs_f64(opts.connections as f64 * opts.batch.max(1) as f64 / r));
+    let mut next_send = tokio::time::Instant::now();
     while !counters.stop.load(Ordering::Relaxed) {
+        if let Some(every) = interval {
+            tokio::time::sleep_until(next_send).await;
+            next_send = (next_send + every).max(tokio::time::Instant::now());
+        }
         if sender.is_none() {
             let stream = tokio::net::TcpStream::connect(&opts.ingest)
                 .await
@@ -405,6 +420,7 @@ mod tests {
             batch: 1,
             pii_fraction: 1.0 / 3.0,
             wait_drained: false,
+            rate: None,
         };
         let (b, ct) = bodies(&opts);
         assert_eq!(ct, "application/json");

@@ -137,6 +137,9 @@ struct BenchArgs {
     /// (needs the metrics address).
     #[arg(long)]
     wait_drained: bool,
+    /// Pace the load to this many envelopes/s in total instead of sending as fast as possible.
+    #[arg(long)]
+    rate: Option<f64>,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
@@ -378,6 +381,7 @@ fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
         batch: args.batch.max(1),
         pii_fraction: args.pii_fraction,
         wait_drained: args.wait_drained,
+        rate: args.rate,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
