@@ -1,0 +1,129 @@
+#!/usr/bin/env bash
+# Ingest and end-to-end benchmark: spoolgate next to Redis 7 XADD with appendfsync always, both
+# on the same filesystem, measured in the same run and alternated round by round so a slow
+# phase of a shared disk hits both. Writes benches/results/ingest-<date>.{md,json,svg}.
+#
+#   scripts/bench-ingest.sh            # 3 rounds (ROUNDS=5 for more), ~6 minutes
+#
+# What it measures (durability `always` everywhere):
+#   (a) single-envelope JSON requests, 64 connections: acks/s and p50/p99/p99.9 latency,
+#       vs redis-benchmark -c 50 -P 1 XADD of a 512 B field;
+#   (b) 100-envelope msgpack batches, 16 connections: envelopes/s, vs XADD -c 50 -P 16;
+#   (c) end to end with the file sink: envelopes acknowledged, gated, chained, delivered and
+#       tombstoned per second, vs ingest-only (forward.enabled=false) at the same load;
+#       then a paced run at 90% of the end-to-end rate, sampling the backlog once a second;
+#   a concurrency sweep (1..256 connections) for the plot.
+# Ingest-only runs use forward.enabled=false so the comparison with XADD (which also only
+# appends) is like for like; (c) shows what forwarding costs on top.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+ROUNDS=${ROUNDS:-3}
+DURATION=${DURATION:-5}
+REDIS_PORT=${REDIS_PORT:-6390}
+OUT=benches/results
+DATE=$(date -u +%Y-%m-%d)
+mkdir -p "$OUT"
+SCRATCH=$(mktemp -d "$PWD/target/bench-ingest.XXXXXX")
+REDIS_PID=""
+DAEMON_PID=""
+cleanup() {
+    [ -n "$DAEMON_PID" ] && kill "$DAEMON_PID" 2>/dev/null || true
+    [ -n "$REDIS_PID" ] && kill "$REDIS_PID" 2>/dev/null || true
+    wait 2>/dev/null || true
+    rm -rf "$SCRATCH"
+}
+trap cleanup EXIT
+
+if ! command -v redis-server >/dev/null || ! command -v redis-benchmark >/dev/null; then
+    apt-get install -y redis-server redis-tools >/dev/null
+fi
+cargo build --release --quiet
+BIN=$PWD/target/release/spoolgate
+
+start_redis() {
+    rm -rf "$SCRATCH/redis" && mkdir -p "$SCRATCH/redis"
+    redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --dir "$SCRATCH/redis" \
+        --appendonly yes --appendfsync always --save "" --daemonize no \
+        --logfile "$SCRATCH/redis.log" &
+    REDIS_PID=$!
+    for _ in $(seq 100); do redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1 && return; sleep 0.1; done
+    echo "redis did not start" >&2; exit 1
+}
+stop_redis() { kill "$REDIS_PID"; wait "$REDIS_PID" 2>/dev/null || true; REDIS_PID=""; }
+
+FIELD=$(head -c 512 /dev/zero | tr '\0' 'x')
+# XADD rate from redis-benchmark's CSV ("test","rps",...): prints rps and p99 ms.
+redis_xadd() { # clients pipeline requests
+    redis-cli -p "$REDIS_PORT" del bench >/dev/null
+    redis-benchmark -p "$REDIS_PORT" -c "$1" -P "$2" -n "$3" --csv \
+        XADD bench '*' f "$FIELD" | tail -1 | tr -d '"' | awk -F, '{print $2, $7}'
+}
+
+start_daemon() { # extra --set arguments
+    rm -rf "$SCRATCH/data"
+    "$BIN" serve --data-dir "$SCRATCH/data" --listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 \
+        "$@" >"$SCRATCH/daemon.log" 2>&1 &
+    DAEMON_PID=$!
+    for _ in $(seq 200); do
+        [ -f "$SCRATCH/data/spoolgate.addr" ] && "$BIN" health \
+            "http://$(python3 -c "import json;print(json.load(open('$SCRATCH/data/spoolgate.addr'))['metrics'])")/readyz" \
+            >/dev/null 2>&1 && return
+        sleep 0.05
+    done
+    echo "spoolgate did not become ready" >&2; cat "$SCRATCH/daemon.log" >&2; exit 1
+}
+stop_daemon() { kill -TERM "$DAEMON_PID"; wait "$DAEMON_PID" 2>/dev/null || true; DAEMON_PID=""; }
+
+sg_bench() { # label, then spoolgate bench arguments; appends a JSON line to results
+    local label=$1; shift
+    "$BIN" bench --data-dir "$SCRATCH/data" --duration-s "$DURATION" --json "$@" |
+        python3 -c "import json,sys; r=json.load(sys.stdin); r['label']='$label'; r['round']=$ROUND; print(json.dumps(r))" \
+        >>"$SCRATCH/results.jsonl"
+}
+redis_row() { # label clients pipeline requests
+    read -r rps p99 < <(redis_xadd "$2" "$3" "$4")
+    echo "{\"label\":\"$1\",\"round\":$ROUND,\"envelopes_per_s\":$rps,\"latency_p99_ms\":$p99,\"connections\":$2}" \
+        >>"$SCRATCH/results.jsonl"
+}
+
+: >"$SCRATCH/results.jsonl"
+for ROUND in $(seq 1 "$ROUNDS"); do
+    echo "round $ROUND/$ROUNDS" >&2
+    start_redis
+    redis_row redis_p1 50 1 200000
+    redis_row redis_p16 50 16 1000000
+    stop_redis
+
+    start_daemon --set forward.enabled=false
+    sg_bench ingest_single_512 --connections 64 --text-bytes 512
+    sg_bench ingest_single_1024 --connections 64 --text-bytes 1024
+    sg_bench ingest_batch_512 --connections 16 --batch 100 --text-bytes 512
+    sg_bench ingest_batch_1024 --connections 16 --batch 100 --text-bytes 1024
+    stop_daemon
+
+    for size in 512 1024; do
+        start_daemon
+        sg_bench "e2e_batch_$size" --connections 16 --batch 100 --text-bytes "$size" --wait-drained
+        e2e=$(tail -1 "$SCRATCH/results.jsonl" | python3 -c "import json,sys; print(json.load(sys.stdin)['end_to_end_envelopes_per_s'])")
+        stop_daemon
+        start_daemon
+        sg_bench "paced_batch_$size" --connections 16 --batch 100 --text-bytes "$size" \
+            --rate "$(python3 -c "print($e2e*0.9)")" --wait-drained
+        stop_daemon
+    done
+done
+
+# The concurrency sweep for the plot (one round: it shows a shape, the table gives medians).
+ROUND=0
+start_redis
+for c in 1 4 16 64 256; do redis_row "sweep_redis_$c" "$c" 1 $((c < 16 ? 30000 : 150000)); done
+stop_redis
+start_daemon --set forward.enabled=false
+for c in 1 4 16 64 256; do sg_bench "sweep_spoolgate_$c" --connections "$c" --text-bytes 512; done
+stop_daemon
+
+cp "$SCRATCH/results.jsonl" "$OUT/ingest-$DATE.jsonl"
+python3 scripts/bench_report.py "$OUT/ingest-$DATE.jsonl" "$OUT/ingest-$DATE" \
+    "$(uname -n) ($(nproc) cores, $(uname -r)), $(date -u +%Y-%m-%dT%H:%MZ)"
+cat "$OUT/ingest-$DATE.md"

@@ -1,0 +1,121 @@
+#!/usr/bin/env python3
+"""Turns scripts/bench-ingest.sh's JSON lines into a Markdown table (medians over rounds, with
+ratios against the Redis baseline from the same run) and an SVG plot of the concurrency sweep.
+Standard library only, so it runs wherever the benchmark does."""
+
+import json
+import statistics
+import sys
+from collections import defaultdict
+
+
+def load(path):
+    rows = defaultdict(list)
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if line:
+                r = json.loads(line)
+                rows[r["label"]].append(r)
+    return rows
+
+
+def med(rows, label, key):
+    vals = [r[key] for r in rows.get(label, []) if r.get(key) is not None]
+    return statistics.median(vals) if vals else float("nan")
+
+
+def ratio_med(rows, a, b, key_a="envelopes_per_s", key_b="envelopes_per_s"):
+    """Median over rounds of a/b, pairing rows of the same round."""
+    by_round = {r["round"]: r for r in rows.get(b, [])}
+    ratios = [r[key_a] / by_round[r["round"]][key_b]
+              for r in rows.get(a, []) if r["round"] in by_round and by_round[r["round"]][key_b]]
+    return statistics.median(ratios) if ratios else float("nan")
+
+
+def table(rows, machine):
+    n = len(rows.get("redis_p1", []))
+    out = [f"Measured on {machine}; medians of {n} rounds, spoolgate and Redis alternated "
+           "in each round on the same filesystem, durability `always` / `appendfsync always`.", ""]
+    out += ["| workload | spoolgate | Redis XADD baseline | ratio | p50 ms | p99 ms | p99.9 ms |",
+            "|---|---:|---:|---:|---:|---:|---:|"]
+    for label, base, name in [
+        ("ingest_single_512", "redis_p1", "(a) 1 envelope/request, 512 B, 64 conns (vs -c 50 -P 1)"),
+        ("ingest_single_1024", "redis_p1", "(a) 1 envelope/request, 1 KiB, 64 conns (vs -c 50 -P 1)"),
+        ("ingest_batch_512", "redis_p16", "(b) 100-envelope msgpack, 512 B, 16 conns (vs -c 50 -P 16)"),
+        ("ingest_batch_1024", "redis_p16", "(b) 100-envelope msgpack, 1 KiB, 16 conns (vs -c 50 -P 16)"),
+    ]:
+        out.append(
+            f"| {name} | {med(rows, label, 'envelopes_per_s'):,.0f}/s | "
+            f"{med(rows, base, 'envelopes_per_s'):,.0f}/s | {ratio_med(rows, label, base):.2f} | "
+            f"{med(rows, label, 'latency_p50_ms'):.2f} | {med(rows, label, 'latency_p99_ms'):.2f} | "
+            f"{med(rows, label, 'latency_p999_ms'):.2f} |")
+    out += ["", "End to end (file sink; accepted → gated → chained → delivered → tombstoned), "
+            "next to ingest-only at the same load from the same run:", "",
+            "| text | ingest-only env/s | end-to-end env/s | e2e / ingest-only | backlog at 90% of e2e rate (min / max / last, records) |",
+            "|---|---:|---:|---:|---|"]
+    for size in (512, 1024):
+        paced = rows.get(f"paced_batch_{size}", [])
+        depth = ""
+        if paced:
+            samples = paced[len(paced) // 2]["pending_samples"]
+            if samples:
+                depth = f"{min(samples):,.0f} / {max(samples):,.0f} / {samples[-1]:,.0f}"
+        out.append(
+            f"| {size} B | {med(rows, f'ingest_batch_{size}', 'envelopes_per_s'):,.0f} | "
+            f"{med(rows, f'e2e_batch_{size}', 'end_to_end_envelopes_per_s'):,.0f} | "
+            f"{ratio_med(rows, f'e2e_batch_{size}', f'ingest_batch_{size}', 'end_to_end_envelopes_per_s'):.2f} | {depth} |")
+    return "\n".join(out) + "\n"
+
+
+def svg(rows, machine):
+    conns = [1, 4, 16, 64, 256]
+    series = [("spoolgate (1 envelope/request)", "sweep_spoolgate_", "#1f77b4"),
+              ("Redis XADD -P 1", "sweep_redis_", "#d62728")]
+    pts = {name: [(c, med(rows, f"{prefix}{c}", "envelopes_per_s")) for c in conns]
+           for name, prefix, _ in series}
+    ymax = max([y for p in pts.values() for _, y in p if y == y] + [1]) * 1.1
+    w, h, left, bottom, top, right = 640, 400, 80, 50, 40, 20
+    pw, ph = w - left - right, h - top - bottom
+
+    def x(i):
+        return left + pw * i / (len(conns) - 1)
+
+    def y(v):
+        return top + ph * (1 - v / ymax)
+
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">',
+             f'<rect width="{w}" height="{h}" fill="white"/>',
+             f'<text x="{w/2}" y="20" text-anchor="middle" font-size="14">Acknowledged writes/s vs concurrent connections (fsync before ack)</text>',
+             f'<line x1="{left}" y1="{top+ph}" x2="{left+pw}" y2="{top+ph}" stroke="black"/>',
+             f'<line x1="{left}" y1="{top}" x2="{left}" y2="{top+ph}" stroke="black"/>']
+    for i, c in enumerate(conns):
+        parts.append(f'<text x="{x(i)}" y="{top+ph+18}" text-anchor="middle">{c}</text>')
+    parts.append(f'<text x="{left+pw/2}" y="{h-8}" text-anchor="middle">connections</text>')
+    for k in range(6):
+        v = ymax * k / 5
+        parts.append(f'<line x1="{left-4}" y1="{y(v)}" x2="{left+pw}" y2="{y(v)}" stroke="#ddd"/>')
+        parts.append(f'<text x="{left-8}" y="{y(v)+4}" text-anchor="end">{v/1000:.0f}k</text>')
+    for idx, (name, _, color) in enumerate(series):
+        p = [(x(i), y(v)) for i, (_, v) in enumerate(pts[name]) if v == v]
+        parts.append(f'<polyline fill="none" stroke="{color}" stroke-width="2" points="{" ".join(f"{a:.1f},{b:.1f}" for a, b in p)}"/>')
+        for a, b in p:
+            parts.append(f'<circle cx="{a:.1f}" cy="{b:.1f}" r="3" fill="{color}"/>')
+        parts.append(f'<rect x="{left+12}" y="{top+8+idx*18}" width="12" height="3" fill="{color}"/>')
+        parts.append(f'<text x="{left+30}" y="{top+13+idx*18}">{name}</text>')
+    parts.append(f'<text x="{w-right}" y="{h-8}" text-anchor="end" font-size="9" fill="#666">{machine}</text>')
+    parts.append("</svg>")
+    return "\n".join(parts) + "\n"
+
+
+def main():
+    src, stem, machine = sys.argv[1], sys.argv[2], sys.argv[3]
+    rows = load(src)
+    with open(stem + ".md", "w") as f:
+        f.write(table(rows, machine))
+    with open(stem + ".svg", "w") as f:
+        f.write(svg(rows, machine))
+
+
+if __name__ == "__main__":
+    main()
