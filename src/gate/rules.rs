@@ -66,7 +66,8 @@ struct Rule {
 pub struct Rules {
     rules: Vec<Rule>,
     keywords: Option<AhoCorasick>,
-    keyword_rule: Vec<usize>,
+    /// For each distinct (lowercased) keyword, the rules that list it.
+    keyword_rules: Vec<Vec<usize>>,
     regexes: RegexSet,
     regex_rule: Vec<usize>,
 }
@@ -84,7 +85,7 @@ impl Rules {
         Rules {
             rules: Vec::new(),
             keywords: None,
-            keyword_rule: Vec::new(),
+            keyword_rules: Vec::new(),
             regexes: RegexSet::empty(),
             regex_rule: Vec::new(),
         }
@@ -101,8 +102,11 @@ impl Rules {
         }
         let mut names = BTreeSet::new();
         let mut rules = Vec::new();
-        let (mut kw, mut kw_rule, mut rx, mut rx_rule) =
-            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut kw, mut kw_rules, mut rx, mut rx_rule) =
+            (Vec::new(), Vec::<Vec<usize>>::new(), Vec::new(), Vec::new());
+        // Each distinct keyword is one pattern, however many rules list it: fewer patterns keep
+        // the automaton's prefilter effective.
+        let mut kw_index: std::collections::HashMap<String, usize> = Default::default();
         for (n, spec) in file.rule.into_iter().enumerate() {
             let bad = |why: String| format!("rule {:?} (#{}): {why}", spec.name, n + 1);
             if spec.name.is_empty() {
@@ -137,8 +141,15 @@ impl Rules {
             }
             routing.extend(spec.routing.iter().map(|(k, v)| (k.clone(), v.clone())));
             for k in &spec.keywords {
-                kw.push(k.clone());
-                kw_rule.push(n);
+                let lowered = k.to_ascii_lowercase();
+                let i = *kw_index.entry(lowered.clone()).or_insert_with(|| {
+                    kw.push(lowered);
+                    kw_rules.push(Vec::new());
+                    kw.len() - 1
+                });
+                if !kw_rules[i].contains(&n) {
+                    kw_rules[i].push(n);
+                }
             }
             for r in &spec.regex {
                 rx.push(r.clone());
@@ -158,9 +169,16 @@ impl Rules {
             None
         } else {
             Some(
+                // Keywords are stored lowercased and matched against a lowercased copy of the
+                // text: ASCII case-insensitivity folded into the automaton costs about a quarter
+                // more per byte than one lowercasing pass. A full DFA has the lowest cost per
+                // byte for the overlapping search (every keyword of every rule must be seen);
+                // its size is bounded by RULES_MAX and PATTERNS_PER_RULE_MAX, and past
+                // aho-corasick's own limits the build falls back to its default automaton.
                 AhoCorasick::builder()
-                    .ascii_case_insensitive(true)
+                    .kind(Some(aho_corasick::AhoCorasickKind::DFA))
                     .build(&kw)
+                    .or_else(|_| AhoCorasick::builder().build(&kw))
                     .map_err(|e| format!("keywords: {e}"))?,
             )
         };
@@ -168,7 +186,7 @@ impl Rules {
         Ok(Rules {
             rules,
             keywords,
-            keyword_rule: kw_rule,
+            keyword_rules: kw_rules,
             regexes,
             regex_rule: rx_rule,
         })
@@ -189,12 +207,27 @@ impl Rules {
         }
         let mut hit = vec![false; self.rules.len()];
         if let Some(ac) = &self.keywords {
-            for m in ac.find_overlapping_iter(text) {
-                hit[self.keyword_rule[m.pattern().as_usize()]] = true;
+            let lowered = text.to_ascii_lowercase();
+            // Most texts contain no keyword at all. `is_match` can skip ahead with the
+            // automaton's prefilter, which the overlapping search (needed only when something
+            // matches) cannot, so asking first is much cheaper on the common path.
+            let overlapping = if ac.is_match(lowered.as_str()) {
+                ac.find_overlapping_iter(lowered.as_str())
+            } else {
+                ac.find_overlapping_iter("")
+            };
+            for m in overlapping {
+                for &rule in &self.keyword_rules[m.pattern().as_usize()] {
+                    hit[rule] = true;
+                }
             }
         }
-        for i in self.regexes.matches(text).iter() {
-            hit[self.regex_rule[i]] = true;
+        // As for keywords: `is_match` may use a literal prefilter and stop at the first match,
+        // while `matches` must scan every byte for every pattern.
+        if !self.regexes.is_empty() && self.regexes.is_match(text) {
+            for i in self.regexes.matches(text).iter() {
+                hit[self.regex_rule[i]] = true;
+            }
         }
         let mut d = Decision::default();
         let mut tags = BTreeSet::new();
@@ -241,6 +274,18 @@ keywords = ["vip"]
 source = "crm"
 tags = ["vip"]
 "#;
+
+    #[test]
+    fn a_keyword_listed_by_two_rules_in_any_case_fires_both() {
+        let r = Rules::parse(
+            "[[rule]]\nname = \"a\"\nkeywords = [\"Refund\"]\ntags = [\"a\"]\n\n\
+             [[rule]]\nname = \"b\"\nkeywords = [\"REFUND\", \"fund\"]\ntags = [\"b\"]\n",
+        )
+        .unwrap();
+        assert_eq!(r.decide("s", "a rEfUnD please").tags, vec!["a", "b"]);
+        assert_eq!(r.decide("s", "funding").tags, vec!["b"]);
+        assert!(r.decide("s", "nothing here").tags.is_empty());
+    }
 
     #[test]
     fn matching_rules_merge_tags_and_the_first_intent_wins() {
