@@ -28,6 +28,10 @@ use spoolgate::metrics::Metrics;
 use spoolgate::spool::format::frame_len;
 use spoolgate::spool::{Durability, RecordKind, Spool, SpoolOptions};
 
+/// The daemon's allocator (see Cargo.toml), so the figures match what `spoolgate serve` does.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const RECORD_SIZES_BYTES: [usize; 3] = [256, 1024, 4096];
 const APPENDERS: [usize; 3] = [1, 16, 64];
 /// How long each spool run appends. Long enough for a 64 MiB rotation at the fast sizes.

@@ -47,6 +47,9 @@ pub struct LoadOptions {
     pub batch: usize,
     /// Fraction of texts that carry PII, in 0..=1.
     pub pii_fraction: f64,
+    /// Envelopes cycle through this many tenants (`bench-0`, `bench-1`, ...), so the chain
+    /// has this many streams spread over the slots, as behind a multi-tenant ingest service.
+    pub streams: usize,
     pub wait_drained: bool,
     /// Pace the load to this many envelopes per second in total (spread over the
     /// connections); `None` sends as fast as answers come back.
@@ -56,6 +59,7 @@ pub struct LoadOptions {
 #[derive(Debug, Clone, Serialize)]
 pub struct LoadReport {
     pub connections: usize,
+    pub streams: usize,
     pub batch: usize,
     pub text_bytes: usize,
     pub duration_s: f64,
@@ -153,6 +157,7 @@ fn finish(mut t: String, bytes: usize) -> String {
 #[derive(Serialize)]
 struct ClientEnvelope<'a> {
     source: &'a str,
+    tenant: String,
     text: String,
     priority: Priority,
 }
@@ -166,6 +171,7 @@ fn bodies(opts: &LoadOptions) -> (Vec<Bytes>, &'static str) {
             (n as f64 * opts.pii_fraction).floor() > ((n - 1) as f64 * opts.pii_fraction).floor();
         ClientEnvelope {
             source: "bench",
+            tenant: format!("bench-{}", n % opts.streams.max(1)),
             text: text(n, opts.text_bytes, pii),
             priority: Priority::Normal,
         }
@@ -376,6 +382,7 @@ pub async fn run(opts: LoadOptions) -> Result<LoadReport, LoadError> {
 
     Ok(LoadReport {
         connections: opts.connections,
+        streams: opts.streams.max(1),
         batch: opts.batch.max(1),
         text_bytes: opts.text_bytes,
         duration_s: measured,
@@ -419,6 +426,7 @@ mod tests {
             text_bytes: 1024,
             batch: 1,
             pii_fraction: 1.0 / 3.0,
+            streams: 16,
             wait_drained: false,
             rate: None,
         };

@@ -9,6 +9,11 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 use spoolgate::config::Config;
 
+/// See Cargo.toml: the pipeline's allocation pattern (large, short-lived batch buffers) is one
+/// glibc malloc handles poorly.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "spoolgate",
@@ -133,6 +138,9 @@ struct BenchArgs {
     /// Fraction of texts carrying PII.
     #[arg(long, default_value_t = 1.0 / 3.0)]
     pii_fraction: f64,
+    /// Envelopes cycle through this many tenants (streams).
+    #[arg(long, default_value_t = 16)]
+    streams: usize,
     /// After the load, wait until nothing is pending and report end-to-end envelopes/s
     /// (needs the metrics address).
     #[arg(long)]
@@ -380,6 +388,7 @@ fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
         text_bytes: args.text_bytes,
         batch: args.batch.max(1),
         pii_fraction: args.pii_fraction,
+        streams: args.streams,
         wait_drained: args.wait_drained,
         rate: args.rate,
     };

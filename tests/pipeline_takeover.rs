@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use spoolgate::chain::{Chains, ForwardRecord};
+use spoolgate::chain::{Chains, ForwardRecord, SharedRecord};
 use spoolgate::config::{ForwardConfig, GateConfig};
 use spoolgate::envelope::{Envelope, ENVELOPE_VERSION};
 use spoolgate::forward::dead_letter::DeadLetter;
@@ -33,14 +33,17 @@ impl Sink for PanickySink {
         "default"
     }
 
-    fn deliver<'a>(&'a self, batch: &'a [ForwardRecord]) -> DeliverFuture<'a> {
+    fn deliver<'a>(&'a self, batch: &'a [SharedRecord]) -> DeliverFuture<'a> {
         Box::pin(async move {
             if batch.iter().any(|r| r.stream == self.victim)
                 && !self.panicked.swap(true, Ordering::SeqCst)
             {
                 panic!("simulated sink bug on stream {}", self.victim);
             }
-            self.delivered.lock().unwrap().extend(batch.iter().cloned());
+            self.delivered
+                .lock()
+                .unwrap()
+                .extend(batch.iter().map(|r| (**r).clone()));
             Ok(())
         })
     }

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use crate::chain::ForwardRecord;
+use crate::chain::SharedRecord;
 use crate::spool::Position;
 
 #[derive(Clone)]
@@ -55,7 +55,7 @@ impl DeadLetter {
         sink: &str,
         status: u16,
         reason: &str,
-        records: &[ForwardRecord],
+        records: &[SharedRecord],
     ) -> std::io::Result<PathBuf> {
         self.write_json(&serde_json::json!({
             "sink": sink,

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use tokio::sync::Mutex;
 
 use super::sink::{DeliverFuture, Sink, SinkError};
-use crate::chain::ForwardRecord;
+use crate::chain::SharedRecord;
 
 struct Current {
     index: u64,
@@ -70,7 +70,7 @@ impl FileSink {
     fn write_batch(
         &self,
         current: &mut Option<Current>,
-        batch: &[ForwardRecord],
+        batch: &[SharedRecord],
     ) -> std::io::Result<()> {
         let mut buf = Vec::with_capacity(batch.len() * 512);
         for r in batch {
@@ -101,7 +101,7 @@ impl Sink for FileSink {
         &self.name
     }
 
-    fn deliver<'a>(&'a self, batch: &'a [ForwardRecord]) -> DeliverFuture<'a> {
+    fn deliver<'a>(&'a self, batch: &'a [SharedRecord]) -> DeliverFuture<'a> {
         Box::pin(async move {
             let mut current = self.current.lock().await;
             // The write and fdatasync block; this sink is the embedded default and its batches

@@ -14,7 +14,7 @@ use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
 
 use super::sink::{DeliverFuture, Sink, SinkError};
-use crate::chain::ForwardRecord;
+use crate::chain::SharedRecord;
 use crate::config::WireFormat;
 
 /// Bytes of a rejecting response's body kept as the dead-letter reason.
@@ -67,7 +67,7 @@ impl HttpSink {
         })
     }
 
-    fn body(&self, batch: &[ForwardRecord]) -> Result<(Bytes, &'static str), SinkError> {
+    fn body(&self, batch: &[SharedRecord]) -> Result<(Bytes, &'static str), SinkError> {
         let encoded = match self.format {
             WireFormat::Json => serde_json::to_vec(batch).map_err(|e| e.to_string()),
             WireFormat::Msgpack => rmp_serde::to_vec_named(batch).map_err(|e| e.to_string()),
@@ -84,7 +84,7 @@ impl HttpSink {
             })
     }
 
-    async fn post(&self, batch: &[ForwardRecord]) -> Result<(), SinkError> {
+    async fn post(&self, batch: &[SharedRecord]) -> Result<(), SinkError> {
         let (body, ct) = self.body(batch)?;
         let mut req = Request::post(self.url.clone())
             .header(CONTENT_TYPE, ct)
@@ -145,7 +145,7 @@ impl Sink for HttpSink {
         &self.name
     }
 
-    fn deliver<'a>(&'a self, batch: &'a [ForwardRecord]) -> DeliverFuture<'a> {
+    fn deliver<'a>(&'a self, batch: &'a [SharedRecord]) -> DeliverFuture<'a> {
         Box::pin(self.post(batch))
     }
 }

@@ -15,7 +15,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 
-use crate::chain::{ForwardRecord, SealedBatch, Tombstone};
+use crate::chain::{ForwardRecord, SealedBatch, SharedRecord, Tombstone};
 use crate::envelope::Envelope;
 use crate::spool::{Position, RecordKind, Spool, SpoolError};
 
@@ -38,7 +38,7 @@ pub struct SegmentTally {
 struct Inner {
     pending: BTreeMap<Position, PendingInfo>,
     pending_bytes: u64,
-    sealed: HashMap<Position, ForwardRecord>,
+    sealed: HashMap<Position, SharedRecord>,
     tallies: BTreeMap<u64, SegmentTally>,
     /// Every envelope before this position has been counted into `tallies`.
     counted_up_to: Position,
@@ -100,11 +100,11 @@ impl Ledger {
         self.lock().pending.contains_key(&position)
     }
 
-    pub fn sealed(&self, position: Position) -> Option<ForwardRecord> {
+    pub fn sealed(&self, position: Position) -> Option<SharedRecord> {
         self.lock().sealed.get(&position).cloned()
     }
 
-    pub fn record_sealed(&self, entries: impl IntoIterator<Item = (Position, ForwardRecord)>) {
+    pub fn record_sealed(&self, entries: impl IntoIterator<Item = (Position, SharedRecord)>) {
         let mut inner = self.lock();
         for (p, r) in entries {
             inner.sealed.insert(p, r);
@@ -205,7 +205,10 @@ pub fn scan(
                     for entry in batch.entries {
                         on_seal(&entry.record);
                         if ledger.is_pending(entry.position) {
-                            ledger.record_sealed([(entry.position, entry.record)]);
+                            ledger.record_sealed([(
+                                entry.position,
+                                std::sync::Arc::new(entry.record),
+                            )]);
                         }
                     }
                 }

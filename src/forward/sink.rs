@@ -7,7 +7,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::chain::ForwardRecord;
+use crate::chain::SharedRecord;
 use crate::config::SinkConfig;
 
 /// How a delivery failed.
@@ -30,7 +30,7 @@ pub type DeliverFuture<'a> = Pin<Box<dyn Future<Output = Result<(), SinkError>> 
 /// batch durably (the file sink after fdatasync, the HTTP sink on a 2xx).
 pub trait Sink: Send + Sync {
     fn name(&self) -> &str;
-    fn deliver<'a>(&'a self, batch: &'a [ForwardRecord]) -> DeliverFuture<'a>;
+    fn deliver<'a>(&'a self, batch: &'a [SharedRecord]) -> DeliverFuture<'a>;
 }
 
 #[derive(Debug, thiserror::Error)]

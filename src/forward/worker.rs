@@ -20,7 +20,9 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tokio::sync::{mpsc, watch};
 
-use crate::chain::{Chains, ForwardRecord, SealedBatch, SealedEntry, Tombstone};
+use crate::chain::{
+    encode_sealed_entry, sealed_batch_from_encoded, Chains, SharedRecord, Tombstone,
+};
 use crate::config::ForwardConfig;
 use crate::envelope::Envelope;
 use crate::forward::dead_letter::DeadLetter;
@@ -38,7 +40,7 @@ pub struct WorkItem {
     pub position: Position,
     pub envelope: Envelope,
     /// The forward record sealed in an earlier run or epoch, to be re-sent as is.
-    pub sealed: Option<ForwardRecord>,
+    pub sealed: Option<SharedRecord>,
     pub bytes: usize,
 }
 
@@ -53,33 +55,27 @@ pub enum WorkerError {
     DeadLetter(std::io::Error),
 }
 
-/// Splits a batch's seal entries into SEALED records that each fit `record_bytes_max`; they are
-/// appended together, all or nothing.
+/// Splits a batch's seal entries (already msgpack-encoded, each once) into SEALED records that
+/// each fit `record_bytes_max`; they are appended together, all or nothing.
 fn seal_records(
-    entries: Vec<SealedEntry>,
+    entries: Vec<Vec<u8>>,
     record_bytes_max: u32,
 ) -> Result<Vec<(RecordKind, Bytes)>, WorkerError> {
-    let invalid =
-        |e: crate::chain::ChainError| WorkerError::Spool(SpoolError::Invalid(e.to_string()));
+    // Room for the batch's own map and array headers.
+    const HEADER_BYTES: usize = 64;
     let mut out = Vec::new();
-    let mut chunk: Vec<SealedEntry> = Vec::new();
+    let mut chunk: Vec<Vec<u8>> = Vec::new();
     let mut chunk_bytes = 0usize;
     for entry in entries {
-        let size = rmp_serde::to_vec_named(&entry)
-            .map_err(|e| invalid(e.into()))?
-            .len();
-        if size + 64 > record_bytes_max as usize {
+        let size = entry.len();
+        if size + HEADER_BYTES > record_bytes_max as usize {
             return Err(WorkerError::Spool(SpoolError::TooLarge {
                 len: size,
                 max: record_bytes_max,
             }));
         }
-        if !chunk.is_empty() && chunk_bytes + size + 64 > record_bytes_max as usize {
-            let bytes = SealedBatch {
-                entries: std::mem::take(&mut chunk),
-            }
-            .encode()
-            .map_err(invalid)?;
+        if !chunk.is_empty() && chunk_bytes + size + HEADER_BYTES > record_bytes_max as usize {
+            let bytes = sealed_batch_from_encoded(&std::mem::take(&mut chunk));
             out.push((RecordKind::SEALED, Bytes::from(bytes)));
             chunk_bytes = 0;
         }
@@ -87,8 +83,10 @@ fn seal_records(
         chunk.push(entry);
     }
     if !chunk.is_empty() {
-        let bytes = SealedBatch { entries: chunk }.encode().map_err(invalid)?;
-        out.push((RecordKind::SEALED, Bytes::from(bytes)));
+        out.push((
+            RecordKind::SEALED,
+            Bytes::from(sealed_batch_from_encoded(&chunk)),
+        ));
     }
     Ok(out)
 }
@@ -166,38 +164,56 @@ impl Worker {
 
     /// Gates and chains the unsealed items, and makes the seal durable. Returns the forward
     /// records in batch order.
-    async fn seal(&self, batch: &mut [WorkItem]) -> Result<Vec<ForwardRecord>, WorkerError> {
+    async fn seal(&self, batch: &mut [WorkItem]) -> Result<Vec<SharedRecord>, WorkerError> {
         let ctx = &self.ctx;
-        let mut fresh: Vec<SealedEntry> = Vec::new();
+        let invalid =
+            |e: crate::chain::ChainError| WorkerError::Spool(SpoolError::Invalid(e.to_string()));
+        // Classification is the expensive part and depends only on the envelope and the rules,
+        // so it runs before the chain lock is taken: other workers keep sealing meanwhile.
+        let mut gated = Vec::new();
+        for (i, item) in batch.iter_mut().enumerate() {
+            if item.sealed.is_some() {
+                continue;
+            }
+            let started = Instant::now();
+            let mut env = std::mem::take(&mut item.envelope);
+            ctx.gate.classify(&mut env);
+            ctx.metrics
+                .gate_duration_seconds
+                .observe(started.elapsed().as_secs_f64());
+            gated.push((i, env));
+        }
+        let mut fresh: Vec<Vec<u8>> = Vec::with_capacity(gated.len());
         let mut snapshot = Vec::new();
         {
             let mut chains = ctx.chains.lock().unwrap_or_else(|p| p.into_inner());
-            for item in batch.iter_mut() {
-                if item.sealed.is_some() {
-                    continue;
-                }
-                let started = Instant::now();
-                let mut env = std::mem::take(&mut item.envelope);
-                ctx.gate.classify(&mut env);
-                ctx.metrics
-                    .gate_duration_seconds
-                    .observe(started.elapsed().as_secs_f64());
+            let mut sealed_here = Vec::with_capacity(gated.len());
+            let mut failure = None;
+            for (i, env) in gated {
                 let stream = env.stream().to_string();
                 snapshot.push((stream.clone(), chains.head(&stream)));
-                let record = match chains.seal(env) {
-                    Ok(r) => r,
-                    Err(e) => {
-                        for (stream, head) in snapshot.into_iter().rev() {
-                            chains.restore(&stream, head);
-                        }
-                        return Err(WorkerError::Spool(SpoolError::Invalid(e.to_string())));
+                let encoded = chains
+                    .seal(env)
+                    .and_then(|r| encode_sealed_entry(batch[i].position, &r).map(|e| (r, e)));
+                match encoded {
+                    Ok((record, bytes)) => {
+                        sealed_here.push((i, SharedRecord::new(record)));
+                        fresh.push(bytes);
                     }
-                };
-                item.sealed = Some(record.clone());
-                fresh.push(SealedEntry {
-                    position: item.position,
-                    record,
-                });
+                    Err(e) => {
+                        failure = Some(e);
+                        break;
+                    }
+                }
+            }
+            if let Some(e) = failure {
+                for (stream, head) in snapshot.into_iter().rev() {
+                    chains.restore(&stream, head);
+                }
+                return Err(invalid(e));
+            }
+            for (i, record) in sealed_here {
+                batch[i].sealed = Some(record);
             }
             ctx.metrics.chain_streams.set(chains.len() as i64);
         }
@@ -239,7 +255,7 @@ impl Worker {
     async fn process(&mut self, mut batch: Vec<WorkItem>) -> Result<bool, WorkerError> {
         let records = self.seal(&mut batch).await?;
         let positions: Vec<Position> = batch.iter().map(|i| i.position).collect();
-        let mut by_sink: BTreeMap<String, Vec<ForwardRecord>> = BTreeMap::new();
+        let mut by_sink: BTreeMap<String, Vec<SharedRecord>> = BTreeMap::new();
         for r in records {
             let name = r
                 .envelope
@@ -278,11 +294,7 @@ impl Worker {
 
     /// Delivers one sink's share of a batch, retrying retryable failures with backoff.
     /// `Ok(false)` when stopped while waiting to retry.
-    async fn deliver(
-        &mut self,
-        name: &str,
-        records: &[ForwardRecord],
-    ) -> Result<bool, WorkerError> {
+    async fn deliver(&mut self, name: &str, records: &[SharedRecord]) -> Result<bool, WorkerError> {
         let ctx = self.ctx.clone();
         let sink = ctx
             .sinks
