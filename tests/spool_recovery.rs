@@ -246,3 +246,34 @@ fn row_12_a_segment_from_a_newer_format_version_is_refused_untouched() {
         "the segment was changed"
     );
 }
+
+#[test]
+fn row_4_a_torn_tail_before_a_prepared_next_segment_is_still_a_torn_tail() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts = options(dir.path());
+    opts.preallocate = true;
+    let (s, _, _) = open(&opts);
+    let mut n = 0;
+    // Past half of segment 1 the writer prepares segment 2 in the background.
+    while s.durable_end().offset < 2600 {
+        append(&s, n);
+        n += 1;
+    }
+    assert_eq!(s.durable_end().segment, 1);
+    let end = s.durable_end().offset;
+    s.close().unwrap();
+    assert!(seg(dir.path(), 2).exists(), "segment 2 was prepared");
+    // A torn write at the end of segment 1: a frame marker and junk, never acknowledged.
+    let path = seg(dir.path(), 1);
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[end as usize..end as usize + 24].copy_from_slice(&[0xF7; 24]);
+    std::fs::write(&path, bytes).unwrap();
+    let (s, report, metrics) = open(&opts);
+    assert_eq!(read_all(&s), (0..n).collect::<Vec<_>>());
+    assert!(report.damaged.is_empty(), "{:?}", report.damaged);
+    assert_eq!(report.torn_tail_bytes, 24);
+    assert_eq!(metrics.recovery_corrupt_records_dropped_total.get(), 0);
+    // Appends continue, in the prepared segment.
+    let p = append(&s, n);
+    assert_eq!(p.segment, 2);
+}

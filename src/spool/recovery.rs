@@ -98,6 +98,22 @@ pub(crate) fn recover(
     // rather than after frames whose container is in doubt.
     let mut fresh_segment_needed = false;
     let last = ids.last().copied();
+    // The segment a crash can leave a torn write in: the newest one, or the newest one with
+    // data when the writer had already prepared the next (an intact header followed only by
+    // zeros, spool-format.md §1).
+    let mut tail_segment = last;
+    for &id in ids.iter().rev() {
+        let path = segment_path(&opts.dir, id);
+        let file = fs.open(&path).map_err(io("open segment", &path))?;
+        let len = file.len().map_err(io("stat segment", &path))?;
+        let bytes = read_all(file.as_ref(), len).map_err(io("read segment", &path))?;
+        let prepared = SegmentHeader::decode(&bytes).is_ok()
+            && bytes[HEADER_LEN as usize..].iter().all(|&b| b == 0);
+        tail_segment = Some(id);
+        if !prepared {
+            break;
+        }
+    }
     let payload_max = opts.record_bytes_max;
     for (n, &id) in ids.iter().enumerate() {
         if n > 0 && ids[n - 1] + 1 != id {
@@ -203,7 +219,7 @@ pub(crate) fn recover(
         if scanned.tail_garbage_bytes > 0 {
             let at = scanned.data_end;
             let len = scanned.tail_garbage_bytes;
-            if is_last {
+            if is_last || Some(id) == tail_segment {
                 // Bytes after the last valid frame of the newest segment were never
                 // acknowledged (an acknowledgement waits for the whole batch's fdatasync):
                 // a torn write. Zero them so the next append starts clean.
