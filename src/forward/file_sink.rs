@@ -3,6 +3,10 @@
 //! fdatasync'd before the sink reports success. On start it continues after the newest file.
 //! A failed write is retryable; a batch that was half written before a crash is written again
 //! whole, so a reader may see a record twice, always identically (verify accepts that).
+//!
+//! A crash (or a failed write) can leave a partial last line. Nothing in it was confirmed, so
+//! before appending to a file the sink cuts it back to its last newline; otherwise the next
+//! batch would be glued to the fragment and the file would hold a line no reader can parse.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -58,6 +62,16 @@ impl FileSink {
 
     fn open_index(&self, index: u64) -> std::io::Result<Current> {
         let path = self.dir.join(file_name(index));
+        if path.exists() {
+            let trimmed = trim_partial_line(&path)?;
+            if trimmed > 0 {
+                tracing::warn!(
+                    file = %path.display(),
+                    bytes = trimmed,
+                    "file sink: cut a partial last line (an unconfirmed write before a crash or failure)"
+                );
+            }
+        }
         let file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -96,6 +110,37 @@ impl FileSink {
     }
 }
 
+/// Cuts `path` back to just after its last newline (or to empty); returns the bytes removed.
+fn trim_partial_line(path: &Path) -> std::io::Result<u64> {
+    use std::os::unix::fs::FileExt;
+    const CHUNK_BYTES: u64 = 64 * 1024;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)?;
+    let len = file.metadata()?.len();
+    let mut end = len;
+    let mut buf = vec![0u8; CHUNK_BYTES as usize];
+    // Scan backwards chunk by chunk: lines are bounded by the record size, not the file size.
+    let keep = loop {
+        if end == 0 {
+            break 0;
+        }
+        let start = end.saturating_sub(CHUNK_BYTES);
+        let chunk = &mut buf[..(end - start) as usize];
+        file.read_exact_at(chunk, start)?;
+        if let Some(i) = chunk.iter().rposition(|&b| b == b'\n') {
+            break start + i as u64 + 1;
+        }
+        end = start;
+    };
+    if keep < len {
+        file.set_len(keep)?;
+        file.sync_data()?;
+    }
+    Ok(len - keep)
+}
+
 impl Sink for FileSink {
     fn name(&self) -> &str {
         &self.name
@@ -116,5 +161,45 @@ impl Sink for FileSink {
                 }
             })
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_partial_last_line_is_cut_back_to_the_last_newline() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f.jsonl");
+        std::fs::write(&path, b"{\"a\":1}\n{\"b\":2}\n{\"c\":").unwrap();
+        assert_eq!(trim_partial_line(&path).unwrap(), 5);
+        assert_eq!(std::fs::read(&path).unwrap(), b"{\"a\":1}\n{\"b\":2}\n");
+        assert_eq!(trim_partial_line(&path).unwrap(), 0);
+        std::fs::write(&path, b"no newline at all").unwrap();
+        assert_eq!(trim_partial_line(&path).unwrap(), 17);
+        assert!(std::fs::read(&path).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_batch_after_a_torn_line_starts_on_its_own_line() {
+        let rt = tokio::runtime::Builder::new_multi_thread().build().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(file_name(1)), b"{\"torn\":").unwrap();
+        let sink = FileSink::open("default", dir.path(), 1 << 20).unwrap();
+        let record = crate::chain::Chains::new()
+            .seal(crate::envelope::Envelope {
+                version: 1,
+                id: "x".into(),
+                source: "s".into(),
+                slot: crate::slots::slot_of("s"),
+                ..Default::default()
+            })
+            .unwrap();
+        rt.block_on(sink.deliver(&[SharedRecord::new(record)]))
+            .unwrap();
+        let text = std::fs::read_to_string(dir.path().join(file_name(1))).unwrap();
+        let summary = crate::chain::verify_jsonl(text.as_bytes()).unwrap();
+        assert_eq!(summary.records, 1);
     }
 }
