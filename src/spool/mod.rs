@@ -29,7 +29,7 @@
 //! memory is bounded by `segment_bytes_max`.
 //!
 //! **Reading** (`reader`). A [`Reader`] walks frames from any position across segments, never
-//! past the durable end, through a window of [`reader::WINDOW_BYTES`].
+//! past the durable end, through a window of 256 KiB (`reader::WINDOW_BYTES`).
 
 use std::path::PathBuf;
 use std::sync::Arc;
