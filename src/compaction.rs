@@ -13,10 +13,16 @@
 //! (atomically: temp file, fsync, rename, fsync of the directory); start-up loads the
 //! checkpoint and then advances it with the seals still in the spool.
 //!
+//! The dedup index loses its start-up source the same way: ids are rebuilt from the envelopes
+//! in the spool. So the same pass first writes the dedup entries of the envelopes in the
+//! segments it is about to delete to a dedup checkpoint (see `ingest::dedup_file`), and removes
+//! checkpoints whose entries have all left the window.
+//!
 //! A compaction pass runs after tombstones are written (the workers notify it) and at least
 //! every [`COMPACTION_INTERVAL`]; the same loop refreshes the pending-work gauges.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -24,7 +30,9 @@ use tokio::sync::{watch, Notify};
 
 use crate::chain::Chains;
 use crate::forward::ledger::Ledger;
+use crate::ingest::dedup_file;
 use crate::ingest::server::stopped;
+use crate::ingest::IngestState;
 use crate::metrics::Metrics;
 use crate::ring::Ring;
 use crate::spool::Spool;
@@ -37,6 +45,14 @@ pub struct Compactor {
     pub chains: Arc<Mutex<Chains>>,
     pub ring: Arc<Ring>,
     pub heads_path: PathBuf,
+    /// Where dedup checkpoints go (the data directory).
+    pub dedup_dir: PathBuf,
+    /// Holds the dedup index whose entries are checkpointed.
+    pub ingest: Arc<IngestState>,
+    /// Segments below this id have had their dedup entries checkpointed. Starts at the first
+    /// segment present at start-up (older ones were checkpointed before they were deleted); it
+    /// only grows.
+    pub dedup_checkpointed_below: AtomicU64,
     pub metrics: Arc<Metrics>,
     pub wake: Arc<Notify>,
 }
@@ -73,7 +89,8 @@ impl Compactor {
             .set(self.spool.segments().len() as i64);
     }
 
-    /// One pass: find the deletable prefix, checkpoint the chain heads, delete.
+    /// One pass: find the deletable prefix, checkpoint the chain heads and the dedup entries,
+    /// delete.
     pub async fn pass(&self) -> Result<u64, CompactionError> {
         let segments = self.spool.segments();
         let ids: Vec<u64> = segments.iter().map(|s| s.id).collect();
@@ -90,14 +107,39 @@ impl Compactor {
             .clone();
         let path = self.heads_path.clone();
         let spool = self.spool.clone();
+        let ingest = self.ingest.clone();
+        let dedup_dir = self.dedup_dir.clone();
+        let from = self.dedup_checkpointed_below.load(Ordering::SeqCst);
+        let window_ms = self
+            .ingest
+            .config
+            .ingest
+            .dedup_window_secs
+            .saturating_mul(1000);
         let freed = tokio::task::spawn_blocking(move || -> Result<u64, CompactionError> {
             snapshot
                 .save(&path)
                 .map_err(|e| CompactionError::Checkpoint(e.to_string()))?;
-            Ok(spool.remove_segments_below(below)?)
+            // The index walk takes the dedup lock briefly per pass; it runs here, off the
+            // async workers, because it is proportional to the index size.
+            let now_ms = crate::ingest::now_ms();
+            let entries = ingest.dedup.entries_in_segments(from, below, now_ms);
+            if !entries.is_empty() {
+                dedup_file::write(&dedup_dir, below, now_ms, &entries)
+                    .map_err(|e| CompactionError::Checkpoint(e.to_string()))?;
+            }
+            let freed = spool.remove_segments_below(below)?;
+            // Expired checkpoints are only a little disk; failing to remove one must not
+            // fail the pass that already deleted segments.
+            if let Err(e) = dedup_file::remove_expired(&dedup_dir, now_ms, window_ms) {
+                tracing::warn!(error = %e, "could not remove expired dedup checkpoints");
+            }
+            Ok(freed)
         })
         .await
         .map_err(|e| CompactionError::Task(e.to_string()))??;
+        self.dedup_checkpointed_below
+            .fetch_max(below, Ordering::SeqCst);
         self.ledger.forget_below(below);
         let deleted = ids.iter().filter(|&&id| id < below).count() as u64;
         self.metrics
@@ -117,7 +159,7 @@ impl Compactor {
 
 #[derive(Debug, thiserror::Error)]
 pub enum CompactionError {
-    #[error("chain-heads checkpoint failed: {0}")]
+    #[error("checkpoint before deletion failed: {0}")]
     Checkpoint(String),
     #[error(transparent)]
     Spool(#[from] crate::spool::SpoolError),

@@ -178,6 +178,12 @@ pub async fn run(config: Config) -> Result<Exit, DaemonError> {
     let chains = Chains::load(&heads_path).map_err(|e| DaemonError::Pipeline(e.to_string()))?;
     let chains = Arc::new(Mutex::new(chains));
     let ledger = Arc::new(Ledger::default());
+    {
+        let (state, metrics, dir) = (state.clone(), metrics.clone(), config.data_dir.clone());
+        tokio::task::spawn_blocking(move || load_dedup_checkpoints(&state, &metrics, &dir))
+            .await
+            .map_err(|e| DaemonError::Task(e.to_string()))?;
+    }
     let summary = {
         let (spool, state, ledger, chains) =
             (spool.clone(), state.clone(), ledger.clone(), chains.clone());
@@ -247,6 +253,13 @@ pub async fn run(config: Config) -> Result<Exit, DaemonError> {
             chains,
             ring: ring.clone(),
             heads_path,
+            dedup_dir: config.data_dir.clone(),
+            ingest: state.clone(),
+            // Entries of segments deleted before this start are already in checkpoints
+            // (loaded above); only segments still present need checkpointing again.
+            dedup_checkpointed_below: std::sync::atomic::AtomicU64::new(
+                spool.segments().first().map_or(0, |s| s.id),
+            ),
             metrics: metrics.clone(),
             wake: compaction_wake,
         }
@@ -404,5 +417,38 @@ async fn wait_for_signal() {
             tracing::warn!("could not install signal handlers; stop with SIGKILL");
             std::future::pending::<()>().await;
         }
+    }
+}
+
+/// Loads every dedup checkpoint into the dedup index (before the spool scan adds the ids still
+/// in the spool). A file that cannot be read is skipped, logged and counted: the index serves
+/// retries, and a damaged part of it must not keep the daemon from starting.
+fn load_dedup_checkpoints(state: &IngestState, metrics: &Metrics, dir: &std::path::Path) {
+    let files = match crate::ingest::dedup_file::list(dir) {
+        Ok(files) => files,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot list dedup checkpoints; ids of compacted segments are not deduplicated");
+            metrics.recovery_dedup_files_skipped_total.inc();
+            return;
+        }
+    };
+    let now_ms = ingest::now_ms();
+    let (mut loaded, mut kept) = (0u64, 0u64);
+    for (path, _) in files {
+        match crate::ingest::dedup_file::read(&path) {
+            Ok(entries) => {
+                loaded += 1;
+                for entry in entries {
+                    kept += u64::from(state.dedup.insert_checkpointed(entry, now_ms));
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "dedup checkpoint skipped; the ids in it are not deduplicated");
+                metrics.recovery_dedup_files_skipped_total.inc();
+            }
+        }
+    }
+    if loaded > 0 {
+        tracing::info!(files = loaded, ids = kept, "dedup checkpoints loaded");
     }
 }

@@ -185,6 +185,74 @@ fn once_everything_is_delivered_the_spool_shrinks_to_the_active_segment_and_a_re
 }
 
 #[test]
+fn a_retried_id_is_deduplicated_after_its_segment_was_compacted_and_the_daemon_restarted() {
+    let mut d = Daemon::start(&[
+        "--set",
+        "spool.segment_bytes_max=1048576",
+        "--set",
+        "spool.record_bytes_max=65536",
+        "--set",
+        "ingest.envelope_bytes_max=60000",
+        "--set",
+        "spool.commit_batch_bytes_max=65536",
+    ]);
+    let text = "z".repeat(30_000);
+    let body = |n: usize| json!({"source": "big", "id": format!("big-{n}"), "text": text});
+    let first = d.post_json(&body(0));
+    assert_eq!(first.status, 202);
+    let original = first.json()["envelopes"][0]["position"].clone();
+    for n in 1..100 {
+        assert_eq!(d.post_json(&body(n)).status, 202);
+    }
+    d.wait_metric("spoolgate_forward_records_total{sink=\"default\"}", |v| {
+        v >= 100.0
+    });
+    // The segment that held big-0 is gone: only a dedup checkpoint remembers it.
+    d.wait_metric("spoolgate_compaction_segments_deleted_total", |v| v >= 2.0);
+    let checkpoints: Vec<_> = std::fs::read_dir(&d.data_dir)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with("dedup-"))
+        .collect();
+    assert!(!checkpoints.is_empty());
+    let first_segment = format!("{:020}.seg", original["segment"].as_u64().unwrap());
+    assert!(!d.data_dir.join(first_segment).exists());
+    d.kill9();
+    d.restart();
+    let again = d.post_json(&body(0));
+    assert_eq!(again.status, 202);
+    assert_eq!(again.json()["envelopes"][0]["position"], original);
+    assert_eq!(again.json()["envelopes"][0]["duplicate"], true);
+    assert_eq!(d.metric("spoolgate_ingest_dedup_hits_total"), 1.0);
+    assert_eq!(d.metric("spoolgate_ingest_envelopes_accepted_total"), 0.0);
+    assert_eq!(
+        d.metric("spoolgate_recovery_dedup_files_skipped_total"),
+        0.0
+    );
+}
+
+#[test]
+fn a_damaged_dedup_checkpoint_is_skipped_and_counted_and_the_daemon_still_starts() {
+    let mut d = Daemon::start(&[]);
+    assert_eq!(d.post_json(&json!({"source": "s", "id": "x"})).status, 202);
+    d.kill9();
+    std::fs::write(
+        d.data_dir
+            .join("dedup-00000000000000000002-00000000000000000001"),
+        b"SGDEDUP1garbage",
+    )
+    .unwrap();
+    d.restart();
+    assert_eq!(
+        d.metric("spoolgate_recovery_dedup_files_skipped_total"),
+        1.0
+    );
+    // The id still in the spool is deduplicated as before.
+    let again = d.post_json(&json!({"source": "s", "id": "x"}));
+    assert_eq!(again.json()["envelopes"][0]["duplicate"], true);
+}
+
+#[test]
 fn records_pending_at_a_kill_are_replayed_and_delivered_after_restart() {
     // A sink that is down: everything stays pending, then the daemon is killed.
     let sink = TestSink::start(|n| {

@@ -22,6 +22,7 @@
 
 pub mod backpressure;
 pub mod dedup;
+pub mod dedup_file;
 pub mod parse;
 pub mod server;
 
