@@ -19,7 +19,8 @@
 //! between.
 //!
 //! Bound: one head (stream name, sequence number, 32-byte hash) per stream that has ever sent a
-//! record; they are checkpointed to `chain-heads` before compaction deletes seals.
+//! record, and ingest admits at most `ingest.streams_max` streams (see `ingest::streams`); heads
+//! are checkpointed to `chain-heads` before compaction deletes seals.
 
 use std::collections::HashMap;
 use std::io::BufRead;
@@ -118,6 +119,11 @@ impl Chains {
 
     pub fn len(&self) -> usize {
         self.heads.len()
+    }
+
+    /// The names of every stream with a head.
+    pub fn streams(&self) -> impl Iterator<Item = &str> {
+        self.heads.keys().map(String::as_str)
     }
 
     pub fn is_empty(&self) -> bool {

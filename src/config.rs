@@ -90,6 +90,9 @@ pub struct IngestConfig {
     pub dedup_window_secs: u64,
     /// Bound on ids remembered for dedup (oldest forgotten first).
     pub dedup_entries_max: usize,
+    /// Bound on distinct streams (tenants, or sources without a tenant); a request naming a new
+    /// stream beyond it gets 422. Each stream keeps a chain head for the life of the spool.
+    pub streams_max: usize,
     /// Bearer tokens; when non-empty, every ingest request needs one.
     pub tokens: Vec<TokenConfig>,
 }
@@ -245,6 +248,7 @@ impl Default for IngestConfig {
             unknown_fields: UnknownFields::Meta,
             dedup_window_secs: 600,
             dedup_entries_max: 1_000_000,
+            streams_max: 100_000,
             tokens: Vec::new(),
         }
     }
@@ -503,6 +507,7 @@ impl Config {
             0,
             100_000_000,
         )?;
+        check_range("ingest.streams_max", i.streams_max as u64, 1, 10_000_000)?;
         for (n, t) in i.tokens.iter().enumerate() {
             if t.token.len() < 16 {
                 return Err(invalid(

@@ -194,6 +194,7 @@ pub async fn run(config: Config) -> Result<Exit, DaemonError> {
                 &ledger,
                 ingest::now_ms(),
                 |env, position| {
+                    state.streams.insert_recovered(env.stream());
                     state.dedup.insert_recovered(
                         crate::ingest::dedup::key(env.tenant.as_deref(), &env.id),
                         position,
@@ -206,6 +207,19 @@ pub async fn run(config: Config) -> Result<Exit, DaemonError> {
         .await
         .map_err(|e| DaemonError::Task(e.to_string()))??
     };
+    {
+        let chains = chains.lock().unwrap_or_else(|p| p.into_inner());
+        for stream in chains.streams() {
+            state.streams.insert_recovered(stream);
+        }
+    }
+    if state.streams.len() > config.ingest.streams_max {
+        tracing::warn!(
+            streams = state.streams.len(),
+            streams_max = config.ingest.streams_max,
+            "more streams than ingest.streams_max exist; they keep working, new ones are refused"
+        );
+    }
     tracing::info!(
         envelopes = summary.envelopes,
         pending = summary.pending,

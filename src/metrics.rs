@@ -174,7 +174,7 @@ impl Metrics {
 
             ingest_requests_total: counter_vec(&r, "spoolgate_ingest_requests_total", "HTTP requests by route and status code.", &["route", "code"]),
             ingest_envelopes_accepted_total: counter(&r, "spoolgate_ingest_envelopes_accepted_total", "Envelopes acknowledged with 202 (dedup hits excluded)."),
-            ingest_rejected_total: counter_vec(&r, "spoolgate_ingest_rejected_total", "Requests refused with 429 or 503, by reason (disk, quota, priority, enospc, poisoned, not_ready).", &["reason"]),
+            ingest_rejected_total: counter_vec(&r, "spoolgate_ingest_rejected_total", "Requests refused for a limit or state, by reason: 429 (disk, quota, priority, enospc), 503 (poisoned, not_ready), 422 (streams).", &["reason"]),
             ingest_request_duration_seconds: histogram_vec(&r, "spoolgate_ingest_request_duration_seconds", "Ingest request duration, from headers read to response.", &["route"], d),
             ingest_dedup_hits_total: counter(&r, "spoolgate_ingest_dedup_hits_total", "Envelopes answered from the dedup index instead of being written again."),
             ingest_connections_open: gauge(&r, "spoolgate_ingest_connections_open", "Open ingest connections."),

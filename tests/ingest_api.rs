@@ -186,6 +186,44 @@ fn a_retried_id_is_answered_with_its_original_position_even_after_a_restart() {
     assert_eq!(d.metric("spoolgate_ingest_dedup_hits_total"), 1.0);
 }
 
+#[test]
+fn a_new_stream_beyond_streams_max_is_refused_with_422_and_the_bound_survives_a_restart() {
+    let mut d = Daemon::start(&["--set", "ingest.streams_max=2"]);
+    assert_eq!(d.post_json(&json!({"source": "a"})).status, 202);
+    assert_eq!(
+        d.post_json(&json!({"source": "x", "tenant": "b"})).status,
+        202
+    );
+    let appends_before = d.metric("spoolgate_spool_appends_total");
+    let r = d.post_json(&json!([{"source": "a"}, {"source": "c"}]));
+    assert_eq!(r.status, 422);
+    let body = r.json();
+    assert_eq!(body["error"], "stream_limit");
+    assert_eq!(body["index"], 1);
+    assert!(body["message"]
+        .as_str()
+        .unwrap()
+        .contains("ingest.streams_max (2)"));
+    assert_eq!(d.metric("spoolgate_spool_appends_total"), appends_before);
+    assert_eq!(
+        d.metric("spoolgate_ingest_rejected_total{reason=\"streams\"}"),
+        1.0
+    );
+    // A tenant is the stream: another source of tenant b is not a new stream.
+    assert_eq!(
+        d.post_json(&json!({"source": "y", "tenant": "b"})).status,
+        202
+    );
+    d.kill9();
+    d.restart();
+    assert_eq!(d.post_json(&json!({"source": "c"})).status, 422);
+    assert_eq!(d.post_json(&json!({"source": "a"})).status, 202);
+    assert_eq!(
+        d.post_json(&json!({"source": "z", "tenant": "b"})).status,
+        202
+    );
+}
+
 /// Posts 50 KB envelopes until the spool has rotated into a second 1 MiB segment.
 fn fill_first_segment(d: &Daemon) {
     let text = "y".repeat(50_000);

@@ -201,6 +201,11 @@ fn a_retried_id_is_deduplicated_after_its_segment_was_compacted_and_the_daemon_r
     let first = d.post_json(&body(0));
     assert_eq!(first.status, 202);
     let original = first.json()["envelopes"][0]["position"].clone();
+    let first_segment = d
+        .data_dir
+        .join("spool")
+        .join(format!("{:020}.seg", original["segment"].as_u64().unwrap()));
+    assert!(first_segment.exists());
     for n in 1..100 {
         assert_eq!(d.post_json(&body(n)).status, 202);
     }
@@ -215,8 +220,7 @@ fn a_retried_id_is_deduplicated_after_its_segment_was_compacted_and_the_daemon_r
         .filter(|e| e.file_name().to_string_lossy().starts_with("dedup-"))
         .collect();
     assert!(!checkpoints.is_empty());
-    let first_segment = format!("{:020}.seg", original["segment"].as_u64().unwrap());
-    assert!(!d.data_dir.join(first_segment).exists());
+    assert!(!first_segment.exists());
     d.kill9();
     d.restart();
     let again = d.post_json(&body(0));
@@ -229,6 +233,46 @@ fn a_retried_id_is_deduplicated_after_its_segment_was_compacted_and_the_daemon_r
         d.metric("spoolgate_recovery_dedup_files_skipped_total"),
         0.0
     );
+}
+
+#[test]
+fn a_stream_known_only_from_the_chain_heads_checkpoint_still_counts_against_streams_max() {
+    let mut d = Daemon::start(&[
+        "--set",
+        "spool.segment_bytes_max=1048576",
+        "--set",
+        "spool.record_bytes_max=65536",
+        "--set",
+        "ingest.envelope_bytes_max=60000",
+        "--set",
+        "spool.commit_batch_bytes_max=65536",
+        "--set",
+        "ingest.streams_max=2",
+    ]);
+    let early = d.post_json(&json!({"source": "early"}));
+    assert_eq!(early.status, 202);
+    let early_segment = d.data_dir.join("spool").join(format!(
+        "{:020}.seg",
+        early.json()["envelopes"][0]["position"]["segment"]
+            .as_u64()
+            .unwrap()
+    ));
+    assert!(early_segment.exists());
+    let text = "z".repeat(30_000);
+    for n in 0..100 {
+        let r = d.post_json(&json!({"source": "big", "id": format!("big-{n}"), "text": text}));
+        assert_eq!(r.status, 202);
+    }
+    d.wait_metric("spoolgate_forward_records_total{sink=\"default\"}", |v| {
+        v >= 101.0
+    });
+    d.wait_metric("spoolgate_compaction_segments_deleted_total", |v| v >= 2.0);
+    // The envelope and the seal of `early` are gone with their segment.
+    assert!(!early_segment.exists());
+    d.kill9();
+    d.restart();
+    assert_eq!(d.post_json(&json!({"source": "late"})).status, 422);
+    assert_eq!(d.post_json(&json!({"source": "early"})).status, 202);
 }
 
 #[test]

@@ -14,6 +14,7 @@
 //! | body arrives within the timeout         | 408    | `body_timeout`        |
 //! | every item valid (see `parse`)          | 400/413| `invalid_envelope`, ... with `index` |
 //! | backpressure watermarks                 | 429    | `backpressure` with `reason` |
+//! | streams known or below `streams_max`    | 422    | `stream_limit` with `index` |
 //! | no concurrent request with the same id  | 409    | `id_in_flight` with `index` |
 //! | spool append (fdatasync'd)              | 429 on ENOSPC, 503 on I/O failure |
 //!
@@ -25,6 +26,7 @@ pub mod dedup;
 pub mod dedup_file;
 pub mod parse;
 pub mod server;
+pub mod streams;
 
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -44,6 +46,7 @@ use backpressure::{Backpressure, Refusal};
 use dedup::{Dedup, Reservation};
 use parse::{ContentType, ParseLimits};
 use server::HttpResponse;
+use streams::KnownStreams;
 
 /// Everything the ingest handlers share. `spool` is set once recovery has finished; until then
 /// every ingest request is answered 503 and `/readyz` fails.
@@ -52,6 +55,8 @@ pub struct IngestState {
     pub metrics: Arc<Metrics>,
     pub spool: OnceLock<Spool>,
     pub dedup: Dedup,
+    /// Streams admitted so far, bounded by `ingest.streams_max`.
+    pub streams: KnownStreams,
     pub backpressure: Backpressure,
     /// Set when shutdown starts: new requests get 503 while in-flight ones finish.
     pub draining: std::sync::atomic::AtomicBool,
@@ -64,11 +69,13 @@ impl IngestState {
             config.ingest.dedup_entries_max,
         );
         let backpressure = Backpressure::new(&config.spool);
+        let streams = KnownStreams::new(config.ingest.streams_max);
         IngestState {
             config,
             metrics,
             spool: OnceLock::new(),
             dedup,
+            streams,
             backpressure,
             draining: std::sync::atomic::AtomicBool::new(false),
         }
@@ -314,6 +321,28 @@ async fn ingest(state: &IngestState, req: Request<Incoming>) -> HttpResponse {
             .with_label_values(&[refusal.reason])
             .inc();
         return refusal_response(&refusal);
+    }
+
+    if let Err(limit) = state
+        .streams
+        .admit(parsed.iter().map(|p| p.envelope.stream()))
+    {
+        state
+            .metrics
+            .ingest_rejected_total
+            .with_label_values(&["streams"])
+            .inc();
+        return json_response(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            json!({
+                "error": "stream_limit",
+                "index": limit.index,
+                "message": format!(
+                    "envelope at index {}: stream {:?} would be a new stream, and ingest.streams_max ({}) streams exist already",
+                    limit.index, limit.stream, limit.streams_max
+                ),
+            }),
+        );
     }
 
     let keys: Vec<String> = parsed
