@@ -47,6 +47,9 @@ pub struct Compactor {
     pub heads_path: PathBuf,
     /// Where dedup checkpoints go (the data directory).
     pub dedup_dir: PathBuf,
+    /// The dedup checkpoints on disk, oldest first: loaded at start-up, then added to by each
+    /// pass and pruned by age and by `dedup_entries_max` (see `Checkpoints::take_obsolete`).
+    pub dedup_checkpoints: Arc<Mutex<dedup_file::Checkpoints>>,
     /// Holds the dedup index whose entries are checkpointed.
     pub ingest: Arc<IngestState>,
     /// Segments below this id have had their dedup entries checkpointed. Starts at the first
@@ -110,12 +113,14 @@ impl Compactor {
         let ingest = self.ingest.clone();
         let dedup_dir = self.dedup_dir.clone();
         let from = self.dedup_checkpointed_below.load(Ordering::SeqCst);
+        let checkpoints = self.dedup_checkpoints.clone();
         let window_ms = self
             .ingest
             .config
             .ingest
             .dedup_window_secs
             .saturating_mul(1000);
+        let entries_max = self.ingest.config.ingest.dedup_entries_max;
         let freed = tokio::task::spawn_blocking(move || -> Result<u64, CompactionError> {
             snapshot
                 .save(&path)
@@ -124,15 +129,23 @@ impl Compactor {
             // async workers, because it is proportional to the index size.
             let now_ms = crate::ingest::now_ms();
             let entries = ingest.dedup.entries_in_segments(from, below, now_ms);
+            let mut checkpoints = checkpoints.lock().unwrap_or_else(|p| p.into_inner());
             if !entries.is_empty() {
-                dedup_file::write(&dedup_dir, below, now_ms, &entries)
+                let path = dedup_file::write(&dedup_dir, below, now_ms, &entries)
                     .map_err(|e| CompactionError::Checkpoint(e.to_string()))?;
+                checkpoints.push(dedup_file::Checkpoint {
+                    path,
+                    written_ms: now_ms,
+                    entries: entries.len(),
+                });
             }
             let freed = spool.remove_segments_below(below)?;
-            // Expired checkpoints are only a little disk; failing to remove one must not
-            // fail the pass that already deleted segments.
-            if let Err(e) = dedup_file::remove_expired(&dedup_dir, now_ms, window_ms) {
-                tracing::warn!(error = %e, "could not remove expired dedup checkpoints");
+            // An obsolete checkpoint is only disk; failing to remove one must not fail the
+            // pass that already deleted segments. Such a file is found again at the next start.
+            for obsolete in checkpoints.take_obsolete(now_ms, window_ms, entries_max) {
+                if let Err(e) = std::fs::remove_file(&obsolete.path) {
+                    tracing::warn!(path = %obsolete.path.display(), error = %e, "could not remove an obsolete dedup checkpoint");
+                }
             }
             Ok(freed)
         })

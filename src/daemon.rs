@@ -33,7 +33,7 @@ use crate::forward::sink::build_sinks;
 use crate::gate::Gate;
 use crate::ingest::backpressure::{filesystem_free_bytes, SAMPLE_INTERVAL};
 use crate::ingest::server::{serve, stopped, ConnectionLimits};
-use crate::ingest::{self, IngestState};
+use crate::ingest::{self, dedup_file, IngestState};
 use crate::metrics::Metrics;
 use crate::ring::Ring;
 use crate::spool::{Spool, SpoolError};
@@ -178,12 +178,12 @@ pub async fn run(config: Config) -> Result<Exit, DaemonError> {
     let chains = Chains::load(&heads_path).map_err(|e| DaemonError::Pipeline(e.to_string()))?;
     let chains = Arc::new(Mutex::new(chains));
     let ledger = Arc::new(Ledger::default());
-    {
+    let dedup_checkpoints = {
         let (state, metrics, dir) = (state.clone(), metrics.clone(), config.data_dir.clone());
         tokio::task::spawn_blocking(move || load_dedup_checkpoints(&state, &metrics, &dir))
             .await
-            .map_err(|e| DaemonError::Task(e.to_string()))?;
-    }
+            .map_err(|e| DaemonError::Task(e.to_string()))?
+    };
     let summary = {
         let (spool, state, ledger, chains) =
             (spool.clone(), state.clone(), ledger.clone(), chains.clone());
@@ -268,6 +268,7 @@ pub async fn run(config: Config) -> Result<Exit, DaemonError> {
             ring: ring.clone(),
             heads_path,
             dedup_dir: config.data_dir.clone(),
+            dedup_checkpoints: Arc::new(Mutex::new(dedup_checkpoints)),
             ingest: state.clone(),
             // Entries of segments deleted before this start are already in checkpoints
             // (loaded above); only segments still present need checkpointing again.
@@ -435,34 +436,50 @@ async fn wait_for_signal() {
 }
 
 /// Loads every dedup checkpoint into the dedup index (before the spool scan adds the ids still
-/// in the spool). A file that cannot be read is skipped, logged and counted: the index serves
-/// retries, and a damaged part of it must not keep the daemon from starting.
-fn load_dedup_checkpoints(state: &IngestState, metrics: &Metrics, dir: &std::path::Path) {
-    let files = match crate::ingest::dedup_file::list(dir) {
+/// in the spool) and returns them for compaction to prune. A file that cannot be read is
+/// skipped, logged and counted: the index serves retries, and a damaged part of it must not
+/// keep the daemon from starting. It is still tracked (with no entries), so it is removed once
+/// its write time leaves the window.
+fn load_dedup_checkpoints(
+    state: &IngestState,
+    metrics: &Metrics,
+    dir: &std::path::Path,
+) -> dedup_file::Checkpoints {
+    let mut checkpoints = dedup_file::Checkpoints::default();
+    let files = match dedup_file::list(dir) {
         Ok(files) => files,
         Err(e) => {
             tracing::warn!(error = %e, "cannot list dedup checkpoints; ids of compacted segments are not deduplicated");
             metrics.recovery_dedup_files_skipped_total.inc();
-            return;
+            return checkpoints;
         }
     };
     let now_ms = ingest::now_ms();
     let (mut loaded, mut kept) = (0u64, 0u64);
-    for (path, _) in files {
-        match crate::ingest::dedup_file::read(&path) {
+    for (path, written_ms) in files {
+        let entries = match dedup_file::read(&path) {
             Ok(entries) => {
                 loaded += 1;
+                let count = entries.len();
                 for entry in entries {
                     kept += u64::from(state.dedup.insert_checkpointed(entry, now_ms));
                 }
+                count
             }
             Err(e) => {
                 tracing::warn!(error = %e, "dedup checkpoint skipped; the ids in it are not deduplicated");
                 metrics.recovery_dedup_files_skipped_total.inc();
+                0
             }
-        }
+        };
+        checkpoints.push(dedup_file::Checkpoint {
+            path,
+            written_ms,
+            entries,
+        });
     }
     if loaded > 0 {
         tracing::info!(files = loaded, ids = kept, "dedup checkpoints loaded");
     }
+    checkpoints
 }

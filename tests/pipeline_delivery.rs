@@ -276,6 +276,47 @@ fn a_stream_known_only_from_the_chain_heads_checkpoint_still_counts_against_stre
 }
 
 #[test]
+fn dedup_checkpoints_on_disk_stay_within_about_twice_dedup_entries_max() {
+    let entries_max = 50usize;
+    let mut d = Daemon::start(&[
+        "--set",
+        "spool.segment_bytes_max=1048576",
+        "--set",
+        "spool.record_bytes_max=65536",
+        "--set",
+        "ingest.envelope_bytes_max=60000",
+        "--set",
+        "spool.commit_batch_bytes_max=65536",
+        "--set",
+        &format!("ingest.dedup_entries_max={entries_max}"),
+    ]);
+    let text = "z".repeat(30_000);
+    for n in 0..300 {
+        let r = d.post_json(&json!({"source": "big", "id": format!("big-{n}"), "text": text}));
+        assert_eq!(r.status, 202);
+    }
+    d.wait_metric("spoolgate_forward_records_total{sink=\"default\"}", |v| {
+        v >= 300.0
+    });
+    d.wait_metric("spoolgate_compaction_segments_deleted_total", |v| v >= 8.0);
+    // Stopped, so no pass writes or removes a file while they are read.
+    d.kill9();
+    // Each pass that deleted segments wrote the ids it still remembered; older files whose
+    // ids newer ones outnumber are gone (a load would evict those ids anyway).
+    let files = spoolgate::ingest::dedup_file::list(&d.data_dir).unwrap();
+    assert!(!files.is_empty());
+    let on_disk: usize = files
+        .iter()
+        .map(|(path, _)| spoolgate::ingest::dedup_file::read(path).unwrap().len())
+        .sum();
+    assert!(
+        on_disk < 2 * entries_max,
+        "{on_disk} entries in {} files",
+        files.len()
+    );
+}
+
+#[test]
 fn a_damaged_dedup_checkpoint_is_skipped_and_counted_and_the_daemon_still_starts() {
     let mut d = Daemon::start(&[]);
     assert_eq!(d.post_json(&json!({"source": "s", "id": "x"})).status, 202);

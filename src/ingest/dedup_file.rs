@@ -9,11 +9,13 @@
 //! fdatasync, rename, directory fsync); start-up loads every such file before it scans the
 //! spool.
 //!
-//! Each entry is written once, by the pass that deletes its segment, so the cost follows the
-//! ingest rate, not the index size. Bounds: one file per compaction pass that deleted segments,
-//! removed once its newest entry has left the window (at most `dedup_window_secs` worth of
-//! passes; compaction runs at most about once a second); each file holds at most
-//! `dedup_entries_max` entries and at most [`DEDUP_FILE_BYTES_MAX`] bytes; a load keeps at most
+//! Each entry is written once, by the pass that deletes its segment. Bounds: each file holds at
+//! most `dedup_entries_max` entries (it is taken from the index) and at most
+//! [`DEDUP_FILE_BYTES_MAX`] bytes. A file is removed once its write time has left the window,
+//! or once newer files hold `dedup_entries_max` entries between them ([`Checkpoints`]), so all
+//! files together hold less than twice `dedup_entries_max` entries: at the default of
+//! 1,000,000, at most about 1.1 GB with the longest tenants and ids (256 bytes each), about
+//! 150 MB with 36-byte ids and short tenants. A load keeps at most
 //! `dedup_entries_max` entries in all (the index's own bound).
 //!
 //! A damaged or unreadable file is skipped with a warning and
@@ -169,21 +171,61 @@ pub fn read(path: &Path) -> Result<Vec<DedupEntry>, DedupFileError> {
     })
 }
 
-/// Removes checkpoints written more than `window_ms` ago: every entry in them is older still.
-/// Returns how many were removed.
-pub fn remove_expired(dir: &Path, now_ms: u64, window_ms: u64) -> Result<usize, DedupFileError> {
-    let mut removed = 0;
-    for (path, written_ms) in list(dir)? {
-        if now_ms.saturating_sub(written_ms) <= window_ms {
-            continue;
-        }
-        std::fs::remove_file(&path).map_err(|source| DedupFileError::Io {
-            path: path.clone(),
-            source,
-        })?;
-        removed += 1;
+/// One checkpoint file on disk, as compaction keeps track of them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Checkpoint {
+    pub path: PathBuf,
+    pub written_ms: u64,
+    /// Entries in the file (0 for a file that could not be read).
+    pub entries: usize,
+}
+
+/// The checkpoints compaction has written or start-up found, oldest first, and the rule for
+/// which of them are still worth keeping.
+#[derive(Debug, Default)]
+pub struct Checkpoints {
+    files: std::collections::VecDeque<Checkpoint>,
+    entries: usize,
+}
+
+impl Checkpoints {
+    pub fn push(&mut self, checkpoint: Checkpoint) {
+        self.entries += checkpoint.entries;
+        self.files.push_back(checkpoint);
     }
-    Ok(removed)
+
+    pub fn len(&self) -> usize {
+        self.files.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.files.is_empty()
+    }
+
+    /// Takes out the checkpoints that no longer serve, for the caller to delete: those written
+    /// more than `window_ms` ago (every entry in them is older still), and the oldest ones
+    /// whose entries a load would evict anyway because the newer files already hold
+    /// `entries_max`. What stays is at most `entries_max` entries plus one file's worth, which
+    /// is the bound on the disk they use.
+    pub fn take_obsolete(
+        &mut self,
+        now_ms: u64,
+        window_ms: u64,
+        entries_max: usize,
+    ) -> Vec<Checkpoint> {
+        let mut obsolete = Vec::new();
+        while let Some(oldest) = self.files.front() {
+            let expired = now_ms.saturating_sub(oldest.written_ms) > window_ms;
+            let shadowed = self.entries - oldest.entries >= entries_max;
+            if !expired && !shadowed {
+                break;
+            }
+            let oldest = self.files.pop_front().expect("front exists");
+            self.entries -= oldest.entries;
+            obsolete.push(oldest);
+        }
+        obsolete
+    }
 }
 
 #[cfg(test)]
@@ -224,15 +266,47 @@ mod tests {
     }
 
     #[test]
-    fn checkpoints_are_listed_oldest_first_and_expire_by_their_write_time() {
+    fn checkpoints_are_listed_oldest_first_by_name() {
         let dir = tempfile::tempdir().unwrap();
         write(dir.path(), 9, 5_000, &[entry(2)]).unwrap();
         write(dir.path(), 5, 1_000, &[entry(1)]).unwrap();
         std::fs::write(dir.path().join("dedup-unrelated"), b"x").unwrap();
         let listed: Vec<u64> = list(dir.path()).unwrap().iter().map(|l| l.1).collect();
         assert_eq!(listed, vec![1_000, 5_000]);
-        assert_eq!(remove_expired(dir.path(), 7_000, 3_000).unwrap(), 1);
-        let listed: Vec<u64> = list(dir.path()).unwrap().iter().map(|l| l.1).collect();
-        assert_eq!(listed, vec![5_000]);
+    }
+
+    fn checkpoint(written_ms: u64, entries: usize) -> Checkpoint {
+        Checkpoint {
+            path: PathBuf::from(format!("dedup-{written_ms}")),
+            written_ms,
+            entries,
+        }
+    }
+
+    #[test]
+    fn a_checkpoint_is_obsolete_once_its_write_time_left_the_window() {
+        let mut c = Checkpoints::default();
+        c.push(checkpoint(1_000, 5));
+        c.push(checkpoint(5_000, 5));
+        assert!(c.take_obsolete(4_000, 3_000, 100).is_empty());
+        let gone = c.take_obsolete(7_000, 3_000, 100);
+        assert_eq!(gone, vec![checkpoint(1_000, 5)]);
+        assert_eq!(c.len(), 1);
+    }
+
+    #[test]
+    fn old_checkpoints_are_obsolete_once_newer_ones_hold_entries_max() {
+        let mut c = Checkpoints::default();
+        for (n, written_ms) in [1_000u64, 2_000, 3_000, 4_000].into_iter().enumerate() {
+            c.push(checkpoint(written_ms, 40 + n));
+        }
+        // 40 + 41 + 42 + 43 entries; the newest two (85) are not 100, the newest three are.
+        let gone = c.take_obsolete(4_000, 60_000, 100);
+        assert_eq!(gone, vec![checkpoint(1_000, 40)]);
+        assert_eq!(c.len(), 3);
+        assert!(c.take_obsolete(4_000, 60_000, 100).is_empty());
+        // An unreadable file (0 entries) goes by its age only.
+        c.push(checkpoint(4_500, 0));
+        assert!(c.take_obsolete(4_500, 60_000, 200).is_empty());
     }
 }
