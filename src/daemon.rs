@@ -156,6 +156,15 @@ pub async fn run(config: Config) -> Result<Exit, DaemonError> {
             .map_err(|e| DaemonError::Task(e.to_string()))?
     };
     let (spool, report) = opened?;
+    // Only now, with the directory lock held, is every temp file in the data directory a
+    // leftover of a process that was killed while writing a checkpoint.
+    let stale = remove_stale_temp_files(&config.data_dir);
+    if stale > 0 {
+        tracing::info!(
+            files = stale,
+            "removed temp files left by an interrupted checkpoint write"
+        );
+    }
     tracing::info!(
         segments = report.segments,
         records = report.records,
@@ -482,4 +491,30 @@ fn load_dedup_checkpoints(
         tracing::info!(files = loaded, ids = kept, "dedup checkpoints loaded");
     }
     checkpoints
+}
+
+/// Removes the temp files (`.tmp*`, as `tempfile` names them) that a kill left behind while the
+/// chain heads, a dedup checkpoint or the address file was being written. Without this each
+/// such kill would leave one file in the data directory for good.
+fn remove_stale_temp_files(dir: &std::path::Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let is_temp = entry
+            .file_name()
+            .to_str()
+            .is_some_and(|n| n.starts_with(".tmp"));
+        if !is_temp || !entry.file_type().is_ok_and(|t| t.is_file()) {
+            continue;
+        }
+        match std::fs::remove_file(entry.path()) {
+            Ok(()) => removed += 1,
+            Err(e) => {
+                tracing::warn!(path = %entry.path().display(), error = %e, "could not remove a stale temp file")
+            }
+        }
+    }
+    removed
 }

@@ -298,3 +298,20 @@ fn idle_connections_and_a_client_that_never_reads_do_not_stop_others_being_serve
     let _ = deaf.read(&mut buf);
     assert!(d.metric("spoolgate_ingest_connections_open") <= 64.0);
 }
+
+#[test]
+fn temp_files_left_by_a_kill_during_a_checkpoint_write_are_removed_at_the_next_start() {
+    let mut d = Daemon::start(&[]);
+    assert_eq!(d.post_json(&envelope(1)).status, 202);
+    d.kill9();
+    let stale = d.data_dir.join(".tmpXq3ZpL");
+    std::fs::write(&stale, b"half a checkpoint").unwrap();
+    let other = d.data_dir.join("operator-notes.tmp");
+    std::fs::write(&other, b"not ours").unwrap();
+    d.restart();
+    assert!(!stale.exists());
+    // Nothing else in the data directory is touched, and what was acknowledged is there.
+    assert!(other.exists());
+    let again = d.post_json(&envelope(1));
+    assert_eq!(again.json()["envelopes"][0]["duplicate"], true);
+}
