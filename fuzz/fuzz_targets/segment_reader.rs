@@ -3,7 +3,9 @@
 //! envelope, sealed and tombstone decoders applied to each payload. None may panic, whatever
 //! the bytes.
 //!
-//! Run: `RUSTC_BOOTSTRAP=1 cargo fuzz run segment_reader -- -max_total_time=600`
+//! Run: `RUSTC_BOOTSTRAP=1 cargo fuzz run segment_reader fuzz/corpus/segment_reader
+//! fuzz/seeds/segment_reader -- -max_total_time=600` (the seeds are real segments written by the
+//! daemon: envelopes, a seal and a tombstone, and the same torn, bit-flipped and zero-padded)
 //! (stable toolchains need RUSTC_BOOTSTRAP for the sanitizer flags cargo-fuzz passes).
 #![no_main]
 
