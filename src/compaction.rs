@@ -16,7 +16,7 @@
 //! The dedup index loses its start-up source the same way: ids are rebuilt from the envelopes
 //! in the spool. So the same pass first writes the dedup entries of the envelopes in the
 //! segments it is about to delete to a dedup checkpoint (see `ingest::dedup_file`), and removes
-//! checkpoints whose entries have all left the window.
+//! checkpoints whose entries have all left the window or that newer ones make redundant.
 //!
 //! A compaction pass runs after tombstones are written (the workers notify it) and at least
 //! every [`COMPACTION_INTERVAL`]; the same loop refreshes the pending-work gauges.

@@ -6,7 +6,7 @@ mod common;
 use std::collections::HashMap;
 use std::process::Command;
 
-use common::{envelope, file_sink_records, ids, Daemon, TestSink};
+use common::{envelope, file_sink_records, ids, Daemon, TestSink, SMALL_SEGMENTS};
 use serde_json::json;
 
 fn verify(path: &std::path::Path) -> (bool, String) {
@@ -156,16 +156,7 @@ fn a_sink_answering_400_sends_the_batch_to_the_dead_letter_directory_with_the_re
 #[test]
 fn once_everything_is_delivered_the_spool_shrinks_to_the_active_segment_and_a_restart_replays_nothing(
 ) {
-    let mut d = Daemon::start(&[
-        "--set",
-        "spool.segment_bytes_max=1048576",
-        "--set",
-        "spool.record_bytes_max=65536",
-        "--set",
-        "ingest.envelope_bytes_max=60000",
-        "--set",
-        "spool.commit_batch_bytes_max=65536",
-    ]);
+    let mut d = Daemon::start(&SMALL_SEGMENTS);
     let text = "z".repeat(30_000);
     for n in 0..100 {
         let r = d.post_json(&json!({"source": "big", "id": format!("big-{n}"), "text": text}));
@@ -186,16 +177,7 @@ fn once_everything_is_delivered_the_spool_shrinks_to_the_active_segment_and_a_re
 
 #[test]
 fn a_retried_id_is_deduplicated_after_its_segment_was_compacted_and_the_daemon_restarted() {
-    let mut d = Daemon::start(&[
-        "--set",
-        "spool.segment_bytes_max=1048576",
-        "--set",
-        "spool.record_bytes_max=65536",
-        "--set",
-        "ingest.envelope_bytes_max=60000",
-        "--set",
-        "spool.commit_batch_bytes_max=65536",
-    ]);
+    let mut d = Daemon::start(&SMALL_SEGMENTS);
     let text = "z".repeat(30_000);
     let body = |n: usize| json!({"source": "big", "id": format!("big-{n}"), "text": text});
     let first = d.post_json(&body(0));
@@ -237,18 +219,7 @@ fn a_retried_id_is_deduplicated_after_its_segment_was_compacted_and_the_daemon_r
 
 #[test]
 fn a_stream_known_only_from_the_chain_heads_checkpoint_still_counts_against_streams_max() {
-    let mut d = Daemon::start(&[
-        "--set",
-        "spool.segment_bytes_max=1048576",
-        "--set",
-        "spool.record_bytes_max=65536",
-        "--set",
-        "ingest.envelope_bytes_max=60000",
-        "--set",
-        "spool.commit_batch_bytes_max=65536",
-        "--set",
-        "ingest.streams_max=2",
-    ]);
+    let mut d = Daemon::start(&[&SMALL_SEGMENTS[..], &["--set", "ingest.streams_max=2"]].concat());
     let early = d.post_json(&json!({"source": "early"}));
     assert_eq!(early.status, 202);
     let early_segment = d.data_dir.join("spool").join(format!(
@@ -278,18 +249,13 @@ fn a_stream_known_only_from_the_chain_heads_checkpoint_still_counts_against_stre
 #[test]
 fn dedup_checkpoints_on_disk_stay_within_about_twice_dedup_entries_max() {
     let entries_max = 50usize;
-    let mut d = Daemon::start(&[
-        "--set",
-        "spool.segment_bytes_max=1048576",
-        "--set",
-        "spool.record_bytes_max=65536",
-        "--set",
-        "ingest.envelope_bytes_max=60000",
-        "--set",
-        "spool.commit_batch_bytes_max=65536",
-        "--set",
-        &format!("ingest.dedup_entries_max={entries_max}"),
-    ]);
+    let mut d = Daemon::start(
+        &[
+            &SMALL_SEGMENTS[..],
+            &["--set", &format!("ingest.dedup_entries_max={entries_max}")],
+        ]
+        .concat(),
+    );
     let text = "z".repeat(30_000);
     for n in 0..300 {
         let r = d.post_json(&json!({"source": "big", "id": format!("big-{n}"), "text": text}));

@@ -504,3 +504,16 @@ pub fn file_sink_records(data_dir: &Path) -> Vec<serde_json::Value> {
         })
         .collect()
 }
+
+/// Settings for tests that need rotation and compaction quickly: 1 MiB segments and records of
+/// up to 64 KiB, so a few dozen 30 KB envelopes fill a segment.
+pub const SMALL_SEGMENTS: [&str; 8] = [
+    "--set",
+    "spool.segment_bytes_max=1048576",
+    "--set",
+    "spool.record_bytes_max=65536",
+    "--set",
+    "ingest.envelope_bytes_max=60000",
+    "--set",
+    "spool.commit_batch_bytes_max=65536",
+];
