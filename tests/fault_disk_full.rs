@@ -2,25 +2,21 @@
 
 mod common;
 
-use common::{Daemon, Tmpfs};
+use common::{Daemon, Tmpfs, SMALL_SEGMENTS};
 use serde_json::json;
 
 fn small_spool_args() -> Vec<&'static str> {
-    vec![
-        "--set",
-        "spool.segment_bytes_max=1048576",
-        "--set",
-        "spool.record_bytes_max=65536",
-        "--set",
-        "ingest.envelope_bytes_max=60000",
-        "--set",
-        "spool.commit_batch_bytes_max=65536",
+    [
+        &SMALL_SEGMENTS[..],
         // Only the real ENOSPC may refuse here, not the free-space watermarks.
-        "--set",
-        "spool.disk_free_soft_bytes=0",
-        "--set",
-        "spool.disk_free_hard_bytes=0",
+        &[
+            "--set",
+            "spool.disk_free_soft_bytes=0",
+            "--set",
+            "spool.disk_free_hard_bytes=0",
+        ],
     ]
+    .concat()
 }
 
 #[test]

@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{envelope, request, Daemon};
+use common::{envelope, request, Daemon, SMALL_SEGMENTS};
 use serde_json::json;
 
 #[test]
@@ -249,22 +249,19 @@ fn above_the_spool_quota_ingest_answers_429_with_retry_after_and_the_limit() {
     // Segments are 1 MiB (preallocated); the hard quota of 1.5 MiB trips once a second exists.
     let scratch = tempfile::tempdir().unwrap();
     let (_sink, cfg) = held_sink_config(scratch.path());
-    let d = Daemon::start(&[
-        "--config",
-        &cfg,
-        "--set",
-        "spool.segment_bytes_max=1048576",
-        "--set",
-        "spool.record_bytes_max=65536",
-        "--set",
-        "ingest.envelope_bytes_max=60000",
-        "--set",
-        "spool.commit_batch_bytes_max=65536",
-        "--set",
-        "spool.quota_soft_bytes=1572864",
-        "--set",
-        "spool.quota_hard_bytes=1572864",
-    ]);
+    let d = Daemon::start(
+        &[
+            &["--config", &cfg][..],
+            &SMALL_SEGMENTS,
+            &[
+                "--set",
+                "spool.quota_soft_bytes=1572864",
+                "--set",
+                "spool.quota_hard_bytes=1572864",
+            ],
+        ]
+        .concat(),
+    );
     fill_first_segment(&d);
     let r = d.post_json(&envelope(2));
     assert_eq!(r.status, 429, "{}", r.text());
@@ -289,22 +286,19 @@ fn above_the_spool_quota_ingest_answers_429_with_retry_after_and_the_limit() {
 fn above_the_soft_quota_only_low_priority_is_refused() {
     let scratch = tempfile::tempdir().unwrap();
     let (_sink, cfg) = held_sink_config(scratch.path());
-    let d = Daemon::start(&[
-        "--config",
-        &cfg,
-        "--set",
-        "spool.segment_bytes_max=1048576",
-        "--set",
-        "spool.record_bytes_max=65536",
-        "--set",
-        "ingest.envelope_bytes_max=60000",
-        "--set",
-        "spool.commit_batch_bytes_max=65536",
-        "--set",
-        "spool.quota_soft_bytes=1572864",
-        "--set",
-        "spool.quota_hard_bytes=1073741824",
-    ]);
+    let d = Daemon::start(
+        &[
+            &["--config", &cfg][..],
+            &SMALL_SEGMENTS,
+            &[
+                "--set",
+                "spool.quota_soft_bytes=1572864",
+                "--set",
+                "spool.quota_hard_bytes=1073741824",
+            ],
+        ]
+        .concat(),
+    );
     fill_first_segment(&d);
     let low = d.post_json(&json!({"source": "s", "priority": "low"}));
     assert_eq!(low.status, 429);
