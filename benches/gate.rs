@@ -258,6 +258,12 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(5);
+    // An optional filter (`cargo bench --bench gate -- sparse-tag`) runs only the matching rows,
+    // for profiling one case.
+    let filter = std::env::args()
+        .skip(1)
+        .find(|a| !a.starts_with("--"))
+        .unwrap_or_default();
     let dir = tempfile::tempdir().expect("tempdir");
     let envelopes: Vec<Envelope> = texts().iter().map(|t| envelope(t)).collect();
     println!("| rules | policy | texts with PII | texts tagged | gate env/s/core | SHA-256 env/s | gate/SHA-256 |");
@@ -265,6 +271,9 @@ fn main() {
     for (rules_name, toml) in [("sparse", sparse_rules()), ("dense", dense_rules())] {
         let rules = rules_file(dir.path(), rules_name, &toml);
         for (name, policy) in [("tag", PiiAction::Tag), ("mask", PiiAction::Mask)] {
+            if !format!("{rules_name}-{name}").contains(&filter) {
+                continue;
+            }
             let g = gate(&rules, policy);
             // Check the workload has the PII and rule hits it claims before timing it.
             let classified: Vec<Envelope> = envelopes

@@ -83,6 +83,19 @@ fn ssn_ok(s: &str) -> bool {
     area != 0 && area != 666 && area < 900 && group != "00" && serial != "0000"
 }
 
+/// Whether `bytes` holds an ASCII digit. Checked in 64-byte blocks without an early exit inside
+/// a block, which the compiler vectorises; `Iterator::any` compiled to a byte-at-a-time loop
+/// that was the largest part of the scan for texts without PII.
+fn has_ascii_digit(bytes: &[u8]) -> bool {
+    let mut blocks = bytes.chunks_exact(64);
+    for block in &mut blocks {
+        if block.iter().fold(false, |acc, b| acc | b.is_ascii_digit()) {
+            return true;
+        }
+    }
+    blocks.remainder().iter().any(u8::is_ascii_digit)
+}
+
 impl Detector {
     pub fn new() -> Detector {
         let src = [
@@ -150,7 +163,7 @@ impl Detector {
 
     /// Every non-overlapping PII match in `text`, in text order.
     pub fn find(&self, text: &str) -> Vec<Match> {
-        let has_digit = text.bytes().any(|b| b.is_ascii_digit());
+        let has_digit = has_ascii_digit(text.as_bytes());
         let mut taken: Vec<Match> = Vec::new();
         let plausible: Vec<bool> = (0..self.patterns.len())
             .map(|kind| Self::plausible(kind, text, has_digit))
@@ -231,6 +244,18 @@ mod tests {
     #[test]
     fn a_card_number_is_not_counted_as_a_phone_too() {
         assert_eq!(kinds("4111 1111 1111 1111"), vec!["card"]);
+    }
+
+    #[test]
+    fn digits_are_found_in_every_position_of_a_block() {
+        for len in [1usize, 63, 64, 65, 200] {
+            for at in 0..len {
+                let mut text = vec![b'x'; len];
+                assert!(!has_ascii_digit(&text));
+                text[at] = b'7';
+                assert!(has_ascii_digit(&text), "len {len} at {at}");
+            }
+        }
     }
 
     #[test]

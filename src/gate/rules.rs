@@ -66,6 +66,11 @@ struct Rule {
 pub struct Rules {
     rules: Vec<Rule>,
     keywords: Option<AhoCorasick>,
+    /// The same keywords with leftmost-first semantics, used only to ask whether any occurs:
+    /// aho-corasick's prefilter is effective for leftmost searches but not for the standard
+    /// (overlapping-capable) automaton, whose `is_match` walked every byte (1 KiB text with 60
+    /// keywords: 1.8 us against 0.17 us).
+    keywords_any: Option<AhoCorasick>,
     /// For each distinct (lowercased) keyword, the rules that list it.
     keyword_rules: Vec<Vec<usize>>,
     regexes: RegexSet,
@@ -85,6 +90,7 @@ impl Rules {
         Rules {
             rules: Vec::new(),
             keywords: None,
+            keywords_any: None,
             keyword_rules: Vec::new(),
             regexes: RegexSet::empty(),
             regex_rule: Vec::new(),
@@ -182,10 +188,21 @@ impl Rules {
                     .map_err(|e| format!("keywords: {e}"))?,
             )
         };
+        let keywords_any = if kw.is_empty() {
+            None
+        } else {
+            Some(
+                AhoCorasick::builder()
+                    .match_kind(aho_corasick::MatchKind::LeftmostFirst)
+                    .build(&kw)
+                    .map_err(|e| format!("keywords: {e}"))?,
+            )
+        };
         let regexes = RegexSet::new(&rx).map_err(|e| format!("regexes: {e}"))?;
         Ok(Rules {
             rules,
             keywords,
+            keywords_any,
             keyword_rules: kw_rules,
             regexes,
             regex_rule: rx_rule,
@@ -206,12 +223,12 @@ impl Rules {
             return Decision::default();
         }
         let mut hit = vec![false; self.rules.len()];
-        if let Some(ac) = &self.keywords {
+        if let (Some(ac), Some(any)) = (&self.keywords, &self.keywords_any) {
             let lowered = text.to_ascii_lowercase();
-            // Most texts contain no keyword at all. `is_match` can skip ahead with the
-            // automaton's prefilter, which the overlapping search (needed only when something
+            // Most texts contain no keyword at all. The leftmost automaton's `is_match` skips
+            // ahead with its prefilter, which the overlapping search (needed only when something
             // matches) cannot, so asking first is much cheaper on the common path.
-            let overlapping = if ac.is_match(lowered.as_str()) {
+            let overlapping = if any.is_match(lowered.as_str()) {
                 ac.find_overlapping_iter(lowered.as_str())
             } else {
                 ac.find_overlapping_iter("")

@@ -12,25 +12,28 @@ pub fn summarize(text: &str, chars_max: usize) -> Option<String> {
     let mut used = 0usize;
     let mut start = 0usize;
     let bytes = text.as_bytes();
-    let mut i = 0usize;
-    while i < bytes.len() {
-        let end_of_sentence = matches!(bytes[i], b'.' | b'!' | b'?')
-            && (i + 1 == bytes.len() || bytes[i + 1].is_ascii_whitespace());
-        if end_of_sentence || i + 1 == bytes.len() {
-            let sentence = text[start..=i].trim();
-            let n = sentence.chars().count();
-            let sep = usize::from(!out.is_empty());
-            if used + sep + n > chars_max {
-                break;
-            }
-            if sep == 1 {
-                out.push(' ');
-            }
-            out.push_str(sentence);
-            used += sep + n;
-            start = i + 1;
+    // Sentence ends are found with memchr3 rather than a byte loop: the summary is taken for
+    // every envelope, and the loop was about a tenth of the gate's time.
+    let mut ends = memchr::memchr3_iter(b'.', b'!', b'?', bytes)
+        .filter(|&i| i + 1 == bytes.len() || bytes[i + 1].is_ascii_whitespace())
+        .chain(std::iter::once(bytes.len() - 1));
+    while start < bytes.len() {
+        let Some(i) = ends.next() else { break };
+        if i < start {
+            continue;
         }
-        i += 1;
+        let sentence = text[start..=i].trim();
+        let n = sentence.chars().count();
+        let sep = usize::from(!out.is_empty());
+        if used + sep + n > chars_max {
+            break;
+        }
+        if sep == 1 {
+            out.push(' ');
+        }
+        out.push_str(sentence);
+        used += sep + n;
+        start = i + 1;
     }
     if out.is_empty() {
         let cut: String = text.chars().take(chars_max.saturating_sub(1)).collect();
@@ -54,6 +57,16 @@ mod tests {
         let s = summarize("ééééééééééééééééééé", 5).unwrap();
         assert_eq!(s.chars().count(), 5);
         assert!(s.ends_with('…'));
+    }
+
+    #[test]
+    fn sentence_ends_need_following_whitespace_and_the_last_sentence_counts() {
+        assert_eq!(
+            summarize("Version 1.2 is out. Next one", 100).unwrap(),
+            "Version 1.2 is out. Next one"
+        );
+        assert_eq!(summarize("Ends here.", 100).unwrap(), "Ends here.");
+        assert_eq!(summarize("Really?! Yes.", 8).unwrap(), "Really?!");
     }
 
     #[test]
