@@ -307,7 +307,7 @@ impl Default for ForwardConfig {
     fn default() -> Self {
         ForwardConfig {
             enabled: true,
-            workers: 2,
+            workers: 4,
             batch_records_max: 512,
             batch_bytes_max: (4 * MIB) as usize,
             linger_ms: 5,

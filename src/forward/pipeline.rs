@@ -137,6 +137,7 @@ async fn supervise(parts: PipelineParts, mut stop: watch::Receiver<bool>) {
                 ctx: ctx.clone(),
                 inbox: rx,
                 stop: epoch_rx.clone(),
+                tombstones: Default::default(),
             };
             let handle = handles.spawn(worker.run());
             worker_of.insert(handle.id(), w);
