@@ -88,6 +88,31 @@ pub fn canonical_bytes(
     })?)
 }
 
+/// Msgpack writers with the smallest encodings, exactly as rmp-serde writes the same values.
+fn put_str(out: &mut Vec<u8>, s: &str) {
+    // Writing to a Vec cannot fail; the error type only exists for other writers.
+    let _ = rmp::encode::write_str(out, s);
+}
+
+fn put_uint(out: &mut Vec<u8>, n: u64) {
+    let _ = rmp::encode::write_uint(out, n);
+}
+
+/// The canonical bytes up to the envelope: `canonical = head || envelope bytes` (§8 of
+/// spool-format.md), so the envelope is encoded once and shared with the seal entry.
+fn canonical_head(stream: &str, seq: u64, slot: u16) -> Vec<u8> {
+    let mut out = Vec::with_capacity(stream.len() + 40);
+    out.push(0x84);
+    put_str(&mut out, "stream");
+    put_str(&mut out, stream);
+    put_str(&mut out, "seq");
+    put_uint(&mut out, seq);
+    put_str(&mut out, "slot");
+    put_uint(&mut out, u64::from(slot));
+    put_str(&mut out, "envelope");
+    out
+}
+
 /// `SHA-256(prev || canonical)`.
 pub fn link(prev: &[u8; 32], canonical: &[u8]) -> [u8; 32] {
     let mut h = Sha256::new();
@@ -144,6 +169,15 @@ impl Chains {
 
     /// Gives `envelope` the next sequence number and link of its stream.
     pub fn seal(&mut self, envelope: Envelope) -> Result<ForwardRecord, ChainError> {
+        self.seal_encoded(envelope).map(|(record, _)| record)
+    }
+
+    /// Like [`seal`](Self::seal), and also returns the envelope's msgpack bytes (§5), for
+    /// [`encode_sealed_entry_from`].
+    pub fn seal_encoded(
+        &mut self,
+        envelope: Envelope,
+    ) -> Result<(ForwardRecord, Vec<u8>), ChainError> {
         let stream = envelope.stream().to_string();
         let prev = self.heads.get(&stream).copied().unwrap_or(ChainHead {
             seq: 0,
@@ -151,17 +185,23 @@ impl Chains {
         });
         let seq = prev.seq + 1;
         let slot = envelope.slot;
-        let canonical = canonical_bytes(&stream, seq, slot, &envelope)?;
-        let hash = link(&prev.hash, &canonical);
+        let envelope_bytes = rmp_serde::to_vec_named(&envelope)?;
+        let hash: [u8; 32] = Sha256::new()
+            .chain_update(prev.hash)
+            .chain_update(canonical_head(&stream, seq, slot))
+            .chain_update(&envelope_bytes)
+            .finalize()
+            .into();
         self.heads.insert(stream.clone(), ChainHead { seq, hash });
-        Ok(ForwardRecord {
+        let record = ForwardRecord {
             stream,
             seq,
             prev_hash: hex::encode(prev.hash),
             hash: hex::encode(hash),
             slot,
             envelope,
-        })
+        };
+        Ok((record, envelope_bytes))
     }
 
     /// Advances a head past a record sealed earlier (found in the spool at start-up).
@@ -252,6 +292,34 @@ pub fn encode_sealed_entry(
         position,
         record,
     })?)
+}
+
+/// The same bytes as [`encode_sealed_entry`], assembled around `envelope_bytes` (the record's
+/// envelope as [`Chains::seal_encoded`] encoded it) instead of encoding the envelope again.
+pub fn encode_sealed_entry_from(
+    position: Position,
+    record: &ForwardRecord,
+    envelope_bytes: &[u8],
+) -> Result<Vec<u8>, ChainError> {
+    let mut out = Vec::with_capacity(envelope_bytes.len() + record.stream.len() + 220);
+    out.push(0x82);
+    put_str(&mut out, "position");
+    rmp_serde::encode::write_named(&mut out, &position)?;
+    put_str(&mut out, "record");
+    out.push(0x86);
+    put_str(&mut out, "stream");
+    put_str(&mut out, &record.stream);
+    put_str(&mut out, "seq");
+    put_uint(&mut out, record.seq);
+    put_str(&mut out, "prev_hash");
+    put_str(&mut out, &record.prev_hash);
+    put_str(&mut out, "hash");
+    put_str(&mut out, &record.hash);
+    put_str(&mut out, "slot");
+    put_uint(&mut out, u64::from(record.slot));
+    put_str(&mut out, "envelope");
+    out.extend_from_slice(envelope_bytes);
+    Ok(out)
 }
 
 /// A [`SealedBatch`] payload from entries already encoded with [`encode_sealed_entry`]: the same
@@ -463,6 +531,49 @@ mod tests {
                 batch.encode().unwrap(),
                 "{n}"
             );
+        }
+    }
+
+    #[test]
+    fn spliced_canonical_bytes_and_seal_entries_equal_the_serde_encodings() {
+        // Sequence numbers and slots across every msgpack integer width, long and non-ASCII
+        // stream names, positions past 2^32, and envelopes with and without optional fields.
+        let mut chains = Chains::new();
+        let streams = ["a", "ä-stream", &"s".repeat(40), &"t".repeat(300)];
+        for (i, stream) in streams.iter().enumerate() {
+            let head_seq = [0u64, 126, 127, 255, 65_535, 1 << 40][i % 6];
+            chains.restore(
+                stream,
+                (head_seq > 0).then_some(ChainHead {
+                    seq: head_seq,
+                    hash: [7u8; 32],
+                }),
+            );
+            for j in 0..3u64 {
+                let mut e = env(stream, &"x".repeat(j as usize * 100));
+                e.tenant = Some(stream.to_string());
+                e.slot = crate::slots::slot_of(stream);
+                let (record, envelope_bytes) = chains.seal_encoded(e).unwrap();
+                let prev = if record.seq == 1 {
+                    GENESIS
+                } else {
+                    let mut h = [0u8; 32];
+                    hex::decode_to_slice(&record.prev_hash, &mut h).unwrap();
+                    h
+                };
+                let canonical =
+                    canonical_bytes(&record.stream, record.seq, record.slot, &record.envelope)
+                        .unwrap();
+                assert_eq!(hex::encode(link(&prev, &canonical)), record.hash);
+                let position = Position {
+                    segment: 1 << (i * 11),
+                    offset: 64 + (j << (i * 10)),
+                };
+                assert_eq!(
+                    encode_sealed_entry_from(position, &record, &envelope_bytes).unwrap(),
+                    encode_sealed_entry(position, &record).unwrap()
+                );
+            }
         }
     }
 

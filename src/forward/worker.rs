@@ -29,7 +29,7 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, watch};
 
 use crate::chain::{
-    encode_sealed_entry, sealed_batch_from_encoded, Chains, SharedRecord, Tombstone,
+    encode_sealed_entry_from, sealed_batch_from_encoded, Chains, SharedRecord, Tombstone,
 };
 use crate::config::ForwardConfig;
 use crate::envelope::Envelope;
@@ -234,9 +234,9 @@ impl Worker {
             for (i, env) in gated {
                 let stream = env.stream().to_string();
                 snapshot.push((stream.clone(), chains.head(&stream)));
-                let encoded = chains
-                    .seal(env)
-                    .and_then(|r| encode_sealed_entry(batch[i].position, &r).map(|e| (r, e)));
+                let encoded = chains.seal_encoded(env).and_then(|(r, envelope_bytes)| {
+                    encode_sealed_entry_from(batch[i].position, &r, &envelope_bytes).map(|e| (r, e))
+                });
                 match encoded {
                     Ok((record, bytes)) => {
                         sealed_here.push((i, SharedRecord::new(record)));
