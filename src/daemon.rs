@@ -124,6 +124,7 @@ pub async fn run(config: Config) -> Result<Exit, DaemonError> {
             limits,
             stop_rx.clone(),
             Some(metrics.ingest_connections_open.clone()),
+            Some(metrics.ingest_connections_evicted_total.clone()),
         ))
     };
     let (admin_stop_tx, admin_stop_rx) = watch::channel(false);
@@ -137,6 +138,7 @@ pub async fn run(config: Config) -> Result<Exit, DaemonError> {
                 ..limits
             },
             admin_stop_rx,
+            None,
             None,
         ))
     };

@@ -49,6 +49,7 @@ pub struct Metrics {
     pub ingest_request_duration_seconds: HistogramVec,
     pub ingest_dedup_hits_total: IntCounter,
     pub ingest_connections_open: IntGauge,
+    pub ingest_connections_evicted_total: IntCounter,
 
     // Ring and gate.
     pub ring_depth_records: IntGauge,
@@ -178,6 +179,7 @@ impl Metrics {
             ingest_request_duration_seconds: histogram_vec(&r, "spoolgate_ingest_request_duration_seconds", "Ingest request duration, from headers read to response.", &["route"], d),
             ingest_dedup_hits_total: counter(&r, "spoolgate_ingest_dedup_hits_total", "Envelopes answered from the dedup index instead of being written again."),
             ingest_connections_open: gauge(&r, "spoolgate_ingest_connections_open", "Open ingest connections."),
+            ingest_connections_evicted_total: counter(&r, "spoolgate_ingest_connections_evicted_total", "Idle ingest connections closed to make room for a new one at ingest.connections_max."),
 
             ring_depth_records: gauge(&r, "spoolgate_ring_depth_records", "Records waiting in the memory ring."),
             ring_capacity_records: gauge(&r, "spoolgate_ring_capacity_records", "Capacity of the memory ring in records."),

@@ -315,3 +315,125 @@ fn temp_files_left_by_a_kill_during_a_checkpoint_write_are_removed_at_the_next_s
     let again = d.post_json(&envelope(1));
     assert_eq!(again.json()["envelopes"][0]["duplicate"], true);
 }
+
+/// Sends one POST on a keep-alive connection and reads its whole response; returns the status.
+fn post_keep_alive(stream: &mut TcpStream, n: usize) -> u16 {
+    let body = json!([envelope(n)]).to_string();
+    write!(
+        stream,
+        "POST /v1/envelopes HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    read_response_status(stream)
+}
+
+fn read_response_status(stream: &mut TcpStream) -> u16 {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        let n = stream.read(&mut byte).expect("response head");
+        assert_eq!(n, 1, "connection closed before a response");
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8(head).unwrap();
+    let length: usize = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-length:")
+                .map(|v| v.trim().parse().unwrap())
+        })
+        .expect("content-length");
+    let mut body = vec![0u8; length];
+    stream.read_exact(&mut body).unwrap();
+    head[9..12].parse().unwrap()
+}
+
+/// A read that fails the test instead of hanging if the daemon never answers or closes; the
+/// daemon's own idle timeout in these tests is ten minutes, so only eviction can close early.
+fn guarded(stream: TcpStream) -> TcpStream {
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(120)))
+        .unwrap();
+    stream
+}
+
+fn closed_by_peer(stream: &mut TcpStream) -> bool {
+    let mut buf = [0u8; 1];
+    matches!(stream.read(&mut buf), Ok(0))
+}
+
+#[test]
+fn at_the_connection_limit_the_longest_idle_keep_alive_connection_makes_room() {
+    let d = Daemon::start(&[
+        "--set",
+        "ingest.connections_max=3",
+        "--set",
+        "ingest.idle_timeout_ms=600000",
+        "--set",
+        "ingest.header_read_timeout_ms=600000",
+    ]);
+    // Three clients each send a request and keep their connection open, idle; the first has
+    // been idle the longest.
+    let mut pool: Vec<TcpStream> = (0..3)
+        .map(|n| {
+            let mut s = guarded(TcpStream::connect(&d.ingest).unwrap());
+            assert_eq!(post_keep_alive(&mut s, n), 202);
+            s
+        })
+        .collect();
+    // A fourth client is served at once instead of waiting out the idle timeout...
+    let mut late = guarded(TcpStream::connect(&d.ingest).unwrap());
+    assert_eq!(post_keep_alive(&mut late, 10), 202);
+    // ...because the longest-idle connection was closed, and only that one.
+    assert!(closed_by_peer(&mut pool[0]));
+    assert_eq!(post_keep_alive(&mut pool[1], 11), 202);
+    assert_eq!(post_keep_alive(&mut pool[2], 12), 202);
+    assert_eq!(d.metric("spoolgate_ingest_connections_evicted_total"), 1.0);
+    assert!(d.metric("spoolgate_ingest_connections_open") <= 3.0);
+}
+
+#[test]
+fn a_connection_in_the_middle_of_a_request_is_never_evicted() {
+    let d = Daemon::start(&[
+        "--set",
+        "ingest.connections_max=2",
+        "--set",
+        "ingest.idle_timeout_ms=600000",
+        "--set",
+        "ingest.header_read_timeout_ms=600000",
+        "--set",
+        "ingest.body_read_timeout_ms=600000",
+    ]);
+    // The oldest connection is mid-request: headers sent, body not yet. `Expect:
+    // 100-continue` makes the daemon say when its handler starts reading the body, so the test
+    // knows the request is in progress before it goes on.
+    let mut slow = guarded(TcpStream::connect(&d.ingest).unwrap());
+    let body = json!([envelope(1)]).to_string();
+    write!(
+        slow,
+        "POST /v1/envelopes HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nExpect: 100-continue\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .unwrap();
+    let mut interim = Vec::new();
+    let mut byte = [0u8; 1];
+    while !interim.ends_with(b"\r\n\r\n") {
+        assert_eq!(slow.read(&mut byte).unwrap(), 1);
+        interim.push(byte[0]);
+    }
+    assert!(interim.starts_with(b"HTTP/1.1 100"), "{interim:?}");
+    // A second connection, accepted later, finishes a request and idles: by age alone `slow`
+    // would be the one to go.
+    let mut idle = guarded(TcpStream::connect(&d.ingest).unwrap());
+    assert_eq!(post_keep_alive(&mut idle, 2), 202);
+    let mut late = guarded(TcpStream::connect(&d.ingest).unwrap());
+    assert_eq!(post_keep_alive(&mut late, 3), 202);
+    assert!(closed_by_peer(&mut idle));
+    // The slow client finishes its body and is answered, and its connection stays open.
+    slow.write_all(body.as_bytes()).unwrap();
+    assert_eq!(read_response_status(&mut slow), 202);
+    assert_eq!(post_keep_alive(&mut slow, 4), 202);
+    assert_eq!(d.metric("spoolgate_ingest_connections_evicted_total"), 1.0);
+}

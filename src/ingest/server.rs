@@ -3,8 +3,13 @@
 //! graceful shutdown.
 //!
 //! Bounds and timeouts:
-//! - at most `connections_max` connections are served at once; further ones wait in the
-//!   kernel's accept backlog until a slot frees up;
+//! - at most `connections_max` connections are served at once. When all slots are taken, the
+//!   listener accepts one more connection and asks the connection that has been idle longest
+//!   (between requests, or never sent one) to close; hyper closes an idle keep-alive connection
+//!   at once, so a new client does not wait `idle_timeout` behind a pool of parked ones. A
+//!   connection in the middle of a request is never chosen. With none idle, the accepted
+//!   connection waits for a free slot and further ones wait in the kernel's accept backlog, so
+//!   at most `connections_max + 1` sockets are open;
 //! - a client must send a request's whole header block within `header_read_timeout`
 //!   (slowloris), enforced by hyper;
 //! - a connection that makes no progress in either direction for `idle_timeout` is closed —
@@ -16,11 +21,12 @@
 //! serving (hyper's graceful shutdown closes idle keep-alive connections at once), and `serve`
 //! returns when all are closed.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -31,7 +37,7 @@ use hyper::{Request, Response};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{watch, Notify, Semaphore};
 use tokio::time::{Instant, Sleep};
 
 #[derive(Debug, Clone, Copy)]
@@ -140,6 +146,76 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for IdleTimeout<T> {
 
 pub type HttpResponse = Response<Full<Bytes>>;
 
+/// How often a listener at its connection limit looks again for an idle connection to close
+/// while every connection is busy.
+const EVICTION_RETRY: Duration = Duration::from_millis(50);
+
+/// One served connection, as the eviction policy sees it.
+struct ConnState {
+    /// Requests being handled on this connection (HTTP/1: 0 or 1).
+    busy: std::sync::atomic::AtomicUsize,
+    /// When the connection last became idle (accepted, or finished a request).
+    idle_since: Mutex<Instant>,
+    /// Notified to ask the connection to close once its current request (if any) is answered.
+    evict: Notify,
+}
+
+/// The open connections of one listener; at most `connections_max` entries.
+#[derive(Default)]
+struct Connections {
+    next_id: std::sync::atomic::AtomicU64,
+    open: Mutex<HashMap<u64, Arc<ConnState>>>,
+}
+
+impl Connections {
+    fn register(&self) -> (u64, Arc<ConnState>) {
+        let id = self
+            .next_id
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let state = Arc::new(ConnState {
+            busy: std::sync::atomic::AtomicUsize::new(0),
+            idle_since: Mutex::new(Instant::now()),
+            evict: Notify::new(),
+        });
+        self.lock().insert(id, state.clone());
+        (id, state)
+    }
+
+    fn unregister(&self, id: u64) {
+        self.lock().remove(&id);
+    }
+
+    /// Asks the connection idle the longest to close. False when every connection is busy.
+    fn evict_longest_idle(&self) -> bool {
+        let open = self.lock();
+        let victim = open
+            .iter()
+            .filter(|(_, c)| c.busy.load(std::sync::atomic::Ordering::Acquire) == 0)
+            .min_by_key(|(id, c)| {
+                (
+                    *c.idle_since.lock().unwrap_or_else(|p| p.into_inner()),
+                    **id,
+                )
+            });
+        match victim {
+            Some((id, c)) => {
+                // notify_one stores a permit if the connection task is not waiting yet.
+                c.evict.notify_one();
+                let id = *id;
+                drop(open);
+                // Once asked, it no longer counts as a candidate.
+                self.unregister(id);
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<ConnState>>> {
+        self.open.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
 /// Resolves once `rx` reads true (or its sender is gone). The watch guard is dropped inside, so
 /// the future stays `Send`.
 pub async fn stopped(rx: &mut watch::Receiver<bool>) {
@@ -154,12 +230,13 @@ pub async fn serve<H, F>(
     limits: ConnectionLimits,
     mut shutdown: watch::Receiver<bool>,
     open_connections: Option<prometheus::IntGauge>,
+    evicted_connections: Option<prometheus::IntCounter>,
 ) where
     H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = HttpResponse> + Send + 'static,
 {
     let permits = Arc::new(Semaphore::new(limits.connections_max));
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let connections = Arc::new(Connections::default());
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
         .timer(TokioTimer::new())
@@ -167,6 +244,41 @@ pub async fn serve<H, F>(
         .max_buf_size(64 * 1024)
         .keep_alive(true);
     loop {
+        // Wait for a slot before accepting, unless the limit is reached: then accept anyway and
+        // make room by closing an idle connection (see the module doc).
+        if permits.available_permits() == 0 {
+            tokio::select! {
+                biased;
+                _ = stopped(&mut shutdown) => break,
+                readable = listener.accept() => match readable {
+                    Ok((stream, _peer)) => {
+                        let permit = loop {
+                            if connections.evict_longest_idle() {
+                                if let Some(c) = &evicted_connections {
+                                    c.inc();
+                                }
+                            }
+                            tokio::select! {
+                                biased;
+                                _ = stopped(&mut shutdown) => break None,
+                                p = permits.clone().acquire_owned() => break p.ok(),
+                                _ = tokio::time::sleep(EVICTION_RETRY) => {}
+                            }
+                        };
+                        let Some(permit) = permit else { break };
+                        spawn_connection(
+                            stream, permit, &builder, &handler, limits, &connections,
+                            shutdown.clone(), open_connections.clone(),
+                        );
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                },
+            }
+            continue;
+        }
         let permit = tokio::select! {
             biased;
             _ = stopped(&mut shutdown) => break,
@@ -188,29 +300,81 @@ pub async fn serve<H, F>(
                 }
             },
         };
-        let _ = stream.set_nodelay(true);
-        let io = TokioIo::new(IdleTimeout::new(stream, limits.idle_timeout));
-        let handler = handler.clone();
-        let service = hyper::service::service_fn(move |req| {
-            let handler = handler.clone();
-            async move { Ok::<_, Infallible>(handler(req).await) }
-        });
-        let conn = builder.serve_connection(io, service);
-        let conn = graceful.watch(conn);
-        let gauge = open_connections.clone();
-        tokio::spawn(async move {
-            if let Some(g) = &gauge {
-                g.inc();
-            }
-            // Connection errors (timeouts, resets, malformed requests) are the client's
-            // problem; hyper has already answered what it could.
-            let _ = conn.await;
-            if let Some(g) = &gauge {
-                g.dec();
-            }
-            drop(permit);
-        });
+        spawn_connection(
+            stream,
+            permit,
+            &builder,
+            &handler,
+            limits,
+            &connections,
+            shutdown.clone(),
+            open_connections.clone(),
+        );
     }
     drop(listener);
-    graceful.shutdown().await;
+    // Every connection holds a permit until it has closed; having them all back means every
+    // connection finished its request and closed.
+    let _ = permits
+        .acquire_many(u32::try_from(limits.connections_max).unwrap_or(u32::MAX))
+        .await;
+}
+
+/// Serves one accepted connection on its own task until it closes, is evicted, or the listener
+/// shuts down (then it finishes its current request and closes).
+#[allow(clippy::too_many_arguments)]
+fn spawn_connection<H, F>(
+    stream: tokio::net::TcpStream,
+    permit: tokio::sync::OwnedSemaphorePermit,
+    builder: &hyper::server::conn::http1::Builder,
+    handler: &H,
+    limits: ConnectionLimits,
+    connections: &Arc<Connections>,
+    mut shutdown: watch::Receiver<bool>,
+    open_connections: Option<prometheus::IntGauge>,
+) where
+    H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = HttpResponse> + Send + 'static,
+{
+    let _ = stream.set_nodelay(true);
+    let io = TokioIo::new(IdleTimeout::new(stream, limits.idle_timeout));
+    let (id, state) = connections.register();
+    let handler = handler.clone();
+    let service_state = state.clone();
+    let service = hyper::service::service_fn(move |req| {
+        let handler = handler.clone();
+        let state = service_state.clone();
+        async move {
+            state.busy.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+            let response = handler(req).await;
+            *state.idle_since.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+            state.busy.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+            Ok::<_, Infallible>(response)
+        }
+    });
+    let conn = builder.serve_connection(io, service);
+    let connections = connections.clone();
+    tokio::spawn(async move {
+        if let Some(g) = &open_connections {
+            g.inc();
+        }
+        let mut conn = std::pin::pin!(conn);
+        // Connection errors (timeouts, resets, malformed requests) are the client's problem;
+        // hyper has already answered what it could.
+        tokio::select! {
+            _ = conn.as_mut() => {}
+            _ = stopped(&mut shutdown) => {
+                conn.as_mut().graceful_shutdown();
+                let _ = conn.await;
+            }
+            _ = state.evict.notified() => {
+                conn.as_mut().graceful_shutdown();
+                let _ = conn.await;
+            }
+        }
+        connections.unregister(id);
+        if let Some(g) = &open_connections {
+            g.dec();
+        }
+        drop(permit);
+    });
 }
