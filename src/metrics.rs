@@ -194,7 +194,7 @@ impl Metrics {
             forward_errors_total: counter_vec(&r, "spoolgate_forward_errors_total", "Failed delivery attempts by sink and kind (retryable, rejected, io, timeout, panic).", &["sink", "kind"]),
             forward_retries_total: counter_vec(&r, "spoolgate_forward_retries_total", "Delivery retries by sink.", &["sink"]),
             forward_dead_lettered_records_total: counter_vec(&r, "spoolgate_forward_dead_lettered_records_total", "Records written to the dead-letter directory after a permanent sink rejection.", &["sink"]),
-            forward_lag_records: gauge_vec(&r, "spoolgate_forward_lag_records", "Records dispatched to a consumer worker and not yet tombstoned, by worker.", &["worker"]),
+            forward_lag_records: gauge_vec(&r, "spoolgate_forward_lag_records", "Records dispatched to a consumer worker and not yet confirmed by its sink, by worker.", &["worker"]),
             worker_takeovers_total: counter(&r, "spoolgate_worker_takeovers_total", "Times a secondary worker took over a failed worker's slots."),
             chain_streams: gauge(&r, "spoolgate_chain_streams", "Streams with a hash chain head."),
 

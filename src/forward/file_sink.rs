@@ -4,6 +4,11 @@
 //! A failed write is retryable; a batch that was half written before a crash is written again
 //! whole, so a reader may see a record twice, always identically (verify accepts that).
 //!
+//! Workers deliver concurrently: each serialises its batch without a lock, then writes it
+//! whole under the sink's lock (so lines never interleave) and fdatasyncs outside it, where one
+//! fdatasync confirms every batch written before it (group commit; a failed write or fdatasync
+//! fails every batch written into that file, since Linux reports a writeback error only once).
+//!
 //! A crash (or a failed write) can leave a partial last line. Nothing in it was confirmed, so
 //! before appending to a file the sink cuts it back to its last newline; otherwise the next
 //! batch would be glued to the fragment and the file would hold a line no reader can parse.
