@@ -17,7 +17,9 @@
 //! the worker gates and seals the next batch, so a batch costs two fdatasync waits on the
 //! worker's path (seal, sink) instead of three. At most [`TOMBSTONES_IN_FLIGHT_MAX`] appends run
 //! per worker; the worker waits for all of them before it returns, so an epoch ends with every
-//! confirmed batch tombstoned (or with the append's error). Nothing depends on tombstones being
+//! confirmed batch tombstoned (or with the append's error). A worker that panics leaves its
+//! appends running on their own; a record whose tombstone lands only after the next epoch
+//! re-dispatched it is sent once more, from its seal. Nothing depends on tombstones being
 //! written in batch order: each names its own positions, and a record whose tombstone was not
 //! yet durable at a crash is re-sent from its seal, identically.
 
