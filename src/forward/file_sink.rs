@@ -26,15 +26,19 @@ use crate::chain::SharedRecord;
 ///
 /// Group commit: batches are written one at a time under the sink's lock, but fdatasync runs
 /// outside it, under `sync`, and covers everything written so far; a writer whose bytes an
-/// earlier fdatasync already covered returns without its own. `failed` is set (under `sync`)
-/// when a write or fdatasync of this file fails, and from then on every writer whose bytes went
-/// into it fails too: after a failed fdatasync Linux reports the error to one caller only, and a
-/// second writer's fdatasync could return success for pages that were never written.
+/// earlier fdatasync already covered returns without its own. `failed` is set when a write or
+/// fdatasync of this file fails, and from then on every writer whose bytes went into it fails
+/// too: after a failed fdatasync Linux reports the error to one caller only, and a second
+/// writer's fdatasync could return success for pages that were never written. It is an atomic
+/// so a writer can look at it without waiting for an fdatasync in progress (which would stop
+/// writes from overlapping syncs, and with it the group commit); a stale `false` there only
+/// means the write goes to a file whose sync will then report the failure.
 struct OutFile {
     index: u64,
     file: std::fs::File,
     /// Bytes whose write has returned; stored under the sink's lock after each write.
     written_bytes: std::sync::atomic::AtomicU64,
+    failed: std::sync::atomic::AtomicBool,
     sync: std::sync::Mutex<SyncState>,
 }
 
@@ -42,7 +46,6 @@ struct OutFile {
 struct SyncState {
     /// Bytes of the file known durable.
     synced_bytes: u64,
-    failed: bool,
 }
 
 struct Current {
@@ -114,9 +117,9 @@ impl FileSink {
                 written_bytes: std::sync::atomic::AtomicU64::new(bytes),
                 // What the file held when opened was made durable by the trim or by the run
                 // that wrote it; only this handle's writes need syncing.
+                failed: std::sync::atomic::AtomicBool::new(false),
                 sync: std::sync::Mutex::new(SyncState {
                     synced_bytes: bytes,
-                    failed: false,
                 }),
             }),
             bytes,
@@ -132,7 +135,7 @@ impl FileSink {
     ) -> std::io::Result<(Arc<OutFile>, u64)> {
         let failed = current
             .as_ref()
-            .is_some_and(|c| c.out.sync.lock().unwrap_or_else(|p| p.into_inner()).failed);
+            .is_some_and(|c| c.out.failed.load(std::sync::atomic::Ordering::Acquire));
         if current.is_none() || failed {
             // A fresh handle after a failure: the old one may be in an unknown state, and
             // reopening cuts a partial last line.
@@ -149,7 +152,9 @@ impl FileSink {
         }
         let c = current.as_mut().expect("opened above");
         if let Err(e) = (&c.out.file).write_all(buf) {
-            c.out.sync.lock().unwrap_or_else(|p| p.into_inner()).failed = true;
+            c.out
+                .failed
+                .store(true, std::sync::atomic::Ordering::Release);
             return Err(e);
         }
         c.bytes += buf.len() as u64;
@@ -163,7 +168,7 @@ impl FileSink {
 /// Makes `out` durable up to `end` bytes, or fails if anything written to it failed.
 fn sync_up_to(out: &OutFile, end: u64) -> std::io::Result<()> {
     let mut state = out.sync.lock().unwrap_or_else(|p| p.into_inner());
-    if state.failed {
+    if out.failed.load(std::sync::atomic::Ordering::Acquire) {
         return Err(std::io::Error::other(
             "an earlier write or fdatasync of this file failed",
         ));
@@ -184,7 +189,8 @@ fn sync_up_to(out: &OutFile, end: u64) -> std::io::Result<()> {
             Ok(())
         }
         Err(e) => {
-            state.failed = true;
+            // Set while holding `sync`: a writer waiting for it sees the failure.
+            out.failed.store(true, std::sync::atomic::Ordering::Release);
             Err(e)
         }
     }
@@ -359,7 +365,9 @@ mod tests {
         assert!(Arc::ptr_eq(&first, &second));
         // The first writer's fdatasync fails (as after an I/O error); the second writer's
         // bytes are in the same file and must not be confirmed by a later, clean-looking sync.
-        first.sync.lock().unwrap().failed = true;
+        first
+            .failed
+            .store(true, std::sync::atomic::Ordering::Release);
         assert!(sync_up_to(&first, first_end).is_err());
         assert!(sync_up_to(&second, second_end).is_err());
         let (third, third_end) = sink.write_lines(&mut current, line).unwrap();
