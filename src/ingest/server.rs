@@ -252,8 +252,13 @@ pub async fn serve<H, F>(
                 _ = stopped(&mut shutdown) => break,
                 readable = listener.accept() => match readable {
                     Ok((stream, _peer)) => {
+                        // One eviction per accepted connection: the one asked closes at once
+                        // (or right after a request that raced the ask), so asking again while
+                        // waiting would close more connections than the one needed.
+                        let mut asked = false;
                         let permit = loop {
-                            if connections.evict_longest_idle() {
+                            if !asked && connections.evict_longest_idle() {
+                                asked = true;
                                 if let Some(c) = &evicted_connections {
                                     c.inc();
                                 }
