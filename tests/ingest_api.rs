@@ -246,24 +246,31 @@ fn held_sink_config(scratch: &std::path::Path) -> (common::TestSink, String) {
     (sink, cfg.to_str().unwrap().to_string())
 }
 
-#[test]
-fn above_the_spool_quota_ingest_answers_429_with_retry_after_and_the_limit() {
-    // Segments are 1 MiB (preallocated); the hard quota of 1.5 MiB trips once a second exists.
-    let scratch = tempfile::tempdir().unwrap();
-    let (_sink, cfg) = held_sink_config(scratch.path());
+/// A daemon with small segments, a sink that never confirms and the given spool quotas.
+fn start_with_quotas(
+    scratch: &std::path::Path,
+    soft_bytes: u64,
+    hard_bytes: u64,
+) -> (common::TestSink, Daemon) {
+    let (sink, cfg) = held_sink_config(scratch);
+    let soft = format!("spool.quota_soft_bytes={soft_bytes}");
+    let hard = format!("spool.quota_hard_bytes={hard_bytes}");
     let d = Daemon::start(
         &[
             &["--config", &cfg][..],
             &SMALL_SEGMENTS,
-            &[
-                "--set",
-                "spool.quota_soft_bytes=1572864",
-                "--set",
-                "spool.quota_hard_bytes=1572864",
-            ],
+            &["--set", &soft, "--set", &hard],
         ]
         .concat(),
     );
+    (sink, d)
+}
+
+#[test]
+fn above_the_spool_quota_ingest_answers_429_with_retry_after_and_the_limit() {
+    // Segments are 1 MiB (preallocated); the hard quota of 1.5 MiB trips once a second exists.
+    let scratch = tempfile::tempdir().unwrap();
+    let (_sink, d) = start_with_quotas(scratch.path(), 1_572_864, 1_572_864);
     fill_first_segment(&d);
     let r = d.post_json(&envelope(2));
     assert_eq!(r.status, 429, "{}", r.text());
@@ -287,20 +294,7 @@ fn above_the_spool_quota_ingest_answers_429_with_retry_after_and_the_limit() {
 #[test]
 fn above_the_soft_quota_only_low_priority_is_refused() {
     let scratch = tempfile::tempdir().unwrap();
-    let (_sink, cfg) = held_sink_config(scratch.path());
-    let d = Daemon::start(
-        &[
-            &["--config", &cfg][..],
-            &SMALL_SEGMENTS,
-            &[
-                "--set",
-                "spool.quota_soft_bytes=1572864",
-                "--set",
-                "spool.quota_hard_bytes=1073741824",
-            ],
-        ]
-        .concat(),
-    );
+    let (_sink, d) = start_with_quotas(scratch.path(), 1_572_864, 1_073_741_824);
     fill_first_segment(&d);
     let low = d.post_json(&json!({"source": "s", "priority": "low"}));
     assert_eq!(low.status, 429);
