@@ -244,54 +244,6 @@ pub async fn serve<H, F>(
         .max_buf_size(64 * 1024)
         .keep_alive(true);
     loop {
-        // Wait for a slot before accepting, unless the limit is reached: then accept anyway and
-        // make room by closing an idle connection (see the module doc).
-        if permits.available_permits() == 0 {
-            tokio::select! {
-                biased;
-                _ = stopped(&mut shutdown) => break,
-                readable = listener.accept() => match readable {
-                    Ok((stream, _peer)) => {
-                        // One eviction per accepted connection: the one asked closes at once
-                        // (or right after a request that raced the ask), so asking again while
-                        // waiting would close more connections than the one needed.
-                        let mut asked = false;
-                        let permit = loop {
-                            if !asked && connections.evict_longest_idle() {
-                                asked = true;
-                                if let Some(c) = &evicted_connections {
-                                    c.inc();
-                                }
-                            }
-                            tokio::select! {
-                                biased;
-                                _ = stopped(&mut shutdown) => break None,
-                                p = permits.clone().acquire_owned() => break p.ok(),
-                                _ = tokio::time::sleep(EVICTION_RETRY) => {}
-                            }
-                        };
-                        let Some(permit) = permit else { break };
-                        spawn_connection(
-                            stream, permit, &builder, &handler, limits, &connections,
-                            shutdown.clone(), open_connections.clone(),
-                        );
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    }
-                },
-            }
-            continue;
-        }
-        let permit = tokio::select! {
-            biased;
-            _ = stopped(&mut shutdown) => break,
-            permit = permits.clone().acquire_owned() => match permit {
-                Ok(p) => p,
-                Err(_) => break,
-            },
-        };
         let (stream, _peer) = tokio::select! {
             biased;
             _ = stopped(&mut shutdown) => break,
@@ -304,6 +256,32 @@ pub async fn serve<H, F>(
                     continue;
                 }
             },
+        };
+        let permit = match permits.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => {
+                // Every slot is taken: make room by closing the connection idle longest (see
+                // the module doc). One eviction per accepted connection: the one asked closes
+                // at once (or right after a request that raced the ask), so asking again while
+                // waiting would close more connections than the one needed.
+                let mut asked = false;
+                let waited = loop {
+                    if !asked && connections.evict_longest_idle() {
+                        asked = true;
+                        if let Some(c) = &evicted_connections {
+                            c.inc();
+                        }
+                    }
+                    tokio::select! {
+                        biased;
+                        _ = stopped(&mut shutdown) => break None,
+                        p = permits.clone().acquire_owned() => break p.ok(),
+                        _ = tokio::time::sleep(EVICTION_RETRY) => {}
+                    }
+                };
+                let Some(p) = waited else { break };
+                p
+            }
         };
         spawn_connection(
             stream,
