@@ -48,17 +48,20 @@ struct SyncState {
     synced_bytes: u64,
 }
 
-struct Current {
-    out: Arc<OutFile>,
-    /// Bytes written to `out` so far (its length).
-    bytes: u64,
+impl OutFile {
+    /// The file's length: what was there when opened plus every write that returned.
+    fn written(&self) -> u64 {
+        self.written_bytes
+            .load(std::sync::atomic::Ordering::Acquire)
+    }
 }
 
 pub struct FileSink {
     name: String,
     dir: PathBuf,
     file_bytes_max: u64,
-    current: Mutex<Option<Current>>,
+    /// The file being appended to; `None` before the first batch and after a failure.
+    current: Mutex<Option<Arc<OutFile>>>,
 }
 
 fn file_name(index: u64) -> String {
@@ -92,7 +95,7 @@ impl FileSink {
         Ok(newest)
     }
 
-    fn open_index(&self, index: u64) -> std::io::Result<Current> {
+    fn open_index(&self, index: u64) -> std::io::Result<Arc<OutFile>> {
         let path = self.dir.join(file_name(index));
         if path.exists() {
             let trimmed = trim_partial_line(&path)?;
@@ -110,32 +113,29 @@ impl FileSink {
             .open(&path)?;
         let bytes = file.metadata()?.len();
         std::fs::File::open(&self.dir)?.sync_all()?;
-        Ok(Current {
-            out: Arc::new(OutFile {
-                index,
-                file,
-                written_bytes: std::sync::atomic::AtomicU64::new(bytes),
-                // What the file held when opened was made durable by the trim or by the run
-                // that wrote it; only this handle's writes need syncing.
-                failed: std::sync::atomic::AtomicBool::new(false),
-                sync: std::sync::Mutex::new(SyncState {
-                    synced_bytes: bytes,
-                }),
+        Ok(Arc::new(OutFile {
+            index,
+            file,
+            written_bytes: std::sync::atomic::AtomicU64::new(bytes),
+            failed: std::sync::atomic::AtomicBool::new(false),
+            // What the file held when opened was made durable by the trim or by the run that
+            // wrote it; only this handle's writes need syncing.
+            sync: std::sync::Mutex::new(SyncState {
+                synced_bytes: bytes,
             }),
-            bytes,
-        })
+        }))
     }
 
     /// Appends `buf` (whole lines) to the current file, opening or rotating it first. Returns
     /// the file and the length it has with `buf` in it. Runs under the sink's lock.
     fn write_lines(
         &self,
-        current: &mut Option<Current>,
+        current: &mut Option<Arc<OutFile>>,
         buf: &[u8],
     ) -> std::io::Result<(Arc<OutFile>, u64)> {
         let failed = current
             .as_ref()
-            .is_some_and(|c| c.out.failed.load(std::sync::atomic::Ordering::Acquire));
+            .is_some_and(|c| c.failed.load(std::sync::atomic::Ordering::Acquire));
         if current.is_none() || failed {
             // A fresh handle after a failure: the old one may be in an unknown state, and
             // reopening cuts a partial last line.
@@ -143,25 +143,23 @@ impl FileSink {
             let index = self.newest_index()?.max(1);
             *current = Some(self.open_index(index)?);
         }
-        let needs_rotation = current
-            .as_ref()
-            .is_some_and(|c| c.bytes > 0 && c.bytes + buf.len() as u64 > self.file_bytes_max);
+        let needs_rotation = current.as_ref().is_some_and(|c| {
+            c.written() > 0 && c.written() + buf.len() as u64 > self.file_bytes_max
+        });
         if needs_rotation {
-            let next = current.as_ref().map_or(1, |c| c.out.index + 1);
+            let next = current.as_ref().map_or(1, |c| c.index + 1);
             *current = Some(self.open_index(next)?);
         }
-        let c = current.as_mut().expect("opened above");
-        if let Err(e) = (&c.out.file).write_all(buf) {
-            c.out
-                .failed
-                .store(true, std::sync::atomic::Ordering::Release);
+        let c = current.as_ref().expect("opened above");
+        if let Err(e) = (&c.file).write_all(buf) {
+            c.failed.store(true, std::sync::atomic::Ordering::Release);
             return Err(e);
         }
-        c.bytes += buf.len() as u64;
-        c.out
-            .written_bytes
-            .store(c.bytes, std::sync::atomic::Ordering::Release);
-        Ok((c.out.clone(), c.bytes))
+        // Only writers holding the sink's lock change the length, so this is not a race.
+        let end = c.written() + buf.len() as u64;
+        c.written_bytes
+            .store(end, std::sync::atomic::Ordering::Release);
+        Ok((c.clone(), end))
     }
 }
 
@@ -178,7 +176,7 @@ fn sync_up_to(out: &OutFile, end: u64) -> std::io::Result<()> {
     }
     // Everything written before this call, including batches of writers still on their way
     // here, is covered by this fdatasync: they will find their bytes synced and return.
-    let written = out.written_bytes.load(std::sync::atomic::Ordering::Acquire);
+    let written = out.written();
     debug_assert!(
         written >= end,
         "a writer's bytes are counted before it syncs"
