@@ -61,11 +61,12 @@ impl Reader {
         }
     }
 
-    /// Makes `window` cover `[offset, offset + want)` (clamped to `limit`).
-    fn fill(&mut self, offset: u64, want: usize, limit: u64) -> Result<(), SpoolError> {
+    /// Makes `window` cover `[offset, offset + want)` (clamped to `limit`). `false` when the
+    /// segment was compacted meanwhile (the window is then empty).
+    fn fill(&mut self, offset: u64, want: usize, limit: u64) -> Result<bool, SpoolError> {
         let have_end = self.window_at + self.window.len() as u64;
         if offset >= self.window_at && offset + want as u64 <= have_end {
-            return Ok(());
+            return Ok(true);
         }
         let Some((_, file)) = &self.file else {
             return Err(SpoolError::Invalid("reader has no open segment".into()));
@@ -88,7 +89,16 @@ impl Reader {
         }
         self.window.truncate(at);
         self.window_at = offset;
-        Ok(())
+        // Compaction forgets a segment before it renames the file for reuse, and the file is
+        // overwritten only after that. So if the segment is still known now, after the read,
+        // the bytes read are the segment's own; if it is gone, they may already belong to a
+        // new segment, and the caller moves on as for any deleted segment.
+        if !self.shared.segments_read().contains_key(&self.pos.segment) {
+            self.window.clear();
+            self.file = None;
+            return Ok(false);
+        }
+        Ok(true)
     }
 
     /// The next committed record, or `None` at the durable end (call again later).
@@ -141,7 +151,9 @@ impl Reader {
                 self.window.clear();
             }
             let at = self.pos.offset;
-            self.fill(at, format::FRAME_HEADER_LEN as usize, seg_end)?;
+            if !self.fill(at, format::FRAME_HEADER_LEN as usize, seg_end)? {
+                continue;
+            }
             let rel = (at - self.window_at) as usize;
             let needed = match format::frame_at(&self.window, rel, payload_max) {
                 FrameAt::Truncated
@@ -155,7 +167,9 @@ impl Reader {
                 _ => None,
             };
             if let Some(n) = needed {
-                self.fill(at, n, seg_end)?;
+                if !self.fill(at, n, seg_end)? {
+                    continue;
+                }
             }
             let rel = (at - self.window_at) as usize;
             match format::frame_at(&self.window, rel, payload_max) {
@@ -180,7 +194,9 @@ impl Reader {
                 _ => {
                     // Damage that appeared after recovery (or a reader started mid-frame):
                     // resynchronise on the next valid frame of this segment.
-                    self.fill(at, (seg_end - at) as usize, seg_end)?;
+                    if !self.fill(at, (seg_end - at) as usize, seg_end)? {
+                        continue;
+                    }
                     let rel = (at - self.window_at) as usize;
                     match format::resync(&self.window, rel + 1, payload_max) {
                         Some(next) => {
