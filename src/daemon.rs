@@ -396,12 +396,7 @@ fn write_addresses(
 
 fn take_sample(state: &IngestState, spool: &Spool, reclaimed: u64, elapsed: Duration) {
     let spool_bytes = spool.disk_bytes();
-    // Recycled segment files are space the spool reuses before it asks the filesystem for
-    // more, so they count as free: otherwise a nearly full disk could refuse the very appends
-    // that would put them back to use.
-    let free = filesystem_free_bytes(&state.config.data_dir)
-        .unwrap_or(u64::MAX)
-        .saturating_add(spool.recycled_bytes());
+    let free = filesystem_free_bytes(&state.config.data_dir).unwrap_or(u64::MAX);
     state
         .backpressure
         .sample(spool_bytes, free, reclaimed, elapsed);

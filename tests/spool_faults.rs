@@ -197,32 +197,3 @@ fn dropping_an_interval_mode_spool_without_close_releases_it() {
     let (s, _, _) = open(&opts);
     assert_eq!(read_all(&s), vec![7]);
 }
-
-#[test]
-fn a_compacted_segment_file_becomes_a_later_segment_with_no_trace_of_its_old_records() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut opts = options(dir.path());
-    opts.preallocate = true;
-    let (s, _, metrics) = open(&opts);
-    for n in 0..100 {
-        append(&s, n);
-    }
-    let below = s.durable_end().segment;
-    s.remove_segments_below(below).unwrap();
-    let mut expected = read_all(&s);
-    // Enough appends for several rotations: each takes a recycled file while there is one.
-    for n in 100..300 {
-        append(&s, n);
-        expected.push(n);
-    }
-    assert!(
-        metrics.spool_segments_recycled_total.get() >= 1,
-        "no rotation reused a compacted file"
-    );
-    assert_eq!(read_all(&s), expected);
-    s.close().unwrap();
-    drop(s);
-    let (s, report, _) = open(&opts);
-    assert_eq!(read_all(&s), expected, "after a reopen");
-    assert!(report.damaged.is_empty(), "{:?}", report.damaged);
-}

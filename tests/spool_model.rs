@@ -6,9 +6,6 @@
 //! - `never` mode (acknowledged before fdatasync): after a crash the spool holds a *prefix* of
 //!   the acknowledged records that includes everything acknowledged by a synced append — never
 //!   a torn record, never a gap, never a record out of order.
-//! - Compaction removes whole segments below the active one; the model forgets the records in
-//!   them. With preallocation the removed files are recycled into later segments, so a crash
-//!   in the middle of reusing one must not bring back a compacted record or lose a new one.
 
 mod spool_common;
 
@@ -17,7 +14,7 @@ use std::sync::Arc;
 use proptest::prelude::*;
 use spool_common::*;
 use spoolgate::spool::fs::{FileSystem, MemFs};
-use spoolgate::spool::{Durability, Position, RecordKind};
+use spoolgate::spool::{Durability, RecordKind};
 
 #[derive(Debug, Clone)]
 enum Op {
@@ -29,8 +26,6 @@ enum Op {
     Crash(u64),
     /// Clean close and reopen.
     Reopen,
-    /// Compact every segment below the active one.
-    Compact,
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -39,24 +34,18 @@ fn op() -> impl Strategy<Value = Op> {
         1 => Just(Op::AppendSynced),
         2 => any::<u64>().prop_map(Op::Crash),
         1 => Just(Op::Reopen),
-        1 => Just(Op::Compact),
     ]
 }
 
-fn numbers(acked: &[(u64, Position)]) -> Vec<u64> {
-    acked.iter().map(|a| a.0).collect()
-}
-
-fn run(ops: Vec<Op>, durability: Durability, preallocate: bool) -> Result<(), TestCaseError> {
+fn run(ops: Vec<Op>, durability: Durability) -> Result<(), TestCaseError> {
     let mem = Arc::new(MemFs::new());
     let fs: Arc<dyn FileSystem> = Arc::new(mem.clone());
     let mut opts = options(std::path::Path::new("/spool"));
     opts.durability = durability;
     opts.segment_bytes_max = 1024;
     opts.record_bytes_max = 256;
-    opts.preallocate = preallocate;
     let (mut spool, _) = open_fs(&opts, fs.clone());
-    let mut acked: Vec<(u64, Position)> = Vec::new();
+    let mut acked: Vec<u64> = Vec::new();
     let mut durable_prefix = 0usize;
     let mut next = 0u64;
     for op in ops {
@@ -65,18 +54,18 @@ fn run(ops: Vec<Op>, durability: Durability, preallocate: bool) -> Result<(), Te
                 let batch: Vec<_> = (next..next + n as u64)
                     .map(|i| (RecordKind::ENVELOPE, payload(i)))
                     .collect();
-                let positions = spool.append_blocking(batch, false).expect("append");
-                acked.extend((next..next + n as u64).zip(positions));
+                spool.append_blocking(batch, false).expect("append");
+                acked.extend(next..next + n as u64);
                 next += n as u64;
                 if durability == Durability::Always {
                     durable_prefix = acked.len();
                 }
             }
             Op::AppendSynced => {
-                let positions = spool
+                spool
                     .append_blocking(vec![(RecordKind::ENVELOPE, payload(next))], true)
                     .expect("append");
-                acked.push((next, positions[0]));
+                acked.push(next);
                 next += 1;
                 durable_prefix = acked.len();
             }
@@ -91,13 +80,9 @@ fn run(ops: Vec<Op>, durability: Durability, preallocate: bool) -> Result<(), Te
                     got.len() >= durable_prefix,
                     "lost synced records: {got:?} vs {acked:?}"
                 );
-                prop_assert!(
-                    got.len() <= acked.len(),
-                    "records nobody appended: {got:?} vs {acked:?}"
-                );
                 prop_assert_eq!(
                     &got[..],
-                    &numbers(&acked)[..got.len()],
+                    &acked[..got.len()],
                     "not a prefix of the acknowledged records"
                 );
                 // What survived is now the truth; later appends continue from it.
@@ -109,16 +94,8 @@ fn run(ops: Vec<Op>, durability: Durability, preallocate: bool) -> Result<(), Te
                 drop(spool);
                 let (s, _) = open_fs(&opts, fs.clone());
                 spool = s;
-                prop_assert_eq!(read_all(&spool), numbers(&acked));
+                prop_assert_eq!(read_all(&spool), acked.clone());
                 durable_prefix = acked.len();
-            }
-            Op::Compact => {
-                let below = spool.durable_end().segment;
-                spool.remove_segments_below(below).expect("compact");
-                let gone = acked.iter().take_while(|a| a.1.segment < below).count();
-                acked.drain(..gone);
-                durable_prefix = durable_prefix.saturating_sub(gone);
-                prop_assert_eq!(read_all(&spool), numbers(&acked));
             }
         }
     }
@@ -130,16 +107,11 @@ proptest! {
 
     #[test]
     fn with_always_every_acknowledged_record_survives_every_crash(ops in proptest::collection::vec(op(), 1..60)) {
-        run(ops, Durability::Always, false)?;
-    }
-
-    #[test]
-    fn with_always_and_recycled_segments_every_acknowledged_record_survives_every_crash(ops in proptest::collection::vec(op(), 1..60)) {
-        run(ops, Durability::Always, true)?;
+        run(ops, Durability::Always)?;
     }
 
     #[test]
     fn with_never_a_crash_leaves_a_clean_prefix_including_every_synced_record(ops in proptest::collection::vec(op(), 1..60)) {
-        run(ops, Durability::Never, false)?;
+        run(ops, Durability::Never)?;
     }
 }

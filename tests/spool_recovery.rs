@@ -277,32 +277,3 @@ fn row_4_a_torn_tail_before_a_prepared_next_segment_is_still_a_torn_tail() {
     let p = append(&s, n);
     assert_eq!(p.segment, 2);
 }
-
-#[test]
-fn row_13_a_recycled_segment_file_is_deleted_at_start_and_its_stale_records_are_never_read() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut opts = options(dir.path());
-    opts.preallocate = true;
-    // Three segments' worth of records: 4 KiB segments hold about 30 of them.
-    let positions = write_and_close(&opts, 100);
-    let (s, _, _) = open(&opts);
-    s.remove_segments_below(positions[70].segment).unwrap();
-    let kept = read_all(&s);
-    assert!(!kept.is_empty() && kept.len() < 100, "{kept:?}");
-    s.close().unwrap();
-    drop(s);
-    // Compaction parked files for reuse; each still holds a compacted segment's valid frames.
-    let recycled: Vec<_> = std::fs::read_dir(dir.path())
-        .unwrap()
-        .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .filter(|n| n.starts_with("recycle-"))
-        .collect();
-    assert!(!recycled.is_empty(), "nothing was recycled");
-
-    let (s, report, _) = open(&opts);
-    assert_eq!(read_all(&s), kept, "a compacted record came back");
-    assert!(report.damaged.is_empty(), "{:?}", report.damaged);
-    for name in &recycled {
-        assert!(!dir.path().join(name).exists(), "{name} survived start-up");
-    }
-}

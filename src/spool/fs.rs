@@ -30,9 +30,6 @@ pub trait FileSystem: Send + Sync {
     /// Creates a new file; fails if it exists.
     fn create(&self, path: &Path) -> io::Result<Arc<dyn SegmentFile>>;
     fn remove(&self, path: &Path) -> io::Result<()>;
-    /// Renames a file within one directory, replacing nothing (the target must not exist).
-    /// Durable once the directory is synced.
-    fn rename(&self, from: &Path, to: &Path) -> io::Result<()>;
     /// fsync of the directory, making creations and removals in it durable.
     fn sync_dir(&self, dir: &Path) -> io::Result<()>;
     /// Takes an exclusive lock on `path` for as long as the returned guard lives; fails with
@@ -97,18 +94,6 @@ impl FileSystem for StdFs {
     fn remove(&self, path: &Path) -> io::Result<()> {
         std::fs::remove_file(path)
     }
-    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
-        // rename(2) would silently replace an existing target; a segment must never be
-        // replaced, so check first (only the spool's own threads create names here, and they
-        // hold the directory lock).
-        if std::fs::symlink_metadata(to).is_ok() {
-            return Err(io::Error::new(
-                io::ErrorKind::AlreadyExists,
-                "rename target exists",
-            ));
-        }
-        std::fs::rename(from, to)
-    }
     fn sync_dir(&self, dir: &Path) -> io::Result<()> {
         std::fs::File::open(dir)?.sync_all()
     }
@@ -127,9 +112,7 @@ impl FileSystem for StdFs {
 
 /// An in-memory filesystem that models what a crash keeps: everything synced survives; of the
 /// writes since a file's last sync, a prefix survives in order and the last surviving one may be
-/// torn at any byte; files created or renamed since the directory's last sync may vanish (for a
-/// rename that is stricter than a real filesystem, which would keep the old name: both are
-/// losses of a name that was never made durable).
+/// torn at any byte; files created since the directory's last sync may vanish.
 #[derive(Default)]
 pub struct MemFs {
     state: Mutex<MemState>,
@@ -315,18 +298,6 @@ impl FileSystem for Arc<MemFs> {
         st.durable_names.remove(path);
         Ok(())
     }
-    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
-        let mut st = self.state();
-        if st.files.contains_key(to) {
-            return Err(io::Error::new(io::ErrorKind::AlreadyExists, "file exists"));
-        }
-        let Some(f) = st.files.remove(from) else {
-            return Err(io::Error::new(io::ErrorKind::NotFound, "no such file"));
-        };
-        st.durable_names.remove(from);
-        st.files.insert(to.to_path_buf(), f);
-        Ok(())
-    }
     fn sync_dir(&self, dir: &Path) -> io::Result<()> {
         let mut st = self.state();
         let names: Vec<PathBuf> = st
@@ -454,9 +425,6 @@ impl<F: FileSystem> FileSystem for FaultFs<F> {
     }
     fn remove(&self, path: &Path) -> io::Result<()> {
         self.inner.remove(path)
-    }
-    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
-        self.inner.rename(from, to)
     }
     fn sync_dir(&self, dir: &Path) -> io::Result<()> {
         self.inner.sync_dir(dir)

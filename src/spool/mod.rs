@@ -6,10 +6,7 @@
 //! directory. With `preallocate` (the default) a new segment is first written full of zeros to
 //! `segment_bytes_max` and fsync'd: fdatasync over already-allocated blocks was measured
 //! 1.6-1.9x faster than over a growing file on this project's disk, and it means a full disk
-//! shows up when a segment is created, never halfway through a record. Compaction parks up to
-//! [`RECYCLED_SEGMENTS_MAX`] deleted segments' files as `recycle-<id>` and the next segments
-//! are prepared by overwriting them: the zeros then land in pages the page cache already
-//! holds, which costs a small fraction of filling new ones (see `remove_segments_below`).
+//! shows up when a segment is created, never halfway through a record.
 //!
 //! **Group commit** (`writer`). One OS thread owns every write. Appenders queue requests on a
 //! bounded channel (`queue_depth_max`); the writer takes as many as are waiting, up to
@@ -190,10 +187,6 @@ pub(crate) struct Shared {
     pub durable: tokio::sync::watch::Sender<Position>,
     pub poison: std::sync::Mutex<Option<String>>,
     pub closed: std::sync::atomic::AtomicBool,
-    /// Compacted segment files waiting to become segments again, at most
-    /// [`RECYCLED_SEGMENTS_MAX`]. Compaction pushes (after renaming a file to its recycle
-    /// name); the segment-prepare thread pops. Empty at start-up (recovery deletes leftovers).
-    pub recycled: std::sync::Mutex<Vec<PathBuf>>,
 }
 
 impl Shared {
@@ -229,42 +222,11 @@ impl Shared {
     pub fn segment_path(&self, id: u64) -> PathBuf {
         segment_path(&self.opts.dir, id)
     }
-
-    fn recycled_lock(&self) -> std::sync::MutexGuard<'_, Vec<PathBuf>> {
-        // Holders only push or pop, which cannot leave the list half-changed.
-        self.recycled.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// A compacted segment file to reuse for the next segment, if compaction left one.
-    pub fn take_recycled(&self) -> Option<PathBuf> {
-        self.recycled_lock().pop()
-    }
 }
 
 pub(crate) fn segment_path(dir: &std::path::Path, id: u64) -> PathBuf {
     dir.join(format!("{id:020}.seg"))
 }
-
-/// Where compaction parks segment `id`'s file for reuse (spool-format.md §1).
-pub(crate) fn recycled_path(dir: &std::path::Path, id: u64) -> PathBuf {
-    dir.join(format!("recycle-{id:020}"))
-}
-
-/// Parses a recycled segment file's name back into the id it had.
-pub(crate) fn parse_recycled_name(name: &str) -> Option<u64> {
-    let digits = name.strip_prefix("recycle-")?;
-    if digits.len() != 20 || !digits.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    digits.parse().ok()
-}
-
-/// The most compacted segment files kept for reuse. Rotation needs one file at a time and a
-/// compaction pass usually frees one or two segments, so two keep the writer supplied; the
-/// rest are deleted as before. Their bytes are not counted against the spool quota (they
-/// hold no data) and are counted as free space by the disk watermark (rotation reuses them
-/// before it asks the filesystem for more).
-pub const RECYCLED_SEGMENTS_MAX: usize = 2;
 
 /// Parses a segment file name back into its id.
 pub(crate) fn parse_segment_name(name: &str) -> Option<u64> {
@@ -316,7 +278,6 @@ impl Spool {
             durable,
             poison: std::sync::Mutex::new(None),
             closed: std::sync::atomic::AtomicBool::new(false),
-            recycled: std::sync::Mutex::new(Vec::new()),
         });
         let writer = writer::start(shared.clone(), recovered.lock, recovered.end)?;
         shared
@@ -396,11 +357,7 @@ impl Spool {
     }
 
     /// Deletes every segment with id < `segment` (never the active one), then fsyncs the
-    /// directory. Returns the bytes freed. With preallocation, up to [`RECYCLED_SEGMENTS_MAX`]
-    /// of them are renamed to their recycle name instead of deleted: the next segments are
-    /// then prepared by overwriting those files, whose pages are still cached, instead of
-    /// filling new ones (measured: zero-filling a new file took ~27x the CPU of overwriting
-    /// a cached one on this project's VM, and was a tenth of the end-to-end pipeline's CPU).
+    /// directory. Returns the bytes freed.
     pub fn remove_segments_below(&self, segment: u64) -> Result<u64, SpoolError> {
         let active = self.durable_end().segment;
         let limit = segment.min(active);
@@ -417,30 +374,14 @@ impl Spool {
         for (id, path, bytes) in &victims {
             // Forget it first: readers then skip to the next segment instead of opening it.
             self.shared.segments_write().remove(id);
-            let recycle = self.shared.opts.preallocate
-                && *bytes == self.shared.opts.segment_bytes_max
-                && self.shared.recycled_lock().len() < RECYCLED_SEGMENTS_MAX;
-            if recycle {
-                let to = recycled_path(&self.shared.opts.dir, *id);
-                self.shared
-                    .fs
-                    .rename(path, &to)
-                    .map_err(|source| SpoolError::Io {
-                        op: "rename segment for reuse",
-                        path: path.clone(),
-                        source,
-                    })?;
-                self.shared.recycled_lock().push(to);
-            } else {
-                self.shared
-                    .fs
-                    .remove(path)
-                    .map_err(|source| SpoolError::Io {
-                        op: "remove segment",
-                        path: path.clone(),
-                        source,
-                    })?;
-            }
+            self.shared
+                .fs
+                .remove(path)
+                .map_err(|source| SpoolError::Io {
+                    op: "remove segment",
+                    path: path.clone(),
+                    source,
+                })?;
             freed += bytes;
         }
         self.shared
@@ -465,11 +406,6 @@ impl Spool {
     /// The largest payload one record may have.
     pub fn record_bytes_max(&self) -> u32 {
         self.shared.opts.record_bytes_max
-    }
-
-    /// Bytes of the compacted segment files kept for reuse (not part of `disk_bytes`).
-    pub fn recycled_bytes(&self) -> u64 {
-        self.shared.recycled_lock().len() as u64 * self.shared.opts.segment_bytes_max
     }
 
     /// Allocated bytes of all segment files.

@@ -61,12 +61,11 @@ impl Reader {
         }
     }
 
-    /// Makes `window` cover `[offset, offset + want)` (clamped to `limit`). `false` when the
-    /// segment was compacted meanwhile (the window is then empty).
-    fn fill(&mut self, offset: u64, want: usize, limit: u64) -> Result<bool, SpoolError> {
+    /// Makes `window` cover `[offset, offset + want)` (clamped to `limit`).
+    fn fill(&mut self, offset: u64, want: usize, limit: u64) -> Result<(), SpoolError> {
         let have_end = self.window_at + self.window.len() as u64;
         if offset >= self.window_at && offset + want as u64 <= have_end {
-            return Ok(true);
+            return Ok(());
         }
         let Some((_, file)) = &self.file else {
             return Err(SpoolError::Invalid("reader has no open segment".into()));
@@ -89,16 +88,7 @@ impl Reader {
         }
         self.window.truncate(at);
         self.window_at = offset;
-        // Compaction forgets a segment before it renames the file for reuse, and the file is
-        // overwritten only after that. So if the segment is still known now, after the read,
-        // the bytes read are the segment's own; if it is gone, they may already belong to a
-        // new segment, and the caller moves on as for any deleted segment.
-        if !self.shared.segments_read().contains_key(&self.pos.segment) {
-            self.window.clear();
-            self.file = None;
-            return Ok(false);
-        }
-        Ok(true)
+        Ok(())
     }
 
     /// The next committed record, or `None` at the durable end (call again later).
@@ -151,9 +141,7 @@ impl Reader {
                 self.window.clear();
             }
             let at = self.pos.offset;
-            if !self.fill(at, format::FRAME_HEADER_LEN as usize, seg_end)? {
-                continue;
-            }
+            self.fill(at, format::FRAME_HEADER_LEN as usize, seg_end)?;
             let rel = (at - self.window_at) as usize;
             let needed = match format::frame_at(&self.window, rel, payload_max) {
                 FrameAt::Truncated
@@ -167,9 +155,7 @@ impl Reader {
                 _ => None,
             };
             if let Some(n) = needed {
-                if !self.fill(at, n, seg_end)? {
-                    continue;
-                }
+                self.fill(at, n, seg_end)?;
             }
             let rel = (at - self.window_at) as usize;
             match format::frame_at(&self.window, rel, payload_max) {
@@ -194,9 +180,7 @@ impl Reader {
                 _ => {
                     // Damage that appeared after recovery (or a reader started mid-frame):
                     // resynchronise on the next valid frame of this segment.
-                    if !self.fill(at, (seg_end - at) as usize, seg_end)? {
-                        continue;
-                    }
+                    self.fill(at, (seg_end - at) as usize, seg_end)?;
                     let rel = (at - self.window_at) as usize;
                     match format::resync(&self.window, rel + 1, payload_max) {
                         Some(next) => {

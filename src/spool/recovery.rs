@@ -9,8 +9,8 @@ use super::format::{self, Scanned, SegmentHeader, HEADER_LEN};
 use super::fs::FileSystem;
 use super::writer::{create_segment, CreateError};
 use super::{
-    parse_recycled_name, parse_segment_name, segment_path, DamagedRange, Position, RecoveryReport,
-    SegMeta, SpoolError, SpoolOptions,
+    parse_segment_name, segment_path, DamagedRange, Position, RecoveryReport, SegMeta, SpoolError,
+    SpoolOptions,
 };
 use crate::metrics::Metrics;
 
@@ -77,19 +77,6 @@ pub(crate) fn recover(
     let names = fs
         .list(&opts.dir)
         .map_err(io("list directory", &opts.dir))?;
-    // Recycled segment files (spool-format.md §1) hold only stale, already-delivered data and
-    // are never read; the pool starts empty at every start, so they are simply removed.
-    let mut recycled_removed = false;
-    for n in names.iter().filter(|n| parse_recycled_name(n).is_some()) {
-        let path = opts.dir.join(n);
-        fs.remove(&path)
-            .map_err(io("remove recycled segment", &path))?;
-        recycled_removed = true;
-    }
-    if recycled_removed {
-        fs.sync_dir(&opts.dir)
-            .map_err(io("fsync directory", &opts.dir))?;
-    }
     let mut ids: Vec<u64> = names.iter().filter_map(|n| parse_segment_name(n)).collect();
     ids.sort_unstable();
     // Void markers name unacknowledged ranges a poisoned writer left behind.

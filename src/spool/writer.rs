@@ -463,7 +463,7 @@ impl Writer {
         let shared = self.shared.clone();
         let spawned = std::thread::Builder::new()
             .name("spool-prepare".into())
-            .spawn(move || prepare_segment(&shared, id));
+            .spawn(move || create_segment(&shared.opts, shared.fs.as_ref(), &shared.metrics, id));
         // If no thread can be started, rotation simply creates the segment itself.
         if let Ok(handle) = spawned {
             self.prepared = Some(Prepared { id, handle });
@@ -489,7 +489,12 @@ impl Writer {
                 if let Some(p) = other {
                     let _ = p.handle.join();
                 }
-                prepare_segment(&self.shared, id)
+                create_segment(
+                    &self.shared.opts,
+                    self.shared.fs.as_ref(),
+                    &self.shared.metrics,
+                    id,
+                )
             }
         };
         let file = match created {
@@ -535,73 +540,6 @@ pub(crate) enum CreateError {
     Io(String),
 }
 
-/// Makes segment `id` ready for appends, from a recycled file when compaction left one,
-/// otherwise from a new file.
-fn prepare_segment(shared: &super::Shared, id: u64) -> Result<Arc<dyn SegmentFile>, CreateError> {
-    if let Some(recycled) = shared.take_recycled() {
-        match reuse_segment(&shared.opts, shared.fs.as_ref(), &recycled, id) {
-            Ok(file) => {
-                shared.metrics.spool_segments_recycled_total.inc();
-                return Ok(file);
-            }
-            Err(e) => {
-                // The file held only delivered data, so giving up on it loses nothing; the
-                // segment is then created from a new file, whose errors count as usual.
-                tracing::warn!(path = %recycled.display(), error = %e, "could not reuse a compacted segment file; creating a new one");
-                let _ = shared.fs.remove(&recycled);
-            }
-        }
-    }
-    create_segment(&shared.opts, shared.fs.as_ref(), &shared.metrics, id)
-}
-
-/// Turns a recycled segment file into segment `id`: overwritten with zeros to
-/// `segment_bytes_max`, given `id`'s header and fdatasync'd while it still has its recycle
-/// name (so a crash at any point leaves either a file recovery deletes or a complete prepared
-/// segment), then renamed and the directory fsync'd. After this the file is byte for byte what
-/// `create_segment` makes.
-fn reuse_segment(
-    opts: &super::SpoolOptions,
-    fs: &dyn super::fs::FileSystem,
-    recycled: &std::path::Path,
-    id: u64,
-) -> std::io::Result<Arc<dyn SegmentFile>> {
-    let file = fs.open(recycled)?;
-    if file.len()? != opts.segment_bytes_max {
-        file.set_len(opts.segment_bytes_max)?;
-    }
-    zero_fill(file.as_ref(), opts.segment_bytes_max)?;
-    file.write_all_at(&new_header(opts, id).encode(), 0)?;
-    file.sync_data()?;
-    let path = super::segment_path(&opts.dir, id);
-    fs.rename(recycled, &path)?;
-    fs.sync_dir(&opts.dir)?;
-    Ok(file)
-}
-
-/// Writes zeros over `[0, len)`, a bounded chunk at a time.
-fn zero_fill(file: &dyn SegmentFile, len: u64) -> std::io::Result<()> {
-    let zeros = vec![0u8; ZERO_CHUNK_BYTES];
-    let mut at = 0u64;
-    while at < len {
-        let n = (len - at).min(ZERO_CHUNK_BYTES as u64) as usize;
-        file.write_all_at(&zeros[..n], at)?;
-        at += n as u64;
-    }
-    Ok(())
-}
-
-fn new_header(opts: &super::SpoolOptions, id: u64) -> SegmentHeader {
-    SegmentHeader {
-        segment_id: id,
-        created_ms: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0),
-        segment_bytes_max: opts.segment_bytes_max,
-    }
-}
-
 /// Creates segment `id` ready for appends: zero-fill (if preallocating), header, fdatasync,
 /// directory fsync. A full disk removes the partial file.
 pub(crate) fn create_segment(
@@ -623,9 +561,24 @@ pub(crate) fn create_segment(
     };
     let file = fs.create(&path).map_err(|e| fail("creating", e))?;
     if opts.preallocate {
-        zero_fill(file.as_ref(), opts.segment_bytes_max).map_err(|e| fail("preallocating", e))?;
+        let zeros = vec![0u8; ZERO_CHUNK_BYTES];
+        let mut at = 0u64;
+        while at < opts.segment_bytes_max {
+            let n = (opts.segment_bytes_max - at).min(ZERO_CHUNK_BYTES as u64) as usize;
+            file.write_all_at(&zeros[..n], at)
+                .map_err(|e| fail("preallocating", e))?;
+            at += n as u64;
+        }
     }
-    file.write_all_at(&new_header(opts, id).encode(), 0)
+    let header = SegmentHeader {
+        segment_id: id,
+        created_ms: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0),
+        segment_bytes_max: opts.segment_bytes_max,
+    };
+    file.write_all_at(&header.encode(), 0)
         .map_err(|e| fail("writing the header of", e))?;
     file.sync_data().map_err(|e| fail("fdatasync of", e))?;
     fs.sync_dir(&opts.dir)
