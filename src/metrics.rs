@@ -41,6 +41,7 @@ pub struct Metrics {
     pub spool_commit_batch_records: Histogram,
     pub spool_poisoned: IntGauge,
     pub spool_full_errors_total: IntCounter,
+    pub forward_workers_left_behind_total: IntCounter,
 
     // Ingest.
     pub ingest_requests_total: IntCounterVec,
@@ -172,6 +173,7 @@ impl Metrics {
             spool_commit_batch_records: histogram(&r, "spoolgate_spool_commit_batch_records", "Records per group commit (one write, one fdatasync).", BATCH_RECORDS_BUCKETS),
             spool_poisoned: gauge(&r, "spoolgate_spool_poisoned", "1 when a write or fsync failed and the spool refuses appends until restart."),
             spool_full_errors_total: counter(&r, "spoolgate_spool_full_errors_total", "Commit batches refused because the filesystem was full (ENOSPC)."),
+            forward_workers_left_behind_total: counter(&r, "spoolgate_forward_workers_left_behind_total", "Times the dispatcher went on without a worker whose inbox was full, to re-read its records for it later."),
 
             ingest_requests_total: counter_vec(&r, "spoolgate_ingest_requests_total", "HTTP requests by route and status code.", &["route", "code"]),
             ingest_envelopes_accepted_total: counter(&r, "spoolgate_ingest_envelopes_accepted_total", "Envelopes acknowledged with 202 (dedup hits excluded)."),

@@ -363,3 +363,81 @@ fn records_pending_at_a_kill_are_replayed_and_delivered_after_restart() {
         assert!(got.contains(id), "{id} not replayed");
     }
 }
+
+#[test]
+fn a_sink_that_keeps_failing_holds_back_only_its_own_records_and_delivers_them_in_order_once_it_recovers(
+) {
+    // Two workers own alternate slots. Records of tenant `held` are routed to an HTTP sink that
+    // answers 503 until told otherwise; every other tenant's records go to the file sink and
+    // live in the other worker's slots. The held worker's inbox (4 records) fills at once.
+    let healthy = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = healthy.clone();
+    let sink = TestSink::start(move |_| {
+        if flag.load(std::sync::atomic::Ordering::SeqCst) {
+            (200, String::new())
+        } else {
+            (503, "down".into())
+        }
+    });
+    let held = "held";
+    let held_worker = spoolgate::slots::slot_of(held) % 2;
+    let free: Vec<String> = (0..)
+        .map(|i| format!("free{i}"))
+        .filter(|t| spoolgate::slots::slot_of(t) % 2 != held_worker)
+        .take(4)
+        .collect();
+    let scratch = tempfile::tempdir().unwrap();
+    let rules = scratch.path().join("rules.toml");
+    std::fs::write(
+        &rules,
+        "[[rule]]\nname = \"hold\"\nkeywords = [\"HOLDME\"]\nsink = \"held\"\n",
+    )
+    .unwrap();
+    let cfg = scratch.path().join("spoolgate.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[gate]\nrules_path = \"{}\"\n\
+             [forward]\nworkers = 2\nworker_queue_records_max = 4\nbatch_records_max = 2\n\
+             retry_initial_ms = 5\nretry_max_ms = 20\n\
+             [sinks.held]\ntype = \"http\"\nurl = \"{}\"\n",
+            rules.display(),
+            sink.url
+        ),
+    )
+    .unwrap();
+    let d = Daemon::start(&["--config", cfg.to_str().unwrap()]);
+    let post = |tenant: &str, i: usize, text: &str| {
+        let r = d.post_json(&json!({"source": "svc", "tenant": tenant, "id": format!("{tenant}-{i}"), "text": text}));
+        assert_eq!(r.status, 202, "{}", r.text());
+        format!("{tenant}-{i}")
+    };
+    let held_ids: Vec<String> = (0..40).map(|i| post(held, i, "HOLDME please")).collect();
+    let mut free_ids = Vec::new();
+    for i in 0..100 {
+        free_ids.push(post(&free[i % free.len()], i, "nothing special"));
+    }
+
+    // While the held sink is down, every other record is delivered.
+    let delivered = common::wait_for("the free tenants' records in the file sink", || {
+        let got = ids(&file_sink_records(&d.data_dir));
+        free_ids.iter().all(|id| got.contains(id)).then_some(got)
+    });
+    assert!(held_ids.iter().all(|id| !delivered.contains(id)));
+    assert!(sink.delivered().is_empty());
+    assert!(d.metric("spoolgate_forward_workers_left_behind_total") >= 1.0);
+
+    // Once it recovers, the held records arrive, all of them, in stream order.
+    healthy.store(true, std::sync::atomic::Ordering::SeqCst);
+    let got = common::wait_for("the held records at the recovered sink", || {
+        let got = sink.delivered();
+        let ids = ids(&got);
+        held_ids.iter().all(|id| ids.contains(id)).then_some(got)
+    });
+    let seqs: Vec<u64> = got.iter().map(|r| r["seq"].as_u64().unwrap()).collect();
+    assert_eq!(
+        seqs,
+        (1..=40).collect::<Vec<u64>>(),
+        "held stream out of order"
+    );
+}

@@ -6,8 +6,19 @@
 //! its cursor, and reads them back from the segments otherwise (at start-up, after a ring
 //! overflow, after a rewind). Its memory is bounded by one read chunk
 //! ([`READ_CHUNK_RECORDS_MAX`]) and the workers' bounded inboxes
-//! (`forward.worker_queue_records_max` each); when an inbox is full the dispatcher waits, and
-//! the ring overflows into the segments rather than blocking ingest.
+//! (`forward.worker_queue_records_max` each), plus one reader window per worker left behind
+//! (below); the ring overflows into the segments rather than blocking ingest.
+//!
+//! Full inboxes: when the inbox of the worker owning a record is full (its sink is slow or
+//! failing and being retried), the dispatcher does not wait for it while other workers can take
+//! records: it *leaves that worker behind* at that record's position and goes on, skipping the
+//! worker's later records. Once the worker has taken a batch and its inbox is at least half
+//! empty, the dispatcher re-reads the segments from where it left the worker, hands it only its
+//! own pending records, in log order, and rejoins it to the main pass when that reading reaches
+//! the main cursor. Per-slot order holds because a slot's records reach its worker either all
+//! from the main pass or, from the first one left behind on, all from the re-read. So a stuck
+//! sink holds back only the slots of the worker it is stuck in; the others keep flowing. Only
+//! when no other worker is taking records does the dispatcher wait, as before.
 //!
 //! Epochs: within an epoch the slot ownership table is fixed, so each slot has exactly one
 //! worker and per-slot order holds. When a worker fails (a panic, a sink stuck past
@@ -95,6 +106,7 @@ enum EpochEnd {
 
 async fn supervise(parts: PipelineParts, mut stop: watch::Receiver<bool>) {
     let workers = parts.config.workers;
+    let room = Arc::new(tokio::sync::Notify::new());
     // A batch's seal records are appended as one unit, which must fit a segment comfortably.
     let mut forward_config = parts.config.clone();
     let segment_quarter = (parts.spool.segment_bytes_max() / 4) as usize;
@@ -109,6 +121,7 @@ async fn supervise(parts: PipelineParts, mut stop: watch::Receiver<bool>) {
         config: forward_config,
         metrics: parts.metrics.clone(),
         compaction: parts.compaction.clone(),
+        room: room.clone(),
     });
     let mut ownership = Ownership::round_robin(workers);
     let mut restart_at: Vec<Option<tokio::time::Instant>> = vec![None; workers];
@@ -149,7 +162,9 @@ async fn supervise(parts: PipelineParts, mut stop: watch::Receiver<bool>) {
             dead_letter: parts.dead_letter.clone(),
             metrics: parts.metrics.clone(),
             ownership: ownership.clone(),
+            detached: (0..senders.len()).map(|_| None).collect(),
             senders,
+            room: room.clone(),
             cursor: parts.spool.first_position(),
             reader: None,
             replay_end: if first_epoch {
@@ -243,6 +258,11 @@ struct Dispatcher {
     metrics: Arc<Metrics>,
     ownership: Ownership,
     senders: Vec<Option<mpsc::Sender<WorkItem>>>,
+    /// Per worker: `Some` while the worker is left behind (its inbox was full), with where to
+    /// resume its records. `None` when created and again once its re-read reaches `cursor`.
+    detached: Vec<Option<Detached>>,
+    /// Woken by workers as they take batches (`WorkerContext::room`).
+    room: Arc<tokio::sync::Notify>,
     cursor: Position,
     reader: Option<Reader>,
     /// In the first epoch, envelopes before this position count as replayed.
@@ -250,10 +270,20 @@ struct Dispatcher {
     stop: watch::Receiver<bool>,
 }
 
+/// A worker the main pass left behind: its records from `from` on are re-read for it.
+struct Detached {
+    from: Position,
+    /// Positioned at `from` when present; dropped when a full inbox stops a re-read mid-chunk.
+    reader: Option<Reader>,
+}
+
 impl Dispatcher {
     async fn run(mut self) -> Result<(), DispatchError> {
         loop {
             if *self.stop.borrow() {
+                return Ok(());
+            }
+            if !self.catch_up_all().await? {
                 return Ok(());
             }
             match self.ring.take_at(self.cursor) {
@@ -271,9 +301,11 @@ impl Dispatcher {
                     if self.cursor < self.spool.durable_end() && self.read_segments().await? {
                         continue;
                     }
+                    let behind = self.detached.iter().any(Option::is_some);
                     tokio::select! {
                         _ = stopped(&mut self.stop) => return Ok(()),
                         _ = self.ring.wait() => {}
+                        _ = self.room.notified(), if behind => {}
                         _ = tokio::time::sleep(IDLE_RECHECK) => {}
                     }
                 }
@@ -371,15 +403,164 @@ impl Dispatcher {
             stopped(&mut self.stop).await;
             return false;
         };
-        let Some(sender) = self.senders[owner].as_ref() else {
+        let Some(sender) = self.senders[owner].clone() else {
             stopped(&mut self.stop).await;
             return false;
         };
-        tokio::select! {
-            biased;
-            _ = stopped(&mut self.stop) => false,
-            sent = sender.send(item) => sent.is_ok(),
+        if self.detached[owner].is_some() {
+            // The worker's re-read will reach this record.
+            return true;
         }
+        let item = match sender.try_send(item) {
+            Ok(()) => return true,
+            Err(mpsc::error::TrySendError::Closed(_)) => return false,
+            Err(mpsc::error::TrySendError::Full(item)) => item,
+        };
+        let others_taking = (0..self.senders.len())
+            .any(|w| w != owner && self.senders[w].is_some() && self.detached[w].is_none());
+        if others_taking {
+            self.metrics.forward_workers_left_behind_total.inc();
+            self.detached[owner] = Some(Detached {
+                from: record.position,
+                reader: None,
+            });
+            return true;
+        }
+        // No other worker is taking records: wait for this one, feeding the ones left behind
+        // as they make room.
+        loop {
+            let behind = self.detached.iter().any(Option::is_some);
+            tokio::select! {
+                biased;
+                _ = stopped(&mut self.stop) => return false,
+                permit = sender.reserve() => match permit {
+                    Ok(permit) => {
+                        permit.send(item);
+                        return true;
+                    }
+                    Err(_) => return false,
+                },
+                _ = self.room.notified(), if behind => {}
+            }
+            match self.catch_up_all().await {
+                Ok(true) => {}
+                Ok(false) => return false,
+                Err(e) => {
+                    tracing::error!(error = %e, "re-reading for a worker left behind failed");
+                    return false;
+                }
+            }
+        }
+    }
+
+    /// Feeds every worker left behind whose inbox is at least half empty. `Ok(false)` when
+    /// the epoch ended.
+    async fn catch_up_all(&mut self) -> Result<bool, DispatchError> {
+        for w in 0..self.detached.len() {
+            if self.detached[w].is_none() {
+                continue;
+            }
+            let Some(sender) = self.senders[w].clone() else {
+                continue;
+            };
+            if sender.capacity() * 2 < sender.max_capacity() {
+                continue;
+            }
+            if !self.catch_up(w, &sender).await? {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    /// Re-reads the segments for worker `w` from where it was left behind, sending it its own
+    /// pending envelopes until its inbox is full again or the re-read reaches the main cursor
+    /// (then `w` rejoins the main pass). `Ok(false)` when the epoch ended.
+    async fn catch_up(
+        &mut self,
+        w: usize,
+        sender: &mpsc::Sender<WorkItem>,
+    ) -> Result<bool, DispatchError> {
+        loop {
+            let Some(detached) = self.detached[w].as_mut() else {
+                return Ok(true);
+            };
+            if detached.from >= self.cursor {
+                self.detached[w] = None;
+                return Ok(true);
+            }
+            let reader = match detached.reader.take() {
+                Some(r) if r.position() == detached.from => r,
+                _ => self.spool.reader(detached.from),
+            };
+            let limit = self.cursor;
+            let (reader, chunk) = tokio::task::spawn_blocking(move || {
+                let mut reader = reader;
+                let mut out: Vec<Record> = Vec::new();
+                while out.len() < READ_CHUNK_RECORDS_MAX && reader.position() < limit {
+                    match reader.next_record() {
+                        Ok(Some(r)) => out.push(r),
+                        Ok(None) => break,
+                        Err(e) => return (reader, Err(e)),
+                    }
+                }
+                (reader, Ok(out))
+            })
+            .await
+            .map_err(|e| DispatchError::Task(e.to_string()))?;
+            let chunk = chunk?;
+            if chunk.is_empty() {
+                // Nothing between `from` and the durable end: the main pass has seen it all.
+                self.detached[w] = None;
+                return Ok(true);
+            }
+            let mut resume = reader.position();
+            let mut full = false;
+            for record in chunk {
+                if record.position >= self.cursor {
+                    resume = record.position;
+                    break;
+                }
+                let Some(item) = self.item_for(w, &record) else {
+                    continue;
+                };
+                match sender.try_send(item) {
+                    Ok(()) => {}
+                    Err(mpsc::error::TrySendError::Closed(_)) => return Ok(false),
+                    Err(mpsc::error::TrySendError::Full(_)) => {
+                        resume = record.position;
+                        full = true;
+                        break;
+                    }
+                }
+            }
+            let keep = (reader.position() == resume).then_some(reader);
+            self.detached[w] = Some(Detached {
+                from: resume,
+                reader: keep,
+            });
+            if full {
+                return Ok(true);
+            }
+        }
+    }
+
+    /// The work item for `record` if it is a pending envelope of a slot worker `w` owns (a
+    /// re-read for a worker left behind; the main pass already counted and checked it).
+    fn item_for(&self, w: usize, record: &Record) -> Option<WorkItem> {
+        if record.kind != RecordKind::ENVELOPE || !self.ledger.is_pending(record.position) {
+            return None;
+        }
+        let envelope = Envelope::decode(&record.payload).ok()?;
+        if self.ownership.owner(envelope.slot % crate::slots::SLOTS) != Some(w) {
+            return None;
+        }
+        Some(WorkItem {
+            position: record.position,
+            sealed: self.ledger.sealed(record.position),
+            bytes: record.payload.len(),
+            envelope,
+        })
     }
 
     /// An envelope record whose CRC held but whose msgpack does not decode cannot be forwarded:

@@ -116,6 +116,9 @@ pub struct WorkerContext {
     pub metrics: Arc<Metrics>,
     /// Woken after every tombstone append, so compaction can look.
     pub compaction: Arc<tokio::sync::Notify>,
+    /// Woken whenever a worker takes a batch from its inbox, so the dispatcher can feed a
+    /// worker it had to leave behind (see `pipeline`).
+    pub room: Arc<tokio::sync::Notify>,
 }
 
 pub struct Worker {
@@ -170,6 +173,7 @@ impl Worker {
             let Some(batch) = self.next_batch().await else {
                 return Ok(());
             };
+            self.ctx.room.notify_one();
             lag.set(batch.len() as i64 + self.inbox.len() as i64);
             let done = self.process(batch).await?;
             if !done {
