@@ -9,9 +9,10 @@
 //! (`forward.worker_queue_records_max` each), plus one reader window per worker left behind
 //! (below); the ring overflows into the segments rather than blocking ingest.
 //!
-//! Full inboxes: when the inbox of the worker owning a record is full (its sink is slow or
-//! failing and being retried), the dispatcher does not wait for it while other workers can take
-//! records: it *leaves that worker behind* at that record's position and goes on, skipping the
+//! Full inboxes: when the inbox of the worker owning a record stays full for
+//! [`LEAVE_BEHIND_AFTER`] (its sink is down or very slow and being retried), the dispatcher does
+//! not wait for it longer while other workers can take records: it *leaves that worker behind*
+//! at that record's position and goes on, skipping the
 //! worker's later records. Once the worker has taken a batch and its inbox is at least half
 //! empty, the dispatcher re-reads the segments from where it left the worker, hands it only its
 //! own pending records, in log order, and rejoins it to the main pass when that reading reaches
@@ -57,6 +58,11 @@ pub const READ_CHUNK_RECORDS_MAX: usize = 256;
 /// First and longest wait before restarting a failed worker.
 pub const RESTART_BACKOFF_INITIAL: Duration = Duration::from_millis(200);
 pub const RESTART_BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// How long the dispatcher waits for room in a full inbox before it leaves that worker
+/// behind (while other workers can take records). Longer than a healthy sink's batch round
+/// trip (a file sink's fdatasync, a local HTTP sink's answer), far shorter than a retry
+/// back-off.
+pub const LEAVE_BEHIND_AFTER: Duration = Duration::from_millis(100);
 /// How often an idle dispatcher re-checks the spool's durable end, in case a ring wake-up was
 /// missed (it never is in practice; this bounds the cost if it were).
 const IDLE_RECHECK: Duration = Duration::from_millis(200);
@@ -419,6 +425,20 @@ impl Dispatcher {
         let others_taking = (0..self.senders.len())
             .any(|w| w != owner && self.senders[w].is_some() && self.detached[w].is_none());
         if others_taking {
+            // A worker with a healthy sink takes its next batch within a sink round trip;
+            // leaving it behind for that would cost a re-read for nothing.
+            tokio::select! {
+                biased;
+                _ = stopped(&mut self.stop) => return false,
+                permit = sender.reserve() => return match permit {
+                    Ok(permit) => {
+                        permit.send(item);
+                        true
+                    }
+                    Err(_) => false,
+                },
+                _ = tokio::time::sleep(LEAVE_BEHIND_AFTER) => {}
+            }
             self.metrics.forward_workers_left_behind_total.inc();
             self.detached[owner] = Some(Detached {
                 from: record.position,
