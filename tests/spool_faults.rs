@@ -197,3 +197,69 @@ fn dropping_an_interval_mode_spool_without_close_releases_it() {
     let (s, _, _) = open(&opts);
     assert_eq!(read_all(&s), vec![7]);
 }
+
+/// Records whether it ran or was dropped without running.
+struct HookProbe {
+    ran: Arc<std::sync::atomic::AtomicBool>,
+    dropped_unrun: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Drop for HookProbe {
+    fn drop(&mut self) {
+        if !self.ran.load(Ordering::SeqCst) {
+            self.dropped_unrun.store(true, Ordering::SeqCst);
+        }
+    }
+}
+
+#[test]
+fn a_commit_hook_runs_before_its_records_are_visible_and_never_for_a_refused_append() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = options(dir.path());
+    let faults = Faults::new();
+    let (s, _) = open_fs(&opts, Arc::new(FaultFs::new(StdFs, faults.clone())));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    append(&s, 1);
+
+    let ran = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let dropped_unrun = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let seen_end = Arc::new(std::sync::Mutex::new(None));
+    let probe = HookProbe {
+        ran: ran.clone(),
+        dropped_unrun: dropped_unrun.clone(),
+    };
+    let (spool, seen) = (s.clone(), seen_end.clone());
+    let hook: spoolgate::spool::CommitHook = Box::new(move |positions| {
+        // What a reader could see at this moment: the durable end must not cover the record.
+        *seen.lock().unwrap() = Some((spool.durable_end(), positions[0]));
+        probe.ran.store(true, Ordering::SeqCst);
+    });
+    let positions = rt
+        .block_on(s.append_then(vec![(RecordKind::ENVELOPE, payload(2))], hook))
+        .unwrap();
+    let (end_then, at) = seen_end.lock().unwrap().expect("the hook ran");
+    assert_eq!(at, positions[0]);
+    assert!(
+        end_then <= at,
+        "durable end {end_then:?} already covered {at:?}"
+    );
+    assert!(s.durable_end() > at);
+    assert!(ran.load(Ordering::SeqCst) && !dropped_unrun.load(Ordering::SeqCst));
+
+    // A refused append (ENOSPC) drops its hook without running it, before it answers.
+    let ran = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let dropped_unrun = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let probe = HookProbe {
+        ran: ran.clone(),
+        dropped_unrun: dropped_unrun.clone(),
+    };
+    faults.enospc_writes.store(true, Ordering::SeqCst);
+    let result = rt.block_on(s.append_then(
+        vec![(RecordKind::ENVELOPE, payload(3))],
+        Box::new(move |_| probe.ran.store(true, Ordering::SeqCst)),
+    ));
+    assert!(matches!(result, Err(SpoolError::Full(_))), "{result:?}");
+    assert!(!ran.load(Ordering::SeqCst) && dropped_unrun.load(Ordering::SeqCst));
+}

@@ -10,7 +10,12 @@
 //! the spool (their window restarts at start-up, which errs on the side of deduplicating).
 //!
 //! An id that is being written by one request is *pending*: a concurrent request with the same
-//! id gets 409 and retries, rather than both being written.
+//! id gets 409 and retries, rather than both being written. A pending id becomes done on the
+//! spool's writer thread, by a commit hook ([`Completion`]), before its record can be read,
+//! forwarded or compacted: compaction checkpoints the done entries of the segments it deletes,
+//! so an id completed any later could leave with its segment unrecorded and be written twice by
+//! a retry after a restart. An append that fails, or a request dropped half-way, releases its
+//! pending ids instead.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -50,6 +55,56 @@ pub struct Dedup {
     inner: Mutex<Inner>,
     window: Duration,
     entries_max: usize,
+}
+
+/// The keys one request reserved, on their way to being written. The spool's commit hook
+/// completes them with their positions (`complete`), on the writer thread, before the records
+/// can be forwarded; if that never happens (the append failed, or the request was dropped
+/// half-way) dropping this releases them, so a retry can write them.
+pub struct Completion {
+    dedup: Arc<Dedup>,
+    /// Key and slot of each reserved envelope, in the order they are appended.
+    reserved: Vec<(String, u16)>,
+    done: bool,
+}
+
+impl Completion {
+    pub fn new(dedup: Arc<Dedup>, reserved: Vec<(String, u16)>) -> Completion {
+        Completion {
+            dedup,
+            reserved,
+            done: false,
+        }
+    }
+
+    /// Records where the reserved keys were written (one position per key, in order).
+    pub fn complete(mut self, positions: &[Position]) {
+        assert_eq!(
+            positions.len(),
+            self.reserved.len(),
+            "one position per reserved key"
+        );
+        let reserved = std::mem::take(&mut self.reserved);
+        self.dedup.complete(
+            reserved
+                .into_iter()
+                .zip(positions)
+                .map(|((k, slot), p)| (k, *p, slot)),
+        );
+        self.done = true;
+    }
+}
+
+impl Drop for Completion {
+    fn drop(&mut self) {
+        if !self.done {
+            self.dedup.abort(
+                std::mem::take(&mut self.reserved)
+                    .into_iter()
+                    .map(|(k, _)| k),
+            );
+        }
+    }
 }
 
 /// What `reserve` found for one key.
@@ -274,6 +329,35 @@ mod tests {
                 slot: 3
             }]
         );
+    }
+
+    #[test]
+    fn a_completion_records_positions_and_a_dropped_one_releases_its_keys() {
+        let d = Arc::new(Dedup::new(Duration::from_secs(60), 10));
+        let (a, b) = (key(None, "a"), key(None, "b"));
+        d.reserve(&[a.clone(), b.clone()]).unwrap();
+        Completion::new(d.clone(), vec![(a.clone(), 7), (b.clone(), 8)])
+            .complete(&[pos(64), pos(128)]);
+        assert_eq!(
+            d.reserve(&[a, b]).unwrap(),
+            vec![
+                Reservation::Hit {
+                    position: pos(64),
+                    slot: 7
+                },
+                Reservation::Hit {
+                    position: pos(128),
+                    slot: 8
+                }
+            ]
+        );
+
+        // A completion that never ran (its append failed or its request was dropped) frees
+        // the ids for a retry instead of leaving them pending, which would answer 409 forever.
+        let c = key(None, "c");
+        d.reserve(std::slice::from_ref(&c)).unwrap();
+        drop(Completion::new(d.clone(), vec![(c.clone(), 1)]));
+        assert_eq!(d.reserve(&[c]).unwrap(), vec![Reservation::Reserved]);
     }
 
     #[test]

@@ -54,7 +54,8 @@ pub struct IngestState {
     pub config: Config,
     pub metrics: Arc<Metrics>,
     pub spool: OnceLock<Spool>,
-    pub dedup: Dedup,
+    /// Shared with the spool's commit hooks, which complete reservations (`dedup::Completion`).
+    pub dedup: Arc<Dedup>,
     /// Streams admitted so far, bounded by `ingest.streams_max`.
     pub streams: KnownStreams,
     pub backpressure: Backpressure,
@@ -64,10 +65,10 @@ pub struct IngestState {
 
 impl IngestState {
     pub fn new(config: Config, metrics: Arc<Metrics>) -> IngestState {
-        let dedup = Dedup::new(
+        let dedup = Arc::new(Dedup::new(
             Duration::from_secs(config.ingest.dedup_window_secs),
             config.ingest.dedup_entries_max,
-        );
+        ));
         let backpressure = Backpressure::new(&config.spool);
         let streams = KnownStreams::new(config.ingest.streams_max);
         IngestState {
@@ -368,34 +369,37 @@ async fn ingest(state: &IngestState, req: Request<Incoming>) -> HttpResponse {
         .filter(|(_, r)| **r == Reservation::Reserved)
         .map(|(p, _)| (RecordKind::ENVELOPE, Bytes::copy_from_slice(&p.encoded)))
         .collect();
-    let reserved_keys = || {
-        keys.iter()
-            .zip(&reservations)
-            .filter(|(_, r)| **r == Reservation::Reserved)
-            .map(|(k, _)| k.clone())
-    };
     let written = if to_write.is_empty() {
         Vec::new()
     } else {
-        match spool.append(to_write).await {
+        let reserved: Vec<(String, u16)> = keys
+            .iter()
+            .zip(&reservations)
+            .zip(&parsed)
+            .filter(|((_, r), _)| **r == Reservation::Reserved)
+            .map(|((k, _), p)| (k.clone(), p.envelope.slot))
+            .collect();
+        // The index learns the positions on the writer thread, before the records can be
+        // forwarded and compacted: were it told here, after the await, a record could be
+        // delivered and its segment deleted first, and its id would miss the dedup checkpoint.
+        // Failing or dropped half-way, the completion releases the keys instead.
+        let completion = dedup::Completion::new(state.dedup.clone(), reserved);
+        let hook: crate::spool::CommitHook =
+            Box::new(move |positions: &[crate::spool::Position]| completion.complete(positions));
+        match spool.append_then(to_write, hook).await {
             Ok(positions) => positions,
-            Err(e) => {
-                state.dedup.abort(reserved_keys());
-                return append_error(state, e);
-            }
+            Err(e) => return append_error(state, e),
         }
     };
     let mut written_iter = written.iter();
-    let mut completed = Vec::with_capacity(written.len());
     let mut items = Vec::with_capacity(parsed.len());
     let mut hits = 0u64;
-    for ((p, r), k) in parsed.iter().zip(&reservations).zip(&keys) {
+    for (p, r) in parsed.iter().zip(&reservations) {
         let (position, slot, duplicate) = match r {
             Reservation::Reserved => {
                 let position = *written_iter
                     .next()
                     .expect("one position per written record");
-                completed.push((k.clone(), position, p.envelope.slot));
                 (position, p.envelope.slot, false)
             }
             Reservation::Hit { position, slot } => {
@@ -410,7 +414,6 @@ async fn ingest(state: &IngestState, req: Request<Incoming>) -> HttpResponse {
             "duplicate": duplicate,
         }));
     }
-    state.dedup.complete(completed);
     state.metrics.ingest_dedup_hits_total.inc_by(hits);
     state
         .metrics

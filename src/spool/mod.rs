@@ -49,6 +49,7 @@ mod writer;
 
 pub use inspect::{inspect, InspectReport};
 pub use reader::Reader;
+pub use writer::CommitHook;
 
 /// Where a record starts: its segment id and the byte offset of its frame in that segment file.
 /// Positions are totally ordered in log order and never reused.
@@ -299,7 +300,18 @@ impl Spool {
         &self,
         records: Vec<(RecordKind, Bytes)>,
     ) -> Result<Vec<Position>, SpoolError> {
-        self.writer.append(records, false).await
+        self.writer.append(records, false, None).await
+    }
+
+    /// Like `append`, and `hook` runs with the records' positions on the writer thread once
+    /// they are durable, before readers and the ring can see them (so before they can be
+    /// forwarded); if the append fails, `hook` is dropped without running.
+    pub async fn append_then(
+        &self,
+        records: Vec<(RecordKind, Bytes)>,
+        hook: CommitHook,
+    ) -> Result<Vec<Position>, SpoolError> {
+        self.writer.append(records, false, Some(hook)).await
     }
 
     /// Like `append`, but always fdatasyncs before returning, whatever the durability mode.
@@ -307,7 +319,7 @@ impl Spool {
         &self,
         records: Vec<(RecordKind, Bytes)>,
     ) -> Result<Vec<Position>, SpoolError> {
-        self.writer.append(records, true).await
+        self.writer.append(records, true, None).await
     }
 
     /// Blocking form of `append`/`append_synced` for callers outside an async runtime.

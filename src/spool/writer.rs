@@ -29,10 +29,15 @@ const ZERO_CHUNK_BYTES: usize = 1 << 20;
 
 type Reply = oneshot::Sender<Result<Vec<Position>, SpoolError>>;
 
+/// Runs on the writer thread once a request's records are durable, with their positions, and
+/// before any reader or the ring can see them. Dropped without running when the request fails.
+pub type CommitHook = Box<dyn FnOnce(&[Position]) + Send>;
+
 enum Request {
     Append {
         records: Vec<(RecordKind, Bytes)>,
         synced: bool,
+        hook: Option<CommitHook>,
         reply: Reply,
     },
     /// Interval mode: time to fdatasync whatever is written.
@@ -74,6 +79,7 @@ impl WriterHandle {
         &self,
         records: Vec<(RecordKind, Bytes)>,
         synced: bool,
+        hook: Option<CommitHook>,
     ) -> Result<Vec<Position>, SpoolError> {
         self.precheck(&records)?;
         if records.is_empty() {
@@ -84,6 +90,7 @@ impl WriterHandle {
             .send(Request::Append {
                 records,
                 synced,
+                hook,
                 reply,
             })
             .await
@@ -105,6 +112,7 @@ impl WriterHandle {
             .blocking_send(Request::Append {
                 records,
                 synced,
+                hook: None,
                 reply,
             })
             .map_err(|_| SpoolError::Closed)?;
@@ -227,8 +235,18 @@ pub(crate) fn start(
 struct Pending {
     records: Vec<(RecordKind, Bytes)>,
     synced: bool,
+    hook: Option<CommitHook>,
     reply: Reply,
     bytes: u64,
+}
+
+impl Pending {
+    /// Answers the appender with `err`, after dropping its hook: what the hook releases when
+    /// dropped (reserved dedup ids) is then free by the time the appender answers its client.
+    fn fail(mut self, err: SpoolError) {
+        drop(self.hook.take());
+        let _ = self.reply.send(Err(err));
+    }
 }
 
 fn is_enospc(e: &std::io::Error) -> bool {
@@ -249,6 +267,7 @@ impl Writer {
                     Request::Append {
                         records: r,
                         synced,
+                        hook,
                         reply,
                     } => {
                         let b: u64 = r.iter().map(|(_, p)| format::frame_len(p.len())).sum();
@@ -257,6 +276,7 @@ impl Writer {
                         batch.push(Pending {
                             records: r,
                             synced,
+                            hook,
                             reply,
                             bytes: b,
                         });
@@ -315,7 +335,7 @@ impl Writer {
         let mut rest = batch.into_iter();
         while let Some(p) = rest.next() {
             if let Some(reason) = self.shared.poison_reason() {
-                let _ = p.reply.send(Err(SpoolError::Poisoned(reason)));
+                p.fail(SpoolError::Poisoned(reason));
                 continue;
             }
             if self.offset + group_bytes + p.bytes > self.shared.opts.segment_bytes_max {
@@ -324,9 +344,9 @@ impl Writer {
                     group_bytes = 0;
                 }
                 if let Err(e) = self.rotate() {
-                    let _ = p.reply.send(Err(clone_err(&e)));
+                    p.fail(clone_err(&e));
                     for q in rest.by_ref() {
-                        let _ = q.reply.send(Err(clone_err(&e)));
+                        q.fail(clone_err(&e));
                     }
                     return;
                 }
@@ -339,7 +359,7 @@ impl Writer {
         }
     }
 
-    fn write_group(&mut self, group: Vec<Pending>) {
+    fn write_group(&mut self, mut group: Vec<Pending>) {
         let start = self.offset;
         let total: u64 = group.iter().map(|p| p.bytes).sum();
         let mut buf = Vec::with_capacity(total as usize);
@@ -384,7 +404,7 @@ impl Writer {
                 SpoolError::Poisoned(self.shared.poison_reason().unwrap_or_default())
             };
             for p in group {
-                let _ = p.reply.send(Err(clone_err(&err)));
+                p.fail(clone_err(&err));
             }
             return;
         }
@@ -398,7 +418,7 @@ impl Writer {
                     .set_poison(format!("fdatasync of {} failed: {e}", path.display()));
                 let reason = self.shared.poison_reason().unwrap_or_default();
                 for p in group {
-                    let _ = p.reply.send(Err(SpoolError::Poisoned(reason.clone())));
+                    p.fail(SpoolError::Poisoned(reason.clone()));
                 }
                 return;
             }
@@ -413,6 +433,14 @@ impl Writer {
         m.spool_appends_total.inc_by(committed.len() as u64);
         m.spool_append_bytes_total.inc_by(total);
         m.spool_commit_batch_records.observe(committed.len() as f64);
+        // Hooks first: what they record (the dedup index's positions) must be in place before
+        // the durable end moves and the ring is fed, that is before the records can be
+        // forwarded, tombstoned and compacted.
+        for (p, pos) in group.iter_mut().zip(&positions) {
+            if let Some(hook) = p.hook.take() {
+                hook(pos);
+            }
+        }
         self.shared.durable.send_replace(Position {
             segment: self.active,
             offset: self.offset,
