@@ -35,7 +35,9 @@ enum Entry {
 type Key = Arc<str>;
 
 struct Inner {
-    map: HashMap<Key, (Entry, Instant)>,
+    /// Keys are chosen by clients, so the hasher is seeded per process (foldhash's
+    /// `RandomState`), which keeps collisions from being precomputed.
+    map: HashMap<Key, (Entry, Instant), foldhash::fast::RandomState>,
     /// Insertion order, for expiry and eviction. May hold keys already removed or re-inserted;
     /// those are recognised by their timestamp and skipped.
     order: VecDeque<(Key, Instant)>,
@@ -134,7 +136,7 @@ impl Dedup {
     pub fn new(window: Duration, entries_max: usize) -> Dedup {
         Dedup {
             inner: Mutex::new(Inner {
-                map: HashMap::new(),
+                map: HashMap::with_hasher(foldhash::fast::RandomState::default()),
                 order: VecDeque::new(),
             }),
             window,
