@@ -239,7 +239,7 @@ impl Sink for FileSink {
             // parallel.
             let mut buf = Vec::with_capacity(batch.len() * 1536);
             for r in batch {
-                serde_json::to_writer(&mut buf, r)
+                super::json::write_record(&mut buf, r)
                     .map_err(|e| failure(std::io::Error::other(e)))?;
                 buf.push(b'\n');
             }

@@ -69,7 +69,12 @@ impl HttpSink {
 
     fn body(&self, batch: &[SharedRecord]) -> Result<(Bytes, &'static str), SinkError> {
         let encoded = match self.format {
-            WireFormat::Json => serde_json::to_vec(batch).map_err(|e| e.to_string()),
+            WireFormat::Json => {
+                let mut out = Vec::with_capacity(batch.len() * 1536);
+                super::json::write_records(&mut out, batch)
+                    .map(|()| out)
+                    .map_err(|e| e.to_string())
+            }
             WireFormat::Msgpack => rmp_serde::to_vec_named(batch).map_err(|e| e.to_string()),
         };
         let ct = match self.format {

@@ -5,13 +5,14 @@
 //! - [`worker`]: gate → chain → seal → sink → tombstone for one batch at a time;
 //! - [`ledger`]: what is pending, sealed and complete, rebuilt at start-up by one scan;
 //! - [`sink`], [`file_sink`], [`http_sink`]: where records go; sinks do no metrics or retries,
-//!   the worker owns both;
+//!   the worker owns both; [`json`] writes their JSON (serde_json's bytes, faster);
 //! - [`retry`]: exponential backoff with full jitter, honouring `Retry-After`;
 //! - [`dead_letter`]: batches a sink permanently rejected, kept on disk with the reason.
 
 pub mod dead_letter;
 pub mod file_sink;
 pub mod http_sink;
+pub mod json;
 pub mod ledger;
 pub mod pipeline;
 pub mod retry;
