@@ -68,6 +68,8 @@ pub enum ChainError {
     Encode(#[from] rmp_serde::encode::Error),
     #[error("cannot decode: {0}")]
     Decode(#[from] rmp_serde::decode::Error),
+    #[error(transparent)]
+    Envelope(#[from] crate::envelope::EnvelopeError),
     #[error("I/O error on {path}: {source}")]
     Io {
         path: std::path::PathBuf,
@@ -185,7 +187,7 @@ impl Chains {
         });
         let seq = prev.seq + 1;
         let slot = envelope.slot;
-        let envelope_bytes = rmp_serde::to_vec_named(&envelope)?;
+        let envelope_bytes = envelope.encode()?;
         let hash: [u8; 32] = Sha256::new()
             .chain_update(prev.hash)
             .chain_update(canonical_head(&stream, seq, slot))
