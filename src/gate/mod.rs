@@ -220,7 +220,7 @@ impl Gate {
             env.routing_hints = d.routing;
             return;
         };
-        env.text_hash = Some(hex::encode(Sha256::digest(text.as_bytes())));
+        env.text_hash = Some(crate::chain::hex32(&Sha256::digest(text.as_bytes()).into()));
         env.char_len = Some(text.chars().count() as u64);
         let mut scan_end = text.len().min(self.config.scan_bytes_max);
         while !text.is_char_boundary(scan_end) {
