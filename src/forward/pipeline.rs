@@ -276,6 +276,27 @@ struct Dispatcher {
     stop: watch::Receiver<bool>,
 }
 
+/// Reads up to [`READ_CHUNK_RECORDS_MAX`] records on a blocking thread, stopping early at the
+/// durable end or once the reader reaches `until`. Returns the reader for the next chunk.
+async fn read_chunk(
+    mut reader: Reader,
+    until: Option<Position>,
+) -> Result<(Reader, Result<Vec<Record>, SpoolError>), DispatchError> {
+    tokio::task::spawn_blocking(move || {
+        let mut out: Vec<Record> = Vec::new();
+        while out.len() < READ_CHUNK_RECORDS_MAX && until.is_none_or(|u| reader.position() < u) {
+            match reader.next_record() {
+                Ok(Some(r)) => out.push(r),
+                Ok(None) => break,
+                Err(e) => return (reader, Err(e)),
+            }
+        }
+        (reader, Ok(out))
+    })
+    .await
+    .map_err(|e| DispatchError::Task(e.to_string()))
+}
+
 /// A worker the main pass left behind: its records from `from` on are re-read for it.
 struct Detached {
     from: Position,
@@ -322,23 +343,11 @@ impl Dispatcher {
     /// Reads one chunk from the segments at the cursor and dispatches it. `Ok(false)` if
     /// nothing was there or the epoch ended.
     async fn read_segments(&mut self) -> Result<bool, DispatchError> {
-        let mut reader = match self.reader.take() {
+        let reader = match self.reader.take() {
             Some(r) if r.position() == self.cursor => r,
             _ => self.spool.reader(self.cursor),
         };
-        let (reader, chunk) = tokio::task::spawn_blocking(move || {
-            let mut out: Vec<Record> = Vec::new();
-            while out.len() < READ_CHUNK_RECORDS_MAX {
-                match reader.next_record() {
-                    Ok(Some(r)) => out.push(r),
-                    Ok(None) => break,
-                    Err(e) => return (reader, Err(e)),
-                }
-            }
-            (reader, Ok(out))
-        })
-        .await
-        .map_err(|e| DispatchError::Task(e.to_string()))?;
+        let (reader, chunk) = read_chunk(reader, None).await?;
         self.reader = Some(reader);
         let chunk = chunk?;
         if chunk.is_empty() {
@@ -394,12 +403,7 @@ impl Dispatcher {
             .gate_envelopes_total
             .with_label_values(&["ok"])
             .inc();
-        let item = WorkItem {
-            position: record.position,
-            sealed: self.ledger.sealed(record.position),
-            bytes: record.payload.len(),
-            envelope,
-        };
+        let item = self.work_item(&record, envelope);
         let Some(owner) = self
             .ownership
             .owner(item.envelope.slot % crate::slots::SLOTS)
@@ -513,21 +517,7 @@ impl Dispatcher {
                 Some(r) if r.position() == detached.from => r,
                 _ => self.spool.reader(detached.from),
             };
-            let limit = self.cursor;
-            let (reader, chunk) = tokio::task::spawn_blocking(move || {
-                let mut reader = reader;
-                let mut out: Vec<Record> = Vec::new();
-                while out.len() < READ_CHUNK_RECORDS_MAX && reader.position() < limit {
-                    match reader.next_record() {
-                        Ok(Some(r)) => out.push(r),
-                        Ok(None) => break,
-                        Err(e) => return (reader, Err(e)),
-                    }
-                }
-                (reader, Ok(out))
-            })
-            .await
-            .map_err(|e| DispatchError::Task(e.to_string()))?;
+            let (reader, chunk) = read_chunk(reader, Some(self.cursor)).await?;
             let chunk = chunk?;
             if chunk.is_empty() {
                 // Nothing between `from` and the durable end: the main pass has seen it all.
@@ -575,12 +565,16 @@ impl Dispatcher {
         if self.ownership.owner(envelope.slot % crate::slots::SLOTS) != Some(w) {
             return None;
         }
-        Some(WorkItem {
+        Some(self.work_item(record, envelope))
+    }
+
+    fn work_item(&self, record: &Record, envelope: Envelope) -> WorkItem {
+        WorkItem {
             position: record.position,
             sealed: self.ledger.sealed(record.position),
             bytes: record.payload.len(),
             envelope,
-        })
+        }
     }
 
     /// An envelope record whose CRC held but whose msgpack does not decode cannot be forwarded:
