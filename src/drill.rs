@@ -54,7 +54,16 @@ pub struct DrillOptions {
     /// Rewrite the rules file while the daemon is down, before every restart, so replayed
     /// records would be classified differently if anything were recomputed.
     pub flip_rules: bool,
+    /// HTTP sink only: the recorder answers 503 to every batch holding a record of
+    /// [`FLAKY_STREAM`] during alternate [`FLAKY_PERIOD`]s, so the worker owning that stream
+    /// retries while the others deliver (the dispatcher leaves it behind when its inbox fills).
+    pub flaky_stream: bool,
 }
+
+/// The stream the recorder refuses at times with `flaky_stream`.
+pub const FLAKY_STREAM: &str = "tenant-0";
+/// Length of each refusing (and each accepting) period with `flaky_stream`.
+pub const FLAKY_PERIOD: Duration = Duration::from_millis(500);
 
 #[derive(Debug, Default, Serialize)]
 pub struct DrillReport {
@@ -70,6 +79,10 @@ pub struct DrillReport {
     pub streams: u64,
     pub ready_after_restart_ms: Vec<u64>,
     pub lost_ids: Vec<String>,
+    /// Batches the recorder refused with 503 (`flaky_stream`).
+    pub refused_batches: u64,
+    /// `spoolgate_forward_workers_left_behind_total` of the last daemon, read before it stops.
+    pub workers_left_behind_last_run: u64,
 }
 
 impl DrillReport {
@@ -107,6 +120,13 @@ impl std::fmt::Display for DrillReport {
             self.duplicates, self.non_identical_duplicates
         )?;
         writeln!(f, "  lost                     {}", self.lost)?;
+        if self.refused_batches > 0 {
+            writeln!(
+                f,
+                "  sink refusals (503)      {} batches; workers left behind in the last run: {}",
+                self.refused_batches, self.workers_left_behind_last_run
+            )?;
+        }
         writeln!(f, "  streams verified         {}", self.streams)?;
         writeln!(
             f,
@@ -278,24 +298,30 @@ struct Recorder {
     addr: String,
     records: Arc<Mutex<Vec<String>>>,
     stop: Arc<AtomicBool>,
+    refused: Arc<AtomicU64>,
 }
 
 impl Recorder {
-    fn start() -> std::io::Result<Recorder> {
+    fn start(flaky: bool) -> std::io::Result<Recorder> {
         let listener = TcpListener::bind("127.0.0.1:0")?;
         let addr = listener.local_addr()?.to_string();
         let records = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
-        let (r, s) = (records.clone(), stop.clone());
+        let refused = Arc::new(AtomicU64::new(0));
+        let (r, s, n) = (records.clone(), stop.clone(), refused.clone());
+        let started = Instant::now();
         std::thread::spawn(move || {
             for conn in listener.incoming() {
                 if s.load(Ordering::Relaxed) {
                     break;
                 }
                 let Ok(conn) = conn else { continue };
-                let r = r.clone();
+                let (r, n) = (r.clone(), n.clone());
+                let refusing = move || {
+                    flaky && (started.elapsed().as_millis() / FLAKY_PERIOD.as_millis()) % 2 == 0
+                };
                 std::thread::spawn(move || {
-                    let _ = serve_recorder_connection(conn, &r);
+                    let _ = serve_recorder_connection(conn, &r, &n, refusing);
                 });
             }
         });
@@ -303,6 +329,7 @@ impl Recorder {
             addr,
             records,
             stop,
+            refused,
         })
     }
 }
@@ -314,7 +341,12 @@ impl Drop for Recorder {
     }
 }
 
-fn serve_recorder_connection(conn: TcpStream, records: &Mutex<Vec<String>>) -> std::io::Result<()> {
+fn serve_recorder_connection(
+    conn: TcpStream,
+    records: &Mutex<Vec<String>>,
+    refused: &AtomicU64,
+    refusing: impl Fn() -> bool,
+) -> std::io::Result<()> {
     let mut reader = std::io::BufReader::new(conn.try_clone()?);
     let mut out = conn;
     loop {
@@ -339,6 +371,10 @@ fn serve_recorder_connection(conn: TcpStream, records: &Mutex<Vec<String>>) -> s
         let mut body = vec![0u8; len];
         reader.read_exact(&mut body)?;
         let status = match serde_json::from_slice::<Vec<serde_json::Value>>(&body) {
+            Ok(batch) if refusing() && batch.iter().any(|r| r["stream"] == FLAKY_STREAM) => {
+                refused.fetch_add(1, Ordering::Relaxed);
+                "503 Service Unavailable"
+            }
             Ok(batch) => {
                 let mut r = records.lock().unwrap_or_else(|p| p.into_inner());
                 for rec in batch {
@@ -428,7 +464,7 @@ pub fn run(opts: &DrillOptions) -> Result<DrillReport, DrillError> {
         ..Default::default()
     };
     let recorder = match opts.sink {
-        DrillSink::Http => Some(Recorder::start()?),
+        DrillSink::Http => Some(Recorder::start(opts.flaky_stream)?),
         DrillSink::File => None,
     };
     let sink_url = recorder
@@ -485,6 +521,16 @@ pub fn run(opts: &DrillOptions) -> Result<DrillReport, DrillError> {
         std::thread::sleep(Duration::from_millis(50));
         delivered = collect(&recorder)?;
     }
+    if let Ok((200, body)) = http(&running.metrics, "GET", "/metrics", "text/plain", b"") {
+        report.workers_left_behind_last_run = String::from_utf8_lossy(&body)
+            .lines()
+            .find_map(|l| l.strip_prefix("spoolgate_forward_workers_left_behind_total "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or(0.0) as u64;
+    }
+    if let Some(r) = &recorder {
+        report.refused_batches = r.refused.load(Ordering::Relaxed);
+    }
     let _ = Command::new("kill")
         .args(["-TERM", &running.child.id().to_string()])
         .status();
@@ -519,7 +565,6 @@ pub fn run(opts: &DrillOptions) -> Result<DrillReport, DrillError> {
         Ok(summary) => report.streams = summary.streams as u64,
         Err(e) => report.chain_error = Some(e.to_string()),
     }
-    let _ = running.metrics;
     Ok(report)
 }
 

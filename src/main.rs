@@ -104,6 +104,10 @@ struct DrillArgs {
     /// Rewrite the rules file before every restart (tests that replays are not re-classified).
     #[arg(long)]
     flip_rules: bool,
+    /// With `--sink http`: refuse (503) batches holding stream tenant-0 every other 500 ms, so
+    /// one worker retries while the others deliver.
+    #[arg(long)]
+    flaky_stream: bool,
     /// Also write the report as JSON to this file.
     #[arg(long)]
     report_json: Option<PathBuf>,
@@ -283,6 +287,7 @@ fn drill(args: DrillArgs) -> anyhow::Result<ExitCode> {
         sink,
         sets: args.sets,
         flip_rules: args.flip_rules,
+        flaky_stream: args.flaky_stream,
     };
     let report = spoolgate::drill::run(&opts)?;
     print!("{report}");
