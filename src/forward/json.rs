@@ -73,16 +73,10 @@ fn write_envelope(out: &mut Vec<u8>, e: &Envelope) -> Result<(), serde_json::Err
     }
     if !e.pii.is_empty() {
         key(out, "pii");
-        out.push(b'{');
-        for (i, (k, v)) in e.pii.iter().enumerate() {
-            if i > 0 {
-                out.push(b',');
-            }
-            write_str(out, k);
-            out.push(b':');
+        write_map(out, &e.pii, |out, v| {
             write_u64(out, *v);
-        }
-        out.push(b'}');
+            Ok(())
+        })?;
     }
     if !e.tags.is_empty() {
         key(out, "tags");
@@ -100,16 +94,10 @@ fn write_envelope(out: &mut Vec<u8>, e: &Envelope) -> Result<(), serde_json::Err
     }
     if !e.routing_hints.is_empty() {
         key(out, "routing_hints");
-        out.push(b'{');
-        for (i, (k, v)) in e.routing_hints.iter().enumerate() {
-            if i > 0 {
-                out.push(b',');
-            }
-            write_str(out, k);
-            out.push(b':');
+        write_map(out, &e.routing_hints, |out, v| {
             write_str(out, v);
-        }
-        out.push(b'}');
+            Ok(())
+        })?;
     }
     if let Some(v) = &e.summary_extractive {
         field_str(out, "summary_extractive", v);
@@ -125,20 +113,30 @@ fn write_envelope(out: &mut Vec<u8>, e: &Envelope) -> Result<(), serde_json::Err
     write_u64(out, e.ts_ms);
     if !e.meta.is_empty() {
         key(out, "meta");
-        out.push(b'{');
-        for (i, (k, v)) in e.meta.iter().enumerate() {
-            if i > 0 {
-                out.push(b',');
-            }
-            write_str(out, k);
-            out.push(b':');
-            serde_json::to_writer(&mut *out, v)?;
-        }
-        out.push(b'}');
+        write_map(out, &e.meta, |out, v| serde_json::to_writer(out, v))?;
     }
     key(out, "slot");
     write_u64(out, u64::from(e.slot));
     field_str(out, "priority", e.priority.as_str());
+    out.push(b'}');
+    Ok(())
+}
+
+/// A JSON object from a map with string keys (in the map's order, as serde_json writes it).
+fn write_map<V>(
+    out: &mut Vec<u8>,
+    map: &std::collections::BTreeMap<String, V>,
+    mut value: impl FnMut(&mut Vec<u8>, &V) -> Result<(), serde_json::Error>,
+) -> Result<(), serde_json::Error> {
+    out.push(b'{');
+    for (i, (k, v)) in map.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        write_str(out, k);
+        out.push(b':');
+        value(out, v)?;
+    }
     out.push(b'}');
     Ok(())
 }
