@@ -46,7 +46,14 @@ struct OutFile {
 struct SyncState {
     /// Bytes of the file known durable.
     synced_bytes: u64,
+    /// Bytes whose page-cache pages were released after they became durable (always a multiple
+    /// of [`PAGE_BYTES`], at most `synced_bytes`).
+    released_bytes: u64,
 }
+
+/// The page size assumed when releasing written pages; on a kernel with larger pages the
+/// release only drops fewer pages, it stays correct.
+const PAGE_BYTES: u64 = 4096;
 
 impl OutFile {
     /// The file's length: what was there when opened plus every write that returned.
@@ -122,6 +129,7 @@ impl FileSink {
             // wrote it; only this handle's writes need syncing.
             sync: std::sync::Mutex::new(SyncState {
                 synced_bytes: bytes,
+                released_bytes: bytes - bytes % PAGE_BYTES,
             }),
         }))
     }
@@ -184,6 +192,7 @@ fn sync_up_to(out: &OutFile, end: u64) -> std::io::Result<()> {
     match out.file.sync_data() {
         Ok(()) => {
             state.synced_bytes = written;
+            release_pages(out, &mut state);
             Ok(())
         }
         Err(e) => {
@@ -191,6 +200,31 @@ fn sync_up_to(out: &OutFile, end: u64) -> std::io::Result<()> {
             out.failed.store(true, std::sync::atomic::Ordering::Release);
             Err(e)
         }
+    }
+}
+
+/// Drops the durable whole pages of `out` from the page cache. spoolgate never reads its
+/// output back, and a sidecar should not fill its host's page cache with it: the memory belongs
+/// to the services it runs next to. Released pages are also the ones the next writes reuse,
+/// which on a host that has not touched all its memory yet (a fresh VM) saves a host page
+/// fault per page. The partial last page stays cached, so the next write does not have to read
+/// it back from disk first. This is advice: if the kernel refuses it, nothing is lost but the
+/// memory, so the error is only logged.
+fn release_pages(out: &OutFile, state: &mut SyncState) {
+    let end = state.synced_bytes - state.synced_bytes % PAGE_BYTES;
+    if end <= state.released_bytes {
+        return;
+    }
+    // A zero length would mean "to the end of the file"; `end > released_bytes` here.
+    let len = end - state.released_bytes;
+    match rustix::fs::fadvise(
+        &out.file,
+        state.released_bytes,
+        len,
+        rustix::fs::Advice::DontNeed,
+    ) {
+        Ok(()) => state.released_bytes = end,
+        Err(e) => tracing::debug!(error = %e, "file sink: could not release written pages"),
     }
 }
 
