@@ -251,6 +251,18 @@ impl Gate {
             env.summary_extractive = None;
             return;
         }
+        let rewrites = matches.iter().any(|m| {
+            matches!(
+                self.action(PII_KINDS[m.kind]),
+                PiiAction::Mask | PiiAction::Hash
+            )
+        });
+        if !rewrites {
+            // The text goes on as it came (the default `tag` policy): no copy.
+            env.summary_extractive = summary::summarize(&text, self.config.summary_chars_max);
+            env.text = Some(text);
+            return;
+        }
         let mut out = String::with_capacity(text.len());
         let mut at = 0;
         for m in &matches {

@@ -16,6 +16,12 @@
 //! All keywords of all rules are matched in one pass (Aho-Corasick, ASCII case-insensitive),
 //! all regexes in one pass (`RegexSet`), so the cost grows with the text, not with the rules.
 //! A rule matches when any of its keywords or regexes does (and its `source` filter, if any).
+//!
+//! Regexes are the operator's and keep the regex crate's meaning, so `\b` is a Unicode word
+//! boundary. On text with any non-ASCII character the crate's lazy DFA cannot evaluate one and
+//! a slower engine scans the text instead; `(?-u:\b)` (an ASCII boundary) avoids that. With the
+//! bench's dense rules (`(?i)\b(ticket|order|invoice)…`) one em dash per text took the gate
+//! from 70k to 43k envelopes/s per core. The built-in PII patterns are ASCII-only for this reason.
 
 use std::collections::{BTreeMap, BTreeSet};
 
