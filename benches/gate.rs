@@ -327,8 +327,8 @@ fn main() {
             let mut sha_rates = Vec::new();
             let mut ratios = Vec::new();
             for _ in 0..rounds {
-                let gr = gate_round(&g, &envelopes);
-                let sr = sha_round(&envelopes);
+                let gr = gate_round(&g, envelopes);
+                let sr = sha_round(envelopes);
                 gate_rates.push(gr);
                 sha_rates.push(sr);
                 ratios.push(gr / sr);
