@@ -187,6 +187,29 @@ fn a_retried_id_is_answered_with_its_original_position_even_after_a_restart() {
 }
 
 #[test]
+fn envelopes_without_an_id_do_not_take_the_places_of_client_ids_in_the_dedup_index() {
+    // Room for two ids. Generated ids cannot be retried (a retry gets a new one), so the ten
+    // id-less envelopes must not evict the client's ids.
+    let d = Daemon::start(&["--set", "ingest.dedup_entries_max=2"]);
+    assert_eq!(
+        d.post_json(&json!({"source": "s", "id": "kept"})).status,
+        202
+    );
+    let anonymous: Vec<_> = (0..10).map(|_| json!({"source": "s"})).collect();
+    let r = d.post_json(&json!(anonymous));
+    assert_eq!(r.status, 202, "{}", r.text());
+    assert_eq!(r.json()["accepted"], 10);
+    let again = d.post_json(&json!({"source": "s", "id": "kept"}));
+    assert_eq!(again.json()["envelopes"][0]["duplicate"], true);
+    // The bound still holds for client ids: two more evict "kept".
+    for id in ["x", "y"] {
+        assert_eq!(d.post_json(&json!({"source": "s", "id": id})).status, 202);
+    }
+    let evicted = d.post_json(&json!({"source": "s", "id": "kept"}));
+    assert_eq!(evicted.json()["envelopes"][0]["duplicate"], false);
+}
+
+#[test]
 fn a_new_stream_beyond_streams_max_is_refused_with_422_and_the_bound_survives_a_restart() {
     let mut d = Daemon::start(&["--set", "ingest.streams_max=2"]);
     assert_eq!(d.post_json(&json!({"source": "a"})).status, 202);

@@ -346,23 +346,43 @@ async fn ingest(state: &IngestState, req: Request<Incoming>) -> HttpResponse {
         );
     }
 
-    let keys: Vec<String> = parsed
+    // Only ids the client chose are looked up and remembered. A generated id is new by
+    // construction and a retry of its request would get another one, so indexing it would buy
+    // nothing and would let id-less traffic evict the ids of clients that rely on dedup.
+    let keys: Vec<Option<String>> = parsed
         .iter()
-        .map(|p| dedup::key(p.envelope.tenant.as_deref(), &p.envelope.id))
+        .map(|p| {
+            (!p.id_generated).then(|| dedup::key(p.envelope.tenant.as_deref(), &p.envelope.id))
+        })
         .collect();
-    let reservations = match state.dedup.reserve(&keys) {
-        Ok(r) => r,
+    let client_keys: Vec<String> = keys.iter().flatten().cloned().collect();
+    let mut found = match state.dedup.reserve(&client_keys) {
+        Ok(r) => r.into_iter(),
         Err(conflict) => {
+            // The conflict's index is among the client-chosen ids; report the item's index.
+            let index = keys
+                .iter()
+                .enumerate()
+                .filter(|(_, k)| k.is_some())
+                .nth(conflict.index)
+                .map_or(conflict.index, |(i, _)| i);
             return json_response(
                 StatusCode::CONFLICT,
                 json!({
                     "error": "id_in_flight",
-                    "index": conflict.index,
-                    "message": format!("envelope at index {}: its id is being written by a concurrent request; retry", conflict.index),
+                    "index": index,
+                    "message": format!("envelope at index {index}: its id is being written by a concurrent request; retry"),
                 }),
-            )
+            );
         }
     };
+    let reservations: Vec<Reservation> = keys
+        .iter()
+        .map(|k| match k {
+            Some(_) => found.next().expect("one reservation per client-chosen id"),
+            None => Reservation::Reserved,
+        })
+        .collect();
     let to_write: Vec<(RecordKind, Bytes)> = parsed
         .iter()
         .zip(&reservations)
@@ -372,12 +392,12 @@ async fn ingest(state: &IngestState, req: Request<Incoming>) -> HttpResponse {
     let written = if to_write.is_empty() {
         Vec::new()
     } else {
-        let reserved: Vec<(String, u16)> = keys
+        let reserved: Vec<Option<(String, u16)>> = keys
             .iter()
             .zip(&reservations)
             .zip(&parsed)
             .filter(|((_, r), _)| **r == Reservation::Reserved)
-            .map(|((k, _), p)| (k.clone(), p.envelope.slot))
+            .map(|((k, _), p)| k.clone().map(|k| (k, p.envelope.slot)))
             .collect();
         // The index learns the positions on the writer thread, before the records can be
         // forwarded and compacted: were it told here, after the await, a record could be

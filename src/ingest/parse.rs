@@ -112,6 +112,9 @@ pub struct ParseLimits {
 pub struct Parsed {
     pub envelope: Envelope,
     pub encoded: Vec<u8>,
+    /// The request carried no `id` and spoolgate generated one: a retry of the request would
+    /// get a new id, so there is nothing to deduplicate it against.
+    pub id_generated: bool,
 }
 
 /// Decodes the body into a list of items (an object/map alone is a batch of one).
@@ -253,14 +256,14 @@ fn item_to_envelope(
     unknown: UnknownFields,
     auth_tenant: Option<&str>,
     now_ms: u64,
-) -> Result<Envelope, String> {
+) -> Result<(Envelope, bool), String> {
     let Value::Object(mut obj) = value else {
         return Err(format!("must be an object, found {}", kind_of(&value)));
     };
     let source = name_field(&obj, "source", true)?.expect("required field present");
-    let id = match name_field(&obj, "id", false)? {
-        Some(id) => id,
-        None => uuid::Uuid::now_v7().to_string(),
+    let (id, id_generated) = match name_field(&obj, "id", false)? {
+        Some(id) => (id, false),
+        None => (uuid::Uuid::now_v7().to_string(), true),
     };
     let mut tenant = name_field(&obj, "tenant", false)?;
     if let Some(bound) = auth_tenant {
@@ -340,7 +343,7 @@ fn item_to_envelope(
         ));
     }
     let stream = tenant.as_deref().unwrap_or(&source).to_string();
-    Ok(Envelope {
+    let envelope = Envelope {
         version: ENVELOPE_VERSION,
         id,
         slot: slot_of(&stream),
@@ -351,7 +354,8 @@ fn item_to_envelope(
         meta,
         priority,
         ..Default::default()
-    })
+    };
+    Ok((envelope, id_generated))
 }
 
 /// Decodes and validates a whole request. Either every envelope is valid or none is returned.
@@ -365,8 +369,9 @@ pub fn parse_request(
     let items = decode_items(content_type, body, limits)?;
     let mut out = Vec::with_capacity(items.len());
     for (index, item) in items.into_iter().enumerate() {
-        let envelope = item_to_envelope(item, limits.unknown_fields, auth_tenant, now_ms)
-            .map_err(|reason| ParseError::Item { index, reason })?;
+        let (envelope, id_generated) =
+            item_to_envelope(item, limits.unknown_fields, auth_tenant, now_ms)
+                .map_err(|reason| ParseError::Item { index, reason })?;
         let encoded = envelope.encode().map_err(|e| ParseError::Item {
             index,
             reason: e.to_string(),
@@ -378,7 +383,11 @@ pub fn parse_request(
                 max: limits.envelope_bytes_max,
             });
         }
-        out.push(Parsed { envelope, encoded });
+        out.push(Parsed {
+            envelope,
+            encoded,
+            id_generated,
+        });
     }
     let mut seen = std::collections::HashSet::with_capacity(out.len());
     for (index, p) in out.iter().enumerate() {
