@@ -4,10 +4,13 @@
 //!
 //! Only ids a client chose are indexed: an id spoolgate generated for an envelope that came
 //! without one can never be retried (the retry gets a new id), and indexing it would let
-//! id-less traffic evict the ids of clients that rely on dedup (and cost ~480 bytes of memory
-//! each: the daemon's RSS grew by ~390 MB for 810k entries, measured 2026-11-23). At start-up the envelope records do
-//! not say whose id they carry, so every envelope still in the spool is indexed then, which
-//! errs on the side of deduplicating and stays within the bound.
+//! id-less traffic evict the ids of clients that rely on dedup. At start-up the envelope
+//! records do not say whose id they carry, so every envelope still in the spool is indexed
+//! then, which errs on the side of deduplicating and stays within the bound.
+//!
+//! Memory: one entry costs about 310 bytes with 45-byte keys (a million entries, measured
+//! 2026-11-23: 311 B each, 345 B before each key kept a single place in the order queue):
+//! the map slot, the shared key, its place in the order queue and in its segment's list.
 //!
 //! Keys are `(tenant, id)`: ids are the client's, so two tenants may use the same one. Entries
 //! expire after `ingest.dedup_window_secs` and the index holds at most `ingest.dedup_entries_max`
@@ -24,6 +27,7 @@
 //! a retry after a restart. An append that fails, or a request dropped half-way, releases its
 //! pending ids instead.
 
+use std::cell::Cell;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -33,20 +37,34 @@ use crate::spool::Position;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Entry {
-    Pending,
-    Done { position: Position, slot: u16 },
+    /// Being written. `queued` is false once expiry passed the key's place in the order queue
+    /// while it was pending (pending entries are never evicted); completion then queues it
+    /// again.
+    Pending {
+        queued: bool,
+    },
+    Done {
+        position: Position,
+        slot: u16,
+    },
 }
 
-/// A key is stored once and shared by the map and the order queue (an id is queued when it is
-/// reserved and again when it completes), so a million entries cost one copy of each key.
+/// A key is stored once and shared by the map, the order queue and the per-segment lists, so a
+/// million entries cost one copy of each key.
 type Key = Arc<str>;
+
+/// An entry and when its window started (its reservation, or its completion when it had to be
+/// queued again). In a `Cell` so that one lookup both finds the stored key and updates the
+/// entry; the map is only ever touched under the index's mutex.
+type Slot = Cell<(Entry, Instant)>;
 
 struct Inner {
     /// Keys are chosen by clients, so the hasher is seeded per process (foldhash's
     /// `RandomState`), which keeps collisions from being precomputed.
-    map: HashMap<Key, (Entry, Instant), foldhash::fast::RandomState>,
-    /// Insertion order, for expiry and eviction. May hold keys already removed or re-inserted;
-    /// those are recognised by their timestamp and skipped.
+    map: HashMap<Key, Slot, foldhash::fast::RandomState>,
+    /// Insertion order, for expiry and eviction: one place per key, taken when it is reserved.
+    /// May hold keys already removed or re-inserted; those are recognised by their timestamp
+    /// and skipped.
     order: VecDeque<(Key, Instant)>,
     /// Completed keys by the segment their envelope is in, in completion order: what
     /// compaction checkpoints before deleting a segment, found without walking the whole map.
@@ -55,16 +73,6 @@ struct Inner {
     /// checkpoint, so this holds at most one entry per envelope in the spool (bounded by the
     /// spool's quota).
     by_segment: BTreeMap<u64, Vec<(Key, Position)>>,
-}
-
-impl Inner {
-    /// The stored copy of `k`, or a new one.
-    fn key(&self, k: &str) -> Key {
-        match self.map.get_key_value(k) {
-            Some((stored, _)) => stored.clone(),
-            None => Key::from(k),
-        }
-    }
 }
 
 pub struct Dedup {
@@ -169,17 +177,26 @@ impl Dedup {
     }
 
     fn expire(&self, inner: &mut Inner, now: Instant) {
-        while let Some((k, at)) = inner.order.front() {
+        while let Some((_, at)) = inner.order.front() {
             let too_old = now.duration_since(*at) > self.window;
             let too_many = inner.map.len() > self.entries_max;
             if !too_old && !too_many {
                 break;
             }
-            let (k, at) = (k.clone(), *at);
-            inner.order.pop_front();
-            if let Some((entry, stamped)) = inner.map.get(&*k) {
-                // Pending entries are never evicted: their request is still running.
-                if *stamped == at && *entry != Entry::Pending {
+            let Some((k, at)) = inner.order.pop_front() else {
+                break;
+            };
+            let Some(slot) = inner.map.get(&*k) else {
+                continue;
+            };
+            match slot.get() {
+                (_, stamped) if stamped != at => {}
+                // Pending entries are never evicted: their request is still running. It is
+                // queued again when it completes.
+                (Entry::Pending { .. }, stamped) => {
+                    slot.set((Entry::Pending { queued: false }, stamped));
+                }
+                (Entry::Done { .. }, _) => {
                     inner.map.remove(&k);
                 }
             }
@@ -197,52 +214,75 @@ impl Dedup {
         self.expire(&mut inner, now);
         let mut out = Vec::with_capacity(keys.len());
         for (index, k) in keys.iter().enumerate() {
-            match inner.map.get(k.as_str()) {
-                Some((Entry::Pending, _)) => return Err(Conflict { index }),
-                Some((Entry::Done { position, slot }, _)) => out.push(Reservation::Hit {
-                    position: *position,
-                    slot: *slot,
-                }),
+            match inner.map.get(k.as_str()).map(Cell::get) {
+                Some((Entry::Pending { .. }, _)) => return Err(Conflict { index }),
+                Some((Entry::Done { position, slot }, _)) => {
+                    out.push(Reservation::Hit { position, slot })
+                }
                 None => out.push(Reservation::Reserved),
             }
         }
         for (k, r) in keys.iter().zip(&out) {
             if *r == Reservation::Reserved {
                 let k = Key::from(k.as_str());
-                inner.map.insert(k.clone(), (Entry::Pending, now));
+                inner
+                    .map
+                    .insert(k.clone(), Cell::new((Entry::Pending { queued: true }, now)));
                 inner.order.push_back((k, now));
             }
         }
         Ok(out)
     }
 
-    /// Records where reserved keys were written.
+    /// Records where reserved keys were written. One lookup per key: the stored key is shared
+    /// with the per-segment list, and the entry keeps the place in the order queue it took
+    /// when it was reserved.
     pub fn complete(&self, written: impl IntoIterator<Item = (String, Position, u16)>) {
         if self.entries_max == 0 {
             return;
         }
         let now = Instant::now();
-        let mut inner = self.lock();
+        let mut guard = self.lock();
+        let inner = &mut *guard;
         for (k, position, slot) in written {
-            let k = inner.key(&k);
-            inner
-                .map
-                .insert(k.clone(), (Entry::Done { position, slot }, now));
-            inner.order.push_back((k.clone(), now));
+            let done = Entry::Done { position, slot };
+            let key = match inner.map.get_key_value(k.as_str()) {
+                Some((stored, cell)) => {
+                    match cell.get() {
+                        (Entry::Pending { queued: true }, stamped) => cell.set((done, stamped)),
+                        // Expiry passed its place while it was pending, or it was already done
+                        // (the same id found twice at start-up): it starts a window now.
+                        _ => {
+                            cell.set((done, now));
+                            inner.order.push_back((stored.clone(), now));
+                        }
+                    }
+                    stored.clone()
+                }
+                None => {
+                    let stored = Key::from(k);
+                    inner.map.insert(stored.clone(), Cell::new((done, now)));
+                    inner.order.push_back((stored.clone(), now));
+                    stored
+                }
+            };
             inner
                 .by_segment
                 .entry(position.segment)
                 .or_default()
-                .push((k, position));
+                .push((key, position));
         }
-        self.expire(&mut inner, now);
+        self.expire(inner, now);
     }
 
     /// Releases reserved keys whose write failed, so a retry can write them.
     pub fn abort(&self, keys: impl IntoIterator<Item = String>) {
         let mut inner = self.lock();
         for k in keys {
-            if matches!(inner.map.get(k.as_str()), Some((Entry::Pending, _))) {
+            if matches!(
+                inner.map.get(k.as_str()).map(Cell::get),
+                Some((Entry::Pending { .. }, _))
+            ) {
                 inner.map.remove(k.as_str());
             }
         }
@@ -268,9 +308,9 @@ impl Dedup {
                 .by_segment
                 .range(from..below)
                 .flat_map(|(_, keys)| keys)
-                .filter_map(|(key, listed)| match inner.map.get(key) {
-                    Some((Entry::Done { position, slot }, stamped)) if position == listed => {
-                        Some((key.clone(), *position, *slot, *stamped))
+                .filter_map(|(key, listed)| match inner.map.get(key).map(Cell::get) {
+                    Some((Entry::Done { position, slot }, stamped)) if position == *listed => {
+                        Some((key.clone(), position, slot, stamped))
                     }
                     _ => None,
                 })
@@ -313,7 +353,7 @@ impl Dedup {
             slot: entry.slot,
         };
         let key = Key::from(entry.key);
-        inner.map.insert(key.clone(), (done, stamped));
+        inner.map.insert(key.clone(), Cell::new((done, stamped)));
         inner.order.push_back((key, stamped));
         self.expire(&mut inner, now);
         true
@@ -457,6 +497,28 @@ mod tests {
             ]
         );
         assert!(d.entries_in_segments(1, 3, 1_000).is_empty());
+    }
+
+    #[test]
+    fn an_id_still_pending_when_the_bound_passes_it_is_evicted_once_it_completes() {
+        let d = Dedup::new(Duration::from_secs(60), 1);
+        let (a, b) = (key(None, "a"), key(None, "b"));
+        // Both pending at once: the bound of 1 passes both, but pending ids stay.
+        d.reserve(std::slice::from_ref(&a)).unwrap();
+        d.reserve(std::slice::from_ref(&b)).unwrap();
+        assert_eq!(d.len(), 2);
+        d.complete([(a.clone(), pos(1), 1)]);
+        d.complete([(b.clone(), pos(2), 2)]);
+        // Completion queued them again, so the bound holds again: the older one, a, is gone.
+        assert_eq!(d.len(), 1);
+        assert_eq!(
+            d.reserve(&[b]).unwrap(),
+            vec![Reservation::Hit {
+                position: pos(2),
+                slot: 2
+            }]
+        );
+        assert_eq!(d.reserve(&[a]).unwrap(), vec![Reservation::Reserved]);
     }
 
     #[test]
