@@ -38,7 +38,8 @@ pub struct SegmentTally {
 struct Inner {
     pending: BTreeMap<Position, PendingInfo>,
     pending_bytes: u64,
-    sealed: HashMap<Position, SharedRecord>,
+    /// Hashed with foldhash: positions are spoolgate's own, and SipHash showed in profiles.
+    sealed: HashMap<Position, SharedRecord, foldhash::fast::RandomState>,
     tallies: BTreeMap<u64, SegmentTally>,
     /// Every envelope before this position has been counted into `tallies`.
     counted_up_to: Position,
@@ -113,14 +114,21 @@ impl Ledger {
 
     /// Marks positions complete (their tombstone is written).
     pub fn complete(&self, positions: &[Position]) {
-        let mut inner = self.lock();
-        for p in positions {
-            inner.sealed.remove(p);
-            if let Some(info) = inner.pending.remove(p) {
-                inner.pending_bytes -= u64::from(info.bytes);
-                inner.tallies.entry(p.segment).or_default().done += 1;
+        // The sealed records usually hold their last reference here; freeing them (envelope,
+        // gate output) is the larger part of this call, so it happens after the lock is
+        // released, where the dispatcher and the other workers do not wait for it.
+        let mut released = Vec::with_capacity(positions.len());
+        {
+            let mut inner = self.lock();
+            for p in positions {
+                released.extend(inner.sealed.remove(p));
+                if let Some(info) = inner.pending.remove(p) {
+                    inner.pending_bytes -= u64::from(info.bytes);
+                    inner.tallies.entry(p.segment).or_default().done += 1;
+                }
             }
         }
+        drop(released);
     }
 
     /// Pending count, pending bytes, and the oldest pending record's `since_ms`.
