@@ -90,6 +90,7 @@ fn spool_run(base: &Path, size: usize, appenders: usize) -> Round {
         commit_batch_bytes_max: 8 * 1024 * 1024,
         queue_depth_max: 8192,
         preallocate: true,
+        preallocate_zeros: false,
     };
     let metrics = Arc::new(Metrics::new());
     let (spool, _) = Spool::open(opts, metrics.clone(), None).expect("open spool");

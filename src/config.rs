@@ -123,6 +123,8 @@ pub struct SpoolConfig {
     pub commit_batch_bytes_max: usize,
     pub queue_depth_max: usize,
     pub preallocate: bool,
+    /// With `preallocate`: write the zeros instead of reserving the blocks (`fallocate`).
+    pub preallocate_zeros: bool,
     /// Spool bytes on disk above which `low` priority gets 429.
     pub quota_soft_bytes: u64,
     /// Spool bytes on disk above which everything gets 429.
@@ -273,6 +275,7 @@ impl Default for SpoolConfig {
             commit_batch_bytes_max: (8 * MIB) as usize,
             queue_depth_max: 8192,
             preallocate: true,
+            preallocate_zeros: false,
             quota_soft_bytes: 3 * GIB,
             quota_hard_bytes: 4 * GIB,
             disk_free_soft_bytes: 512 * MIB,
@@ -633,6 +636,7 @@ impl Config {
             commit_batch_bytes_max: s.commit_batch_bytes_max,
             queue_depth_max: s.queue_depth_max,
             preallocate: s.preallocate,
+            preallocate_zeros: s.preallocate_zeros,
         }
     }
 }

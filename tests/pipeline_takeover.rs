@@ -64,6 +64,7 @@ async fn a_panicking_worker_is_replaced_by_its_secondary_and_every_record_is_del
         commit_batch_bytes_max: 1 << 20,
         queue_depth_max: 256,
         preallocate: false,
+        preallocate_zeros: false,
     };
     let observer: Arc<dyn spoolgate::spool::CommitObserver> = ring.clone();
     let (spool, _) = Spool::open(opts, metrics.clone(), Some(observer)).unwrap();

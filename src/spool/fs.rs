@@ -19,6 +19,28 @@ pub trait SegmentFile: Send + Sync {
     fn sync_data(&self) -> io::Result<()>;
     fn set_len(&self, len: u64) -> io::Result<()>;
     fn len(&self) -> io::Result<u64>;
+    /// Makes the file `len` bytes long, every byte reading as zero and its blocks reserved, so
+    /// later writes within it cannot fail for want of space and need no size change. The
+    /// default writes the zeros, in chunks of [`ZERO_CHUNK_BYTES`]; a filesystem that can
+    /// reserve blocks without writing them (`fallocate`) does that instead.
+    fn allocate(&self, len: u64) -> io::Result<()> {
+        write_zeros(self, len)
+    }
+}
+
+/// Chunk size of [`write_zeros`].
+pub const ZERO_CHUNK_BYTES: usize = 1 << 20;
+
+/// Writes `len` zeros from offset 0, [`ZERO_CHUNK_BYTES`] at a time.
+pub fn write_zeros<F: SegmentFile + ?Sized>(file: &F, len: u64) -> io::Result<()> {
+    let zeros = vec![0u8; ZERO_CHUNK_BYTES];
+    let mut at = 0u64;
+    while at < len {
+        let n = (len - at).min(ZERO_CHUNK_BYTES as u64) as usize;
+        file.write_all_at(&zeros[..n], at)?;
+        at += n as u64;
+    }
+    Ok(())
 }
 
 pub trait FileSystem: Send + Sync {
@@ -58,6 +80,17 @@ impl SegmentFile for StdFile {
     }
     fn len(&self) -> io::Result<u64> {
         Ok(self.0.metadata()?.len())
+    }
+    /// `fallocate` (mode 0): the blocks are reserved as unwritten extents, which read as zeros,
+    /// without writing 64 MiB of zeros through the page cache and the disk at every rotation
+    /// (that burst competed with the acknowledging fdatasyncs and tripled their p99). Where
+    /// the filesystem cannot (`EOPNOTSUPP`), the zeros are written.
+    fn allocate(&self, len: u64) -> io::Result<()> {
+        match rustix::fs::fallocate(&self.0, rustix::fs::FallocateFlags::empty(), 0, len) {
+            Ok(()) => Ok(()),
+            Err(e) if e == rustix::io::Errno::OPNOTSUPP => write_zeros(self, len),
+            Err(e) => Err(e.into()),
+        }
     }
 }
 
@@ -431,5 +464,52 @@ impl<F: FileSystem> FileSystem for FaultFs<F> {
     }
     fn lock(&self, path: &Path) -> io::Result<Box<dyn Send + Sync>> {
         self.inner.lock(path)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_allocated_segment_file_has_its_full_length_reads_as_zeros_and_keeps_what_is_written() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("allocated.seg");
+        let file = StdFs.create(&path).expect("create");
+        let len = 3 * ZERO_CHUNK_BYTES as u64 + 4096 + 8;
+        file.allocate(len).expect("allocate");
+        assert_eq!(file.len().expect("len"), len);
+        file.write_all_at(b"spoolgate", 5000).expect("write inside");
+        file.sync_data().expect("sync");
+        let mut back = vec![0xffu8; len as usize];
+        let mut at = 0usize;
+        while at < back.len() {
+            let n = file.read_at(&mut back[at..], at as u64).expect("read");
+            assert!(n > 0, "short file at {at}");
+            at += n;
+        }
+        assert_eq!(&back[5000..5009], b"spoolgate");
+        back[5000..5009].fill(0);
+        assert!(
+            back.iter().all(|&b| b == 0),
+            "every other byte reads as zero"
+        );
+        assert_eq!(
+            file.len().expect("len"),
+            len,
+            "a write inside changes no size"
+        );
+    }
+
+    #[test]
+    fn the_zero_writing_allocation_makes_the_same_file() {
+        let fs = Arc::new(MemFs::new());
+        let path = Path::new("/spool/zeros.seg");
+        let file = fs.create(path).expect("create");
+        file.allocate(ZERO_CHUNK_BYTES as u64 + 24)
+            .expect("allocate");
+        let bytes = fs.bytes(path).expect("file exists");
+        assert_eq!(bytes.len(), ZERO_CHUNK_BYTES + 24);
+        assert!(bytes.iter().all(|&b| b == 0));
     }
 }

@@ -19,6 +19,7 @@ pub fn options(dir: &Path) -> SpoolOptions {
         commit_batch_bytes_max: 4096,
         queue_depth_max: 64,
         preallocate: false,
+        preallocate_zeros: false,
     }
 }
 
