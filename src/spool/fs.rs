@@ -26,6 +26,11 @@ pub trait SegmentFile: Send + Sync {
     fn allocate(&self, len: u64) -> io::Result<()> {
         write_zeros(self, len)
     }
+    /// Advice that the file's cached pages will not be read soon: clean ones may be dropped
+    /// from the page cache (reads then go to the disk). The default does nothing.
+    fn release_cache(&self) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 /// Chunk size of [`write_zeros`].
@@ -91,6 +96,10 @@ impl SegmentFile for StdFile {
             Err(e) if e == rustix::io::Errno::OPNOTSUPP => write_zeros(self, len),
             Err(e) => Err(e.into()),
         }
+    }
+    /// `posix_fadvise(DONTNEED)` over the whole file (a length of 0 means to its end).
+    fn release_cache(&self) -> io::Result<()> {
+        rustix::fs::fadvise(&self.0, 0, 0, rustix::fs::Advice::DontNeed).map_err(Into::into)
     }
 }
 
@@ -432,6 +441,9 @@ impl SegmentFile for FaultFile {
     }
     fn len(&self) -> io::Result<u64> {
         self.inner.len()
+    }
+    fn release_cache(&self) -> io::Result<()> {
+        self.inner.release_cache()
     }
 }
 

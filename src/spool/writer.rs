@@ -25,6 +25,12 @@ use super::format::{self, SegmentHeader, HEADER_LEN};
 use super::fs::SegmentFile;
 use super::{Durability, Position, Record, RecordKind, SegMeta, Shared, SpoolError};
 
+/// How much of the log behind the active segment stays in the page cache: at each rotation the
+/// segment that falls further behind than this is released (`SegmentFile::release_cache`).
+/// Twice the default ring, so a consumer that the ring overflowed by up to as much again still
+/// reads from memory; further behind, it reads from the disk.
+pub const CACHED_BEHIND_BYTES: u64 = 128 << 20;
+
 type Reply = oneshot::Sender<Result<Vec<Position>, SpoolError>>;
 
 /// Runs on the writer thread once a request's records are durable, with their positions, and
@@ -496,6 +502,22 @@ impl Writer {
         }
     }
 
+    /// Drops the cached pages of the segment that has just fallen [`CACHED_BEHIND_BYTES`]
+    /// behind. Nothing reads them in the common case: consumers take records from the ring,
+    /// and a restart's replay finds a cold cache anyway. Kept, they would fill the host's page
+    /// cache with the spool (the segments stay until compaction); released, they are also the
+    /// pages the next appends reuse, where fresh pages are dear (see README, Benchmarks). Advice
+    /// only: a refusal costs memory, never data, so it is logged and ignored.
+    fn release_behind(&self) {
+        let Some(id) = segment_to_release(self.active, self.shared.opts.segment_bytes_max) else {
+            return;
+        };
+        let file = self.shared.segments_read().get(&id).map(|m| m.file.clone());
+        if let Some(Err(e)) = file.map(|f| f.release_cache()) {
+            tracing::debug!(segment = id, error = %e, "could not release a segment's cached pages");
+        }
+    }
+
     fn rotate(&mut self) -> Result<(), SpoolError> {
         if self.dirty {
             if let Err(e) = self.sync() {
@@ -550,6 +572,7 @@ impl Writer {
         self.offset = HEADER_LEN;
         // A whole segment's worth of appends is the time the helper has to prepare the next.
         self.prepare_next();
+        self.release_behind();
         self.shared
             .metrics
             .spool_segments_active
@@ -610,6 +633,15 @@ pub(crate) fn create_segment(
     Ok(file)
 }
 
+/// The segment that falls out of the cached window when `active` becomes the active segment:
+/// whole segments covering at least [`CACHED_BEHIND_BYTES`] stay cached behind the active one.
+fn segment_to_release(active: u64, segment_bytes_max: u64) -> Option<u64> {
+    let keep = CACHED_BEHIND_BYTES
+        .div_ceil(segment_bytes_max.max(1))
+        .max(1);
+    active.checked_sub(keep + 1).filter(|&id| id >= 1)
+}
+
 fn clone_err(e: &SpoolError) -> SpoolError {
     match e {
         SpoolError::Full(s) => SpoolError::Full(s.clone()),
@@ -621,5 +653,25 @@ fn clone_err(e: &SpoolError) -> SpoolError {
         SpoolError::Locked(p) => SpoolError::Locked(p.clone()),
         SpoolError::Closed => SpoolError::Closed,
         other => SpoolError::Invalid(other.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_segment_is_released_once_whole_segments_of_the_cached_window_follow_it() {
+        let mib = 1u64 << 20;
+        // 64 MiB segments: two full segments (128 MiB) stay cached behind the active one.
+        assert_eq!(segment_to_release(3, 64 * mib), None);
+        assert_eq!(segment_to_release(4, 64 * mib), Some(1));
+        assert_eq!(segment_to_release(10, 64 * mib), Some(7));
+        // Small segments: as many as cover the window.
+        assert_eq!(segment_to_release(129, mib), None);
+        assert_eq!(segment_to_release(130, mib), Some(1));
+        // Segments larger than the window: the previous one stays.
+        assert_eq!(segment_to_release(2, 4096 * mib), None);
+        assert_eq!(segment_to_release(3, 4096 * mib), Some(1));
     }
 }
