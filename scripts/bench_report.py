@@ -65,6 +65,11 @@ def table(rows, machine):
             f"| {size} B | {med(rows, f'ingest_batch_{size}', 'envelopes_per_s'):,.0f} | "
             f"{med(rows, f'e2e_batch_{size}', 'end_to_end_envelopes_per_s'):,.0f} | "
             f"{ratio_med(rows, f'e2e_batch_{size}', f'ingest_batch_{size}', 'end_to_end_envelopes_per_s'):.2f} | {depth} |")
+    # A run that met backpressure measured the quota, not the throughput: say so in the table.
+    refused = sorted({f"{label} (round {r['round']}: {r['requests_429']:,})"
+                      for label, rs in rows.items() for r in rs if r.get("requests_429")})
+    if refused:
+        out += ["", "**Answered 429 (backpressure) during:** " + ", ".join(refused) + "."]
     return "\n".join(out) + "\n"
 
 
