@@ -263,7 +263,12 @@ fn item_to_envelope(
     let source = name_field(&obj, "source", true)?.expect("required field present");
     let (id, id_generated) = match name_field(&obj, "id", false)? {
         Some(id) => (id, false),
-        None => (uuid::Uuid::now_v7().to_string(), true),
+        None => {
+            // Rendered into a stack buffer: `to_string` goes through the formatting machinery.
+            let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
+            let id = uuid::Uuid::now_v7().hyphenated().encode_lower(&mut buf);
+            (id.to_string(), true)
+        }
     };
     let mut tenant = name_field(&obj, "tenant", false)?;
     if let Some(bound) = auth_tenant {
@@ -276,10 +281,16 @@ fn item_to_envelope(
             _ => tenant = Some(bound.to_string()),
         }
     }
-    let text = match obj.get("text") {
+    // Taken out of the map rather than cloned: the text is most of an envelope's bytes.
+    let text = match obj.remove("text") {
         None | Some(Value::Null) => None,
-        Some(Value::String(s)) => Some(s.clone()),
-        Some(other) => return Err(format!("`text` must be a string, found {}", kind_of(other))),
+        Some(Value::String(s)) => Some(s),
+        Some(other) => {
+            return Err(format!(
+                "`text` must be a string, found {}",
+                kind_of(&other)
+            ))
+        }
     };
     let ts_ms = match obj.get("ts_ms") {
         None | Some(Value::Null) => now_ms,
