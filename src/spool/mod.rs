@@ -38,9 +38,9 @@
 //! **Reading** (`reader`). A [`Reader`] walks frames from any position across segments, never
 //! past the durable end, through a window of 256 KiB (`reader::WINDOW_BYTES`).
 //!
-//! **Page cache.** At each rotation the writer releases the cached pages of the segment that
-//! falls more than `writer::CACHED_BEHIND_BYTES` (128 MiB, twice the default ring) behind the
-//! active one: consumers read records from the ring, so the segments are read back only by a
+//! **Page cache.** At each rotation the writer has a helper thread release the cached pages of
+//! the segment that falls more than `writer::CACHED_BEHIND_BYTES` (128 MiB, twice the default
+//! ring) behind the active one: consumers read records from the ring, so the segments are read back only by a
 //! consumer that far behind and by a restart's replay. Ingest-only, 100-envelope batches of
 //! 1 KiB on the 2-vCPU VM (2026-11-30, 6 interleaved rounds): 405-454k against 340-392k
 //! envelopes/s in 5 of them, system CPU 0.9-1.0 against 1.3-1.9 µs per envelope, because the
