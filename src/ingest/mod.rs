@@ -24,6 +24,7 @@
 pub mod backpressure;
 pub mod dedup;
 pub mod dedup_file;
+mod fast_parse;
 pub mod parse;
 pub mod server;
 pub mod streams;
