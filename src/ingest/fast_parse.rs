@@ -11,14 +11,14 @@
 //! that one accepts, and build the same envelopes; `tests` holds both roads to that.
 
 use std::borrow::Cow;
-use std::collections::BTreeMap;
 use std::fmt;
 
 use serde::de::{self, Deserialize, Deserializer, MapAccess, Visitor};
 use serde_json::Value;
 
 use super::parse::{
-    assemble, check_name, meta_depth, priority_of, ContentType, Fields, ParseLimits, META_DEPTH_MAX,
+    assemble, bind_tenant, check_meta_depth, check_name, meta_map, priority_of, ContentType,
+    Fields, ParseLimits,
 };
 use crate::envelope::{Envelope, Priority};
 
@@ -149,29 +149,17 @@ fn checked(item: Item, auth_tenant: Option<&str>, now_ms: u64) -> Option<(Envelo
     if let Some(id) = &id {
         check_name("id", id).ok()?;
     }
-    let mut tenant = item.tenant.map(|s| s.0);
+    let tenant = item.tenant.map(|s| s.0);
     if let Some(t) = &tenant {
         check_name("tenant", t).ok()?;
     }
-    if let Some(bound) = auth_tenant {
-        match &tenant {
-            Some(t) if t != bound => return None,
-            Some(_) => {}
-            None => tenant = Some(bound.to_string()),
-        }
-    }
+    let tenant = bind_tenant(tenant, auth_tenant).ok()?;
     let priority = match &item.priority {
         None => Priority::Normal,
         Some(p) => priority_of(&p.0)?,
     };
-    let meta: BTreeMap<String, Value> = match item.meta {
-        None | Some(Value::Null) => BTreeMap::new(),
-        Some(Value::Object(m)) => m.into_iter().collect(),
-        Some(_) => return None,
-    };
-    if meta_depth(&meta) > META_DEPTH_MAX {
-        return None;
-    }
+    let meta = meta_map(item.meta).ok()?;
+    check_meta_depth(&meta).ok()?;
     Some(assemble(Fields {
         source,
         id,

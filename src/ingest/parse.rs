@@ -263,9 +263,42 @@ pub(super) fn priority_of(s: &str) -> Option<Priority> {
     }
 }
 
-/// How deeply `meta` nests: 0 for an empty map or one of scalars.
-pub(super) fn meta_depth(meta: &BTreeMap<String, Value>) -> usize {
-    meta.values().map(depth).max().unwrap_or(0)
+/// The request's tenant once the token's is applied: the bound tenant fills in a missing one
+/// and must equal a given one.
+pub(super) fn bind_tenant(
+    tenant: Option<String>,
+    auth_tenant: Option<&str>,
+) -> Result<Option<String>, String> {
+    match (tenant, auth_tenant) {
+        (Some(t), Some(bound)) if t != bound => Err(format!(
+            "`tenant` is {t:?} but the token is bound to tenant {bound:?}"
+        )),
+        (None, Some(bound)) => Ok(Some(bound.to_string())),
+        (tenant, _) => Ok(tenant),
+    }
+}
+
+/// `meta` as sent: absent or null is empty, an object is taken as it is.
+pub(super) fn meta_map(meta: Option<Value>) -> Result<BTreeMap<String, Value>, String> {
+    match meta {
+        None | Some(Value::Null) => Ok(BTreeMap::new()),
+        Some(Value::Object(m)) => Ok(m.into_iter().collect()),
+        Some(other) => Err(format!(
+            "`meta` must be an object, found {}",
+            kind_of(&other)
+        )),
+    }
+}
+
+/// Refuses `meta` nested deeper than [`META_DEPTH_MAX`].
+pub(super) fn check_meta_depth(meta: &BTreeMap<String, Value>) -> Result<(), String> {
+    let levels = meta.values().map(depth).max().unwrap_or(0);
+    if levels > META_DEPTH_MAX {
+        return Err(format!(
+            "`meta` nests {levels} levels deep, over the limit of {META_DEPTH_MAX}"
+        ));
+    }
+    Ok(())
 }
 
 /// The fields of a valid item, checked; `assemble` fills in the rest.
@@ -324,17 +357,7 @@ fn item_to_envelope(
     };
     let source = name_field(&obj, "source", true)?.expect("required field present");
     let id = name_field(&obj, "id", false)?;
-    let mut tenant = name_field(&obj, "tenant", false)?;
-    if let Some(bound) = auth_tenant {
-        match &tenant {
-            Some(t) if t != bound => {
-                return Err(format!(
-                    "`tenant` is {t:?} but the token is bound to tenant {bound:?}"
-                ));
-            }
-            _ => tenant = Some(bound.to_string()),
-        }
-    }
+    let tenant = bind_tenant(name_field(&obj, "tenant", false)?, auth_tenant)?;
     // Taken out of the map rather than cloned: the text is most of an envelope's bytes.
     let text = match obj.remove("text") {
         None | Some(Value::Null) => None,
@@ -369,16 +392,7 @@ fn item_to_envelope(
             ))
         }
     };
-    let mut meta: BTreeMap<String, Value> = match obj.remove("meta") {
-        None | Some(Value::Null) => BTreeMap::new(),
-        Some(Value::Object(m)) => m.into_iter().collect(),
-        Some(other) => {
-            return Err(format!(
-                "`meta` must be an object, found {}",
-                kind_of(&other)
-            ))
-        }
-    };
+    let mut meta = meta_map(obj.remove("meta"))?;
     for (key, value) in obj {
         if KNOWN_FIELDS.contains(&key.as_str()) {
             continue;
@@ -393,12 +407,7 @@ fn item_to_envelope(
             }
         }
     }
-    let meta_depth = meta_depth(&meta);
-    if meta_depth > META_DEPTH_MAX {
-        return Err(format!(
-            "`meta` nests {meta_depth} levels deep, over the limit of {META_DEPTH_MAX}"
-        ));
-    }
+    check_meta_depth(&meta)?;
     Ok(assemble(Fields {
         source,
         id,
