@@ -91,6 +91,7 @@ fn spool_run(base: &Path, size: usize, appenders: usize) -> Round {
         queue_depth_max: 8192,
         preallocate: true,
         preallocate_zeros: false,
+        zero_ahead_bytes: spoolgate::spool::ZERO_AHEAD_BYTES_DEFAULT,
     };
     let metrics = Arc::new(Metrics::new());
     let (spool, _) = Spool::open(opts, metrics.clone(), None).expect("open spool");

@@ -125,6 +125,8 @@ pub struct SpoolConfig {
     pub preallocate: bool,
     /// With `preallocate`: write the zeros instead of reserving the blocks (`fallocate`).
     pub preallocate_zeros: bool,
+    /// With `preallocate` by `fallocate`: keep this many bytes ahead of the writer zero-filled.
+    pub zero_ahead_bytes: u64,
     /// Spool bytes on disk above which `low` priority gets 429.
     pub quota_soft_bytes: u64,
     /// Spool bytes on disk above which everything gets 429.
@@ -276,6 +278,7 @@ impl Default for SpoolConfig {
             queue_depth_max: 8192,
             preallocate: true,
             preallocate_zeros: false,
+            zero_ahead_bytes: crate::spool::ZERO_AHEAD_BYTES_DEFAULT,
             quota_soft_bytes: 3 * GIB,
             quota_hard_bytes: 4 * GIB,
             disk_free_soft_bytes: 512 * MIB,
@@ -433,6 +436,12 @@ impl Config {
             "spool.record_bytes_max",
             u64::from(s.record_bytes_max),
             1024,
+            s.segment_bytes_max / 2,
+        )?;
+        check_range(
+            "spool.zero_ahead_bytes",
+            s.zero_ahead_bytes,
+            0,
             s.segment_bytes_max / 2,
         )?;
         check_range("spool.fsync_interval_ms", s.fsync_interval_ms, 1, 60_000)?;
@@ -637,6 +646,7 @@ impl Config {
             queue_depth_max: s.queue_depth_max,
             preallocate: s.preallocate,
             preallocate_zeros: s.preallocate_zeros,
+            zero_ahead_bytes: s.zero_ahead_bytes,
         }
     }
 }

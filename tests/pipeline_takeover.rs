@@ -65,6 +65,7 @@ async fn a_panicking_worker_is_replaced_by_its_secondary_and_every_record_is_del
         queue_depth_max: 256,
         preallocate: false,
         preallocate_zeros: false,
+        zero_ahead_bytes: spoolgate::spool::ZERO_AHEAD_BYTES_DEFAULT,
     };
     let observer: Arc<dyn spoolgate::spool::CommitObserver> = ring.clone();
     let (spool, _) = Spool::open(opts, metrics.clone(), Some(observer)).unwrap();

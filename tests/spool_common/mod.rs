@@ -20,6 +20,7 @@ pub fn options(dir: &Path) -> SpoolOptions {
         queue_depth_max: 64,
         preallocate: false,
         preallocate_zeros: false,
+        zero_ahead_bytes: 1024,
     }
 }
 
