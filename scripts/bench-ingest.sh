@@ -76,10 +76,20 @@ start_daemon() { # extra --set arguments
 stop_daemon() { kill -TERM "$DAEMON_PID"; wait "$DAEMON_PID" 2>/dev/null || true; DAEMON_PID=""; }
 
 sg_bench() { # label, then spoolgate bench arguments; appends a JSON line to results
+    # The daemon's CPU time (user + system, from /proc) over the run, per acknowledged
+    # envelope: with --wait-drained it covers the pipeline's work on every one of them too.
     local label=$1; shift
-    "$BIN" bench --data-dir "$SCRATCH/data" --duration-s "$DURATION" --json "$@" |
-        python3 -c "import json,sys; r=json.load(sys.stdin); r['label']='$label'; r['round']=$ROUND; print(json.dumps(r))" \
-        >>"$SCRATCH/results.jsonl"
+    local before after
+    before=$(awk '{print $14 + $15}' "/proc/$DAEMON_PID/stat")
+    "$BIN" bench --data-dir "$SCRATCH/data" --duration-s "$DURATION" --json "$@" >"$SCRATCH/row.json"
+    after=$(awk '{print $14 + $15}' "/proc/$DAEMON_PID/stat")
+    python3 -c "
+import json, sys
+r = json.load(open('$SCRATCH/row.json'))
+r['label'] = '$label'; r['round'] = $ROUND
+acked = r['requests_ok'] * r['batch']
+r['daemon_cpu_us_per_envelope'] = ($after - $before) * 1e6 / $CLK_TCK / acked if acked else None
+print(json.dumps(r))" >>"$SCRATCH/results.jsonl"
 }
 redis_row() { # label clients pipeline requests
     read -r rps p99 < <(redis_xadd "$2" "$3" "$4")
@@ -87,6 +97,7 @@ redis_row() { # label clients pipeline requests
         >>"$SCRATCH/results.jsonl"
 }
 
+CLK_TCK=$(getconf CLK_TCK)
 INGEST_ONLY=(--set forward.enabled=false --set spool.quota_soft_bytes=30000000000
     --set spool.quota_hard_bytes=32000000000)
 : >"$SCRATCH/results.jsonl"
