@@ -76,8 +76,9 @@ start_daemon() { # extra --set arguments
 stop_daemon() { kill -TERM "$DAEMON_PID"; wait "$DAEMON_PID" 2>/dev/null || true; DAEMON_PID=""; }
 
 sg_bench() { # label, then spoolgate bench arguments; appends a JSON line to results
-    # The daemon's CPU time (user + system, from /proc) over the run, per acknowledged
-    # envelope: with --wait-drained it covers the pipeline's work on every one of them too.
+    # The daemon's CPU time (user + system, from /proc) over the run, warm-up included, per
+    # envelope acknowledged in that time; with --wait-drained it also covers the pipeline's
+    # work on every one of them.
     local label=$1; shift
     local before after
     before=$(awk '{print $14 + $15}' "/proc/$DAEMON_PID/stat")
@@ -87,7 +88,7 @@ sg_bench() { # label, then spoolgate bench arguments; appends a JSON line to res
 import json, sys
 r = json.load(open('$SCRATCH/row.json'))
 r['label'] = '$label'; r['round'] = $ROUND
-acked = r['requests_ok'] * r['batch']
+acked = r['envelopes_acknowledged_total']
 r['daemon_cpu_us_per_envelope'] = ($after - $before) * 1e6 / $CLK_TCK / acked if acked else None
 print(json.dumps(r))" >>"$SCRATCH/results.jsonl"
 }
