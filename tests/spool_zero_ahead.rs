@@ -101,15 +101,29 @@ fn segment_file(dir: &Path, id: u64) -> String {
     dir.join(format!("{id:020}.seg")).display().to_string()
 }
 
-#[test]
-fn the_writer_keeps_the_active_segment_zeroed_ahead_and_never_zeroes_acknowledged_bytes() {
+/// A preallocated spool of 8 KiB segments on a recording filesystem, zeroing `ahead` bytes
+/// ahead; the temporary directory must outlive the spool.
+fn recording_spool(
+    ahead: u64,
+) -> (
+    tempfile::TempDir,
+    spoolgate::spool::SpoolOptions,
+    spoolgate::spool::Spool,
+    Arc<Mutex<Log>>,
+) {
     let dir = tempfile::tempdir().unwrap();
     let mut opts = options(dir.path());
     opts.preallocate = true;
     opts.segment_bytes_max = 8 * 1024;
-    opts.zero_ahead_bytes = 1024;
+    opts.zero_ahead_bytes = ahead;
     let log = Arc::new(Mutex::new(Log::default()));
     let (s, _) = open_fs(&opts, Arc::new(RecordingFs { log: log.clone() }));
+    (dir, opts, s, log)
+}
+
+#[test]
+fn the_writer_keeps_the_active_segment_zeroed_ahead_and_never_zeroes_acknowledged_bytes() {
+    let (dir, opts, s, log) = recording_spool(1024);
     // After each append: how far the write log had got, and the durable end of the data.
     let mut acked: Vec<(usize, Position)> = Vec::new();
     for n in 0..400 {
@@ -166,13 +180,7 @@ fn the_writer_keeps_the_active_segment_zeroed_ahead_and_never_zeroes_acknowledge
 
 #[test]
 fn with_zero_ahead_off_only_frames_and_headers_are_written() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut opts = options(dir.path());
-    opts.preallocate = true;
-    opts.segment_bytes_max = 8 * 1024;
-    opts.zero_ahead_bytes = 0;
-    let log = Arc::new(Mutex::new(Log::default()));
-    let (s, _) = open_fs(&opts, Arc::new(RecordingFs { log: log.clone() }));
+    let (_dir, _, s, log) = recording_spool(0);
     for n in 0..50 {
         append(&s, n);
     }
@@ -188,13 +196,7 @@ fn with_zero_ahead_off_only_frames_and_headers_are_written() {
 
 #[test]
 fn commits_of_zero_ahead_bytes_or_more_write_no_zeros_ahead() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut opts = options(dir.path());
-    opts.preallocate = true;
-    opts.segment_bytes_max = 8 * 1024;
-    opts.zero_ahead_bytes = 512;
-    let log = Arc::new(Mutex::new(Log::default()));
-    let (s, _) = open_fs(&opts, Arc::new(RecordingFs { log: log.clone() }));
+    let (_dir, _, s, log) = recording_spool(512);
     for _ in 0..30 {
         let big = bytes::Bytes::from(vec![b'x'; 600]);
         s.append_blocking(vec![(RecordKind::ENVELOPE, big)], false)
