@@ -314,7 +314,7 @@ impl Default for ForwardConfig {
         ForwardConfig {
             enabled: true,
             workers: 4,
-            batch_records_max: 512,
+            batch_records_max: 2048,
             batch_bytes_max: (4 * MIB) as usize,
             linger_ms: 5,
             retry_initial_ms: 100,
