@@ -92,6 +92,8 @@ fn spool_run(base: &Path, size: usize, appenders: usize) -> Round {
         preallocate: true,
         preallocate_zeros: false,
         zero_ahead_bytes: spoolgate::spool::ZERO_AHEAD_BYTES_DEFAULT,
+        cached_behind_bytes: spoolgate::spool::CACHED_BEHIND_BYTES_DEFAULT,
+        cached_unread_bytes_max: spoolgate::spool::CACHED_UNREAD_BYTES_MAX_DEFAULT,
     };
     let metrics = Arc::new(Metrics::new());
     let (spool, _) = Spool::open(opts, metrics.clone(), None).expect("open spool");

@@ -647,6 +647,8 @@ impl Config {
             preallocate: s.preallocate,
             preallocate_zeros: s.preallocate_zeros,
             zero_ahead_bytes: s.zero_ahead_bytes,
+            cached_behind_bytes: crate::spool::CACHED_BEHIND_BYTES_DEFAULT,
+            cached_unread_bytes_max: crate::spool::CACHED_UNREAD_BYTES_MAX_DEFAULT,
         }
     }
 }

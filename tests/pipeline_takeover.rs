@@ -66,6 +66,8 @@ async fn a_panicking_worker_is_replaced_by_its_secondary_and_every_record_is_del
         preallocate: false,
         preallocate_zeros: false,
         zero_ahead_bytes: spoolgate::spool::ZERO_AHEAD_BYTES_DEFAULT,
+        cached_behind_bytes: spoolgate::spool::CACHED_BEHIND_BYTES_DEFAULT,
+        cached_unread_bytes_max: spoolgate::spool::CACHED_UNREAD_BYTES_MAX_DEFAULT,
     };
     let observer: Arc<dyn spoolgate::spool::CommitObserver> = ring.clone();
     let (spool, _) = Spool::open(opts, metrics.clone(), Some(observer)).unwrap();

@@ -181,6 +181,9 @@ async fn supervise(parts: PipelineParts, mut stop: watch::Receiver<bool>) {
             stop: epoch_rx.clone(),
         };
         first_epoch = false;
+        // Every epoch reads from the first record: the segments from there on keep their
+        // cached pages until this reading is past them (see Page cache in `spool`).
+        parts.spool.note_read_segment(dispatcher.cursor.segment);
         let mut dispatcher = tokio::spawn(dispatcher.run());
 
         let next_restart = restart_at
@@ -367,6 +370,9 @@ impl Dispatcher {
             record.position >= self.cursor,
             "records arrive in log order"
         );
+        if record.next.segment != self.cursor.segment {
+            self.spool.note_read_segment(record.next.segment);
+        }
         self.cursor = record.next;
         if record.kind != RecordKind::ENVELOPE {
             self.ledger.counted_up_to(record.next);

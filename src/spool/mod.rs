@@ -44,12 +44,21 @@
 //! past the durable end, through a window of 256 KiB (`reader::WINDOW_BYTES`).
 //!
 //! **Page cache.** At each rotation the writer has a helper thread release the cached pages of
-//! the segment that falls more than `writer::CACHED_BEHIND_BYTES` (128 MiB, twice the default
-//! ring) behind the active one: consumers read records from the ring, so the segments are read back only by a
-//! consumer that far behind and by a restart's replay. Ingest-only, 100-envelope batches of
-//! 1 KiB on the 2-vCPU VM (2026-11-30, 6 interleaved rounds): 405-454k against 340-392k
-//! envelopes/s in 5 of them, system CPU 0.9-1.0 against 1.3-1.9 µs per envelope, because the
-//! released pages are the ones the next appends reuse, where fresh ones cost a host fault.
+//! the segments that fall more than `cached_behind_bytes` (128 MiB, twice the default
+//! ring) behind the active one: consumers read records from the ring, so the segments are read
+//! back only by a consumer that far behind and by a restart's replay. Ingest-only,
+//! 100-envelope batches of 1 KiB on the 2-vCPU VM (2026-11-30, 6 interleaved rounds):
+//! 405-454k against 340-392k envelopes/s in 5 of them, system CPU 0.9-1.0 against 1.3-1.9 µs
+//! per envelope, because the released pages are the ones the next appends reuse, where fresh
+//! ones cost a host fault.
+//!
+//! A segment the consumer has not read yet keeps its pages while it is less than
+//! `cached_unread_bytes_max` (512 MiB) behind the active one: the consumer reports how
+//! far it has read ([`Spool::note_read_segment`]), and the writer releases only what lies
+//! behind that, up to the cap. Releasing by distance alone sent a consumer that had fallen
+//! 128 MiB behind to the disk for every record it still had to read (2.2 GB read back in one
+//! 8-second end-to-end run), which made it slower still. With no consumer (ingest only) the
+//! distance alone decides, as before.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -125,10 +134,25 @@ pub struct SpoolOptions {
     /// With `preallocate` by `fallocate`: how far ahead of the write offset the writer keeps
     /// the active segment zero-filled (see `Writer::zero_ahead`); 0 turns it off.
     pub zero_ahead_bytes: u64,
+    /// How much of the log behind the active segment stays in the page cache (see Page cache
+    /// above); segments further behind are released once the consumer has read them.
+    pub cached_behind_bytes: u64,
+    /// How far behind the active segment a segment the consumer has not read yet may keep its
+    /// pages; further behind it is released anyway.
+    pub cached_unread_bytes_max: u64,
 }
 
 /// The default of [`SpoolOptions::zero_ahead_bytes`].
 pub const ZERO_AHEAD_BYTES_DEFAULT: u64 = 256 << 10;
+
+/// The default of [`SpoolOptions::cached_behind_bytes`]: twice the default ring, so a consumer
+/// that the ring overflowed by up to as much again still reads from memory.
+pub const CACHED_BEHIND_BYTES_DEFAULT: u64 = 128 << 20;
+
+/// The default of [`SpoolOptions::cached_unread_bytes_max`]: a consumer that stopped (a sink
+/// down for hours) must not hold the spool's whole backlog in the page cache; beyond this it
+/// reads from the disk.
+pub const CACHED_UNREAD_BYTES_MAX_DEFAULT: u64 = 512 << 20;
 
 /// One record read back from the spool.
 #[derive(Debug, Clone)]
@@ -217,6 +241,9 @@ pub(crate) struct Shared {
     pub durable: tokio::sync::watch::Sender<Position>,
     pub poison: std::sync::Mutex<Option<String>>,
     pub closed: std::sync::atomic::AtomicBool,
+    /// The first segment the consumer has not read past (see Page cache above); `u64::MAX`
+    /// until a consumer reports, and for good when none runs.
+    pub read_segment: std::sync::atomic::AtomicU64,
 }
 
 impl Shared {
@@ -308,6 +335,7 @@ impl Spool {
             durable,
             poison: std::sync::Mutex::new(None),
             closed: std::sync::atomic::AtomicBool::new(false),
+            read_segment: std::sync::atomic::AtomicU64::new(u64::MAX),
         });
         let writer = writer::start(shared.clone(), recovered.lock, recovered.end)?;
         shared
@@ -375,6 +403,16 @@ impl Spool {
     }
 
     /// Position just past the last committed record.
+    /// The consumer has read every record of the segments below `segment`. The writer keeps
+    /// the cached pages of segments from here on (up to its cap), since they will be read soon.
+    /// Called again with a lower segment after a rewind, which holds back further releases
+    /// until the reading is past them again.
+    pub fn note_read_segment(&self, segment: u64) {
+        self.shared
+            .read_segment
+            .store(segment, std::sync::atomic::Ordering::Relaxed);
+    }
+
     pub fn durable_end(&self) -> Position {
         *self.shared.durable.borrow()
     }

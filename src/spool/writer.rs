@@ -30,12 +30,6 @@ use super::format::{self, SegmentHeader, HEADER_LEN};
 use super::fs::SegmentFile;
 use super::{Durability, Position, Record, RecordKind, SegMeta, Shared, SpoolError};
 
-/// How much of the log behind the active segment stays in the page cache: at each rotation the
-/// segment that falls further behind than this is released (`SegmentFile::release_cache`).
-/// Twice the default ring, so a consumer that the ring overflowed by up to as much again still
-/// reads from memory; further behind, it reads from the disk.
-pub const CACHED_BEHIND_BYTES: u64 = 128 << 20;
-
 type Reply = oneshot::Sender<Result<Vec<Position>, SpoolError>>;
 
 /// Runs on the writer thread once a request's records are durable, with their positions, and
@@ -171,9 +165,12 @@ struct Writer {
     dirty: bool,
     /// The next segment, being prepared by a helper thread (preallocation only).
     prepared: Option<Prepared>,
-    /// The helper thread releasing an old segment's cached pages (`release_behind`); at most
+    /// The helper thread releasing old segments' cached pages (`release_behind`); at most
     /// one runs at a time. `None` until the first release.
     releasing: Option<std::thread::JoinHandle<()>>,
+    /// Segments below this have been released or were never cached by this process. Set at
+    /// open to the oldest segment; only moves forward.
+    released_below: u64,
     /// Everything of the active segment from `offset` up to here is known to be written zeros
     /// (see [`Writer::zero_ahead`]). Set at open to `offset` (nothing beyond it is known) and
     /// at each rotation; only ever moves forward within a segment.
@@ -226,6 +223,7 @@ pub(crate) fn start(
         dirty: false,
         prepared: None,
         releasing: None,
+        released_below: shared.segments_read().keys().next().copied().unwrap_or(1),
         zeroed_to: end.offset,
         zeros: Vec::new(),
         _lock: lock,
@@ -589,31 +587,44 @@ impl Writer {
         }
     }
 
-    /// Drops the cached pages of the segment that has just fallen [`CACHED_BEHIND_BYTES`]
-    /// behind. Nothing reads them in the common case: consumers take records from the ring,
-    /// and a restart's replay finds a cold cache anyway. Kept, they would fill the host's page
-    /// cache with the spool (the segments stay until compaction); released, they are also the
-    /// pages the next appends reuse, where fresh pages are dear (see README, Benchmarks). Advice
-    /// only: a refusal costs memory, never data, so it is logged and ignored.
+    /// Drops the cached pages of the segments that have fallen `cached_behind_bytes` behind
+    /// and that the consumer has read past (or that are `cached_unread_bytes_max` behind; see
+    /// [`segments_to_release`]). Nothing reads them in the common case: consumers take records
+    /// from the ring, and a restart's replay finds a cold cache anyway. Kept, they would fill the
+    /// host's page cache with the spool (the segments stay until compaction); released, they
+    /// are also the pages the next appends reuse, where fresh pages are dear (see README,
+    /// Benchmarks). Advice only: a refusal costs memory, never data, so it is logged and
+    /// ignored.
     ///
     /// It runs on a helper thread: freeing 64 MiB of pages took ~15 ms, a stall every appender
-    /// would wait out at each rotation. If the previous release is still running, this segment
-    /// keeps its pages (until compaction deletes it) rather than queue a second helper.
+    /// would wait out at each rotation. If the previous release is still running, this
+    /// rotation releases nothing and the next one takes the segments this one would have.
     fn release_behind(&mut self) {
-        let Some(id) = segment_to_release(self.active, self.shared.opts.segment_bytes_max) else {
-            return;
-        };
-        if self.releasing.as_ref().is_some_and(|h| !h.is_finished()) {
+        let read = self
+            .shared
+            .read_segment
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let ids = segments_to_release(&self.shared.opts, self.active, self.released_below, read);
+        if ids.is_empty() || self.releasing.as_ref().is_some_and(|h| !h.is_finished()) {
             return;
         }
-        let Some(file) = self.shared.segments_read().get(&id).map(|m| m.file.clone()) else {
-            return;
+        let files: Vec<(u64, Arc<dyn SegmentFile>)> = {
+            let segments = self.shared.segments_read();
+            ids.clone()
+                .filter_map(|id| segments.get(&id).map(|m| (id, m.file.clone())))
+                .collect()
         };
+        self.released_below = ids.end;
+        if files.is_empty() {
+            return;
+        }
         let spawned = std::thread::Builder::new()
             .name("spool-release".into())
             .spawn(move || {
-                if let Err(e) = file.release_cache() {
-                    tracing::debug!(segment = id, error = %e, "could not release a segment's cached pages");
+                for (id, file) in files {
+                    if let Err(e) = file.release_cache() {
+                        tracing::debug!(segment = id, error = %e, "could not release a segment's cached pages");
+                    }
                 }
             });
         self.releasing = spawned.ok();
@@ -739,13 +750,26 @@ pub(crate) fn create_segment(
     Ok(file)
 }
 
-/// The segment that falls out of the cached window when `active` becomes the active segment:
-/// whole segments covering at least [`CACHED_BEHIND_BYTES`] stay cached behind the active one.
-fn segment_to_release(active: u64, segment_bytes_max: u64) -> Option<u64> {
-    let keep = CACHED_BEHIND_BYTES
-        .div_ceil(segment_bytes_max.max(1))
-        .max(1);
-    active.checked_sub(keep + 1).filter(|&id| id >= 1)
+/// The segments to release when `active` becomes the active segment: those from
+/// `released_below` on that whole segments covering at least `cached_behind_bytes` follow,
+/// and of them only the ones below `read_segment` (the first segment the consumer has not read
+/// past), except that a segment with `cached_unread_bytes_max` of segments after it goes
+/// whatever the consumer has read.
+fn segments_to_release(
+    opts: &super::SpoolOptions,
+    active: u64,
+    released_below: u64,
+    read_segment: u64,
+) -> std::ops::Range<u64> {
+    let segment = opts.segment_bytes_max.max(1);
+    // Exclusive bounds: segments below `behind(x)` have at least `x` of whole segments between
+    // them and the active one.
+    let behind = |bytes: u64| active.saturating_sub(bytes.div_ceil(segment).max(1));
+    let cold_below = behind(opts.cached_behind_bytes);
+    let forced_below = behind(opts.cached_unread_bytes_max);
+    let end = cold_below.min(read_segment.max(forced_below));
+    let start = released_below.max(1);
+    start..end.max(start)
 }
 
 fn clone_err(e: &SpoolError) -> SpoolError {
@@ -766,18 +790,64 @@ fn clone_err(e: &SpoolError) -> SpoolError {
 mod tests {
     use super::*;
 
+    fn opts(segment_bytes_max: u64) -> super::super::SpoolOptions {
+        super::super::SpoolOptions {
+            dir: std::path::PathBuf::new(),
+            segment_bytes_max,
+            record_bytes_max: 1024,
+            durability: Durability::Always,
+            commit_batch_records_max: 1,
+            commit_batch_bytes_max: 1024,
+            queue_depth_max: 1,
+            preallocate: false,
+            preallocate_zeros: false,
+            zero_ahead_bytes: 0,
+            cached_behind_bytes: super::super::CACHED_BEHIND_BYTES_DEFAULT,
+            cached_unread_bytes_max: super::super::CACHED_UNREAD_BYTES_MAX_DEFAULT,
+        }
+    }
+
     #[test]
     fn a_segment_is_released_once_whole_segments_of_the_cached_window_follow_it() {
         let mib = 1u64 << 20;
+        let read_all = u64::MAX;
         // 64 MiB segments: two full segments (128 MiB) stay cached behind the active one.
-        assert_eq!(segment_to_release(3, 64 * mib), None);
-        assert_eq!(segment_to_release(4, 64 * mib), Some(1));
-        assert_eq!(segment_to_release(10, 64 * mib), Some(7));
+        assert_eq!(segments_to_release(&opts(64 * mib), 3, 1, read_all), 1..1);
+        assert_eq!(segments_to_release(&opts(64 * mib), 4, 1, read_all), 1..2);
+        assert_eq!(segments_to_release(&opts(64 * mib), 10, 7, read_all), 7..8);
         // Small segments: as many as cover the window.
-        assert_eq!(segment_to_release(129, mib), None);
-        assert_eq!(segment_to_release(130, mib), Some(1));
+        assert_eq!(segments_to_release(&opts(mib), 129, 1, read_all), 1..1);
+        assert_eq!(segments_to_release(&opts(mib), 130, 1, read_all), 1..2);
         // Segments larger than the window: the previous one stays.
-        assert_eq!(segment_to_release(2, 4096 * mib), None);
-        assert_eq!(segment_to_release(3, 4096 * mib), Some(1));
+        assert_eq!(segments_to_release(&opts(4096 * mib), 2, 1, read_all), 1..1);
+        assert_eq!(segments_to_release(&opts(4096 * mib), 3, 1, read_all), 1..2);
+    }
+
+    #[test]
+    fn segments_skipped_at_one_rotation_are_released_at_the_next() {
+        let mib = 1u64 << 20;
+        // The helper was busy at the rotation to 10, so 7 is still unreleased at 11.
+        assert_eq!(segments_to_release(&opts(64 * mib), 11, 7, u64::MAX), 7..9);
+        // After a restart the first release starts at the oldest segment on disk.
+        assert_eq!(
+            segments_to_release(&opts(64 * mib), 40, 30, u64::MAX),
+            30..38
+        );
+    }
+
+    #[test]
+    fn a_segment_the_consumer_has_not_read_keeps_its_pages_up_to_the_cap() {
+        let mib = 1u64 << 20;
+        // The consumer is reading segment 5: 1..5 may go, 5 and later stay.
+        assert_eq!(segments_to_release(&opts(64 * mib), 12, 1, 5), 1..5);
+        // It has not read past segment 1: nothing goes while the backlog is under 512 MiB
+        // (8 segments of 64 MiB)...
+        assert_eq!(segments_to_release(&opts(64 * mib), 9, 1, 1), 1..1);
+        // ...and beyond that the segments further behind go, read or not.
+        assert_eq!(segments_to_release(&opts(64 * mib), 12, 1, 1), 1..4);
+        // Never more than the distance alone allows, however far the consumer has read.
+        assert_eq!(segments_to_release(&opts(64 * mib), 12, 1, 11), 1..10);
+        // A rewind (the consumer back at 2) holds back what is not released yet.
+        assert_eq!(segments_to_release(&opts(64 * mib), 12, 6, 2), 6..6);
     }
 }

@@ -1,6 +1,8 @@
 //! Helpers shared by the spool tests: small spools, appending numbered payloads, reading back.
 #![allow(dead_code)]
 
+pub mod recording;
+
 use std::path::Path;
 use std::sync::Arc;
 
@@ -21,6 +23,8 @@ pub fn options(dir: &Path) -> SpoolOptions {
         preallocate: false,
         preallocate_zeros: false,
         zero_ahead_bytes: 1024,
+        cached_behind_bytes: spoolgate::spool::CACHED_BEHIND_BYTES_DEFAULT,
+        cached_unread_bytes_max: spoolgate::spool::CACHED_UNREAD_BYTES_MAX_DEFAULT,
     }
 }
 
