@@ -78,18 +78,21 @@ stop_daemon() { kill -TERM "$DAEMON_PID"; wait "$DAEMON_PID" 2>/dev/null || true
 sg_bench() { # label, then spoolgate bench arguments; appends a JSON line to results
     # The daemon's CPU time (user + system, from /proc) over the run, warm-up included, per
     # envelope acknowledged in that time; with --wait-drained it also covers the pipeline's
-    # work on every one of them.
+    # work on every one of them. And its peak resident memory since it started (VmHWM; each
+    # workload has a daemon of its own, except the sweep's rows, which share one).
     local label=$1; shift
-    local before after
+    local before after rss_kib
     before=$(awk '{print $14 + $15}' "/proc/$DAEMON_PID/stat")
     "$BIN" bench --data-dir "$SCRATCH/data" --duration-s "$DURATION" --json "$@" >"$SCRATCH/row.json"
     after=$(awk '{print $14 + $15}' "/proc/$DAEMON_PID/stat")
+    rss_kib=$(awk '/^VmHWM:/ {print $2}' "/proc/$DAEMON_PID/status")
     python3 -c "
 import json, sys
 r = json.load(open('$SCRATCH/row.json'))
 r['label'] = '$label'; r['round'] = $ROUND
 acked = r['envelopes_acknowledged_total']
 r['daemon_cpu_us_per_envelope'] = ($after - $before) * 1e6 / $CLK_TCK / acked if acked else None
+r['daemon_rss_peak_bytes'] = ${rss_kib:-0} * 1024 or None
 print(json.dumps(r))" >>"$SCRATCH/results.jsonl"
 }
 redis_row() { # label clients pipeline requests

@@ -31,6 +31,12 @@ def cpu(rows, label):
     return "–" if v != v else f"{v:.1f}"
 
 
+def rss(rows, label):
+    """Median peak resident memory of the daemon in MB, or a dash for runs that did not record it."""
+    v = med(rows, label, "daemon_rss_peak_bytes")
+    return "–" if v != v else f"{v / 1e6:.0f}"
+
+
 def ratio_med(rows, a, b, key_a="envelopes_per_s", key_b="envelopes_per_s"):
     """Median over rounds of a/b, pairing rows of the same round."""
     by_round = {r["round"]: r for r in rows.get(b, [])}
@@ -43,8 +49,8 @@ def table(rows, machine):
     n = len(rows.get("redis_p1", []))
     out = [f"Measured on {machine}; medians of {n} rounds, spoolgate and Redis alternated "
            "in each round on the same filesystem, durability `always` / `appendfsync always`.", ""]
-    out += ["| workload | spoolgate | Redis XADD baseline | ratio | p50 ms | p99 ms | p99.9 ms | daemon CPU us/env |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    out += ["| workload | spoolgate | Redis XADD baseline | ratio | p50 ms | p99 ms | p99.9 ms | daemon CPU us/env | daemon peak RSS MB |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for label, base, name in [
         ("ingest_single_512", "redis_p1", "(a) 1 envelope/request, 512 B, 64 conns (vs -c 50 -P 1)"),
         ("ingest_single_1024", "redis_p1", "(a) 1 envelope/request, 1 KiB, 64 conns (vs -c 50 -P 1)"),
@@ -55,11 +61,11 @@ def table(rows, machine):
             f"| {name} | {med(rows, label, 'envelopes_per_s'):,.0f}/s | "
             f"{med(rows, base, 'envelopes_per_s'):,.0f}/s | {ratio_med(rows, label, base):.2f} | "
             f"{med(rows, label, 'latency_p50_ms'):.2f} | {med(rows, label, 'latency_p99_ms'):.2f} | "
-            f"{med(rows, label, 'latency_p999_ms'):.2f} | {cpu(rows, label)} |")
+            f"{med(rows, label, 'latency_p999_ms'):.2f} | {cpu(rows, label)} | {rss(rows, label)} |")
     out += ["", "End to end (file sink; accepted → gated → chained → delivered → tombstoned), "
             "next to ingest-only at the same load from the same run:", "",
-            "| text | ingest-only env/s | end-to-end env/s | e2e / ingest-only | daemon CPU us/env, ingest-only / e2e | backlog at 90% of e2e rate (min / max / last, records) |",
-            "|---|---:|---:|---:|---:|---|"]
+            "| text | ingest-only env/s | end-to-end env/s | e2e / ingest-only | daemon CPU us/env, ingest-only / e2e | daemon peak RSS MB, ingest-only / e2e | backlog at 90% of e2e rate (min / max / last, records) |",
+            "|---|---:|---:|---:|---:|---:|---|"]
     for size in (512, 1024):
         paced = rows.get(f"paced_batch_{size}", [])
         depth = ""
@@ -72,7 +78,8 @@ def table(rows, machine):
             f"{med(rows, f'e2e_batch_{size}', 'end_to_end_envelopes_per_s'):,.0f} | "
             f"{ratio_med(rows, f'e2e_batch_{size}', f'ingest_batch_{size}', 'end_to_end_envelopes_per_s'):.2f} | "
             f"{cpu(rows, f'ingest_batch_{size}')} / "
-            f"{cpu(rows, f'e2e_batch_{size}')} | {depth} |")
+            f"{cpu(rows, f'e2e_batch_{size}')} | "
+            f"{rss(rows, f'ingest_batch_{size}')} / {rss(rows, f'e2e_batch_{size}')} | {depth} |")
     # A run that met backpressure measured the quota, not the throughput: say so in the table.
     refused = sorted({f"{label} (round {r['round']}: {r['requests_429']:,})"
                       for label, rs in rows.items() for r in rs if r.get("requests_429")})
