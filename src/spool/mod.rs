@@ -402,7 +402,6 @@ impl Spool {
         }
     }
 
-    /// Position just past the last committed record.
     /// The consumer has read every record of the segments below `segment`. The writer keeps
     /// the cached pages of segments from here on (up to its cap), since they will be read soon.
     /// Called again with a lower segment after a rewind, which holds back further releases
@@ -413,6 +412,7 @@ impl Spool {
             .store(segment, std::sync::atomic::Ordering::Relaxed);
     }
 
+    /// Position just past the last committed record.
     pub fn durable_end(&self) -> Position {
         *self.shared.durable.borrow()
     }
