@@ -193,7 +193,7 @@ impl Metrics {
 
             forward_records_total: counter_vec(&r, "spoolgate_forward_records_total", "Records delivered and confirmed by a sink.", &["sink"]),
             forward_batch_duration_seconds: histogram_vec(&r, "spoolgate_forward_batch_duration_seconds", "Time for a sink to confirm one batch.", &["sink"], d),
-            forward_errors_total: counter_vec(&r, "spoolgate_forward_errors_total", "Failed delivery attempts by sink and kind (retryable, rejected, io, timeout, panic).", &["sink", "kind"]),
+            forward_errors_total: counter_vec(&r, "spoolgate_forward_errors_total", "Failed delivery attempts by sink and kind (retryable, rejected, too_large, io, timeout, panic).", &["sink", "kind"]),
             forward_retries_total: counter_vec(&r, "spoolgate_forward_retries_total", "Delivery retries by sink.", &["sink"]),
             forward_dead_lettered_records_total: counter_vec(&r, "spoolgate_forward_dead_lettered_records_total", "Records written to the dead-letter directory after a permanent sink rejection.", &["sink"]),
             forward_lag_records: gauge_vec(&r, "spoolgate_forward_lag_records", "Records dispatched to a consumer worker and not yet confirmed by its sink, by worker.", &["worker"]),

@@ -154,6 +154,66 @@ fn a_sink_answering_400_sends_the_batch_to_the_dead_letter_directory_with_the_re
 }
 
 #[test]
+fn a_sink_answering_413_gets_the_batch_in_halves_and_every_record_arrives_in_order() {
+    // The sink takes at most 3 records per request, like an endpoint with a body limit.
+    let sink = TestSink::start_by_batch(|_, batch| {
+        if batch.len() > 3 {
+            (413, "request entity too large".into())
+        } else {
+            (200, String::new())
+        }
+    });
+    let scratch = tempfile::tempdir().unwrap();
+    let cfg = sink.config_file(scratch.path(), "[forward]\nworkers = 1\n");
+    let d = Daemon::start(&["--config", cfg.to_str().unwrap()]);
+    let items: Vec<_> = (0..40).map(envelope).collect();
+    let r = d.post_json(&json!(items));
+    assert_eq!(r.status, 202, "{}", r.text());
+    d.wait_metric("spoolgate_tombstones_written_total", |v| v >= 40.0);
+    let delivered = sink.delivered();
+    let got = ids(&delivered);
+    for n in 0..40 {
+        assert!(got.contains(&format!("e-{n}")), "e-{n} lost");
+    }
+    let seqs: Vec<u64> = delivered
+        .iter()
+        .map(|r| r["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        seqs,
+        (1..=40).collect::<Vec<_>>(),
+        "one stream, in order, once"
+    );
+    assert!(d.metric("spoolgate_forward_errors_total{kind=\"too_large\",sink=\"default\"}") >= 1.0);
+    assert_eq!(
+        d.metric("spoolgate_forward_dead_lettered_records_total{sink=\"default\"}"),
+        0.0
+    );
+}
+
+#[test]
+fn a_single_record_a_sink_refuses_as_too_large_is_dead_lettered_with_the_reason() {
+    let sink = TestSink::start(|_| (413, "request entity too large".into()));
+    let scratch = tempfile::tempdir().unwrap();
+    let cfg = sink.config_file(scratch.path(), "");
+    let d = Daemon::start(&["--config", cfg.to_str().unwrap()]);
+    let r = d.post_json(&json!([envelope(1), envelope(2)]));
+    assert_eq!(r.status, 202);
+    d.wait_metric(
+        "spoolgate_forward_dead_lettered_records_total{sink=\"default\"}",
+        |v| v >= 2.0,
+    );
+    let dl = d.data_dir.join("dead-letter");
+    let all: String = std::fs::read_dir(&dl)
+        .unwrap()
+        .map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap())
+        .collect();
+    assert!(all.contains("\"status\": 413"), "{all}");
+    assert!(all.contains("e-1") && all.contains("e-2"));
+    assert!(sink.delivered().is_empty());
+}
+
+#[test]
 fn once_everything_is_delivered_the_spool_shrinks_to_the_active_segment_and_a_restart_replays_nothing(
 ) {
     let mut d = Daemon::start(&SMALL_SEGMENTS);

@@ -1,7 +1,8 @@
 //! The HTTP sink: POSTs each batch, as a JSON array or a msgpack array of forward records, to a
 //! configured URL. 2xx = delivered. 408, 429, 5xx and transport errors are retryable (with the
 //! server's `Retry-After` seconds, if any); any other status is a permanent rejection, reported
-//! with up to [`REASON_BYTES_MAX`] bytes of the response body.
+//! with up to [`REASON_BYTES_MAX`] bytes of the response body. The worker sends a batch refused
+//! with 413 again in halves before it dead-letters anything (see `forward::worker`).
 
 use std::collections::BTreeMap;
 use std::time::Duration;

@@ -13,6 +13,13 @@
 //! Order: a worker handles one batch at a time and retries it until it is confirmed, dead-
 //! lettered, or the worker is stopped, so records of a slot reach a sink in log order.
 //!
+//! Too large: a sink that answers 413 (an HTTP endpoint behind a proxy with a body limit
+//! smaller than `forward.batch_bytes_max`, say) gets the batch again in two halves, first half
+//! first, and so on down to single records; only a single record it still refuses is
+//! dead-lettered. Order holds, since the halves go one after the other, and the deliveries are
+//! bounded by twice the batch's records. The seal is unchanged: it holds the whole batch, and
+//! a replay sends it whole again, to be split again if it must.
+//!
 //! Tombstones: once a sink confirms a batch, its tombstone append runs in the background while
 //! the worker gates and seals the next batch, so a batch costs two fdatasync waits on the
 //! worker's path (seal, sink) instead of three. At most [`TOMBSTONES_IN_FLIGHT_MAX`] appends run
@@ -315,7 +322,7 @@ impl Worker {
             by_sink.entry(name).or_default().push(r);
         }
         for (name, records) in &by_sink {
-            if !self.deliver(name, records).await? {
+            if !self.deliver_in_parts(name, records).await? {
                 return Ok(false);
             }
         }
@@ -345,9 +352,42 @@ impl Worker {
         Ok(true)
     }
 
-    /// Delivers one sink's share of a batch, retrying retryable failures with backoff.
-    /// `Ok(false)` when stopped while waiting to retry.
-    async fn deliver(&mut self, name: &str, records: &[SharedRecord]) -> Result<bool, WorkerError> {
+    /// Delivers one sink's share of a batch, halving any part the sink refuses as too large
+    /// (see the module doc). `Ok(false)` when stopped while waiting to retry.
+    async fn deliver_in_parts(
+        &mut self,
+        name: &str,
+        records: &[SharedRecord],
+    ) -> Result<bool, WorkerError> {
+        // Parts still to deliver, the next one last; at most one entry per level of halving
+        // plus one, so about log2 of the batch.
+        let mut parts: Vec<std::ops::Range<usize>> = Vec::with_capacity(64);
+        parts.push(0..records.len());
+        while let Some(part) = parts.pop() {
+            match self.deliver(name, &records[part.clone()]).await? {
+                Delivery::Done => {}
+                Delivery::Stopped => return Ok(false),
+                Delivery::TooLarge => {
+                    let middle = part.start + part.len() / 2;
+                    tracing::info!(
+                        sink = name,
+                        records = part.len(),
+                        "sink refused a batch as too large (413); sending it in two halves"
+                    );
+                    parts.push(middle..part.end);
+                    parts.push(part.start..middle);
+                }
+            }
+        }
+        Ok(true)
+    }
+
+    /// Delivers one part, retrying retryable failures with backoff.
+    async fn deliver(
+        &mut self,
+        name: &str,
+        records: &[SharedRecord],
+    ) -> Result<Delivery, WorkerError> {
         let ctx = self.ctx.clone();
         let sink = ctx
             .sinks
@@ -389,7 +429,15 @@ impl Worker {
                             "sink recovered"
                         );
                     }
-                    return Ok(true);
+                    return Ok(Delivery::Done);
+                }
+                Ok(Err(SinkError::Rejected { status, .. }))
+                    if status == PAYLOAD_TOO_LARGE && records.len() > 1 =>
+                {
+                    m.forward_errors_total
+                        .with_label_values(&[name, "too_large"])
+                        .inc();
+                    return Ok(Delivery::TooLarge);
                 }
                 Ok(Err(SinkError::Rejected { status, reason })) => {
                     m.forward_errors_total
@@ -403,7 +451,7 @@ impl Worker {
                         .with_label_values(&[name])
                         .inc_by(records.len() as u64);
                     tracing::warn!(sink = name, status, %reason, file = %path.display(), records = records.len(), "sink rejected a batch; dead-lettered");
-                    return Ok(true);
+                    return Ok(Delivery::Done);
                 }
                 Ok(Err(SinkError::Retryable {
                     reason,
@@ -421,9 +469,22 @@ impl Worker {
             };
             m.forward_retries_total.with_label_values(&[name]).inc();
             tokio::select! {
-                _ = stopped(&mut self.stop) => return Ok(false),
+                _ = stopped(&mut self.stop) => return Ok(Delivery::Stopped),
                 _ = tokio::time::sleep(wait) => {}
             }
         }
     }
 }
+
+/// How one delivery attempt loop ended.
+enum Delivery {
+    /// Confirmed by the sink, or dead-lettered.
+    Done,
+    /// The worker was stopped while waiting to retry.
+    Stopped,
+    /// The sink answered 413 for a part of more than one record.
+    TooLarge,
+}
+
+/// The status a sink answers when a request body is over its limit.
+const PAYLOAD_TOO_LARGE: u16 = 413;

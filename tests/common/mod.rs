@@ -387,6 +387,7 @@ pub fn envelope(n: usize) -> serde_json::Value {
 
 /// An HTTP sink for tests: answers each POST with the status `respond(n)` chooses for the n-th
 /// request (0-based), and records the records of every batch it answered 2xx.
+/// [`TestSink::start_by_batch`] also shows `respond` the batch.
 pub struct TestSink {
     pub url: String,
     pub delivered: std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>>,
@@ -395,6 +396,13 @@ pub struct TestSink {
 
 impl TestSink {
     pub fn start(respond: impl Fn(usize) -> (u16, String) + Send + Sync + 'static) -> TestSink {
+        TestSink::start_by_batch(move |n, _| respond(n))
+    }
+
+    /// As [`TestSink::start`], with the request's forward records (the JSON array) as well.
+    pub fn start_by_batch(
+        respond: impl Fn(usize, &[serde_json::Value]) -> (u16, String) + Send + Sync + 'static,
+    ) -> TestSink {
         use std::io::BufRead;
         use std::sync::atomic::Ordering;
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -436,10 +444,9 @@ impl TestSink {
                             return;
                         }
                         let n = r.fetch_add(1, Ordering::SeqCst);
-                        let (status, text) = respond(n);
+                        let batch: Vec<serde_json::Value> = serde_json::from_slice(&body).unwrap();
+                        let (status, text) = respond(n, &batch);
                         if (200..300).contains(&status) {
-                            let batch: Vec<serde_json::Value> =
-                                serde_json::from_slice(&body).unwrap();
                             d.lock().unwrap().extend(batch);
                         }
                         let resp = format!(
