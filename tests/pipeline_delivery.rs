@@ -124,9 +124,11 @@ fn a_sink_failing_with_500_for_a_while_loses_nothing_and_keeps_per_stream_order(
     );
 }
 
-#[test]
-fn a_sink_answering_400_sends_the_batch_to_the_dead_letter_directory_with_the_reason() {
-    let sink = TestSink::start(|_| (400, "field envelope.text is not allowed".into()));
+/// Posts envelopes 1 and 2 to a daemon whose sink answers every request with `status` and
+/// `reason`, waits until both are dead-lettered and tombstoned, and returns the dead-letter
+/// files' contents and what the sink took.
+fn dead_lettered(status: u16, reason: &'static str) -> (String, Vec<serde_json::Value>) {
+    let sink = TestSink::start(move |_| (status, reason.into()));
     let scratch = tempfile::tempdir().unwrap();
     let cfg = sink.config_file(scratch.path(), "");
     let d = Daemon::start(&["--config", cfg.to_str().unwrap()]);
@@ -147,10 +149,16 @@ fn a_sink_answering_400_sends_the_batch_to_the_dead_letter_directory_with_the_re
         .iter()
         .map(|f| std::fs::read_to_string(f).unwrap())
         .collect();
+    (all, sink.delivered())
+}
+
+#[test]
+fn a_sink_answering_400_sends_the_batch_to_the_dead_letter_directory_with_the_reason() {
+    let (all, delivered) = dead_lettered(400, "field envelope.text is not allowed");
     assert!(all.contains("field envelope.text is not allowed"), "{all}");
     assert!(all.contains("\"status\": 400"));
     assert!(all.contains("e-1") && all.contains("e-2"));
-    assert!(sink.delivered().is_empty());
+    assert!(delivered.is_empty());
 }
 
 #[test]
@@ -193,24 +201,10 @@ fn a_sink_answering_413_gets_the_batch_in_halves_and_every_record_arrives_in_ord
 
 #[test]
 fn a_single_record_a_sink_refuses_as_too_large_is_dead_lettered_with_the_reason() {
-    let sink = TestSink::start(|_| (413, "request entity too large".into()));
-    let scratch = tempfile::tempdir().unwrap();
-    let cfg = sink.config_file(scratch.path(), "");
-    let d = Daemon::start(&["--config", cfg.to_str().unwrap()]);
-    let r = d.post_json(&json!([envelope(1), envelope(2)]));
-    assert_eq!(r.status, 202);
-    d.wait_metric(
-        "spoolgate_forward_dead_lettered_records_total{sink=\"default\"}",
-        |v| v >= 2.0,
-    );
-    let dl = d.data_dir.join("dead-letter");
-    let all: String = std::fs::read_dir(&dl)
-        .unwrap()
-        .map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap())
-        .collect();
+    let (all, delivered) = dead_lettered(413, "request entity too large");
     assert!(all.contains("\"status\": 413"), "{all}");
     assert!(all.contains("e-1") && all.contains("e-2"));
-    assert!(sink.delivered().is_empty());
+    assert!(delivered.is_empty());
 }
 
 #[test]
