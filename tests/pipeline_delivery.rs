@@ -412,6 +412,8 @@ fn records_pending_at_a_kill_are_replayed_and_delivered_after_restart() {
         v >= 40.0
     });
     assert_eq!(d.metric("spoolgate_replay_recovered_total"), 40.0);
+    // Written before this process started, they can only have come from the segments.
+    assert!(d.metric("spoolgate_forward_records_read_from_segments_total") >= 40.0);
     let got = ids(&file_sink_records(&d.data_dir));
     for id in &acked {
         assert!(got.contains(id), "{id} not replayed");

@@ -353,6 +353,9 @@ impl Dispatcher {
         let (reader, chunk) = read_chunk(reader, None).await?;
         self.reader = Some(reader);
         let chunk = chunk?;
+        self.metrics
+            .forward_records_read_from_segments_total
+            .inc_by(chunk.len() as u64);
         if chunk.is_empty() {
             return Ok(false);
         }
@@ -525,6 +528,9 @@ impl Dispatcher {
             };
             let (reader, chunk) = read_chunk(reader, Some(self.cursor)).await?;
             let chunk = chunk?;
+            self.metrics
+                .forward_records_read_from_segments_total
+                .inc_by(chunk.len() as u64);
             if chunk.is_empty() {
                 // Nothing between `from` and the durable end: the main pass has seen it all.
                 self.detached[w] = None;
