@@ -84,6 +84,14 @@ pub fn request(
     stream.write_all(body)?;
     let mut raw = Vec::new();
     stream.read_to_end(&mut raw)?;
+    if raw.is_empty() {
+        // Told apart from a malformed response: the server closed the connection without
+        // answering, which a caller may treat as it treats a reset.
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "connection closed before any byte of a response",
+        ));
+    }
     parse_response(&raw)
 }
 
