@@ -7,7 +7,10 @@
 //!   listener accepts one more connection and asks the connection that has been idle longest
 //!   (between requests, or never sent one) to close; hyper closes an idle keep-alive connection
 //!   at once, so a new client does not wait `idle_timeout` behind a pool of parked ones. A
-//!   connection in the middle of a request is never chosen. With none idle, the accepted
+//!   connection in the middle of a request is never chosen, nor one whose task has not yet
+//!   read from its socket: its first request may already be waiting there, and under a flood
+//!   of accepts a fresh connection can turn longest-idle before its task first runs. With none
+//!   idle, the accepted
 //!   connection waits for a free slot and further ones wait in the kernel's accept backlog, so
 //!   at most `connections_max + 1` sockets are open;
 //! - a client must send a request's whole header block within `header_read_timeout`
@@ -53,14 +56,17 @@ struct IdleTimeout<T> {
     inner: T,
     timeout: Duration,
     deadline: Pin<Box<Sleep>>,
+    /// Told when the stream is first read from, which makes the connection evictable.
+    state: Arc<ConnState>,
 }
 
 impl<T> IdleTimeout<T> {
-    fn new(inner: T, timeout: Duration) -> Self {
+    fn new(inner: T, timeout: Duration, state: Arc<ConnState>) -> Self {
         IdleTimeout {
             inner,
             timeout,
             deadline: Box::pin(tokio::time::sleep(timeout)),
+            state,
         }
     }
 
@@ -86,6 +92,13 @@ impl<T: AsyncRead + Unpin> AsyncRead for IdleTimeout<T> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if !this
+            .state
+            .read_from
+            .swap(true, std::sync::atomic::Ordering::AcqRel)
+        {
+            this.state.now_evictable();
+        }
         match Pin::new(&mut this.inner).poll_read(cx, buf) {
             Poll::Ready(r) => {
                 this.progressed();
@@ -147,17 +160,29 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for IdleTimeout<T> {
 pub type HttpResponse = Response<Full<Bytes>>;
 
 /// How often a listener at its connection limit looks again for an idle connection to close
-/// while every connection is busy.
+/// while none is a candidate, in case a wake-up from [`ConnState::evictable`] was missed.
 const EVICTION_RETRY: Duration = Duration::from_millis(50);
 
 /// One served connection, as the eviction policy sees it.
 struct ConnState {
     /// Requests being handled on this connection (HTTP/1: 0 or 1).
     busy: std::sync::atomic::AtomicUsize,
+    /// False from accept until the connection's task first reads from the socket; until then
+    /// a request may be waiting unread, so the connection is not a candidate for eviction.
+    read_from: std::sync::atomic::AtomicBool,
     /// When the connection last became idle (accepted, or finished a request).
     idle_since: Mutex<Instant>,
     /// Notified to ask the connection to close once its current request (if any) is answered.
     evict: Notify,
+    /// The listener's [`Connections::evictable`]: notified when this connection becomes a
+    /// candidate (first read, or a request answered), so a listener waiting for one looks again.
+    evictable: Arc<Notify>,
+}
+
+impl ConnState {
+    fn now_evictable(&self) {
+        self.evictable.notify_one();
+    }
 }
 
 /// The open connections of one listener; at most `connections_max` entries.
@@ -165,6 +190,8 @@ struct ConnState {
 struct Connections {
     next_id: std::sync::atomic::AtomicU64,
     open: Mutex<HashMap<u64, Arc<ConnState>>>,
+    /// Notified when a connection may have become a candidate for eviction.
+    evictable: Arc<Notify>,
 }
 
 impl Connections {
@@ -174,6 +201,8 @@ impl Connections {
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let state = Arc::new(ConnState {
             busy: std::sync::atomic::AtomicUsize::new(0),
+            read_from: std::sync::atomic::AtomicBool::new(false),
+            evictable: self.evictable.clone(),
             idle_since: Mutex::new(Instant::now()),
             evict: Notify::new(),
         });
@@ -185,12 +214,16 @@ impl Connections {
         self.lock().remove(&id);
     }
 
-    /// Asks the connection idle the longest to close. False when every connection is busy.
+    /// Asks the connection idle the longest to close. False when every connection is busy or
+    /// has not been read from yet.
     fn evict_longest_idle(&self) -> bool {
         let open = self.lock();
         let victim = open
             .iter()
-            .filter(|(_, c)| c.busy.load(std::sync::atomic::Ordering::Acquire) == 0)
+            .filter(|(_, c)| {
+                c.busy.load(std::sync::atomic::Ordering::Acquire) == 0
+                    && c.read_from.load(std::sync::atomic::Ordering::Acquire)
+            })
             .min_by_key(|(id, c)| {
                 (
                     *c.idle_since.lock().unwrap_or_else(|p| p.into_inner()),
@@ -276,6 +309,7 @@ pub async fn serve<H, F>(
                         biased;
                         _ = stopped(&mut shutdown) => break None,
                         p = permits.clone().acquire_owned() => break p.ok(),
+                        _ = connections.evictable.notified(), if !asked => {}
                         _ = tokio::time::sleep(EVICTION_RETRY) => {}
                     }
                 };
@@ -319,8 +353,8 @@ fn spawn_connection<H, F>(
     F: Future<Output = HttpResponse> + Send + 'static,
 {
     let _ = stream.set_nodelay(true);
-    let io = TokioIo::new(IdleTimeout::new(stream, limits.idle_timeout));
     let (id, state) = connections.register();
+    let io = TokioIo::new(IdleTimeout::new(stream, limits.idle_timeout, state.clone()));
     let handler = handler.clone();
     let service_state = state.clone();
     let service = hyper::service::service_fn(move |req| {
@@ -331,6 +365,7 @@ fn spawn_connection<H, F>(
             let response = handler(req).await;
             *state.idle_since.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
             state.busy.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+            state.now_evictable();
             Ok::<_, Infallible>(response)
         }
     });
@@ -360,4 +395,37 @@ fn spawn_connection<H, F>(
         }
         drop(permit);
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::Ordering;
+
+    #[test]
+    fn a_connection_not_yet_read_from_is_never_evicted_even_when_idle_longest() {
+        let connections = Connections::default();
+        let (_, unread) = connections.register();
+        let (read_id, read) = connections.register();
+        read.read_from.store(true, Ordering::Release);
+        assert!(connections.evict_longest_idle());
+        // The newer connection, read from, was asked; the older unread one stays registered.
+        assert!(!connections.lock().contains_key(&read_id));
+        assert_eq!(connections.lock().len(), 1);
+        assert!(!connections.evict_longest_idle());
+        unread.read_from.store(true, Ordering::Release);
+        assert!(connections.evict_longest_idle());
+        assert!(connections.lock().is_empty());
+    }
+
+    #[test]
+    fn a_busy_connection_is_never_evicted() {
+        let connections = Connections::default();
+        let (_, c) = connections.register();
+        c.read_from.store(true, Ordering::Release);
+        c.busy.fetch_add(1, Ordering::AcqRel);
+        assert!(!connections.evict_longest_idle());
+        c.busy.fetch_sub(1, Ordering::AcqRel);
+        assert!(connections.evict_longest_idle());
+    }
 }
