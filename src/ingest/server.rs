@@ -97,7 +97,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for IdleTimeout<T> {
             .read_from
             .swap(true, std::sync::atomic::Ordering::AcqRel)
         {
-            this.state.now_evictable();
+            this.state.evictable.notify_one();
         }
         match Pin::new(&mut this.inner).poll_read(cx, buf) {
             Poll::Ready(r) => {
@@ -160,7 +160,8 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for IdleTimeout<T> {
 pub type HttpResponse = Response<Full<Bytes>>;
 
 /// How often a listener at its connection limit looks again for an idle connection to close
-/// while none is a candidate, in case a wake-up from [`ConnState::evictable`] was missed.
+/// while none is a candidate (every connection busy, or not yet read from and no first read
+/// since).
 const EVICTION_RETRY: Duration = Duration::from_millis(50);
 
 /// One served connection, as the eviction policy sees it.
@@ -174,15 +175,11 @@ struct ConnState {
     idle_since: Mutex<Instant>,
     /// Notified to ask the connection to close once its current request (if any) is answered.
     evict: Notify,
-    /// The listener's [`Connections::evictable`]: notified when this connection becomes a
-    /// candidate (first read, or a request answered), so a listener waiting for one looks again.
+    /// The listener's [`Connections::evictable`]: notified when this connection is first read
+    /// from, so a listener waiting for a candidate looks again at once. (A connection turning
+    /// idle after a request is not announced: that is off the per-request path, and a listener
+    /// finding every connection busy looks again after [`EVICTION_RETRY`].)
     evictable: Arc<Notify>,
-}
-
-impl ConnState {
-    fn now_evictable(&self) {
-        self.evictable.notify_one();
-    }
 }
 
 /// The open connections of one listener; at most `connections_max` entries.
@@ -190,7 +187,7 @@ impl ConnState {
 struct Connections {
     next_id: std::sync::atomic::AtomicU64,
     open: Mutex<HashMap<u64, Arc<ConnState>>>,
-    /// Notified when a connection may have become a candidate for eviction.
+    /// Notified when a connection is first read from and so becomes a candidate for eviction.
     evictable: Arc<Notify>,
 }
 
@@ -365,7 +362,6 @@ fn spawn_connection<H, F>(
             let response = handler(req).await;
             *state.idle_since.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
             state.busy.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
-            state.now_evictable();
             Ok::<_, Infallible>(response)
         }
     });
