@@ -185,14 +185,21 @@ fn items(content_type: ContentType, body: &[u8], limits: &ParseLimits) -> Option
                 0x80..=0x8f | 0xde | 0xdf => false,
                 _ => return None,
             };
-            let mut de = rmp_serde::Deserializer::new(body);
+            // Strings are borrowed from the body rather than copied through a scratch buffer
+            // first, as a `Read`-based deserializer does.
+            let mut de = rmp_serde::Deserializer::from_read_ref(body);
             let items = if many {
                 Vec::<Item>::deserialize(&mut de).ok()?
             } else {
                 vec![Item::deserialize(&mut de).ok()?]
             };
-            if !de.get_ref().is_empty() {
-                return None;
+            // This deserializer does not say how much it consumed, so trailing bytes are found by
+            // trying to read one more value: only an end of input where its marker would be
+            // means there are none.
+            match de::IgnoredAny::deserialize(&mut de) {
+                Err(rmp_serde::decode::Error::InvalidMarkerRead(e))
+                    if e.kind() == std::io::ErrorKind::UnexpectedEof => {}
+                _ => return None,
             }
             items
         }
@@ -223,10 +230,14 @@ pub(super) fn envelopes(
     auth_tenant: Option<&str>,
     now_ms: u64,
 ) -> Option<Vec<(Envelope, bool)>> {
-    items(content_type, body, limits)?
-        .into_iter()
-        .map(|item| checked(item, auth_tenant, now_ms))
-        .collect()
+    let items = items(content_type, body, limits)?;
+    // Sized up front: collecting into an `Option<Vec<_>>` cannot use the iterator's length, and
+    // growing by doubling moved every envelope struct several times.
+    let mut out = Vec::with_capacity(items.len());
+    for item in items {
+        out.push(checked(item, auth_tenant, now_ms)?);
+    }
+    Some(out)
 }
 
 #[cfg(test)]
@@ -332,6 +343,18 @@ mod tests {
             (ContentType::Msgpack, {
                 let mut b = msgpack(&serde_json::json!({"source": "s"}));
                 b.push(0xc0);
+                b
+            }),
+            // Trailing bytes that are not a whole value: the never-used marker 0xc1, and a
+            // str8 marker without its length.
+            (ContentType::Msgpack, {
+                let mut b = msgpack(&serde_json::json!({"source": "s"}));
+                b.push(0xc1);
+                b
+            }),
+            (ContentType::Msgpack, {
+                let mut b = msgpack(&serde_json::json!([{"source": "s"}]));
+                b.push(0xd9);
                 b
             }),
             // `text` as msgpack bin (0xc4): UTF-8 bytes, but not a string.
