@@ -10,9 +10,8 @@
 //!   connection in the middle of a request is never chosen, nor one whose task has not yet
 //!   read from its socket: its first request may already be waiting there, and under a flood
 //!   of accepts a fresh connection can turn longest-idle before its task first runs. With none
-//!   idle, the accepted
-//!   connection waits for a free slot and further ones wait in the kernel's accept backlog, so
-//!   at most `connections_max + 1` sockets are open;
+//!   idle, the accepted connection waits for a free slot and further ones wait in the kernel's
+//!   accept backlog, so at most `connections_max + 1` sockets are open;
 //! - a client must send a request's whole header block within `header_read_timeout`
 //!   (slowloris), enforced by hyper;
 //! - a connection that makes no progress in either direction for `idle_timeout` is closed —
@@ -92,11 +91,16 @@ impl<T: AsyncRead + Unpin> AsyncRead for IdleTimeout<T> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        // Only this task writes the flag, so a plain load keeps later reads free of a
+        // read-modify-write.
         if !this
             .state
             .read_from
-            .swap(true, std::sync::atomic::Ordering::AcqRel)
+            .load(std::sync::atomic::Ordering::Relaxed)
         {
+            this.state
+                .read_from
+                .store(true, std::sync::atomic::Ordering::Release);
             this.state.evictable.notify_one();
         }
         match Pin::new(&mut this.inner).poll_read(cx, buf) {
