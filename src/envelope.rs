@@ -364,6 +364,33 @@ mod tests {
         }
     }
 
+    /// spool-format.md §5 on `meta` values, byte for byte: a reader in another language
+    /// recomputes chain hashes from them.
+    #[test]
+    fn meta_values_take_the_encodings_spool_format_names() {
+        let meta = serde_json::json!({"m": {"t": true, "s": "x", "n": null, "l": [1],
+                                            "f": 0.5, "b": 1, "a": -200}});
+        let env = Envelope {
+            meta: serde_json::from_value(meta).unwrap(),
+            ..Default::default()
+        };
+        let bytes = env.encode().unwrap();
+        let expected: &[u8] = &[
+            0xa4, b'm', b'e', b't', b'a', 0x81, 0xa1, b'm', 0x87, // "meta": {"m": {7 keys
+            0xa1, b'a', 0xd1, 0xff, 0x38, // "a": int16 -200
+            0xa1, b'b', 0x01, // "b": positive fixint 1
+            0xa1, b'f', 0xcb, 0x3f, 0xe0, 0, 0, 0, 0, 0, 0, // "f": float64 0.5
+            0xa1, b'l', 0x91, 0x01, // "l": [1]
+            0xa1, b'n', 0xc0, // "n": nil
+            0xa1, b's', 0xa1, b'x', // "s": "x"
+            0xa1, b't', 0xc3, // "t": true
+        ];
+        assert!(
+            bytes.windows(expected.len()).any(|w| w == expected),
+            "{bytes:02x?}"
+        );
+    }
+
     #[test]
     fn readers_ignore_fields_they_do_not_know() {
         #[derive(Serialize)]
