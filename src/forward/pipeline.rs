@@ -300,6 +300,16 @@ async fn read_chunk(
     .map_err(|e| DispatchError::Task(e.to_string()))
 }
 
+/// The first segment some reading still has to read: the main cursor's, or an earlier one
+/// where a worker left behind resumes.
+fn lowest_unread_segment(cursor: Position, detached: &[Option<Detached>]) -> u64 {
+    detached
+        .iter()
+        .flatten()
+        .map(|d| d.from.segment)
+        .fold(cursor.segment, u64::min)
+}
+
 /// A worker the main pass left behind: its records from `from` on are re-read for it.
 struct Detached {
     from: Position,
@@ -373,10 +383,11 @@ impl Dispatcher {
             record.position >= self.cursor,
             "records arrive in log order"
         );
-        if record.next.segment != self.cursor.segment {
-            self.spool.note_read_segment(record.next.segment);
-        }
+        let new_segment = record.next.segment != self.cursor.segment;
         self.cursor = record.next;
+        if new_segment {
+            self.note_reading();
+        }
         if record.kind != RecordKind::ENVELOPE {
             self.ledger.counted_up_to(record.next);
             return true;
@@ -457,6 +468,7 @@ impl Dispatcher {
                 from: record.position,
                 reader: None,
             });
+            self.note_reading();
             return true;
         }
         // No other worker is taking records: wait for this one, feeding the ones left behind
@@ -486,6 +498,14 @@ impl Dispatcher {
         }
     }
 
+    /// Tells the spool which segments are still to be read, so the writer keeps their cached
+    /// pages (see Page cache in `spool`): those from the main cursor's on, and from the
+    /// position of any worker left behind, whose re-read reads them again.
+    fn note_reading(&self) {
+        self.spool
+            .note_read_segment(lowest_unread_segment(self.cursor, &self.detached));
+    }
+
     /// Feeds every worker left behind whose inbox is at least half empty. `Ok(false)` when
     /// the epoch ended.
     async fn catch_up_all(&mut self) -> Result<bool, DispatchError> {
@@ -499,7 +519,9 @@ impl Dispatcher {
             if sender.capacity() * 2 < sender.max_capacity() {
                 continue;
             }
-            if !self.catch_up(w, &sender).await? {
+            let going_on = self.catch_up(w, &sender).await?;
+            self.note_reading();
+            if !going_on {
                 return Ok(false);
             }
         }
@@ -635,5 +657,30 @@ impl Dispatcher {
             }
             self.ledger.complete(&[record.position]);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_worker_left_behind_holds_the_segments_its_re_read_has_yet_to_read() {
+        let at = |segment| Position {
+            segment,
+            offset: crate::spool::format::HEADER_LEN,
+        };
+        let behind_at = |segment| {
+            Some(Detached {
+                from: at(segment),
+                reader: None,
+            })
+        };
+        assert_eq!(lowest_unread_segment(at(9), &[None, None]), 9);
+        assert_eq!(
+            lowest_unread_segment(at(9), &[None, behind_at(4), behind_at(7)]),
+            4
+        );
+        assert_eq!(lowest_unread_segment(at(9), &[behind_at(9), None]), 9);
     }
 }
