@@ -592,8 +592,8 @@ impl Writer {
     /// [`segments_to_release`]). Nothing reads them in the common case: consumers take records
     /// from the ring, and a restart's replay finds a cold cache anyway. Kept, they would fill the
     /// host's page cache with the spool (the segments stay until compaction); released, they
-    /// are also the pages the next appends reuse, where fresh pages are dear (see README,
-    /// Benchmarks). Advice only: a refusal costs memory, never data, so it is logged and
+    /// are also the pages the next appends reuse, where fresh pages are dear (see
+    /// benches/results/HISTORY.md, "the other changes of 2026-11-30"). Advice only: a refusal costs memory, never data, so it is logged and
     /// ignored.
     ///
     /// It runs on a helper thread: freeing 64 MiB of pages took ~15 ms, a stall every appender
