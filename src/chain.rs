@@ -29,7 +29,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::envelope::Envelope;
+use crate::envelope::{put_str, put_uint, Envelope};
 use crate::spool::Position;
 
 pub const GENESIS: [u8; 32] = [0u8; 32];
@@ -91,15 +91,6 @@ pub fn canonical_bytes(
 }
 
 /// Msgpack writers with the smallest encodings, exactly as rmp-serde writes the same values.
-fn put_str(out: &mut Vec<u8>, s: &str) {
-    // Writing to a Vec cannot fail; the error type only exists for other writers.
-    let _ = rmp::encode::write_str(out, s);
-}
-
-fn put_uint(out: &mut Vec<u8>, n: u64) {
-    let _ = rmp::encode::write_uint(out, n);
-}
-
 /// The canonical bytes up to the envelope: `canonical = head || envelope bytes` (§8 of
 /// spool-format.md), so the envelope is encoded once and shared with the seal entry.
 fn canonical_head(stream: &str, seq: u64, slot: u16) -> Vec<u8> {

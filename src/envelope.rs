@@ -111,17 +111,14 @@ impl Envelope {
     /// `embed_preview`, rare and of open shape, are still handed to rmp-serde. A field added to
     /// `Envelope` must be added here, in the same order and with the same omission rule.
     fn encode_into(&self, out: &mut Vec<u8>) -> Result<(), EnvelopeError> {
-        // Writing into a Vec cannot fail; rmp's error type exists for other writers.
-        fn key(out: &mut Vec<u8>, name: &str) {
-            let _ = rmp::encode::write_str(out, name);
-        }
+        let key = put_str;
         fn str_field(out: &mut Vec<u8>, name: &str, value: &str) {
-            key(out, name);
-            let _ = rmp::encode::write_str(out, value);
+            put_str(out, name);
+            put_str(out, value);
         }
         fn uint_field(out: &mut Vec<u8>, name: &str, value: u64) {
-            key(out, name);
-            let _ = rmp::encode::write_uint(out, value);
+            put_str(out, name);
+            put_uint(out, value);
         }
         let present = |b: bool| u32::from(b);
         // version, id, source, ts_ms, slot and priority are always written.
@@ -165,7 +162,7 @@ impl Envelope {
             key(out, "tags");
             let _ = rmp::encode::write_array_len(out, map_len(self.tags.len())?);
             for t in &self.tags {
-                let _ = rmp::encode::write_str(out, t);
+                put_str(out, t);
             }
         }
         if let Some(v) = &self.intent_hint {
@@ -230,6 +227,17 @@ impl Envelope {
     pub fn decode(bytes: &[u8]) -> Result<Envelope, EnvelopeError> {
         Ok(rmp_serde::from_slice(bytes)?)
     }
+}
+
+/// A msgpack str, in its smallest form. Writing into a Vec cannot fail; rmp's error type
+/// exists for other writers. Shared with the chain's seal entries and canonical head.
+pub(crate) fn put_str(out: &mut Vec<u8>, s: &str) {
+    let _ = rmp::encode::write_str(out, s);
+}
+
+/// A msgpack uint, in the smallest encoding for its value.
+pub(crate) fn put_uint(out: &mut Vec<u8>, n: u64) {
+    let _ = rmp::encode::write_uint(out, n);
 }
 
 /// A collection length as msgpack's 32-bit length, as rmp-serde refuses longer ones.
