@@ -190,6 +190,9 @@ pub struct ForwardConfig {
     /// Bound on records dispatched to one worker and not yet confirmed.
     pub worker_queue_records_max: usize,
     pub dead_letter_dir: Option<PathBuf>,
+    /// Bound on the dead-letter directory; a rejected batch that would pass it stays pending
+    /// and is retried instead.
+    pub dead_letter_bytes_max: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -322,6 +325,7 @@ impl Default for ForwardConfig {
             worker_deadline_ms: 60_000,
             worker_queue_records_max: 8192,
             dead_letter_dir: None,
+            dead_letter_bytes_max: GIB,
         }
     }
 }
@@ -595,6 +599,25 @@ impl Config {
             1,
             1 << 24,
         )?;
+        // A dead-letter file holds one batch as pretty-printed JSON, somewhat larger than the
+        // batch; a bound that cannot hold one would keep a rejected batch pending forever.
+        let dead_letter_floor = 4 * f.batch_bytes_max as u64;
+        if f.dead_letter_bytes_max < dead_letter_floor {
+            return Err(invalid(
+                "forward.dead_letter_bytes_max",
+                format!(
+                    "{} is below 4 x forward.batch_bytes_max = {dead_letter_floor}: \
+                     one rejected batch must fit",
+                    f.dead_letter_bytes_max
+                ),
+            ));
+        }
+        check_range(
+            "forward.dead_letter_bytes_max",
+            f.dead_letter_bytes_max,
+            dead_letter_floor,
+            1 << 50,
+        )?;
         if !self.sinks.contains_key("default") {
             return Err(invalid("sinks", "a sink named \"default\" is required"));
         }
@@ -750,6 +773,26 @@ mod tests {
             err.to_string(),
             "invalid value for forward.workers: 0 is outside 1..=256"
         );
+    }
+
+    #[test]
+    fn a_dead_letter_bound_too_small_for_one_batch_is_refused_with_the_reason() {
+        let err = load(
+            "[forward]\nbatch_bytes_max = 65536\ndead_letter_bytes_max = 200000\n",
+            &[],
+        )
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "invalid value for forward.dead_letter_bytes_max: 200000 is below \
+             4 x forward.batch_bytes_max = 262144: one rejected batch must fit"
+        );
+        let c = load(
+            "[forward]\nbatch_bytes_max = 65536\ndead_letter_bytes_max = 262144\n",
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.forward.dead_letter_bytes_max, 262_144);
     }
 
     #[test]

@@ -263,7 +263,11 @@ pub async fn run(config: Config) -> Result<Exit, DaemonError> {
             chains: chains.clone(),
             ledger: ledger.clone(),
             sinks,
-            dead_letter: DeadLetter::new(&config.dead_letter_dir()),
+            dead_letter: DeadLetter::new(
+                &config.dead_letter_dir(),
+                config.forward.dead_letter_bytes_max,
+            )
+            .with_gauge(metrics.dead_letter_bytes.clone()),
             config: config.forward.clone(),
             metrics: metrics.clone(),
             compaction: compaction_wake.clone(),

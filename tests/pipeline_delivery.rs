@@ -162,6 +162,70 @@ fn a_sink_answering_400_sends_the_batch_to_the_dead_letter_directory_with_the_re
 }
 
 #[test]
+fn a_rejected_batch_the_full_dead_letter_directory_cannot_take_stays_pending_until_room_is_made() {
+    let sink = TestSink::start(|_| (400, "schema mismatch".into()));
+    let scratch = tempfile::tempdir().unwrap();
+    let cfg = sink.config_file(
+        scratch.path(),
+        "[forward]\nretry_initial_ms = 5\nretry_max_ms = 50\n\
+         batch_bytes_max = 16384\ndead_letter_bytes_max = 65536\n",
+    );
+    // Dead letters from an earlier run fill the directory to within 536 bytes of its bound.
+    let data_dir = scratch.path().join("data");
+    let dl = data_dir.join("dead-letter");
+    std::fs::create_dir_all(&dl).unwrap();
+    let earlier = dl.join("earlier.json");
+    std::fs::write(&earlier, vec![b' '; 65_000]).unwrap();
+    let d = Daemon::start_in(&data_dir, &["--config", cfg.to_str().unwrap()], &[]);
+    assert_eq!(d.metric("spoolgate_dead_letter_bytes"), 65_000.0);
+
+    let r = d.post_json(&json!([envelope(1), envelope(2)]));
+    assert_eq!(r.status, 202);
+    // Refused at least twice: the batch went back to the sink after the first refusal.
+    d.wait_metric(
+        "spoolgate_forward_errors_total{kind=\"dead_letter_full\",sink=\"default\"}",
+        |v| v >= 2.0,
+    );
+    assert_eq!(
+        d.metric("spoolgate_forward_dead_lettered_records_total{sink=\"default\"}"),
+        0.0
+    );
+    assert_eq!(d.metric("spoolgate_tombstones_written_total"), 0.0);
+    // The gauge is refreshed by the compactor's periodic pass, hence the wait.
+    d.wait_metric("spoolgate_spool_pending_records", |v| v == 2.0);
+    assert_eq!(
+        std::fs::read_dir(&dl).unwrap().count(),
+        1,
+        "nothing written"
+    );
+    assert!(
+        d.log().contains("dead-letter directory full"),
+        "{}",
+        d.log()
+    );
+
+    // The operator clears the directory; the next retry dead-letters the batch.
+    std::fs::remove_file(&earlier).unwrap();
+    d.wait_metric("spoolgate_tombstones_written_total", |v| v >= 2.0);
+    assert_eq!(
+        d.metric("spoolgate_forward_dead_lettered_records_total{sink=\"default\"}"),
+        2.0
+    );
+    d.wait_metric("spoolgate_spool_pending_records", |v| v == 0.0);
+    let files: Vec<_> = std::fs::read_dir(&dl)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(files.len(), 1);
+    let body = std::fs::read_to_string(&files[0]).unwrap();
+    assert!(body.contains("schema mismatch") && body.contains("e-1") && body.contains("e-2"));
+    assert_eq!(
+        d.metric("spoolgate_dead_letter_bytes"),
+        std::fs::metadata(&files[0]).unwrap().len() as f64
+    );
+}
+
+#[test]
 fn a_sink_answering_413_gets_the_batch_in_halves_and_every_record_arrives_in_order() {
     // The sink takes at most 3 records per request, like an endpoint with a body limit.
     let sink = TestSink::start_by_batch(|_, batch| {

@@ -87,7 +87,7 @@ async fn a_panicking_worker_is_replaced_by_its_secondary_and_every_record_is_del
         chains: Arc::new(Mutex::new(Chains::new())),
         ledger,
         sinks,
-        dead_letter: DeadLetter::new(&dir.path().join("dl")),
+        dead_letter: DeadLetter::new(&dir.path().join("dl"), 1 << 30),
         config: ForwardConfig {
             workers: 3,
             linger_ms: 1,

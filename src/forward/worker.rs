@@ -42,7 +42,7 @@ use crate::chain::{
 };
 use crate::config::ForwardConfig;
 use crate::envelope::Envelope;
-use crate::forward::dead_letter::DeadLetter;
+use crate::forward::dead_letter::{DeadLetter, DeadLetterError};
 use crate::forward::ledger::Ledger;
 use crate::forward::retry::Backoff;
 use crate::forward::sink::{Sink, SinkError};
@@ -402,6 +402,7 @@ impl Worker {
             fastrand::u64(..),
         );
         let mut failing_since: Option<Instant> = None;
+        let mut dead_letter_full_logged = false;
         loop {
             let started = Instant::now();
             let outcome = tokio::time::timeout(deadline, sink.deliver(records)).await;
@@ -443,15 +444,29 @@ impl Worker {
                     m.forward_errors_total
                         .with_label_values(&[name, "rejected"])
                         .inc();
-                    let path = ctx
-                        .dead_letter
-                        .write(name, status, &reason, records)
-                        .map_err(WorkerError::DeadLetter)?;
-                    m.forward_dead_lettered_records_total
-                        .with_label_values(&[name])
-                        .inc_by(records.len() as u64);
-                    tracing::warn!(sink = name, status, %reason, file = %path.display(), records = records.len(), "sink rejected a batch; dead-lettered");
-                    return Ok(Delivery::Done);
+                    match ctx.dead_letter.write(name, status, &reason, records) {
+                        Ok(path) => {
+                            m.forward_dead_lettered_records_total
+                                .with_label_values(&[name])
+                                .inc_by(records.len() as u64);
+                            tracing::warn!(sink = name, status, %reason, file = %path.display(), records = records.len(), "sink rejected a batch; dead-lettered");
+                            return Ok(Delivery::Done);
+                        }
+                        // The batch stays pending and goes to the sink again after a back-off:
+                        // the sink may take it by then, or the operator may have made room.
+                        Err(full @ DeadLetterError::Full { .. }) => {
+                            m.forward_errors_total
+                                .with_label_values(&[name, "dead_letter_full"])
+                                .inc();
+                            failing_since.get_or_insert_with(Instant::now);
+                            if !dead_letter_full_logged {
+                                dead_letter_full_logged = true;
+                                tracing::error!(sink = name, status, %reason, error = %full, records = records.len(), "sink rejected a batch that the dead-letter directory has no room for; it stays pending and is retried with backoff");
+                            }
+                            backoff.next_delay(None)
+                        }
+                        Err(DeadLetterError::Io(e)) => return Err(WorkerError::DeadLetter(e)),
+                    }
                 }
                 Ok(Err(SinkError::Retryable {
                     reason,
