@@ -76,6 +76,8 @@ pub struct IngestConfig {
     pub listen: SocketAddr,
     /// Largest request body accepted (413 above it).
     pub body_bytes_max: u64,
+    /// Bound on the request bodies of all requests being handled at once (429 beyond it).
+    pub inflight_bytes_max: u64,
     /// Largest single envelope, as encoded msgpack (413 above it).
     pub envelope_bytes_max: u64,
     /// Most envelopes in one request (413 above it).
@@ -205,11 +207,14 @@ pub enum WireFormat {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
 pub enum SinkConfig {
-    /// JSON lines in `dir`, rotated at `file_bytes_max`, fsync'd before success.
+    /// JSON lines in `dir`, rotated at `file_bytes_max`, fsync'd before success; the sink
+    /// refuses (retryably) batches that would take its files past `dir_bytes_max`.
     File {
         dir: Option<PathBuf>,
         #[serde(default = "default_sink_file_bytes_max")]
         file_bytes_max: u64,
+        #[serde(default = "default_sink_dir_bytes_max")]
+        dir_bytes_max: u64,
     },
     /// POST batches to `url`; 2xx = delivered.
     Http {
@@ -225,6 +230,9 @@ pub enum SinkConfig {
 
 fn default_sink_file_bytes_max() -> u64 {
     64 * MIB
+}
+fn default_sink_dir_bytes_max() -> u64 {
+    8 * GIB
 }
 fn default_wire_format() -> WireFormat {
     WireFormat::Json
@@ -246,6 +254,7 @@ impl Default for IngestConfig {
         IngestConfig {
             listen: "127.0.0.1:8750".parse().expect("valid literal address"),
             body_bytes_max: 16 * MIB,
+            inflight_bytes_max: 256 * MIB,
             envelope_bytes_max: MIB,
             batch_items_max: 10_000,
             connections_max: 1024,
@@ -346,6 +355,7 @@ impl Default for Config {
             SinkConfig::File {
                 dir: None,
                 file_bytes_max: default_sink_file_bytes_max(),
+                dir_bytes_max: default_sink_dir_bytes_max(),
             },
         );
         Config {
@@ -493,6 +503,12 @@ impl Config {
             GIB,
         )?;
         check_range(
+            "ingest.inflight_bytes_max",
+            i.inflight_bytes_max,
+            i.body_bytes_max,
+            64 * GIB,
+        )?;
+        check_range(
             "ingest.batch_items_max",
             i.batch_items_max as u64,
             1,
@@ -599,35 +615,54 @@ impl Config {
             1,
             1 << 24,
         )?;
-        // A dead-letter file holds one batch as pretty-printed JSON, somewhat larger than the
-        // batch; a bound that cannot hold one would keep a rejected batch pending forever.
-        let dead_letter_floor = 4 * f.batch_bytes_max as u64;
-        if f.dead_letter_bytes_max < dead_letter_floor {
-            return Err(invalid(
-                "forward.dead_letter_bytes_max",
-                format!(
-                    "{} is below 4 x forward.batch_bytes_max = {dead_letter_floor}: \
-                     one rejected batch must fit",
-                    f.dead_letter_bytes_max
-                ),
-            ));
-        }
         check_range(
             "forward.dead_letter_bytes_max",
             f.dead_letter_bytes_max,
-            dead_letter_floor,
+            4 * KIB,
             1 << 50,
         )?;
         if !self.sinks.contains_key("default") {
             return Err(invalid("sinks", "a sink named \"default\" is required"));
         }
         for (name, sink) in &self.sinks {
-            if let SinkConfig::Http { url, .. } = sink {
-                if !(url.starts_with("http://")) {
-                    return Err(invalid(
-                        &format!("sinks.{name}.url"),
-                        "must be an http:// URL",
-                    ));
+            match sink {
+                SinkConfig::Http { url, .. } => {
+                    if !(url.starts_with("http://")) {
+                        return Err(invalid(
+                            &format!("sinks.{name}.url"),
+                            "must be an http:// URL",
+                        ));
+                    }
+                }
+                SinkConfig::File {
+                    file_bytes_max,
+                    dir_bytes_max,
+                    ..
+                } => {
+                    check_range(
+                        &format!("sinks.{name}.file_bytes_max"),
+                        *file_bytes_max,
+                        4 * KIB,
+                        64 * GIB,
+                    )?;
+                    // Once the files reach the bound, removing the closed ones must bring them
+                    // below it again; the file being appended to cannot be removed.
+                    let floor = 2 * file_bytes_max;
+                    if *dir_bytes_max < floor {
+                        return Err(invalid(
+                            &format!("sinks.{name}.dir_bytes_max"),
+                            format!(
+                                "{dir_bytes_max} is below 2 x file_bytes_max = {floor}: \
+                                 removing the closed files must make room again"
+                            ),
+                        ));
+                    }
+                    check_range(
+                        &format!("sinks.{name}.dir_bytes_max"),
+                        *dir_bytes_max,
+                        floor,
+                        1 << 50,
+                    )?;
                 }
             }
         }
@@ -776,23 +811,26 @@ mod tests {
     }
 
     #[test]
-    fn a_dead_letter_bound_too_small_for_one_batch_is_refused_with_the_reason() {
+    fn a_file_sink_bound_below_two_files_is_refused_with_the_reason() {
         let err = load(
-            "[forward]\nbatch_bytes_max = 65536\ndead_letter_bytes_max = 200000\n",
+            "[sinks.default]\ntype = \"file\"\nfile_bytes_max = 65536\ndir_bytes_max = 100000\n",
             &[],
         )
         .unwrap_err();
         assert_eq!(
             err.to_string(),
-            "invalid value for forward.dead_letter_bytes_max: 200000 is below \
-             4 x forward.batch_bytes_max = 262144: one rejected batch must fit"
+            "invalid value for sinks.default.dir_bytes_max: 100000 is below \
+             2 x file_bytes_max = 131072: removing the closed files must make room again"
         );
         let c = load(
-            "[forward]\nbatch_bytes_max = 65536\ndead_letter_bytes_max = 262144\n",
+            "[sinks.default]\ntype = \"file\"\nfile_bytes_max = 65536\ndir_bytes_max = 131072\n",
             &[],
         )
         .unwrap();
-        assert_eq!(c.forward.dead_letter_bytes_max, 262_144);
+        match c.sinks.get("default").unwrap() {
+            SinkConfig::File { dir_bytes_max, .. } => assert_eq!(*dir_bytes_max, 131_072),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

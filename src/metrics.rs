@@ -47,6 +47,7 @@ pub struct Metrics {
     pub ingest_requests_total: IntCounterVec,
     pub ingest_envelopes_accepted_total: IntCounter,
     pub ingest_rejected_total: IntCounterVec,
+    pub ingest_inflight_bytes: IntGauge,
     pub ingest_request_duration_seconds: HistogramVec,
     pub ingest_dedup_hits_total: IntCounter,
     pub ingest_connections_open: IntGauge,
@@ -179,7 +180,8 @@ impl Metrics {
 
             ingest_requests_total: counter_vec(&r, "spoolgate_ingest_requests_total", "HTTP requests by route and status code.", &["route", "code"]),
             ingest_envelopes_accepted_total: counter(&r, "spoolgate_ingest_envelopes_accepted_total", "Envelopes acknowledged with 202 (dedup hits excluded)."),
-            ingest_rejected_total: counter_vec(&r, "spoolgate_ingest_rejected_total", "Requests refused for a limit or state, by reason: 429 (disk, quota, priority, enospc), 503 (poisoned, not_ready), 422 (streams).", &["reason"]),
+            ingest_rejected_total: counter_vec(&r, "spoolgate_ingest_rejected_total", "Requests refused for a limit or state, by reason: 429 (disk, quota, priority, enospc, inflight_bytes), 503 (poisoned, not_ready), 422 (streams).", &["reason"]),
+            ingest_inflight_bytes: gauge(&r, "spoolgate_ingest_inflight_bytes", "Request-body bytes taken by requests being handled, bounded by ingest.inflight_bytes_max."),
             ingest_request_duration_seconds: histogram_vec(&r, "spoolgate_ingest_request_duration_seconds", "Ingest request duration, from headers read to response.", &["route"], d),
             ingest_dedup_hits_total: counter(&r, "spoolgate_ingest_dedup_hits_total", "Envelopes answered from the dedup index instead of being written again."),
             ingest_connections_open: gauge(&r, "spoolgate_ingest_connections_open", "Open ingest connections."),

@@ -403,3 +403,70 @@ fn a_client_sending_headers_byte_by_byte_is_cut_off_by_the_header_timeout() {
     // Other clients were served all along.
     assert_eq!(d.post_json(&envelope(1)).status, 202);
 }
+
+/// A JSON envelope body of exactly `len` bytes.
+fn body_of_len(n: usize, len: usize) -> Vec<u8> {
+    let bare =
+        serde_json::to_vec(&json!({"source": "s", "id": format!("big-{n}"), "text": ""})).unwrap();
+    serde_json::to_vec(
+        &json!({"source": "s", "id": format!("big-{n}"), "text": "x".repeat(len - bare.len())}),
+    )
+    .unwrap()
+}
+
+#[test]
+fn request_bodies_past_the_inflight_budget_get_429_until_the_held_ones_finish() {
+    use std::io::{Read, Write};
+    let d = Daemon::start(&[
+        "--set",
+        "ingest.envelope_bytes_max=50000",
+        "--set",
+        "ingest.body_bytes_max=50000",
+        "--set",
+        "ingest.inflight_bytes_max=65536",
+    ]);
+    // A client declares 40,000 bytes and sends only part of them: its bytes stay taken.
+    let held = body_of_len(1, 40_000);
+    let mut slow = std::net::TcpStream::connect(&d.ingest).unwrap();
+    slow.set_read_timeout(Some(common::DEADLINE)).unwrap();
+    slow.write_all(
+        format!(
+            "POST /v1/envelopes HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            held.len()
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    slow.write_all(&held[..1_000]).unwrap();
+    d.wait_metric("spoolgate_ingest_inflight_bytes", |v| v == 40_000.0);
+
+    // 40,000 + 30,000 would pass 65,536: refused before its body is read, with the limit named.
+    let second = body_of_len(2, 30_000);
+    let r = d.post("application/json", &second);
+    assert_eq!(r.status, 429, "{}", r.text());
+    assert!(r.header("retry-after").is_some());
+    let body = r.json();
+    assert_eq!(body["reason"], "inflight_bytes");
+    assert_eq!(body["limit"], "ingest.inflight_bytes_max");
+    assert_eq!(body["limit_bytes"], 65_536);
+    assert_eq!(body["current_bytes"], 40_000);
+    assert_eq!(
+        d.metric("spoolgate_ingest_rejected_total{reason=\"inflight_bytes\"}"),
+        1.0
+    );
+    // A smaller request still fits beside the held one.
+    assert_eq!(d.post_json(&envelope(3)).status, 202);
+
+    // The held request completes and gives its bytes back; the refused one now goes through.
+    slow.write_all(&held[1_000..]).unwrap();
+    let mut raw = Vec::new();
+    slow.read_to_end(&mut raw).unwrap();
+    assert!(
+        raw.starts_with(b"HTTP/1.1 202"),
+        "{}",
+        String::from_utf8_lossy(&raw)
+    );
+    d.wait_metric("spoolgate_ingest_inflight_bytes", |v| v == 0.0);
+    assert_eq!(d.post("application/json", &second).status, 202);
+}

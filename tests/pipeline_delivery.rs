@@ -561,3 +561,82 @@ fn a_sink_that_keeps_failing_holds_back_only_its_own_records_and_delivers_them_i
         "held stream out of order"
     );
 }
+
+#[test]
+fn a_file_sink_at_its_directory_bound_holds_records_in_the_spool_until_a_consumer_takes_files() {
+    let scratch = tempfile::tempdir().unwrap();
+    let cfg = scratch.path().join("sink.toml");
+    std::fs::write(
+        &cfg,
+        "[sinks.default]\ntype = \"file\"\nfile_bytes_max = 4096\ndir_bytes_max = 8192\n\
+         [forward]\nbatch_records_max = 2\nretry_initial_ms = 5\nretry_max_ms = 50\n",
+    )
+    .unwrap();
+    let d = Daemon::start(&["--config", cfg.to_str().unwrap()]);
+    let n = 40;
+    let r = d.post_json(&json!((0..n).map(envelope).collect::<Vec<_>>()));
+    assert_eq!(r.status, 202, "{}", r.text());
+
+    let out = d.data_dir.join("out");
+    let retryable = "spoolgate_forward_errors_total{kind=\"retryable\",sink=\"default\"}";
+    let tombstoned = "spoolgate_tombstones_written_total";
+    let mut taken = String::new();
+    let mut refusals = 0;
+    loop {
+        let errors_before = d.metric(retryable);
+        let finished = common::wait_for("every record delivered, or the sink refusing", || {
+            if d.metric(tombstoned) >= n as f64 {
+                Some(true)
+            } else if d.metric(retryable) > errors_before {
+                Some(false)
+            } else {
+                None
+            }
+        });
+        if finished {
+            break;
+        }
+        refusals += 1;
+        assert!(refusals <= n, "no progress after removing files");
+        // Refused: the files reached the bound, and passed it by at most one batch (2 records).
+        let mut files: Vec<_> = std::fs::read_dir(&out)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        files.sort();
+        let bytes: u64 = files
+            .iter()
+            .map(|f| std::fs::metadata(f).unwrap().len())
+            .sum();
+        assert!((8192..8192 + 2048).contains(&bytes), "{bytes} bytes");
+        assert!(d.metric(tombstoned) < n as f64);
+        assert!(d.log().contains("output directory full"), "{}", d.log());
+        // A consumer takes every closed file (not the one being appended to).
+        for f in &files[..files.len() - 1] {
+            taken.push_str(&std::fs::read_to_string(f).unwrap());
+            std::fs::remove_file(f).unwrap();
+        }
+    }
+    assert!(refusals >= 1, "the bound was never reached");
+    let mut all = taken;
+    let mut rest: Vec<_> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    rest.sort();
+    for f in &rest {
+        all.push_str(&std::fs::read_to_string(f).unwrap());
+    }
+    let joined = scratch.path().join("all.jsonl");
+    std::fs::write(&joined, &all).unwrap();
+    let (ok, report) = verify(&joined);
+    assert!(ok, "{report}");
+    let records: Vec<serde_json::Value> = all
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let got = ids(&records);
+    for i in 0..n {
+        assert!(got.contains(&format!("e-{i}")), "e-{i} lost");
+    }
+}

@@ -9,6 +9,13 @@
 //! fdatasync confirms every batch written before it (group commit; a failed write or fdatasync
 //! fails every batch written into that file, since Linux reports a writeback error only once).
 //!
+//! Bound: once the sink's files hold `dir_bytes_max` bytes or more, it refuses batches with a
+//! retryable error and writes nothing, so its directory stays under that bound plus one batch.
+//! Records then wait in the spool (whose quota answers 429 in time) until whoever consumes the
+//! files removes closed ones; a sidecar must not fill its host's disk with output nobody takes.
+//! The total is kept between writes and measured again (one `read_dir`) only when it says the
+//! bound is reached and after a failed write, so files removed meanwhile are seen.
+//!
 //! A crash (or a failed write) can leave a partial last line. Nothing in it was confirmed, so
 //! before appending to a file the sink cuts it back to its last newline; otherwise the next
 //! batch would be glued to the fragment and the file would hold a line no reader can parse.
@@ -63,10 +70,17 @@ impl OutFile {
     }
 }
 
+/// `FileSink::dir_bytes` before the first measurement and after a failed write.
+const DIR_BYTES_UNKNOWN: u64 = u64::MAX;
+
 pub struct FileSink {
     name: String,
     dir: PathBuf,
     file_bytes_max: u64,
+    dir_bytes_max: u64,
+    /// Bytes of this sink's files as last measured plus what was written since, or
+    /// [`DIR_BYTES_UNKNOWN`]. Changed only under the sink's lock.
+    dir_bytes: std::sync::atomic::AtomicU64,
     /// The file being appended to; `None` before the first batch and after a failure.
     current: Mutex<Option<Arc<OutFile>>>,
 }
@@ -75,13 +89,29 @@ fn file_name(index: u64) -> String {
     format!("out-{index:020}.jsonl")
 }
 
+/// The index of an output file's name, `None` for any other name.
+fn file_index(name: &std::ffi::OsStr) -> Option<u64> {
+    name.to_str()?
+        .strip_prefix("out-")?
+        .strip_suffix(".jsonl")?
+        .parse()
+        .ok()
+}
+
 impl FileSink {
-    pub fn open(name: &str, dir: &Path, file_bytes_max: u64) -> std::io::Result<FileSink> {
+    pub fn open(
+        name: &str,
+        dir: &Path,
+        file_bytes_max: u64,
+        dir_bytes_max: u64,
+    ) -> std::io::Result<FileSink> {
         std::fs::create_dir_all(dir)?;
         Ok(FileSink {
             name: name.to_string(),
             dir: dir.to_path_buf(),
             file_bytes_max: file_bytes_max.max(1),
+            dir_bytes_max,
+            dir_bytes: std::sync::atomic::AtomicU64::new(DIR_BYTES_UNKNOWN),
             current: Mutex::new(None),
         })
     }
@@ -89,17 +119,44 @@ impl FileSink {
     fn newest_index(&self) -> std::io::Result<u64> {
         let mut newest = 0;
         for e in std::fs::read_dir(&self.dir)? {
-            let name = e?.file_name();
-            if let Some(n) = name
-                .to_str()
-                .and_then(|n| n.strip_prefix("out-"))
-                .and_then(|n| n.strip_suffix(".jsonl"))
-                .and_then(|n| n.parse::<u64>().ok())
-            {
+            if let Some(n) = file_index(&e?.file_name()) {
                 newest = newest.max(n);
             }
         }
         Ok(newest)
+    }
+
+    /// Bytes of this sink's output files now in its directory.
+    fn measure_dir_bytes(&self) -> std::io::Result<u64> {
+        let mut total = 0u64;
+        for e in std::fs::read_dir(&self.dir)? {
+            let e = e?;
+            if file_index(&e.file_name()).is_some() {
+                total = total.saturating_add(e.metadata()?.len());
+            }
+        }
+        Ok(total)
+    }
+
+    /// The bytes this sink's files hold, or an error once they reach `dir_bytes_max`.
+    fn room(&self) -> std::io::Result<u64> {
+        use std::sync::atomic::Ordering;
+        let mut used = self.dir_bytes.load(Ordering::Acquire);
+        if used == DIR_BYTES_UNKNOWN || used >= self.dir_bytes_max {
+            used = self.measure_dir_bytes()?;
+            self.dir_bytes.store(used, Ordering::Release);
+        }
+        if used >= self.dir_bytes_max {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::StorageFull,
+                format!(
+                    "output directory full: its files hold {used} bytes, at or past \
+                     dir_bytes_max = {}; remove delivered files (all but the newest) to make room",
+                    self.dir_bytes_max
+                ),
+            ));
+        }
+        Ok(used)
     }
 
     fn open_index(&self, index: u64) -> std::io::Result<Arc<OutFile>> {
@@ -141,6 +198,7 @@ impl FileSink {
         current: &mut Option<Arc<OutFile>>,
         buf: &[u8],
     ) -> std::io::Result<(Arc<OutFile>, u64)> {
+        let used = self.room()?;
         let failed = current
             .as_ref()
             .is_some_and(|c| c.failed.load(std::sync::atomic::Ordering::Acquire));
@@ -161,8 +219,14 @@ impl FileSink {
         let c = current.as_ref().expect("opened above");
         if let Err(e) = (&c.file).write_all(buf) {
             c.failed.store(true, std::sync::atomic::Ordering::Release);
+            self.dir_bytes
+                .store(DIR_BYTES_UNKNOWN, std::sync::atomic::Ordering::Release);
             return Err(e);
         }
+        self.dir_bytes.store(
+            used + buf.len() as u64,
+            std::sync::atomic::Ordering::Release,
+        );
         // Only writers holding the sink's lock change the length, so this is not a race.
         let end = c.written() + buf.len() as u64;
         c.written_bytes
@@ -311,7 +375,7 @@ mod tests {
         let rt = tokio::runtime::Builder::new_multi_thread().build().unwrap();
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join(file_name(1)), b"{\"torn\":").unwrap();
-        let sink = FileSink::open("default", dir.path(), 1 << 20).unwrap();
+        let sink = FileSink::open("default", dir.path(), 1 << 20, 1 << 30).unwrap();
         let record = crate::chain::Chains::new()
             .seal(crate::envelope::Envelope {
                 version: 1,
@@ -355,7 +419,7 @@ mod tests {
             .unwrap();
         let dir = tempfile::tempdir().unwrap();
         // Small files, so rotation happens while other writers wait to sync.
-        let sink = Arc::new(FileSink::open("default", dir.path(), 4096).unwrap());
+        let sink = Arc::new(FileSink::open("default", dir.path(), 4096, 1 << 30).unwrap());
         rt.block_on(async {
             let mut tasks = Vec::new();
             for w in 0..8 {
@@ -389,7 +453,7 @@ mod tests {
     #[test]
     fn after_a_failure_no_writer_of_that_file_is_confirmed_and_the_next_batch_reopens() {
         let dir = tempfile::tempdir().unwrap();
-        let sink = FileSink::open("default", dir.path(), 1 << 20).unwrap();
+        let sink = FileSink::open("default", dir.path(), 1 << 20, 1 << 30).unwrap();
         let mut current = None;
         let line = b"{\"a\":1}\n";
         let (first, first_end) = sink.write_lines(&mut current, line).unwrap();
@@ -413,7 +477,7 @@ mod tests {
     #[test]
     fn one_fdatasync_covers_every_batch_written_before_it() {
         let dir = tempfile::tempdir().unwrap();
-        let sink = FileSink::open("default", dir.path(), 1 << 20).unwrap();
+        let sink = FileSink::open("default", dir.path(), 1 << 20, 1 << 30).unwrap();
         let mut current = None;
         let (a, a_end) = sink.write_lines(&mut current, b"{}\n").unwrap();
         let (b, b_end) = sink.write_lines(&mut current, b"{}\n").unwrap();
@@ -422,5 +486,62 @@ mod tests {
         assert!(a_end < b_end);
         // The earlier writer finds its bytes synced: no second fdatasync, and success.
         sync_up_to(&a, a_end).unwrap();
+    }
+
+    fn record(id: &str) -> SharedRecord {
+        SharedRecord::new(
+            crate::chain::Chains::new()
+                .seal(crate::envelope::Envelope {
+                    version: 1,
+                    id: id.into(),
+                    source: "s".into(),
+                    text: Some("x".repeat(300)),
+                    slot: crate::slots::slot_of("s"),
+                    ..Default::default()
+                })
+                .unwrap(),
+        )
+    }
+
+    fn out_files(dir: &Path) -> Vec<PathBuf> {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        files.sort();
+        files
+    }
+
+    #[test]
+    fn once_its_files_reach_the_bound_the_sink_refuses_retryably_until_files_are_removed() {
+        let rt = tokio::runtime::Builder::new_multi_thread().build().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        // One batch per file, so closed files can be removed; the bound is passed by the
+        // second batch (each line is well over 500 bytes).
+        let sink = FileSink::open("default", dir.path(), 1, 1_000).unwrap();
+        rt.block_on(sink.deliver(&[record("a")])).unwrap();
+        rt.block_on(sink.deliver(&[record("b")])).unwrap();
+        let before = out_files(dir.path());
+        assert_eq!(before.len(), 2);
+        match rt.block_on(sink.deliver(&[record("c")])) {
+            Err(SinkError::Retryable { reason, .. }) => {
+                assert!(reason.contains("output directory full"), "{reason}");
+                assert!(reason.contains("dir_bytes_max = 1000"), "{reason}");
+            }
+            other => panic!("expected a retryable refusal, got {other:?}"),
+        }
+        assert_eq!(
+            out_files(dir.path()),
+            before,
+            "nothing written, no file opened"
+        );
+
+        // A consumer takes the closed file; the next batch goes through.
+        std::fs::remove_file(&before[0]).unwrap();
+        rt.block_on(sink.deliver(&[record("c")])).unwrap();
+        let after = out_files(dir.path());
+        assert_eq!(after.len(), 2);
+        let newest = std::fs::read_to_string(&after[1]).unwrap();
+        assert!(newest.contains("\"id\":\"c\""), "{newest}");
     }
 }

@@ -50,6 +50,7 @@ pub fn build_sinks(
             SinkConfig::File {
                 dir,
                 file_bytes_max,
+                dir_bytes_max,
             } => {
                 let dir = dir.clone().unwrap_or_else(|| {
                     if name == "default" {
@@ -59,11 +60,10 @@ pub fn build_sinks(
                     }
                 });
                 Arc::new(
-                    super::file_sink::FileSink::open(name, &dir, *file_bytes_max).map_err(|e| {
-                        SinkBuildError::Invalid {
-                            name: name.clone(),
-                            reason: e.to_string(),
-                        }
+                    super::file_sink::FileSink::open(name, &dir, *file_bytes_max, *dir_bytes_max)
+                        .map_err(|e| SinkBuildError::Invalid {
+                        name: name.clone(),
+                        reason: e.to_string(),
                     })?,
                 )
             }

@@ -11,6 +11,7 @@
 //! | bearer token (when tokens configured)   | 401/403| `unauthorized`/`forbidden` |
 //! | content type                            | 415    | `unsupported_media_type` |
 //! | Content-Length / body size              | 413    | `body_too_large`      |
+//! | room in `ingest.inflight_bytes_max`      | 429    | `backpressure`, reason `inflight_bytes` |
 //! | body arrives within the timeout         | 408    | `body_timeout`        |
 //! | every item valid (see `parse`)          | 400/413| `invalid_envelope`, ... with `index` |
 //! | backpressure watermarks                 | 429    | `backpressure` with `reason` |
@@ -25,6 +26,7 @@ pub mod backpressure;
 pub mod dedup;
 pub mod dedup_file;
 mod fast_parse;
+pub mod inflight;
 pub mod parse;
 pub mod server;
 pub mod streams;
@@ -60,6 +62,8 @@ pub struct IngestState {
     /// Streams admitted so far, bounded by `ingest.streams_max`.
     pub streams: KnownStreams,
     pub backpressure: Backpressure,
+    /// Request bodies held in memory, bounded by `ingest.inflight_bytes_max`.
+    pub inflight: Arc<inflight::InflightBudget>,
     /// Set when shutdown starts: new requests get 503 while in-flight ones finish.
     pub draining: std::sync::atomic::AtomicBool,
 }
@@ -72,6 +76,10 @@ impl IngestState {
         ));
         let backpressure = Backpressure::new(&config.spool);
         let streams = KnownStreams::new(config.ingest.streams_max);
+        let inflight = inflight::InflightBudget::new(
+            config.ingest.inflight_bytes_max,
+            metrics.ingest_inflight_bytes.clone(),
+        );
         IngestState {
             config,
             metrics,
@@ -79,6 +87,7 @@ impl IngestState {
             dedup,
             streams,
             backpressure,
+            inflight,
             draining: std::sync::atomic::AtomicBool::new(false),
         }
     }
@@ -268,6 +277,19 @@ async fn ingest(state: &IngestState, req: Request<Incoming>) -> HttpResponse {
             );
         }
     }
+    // Held until the response is ready: the body, the parsed envelopes and their frames live
+    // until then.
+    let _inflight = match state.inflight.take(declared.unwrap_or(cfg.body_bytes_max)) {
+        Ok(bytes) => bytes,
+        Err(refusal) => {
+            state
+                .metrics
+                .ingest_rejected_total
+                .with_label_values(&[refusal.reason])
+                .inc();
+            return refusal_response(&refusal);
+        }
+    };
     let limited = Limited::new(req.into_body(), cfg.body_bytes_max as usize);
     let body = match tokio::time::timeout(
         Duration::from_millis(cfg.body_read_timeout_ms),
