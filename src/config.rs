@@ -192,8 +192,8 @@ pub struct ForwardConfig {
     /// Bound on records dispatched to one worker and not yet confirmed.
     pub worker_queue_records_max: usize,
     pub dead_letter_dir: Option<PathBuf>,
-    /// Bound on the dead-letter directory; a rejected batch that would pass it stays pending
-    /// and is retried instead.
+    /// Bound on the dead-letter directory; once it holds this much, a rejected batch stays
+    /// pending and is retried instead.
     pub dead_letter_bytes_max: u64,
 }
 

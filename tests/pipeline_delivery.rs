@@ -168,16 +168,16 @@ fn a_rejected_batch_the_full_dead_letter_directory_cannot_take_stays_pending_unt
     let cfg = sink.config_file(
         scratch.path(),
         "[forward]\nretry_initial_ms = 5\nretry_max_ms = 50\n\
-         batch_bytes_max = 16384\ndead_letter_bytes_max = 65536\n",
+         dead_letter_bytes_max = 65536\n",
     );
-    // Dead letters from an earlier run fill the directory to within 536 bytes of its bound.
+    // Dead letters from an earlier run fill the directory to its bound.
     let data_dir = scratch.path().join("data");
     let dl = data_dir.join("dead-letter");
     std::fs::create_dir_all(&dl).unwrap();
     let earlier = dl.join("earlier.json");
-    std::fs::write(&earlier, vec![b' '; 65_000]).unwrap();
+    std::fs::write(&earlier, vec![b' '; 65_536]).unwrap();
     let d = Daemon::start_in(&data_dir, &["--config", cfg.to_str().unwrap()], &[]);
-    assert_eq!(d.metric("spoolgate_dead_letter_bytes"), 65_000.0);
+    assert_eq!(d.metric("spoolgate_dead_letter_bytes"), 65_536.0);
 
     let r = d.post_json(&json!([envelope(1), envelope(2)]));
     assert_eq!(r.status, 202);

@@ -3,18 +3,19 @@
 //! tombstoned. Files are never deleted by spoolgate; an operator inspects and replays or
 //! removes them, and spoolgate logs every file it writes, so growth is visible.
 //!
-//! Bound: the directory holds at most `forward.dead_letter_bytes_max` bytes (each file one
-//! batch, at most `forward.batch_records_max` records). A write that would pass the bound is
-//! refused with [`DeadLetterError::Full`] and nothing is written: the worker keeps the batch
-//! pending and retries it with back-off, so a sink that rejects everything holds back only its
+//! Bound: once the directory holds `forward.dead_letter_bytes_max` bytes or more, a write is
+//! refused with [`DeadLetterError::Full`] and nothing is written, so the directory holds at
+//! most that bound plus one file (one batch, at most `forward.batch_records_max` records).
+//! Checking before the write rather than for the write's size means no batch is too large to
+//! ever fit once files are removed. The worker keeps a refused batch pending and retries it with back-off, so a sink that rejects everything holds back only its
 //! own slots' records in the spool (whose quota then answers 429) instead of moving them into a
 //! directory that grows until the disk is full. Deleting files makes room again: a refused
 //! write measures the directory afresh before it gives up, so the next retry sees the space.
 //!
 //! Why measure rather than count alone: the operator removes files behind spoolgate's back, and
 //! files from earlier runs are there at start. A running total is kept between writes and
-//! re-measured (one `read_dir`, rare: only when the total says a write would not fit, and after
-//! a failed write) so the common write costs no directory scan.
+//! re-measured (one `read_dir`, rare: only when the total says the directory is full, and
+//! after a failed write) so the common write costs no directory scan.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -30,14 +31,10 @@ use crate::spool::Position;
 #[derive(Debug, thiserror::Error)]
 pub enum DeadLetterError {
     #[error(
-        "dead-letter directory full: it holds {used_bytes} bytes, and this batch's \
-         {needed_bytes} more would pass forward.dead_letter_bytes_max = {bytes_max}"
+        "dead-letter directory full: it holds {used_bytes} bytes, at or past \
+         forward.dead_letter_bytes_max = {bytes_max}"
     )]
-    Full {
-        used_bytes: u64,
-        needed_bytes: u64,
-        bytes_max: u64,
-    },
+    Full { used_bytes: u64, bytes_max: u64 },
     #[error("dead-letter write failed: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -105,30 +102,27 @@ impl DeadLetter {
 
     fn write_json(&self, body: &serde_json::Value) -> Result<PathBuf, DeadLetterError> {
         let text = serde_json::to_string_pretty(body).map_err(std::io::Error::from)?;
-        let needed_bytes = text.len() as u64;
         let mut used = self
             .used_bytes
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        let fits = |u: u64| u.saturating_add(needed_bytes) <= self.bytes_max;
         let current = match *used {
-            Some(u) if fits(u) => u,
+            Some(u) if u < self.bytes_max => u,
             _ => {
                 let measured = dir_bytes(&self.dir)?;
                 self.set_used(&mut used, measured);
                 measured
             }
         };
-        if !fits(current) {
+        if current >= self.bytes_max {
             return Err(DeadLetterError::Full {
                 used_bytes: current,
-                needed_bytes,
                 bytes_max: self.bytes_max,
             });
         }
         match self.create(&text) {
             Ok(path) => {
-                self.set_used(&mut used, current + needed_bytes);
+                self.set_used(&mut used, current + text.len() as u64);
                 Ok(path)
             }
             Err(e) => {
@@ -199,21 +193,22 @@ mod tests {
     }
 
     #[test]
-    fn a_write_that_would_pass_the_bound_is_refused_and_writes_nothing() {
+    fn once_the_bound_is_reached_a_write_is_refused_and_writes_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let dl_dir = dir.path().join("dl");
-        let dl = DeadLetter::new(&dl_dir, 1_000);
+        let dl = DeadLetter::new(&dl_dir, 400);
+        // The first file takes the directory past the bound (it was empty when the write was
+        // checked); the next write is refused.
         let first = dl.write_raw(position(0), "bad", &[0u8; 200]).unwrap();
         let first_bytes = std::fs::metadata(&first).unwrap().len();
-        assert!(first_bytes > 400 && first_bytes < 1_000, "{first_bytes}");
+        assert!(first_bytes > 400, "{first_bytes}");
         match dl.write_raw(position(1), "bad", &[0u8; 200]) {
             Err(DeadLetterError::Full {
                 used_bytes,
                 bytes_max,
-                ..
             }) => {
                 assert_eq!(used_bytes, first_bytes);
-                assert_eq!(bytes_max, 1_000);
+                assert_eq!(bytes_max, 400);
             }
             other => panic!("expected Full, got {other:?}"),
         }
@@ -223,22 +218,26 @@ mod tests {
     #[test]
     fn files_already_in_the_directory_count_against_the_bound() {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("earlier.json"), vec![b'x'; 900]).unwrap();
+        std::fs::write(dir.path().join("earlier.json"), vec![b'x'; 1_000]).unwrap();
         let gauge = IntGauge::new("dl_bytes", "test").unwrap();
         let dl = DeadLetter::new(dir.path(), 1_000).with_gauge(gauge.clone());
-        assert_eq!(gauge.get(), 900);
+        assert_eq!(gauge.get(), 1_000);
         let err = dl.write_raw(position(0), "bad", &[0u8; 8]).unwrap_err();
         assert!(
-            err.to_string().contains("dead_letter_bytes_max = 1000"),
+            err.to_string()
+                .contains("holds 1000 bytes, at or past forward.dead_letter_bytes_max = 1000"),
             "{err}"
         );
+        // Just below the bound, a write of any size is taken.
+        std::fs::write(dir.path().join("earlier.json"), vec![b'x'; 999]).unwrap();
+        dl.write_raw(position(0), "bad", &[0u8; 8]).unwrap();
     }
 
     #[test]
     fn removing_files_makes_room_for_the_next_write() {
         let dir = tempfile::tempdir().unwrap();
         let gauge = IntGauge::new("dl_bytes", "test").unwrap();
-        let dl = DeadLetter::new(dir.path(), 1_000).with_gauge(gauge.clone());
+        let dl = DeadLetter::new(dir.path(), 400).with_gauge(gauge.clone());
         let first = dl.write_raw(position(0), "bad", &[0u8; 200]).unwrap();
         assert_eq!(gauge.get() as u64, std::fs::metadata(&first).unwrap().len());
         assert!(dl.write_raw(position(1), "bad", &[0u8; 200]).is_err());
