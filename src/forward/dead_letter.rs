@@ -3,27 +3,21 @@
 //! tombstoned. Files are never deleted by spoolgate; an operator inspects and replays or
 //! removes them, and spoolgate logs every file it writes, so growth is visible.
 //!
-//! Bound: once the directory holds `forward.dead_letter_bytes_max` bytes or more, a write is
-//! refused with [`DeadLetterError::Full`] and nothing is written, so the directory holds at
-//! most that bound plus one file (one batch, at most `forward.batch_records_max` records).
-//! Checking before the write rather than for the write's size means no batch is too large to
-//! ever fit once files are removed. The worker keeps a refused batch pending and retries it with back-off, so a sink that rejects everything holds back only its
-//! own slots' records in the spool (whose quota then answers 429) instead of moving them into a
-//! directory that grows until the disk is full. Deleting files makes room again: a refused
-//! write measures the directory afresh before it gives up, so the next retry sees the space.
-//!
-//! Why measure rather than count alone: the operator removes files behind spoolgate's back, and
-//! files from earlier runs are there at start. A running total is kept between writes and
-//! re-measured (one `read_dir`, rare: only when the total says the directory is full, and
-//! after a failed write) so the common write costs no directory scan.
+//! Bound: `forward.dead_letter_bytes_max`, kept by a [`DirBound`] (the directory holds at
+//! most the bound plus one file). Once it is reached a write is refused with
+//! [`DeadLetterError::Full`] and nothing is written: the worker keeps the batch pending and
+//! retries it with back-off, so a sink that rejects everything holds back only its own slots'
+//! records in the spool (whose quota then answers 429) instead of moving them into a directory
+//! that grows until the disk is full. Removing files makes room again.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use prometheus::IntGauge;
 
+use super::dir_bound::{BoundError, DirBound};
 use crate::chain::SharedRecord;
 use crate::spool::Position;
 
@@ -42,94 +36,46 @@ pub enum DeadLetterError {
 #[derive(Clone)]
 pub struct DeadLetter {
     dir: PathBuf,
-    bytes_max: u64,
     counter: Arc<AtomicU64>,
-    /// Bytes in the directory as of the last measurement plus what was written since; `None`
-    /// until the first write measures it, and again after a failed write (which may have left a
-    /// partial file). Held locked across a write so two workers cannot both take the last room.
-    used_bytes: Arc<Mutex<Option<u64>>>,
-    /// `spoolgate_dead_letter_bytes`, set whenever `used_bytes` is.
-    gauge: Option<IntGauge>,
-}
-
-/// Bytes of the regular files directly in `dir`; 0 when it does not exist yet.
-fn dir_bytes(dir: &Path) -> std::io::Result<u64> {
-    let entries = match std::fs::read_dir(dir) {
-        Ok(entries) => entries,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
-        Err(e) => return Err(e),
-    };
-    let mut total = 0u64;
-    for entry in entries {
-        let meta = entry?.metadata()?;
-        if meta.is_file() {
-            total = total.saturating_add(meta.len());
-        }
-    }
-    Ok(total)
+    bound: Arc<DirBound>,
 }
 
 impl DeadLetter {
     pub fn new(dir: &Path, bytes_max: u64) -> DeadLetter {
         DeadLetter {
             dir: dir.to_path_buf(),
-            bytes_max,
             counter: Arc::new(AtomicU64::new(0)),
-            used_bytes: Arc::new(Mutex::new(None)),
-            gauge: None,
+            bound: Arc::new(DirBound::new(dir, bytes_max, |_| true)),
         }
     }
 
     /// Reports the directory's size through `gauge`, measured now and kept current.
-    pub fn with_gauge(mut self, gauge: IntGauge) -> DeadLetter {
-        if let Ok(bytes) = dir_bytes(&self.dir) {
-            gauge.set(i64::try_from(bytes).unwrap_or(i64::MAX));
+    pub fn with_gauge(self, gauge: IntGauge) -> DeadLetter {
+        let bytes_max = self.bound.bytes_max();
+        DeadLetter {
+            bound: Arc::new(DirBound::new(&self.dir, bytes_max, |_| true).with_gauge(gauge)),
+            ..self
         }
-        self.gauge = Some(gauge);
-        self
     }
 
     pub fn dir(&self) -> &Path {
         &self.dir
     }
 
-    fn set_used(&self, used: &mut Option<u64>, bytes: u64) {
-        *used = Some(bytes);
-        if let Some(g) = &self.gauge {
-            g.set(i64::try_from(bytes).unwrap_or(i64::MAX));
-        }
-    }
-
     fn write_json(&self, body: &serde_json::Value) -> Result<PathBuf, DeadLetterError> {
         let text = serde_json::to_string_pretty(body).map_err(std::io::Error::from)?;
-        let mut used = self
-            .used_bytes
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        let current = match *used {
-            Some(u) if u < self.bytes_max => u,
-            _ => {
-                let measured = dir_bytes(&self.dir)?;
-                self.set_used(&mut used, measured);
-                measured
-            }
-        };
-        if current >= self.bytes_max {
-            return Err(DeadLetterError::Full {
-                used_bytes: current,
-                bytes_max: self.bytes_max,
-            });
-        }
-        match self.create(&text) {
-            Ok(path) => {
-                self.set_used(&mut used, current + text.len() as u64);
-                Ok(path)
-            }
-            Err(e) => {
-                *used = None;
-                Err(e.into())
-            }
-        }
+        self.bound
+            .write(text.len() as u64, || self.create(&text))
+            .map_err(|e| match e {
+                BoundError::Full {
+                    used_bytes,
+                    bytes_max,
+                } => DeadLetterError::Full {
+                    used_bytes,
+                    bytes_max,
+                },
+                BoundError::Io(e) => DeadLetterError::Io(e),
+            })
     }
 
     fn create(&self, text: &str) -> std::io::Result<PathBuf> {

@@ -9,12 +9,11 @@
 //! fdatasync confirms every batch written before it (group commit; a failed write or fdatasync
 //! fails every batch written into that file, since Linux reports a writeback error only once).
 //!
-//! Bound: once the sink's files hold `dir_bytes_max` bytes or more, it refuses batches with a
-//! retryable error and writes nothing, so its directory stays under that bound plus one batch.
-//! Records then wait in the spool (whose quota answers 429 in time) until whoever consumes the
-//! files removes closed ones; a sidecar must not fill its host's disk with output nobody takes.
-//! The total is kept between writes and measured again (one `read_dir`) only when it says the
-//! bound is reached and after a failed write, so files removed meanwhile are seen.
+//! Bound: `dir_bytes_max`, kept by a [`DirBound`] over the sink's own files (its directory
+//! holds at most the bound plus one batch). Once it is reached the sink refuses batches with a
+//! retryable error and writes nothing; records then wait in the spool (whose quota answers 429
+//! in time) until whoever consumes the files removes closed ones. A sidecar must not fill its
+//! host's disk with output nobody takes.
 //!
 //! A crash (or a failed write) can leave a partial last line. Nothing in it was confirmed, so
 //! before appending to a file the sink cuts it back to its last newline; otherwise the next
@@ -26,6 +25,7 @@ use std::sync::Arc;
 
 use tokio::sync::Mutex;
 
+use super::dir_bound::{BoundError, DirBound};
 use super::sink::{DeliverFuture, Sink, SinkError};
 use crate::chain::SharedRecord;
 
@@ -70,17 +70,11 @@ impl OutFile {
     }
 }
 
-/// `FileSink::dir_bytes` before the first measurement and after a failed write.
-const DIR_BYTES_UNKNOWN: u64 = u64::MAX;
-
 pub struct FileSink {
     name: String,
     dir: PathBuf,
     file_bytes_max: u64,
-    dir_bytes_max: u64,
-    /// Bytes of this sink's files as last measured plus what was written since, or
-    /// [`DIR_BYTES_UNKNOWN`]. Changed only under the sink's lock.
-    dir_bytes: std::sync::atomic::AtomicU64,
+    bound: DirBound,
     /// The file being appended to; `None` before the first batch and after a failure.
     current: Mutex<Option<Arc<OutFile>>>,
 }
@@ -110,8 +104,7 @@ impl FileSink {
             name: name.to_string(),
             dir: dir.to_path_buf(),
             file_bytes_max: file_bytes_max.max(1),
-            dir_bytes_max,
-            dir_bytes: std::sync::atomic::AtomicU64::new(DIR_BYTES_UNKNOWN),
+            bound: DirBound::new(dir, dir_bytes_max, |name| file_index(name).is_some()),
             current: Mutex::new(None),
         })
     }
@@ -124,39 +117,6 @@ impl FileSink {
             }
         }
         Ok(newest)
-    }
-
-    /// Bytes of this sink's output files now in its directory.
-    fn measure_dir_bytes(&self) -> std::io::Result<u64> {
-        let mut total = 0u64;
-        for e in std::fs::read_dir(&self.dir)? {
-            let e = e?;
-            if file_index(&e.file_name()).is_some() {
-                total = total.saturating_add(e.metadata()?.len());
-            }
-        }
-        Ok(total)
-    }
-
-    /// The bytes this sink's files hold, or an error once they reach `dir_bytes_max`.
-    fn room(&self) -> std::io::Result<u64> {
-        use std::sync::atomic::Ordering;
-        let mut used = self.dir_bytes.load(Ordering::Acquire);
-        if used == DIR_BYTES_UNKNOWN || used >= self.dir_bytes_max {
-            used = self.measure_dir_bytes()?;
-            self.dir_bytes.store(used, Ordering::Release);
-        }
-        if used >= self.dir_bytes_max {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::StorageFull,
-                format!(
-                    "output directory full: its files hold {used} bytes, at or past \
-                     dir_bytes_max = {}; remove delivered files (all but the newest) to make room",
-                    self.dir_bytes_max
-                ),
-            ));
-        }
-        Ok(used)
     }
 
     fn open_index(&self, index: u64) -> std::io::Result<Arc<OutFile>> {
@@ -192,13 +152,39 @@ impl FileSink {
     }
 
     /// Appends `buf` (whole lines) to the current file, opening or rotating it first. Returns
-    /// the file and the length it has with `buf` in it. Runs under the sink's lock.
+    /// the file and the length it has with `buf` in it; once the sink's files reach
+    /// `dir_bytes_max`, a `StorageFull` error and nothing written. Runs under the sink's lock.
     fn write_lines(
         &self,
         current: &mut Option<Arc<OutFile>>,
         buf: &[u8],
     ) -> std::io::Result<(Arc<OutFile>, u64)> {
-        let used = self.room()?;
+        self.bound
+            .write(buf.len() as u64, || {
+                self.write_lines_unbounded(current, buf)
+            })
+            .map_err(|e| match e {
+                BoundError::Full {
+                    used_bytes,
+                    bytes_max,
+                } => std::io::Error::new(
+                    std::io::ErrorKind::StorageFull,
+                    format!(
+                        "output directory full: its files hold {used_bytes} bytes, at or past \
+                         dir_bytes_max = {bytes_max}; remove delivered files (all but the \
+                         newest) to make room"
+                    ),
+                ),
+                BoundError::Io(e) => e,
+            })
+    }
+
+    /// [`FileSink::write_lines`] once the directory's bound has allowed it.
+    fn write_lines_unbounded(
+        &self,
+        current: &mut Option<Arc<OutFile>>,
+        buf: &[u8],
+    ) -> std::io::Result<(Arc<OutFile>, u64)> {
         let failed = current
             .as_ref()
             .is_some_and(|c| c.failed.load(std::sync::atomic::Ordering::Acquire));
@@ -219,14 +205,8 @@ impl FileSink {
         let c = current.as_ref().expect("opened above");
         if let Err(e) = (&c.file).write_all(buf) {
             c.failed.store(true, std::sync::atomic::Ordering::Release);
-            self.dir_bytes
-                .store(DIR_BYTES_UNKNOWN, std::sync::atomic::Ordering::Release);
             return Err(e);
         }
-        self.dir_bytes.store(
-            used + buf.len() as u64,
-            std::sync::atomic::Ordering::Release,
-        );
         // Only writers holding the sink's lock change the length, so this is not a race.
         let end = c.written() + buf.len() as u64;
         c.written_bytes
