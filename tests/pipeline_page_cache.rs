@@ -6,7 +6,6 @@
 
 mod spool_common;
 
-use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -23,7 +22,7 @@ use spoolgate::gate::Gate;
 use spoolgate::metrics::Metrics;
 use spoolgate::ring::Ring;
 use spoolgate::slots::{slot_of, Ownership};
-use spoolgate::spool::{Durability, Position, RecordKind, Spool, SpoolOptions};
+use spoolgate::spool::{Position, RecordKind, Spool};
 
 const SEGMENT_BYTES: u64 = 8 * 1024;
 const WORKERS: usize = 2;
@@ -88,25 +87,6 @@ async fn append(spool: &Spool, tenant: &str, n: usize) -> Position {
         .unwrap()[0]
 }
 
-/// The segment ids whose pages were released so far.
-fn released(dir: &Path, log: &Mutex<Log>) -> Vec<u64> {
-    log.lock()
-        .unwrap()
-        .released
-        .iter()
-        .map(|p| {
-            let name = Path::new(p)
-                .strip_prefix(dir)
-                .expect("in the spool directory");
-            name.to_str()
-                .unwrap()
-                .trim_end_matches(".seg")
-                .parse()
-                .expect("a segment file")
-        })
-        .collect()
-}
-
 async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
     let started = Instant::now();
     while !cond() {
@@ -125,20 +105,12 @@ async fn segments_a_held_worker_must_re_read_keep_their_pages_until_it_has_read_
     let metrics = Arc::new(Metrics::new());
     // A ring far smaller than the backlog: the main pass reads the segments too.
     let ring = Arc::new(Ring::new(8, 1 << 20, metrics.clone()));
-    let opts = SpoolOptions {
-        dir: spool_dir.clone(),
-        segment_bytes_max: SEGMENT_BYTES,
-        record_bytes_max: 2048,
-        durability: Durability::Always,
-        commit_batch_records_max: 64,
-        commit_batch_bytes_max: 4096,
-        queue_depth_max: 64,
-        preallocate: false,
-        preallocate_zeros: false,
-        zero_ahead_bytes: 0,
-        cached_behind_bytes: 2 * SEGMENT_BYTES,
-        cached_unread_bytes_max: 64 * SEGMENT_BYTES,
-    };
+    let mut opts = spool_common::options(&spool_dir);
+    opts.segment_bytes_max = SEGMENT_BYTES;
+    opts.record_bytes_max = 2048;
+    opts.zero_ahead_bytes = 0;
+    opts.cached_behind_bytes = 2 * SEGMENT_BYTES;
+    opts.cached_unread_bytes_max = 64 * SEGMENT_BYTES;
     let log = Arc::new(Mutex::new(Log::default()));
     let observer: Arc<dyn spoolgate::spool::CommitObserver> = ring.clone();
     let (spool, _) = Spool::open_with_fs(
@@ -218,10 +190,13 @@ async fn segments_a_held_worker_must_re_read_keep_their_pages_until_it_has_read_
     .await;
     assert!(flowing_n - before > 100);
     wait_until("the old segments released", || {
-        released(&spool_dir, &log).contains(&(first_held_segment - 1))
+        log.lock()
+            .unwrap()
+            .released_segments(&spool_dir)
+            .contains(&(first_held_segment - 1))
     })
     .await;
-    let held_back = released(&spool_dir, &log);
+    let held_back = log.lock().unwrap().released_segments(&spool_dir);
     assert!(
         held_back.iter().all(|&s| s < held_segment),
         "released {held_back:?}, but the held worker still has to re-read segment {held_segment}"
@@ -239,7 +214,10 @@ async fn segments_a_held_worker_must_re_read_keep_their_pages_until_it_has_read_
         flowing_n += 1;
     }
     wait_until("the held segment released", || {
-        released(&spool_dir, &log).contains(&held_segment)
+        log.lock()
+            .unwrap()
+            .released_segments(&spool_dir)
+            .contains(&held_segment)
     })
     .await;
     pipeline.shutdown().await;

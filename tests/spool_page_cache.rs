@@ -5,7 +5,6 @@
 
 mod spool_common;
 
-use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use spool_common::recording::{Log, RecordingFs};
@@ -37,22 +36,6 @@ fn append_until_active(s: &Spool, active: u64, n: &mut u64) {
     assert_eq!(s.durable_end().segment, active, "one segment at a time");
 }
 
-/// The segment ids whose pages were released, in order.
-fn released(dir: &Path, log: &Mutex<Log>) -> Vec<u64> {
-    log.lock()
-        .unwrap()
-        .released
-        .iter()
-        .map(|p| {
-            let name = Path::new(p)
-                .strip_prefix(dir)
-                .expect("in the spool directory");
-            let stem = name.to_str().unwrap().trim_end_matches(".seg");
-            stem.parse().expect("a segment file")
-        })
-        .collect()
-}
-
 #[test]
 fn segments_the_consumer_has_not_read_keep_their_pages_and_read_ones_are_released() {
     let (dir, s, log) = recording_spool(16);
@@ -66,7 +49,10 @@ fn segments_the_consumer_has_not_read_keep_their_pages_and_read_ones_are_release
     s.note_read_segment(5);
     append_until_active(&s, 16, &mut n);
     s.close().expect("close");
-    assert_eq!(released(dir.path(), &log), vec![1, 2, 3, 4]);
+    assert_eq!(
+        log.lock().unwrap().released_segments(dir.path()),
+        vec![1, 2, 3, 4]
+    );
 }
 
 #[test]
@@ -79,7 +65,7 @@ fn an_unread_segment_is_released_once_it_is_the_unread_bound_behind() {
     assert!(log.lock().unwrap().released.is_empty());
     append_until_active(&s, 10, &mut n);
     s.close().expect("close");
-    assert_eq!(released(dir.path(), &log), vec![1]);
+    assert_eq!(log.lock().unwrap().released_segments(dir.path()), vec![1]);
 }
 
 #[test]
@@ -91,5 +77,5 @@ fn without_a_consumer_segments_are_released_by_distance_alone() {
     assert!(log.lock().unwrap().released.is_empty());
     append_until_active(&s, 4, &mut n);
     s.close().expect("close");
-    assert_eq!(released(dir.path(), &log), vec![1]);
+    assert_eq!(log.lock().unwrap().released_segments(dir.path()), vec![1]);
 }

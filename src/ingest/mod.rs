@@ -134,7 +134,13 @@ fn error(status: StatusCode, code: &str, message: impl Into<String>) -> HttpResp
     json_response(status, json!({"error": code, "message": message.into()}))
 }
 
-fn refusal_response(r: &Refusal) -> HttpResponse {
+/// Counts a 429 refusal by its reason and answers it.
+fn refuse(state: &IngestState, r: &Refusal) -> HttpResponse {
+    state
+        .metrics
+        .ingest_rejected_total
+        .with_label_values(&[r.reason])
+        .inc();
     let mut resp = json_response(
         StatusCode::TOO_MANY_REQUESTS,
         json!({
@@ -281,14 +287,7 @@ async fn ingest(state: &IngestState, req: Request<Incoming>) -> HttpResponse {
     // until then.
     let _inflight = match state.inflight.take(declared.unwrap_or(cfg.body_bytes_max)) {
         Ok(bytes) => bytes,
-        Err(refusal) => {
-            state
-                .metrics
-                .ingest_rejected_total
-                .with_label_values(&[refusal.reason])
-                .inc();
-            return refusal_response(&refusal);
-        }
+        Err(refusal) => return refuse(state, &refusal),
     };
     let limited = Limited::new(req.into_body(), cfg.body_bytes_max as usize);
     let body = match tokio::time::timeout(
@@ -344,12 +343,7 @@ async fn ingest(state: &IngestState, req: Request<Incoming>) -> HttpResponse {
         .max()
         .unwrap_or(Priority::Normal);
     if let Err(refusal) = state.backpressure.check(lowest) {
-        state
-            .metrics
-            .ingest_rejected_total
-            .with_label_values(&[refusal.reason])
-            .inc();
-        return refusal_response(&refusal);
+        return refuse(state, &refusal);
     }
 
     if let Err(limit) = state
@@ -513,14 +507,8 @@ struct AcceptedPosition {
 fn append_error(state: &IngestState, e: SpoolError) -> HttpResponse {
     match e {
         SpoolError::Full(detail) => {
-            let refusal = state.backpressure.enospc();
-            state
-                .metrics
-                .ingest_rejected_total
-                .with_label_values(&["enospc"])
-                .inc();
             tracing::warn!(%detail, "append refused: filesystem full");
-            refusal_response(&refusal)
+            refuse(state, &state.backpressure.enospc())
         }
         SpoolError::TooLarge { len, max } => error(
             StatusCode::PAYLOAD_TOO_LARGE,

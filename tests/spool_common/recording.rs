@@ -23,6 +23,22 @@ pub struct Log {
     pub released: Vec<String>,
 }
 
+impl Log {
+    /// The ids of the segments in `dir` whose pages were released, in order.
+    pub fn released_segments(&self, dir: &Path) -> Vec<u64> {
+        self.released
+            .iter()
+            .map(|p| {
+                let name = Path::new(p)
+                    .strip_prefix(dir)
+                    .expect("in the spool directory");
+                let stem = name.to_str().unwrap().trim_end_matches(".seg");
+                stem.parse().expect("a segment file")
+            })
+            .collect()
+    }
+}
+
 pub struct RecordingFs {
     pub log: Arc<Mutex<Log>>,
 }
