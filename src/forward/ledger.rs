@@ -10,7 +10,9 @@
 //! Bounds: the ledger holds one small entry per pending envelope plus one forward record per
 //! sealed-but-unconfirmed envelope. Pending entries are bounded by the spool's quota
 //! (`spool.quota_hard_bytes` over the smallest record); sealed entries by
-//! `forward.workers × forward.batch_records_max`, since a worker seals one batch at a time.
+//! `forward.workers × (1 + TOMBSTONES_IN_FLIGHT_MAX) × forward.batch_records_max`, since a
+//! worker seals one batch at a time and keeps at most `TOMBSTONES_IN_FLIGHT_MAX` (4) confirmed
+//! batches whose tombstones are still being written.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
