@@ -110,7 +110,7 @@ impl Envelope {
     /// record end to end (at ingest and for the chain link). Only `meta` values and
     /// `embed_preview`, rare and of open shape, are still handed to rmp-serde. A field added to
     /// `Envelope` must be added here, in the same order and with the same omission rule.
-    fn encode_into(&self, out: &mut Vec<u8>) -> Result<(), EnvelopeError> {
+    pub(crate) fn encode_into(&self, out: &mut Vec<u8>) -> Result<(), EnvelopeError> {
         let key = put_str;
         fn str_field(out: &mut Vec<u8>, name: &str, value: &str) {
             put_str(out, name);
@@ -201,7 +201,7 @@ impl Envelope {
 
     /// About the encoded size: the variable-length strings plus room for keys and numbers.
     /// Only a capacity hint; `meta` is counted by its key lengths alone.
-    fn encoded_len_hint(&self) -> usize {
+    pub(crate) fn encoded_len_hint(&self) -> usize {
         const FIXED_BYTES: usize = 192;
         let opt = |s: &Option<String>| s.as_ref().map_or(0, String::len);
         FIXED_BYTES

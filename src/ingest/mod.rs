@@ -410,12 +410,7 @@ async fn ingest(state: &IngestState, req: Request<Incoming>) -> HttpResponse {
         .iter_mut()
         .zip(&reservations)
         .filter(|(_, r)| **r == Reservation::Reserved)
-        .map(|(p, _)| {
-            (
-                RecordKind::ENVELOPE,
-                Bytes::from(std::mem::take(&mut p.encoded)),
-            )
-        })
+        .map(|(p, _)| (RecordKind::ENVELOPE, std::mem::take(&mut p.encoded)))
         .collect();
     let written = if to_write.is_empty() {
         Vec::new()

@@ -11,6 +11,8 @@
 
 use std::collections::BTreeMap;
 
+use bytes::Bytes;
+
 use serde_json::Value;
 
 use crate::config::UnknownFields;
@@ -113,7 +115,8 @@ pub struct ParseLimits {
 #[derive(Debug)]
 pub struct Parsed {
     pub envelope: Envelope,
-    pub encoded: Vec<u8>,
+    /// A slice of one buffer holding the whole request's encodings (see [`parse_request`]).
+    pub encoded: Bytes,
     /// The request carried no `id` and spoolgate generated one: a retry of the request would
     /// get a new id, so there is nothing to deduplicate it against.
     pub id_generated: bool,
@@ -452,24 +455,45 @@ pub fn parse_request(
             Some(checked) => checked,
             None => value_envelopes(content_type, body, limits, auth_tenant, now_ms)?,
         };
-    let mut out = Vec::with_capacity(checked.len());
-    for (index, (envelope, id_generated)) in checked.into_iter().enumerate() {
-        let encoded = envelope.encode().map_err(|e| ParseError::Item {
-            index,
-            reason: e.to_string(),
-        })?;
-        if encoded.len() as u64 > limits.envelope_bytes_max {
+    // Every envelope of the request is encoded into one buffer, and each record takes a slice
+    // of it: one allocation per request instead of a vector and a `Bytes` header per envelope,
+    // which showed as several percent of batch ingest's allocator time. The buffer lives until
+    // the request's last record leaves the ring; records leave it in order.
+    let mut all = Vec::with_capacity(
+        checked
+            .iter()
+            .map(|(e, _)| e.encoded_len_hint())
+            .sum::<usize>(),
+    );
+    let mut ends = Vec::with_capacity(checked.len());
+    for (index, (envelope, _)) in checked.iter().enumerate() {
+        let start = all.len();
+        envelope
+            .encode_into(&mut all)
+            .map_err(|e| ParseError::Item {
+                index,
+                reason: e.to_string(),
+            })?;
+        let len = all.len() - start;
+        if len as u64 > limits.envelope_bytes_max {
             return Err(ParseError::ItemTooLarge {
                 index,
-                len: encoded.len(),
+                len,
                 max: limits.envelope_bytes_max,
             });
         }
+        ends.push(all.len());
+    }
+    let all = Bytes::from(all);
+    let mut out = Vec::with_capacity(checked.len());
+    let mut start = 0;
+    for ((envelope, id_generated), end) in checked.into_iter().zip(ends) {
         out.push(Parsed {
             envelope,
-            encoded,
+            encoded: all.slice(start..end),
             id_generated,
         });
+        start = end;
     }
     let mut seen = std::collections::HashSet::with_capacity(out.len());
     for (index, p) in out.iter().enumerate() {
