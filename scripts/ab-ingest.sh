@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Interleaved A/B of two spoolgate binaries on one ingest workload, for changes too small for
+# scripts/bench-ingest.sh to resolve: each pair runs A then B on fresh data directories, and the
+# script prints every pair and the median of the per-pair ratios (B/A) of envelopes/s and of
+# daemon CPU per envelope. Usage:
+#   scripts/ab-ingest.sh OLD_BIN NEW_BIN [PAIRS] [-- bench flags]
+# Default workload: 100-envelope msgpack batches of 1 KiB texts at 16 connections, ingest only
+# (forward.enabled = false), 5 s measured per run. Example, for another workload:
+#   scripts/ab-ingest.sh /tmp/old /tmp/new 7 -- --connections 64 --batch 1 --text-bytes 512
+set -euo pipefail
+A=${1:?old binary}
+B=${2:?new binary}
+PAIRS=${3:-5}
+shift $(( $# < 3 ? $# : 3 ))
+[ "${1:-}" = "--" ] && shift
+FLAGS=("$@")
+[ ${#FLAGS[@]} -gt 0 ] || FLAGS=(--connections 16 --batch 100 --text-bytes 1024)
+SCRATCH=$(mktemp -d)
+trap 'rm -rf "$SCRATCH"' EXIT
+
+run() { # BIN -> "envelopes_per_s cpu_us_per_envelope"
+    local bin=$1 dir
+    dir=$(mktemp -d "$SCRATCH/run.XXXX")
+    "$bin" serve --set data_dir="$dir/data" --set ingest.listen=127.0.0.1:0 \
+        --set metrics.listen=127.0.0.1:0 --set forward.enabled=false \
+        --set spool.quota_soft_bytes=30000000000 --set spool.quota_hard_bytes=32000000000 \
+        >"$dir/log" 2>&1 &
+    local pid=$!
+    for _ in $(seq 200); do [ -f "$dir/data/spoolgate.addr" ] && break; sleep 0.05; done
+    local t0 t1
+    t0=$(awk '{print $14+$15}' "/proc/$pid/stat")
+    "$bin" bench --data-dir "$dir/data" --duration-s 5 --warmup-s 1 --json "${FLAGS[@]}" >"$dir/out.json"
+    t1=$(awk '{print $14+$15}' "/proc/$pid/stat")
+    kill -TERM "$pid"
+    wait "$pid" || true
+    python3 - "$dir/out.json" "$((t1 - t0))" "$(getconf CLK_TCK)" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+ticks, hz = int(sys.argv[2]), int(sys.argv[3])
+# The CPU ticks span the warm-up second too; count its envelopes at the measured rate.
+envelopes = r["envelopes_acknowledged_total"] * (1 + 1 / r["duration_s"])
+print(round(r["envelopes_per_s"]), round(ticks / hz / envelopes * 1e6, 3))
+PY
+    rm -rf "$dir"
+}
+
+echo "pair  A env/s  B env/s  B/A   A us/env  B us/env  B/A"
+ratios=()
+for i in $(seq 1 "$PAIRS"); do
+    read -r ra ca < <(run "$A")
+    read -r rb cb < <(run "$B")
+    line=$(python3 -c "print('%4d %8d %8d %5.3f %9.3f %9.3f %5.3f' % ($i, $ra, $rb, $rb/$ra, $ca, $cb, $cb/$ca))")
+    echo "$line"
+    ratios+=("$(python3 -c "print($rb/$ra, $cb/$ca)")")
+done
+printf '%s\n' "${ratios[@]}" | python3 -c '
+import statistics, sys
+rows = [tuple(map(float, l.split())) for l in sys.stdin if l.strip()]
+print("median B/A: envelopes/s %.3f, CPU per envelope %.3f (%d of %d pairs B faster)" % (
+    statistics.median(r[0] for r in rows), statistics.median(r[1] for r in rows),
+    sum(r[0] > 1 for r in rows), len(rows)))'
