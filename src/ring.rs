@@ -118,7 +118,7 @@ impl Ring {
 }
 
 impl CommitObserver for Ring {
-    fn on_commit(&self, records: &[Record]) {
+    fn on_commit(&self, records: Vec<Record>) {
         let mut inner = self.lock();
         let mut overflowed = 0u64;
         let envelopes = records
@@ -129,11 +129,11 @@ impl CommitObserver for Ring {
             .fetch_add(envelopes as u64, std::sync::atomic::Ordering::Relaxed);
         for r in records {
             let record = if r.kind == RecordKind::ENVELOPE {
-                r.clone()
+                r
             } else {
                 Record {
                     payload: bytes::Bytes::new(),
-                    ..r.clone()
+                    ..r
                 }
             };
             let len = record.payload.len();
@@ -176,7 +176,7 @@ mod tests {
     #[test]
     fn records_come_out_in_order_at_the_cursor() {
         let ring = Ring::new(8, 1024, Arc::new(Metrics::new()));
-        ring.on_commit(&[rec(0, 1), rec(10, 1)]);
+        ring.on_commit(vec![rec(0, 1), rec(10, 1)]);
         let RingRead::Record(r) = ring.take_at(Position {
             segment: 1,
             offset: 0,
@@ -195,7 +195,7 @@ mod tests {
     fn a_full_ring_drops_and_counts_instead_of_blocking() {
         let metrics = Arc::new(Metrics::new());
         let ring = Ring::new(2, 1024, metrics.clone());
-        ring.on_commit(&[rec(0, 1), rec(10, 1), rec(20, 1)]);
+        ring.on_commit(vec![rec(0, 1), rec(10, 1), rec(20, 1)]);
         assert_eq!(ring.len(), 2);
         assert_eq!(metrics.ring_overflows_total.get(), 1);
     }
@@ -203,14 +203,14 @@ mod tests {
     #[test]
     fn the_byte_bound_holds_too() {
         let ring = Ring::new(100, 10, Arc::new(Metrics::new()));
-        ring.on_commit(&[rec(0, 6), rec(10, 6)]);
+        ring.on_commit(vec![rec(0, 6), rec(10, 6)]);
         assert_eq!(ring.len(), 1);
     }
 
     #[test]
     fn a_front_past_the_cursor_is_a_gap_and_stale_records_are_discarded() {
         let ring = Ring::new(8, 1024, Arc::new(Metrics::new()));
-        ring.on_commit(&[rec(20, 1), rec(30, 1)]);
+        ring.on_commit(vec![rec(20, 1), rec(30, 1)]);
         assert!(matches!(
             ring.take_at(Position {
                 segment: 1,
@@ -233,7 +233,7 @@ mod tests {
         let ring = Ring::new(8, 4, Arc::new(Metrics::new()));
         let mut seal = rec(0, 100);
         seal.kind = RecordKind::SEALED;
-        ring.on_commit(&[seal]);
+        ring.on_commit(vec![seal]);
         let RingRead::Record(r) = ring.take_at(Position {
             segment: 1,
             offset: 0,

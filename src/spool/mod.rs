@@ -164,9 +164,11 @@ pub struct Record {
     pub next: Position,
 }
 
-/// Called by the writer, in log order, with every batch of records it has committed.
+/// Called by the writer, in log order, with every batch of records it has committed. The
+/// records are handed over, not lent: their payloads move on without another reference count
+/// taken and dropped per record.
 pub trait CommitObserver: Send + Sync {
-    fn on_commit(&self, records: &[Record]);
+    fn on_commit(&self, records: Vec<Record>);
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -388,11 +388,13 @@ impl Writer {
         let mut buf = Vec::with_capacity(total as usize);
         let mut committed: Vec<Record> = Vec::new();
         let mut positions: Vec<Vec<Position>> = Vec::with_capacity(group.len());
-        for p in &group {
+        for p in &mut group {
             let mut mine = Vec::with_capacity(p.records.len());
-            for (kind, payload) in &p.records {
+            // The payloads move on to the observer: nothing of a request needs them once they
+            // are framed, whether the commit succeeds or fails.
+            for (kind, payload) in std::mem::take(&mut p.records) {
                 let at = start + buf.len() as u64;
-                format::encode_frame(kind.0, payload, &mut buf);
+                format::encode_frame(kind.0, &payload, &mut buf);
                 let position = Position {
                     segment: self.active,
                     offset: at,
@@ -400,8 +402,8 @@ impl Writer {
                 mine.push(position);
                 committed.push(Record {
                     position,
-                    kind: *kind,
-                    payload: payload.clone(),
+                    kind,
+                    payload,
                     next: Position {
                         segment: self.active,
                         offset: start + buf.len() as u64,
@@ -469,7 +471,7 @@ impl Writer {
             offset: self.offset,
         });
         if let Some(observer) = &self.shared.observer {
-            observer.on_commit(&committed);
+            observer.on_commit(committed);
         }
         for (p, pos) in group.into_iter().zip(positions) {
             let _ = p.reply.send(Ok(pos));
