@@ -4,25 +4,20 @@
 //! up, they are released like the rest. The releases are watched through a recording
 //! filesystem, with 8 KiB segments and two segments cached behind the active one.
 
+mod pipeline_common;
 mod spool_common;
 
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use pipeline_common::{append, wait_until};
 use spool_common::recording::{Log, RecordingFs};
-use spoolgate::chain::{Chains, SharedRecord};
-use spoolgate::config::{ForwardConfig, GateConfig};
-use spoolgate::envelope::{Envelope, ENVELOPE_VERSION};
-use spoolgate::forward::dead_letter::DeadLetter;
-use spoolgate::forward::ledger::{self, Ledger};
-use spoolgate::forward::pipeline::{Pipeline, PipelineParts};
+use spoolgate::chain::SharedRecord;
+use spoolgate::config::ForwardConfig;
 use spoolgate::forward::sink::{DeliverFuture, Sink};
-use spoolgate::gate::Gate;
 use spoolgate::metrics::Metrics;
 use spoolgate::ring::Ring;
 use spoolgate::slots::{slot_of, Ownership};
-use spoolgate::spool::{Position, RecordKind, Spool};
+use spoolgate::spool::{Position, Spool};
 
 const SEGMENT_BYTES: u64 = 8 * 1024;
 const WORKERS: usize = 2;
@@ -67,35 +62,14 @@ fn tenant_of_worker(worker: usize, prefix: &str) -> String {
         .expect("some tenant maps to every worker")
 }
 
-async fn append(spool: &Spool, tenant: &str, n: usize) -> Position {
-    let env = Envelope {
-        version: ENVELOPE_VERSION,
-        id: format!("{tenant}-{n}"),
-        source: "test".into(),
-        slot: slot_of(tenant),
-        tenant: Some(tenant.to_string()),
-        text: Some(format!("record {n} of {tenant}")),
-        ts_ms: 1,
-        ..Default::default()
-    };
-    spool
-        .append(vec![(
-            RecordKind::ENVELOPE,
-            Bytes::from(env.encode().unwrap()),
-        )])
-        .await
-        .unwrap()[0]
-}
-
-async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
-    let started = Instant::now();
-    while !cond() {
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+async fn append_numbered(spool: &Spool, tenant: &str, n: usize) -> Position {
+    append(
+        spool,
+        tenant,
+        format!("{tenant}-{n}"),
+        format!("record {n} of {tenant}"),
+    )
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -120,8 +94,6 @@ async fn segments_a_held_worker_must_re_read_keep_their_pages_until_it_has_read_
         Some(observer),
     )
     .unwrap();
-    let ledger = Arc::new(Ledger::default());
-    let scanned = ledger::scan(&spool, &ledger, 0, |_, _| {}, |_| {}).unwrap();
     let held = tenant_of_worker(0, "held");
     let flowing = tenant_of_worker(1, "flowing");
     let (open, _) = tokio::sync::watch::channel(false);
@@ -130,33 +102,26 @@ async fn segments_a_held_worker_must_re_read_keep_their_pages_until_it_has_read_
         open,
         delivered: Mutex::new(Vec::new()),
     });
-    let mut sinks: std::collections::BTreeMap<String, Arc<dyn Sink>> = Default::default();
-    sinks.insert("default".into(), sink.clone());
-    let pipeline = Pipeline::start(PipelineParts {
-        spool: spool.clone(),
+    let pipeline = pipeline_common::start(
+        &spool,
         ring,
-        gate: Arc::new(Gate::new(&GateConfig::default(), metrics.clone()).unwrap()),
-        chains: Arc::new(Mutex::new(Chains::new())),
-        ledger,
-        sinks,
-        dead_letter: DeadLetter::new(&dir.path().join("dl"), 1 << 30),
-        config: ForwardConfig {
+        &metrics,
+        sink.clone(),
+        ForwardConfig {
             workers: WORKERS,
             batch_records_max: 1,
             worker_queue_records_max: 2,
             linger_ms: 0,
             ..ForwardConfig::default()
         },
-        metrics: metrics.clone(),
-        compaction: Arc::new(tokio::sync::Notify::new()),
-        replay_end: scanned.end,
-    });
+        dir.path(),
+    );
     let delivered = |sink: &HoldingSink| sink.delivered.lock().unwrap().len();
 
     // Warm-up: a few segments of the flowing stream, delivered; the writer releases the old ones.
     let mut flowing_n = 0;
     while spool.durable_end().segment < 5 {
-        append(&spool, &flowing, flowing_n).await;
+        append_numbered(&spool, &flowing, flowing_n).await;
         flowing_n += 1;
     }
     wait_until("the warm-up delivered", || delivered(&sink) == flowing_n).await;
@@ -165,7 +130,7 @@ async fn segments_a_held_worker_must_re_read_keep_their_pages_until_it_has_read_
     let held_positions = {
         let mut p = Vec::new();
         for n in 0..6 {
-            p.push(append(&spool, &held, n).await);
+            p.push(append_numbered(&spool, &held, n).await);
         }
         p
     };
@@ -181,7 +146,7 @@ async fn segments_a_held_worker_must_re_read_keep_their_pages_until_it_has_read_
     // The flowing stream goes on for many segments past the held one.
     let before = flowing_n;
     while spool.durable_end().segment < held_segment + 10 {
-        append(&spool, &flowing, flowing_n).await;
+        append_numbered(&spool, &flowing, flowing_n).await;
         flowing_n += 1;
     }
     wait_until("the flowing records delivered", || {
@@ -210,7 +175,7 @@ async fn segments_a_held_worker_must_re_read_keep_their_pages_until_it_has_read_
     .await;
     let end = spool.durable_end().segment;
     while spool.durable_end().segment < end + 3 {
-        append(&spool, &flowing, flowing_n).await;
+        append_numbered(&spool, &flowing, flowing_n).await;
         flowing_n += 1;
     }
     wait_until("the held segment released", || {

@@ -2,24 +2,19 @@
 //! owns the slot; its secondary takes the slots over from their last tombstone and delivers
 //! everything, identically.
 
-use std::collections::{BTreeMap, HashMap};
+mod pipeline_common;
+
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use spoolgate::chain::{Chains, ForwardRecord, SharedRecord};
-use spoolgate::config::{ForwardConfig, GateConfig};
-use spoolgate::envelope::{Envelope, ENVELOPE_VERSION};
-use spoolgate::forward::dead_letter::DeadLetter;
-use spoolgate::forward::ledger::{self, Ledger};
-use spoolgate::forward::pipeline::{Pipeline, PipelineParts};
+use pipeline_common::{append, wait_until};
+use spoolgate::chain::{ForwardRecord, SharedRecord};
+use spoolgate::config::ForwardConfig;
 use spoolgate::forward::sink::{DeliverFuture, Sink};
-use spoolgate::gate::Gate;
 use spoolgate::metrics::Metrics;
 use spoolgate::ring::Ring;
-use spoolgate::slots::slot_of;
-use spoolgate::spool::{Durability, RecordKind, Spool, SpoolOptions};
+use spoolgate::spool::{Durability, Spool, SpoolOptions};
 
 /// Panics the first time a batch holds a record of `victim`'s stream; records everything else.
 struct PanickySink {
@@ -71,74 +66,39 @@ async fn a_panicking_worker_is_replaced_by_its_secondary_and_every_record_is_del
     };
     let observer: Arc<dyn spoolgate::spool::CommitObserver> = ring.clone();
     let (spool, _) = Spool::open(opts, metrics.clone(), Some(observer)).unwrap();
-    let ledger = Arc::new(Ledger::default());
-    let scanned = ledger::scan(&spool, &ledger, 0, |_, _| {}, |_| {}).unwrap();
     let sink = Arc::new(PanickySink {
         victim: "tenant-3".into(),
         panicked: AtomicBool::new(false),
         delivered: Mutex::new(Vec::new()),
     });
-    let mut sinks: BTreeMap<String, Arc<dyn Sink>> = BTreeMap::new();
-    sinks.insert("default".into(), sink.clone());
-    let pipeline = Pipeline::start(PipelineParts {
-        spool: spool.clone(),
+    let pipeline = pipeline_common::start(
+        &spool,
         ring,
-        gate: Arc::new(Gate::new(&GateConfig::default(), metrics.clone()).unwrap()),
-        chains: Arc::new(Mutex::new(Chains::new())),
-        ledger,
-        sinks,
-        dead_letter: DeadLetter::new(&dir.path().join("dl"), 1 << 30),
-        config: ForwardConfig {
+        &metrics,
+        sink.clone(),
+        ForwardConfig {
             workers: 3,
             linger_ms: 1,
             ..ForwardConfig::default()
         },
-        metrics: metrics.clone(),
-        compaction: Arc::new(tokio::sync::Notify::new()),
-        replay_end: scanned.end,
-    });
+        dir.path(),
+    );
 
     let total = 120;
     for n in 0..total {
         let tenant = format!("tenant-{}", n % 6);
-        let env = Envelope {
-            version: ENVELOPE_VERSION,
-            id: format!("id-{n}"),
-            source: "test".into(),
-            slot: slot_of(&tenant),
-            tenant: Some(tenant),
-            text: Some(format!("record {n}")),
-            ts_ms: 1,
-            ..Default::default()
-        };
-        spool
-            .append(vec![(
-                RecordKind::ENVELOPE,
-                Bytes::from(env.encode().unwrap()),
-            )])
-            .await
-            .unwrap();
+        append(&spool, &tenant, format!("id-{n}"), format!("record {n}")).await;
     }
 
-    let started = Instant::now();
-    loop {
-        let got: std::collections::HashSet<String> = sink
-            .delivered
+    let delivered_ids = || -> std::collections::HashSet<String> {
+        sink.delivered
             .lock()
             .unwrap()
             .iter()
             .map(|r| r.envelope.id.clone())
-            .collect();
-        if got.len() == total {
-            break;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "only {} of {total} delivered",
-            got.len()
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+            .collect()
+    };
+    wait_until("every record delivered", || delivered_ids().len() == total).await;
     assert!(
         sink.panicked.load(Ordering::SeqCst),
         "the sink must have panicked once"

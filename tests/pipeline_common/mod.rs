@@ -1,0 +1,85 @@
+//! Helpers shared by the in-process pipeline tests: starting a pipeline on an open spool with
+//! one test sink, appending envelopes, and waiting for a condition.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use spoolgate::chain::Chains;
+use spoolgate::config::{ForwardConfig, GateConfig};
+use spoolgate::envelope::{Envelope, ENVELOPE_VERSION};
+use spoolgate::forward::dead_letter::DeadLetter;
+use spoolgate::forward::ledger::{self, Ledger};
+use spoolgate::forward::pipeline::{Pipeline, PipelineParts};
+use spoolgate::forward::sink::Sink;
+use spoolgate::gate::Gate;
+use spoolgate::metrics::Metrics;
+use spoolgate::ring::Ring;
+use spoolgate::slots::slot_of;
+use spoolgate::spool::{Position, RecordKind, Spool};
+
+/// Scans `spool` and starts a pipeline on it with `sink` as the default sink, the default
+/// gate, and dead letters under `scratch`.
+pub fn start(
+    spool: &Spool,
+    ring: Arc<Ring>,
+    metrics: &Arc<Metrics>,
+    sink: Arc<dyn Sink>,
+    config: ForwardConfig,
+    scratch: &Path,
+) -> Pipeline {
+    let ledger = Arc::new(Ledger::default());
+    let scanned = ledger::scan(spool, &ledger, 0, |_, _| {}, |_| {}).unwrap();
+    let mut sinks: BTreeMap<String, Arc<dyn Sink>> = BTreeMap::new();
+    sinks.insert("default".into(), sink);
+    Pipeline::start(PipelineParts {
+        spool: spool.clone(),
+        ring,
+        gate: Arc::new(Gate::new(&GateConfig::default(), metrics.clone()).unwrap()),
+        chains: Arc::new(Mutex::new(Chains::new())),
+        ledger,
+        sinks,
+        dead_letter: DeadLetter::new(&scratch.join("dl"), 1 << 30),
+        config,
+        metrics: metrics.clone(),
+        compaction: Arc::new(tokio::sync::Notify::new()),
+        replay_end: scanned.end,
+    })
+}
+
+/// Appends an envelope of `tenant` with `id` and `text`; returns its position.
+pub async fn append(spool: &Spool, tenant: &str, id: String, text: String) -> Position {
+    let env = Envelope {
+        version: ENVELOPE_VERSION,
+        id,
+        source: "test".into(),
+        slot: slot_of(tenant),
+        tenant: Some(tenant.to_string()),
+        text: Some(text),
+        ts_ms: 1,
+        ..Default::default()
+    };
+    spool
+        .append(vec![(
+            RecordKind::ENVELOPE,
+            Bytes::from(env.encode().unwrap()),
+        )])
+        .await
+        .unwrap()[0]
+}
+
+/// Polls `cond` until it holds, failing after a minute. What it waits on (deliveries, metrics,
+/// the recording filesystem's log) has no event to await, so it is looked at every few ms.
+pub async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let started = Instant::now();
+    while !cond() {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
