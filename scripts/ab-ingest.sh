@@ -7,6 +7,9 @@
 # Default workload: 100-envelope msgpack batches of 1 KiB texts at 16 connections, ingest only
 # (forward.enabled = false), 5 s measured per run. Example, for another workload:
 #   scripts/ab-ingest.sh /tmp/old /tmp/new 7 -- --connections 64 --batch 1 --text-bytes 512
+# With E2E=1 the daemons forward to the file sink and each run waits until everything it
+# acknowledged is delivered and tombstoned: the rate is then the end-to-end one, and the CPU
+# per envelope covers forwarding too.
 set -euo pipefail
 A=${1:?old binary}
 B=${2:?new binary}
@@ -15,6 +18,13 @@ shift $(( $# < 3 ? $# : 3 ))
 [ "${1:-}" = "--" ] && shift
 FLAGS=("$@")
 [ ${#FLAGS[@]} -gt 0 ] || FLAGS=(--connections 16 --batch 100 --text-bytes 1024)
+SERVE=(--set forward.enabled=false)
+RATE=envelopes_per_s
+if [ -n "${E2E:-}" ]; then
+    SERVE=()
+    FLAGS+=(--wait-drained)
+    RATE=end_to_end_envelopes_per_s
+fi
 SCRATCH=$(mktemp -d)
 trap 'rm -rf "$SCRATCH"' EXIT
 
@@ -22,7 +32,7 @@ run() { # BIN -> "envelopes_per_s cpu_us_per_envelope"
     local bin=$1 dir
     dir=$(mktemp -d "$SCRATCH/run.XXXX")
     "$bin" serve --set data_dir="$dir/data" --set ingest.listen=127.0.0.1:0 \
-        --set metrics.listen=127.0.0.1:0 --set forward.enabled=false \
+        --set metrics.listen=127.0.0.1:0 ${SERVE[@]+"${SERVE[@]}"} \
         --set spool.quota_soft_bytes=30000000000 --set spool.quota_hard_bytes=32000000000 \
         >"$dir/log" 2>&1 &
     local pid=$!
@@ -33,13 +43,13 @@ run() { # BIN -> "envelopes_per_s cpu_us_per_envelope"
     t1=$(awk '{print $14+$15}' "/proc/$pid/stat")
     kill -TERM "$pid"
     wait "$pid" || true
-    python3 - "$dir/out.json" "$((t1 - t0))" "$(getconf CLK_TCK)" <<'PY'
+    python3 - "$dir/out.json" "$((t1 - t0))" "$(getconf CLK_TCK)" "$RATE" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1]))
 ticks, hz = int(sys.argv[2]), int(sys.argv[3])
 # The CPU ticks span the warm-up second too; count its envelopes at the measured rate.
 envelopes = r["envelopes_acknowledged_total"] * (1 + 1 / r["duration_s"])
-print(round(r["envelopes_per_s"]), round(ticks / hz / envelopes * 1e6, 3))
+print(round(r[sys.argv[4]]), round(ticks / hz / envelopes * 1e6, 3))
 PY
     rm -rf "$dir"
 }
