@@ -37,9 +37,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tokio::sync::{mpsc, watch};
 
-use crate::chain::{
-    encode_sealed_entry_from, sealed_batch_from_encoded, Chains, SharedRecord, Tombstone,
-};
+use crate::chain::{Chains, SealError, SealWriter, SharedRecord, Tombstone};
 use crate::config::ForwardConfig;
 use crate::envelope::Envelope;
 use crate::forward::dead_letter::{DeadLetter, DeadLetterError};
@@ -73,42 +71,6 @@ pub enum WorkerError {
     Spool(#[from] SpoolError),
     #[error("dead-letter write failed: {0}")]
     DeadLetter(std::io::Error),
-}
-
-/// Splits a batch's seal entries (already msgpack-encoded, each once) into SEALED records that
-/// each fit `record_bytes_max`; they are appended together, all or nothing.
-fn seal_records(
-    entries: Vec<Vec<u8>>,
-    record_bytes_max: u32,
-) -> Result<Vec<(RecordKind, Bytes)>, WorkerError> {
-    // Room for the batch's own map and array headers.
-    const HEADER_BYTES: usize = 64;
-    let mut out = Vec::new();
-    let mut chunk: Vec<Vec<u8>> = Vec::new();
-    let mut chunk_bytes = 0usize;
-    for entry in entries {
-        let size = entry.len();
-        if size + HEADER_BYTES > record_bytes_max as usize {
-            return Err(WorkerError::Spool(SpoolError::TooLarge {
-                len: size,
-                max: record_bytes_max,
-            }));
-        }
-        if !chunk.is_empty() && chunk_bytes + size + HEADER_BYTES > record_bytes_max as usize {
-            let bytes = sealed_batch_from_encoded(&std::mem::take(&mut chunk));
-            out.push((RecordKind::SEALED, Bytes::from(bytes)));
-            chunk_bytes = 0;
-        }
-        chunk_bytes += size;
-        chunk.push(entry);
-    }
-    if !chunk.is_empty() {
-        out.push((
-            RecordKind::SEALED,
-            Bytes::from(sealed_batch_from_encoded(&chunk)),
-        ));
-    }
-    Ok(out)
 }
 
 /// What a worker shares with the rest of the pipeline.
@@ -238,7 +200,8 @@ impl Worker {
                 .observe(started.elapsed().as_secs_f64());
             gated.push((i, env));
         }
-        let mut fresh: Vec<Vec<u8>> = Vec::with_capacity(gated.len());
+        let payload_hint: usize = batch.iter().map(|i| i.bytes).sum();
+        let mut writer = SealWriter::new(ctx.spool.record_bytes_max(), payload_hint);
         let mut snapshot = Vec::new();
         {
             let mut chains = ctx.chains.lock().unwrap_or_else(|p| p.into_inner());
@@ -247,14 +210,8 @@ impl Worker {
             for (i, env) in gated {
                 let stream = env.stream().to_string();
                 snapshot.push((stream.clone(), chains.head(&stream)));
-                let encoded = chains.seal_encoded(env).and_then(|(r, envelope_bytes)| {
-                    encode_sealed_entry_from(batch[i].position, &r, &envelope_bytes).map(|e| (r, e))
-                });
-                match encoded {
-                    Ok((record, bytes)) => {
-                        sealed_here.push((i, SharedRecord::new(record)));
-                        fresh.push(bytes);
-                    }
+                match writer.seal(&mut chains, batch[i].position, env) {
+                    Ok(record) => sealed_here.push((i, SharedRecord::new(record))),
                     Err(e) => {
                         failure = Some(e);
                         break;
@@ -265,23 +222,26 @@ impl Worker {
                 for (stream, head) in snapshot.into_iter().rev() {
                     chains.restore(&stream, head);
                 }
-                return Err(invalid(e));
+                return Err(match e {
+                    SealError::Chain(e) => invalid(e),
+                    SealError::TooLarge { len, max } => WorkerError::Spool(SpoolError::TooLarge {
+                        len,
+                        max: max as u32,
+                    }),
+                });
             }
             for (i, record) in sealed_here {
                 batch[i].sealed = Some(record);
             }
             ctx.metrics.chain_streams.set(chains.len() as i64);
         }
-        if !fresh.is_empty() {
-            let appended = match seal_records(fresh, ctx.spool.record_bytes_max()) {
-                Ok(records) => ctx
-                    .spool
-                    .append_synced(records)
-                    .await
-                    .map_err(WorkerError::from),
-                Err(e) => Err(e),
-            };
-            if let Err(e) = appended {
+        if !writer.is_empty() {
+            let records = writer
+                .finish()
+                .into_iter()
+                .map(|payload| (RecordKind::SEALED, payload))
+                .collect();
+            if let Err(e) = ctx.spool.append_synced(records).await {
                 // Undo in reverse so a stream sealed twice in this batch returns to its
                 // head from before the batch.
                 let mut chains = ctx.chains.lock().unwrap_or_else(|p| p.into_inner());
@@ -291,7 +251,7 @@ impl Worker {
                 for item in batch.iter_mut() {
                     item.sealed = None;
                 }
-                return Err(e);
+                return Err(e.into());
             }
             ctx.ledger.record_sealed(
                 batch
