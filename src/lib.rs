@@ -19,6 +19,8 @@
 //!
 //! - [`config`]: every key and bound, defaults, file/env/flag layering.
 //! - [`envelope`]: Envelope v1 and its canonical msgpack encoding.
+//! - `msgpack`: the bounded msgpack reader under the direct decoders of envelopes and request
+//!   bodies.
 //! - [`ingest`]: the HTTP front end: parsing, validation, auth, dedup, backpressure.
 //! - [`spool`]: the segment log: framing, group commit, recovery, reader, filesystem seam.
 //! - [`ring`]: the bounded memory ring between the spool writer and the consumer.
@@ -42,6 +44,7 @@ pub mod gate;
 pub mod ingest;
 pub mod loadgen;
 pub mod metrics;
+mod msgpack;
 pub mod ring;
 pub mod slots;
 pub mod spool;

@@ -18,10 +18,11 @@
 use std::collections::BTreeMap;
 
 use super::{Envelope, Priority};
+use crate::msgpack::Cursor;
 
 /// Decodes `bytes` when every part of it is in the subset above.
 pub(super) fn decode(bytes: &[u8]) -> Option<Envelope> {
-    let mut cur = Cursor { bytes, at: 0 };
+    let mut cur = Cursor::new(bytes);
     let fields = cur.map_len()?;
     let mut env = Envelope::default();
     // One bit per field seen, for duplicates and for the required ones.
@@ -126,88 +127,6 @@ pub(super) fn decode(bytes: &[u8]) -> Option<Envelope> {
     }
     const REQUIRED: u32 = 0b1_1111;
     (seen & REQUIRED == REQUIRED && cur.remaining() == 0).then_some(env)
-}
-
-/// Reads msgpack values from a byte slice; every read returns `None` past the end.
-struct Cursor<'a> {
-    bytes: &'a [u8],
-    at: usize,
-}
-
-impl<'a> Cursor<'a> {
-    fn remaining(&self) -> usize {
-        self.bytes.len() - self.at
-    }
-
-    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
-        let end = self.at.checked_add(n)?;
-        let out = self.bytes.get(self.at..end)?;
-        self.at = end;
-        Some(out)
-    }
-
-    fn byte(&mut self) -> Option<u8> {
-        Some(self.take(1)?[0])
-    }
-
-    fn be(&mut self, n: usize) -> Option<u64> {
-        Some(
-            self.take(n)?
-                .iter()
-                .fold(0u64, |acc, b| (acc << 8) | u64::from(*b)),
-        )
-    }
-
-    /// A msgpack uint in any of its encodings (positive fixint, uint 8/16/32/64).
-    fn uint(&mut self) -> Option<u64> {
-        match self.byte()? {
-            b @ 0x00..=0x7f => Some(u64::from(b)),
-            0xcc => self.be(1),
-            0xcd => self.be(2),
-            0xce => self.be(4),
-            0xcf => self.be(8),
-            _ => None,
-        }
-    }
-
-    /// A msgpack str (fixstr, str 8/16/32) holding valid UTF-8.
-    fn str(&mut self) -> Option<&'a str> {
-        let len = match self.byte()? {
-            b @ 0xa0..=0xbf => usize::from(b & 0x1f),
-            0xd9 => self.be(1)? as usize,
-            0xda => self.be(2)? as usize,
-            0xdb => self.be(4)? as usize,
-            _ => return None,
-        };
-        std::str::from_utf8(self.take(len)?).ok()
-    }
-
-    fn string(&mut self) -> Option<String> {
-        self.str().map(str::to_owned)
-    }
-
-    /// The entry count of a msgpack map (fixmap, map 16/32), at most what the remaining
-    /// bytes could hold (two bytes per entry).
-    fn map_len(&mut self) -> Option<usize> {
-        let len = match self.byte()? {
-            b @ 0x80..=0x8f => usize::from(b & 0x0f),
-            0xde => self.be(2)? as usize,
-            0xdf => self.be(4)? as usize,
-            _ => return None,
-        };
-        (len <= self.remaining() / 2).then_some(len)
-    }
-
-    /// The item count of a msgpack array (fixarray, array 16/32), at most the remaining bytes.
-    fn array_len(&mut self) -> Option<usize> {
-        let len = match self.byte()? {
-            b @ 0x90..=0x9f => usize::from(b & 0x0f),
-            0xdc => self.be(2)? as usize,
-            0xdd => self.be(4)? as usize,
-            _ => return None,
-        };
-        (len <= self.remaining()).then_some(len)
-    }
 }
 
 #[cfg(test)]

@@ -23,21 +23,22 @@ use super::parse::{
 use crate::envelope::{Envelope, Priority};
 
 /// One item as the client sent it: only the known fields, each of its one accepted type.
-#[derive(Default)]
-struct Item {
-    source: Option<Str>,
-    id: Option<Str>,
-    tenant: Option<Str>,
-    text: Option<Str>,
-    ts_ms: Option<u64>,
-    priority: Option<Str>,
+#[derive(Default, Debug, PartialEq)]
+pub(super) struct Item {
+    pub(super) source: Option<Str>,
+    pub(super) id: Option<Str>,
+    pub(super) tenant: Option<Str>,
+    pub(super) text: Option<Str>,
+    pub(super) ts_ms: Option<u64>,
+    pub(super) priority: Option<Str>,
     /// Decoded as a `Value`, exactly as the `Value` road decodes it.
-    meta: Option<Value>,
+    pub(super) meta: Option<Value>,
 }
 
 /// A string that was a string in the body. serde's own `String` also takes msgpack `bin`
 /// data that happens to be UTF-8, which the `Value` road refuses.
-struct Str(String);
+#[derive(Debug, PartialEq)]
+pub(super) struct Str(pub(super) String);
 
 impl<'de> Deserialize<'de> for Str {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Str, D::Error> {
@@ -180,28 +181,7 @@ fn items(content_type: ContentType, body: &[u8], limits: &ParseLimits) -> Option
             _ => return None,
         },
         ContentType::Msgpack => {
-            let many = match body.first()? {
-                0x90..=0x9f | 0xdc | 0xdd => true,
-                0x80..=0x8f | 0xde | 0xdf => false,
-                _ => return None,
-            };
-            // Strings are borrowed from the body rather than copied through a scratch buffer
-            // first, as a `Read`-based deserializer does.
-            let mut de = rmp_serde::Deserializer::from_read_ref(body);
-            let items = if many {
-                Vec::<Item>::deserialize(&mut de).ok()?
-            } else {
-                vec![Item::deserialize(&mut de).ok()?]
-            };
-            // This deserializer does not say how much it consumed, so trailing bytes are found by
-            // trying to read one more value: only an end of input where its marker would be
-            // means there are none.
-            match de::IgnoredAny::deserialize(&mut de) {
-                Err(rmp_serde::decode::Error::InvalidMarkerRead(e))
-                    if e.kind() == std::io::ErrorKind::UnexpectedEof => {}
-                _ => return None,
-            }
-            items
+            super::msgpack_items::items(body).or_else(|| serde_msgpack_items(body))?
         }
         ContentType::NdJson => {
             let mut items = Vec::new();
@@ -219,6 +199,32 @@ fn items(content_type: ContentType, body: &[u8], limits: &ParseLimits) -> Option
         }
     };
     (!items.is_empty() && items.len() <= limits.batch_items_max).then_some(items)
+}
+
+/// A msgpack body's items through rmp-serde: the road for what `msgpack_items` declines.
+pub(super) fn serde_msgpack_items(body: &[u8]) -> Option<Vec<Item>> {
+    let many = match body.first()? {
+        0x90..=0x9f | 0xdc | 0xdd => true,
+        0x80..=0x8f | 0xde | 0xdf => false,
+        _ => return None,
+    };
+    // Strings are borrowed from the body rather than copied through a scratch buffer
+    // first, as a `Read`-based deserializer does.
+    let mut de = rmp_serde::Deserializer::from_read_ref(body);
+    let items = if many {
+        Vec::<Item>::deserialize(&mut de).ok()?
+    } else {
+        vec![Item::deserialize(&mut de).ok()?]
+    };
+    // This deserializer does not say how much it consumed, so trailing bytes are found by
+    // trying to read one more value: only an end of input where its marker would be
+    // means there are none.
+    match de::IgnoredAny::deserialize(&mut de) {
+        Err(rmp_serde::decode::Error::InvalidMarkerRead(e))
+            if e.kind() == std::io::ErrorKind::UnexpectedEof => {}
+        _ => return None,
+    }
+    Some(items)
 }
 
 /// Every item's envelope (and whether its id was generated) if the whole request is

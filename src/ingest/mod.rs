@@ -27,6 +27,7 @@ pub mod dedup;
 pub mod dedup_file;
 mod fast_parse;
 pub mod inflight;
+mod msgpack_items;
 pub mod parse;
 pub mod server;
 pub mod streams;
