@@ -153,7 +153,7 @@ fn field_str(out: &mut Vec<u8>, name: &str, value: &str) {
     write_str(out, value);
 }
 
-fn write_u64(out: &mut Vec<u8>, v: u64) {
+pub(crate) fn write_u64(out: &mut Vec<u8>, v: u64) {
     // Writing into a Vec cannot fail.
     let _ = write!(out, "{v}");
 }

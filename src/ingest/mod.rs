@@ -466,20 +466,42 @@ async fn ingest(state: &IngestState, req: Request<Incoming>) -> HttpResponse {
         .metrics
         .ingest_envelopes_accepted_total
         .inc_by(written.len() as u64);
-    let body = Accepted {
-        accepted: items.len(),
-        envelopes: &items,
-    };
-    match serde_json::to_vec(&body) {
-        Ok(bytes) => bytes_response(StatusCode::ACCEPTED, bytes),
-        // Serialising these plain structs cannot fail; answer 500 rather than panic if it did.
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
-    }
+    bytes_response(StatusCode::ACCEPTED, accepted_body(&items))
 }
 
-/// The 202 body. Typed rather than built as a `serde_json::Value` (a map per envelope, built
-/// and dropped at every request); the fields are in the order a `Value` map would sort them,
-/// so the bytes are the same as before.
+/// The 202 body, written directly: the bytes serde_json writes for [`Accepted`] (a test holds
+/// them equal), without its per-byte escaping of every id, which was ~3% of batch ingest's CPU.
+/// Keys are in the order a `serde_json::Value` map sorts them, as the body was first built.
+fn accepted_body(items: &[AcceptedItem]) -> Vec<u8> {
+    use crate::forward::json::{write_str, write_u64};
+    // About 90 bytes per item besides its id.
+    let ids: usize = items.iter().map(|i| i.id.len()).sum();
+    let mut out = Vec::with_capacity(40 + items.len() * 90 + ids);
+    out.extend_from_slice(b"{\"accepted\":");
+    write_u64(&mut out, items.len() as u64);
+    out.extend_from_slice(b",\"envelopes\":[");
+    for (n, item) in items.iter().enumerate() {
+        if n > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(b"{\"duplicate\":");
+        out.extend_from_slice(if item.duplicate { b"true" } else { b"false" });
+        out.extend_from_slice(b",\"id\":");
+        write_str(&mut out, item.id);
+        out.extend_from_slice(b",\"position\":{\"offset\":");
+        write_u64(&mut out, item.position.offset);
+        out.extend_from_slice(b",\"segment\":");
+        write_u64(&mut out, item.position.segment);
+        out.extend_from_slice(b"},\"slot\":");
+        write_u64(&mut out, u64::from(item.slot));
+        out.push(b'}');
+    }
+    out.extend_from_slice(b"]}");
+    out
+}
+
+/// The 202 body's shape, as serde_json writes it: the oracle of [`accepted_body`].
+#[cfg(test)]
 #[derive(serde::Serialize)]
 struct Accepted<'a> {
     accepted: usize,
@@ -595,5 +617,30 @@ mod tests {
             {"id": "c2", "slot": 0, "position": {"segment": 1, "offset": 4_294_967_296u64}, "duplicate": true},
         ]});
         assert_eq!(typed, value.to_string());
+        assert_eq!(String::from_utf8(accepted_body(&items)).unwrap(), typed);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn the_directly_written_accepted_body_is_serde_jsons(
+            rows in proptest::collection::vec(
+                (proptest::prelude::any::<bool>(), ".{0,40}", proptest::prelude::any::<u64>(),
+                 proptest::prelude::any::<u64>(), proptest::prelude::any::<u16>()),
+                0..6,
+            ),
+        ) {
+            let items: Vec<AcceptedItem> = rows
+                .iter()
+                .map(|(duplicate, id, offset, segment, slot)| AcceptedItem {
+                    duplicate: *duplicate,
+                    id,
+                    position: AcceptedPosition { offset: *offset, segment: *segment },
+                    slot: *slot,
+                })
+                .collect();
+            let oracle = serde_json::to_vec(&Accepted { accepted: items.len(), envelopes: &items })
+                .unwrap();
+            proptest::prop_assert_eq!(accepted_body(&items), oracle);
+        }
     }
 }
