@@ -64,6 +64,12 @@ impl<'a> Cursor<'a> {
 
     /// A msgpack str (fixstr, str 8/16/32) holding valid UTF-8.
     pub(crate) fn str(&mut self) -> Option<&'a str> {
+        simdutf8::basic::from_utf8(self.str_bytes()?).ok()
+    }
+
+    /// The bytes of a msgpack str, not validated: for map keys that are only compared with
+    /// known names (bytes that are not UTF-8 equal none of them).
+    pub(crate) fn str_bytes(&mut self) -> Option<&'a [u8]> {
         let len = match self.byte()? {
             b @ 0xa0..=0xbf => usize::from(b & 0x1f),
             0xd9 => self.be(1)? as usize,
@@ -71,7 +77,7 @@ impl<'a> Cursor<'a> {
             0xdb => self.be(4)? as usize,
             _ => return None,
         };
-        simdutf8::basic::from_utf8(self.take(len)?).ok()
+        self.take(len)
     }
 
     pub(crate) fn string(&mut self) -> Option<String> {

@@ -28,45 +28,44 @@ pub(super) fn decode(bytes: &[u8]) -> Option<Envelope> {
     // One bit per field seen, for duplicates and for the required ones.
     let mut seen: u32 = 0;
     for _ in 0..fields {
-        let key = cur.str()?;
-        let bit = match key {
-            "version" => {
+        let bit = match cur.str_bytes()? {
+            b"version" => {
                 env.version = u32::try_from(cur.uint()?).ok()?;
                 1
             }
-            "id" => {
+            b"id" => {
                 env.id = cur.string()?;
                 1 << 1
             }
-            "source" => {
+            b"source" => {
                 env.source = cur.string()?;
                 1 << 2
             }
-            "ts_ms" => {
+            b"ts_ms" => {
                 env.ts_ms = cur.uint()?;
                 1 << 3
             }
-            "slot" => {
+            b"slot" => {
                 env.slot = u16::try_from(cur.uint()?).ok()?;
                 1 << 4
             }
-            "tenant" => {
+            b"tenant" => {
                 env.tenant = Some(cur.string()?);
                 1 << 5
             }
-            "text" => {
+            b"text" => {
                 env.text = Some(cur.string()?);
                 1 << 6
             }
-            "text_hash" => {
+            b"text_hash" => {
                 env.text_hash = Some(cur.string()?);
                 1 << 7
             }
-            "char_len" => {
+            b"char_len" => {
                 env.char_len = Some(cur.uint()?);
                 1 << 8
             }
-            "pii" => {
+            b"pii" => {
                 let entries = cur.map_len()?;
                 for _ in 0..entries {
                     let kind = cur.string()?;
@@ -75,7 +74,7 @@ pub(super) fn decode(bytes: &[u8]) -> Option<Envelope> {
                 }
                 1 << 9
             }
-            "tags" => {
+            b"tags" => {
                 let items = cur.array_len()?;
                 // Each item takes at least one byte, so the remaining bytes bound the length
                 // of a corrupt header.
@@ -86,11 +85,11 @@ pub(super) fn decode(bytes: &[u8]) -> Option<Envelope> {
                 env.tags = tags;
                 1 << 10
             }
-            "intent_hint" => {
+            b"intent_hint" => {
                 env.intent_hint = Some(cur.string()?);
                 1 << 11
             }
-            "routing_hints" => {
+            b"routing_hints" => {
                 let entries = cur.map_len()?;
                 let mut hints = BTreeMap::new();
                 for _ in 0..entries {
@@ -101,15 +100,15 @@ pub(super) fn decode(bytes: &[u8]) -> Option<Envelope> {
                 env.routing_hints = hints;
                 1 << 12
             }
-            "summary_extractive" => {
+            b"summary_extractive" => {
                 env.summary_extractive = Some(cur.string()?);
                 1 << 13
             }
-            "embed_ref" => {
+            b"embed_ref" => {
                 env.embed_ref = Some(cur.string()?);
                 1 << 14
             }
-            "priority" => {
+            b"priority" => {
                 env.priority = match cur.str()? {
                     "high" => Priority::High,
                     "normal" => Priority::Normal,

@@ -13,8 +13,6 @@
 //! drift apart; the file sink's lines are part of the contract (spool-format.md §8). A field
 //! added to `Envelope` must be added here and set in that test's full record.
 
-use std::io::Write;
-
 use crate::chain::ForwardRecord;
 use crate::envelope::Envelope;
 
@@ -153,9 +151,21 @@ fn field_str(out: &mut Vec<u8>, name: &str, value: &str) {
     write_str(out, value);
 }
 
-pub(crate) fn write_u64(out: &mut Vec<u8>, v: u64) {
-    // Writing into a Vec cannot fail.
-    let _ = write!(out, "{v}");
+/// Appends `v` in decimal. By hand rather than through `write!`, whose formatting machinery
+/// showed as ~1% of batch ingest (three numbers per envelope in the 202 body).
+pub(crate) fn write_u64(out: &mut Vec<u8>, mut v: u64) {
+    // u64::MAX has 20 digits.
+    let mut digits = [0u8; 20];
+    let mut start = digits.len();
+    loop {
+        start -= 1;
+        digits[start] = b'0' + (v % 10) as u8;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[start..]);
 }
 
 const LOW_BITS: u64 = 0x0101_0101_0101_0101;
@@ -249,6 +259,23 @@ mod tests {
         let mut out = Vec::new();
         write_str(&mut out, s);
         out
+    }
+
+    #[test]
+    fn numbers_are_written_as_display_writes_them() {
+        let mut k = 0x9e37_79b9_7f4a_7c15u64;
+        let mut values = vec![0, 1, 9, 10, 99, 100, u64::MAX, u64::MAX - 1, 1 << 63];
+        for _ in 0..1000 {
+            k = k
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            values.push(k >> (k % 64));
+        }
+        for v in values {
+            let mut out = b"x".to_vec();
+            write_u64(&mut out, v);
+            assert_eq!(out, format!("x{v}").into_bytes());
+        }
     }
 
     #[test]

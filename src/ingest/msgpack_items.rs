@@ -37,15 +37,14 @@ fn item(cur: &mut Cursor) -> Option<Item> {
     let mut item = Item::default();
     let mut seen: u8 = 0;
     for _ in 0..fields {
-        let key = cur.str()?;
-        let bit = match key {
-            "source" => 1,
-            "id" => 2,
-            "tenant" => 4,
-            "text" => 8,
-            "ts_ms" => 16,
-            "priority" => 32,
-            "meta" => 64,
+        let bit = match cur.str_bytes()? {
+            b"source" => 1,
+            b"id" => 2,
+            b"tenant" => 4,
+            b"text" => 8,
+            b"ts_ms" => 16,
+            b"priority" => 32,
+            b"meta" => 64,
             _ => return None,
         };
         if seen & bit != 0 {
