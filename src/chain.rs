@@ -355,7 +355,10 @@ impl SealWriter {
         out.reserve(envelope.encoded_len_hint() + stream.len() + 220);
         out.push(0x82);
         put_str(out, "position");
-        rmp_serde::encode::write_named(out, &position).map_err(ChainError::from)?;
+        if let Err(e) = rmp_serde::encode::write_named(out, &position) {
+            out.truncate(start);
+            return Err(ChainError::from(e).into());
+        }
         put_str(out, "record");
         out.push(0x86);
         put_str(out, "stream");

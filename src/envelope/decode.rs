@@ -20,6 +20,9 @@ use std::collections::BTreeMap;
 use super::{Envelope, Priority};
 use crate::msgpack::Cursor;
 
+/// Tags reserved for up front; more grow the vector.
+const TAGS_RESERVED_MAX: usize = 16;
+
 /// Decodes `bytes` when every part of it is in the subset above.
 pub(super) fn decode(bytes: &[u8]) -> Option<Envelope> {
     let mut cur = Cursor::new(bytes);
@@ -76,9 +79,9 @@ pub(super) fn decode(bytes: &[u8]) -> Option<Envelope> {
             }
             b"tags" => {
                 let items = cur.array_len()?;
-                // Each item takes at least one byte, so the remaining bytes bound the length
-                // of a corrupt header.
-                let mut tags = Vec::with_capacity(items.min(cur.remaining()));
+                // Reserved for at most a few: a damaged header could claim as many items as
+                // the record has bytes, and each costs more memory than its byte.
+                let mut tags = Vec::with_capacity(items.min(TAGS_RESERVED_MAX));
                 for _ in 0..items {
                     tags.push(cur.string()?);
                 }

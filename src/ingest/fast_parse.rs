@@ -180,9 +180,8 @@ fn items(content_type: ContentType, body: &[u8], limits: &ParseLimits) -> Option
             b'{' => vec![serde_json::from_slice::<Item>(body).ok()?],
             _ => return None,
         },
-        ContentType::Msgpack => {
-            super::msgpack_items::items(body).or_else(|| serde_msgpack_items(body))?
-        }
+        ContentType::Msgpack => super::msgpack_items::items(body, limits.batch_items_max)
+            .or_else(|| serde_msgpack_items(body))?,
         ContentType::NdJson => {
             let mut items = Vec::new();
             for line in body.split(|&b| b == b'\n') {
