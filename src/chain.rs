@@ -307,7 +307,8 @@ const SEAL_HEADER_BYTES: usize = 64;
 /// lowercase hex string has a fixed length). Before, the envelope was encoded into a buffer of
 /// its own, copied into its entry's buffer, and that copied again into the batch payload: two
 /// copies of every forwarded text, about 2.5% of the forwarding CPU. The bytes are the same as
-/// [`encode_sealed_entry`] and [`SealedBatch::encode`] give (a test holds them equal).
+/// `encode_sealed_entry` (a test oracle) and [`SealedBatch::encode`] give (a test holds them
+/// equal).
 ///
 /// Payloads are split so that each fits `record_bytes_max`, as separate SEALED records that
 /// are appended together; an entry that cannot fit a record on its own is refused.

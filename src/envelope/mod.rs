@@ -227,7 +227,7 @@ impl Envelope {
     }
 
     /// Decodes envelope bytes: directly when they are in the subset spoolgate writes (see
-    /// [`decode`](mod@decode)), through rmp-serde otherwise, with the same result either way.
+    /// `envelope/decode.rs`), through rmp-serde otherwise, with the same result either way.
     pub fn decode(bytes: &[u8]) -> Result<Envelope, EnvelopeError> {
         if let Some(env) = decode::decode(bytes) {
             return Ok(env);
