@@ -80,6 +80,22 @@ impl<'a> Cursor<'a> {
         self.take(len)
     }
 
+    /// The next value decoded by rmp-serde, for open shapes (`meta`, `embed_preview`) that
+    /// this reader does not know. `depth` is what rmp-serde's nesting counter would be at this
+    /// value when decoding the whole input (1024 less one per enclosing map or array), so the
+    /// result, depth limit included, is what decoding the whole input with rmp-serde gives.
+    pub(crate) fn serde_value<T: serde::de::DeserializeOwned>(
+        &mut self,
+        depth: usize,
+    ) -> Option<T> {
+        let mut rest = &self.bytes[self.at..];
+        let mut de = rmp_serde::Deserializer::new(&mut rest);
+        de.set_max_depth(depth);
+        let value = T::deserialize(&mut de).ok()?;
+        self.at = self.bytes.len() - rest.len();
+        Some(value)
+    }
+
     pub(crate) fn string(&mut self) -> Option<String> {
         self.str().map(str::to_owned)
     }

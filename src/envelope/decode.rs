@@ -10,7 +10,9 @@
 //! rmp-serde would, and the caller then decodes with rmp-serde, so the two can never disagree
 //! on a result. What it handles: a map whose keys are the known field names, each at most once,
 //! with the value types spoolgate writes (uint, str, map str→uint, array of str, map str→str),
-//! and nothing after the map. What it hands back: `meta` and `embed_preview` (open shapes),
+//! and nothing after the map. `meta` and `embed_preview`, of open shape, are decoded by
+//! rmp-serde where they stand (`Cursor::serde_value`, at the nesting depth they have in the
+//! envelope), so an envelope with client `meta` is not decoded twice. What it hands back:
 //! keys it does not know (a newer writer's fields), nil or signed-integer values, duplicate
 //! keys, a missing required field, a value out of its field's range, invalid UTF-8, and
 //! trailing bytes. A test compares the two decoders on generated and on corrupted envelopes.
@@ -19,6 +21,9 @@ use std::collections::BTreeMap;
 
 use super::{Envelope, Priority};
 use crate::msgpack::Cursor;
+
+/// rmp-serde's nesting counter at a value of the envelope map (one level in from 1024).
+const FIELD_DEPTH: usize = 1023;
 
 /// Tags reserved for up front; more grow the vector.
 const TAGS_RESERVED_MAX: usize = 16;
@@ -120,6 +125,14 @@ pub(super) fn decode(bytes: &[u8]) -> Option<Envelope> {
                 };
                 1 << 15
             }
+            b"meta" => {
+                env.meta = cur.serde_value(FIELD_DEPTH)?;
+                1 << 16
+            }
+            b"embed_preview" => {
+                env.embed_preview = cur.serde_value(FIELD_DEPTH)?;
+                1 << 17
+            }
             _ => return None,
         };
         if seen & bit != 0 {
@@ -165,6 +178,7 @@ mod tests {
                     Just(Priority::Normal),
                     Just(Priority::Low)
                 ],
+                proptest::collection::btree_map("[a-z]{1,6}", any::<i64>(), 0..3),
             ),
         )
             .prop_map(
@@ -180,6 +194,7 @@ mod tests {
                         ts_ms,
                         slot,
                         priority,
+                        meta,
                     ),
                 )| Envelope {
                     version,
@@ -197,7 +212,10 @@ mod tests {
                     embed_preview: None,
                     embed_ref,
                     ts_ms,
-                    meta: BTreeMap::new(),
+                    meta: meta
+                        .into_iter()
+                        .map(|(k, v)| (k, serde_json::Value::from(v)))
+                        .collect(),
                     slot,
                     priority,
                 },
@@ -238,7 +256,7 @@ mod tests {
     }
 
     #[test]
-    fn open_shapes_and_unknown_keys_are_left_to_rmp_serde() {
+    fn open_shapes_are_decoded_where_they_stand_and_unknown_keys_left_to_rmp_serde() {
         let base = Envelope {
             version: 1,
             id: "a".into(),
@@ -253,8 +271,8 @@ mod tests {
         with_preview.embed_preview = Some(vec![0.5]);
         for env in [with_meta, with_preview] {
             let bytes = env.encode().unwrap();
-            assert_eq!(decode(&bytes), None);
-            assert_eq!(Envelope::decode(&bytes).unwrap(), env);
+            assert_eq!(decode(&bytes).as_ref(), Some(&env));
+            assert_eq!(through_serde(&bytes).as_ref(), Some(&env));
         }
         #[derive(serde::Serialize)]
         struct Newer<'a> {
@@ -276,6 +294,46 @@ mod tests {
         .unwrap();
         assert_eq!(decode(&newer), None);
         assert_eq!(Envelope::decode(&newer).unwrap().version, 2);
+    }
+
+    /// `meta` nested to around rmp-serde's depth limit: the direct decoder accepts and refuses
+    /// at exactly the depths rmp-serde does.
+    #[test]
+    fn meta_nested_to_the_depth_limit_decodes_as_rmp_serde_decodes_it() {
+        // A thousand levels of recursion need more than a test thread's stack in debug builds.
+        std::thread::Builder::new()
+            .stack_size(512 << 20)
+            .spawn(meta_nested_to_the_depth_limit)
+            .unwrap()
+            .join()
+            .unwrap();
+    }
+
+    fn meta_nested_to_the_depth_limit() {
+        let head = Envelope {
+            version: 1,
+            id: "a".into(),
+            source: "s".into(),
+            ..Default::default()
+        };
+        let mut accepted = 0;
+        for levels in 1015..1030 {
+            // The envelope's encoding with "meta": {"k": [[[...1...]]]} spliced in before ts_ms.
+            let mut bytes = head.encode().unwrap();
+            bytes[0] += 1;
+            let at = bytes.windows(6).position(|w| w == b"\xa5ts_ms").unwrap();
+            let mut meta = vec![0xa4, b'm', b'e', b't', b'a', 0x81, 0xa1, b'k'];
+            meta.extend(std::iter::repeat_n(0x91, levels));
+            meta.push(0x01);
+            bytes.splice(at..at, meta);
+            let serde = through_serde(&bytes);
+            assert_eq!(decode(&bytes), serde, "{levels} levels");
+            accepted += usize::from(serde.is_some());
+        }
+        assert!(
+            0 < accepted && accepted < 15,
+            "{accepted} of 15 depths accepted"
+        );
     }
 
     #[test]
