@@ -140,7 +140,9 @@ pub struct ChainHead {
 /// Per-stream chain heads.
 #[derive(Debug, Clone, Default)]
 pub struct Chains {
-    heads: HashMap<String, ChainHead>,
+    /// Hashed with foldhash, seeded per process: stream names are chosen by clients, and
+    /// SipHash cost more than the lookup it guards for a map of at most `ingest.streams_max`.
+    heads: HashMap<String, ChainHead, foldhash::fast::RandomState>,
 }
 
 impl Chains {
@@ -401,7 +403,13 @@ impl SealWriter {
             self.current.extend_from_slice(&entry);
         }
         self.entries += 1;
-        chains.heads.insert(stream.clone(), ChainHead { seq, hash });
+        // Updated in place when the stream has a head: no key to allocate per record.
+        match chains.heads.get_mut(stream.as_str()) {
+            Some(head) => *head = ChainHead { seq, hash },
+            None => {
+                chains.heads.insert(stream.clone(), ChainHead { seq, hash });
+            }
+        }
         Ok(ForwardRecord {
             stream,
             seq,

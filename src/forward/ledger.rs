@@ -75,16 +75,34 @@ impl Ledger {
     /// Counts a newly read envelope as pending (idempotent: a rewind re-reads envelopes).
     pub fn add_pending(&self, position: Position, info: PendingInfo) {
         let mut inner = self.lock();
+        Self::add_pending_locked(&mut inner, &self.live_added, position, info);
+    }
+
+    fn add_pending_locked(
+        inner: &mut Inner,
+        live_added: &std::sync::atomic::AtomicU64,
+        position: Position,
+        info: PendingInfo,
+    ) {
         if position < inner.counted_up_to {
             return;
         }
         if inner.counted_up_to != Position::default() {
-            self.live_added
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            live_added.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
         inner.tallies.entry(position.segment).or_default().envelopes += 1;
         inner.pending_bytes += u64::from(info.bytes);
         inner.pending.insert(position, info);
+    }
+
+    /// [`Ledger::add_pending`] then [`Ledger::counted_up_to`]`(next)` under one lock: what the
+    /// dispatcher does for every live envelope.
+    pub fn add_live(&self, position: Position, info: PendingInfo, next: Position) {
+        let mut inner = self.lock();
+        Self::add_pending_locked(&mut inner, &self.live_added, position, info);
+        if next > inner.counted_up_to {
+            inner.counted_up_to = next;
+        }
     }
 
     /// Marks every envelope before `position` as counted.
@@ -297,5 +315,19 @@ mod tests {
         assert_eq!(l.pending_stats().0, 1);
         l.complete(&[p(1, 64)]);
         assert_eq!(l.pending_stats(), (0, 0, None));
+    }
+
+    #[test]
+    fn adding_a_live_envelope_counts_it_once_and_moves_the_counted_position() {
+        let l = Ledger::default();
+        l.add_live(p(1, 64), info(), p(1, 100));
+        assert_eq!(l.counted_position(), p(1, 100));
+        assert!(l.is_pending(p(1, 64)));
+        // Read again after a rewind: below the counted position, so not counted twice.
+        l.add_live(p(1, 64), info(), p(1, 100));
+        assert_eq!(l.pending_stats().0, 1);
+        l.add_live(p(1, 100), info(), p(1, 150));
+        assert_eq!(l.counted_position(), p(1, 150));
+        assert_eq!(l.pending_stats().0, 2);
     }
 }

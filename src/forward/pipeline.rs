@@ -167,6 +167,10 @@ async fn supervise(parts: PipelineParts, mut stop: watch::Receiver<bool>) {
             ledger: parts.ledger.clone(),
             dead_letter: parts.dead_letter.clone(),
             metrics: parts.metrics.clone(),
+            envelopes_ok: parts
+                .metrics
+                .gate_envelopes_total
+                .with_label_values(&["ok"]),
             ownership: ownership.clone(),
             detached: (0..senders.len()).map(|_| None).collect(),
             senders,
@@ -265,6 +269,8 @@ struct Dispatcher {
     ledger: Arc<Ledger>,
     dead_letter: DeadLetter,
     metrics: Arc<Metrics>,
+    /// `gate_envelopes_total{outcome="ok"}`, looked up once rather than per envelope.
+    envelopes_ok: prometheus::IntCounter,
     ownership: Ownership,
     senders: Vec<Option<mpsc::Sender<WorkItem>>>,
     /// Per worker: `Some` while the worker is left behind (its inbox was full), with where to
@@ -405,24 +411,21 @@ impl Dispatcher {
         };
         if live {
             let now = crate::ingest::now_ms();
-            self.ledger.add_pending(
+            self.ledger.add_live(
                 record.position,
                 PendingInfo {
                     since_ms: envelope.ts_ms.min(now),
                     bytes: record.payload.len() as u32,
                 },
+                record.next,
             );
-            self.ledger.counted_up_to(record.next);
         }
         if let Some(end) = self.replay_end {
             if record.position < end {
                 self.metrics.replay_recovered_total.inc();
             }
         }
-        self.metrics
-            .gate_envelopes_total
-            .with_label_values(&["ok"])
-            .inc();
+        self.envelopes_ok.inc();
         let item = self.work_item(&record, envelope);
         let Some(owner) = self
             .ownership

@@ -30,14 +30,14 @@
 //! written in batch order: each names its own positions, and a record whose tombstone was not
 //! yet durable at a crash is re-sent from its seal, identically.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio::sync::{mpsc, watch};
 
-use crate::chain::{Chains, SealError, SealWriter, SharedRecord, Tombstone};
+use crate::chain::{ChainHead, Chains, SealError, SealWriter, SharedRecord, Tombstone};
 use crate::config::ForwardConfig;
 use crate::envelope::Envelope;
 use crate::forward::dead_letter::{DeadLetter, DeadLetterError};
@@ -51,6 +51,11 @@ use crate::spool::{Position, RecordKind, Spool, SpoolError};
 
 /// Bound on one worker's tombstone appends still running (see the module doc).
 pub const TOMBSTONES_IN_FLIGHT_MAX: usize = 4;
+
+/// Bytes a sealed entry adds to its envelope as spooled (the gate's output: text hash, summary
+/// of up to `gate.summary_chars_max` characters, tags, hints; the chain's two hex hashes, stream,
+/// sequence, slot and position), for sizing the seal buffer: an estimate, not a bound.
+const SEAL_ENTRY_EXTRA_BYTES: usize = 512;
 
 /// One envelope handed to a worker by the dispatcher.
 #[derive(Debug)]
@@ -162,7 +167,10 @@ impl Worker {
             item = self.inbox.recv() => item?,
         };
         let mut bytes = first.bytes;
-        let mut batch = vec![first];
+        // Room for what is already queued (at most the inbox's bound), so a busy worker's batch
+        // does not grow by doubling; an idle one's stays small.
+        let mut batch = Vec::with_capacity(cfg.batch_records_max.min(self.inbox.len() + 1));
+        batch.push(first);
         let linger = tokio::time::sleep(Duration::from_millis(cfg.linger_ms));
         tokio::pin!(linger);
         while batch.len() < cfg.batch_records_max && bytes < cfg.batch_bytes_max {
@@ -187,7 +195,7 @@ impl Worker {
             |e: crate::chain::ChainError| WorkerError::Spool(SpoolError::Invalid(e.to_string()));
         // Classification is the expensive part and depends only on the envelope and the rules,
         // so it runs before the chain lock is taken: other workers keep sealing meanwhile.
-        let mut gated = Vec::new();
+        let mut gated = Vec::with_capacity(batch.len());
         for (i, item) in batch.iter_mut().enumerate() {
             if item.sealed.is_some() {
                 continue;
@@ -200,16 +208,22 @@ impl Worker {
                 .observe(started.elapsed().as_secs_f64());
             gated.push((i, env));
         }
-        let payload_hint: usize = batch.iter().map(|i| i.bytes).sum();
+        // A sealed entry is its envelope plus the gate's output and the chain fields (hashes,
+        // summary): a few hundred bytes more than the envelope as spooled.
+        let payload_hint: usize = batch.iter().map(|i| i.bytes + SEAL_ENTRY_EXTRA_BYTES).sum();
         let mut writer = SealWriter::new(ctx.spool.record_bytes_max(), payload_hint);
-        let mut snapshot = Vec::new();
+        // Each stream's head from before this batch, taken the first time the batch touches
+        // it: what a failed seal restores.
+        let mut snapshot: HashMap<String, Option<ChainHead>, foldhash::fast::RandomState> =
+            HashMap::default();
         {
             let mut chains = ctx.chains.lock().unwrap_or_else(|p| p.into_inner());
             let mut sealed_here = Vec::with_capacity(gated.len());
             let mut failure = None;
             for (i, env) in gated {
-                let stream = env.stream().to_string();
-                snapshot.push((stream.clone(), chains.head(&stream)));
+                if !snapshot.contains_key(env.stream()) {
+                    snapshot.insert(env.stream().to_string(), chains.head(env.stream()));
+                }
                 match writer.seal(&mut chains, batch[i].position, env) {
                     Ok(record) => sealed_here.push((i, SharedRecord::new(record))),
                     Err(e) => {
@@ -219,7 +233,7 @@ impl Worker {
                 }
             }
             if let Some(e) = failure {
-                for (stream, head) in snapshot.into_iter().rev() {
+                for (stream, head) in snapshot {
                     chains.restore(&stream, head);
                 }
                 return Err(match e {
@@ -242,10 +256,9 @@ impl Worker {
                 .map(|payload| (RecordKind::SEALED, payload))
                 .collect();
             if let Err(e) = ctx.spool.append_synced(records).await {
-                // Undo in reverse so a stream sealed twice in this batch returns to its
-                // head from before the batch.
+                // Every stream the batch touched returns to its head from before the batch.
                 let mut chains = ctx.chains.lock().unwrap_or_else(|p| p.into_inner());
-                for (stream, head) in snapshot.into_iter().rev() {
+                for (stream, head) in snapshot {
                     chains.restore(&stream, head);
                 }
                 for item in batch.iter_mut() {
@@ -270,15 +283,16 @@ impl Worker {
     async fn process(&mut self, mut batch: Vec<WorkItem>) -> Result<bool, WorkerError> {
         let records = self.seal(&mut batch).await?;
         let positions: Vec<Position> = batch.iter().map(|i| i.position).collect();
-        let mut by_sink: BTreeMap<String, Vec<SharedRecord>> = BTreeMap::new();
+        // Sink names are borrowed from the configuration, not copied per record.
+        let ctx = self.ctx.clone();
+        let mut by_sink: BTreeMap<&str, Vec<SharedRecord>> = BTreeMap::new();
         for r in records {
             let name = r
                 .envelope
                 .routing_hints
                 .get("sink")
-                .filter(|n| self.ctx.sinks.contains_key(n.as_str()))
-                .cloned()
-                .unwrap_or_else(|| "default".to_string());
+                .and_then(|n| ctx.sinks.get_key_value(n.as_str()))
+                .map_or("default", |(name, _)| name.as_str());
             by_sink.entry(name).or_default().push(r);
         }
         for (name, records) in &by_sink {

@@ -61,6 +61,10 @@ pub struct Gate {
     rules: RwLock<Arc<Rules>>,
     generation: AtomicU64,
     metrics: Arc<Metrics>,
+    /// Per entry of [`PII_KINDS`]: its configured action, and its
+    /// `gate_pii_found_total{kind}` counter, resolved once rather than per match.
+    actions: Vec<PiiAction>,
+    pii_found: Vec<prometheus::IntCounter>,
 }
 
 /// Keeps the rules file watched; dropping it stops the watching.
@@ -118,12 +122,22 @@ impl Gate {
             Some(p) => load_rules(p)?,
             None => Rules::empty(),
         };
+        let actions = PII_KINDS
+            .iter()
+            .map(|kind| config.pii.get(*kind).copied().unwrap_or(config.pii_default))
+            .collect();
+        let pii_found = PII_KINDS
+            .iter()
+            .map(|kind| metrics.gate_pii_found_total.with_label_values(&[kind]))
+            .collect();
         Ok(Gate {
             config: config.clone(),
             detector: pii::Detector::new(),
             rules: RwLock::new(Arc::new(rules)),
             generation: AtomicU64::new(1),
             metrics,
+            actions,
+            pii_found,
         })
     }
 
@@ -202,12 +216,9 @@ impl Gate {
         Ok(Some(RulesWatcher { _watcher: watcher }))
     }
 
-    fn action(&self, kind: &str) -> PiiAction {
-        self.config
-            .pii
-            .get(kind)
-            .copied()
-            .unwrap_or(self.config.pii_default)
+    /// The action for the kind at `kind` in [`PII_KINDS`].
+    fn action(&self, kind: usize) -> PiiAction {
+        self.actions[kind]
     }
 
     /// Classifies `env` in place (see the module doc).
@@ -228,18 +239,18 @@ impl Gate {
         }
         let scanned = &text[..scan_end];
         let matches = self.detector.find(scanned);
-        let mut counts: BTreeMap<String, u64> = BTreeMap::new();
+        let mut found = [0u64; PII_KINDS.len()];
         let mut drop_text = false;
         for m in &matches {
-            let kind = PII_KINDS[m.kind];
-            *counts.entry(kind.to_string()).or_insert(0) += 1;
-            drop_text |= self.action(kind) == PiiAction::DropText;
+            found[m.kind] += 1;
+            drop_text |= self.action(m.kind) == PiiAction::DropText;
         }
-        for (kind, n) in &counts {
-            self.metrics
-                .gate_pii_found_total
-                .with_label_values(&[kind])
-                .inc_by(*n);
+        let mut counts: BTreeMap<String, u64> = BTreeMap::new();
+        for (kind, &n) in found.iter().enumerate() {
+            if n > 0 {
+                self.pii_found[kind].inc_by(n);
+                counts.insert(PII_KINDS[kind].to_string(), n);
+            }
         }
         let d = rules.decide(&env.source, scanned);
         env.tags = d.tags;
@@ -251,12 +262,9 @@ impl Gate {
             env.summary_extractive = None;
             return;
         }
-        let rewrites = matches.iter().any(|m| {
-            matches!(
-                self.action(PII_KINDS[m.kind]),
-                PiiAction::Mask | PiiAction::Hash
-            )
-        });
+        let rewrites = matches
+            .iter()
+            .any(|m| matches!(self.action(m.kind), PiiAction::Mask | PiiAction::Hash));
         if !rewrites {
             // The text goes on as it came (the default `tag` policy): no copy.
             env.summary_extractive = summary::summarize(&text, self.config.summary_chars_max);
@@ -267,7 +275,7 @@ impl Gate {
         let mut at = 0;
         for m in &matches {
             let kind = PII_KINDS[m.kind];
-            let replacement = match self.action(kind) {
+            let replacement = match self.action(m.kind) {
                 PiiAction::Tag | PiiAction::DropText => continue,
                 PiiAction::Mask => format!("[{}]", kind.to_uppercase()),
                 PiiAction::Hash => {
