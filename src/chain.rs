@@ -322,22 +322,33 @@ pub struct SealWriter {
     current: Vec<u8>,
     /// Entries in `current`.
     entries: usize,
+    /// What is left of the caller's size hint for the payloads not yet started: each new
+    /// payload is allocated at its final size rather than grown from empty by doubling.
+    hint_left_bytes: usize,
 }
 
 impl SealWriter {
     /// `capacity_bytes` is a hint for the first payload (about the batch's envelope bytes).
     pub fn new(record_bytes_max: u32, capacity_bytes: usize) -> SealWriter {
         let record_bytes_max = record_bytes_max as usize;
-        let mut current = Vec::with_capacity(
-            capacity_bytes.min(record_bytes_max) + SEAL_HEADER_ROOM + SEAL_HEADER_BYTES,
-        );
-        current.resize(SEAL_HEADER_ROOM, 0);
-        SealWriter {
+        let mut writer = SealWriter {
             record_bytes_max,
             done: Vec::new(),
-            current,
+            current: Vec::new(),
             entries: 0,
-        }
+            hint_left_bytes: capacity_bytes,
+        };
+        writer.current = writer.empty_payload();
+        writer
+    }
+
+    /// A payload with its header room and nothing else, sized from the hint.
+    fn empty_payload(&self) -> Vec<u8> {
+        let mut payload = Vec::with_capacity(
+            self.hint_left_bytes.min(self.record_bytes_max) + SEAL_HEADER_ROOM + SEAL_HEADER_BYTES,
+        );
+        payload.resize(SEAL_HEADER_ROOM, 0);
+        payload
     }
 
     /// Gives `envelope` the next sequence number and link of its stream in `chains` and
@@ -428,6 +439,8 @@ impl SealWriter {
     /// The payloads of the SEALED records, in order.
     pub fn finish(mut self) -> Vec<bytes::Bytes> {
         if self.entries > 0 {
+            // No payload follows: the empty one finish_current starts stays small.
+            self.hint_left_bytes = 0;
             self.finish_current();
         }
         self.done
@@ -442,7 +455,11 @@ impl SealWriter {
         let _ = rmp::encode::write_array_len(&mut header, self.entries as u32);
         let from = SEAL_HEADER_ROOM - header.len();
         self.current[from..SEAL_HEADER_ROOM].copy_from_slice(&header);
-        let full = std::mem::replace(&mut self.current, vec![0; SEAL_HEADER_ROOM]);
+        self.hint_left_bytes = self
+            .hint_left_bytes
+            .saturating_sub(self.current.len() - SEAL_HEADER_ROOM);
+        let next = self.empty_payload();
+        let full = std::mem::replace(&mut self.current, next);
         self.done.push(bytes::Bytes::from(full).slice(from..));
         self.entries = 0;
     }
