@@ -403,6 +403,7 @@ impl SealWriter {
             return Err(SealError::TooLarge {
                 len: entry_bytes,
                 max: self.record_bytes_max,
+                envelope: Box::new(envelope),
             });
         }
         if self.entries > 0
@@ -470,8 +471,23 @@ impl SealWriter {
 pub enum SealError {
     #[error(transparent)]
     Chain(#[from] ChainError),
-    #[error("a sealed entry of {len} bytes cannot fit a spool record of at most {max} bytes")]
-    TooLarge { len: usize, max: usize },
+    /// The envelope comes back (as gated) so that it can be dead-lettered.
+    #[error("its sealed entry of {len} bytes cannot fit a spool record of at most {max} bytes (spool.record_bytes_max)")]
+    TooLarge {
+        len: usize,
+        max: usize,
+        envelope: Box<Envelope>,
+    },
+}
+
+impl SealError {
+    /// The envelope a [`SealError::TooLarge`] gives back.
+    pub fn into_envelope(self) -> Option<Box<Envelope>> {
+        match self {
+            SealError::TooLarge { envelope, .. } => Some(envelope),
+            SealError::Chain(_) => None,
+        }
+    }
 }
 
 /// Lowercase hex of a 32-byte hash. `hex::encode` builds its string one `char` at a time

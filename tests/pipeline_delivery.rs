@@ -272,6 +272,67 @@ fn a_single_record_a_sink_refuses_as_too_large_is_dead_lettered_with_the_reason(
 }
 
 #[test]
+fn an_envelope_whose_gated_record_outgrows_a_spool_record_is_dead_lettered_and_its_stream_goes_on()
+{
+    // With the `hash` policy every short address grows about 3.5x, so an envelope that fits a
+    // spool record as received cannot be sealed once gated. It must not stall its slot: it goes
+    // to the dead-letter directory (gated, so the addresses stay hashed) and is tombstoned,
+    // and the records around it are delivered with consecutive sequence numbers.
+    let scratch = tempfile::tempdir().unwrap();
+    let cfg = scratch.path().join("spoolgate.toml");
+    std::fs::write(
+        &cfg,
+        "[spool]\nrecord_bytes_max = 65536\n\
+         [ingest]\nenvelope_bytes_max = 64512\n\
+         [gate.pii]\nemail = \"hash\"\n",
+    )
+    .unwrap();
+    let d = Daemon::start(&["--config", cfg.to_str().unwrap()]);
+    let big = "a@b.co ".repeat(8_000);
+    for (id, text) in [
+        ("before", "First."),
+        ("big", big.as_str()),
+        ("after", "Last."),
+    ] {
+        let r = d.post_json(&json!({"source": "svc", "tenant": "t", "id": id, "text": text}));
+        assert_eq!(r.status, 202, "{}", r.text());
+    }
+    d.wait_metric("spoolgate_forward_records_total{sink=\"default\"}", |v| {
+        v >= 2.0
+    });
+    d.wait_metric("spoolgate_spool_pending_records", |v| v == 0.0);
+    let delivered: Vec<(String, u64)> = file_sink_records(&d.data_dir)
+        .iter()
+        .map(|r| {
+            (
+                r["envelope"]["id"].as_str().unwrap().to_string(),
+                r["seq"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        delivered,
+        vec![("before".to_string(), 1), ("after".to_string(), 2)]
+    );
+    assert_eq!(
+        d.metric("spoolgate_gate_envelopes_total{outcome=\"unsealable\"}"),
+        1.0
+    );
+    let files: Vec<_> = std::fs::read_dir(d.data_dir.join("dead-letter"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(files.len(), 1, "{files:?}");
+    let letter: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&files[0]).unwrap()).unwrap();
+    assert_eq!(letter["envelope"]["id"], "big");
+    let reason = letter["reason"].as_str().unwrap();
+    assert!(reason.contains("spool.record_bytes_max"), "{reason}");
+    let text = letter["envelope"]["text"].as_str().unwrap();
+    assert!(text.starts_with("[EMAIL:") && !text.contains("a@b.co"));
+}
+
+#[test]
 fn once_everything_is_delivered_the_spool_shrinks_to_the_active_segment_and_a_restart_replays_nothing(
 ) {
     let mut d = Daemon::start(&SMALL_SEGMENTS);

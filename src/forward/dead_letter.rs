@@ -113,6 +113,23 @@ impl DeadLetter {
         }))
     }
 
+    /// Keeps an envelope that could not be sealed (its gated form outgrew a spool record), as
+    /// the gate left it.
+    pub fn write_unsealable(
+        &self,
+        position: Position,
+        reason: &str,
+        envelope: &crate::envelope::Envelope,
+    ) -> Result<PathBuf, DeadLetterError> {
+        self.write_json(&serde_json::json!({
+            "sink": null,
+            "reason": reason,
+            "position": position,
+            "at_ms": crate::ingest::now_ms(),
+            "envelope": envelope,
+        }))
+    }
+
     /// Keeps an envelope record that could not be decoded, as hex.
     pub fn write_raw(
         &self,

@@ -20,6 +20,14 @@
 //! bounded by twice the batch's records. The seal is unchanged: it holds the whole batch, and
 //! a replay sends it whole again, to be split again if it must.
 //!
+//! Too large to seal: the gate can make an envelope larger (a summary, hashes; a `hash` PII
+//! policy turns `a@b.co` into 24 bytes), so an envelope that fit a spool record as received may
+//! not fit once gated. Such a record would fail every worker that tried it and stall its slot,
+//! so it is dead-lettered instead, as gated (never with text the policy rewrote), and
+//! tombstoned with its batch; it takes no sequence number, so its stream stays gapless. If the
+//! process dies before the tombstone, the next run gates it again: it is dead-lettered again,
+//! or sealed and forwarded if the rules changed so that it now fits.
+//!
 //! Tombstones: once a sink confirms a batch, its tombstone append runs in the background while
 //! the worker gates and seals the next batch, so a batch costs two fdatasync waits on the
 //! worker's path (seal, sink) instead of three. At most [`TOMBSTONES_IN_FLIGHT_MAX`] appends run
@@ -216,6 +224,7 @@ impl Worker {
         // it: what a failed seal restores.
         let mut snapshot: HashMap<String, Option<ChainHead>, foldhash::fast::RandomState> =
             HashMap::default();
+        let mut unsealable: Vec<(usize, SealError)> = Vec::new();
         {
             let mut chains = ctx.chains.lock().unwrap_or_else(|p| p.into_inner());
             let mut sealed_here = Vec::with_capacity(gated.len());
@@ -226,7 +235,12 @@ impl Worker {
                 }
                 match writer.seal(&mut chains, batch[i].position, env) {
                     Ok(record) => sealed_here.push((i, SharedRecord::new(record))),
-                    Err(e) => {
+                    // A record whose gated form cannot fit a spool record would fail every
+                    // worker that tried it and stall its slot for good. It takes no sequence
+                    // number (the head is unchanged), goes to the dead-letter directory below
+                    // and is tombstoned with the batch.
+                    Err(e @ SealError::TooLarge { .. }) => unsealable.push((i, e)),
+                    Err(SealError::Chain(e)) => {
                         failure = Some(e);
                         break;
                     }
@@ -236,13 +250,7 @@ impl Worker {
                 for (stream, head) in snapshot {
                     chains.restore(&stream, head);
                 }
-                return Err(match e {
-                    SealError::Chain(e) => invalid(e),
-                    SealError::TooLarge { len, max } => WorkerError::Spool(SpoolError::TooLarge {
-                        len,
-                        max: max as u32,
-                    }),
-                });
+                return Err(invalid(e));
             }
             for (i, record) in sealed_here {
                 batch[i].sealed = Some(record);
@@ -272,10 +280,54 @@ impl Worker {
                     .filter_map(|i| i.sealed.clone().map(|r| (i.position, r))),
             );
         }
-        Ok(batch
-            .iter()
-            .map(|i| i.sealed.clone().expect("every item sealed above"))
-            .collect())
+        let unsealable_count = unsealable.len();
+        for (i, e) in unsealable {
+            let reason = e.to_string();
+            if let Some(envelope) = e.into_envelope() {
+                self.dead_letter_unsealable(batch[i].position, &reason, &envelope)?;
+            }
+        }
+        let records: Vec<SharedRecord> = batch.iter().filter_map(|i| i.sealed.clone()).collect();
+        assert_eq!(
+            records.len() + unsealable_count,
+            batch.len(),
+            "every item sealed or dead-lettered"
+        );
+        Ok(records)
+    }
+
+    /// Keeps an envelope that could not be sealed in the dead-letter directory, as gated (its
+    /// text masked or hashed per the PII policy), with the reason. Its tombstone follows with
+    /// the batch's; until then it stays pending, and a retry dead-letters it again.
+    fn dead_letter_unsealable(
+        &self,
+        position: Position,
+        reason: &str,
+        envelope: &Envelope,
+    ) -> Result<(), WorkerError> {
+        let ctx = &self.ctx;
+        match ctx.dead_letter.write_unsealable(position, reason, envelope) {
+            Ok(path) => {
+                ctx.metrics
+                    .gate_envelopes_total
+                    .with_label_values(&["unsealable"])
+                    .inc();
+                tracing::error!(
+                    segment = position.segment,
+                    offset = position.offset,
+                    id = %envelope.id,
+                    reason,
+                    file = %path.display(),
+                    "envelope cannot be sealed; dead-lettered"
+                );
+                Ok(())
+            }
+            // The worker fails and is restarted with backoff; the record stays pending.
+            Err(DeadLetterError::Io(e)) => Err(WorkerError::DeadLetter(e)),
+            Err(full @ DeadLetterError::Full { .. }) => Err(WorkerError::DeadLetter(
+                std::io::Error::other(full.to_string()),
+            )),
+        }
     }
 
     /// Processes one batch to completion. `Ok(false)` when stopped before the batch was
