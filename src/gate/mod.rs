@@ -378,4 +378,92 @@ mod tests {
             "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
         );
     }
+
+    mod any_text {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// Pieces that look like every PII kind, sentence ends, multi-byte characters and
+        /// arbitrary strings, so generated texts hit the detectors, their checks, the rewrite
+        /// and the summary's boundaries.
+        fn piece() -> impl Strategy<Value = String> {
+            prop_oneof![
+                Just("a@b.co".to_string()),
+                Just("4111 1111 1111 1111".to_string()),
+                Just("4111 1111 1111 1112".to_string()),
+                Just("::1".to_string()),
+                Just("fe80::1:2".to_string()),
+                Just("192.168.0.1".to_string()),
+                Just("+1 415 555 0132".to_string()),
+                Just("DE89 3704 0044 0532 0130 00".to_string()),
+                Just("123-45-6789".to_string()),
+                Just("AKIAABCDEFGHIJKLMNOP".to_string()),
+                Just("eyJhbGciOiJI.eyJzdWIiOiIx.SflKxwRJSMeK".to_string()),
+                Just("-----BEGIN RSA PRIVATE KEY-----".to_string()),
+                Just("é".to_string()),
+                Just("—".to_string()),
+                Just(". ".to_string()),
+                Just("!".to_string()),
+                Just("? ".to_string()),
+                Just(" ".to_string()),
+                Just("\n".to_string()),
+                "[0-9 .:@+-]{0,12}",
+                any::<String>(),
+            ]
+        }
+
+        fn action() -> impl Strategy<Value = PiiAction> {
+            prop_oneof![
+                Just(PiiAction::Tag),
+                Just(PiiAction::Mask),
+                Just(PiiAction::Hash),
+                Just(PiiAction::DropText),
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 128, .. ProptestConfig::default() })]
+
+            /// A panic here would fail every worker that tried the record and stall its slot;
+            /// a result that differed between two runs would break "forwarded twice, forwarded
+            /// identically" for records gated again after a crash.
+            #[test]
+            fn classification_never_panics_is_deterministic_and_keeps_its_bounds(
+                pieces in proptest::collection::vec(piece(), 0..40),
+                email in action(),
+                card in action(),
+                ipv6 in action(),
+                default in action(),
+                summary_chars_max in 0usize..400,
+                scan_bytes_max in 0usize..300,
+            ) {
+                let text: String = pieces.concat();
+                let cfg = GateConfig {
+                    pii: [("email", email), ("card", card), ("ipv6", ipv6)]
+                        .iter()
+                        .map(|(k, a)| (k.to_string(), *a))
+                        .collect(),
+                    pii_default: default,
+                    summary_chars_max,
+                    scan_bytes_max,
+                    ..GateConfig::default()
+                };
+                let g = Gate::new(&cfg, Arc::new(Metrics::new())).unwrap();
+                let e = classify(&g, &text);
+                prop_assert_eq!(&e, &classify(&g, &text));
+                prop_assert_eq!(e.char_len, Some(text.chars().count() as u64));
+                let text_hash = crate::chain::hex32(&Sha256::digest(text.as_bytes()).into());
+                prop_assert_eq!(e.text_hash.as_deref(), Some(text_hash.as_str()));
+                if let Some(summary) = &e.summary_extractive {
+                    prop_assert!(summary.chars().count() <= summary_chars_max.max(1));
+                }
+                let found: u64 = e.pii.values().sum();
+                if found == 0 {
+                    prop_assert_eq!(e.text.as_deref(), Some(text.as_str()));
+                }
+                let drops = e.pii.keys().any(|k| g.actions[PII_KINDS.iter().position(|p| p == k).unwrap()] == PiiAction::DropText);
+                prop_assert_eq!(e.text.is_none(), drops);
+            }
+        }
+    }
 }
