@@ -121,13 +121,8 @@ impl DeadLetter {
         reason: &str,
         envelope: &crate::envelope::Envelope,
     ) -> Result<PathBuf, DeadLetterError> {
-        self.write_json(&serde_json::json!({
-            "sink": null,
-            "reason": reason,
-            "position": position,
-            "at_ms": crate::ingest::now_ms(),
-            "envelope": envelope,
-        }))
+        let envelope = serde_json::to_value(envelope).map_err(std::io::Error::from)?;
+        self.write_unsent(position, reason, "envelope", envelope)
     }
 
     /// Keeps an envelope record that could not be decoded, as hex.
@@ -137,13 +132,26 @@ impl DeadLetter {
         reason: &str,
         payload: &[u8],
     ) -> Result<PathBuf, DeadLetterError> {
-        self.write_json(&serde_json::json!({
+        self.write_unsent(position, reason, "payload_hex", hex::encode(payload).into())
+    }
+
+    /// A letter for one envelope record that never reached a sink: its position, the reason,
+    /// and what is kept of it under `field`.
+    fn write_unsent(
+        &self,
+        position: Position,
+        reason: &str,
+        field: &str,
+        kept: serde_json::Value,
+    ) -> Result<PathBuf, DeadLetterError> {
+        let mut letter = serde_json::json!({
             "sink": null,
             "reason": reason,
             "position": position,
             "at_ms": crate::ingest::now_ms(),
-            "payload_hex": hex::encode(payload),
-        }))
+        });
+        letter[field] = kept;
+        self.write_json(&letter)
     }
 }
 
@@ -153,6 +161,36 @@ mod tests {
 
     fn position(offset: u64) -> Position {
         Position { segment: 1, offset }
+    }
+
+    #[test]
+    fn a_letter_for_a_record_that_never_reached_a_sink_names_its_position_and_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let dl = DeadLetter::new(&dir.path().join("dl"), 1 << 20);
+        let read = |path: PathBuf| -> serde_json::Value {
+            serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+        };
+        let raw = read(
+            dl.write_raw(position(8), "bad msgpack", &[0xc1, 0x01])
+                .unwrap(),
+        );
+        assert_eq!(raw["payload_hex"], "c101");
+        let envelope = crate::envelope::Envelope {
+            id: "e-1".into(),
+            source: "svc".into(),
+            ..Default::default()
+        };
+        let gated = read(
+            dl.write_unsealable(position(16), "too large", &envelope)
+                .unwrap(),
+        );
+        assert_eq!(gated["envelope"]["id"], "e-1");
+        for (letter, offset, reason) in [(raw, 8, "bad msgpack"), (gated, 16, "too large")] {
+            assert_eq!(letter["sink"], serde_json::Value::Null);
+            assert_eq!(letter["reason"], reason);
+            assert_eq!(letter["position"]["offset"], offset);
+            assert!(letter["at_ms"].as_u64().is_some());
+        }
     }
 
     #[test]
