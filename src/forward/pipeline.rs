@@ -649,14 +649,14 @@ impl Dispatcher {
             .is_ok()
         {
             if record.position >= self.ledger.counted_position() {
-                self.ledger.add_pending(
+                self.ledger.add_live(
                     record.position,
                     PendingInfo {
                         since_ms: 0,
                         bytes: record.payload.len() as u32,
                     },
+                    record.next,
                 );
-                self.ledger.counted_up_to(record.next);
             }
             self.ledger.complete(&[record.position]);
         }
