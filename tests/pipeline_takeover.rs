@@ -14,7 +14,6 @@ use spoolgate::config::ForwardConfig;
 use spoolgate::forward::sink::{DeliverFuture, Sink};
 use spoolgate::metrics::Metrics;
 use spoolgate::ring::Ring;
-use spoolgate::spool::{Durability, Spool, SpoolOptions};
 
 /// Panics the first time a batch holds a record of `victim`'s stream; records everything else.
 struct PanickySink {
@@ -50,22 +49,7 @@ async fn a_panicking_worker_is_replaced_by_its_secondary_and_every_record_is_del
     let dir = tempfile::tempdir().unwrap();
     let metrics = Arc::new(Metrics::new());
     let ring = Arc::new(Ring::new(1024, 1 << 20, metrics.clone()));
-    let opts = SpoolOptions {
-        dir: dir.path().join("spool"),
-        segment_bytes_max: 1 << 20,
-        record_bytes_max: 64 * 1024,
-        durability: Durability::Always,
-        commit_batch_records_max: 256,
-        commit_batch_bytes_max: 1 << 20,
-        queue_depth_max: 256,
-        preallocate: false,
-        preallocate_zeros: false,
-        zero_ahead_bytes: spoolgate::spool::ZERO_AHEAD_BYTES_DEFAULT,
-        cached_behind_bytes: spoolgate::spool::CACHED_BEHIND_BYTES_DEFAULT,
-        cached_unread_bytes_max: spoolgate::spool::CACHED_UNREAD_BYTES_MAX_DEFAULT,
-    };
-    let observer: Arc<dyn spoolgate::spool::CommitObserver> = ring.clone();
-    let (spool, _) = Spool::open(opts, metrics.clone(), Some(observer)).unwrap();
+    let spool = pipeline_common::open_spool(dir.path(), &ring, &metrics);
     let sink = Arc::new(PanickySink {
         victim: "tenant-3".into(),
         panicked: AtomicBool::new(false),

@@ -13,7 +13,7 @@ use spoolgate::config::ForwardConfig;
 use spoolgate::forward::sink::{DeliverFuture, Sink};
 use spoolgate::metrics::Metrics;
 use spoolgate::ring::Ring;
-use spoolgate::spool::{Durability, RecordKind, Spool, SpoolOptions};
+use spoolgate::spool::RecordKind;
 
 /// Takes every batch and keeps its records.
 struct RecordingSink {
@@ -42,22 +42,7 @@ async fn an_undecodable_envelope_record_is_dead_lettered_as_hex_and_tombstoned_a
     let dir = tempfile::tempdir().unwrap();
     let metrics = Arc::new(Metrics::new());
     let ring = Arc::new(Ring::new(1024, 1 << 20, metrics.clone()));
-    let opts = SpoolOptions {
-        dir: dir.path().join("spool"),
-        segment_bytes_max: 1 << 20,
-        record_bytes_max: 64 * 1024,
-        durability: Durability::Always,
-        commit_batch_records_max: 256,
-        commit_batch_bytes_max: 1 << 20,
-        queue_depth_max: 256,
-        preallocate: false,
-        preallocate_zeros: false,
-        zero_ahead_bytes: spoolgate::spool::ZERO_AHEAD_BYTES_DEFAULT,
-        cached_behind_bytes: spoolgate::spool::CACHED_BEHIND_BYTES_DEFAULT,
-        cached_unread_bytes_max: spoolgate::spool::CACHED_UNREAD_BYTES_MAX_DEFAULT,
-    };
-    let observer: Arc<dyn spoolgate::spool::CommitObserver> = ring.clone();
-    let (spool, _) = Spool::open(opts, metrics.clone(), Some(observer)).unwrap();
+    let spool = pipeline_common::open_spool(dir.path(), &ring, &metrics);
     let sink = Arc::new(RecordingSink {
         delivered: Mutex::new(Vec::new()),
     });

@@ -19,7 +19,7 @@ use spoolgate::gate::Gate;
 use spoolgate::metrics::Metrics;
 use spoolgate::ring::Ring;
 use spoolgate::slots::slot_of;
-use spoolgate::spool::{Position, RecordKind, Spool};
+use spoolgate::spool::{Durability, Position, RecordKind, Spool, SpoolOptions};
 
 /// Scans `spool` and starts a pipeline on it with `sink` as the default sink, the default
 /// gate, and dead letters under `scratch`.
@@ -48,6 +48,29 @@ pub fn start(
         compaction: Arc::new(tokio::sync::Notify::new()),
         replay_end: scanned.end,
     })
+}
+
+/// Opens a spool under `dir` with 1 MiB segments and 64 KiB records, durability `always`,
+/// feeding `ring`.
+pub fn open_spool(dir: &Path, ring: &Arc<Ring>, metrics: &Arc<Metrics>) -> Spool {
+    let opts = SpoolOptions {
+        dir: dir.join("spool"),
+        segment_bytes_max: 1 << 20,
+        record_bytes_max: 64 * 1024,
+        durability: Durability::Always,
+        commit_batch_records_max: 256,
+        commit_batch_bytes_max: 1 << 20,
+        queue_depth_max: 256,
+        preallocate: false,
+        preallocate_zeros: false,
+        zero_ahead_bytes: spoolgate::spool::ZERO_AHEAD_BYTES_DEFAULT,
+        cached_behind_bytes: spoolgate::spool::CACHED_BEHIND_BYTES_DEFAULT,
+        cached_unread_bytes_max: spoolgate::spool::CACHED_UNREAD_BYTES_MAX_DEFAULT,
+    };
+    let observer: Arc<dyn spoolgate::spool::CommitObserver> = ring.clone();
+    Spool::open(opts, metrics.clone(), Some(observer))
+        .unwrap()
+        .0
 }
 
 /// Appends an envelope of `tenant` with `id` and `text`; returns its position.
