@@ -10,8 +10,9 @@
 #       vs redis-benchmark -c 50 -P 1 XADD of a 512 B field;
 #   (b) 100-envelope msgpack batches, 16 connections: envelopes/s, vs XADD -c 50 -P 16;
 #   (c) end to end with the file sink: envelopes acknowledged, gated, chained, delivered and
-#       tombstoned per second, vs ingest-only (forward.enabled=false) at the same load;
-#       then a paced run at 90% of the end-to-end rate, sampling the backlog once a second;
+#       tombstoned per second, vs ingest-only (forward.enabled=false) at the same load, for
+#       both (b)'s batches and (a)'s single-envelope requests; for the batches also a paced
+#       run at 90% of the end-to-end rate, sampling the backlog once a second;
 #   a concurrency sweep (1..256 connections) for the plot.
 # Ingest-only runs use forward.enabled=false so the comparison with XADD (which also only
 # appends) is like for like; (c) shows what forwarding costs on top.
@@ -134,6 +135,13 @@ for ROUND in $(seq 1 "$ROUNDS"); do
         start_daemon
         sg_bench "paced_batch_$size" --connections 16 --batch 100 --text-bytes "$size" \
             --rate "$(python3 -c "print($e2e*0.9)")" --wait-drained
+        stop_daemon
+    done
+    # Single-envelope requests end to end: forwarding competes with the costlier per-request
+    # path for the same 2 cores, so this is the ratio a sidecar of one-envelope clients sees.
+    for size in 512 1024; do
+        start_daemon
+        sg_bench "e2e_single_$size" --connections 64 --text-bytes "$size" --wait-drained
         stop_daemon
     done
 done

@@ -64,22 +64,27 @@ def table(rows, machine):
             f"{med(rows, label, 'latency_p999_ms'):.2f} | {cpu(rows, label)} | {rss(rows, label)} |")
     out += ["", "End to end (file sink; accepted → gated → chained → delivered → tombstoned), "
             "next to ingest-only at the same load from the same run:", "",
-            "| text | ingest-only env/s | end-to-end env/s | e2e / ingest-only | daemon CPU us/env, ingest-only / e2e | daemon peak RSS MB, ingest-only / e2e | backlog at 90% of e2e rate (min / max / last, records) |",
-            "|---|---:|---:|---:|---:|---:|---|"]
-    for size in (512, 1024):
-        paced = rows.get(f"paced_batch_{size}", [])
-        depth = ""
-        if paced:
-            samples = paced[len(paced) // 2]["pending_samples"]
-            if samples:
-                depth = f"{min(samples):,.0f} / {max(samples):,.0f} / {samples[-1]:,.0f}"
-        out.append(
-            f"| {size} B | {med(rows, f'ingest_batch_{size}', 'envelopes_per_s'):,.0f} | "
-            f"{med(rows, f'e2e_batch_{size}', 'end_to_end_envelopes_per_s'):,.0f} | "
-            f"{ratio_med(rows, f'e2e_batch_{size}', f'ingest_batch_{size}', 'end_to_end_envelopes_per_s'):.2f} | "
-            f"{cpu(rows, f'ingest_batch_{size}')} / "
-            f"{cpu(rows, f'e2e_batch_{size}')} | "
-            f"{rss(rows, f'ingest_batch_{size}')} / {rss(rows, f'e2e_batch_{size}')} | {depth} |")
+            "| load | text | ingest-only env/s | end-to-end env/s | e2e / ingest-only | ack p99 ms, ingest-only / e2e | daemon CPU us/env, ingest-only / e2e | daemon peak RSS MB, ingest-only / e2e | backlog at 90% of e2e rate (min / max / last, records) |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    for shape, load_name in (("batch", "100-envelope msgpack, 16 conns"),
+                             ("single", "1 envelope/request, 64 conns")):
+        for size in (512, 1024):
+            ingest, e2e = f"ingest_{shape}_{size}", f"e2e_{shape}_{size}"
+            if not rows.get(e2e):
+                continue
+            paced = rows.get(f"paced_{shape}_{size}", [])
+            depth = "–"
+            if paced:
+                samples = paced[len(paced) // 2]["pending_samples"]
+                if samples:
+                    depth = f"{min(samples):,.0f} / {max(samples):,.0f} / {samples[-1]:,.0f}"
+            out.append(
+                f"| {load_name} | {size} B | {med(rows, ingest, 'envelopes_per_s'):,.0f} | "
+                f"{med(rows, e2e, 'end_to_end_envelopes_per_s'):,.0f} | "
+                f"{ratio_med(rows, e2e, ingest, 'end_to_end_envelopes_per_s'):.2f} | "
+                f"{med(rows, ingest, 'latency_p99_ms'):.2f} / {med(rows, e2e, 'latency_p99_ms'):.2f} | "
+                f"{cpu(rows, ingest)} / {cpu(rows, e2e)} | "
+                f"{rss(rows, ingest)} / {rss(rows, e2e)} | {depth} |")
     # A run that met backpressure measured the quota, not the throughput: say so in the table.
     refused = sorted({f"{label} (round {r['round']}: {r['requests_429']:,})"
                       for label, rs in rows.items() for r in rs if r.get("requests_429")})
