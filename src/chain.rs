@@ -23,7 +23,6 @@
 //! are checkpointed to `chain-heads` before compaction deletes seals.
 
 use std::collections::HashMap;
-use std::io::BufRead;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
@@ -31,6 +30,12 @@ use sha2::{Digest, Sha256};
 
 use crate::envelope::{put_str, put_uint, Envelope};
 use crate::spool::Position;
+
+mod verify;
+
+pub use verify::{
+    verify_jsonl, verify_path, LineAt, Verifier, VerifyError, VerifySummary, LINE_BYTES_MAX,
+};
 
 pub const GENESIS: [u8; 32] = [0u8; 32];
 
@@ -526,131 +531,6 @@ impl Tombstone {
     }
     pub fn decode(bytes: &[u8]) -> Result<Tombstone, ChainError> {
         Ok(rmp_serde::from_slice(bytes)?)
-    }
-}
-
-/// What `verify` found wrong, naming the first broken stream and sequence number.
-#[derive(Debug, thiserror::Error)]
-pub enum VerifyError {
-    #[error("line {line}: not a forward record: {reason}")]
-    Malformed { line: usize, reason: String },
-    #[error("stream {stream:?} seq {seq} (line {line}): {reason}")]
-    Broken {
-        stream: String,
-        seq: u64,
-        line: usize,
-        reason: String,
-    },
-    #[error("I/O error: {0}")]
-    Io(#[from] std::io::Error),
-}
-
-#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize)]
-pub struct VerifySummary {
-    pub streams: usize,
-    pub records: u64,
-    pub duplicates: u64,
-}
-
-/// Checks JSON lines of forward records: every stream gapless from 1, every link valid, and a
-/// record delivered twice delivered identically. Streams may interleave.
-pub fn verify_jsonl(reader: impl BufRead) -> Result<VerifySummary, VerifyError> {
-    // Per stream, the hash of every sequence number seen so far (index seq - 1).
-    let mut streams: HashMap<String, Vec<[u8; 32]>> = HashMap::new();
-    let mut summary = VerifySummary::default();
-    for (n, line) in reader.lines().enumerate() {
-        let line_no = n + 1;
-        let line = line?;
-        if line.trim().is_empty() {
-            continue;
-        }
-        let rec: ForwardRecord =
-            serde_json::from_str(&line).map_err(|e| VerifyError::Malformed {
-                line: line_no,
-                reason: e.to_string(),
-            })?;
-        let broken = |reason: String| VerifyError::Broken {
-            stream: rec.stream.clone(),
-            seq: rec.seq,
-            line: line_no,
-            reason,
-        };
-        if rec.envelope.stream() != rec.stream {
-            return Err(broken(format!(
-                "envelope belongs to stream {:?}",
-                rec.envelope.stream()
-            )));
-        }
-        let mut prev = [0u8; 32];
-        let mut hash = [0u8; 32];
-        hex::decode_to_slice(&rec.prev_hash, &mut prev)
-            .map_err(|e| broken(format!("prev_hash is not 32 hex bytes: {e}")))?;
-        hex::decode_to_slice(&rec.hash, &mut hash)
-            .map_err(|e| broken(format!("hash is not 32 hex bytes: {e}")))?;
-        let canonical = canonical_bytes(&rec.stream, rec.seq, rec.slot, &rec.envelope)
-            .map_err(|e| broken(e.to_string()))?;
-        if link(&prev, &canonical) != hash {
-            return Err(broken(
-                "hash does not match SHA-256(prev_hash || canonical bytes)".into(),
-            ));
-        }
-        if rec.slot != crate::slots::slot_of(&rec.stream) {
-            return Err(broken(format!(
-                "slot {} is not the stream's slot {}",
-                rec.slot,
-                crate::slots::slot_of(&rec.stream)
-            )));
-        }
-        let seen = streams.entry(rec.stream.clone()).or_default();
-        let last = seen.len() as u64;
-        if rec.seq == 0 {
-            return Err(broken("sequence numbers start at 1".into()));
-        }
-        if rec.seq <= last {
-            if seen[(rec.seq - 1) as usize] != hash {
-                return Err(broken("delivered twice with different content".into()));
-            }
-            summary.duplicates += 1;
-        } else if rec.seq == last + 1 {
-            let expected_prev = if last == 0 {
-                GENESIS
-            } else {
-                seen[(last - 1) as usize]
-            };
-            if prev != expected_prev {
-                return Err(broken(format!("prev_hash does not link to seq {last}")));
-            }
-            seen.push(hash);
-        } else {
-            return Err(broken(format!(
-                "gap: previous record of this stream is seq {last}"
-            )));
-        }
-        summary.records += 1;
-    }
-    summary.streams = streams.len();
-    Ok(summary)
-}
-
-/// `verify_jsonl` over a file, or over every `*.jsonl` file of a directory in name order.
-pub fn verify_path(path: &Path) -> Result<VerifySummary, VerifyError> {
-    if path.is_dir() {
-        let mut files: Vec<_> = std::fs::read_dir(path)?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().and_then(|e| e.to_str()) == Some("jsonl"))
-            .collect();
-        files.sort();
-        let mut joined = Vec::new();
-        for f in files {
-            let mut bytes = std::fs::read(&f)?;
-            if !bytes.ends_with(b"\n") && !bytes.is_empty() {
-                bytes.push(b'\n');
-            }
-            joined.extend(bytes);
-        }
-        verify_jsonl(std::io::Cursor::new(joined))
-    } else {
-        verify_jsonl(std::io::BufReader::new(std::fs::File::open(path)?))
     }
 }
 

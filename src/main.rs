@@ -52,7 +52,12 @@ enum Command {
         json: bool,
     },
     /// Verify hash chains in file-sink output (a .jsonl file or a directory of them).
-    Verify { path: PathBuf },
+    Verify {
+        path: PathBuf,
+        /// Refuse a line longer than this many bytes rather than read it into memory.
+        #[arg(long, default_value_t = spoolgate::chain::LINE_BYTES_MAX)]
+        line_bytes_max: usize,
+    },
     /// Run a crash-recovery drill: load, SIGKILL at seeded random moments, restart, check.
     Drill(DrillArgs),
     /// Drive closed-loop HTTP load against a running daemon and report throughput and latency.
@@ -343,22 +348,28 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 ExitCode::SUCCESS
             })
         }
-        Command::Verify { path } => match spoolgate::chain::verify_path(&path) {
-            Ok(s) => {
-                println!(
-                    "{}: ok: {} stream(s), {} record(s), {} identical duplicate(s)",
-                    path.display(),
-                    s.streams,
-                    s.records,
-                    s.duplicates
-                );
-                Ok(ExitCode::SUCCESS)
+        Command::Verify {
+            path,
+            line_bytes_max,
+        } => {
+            let mut verifier = spoolgate::chain::Verifier::with_line_bytes_max(line_bytes_max);
+            match verifier.read_path(&path).map(|()| verifier.finish()) {
+                Ok(s) => {
+                    println!(
+                        "{}: ok: {} stream(s), {} record(s), {} identical duplicate(s)",
+                        path.display(),
+                        s.streams,
+                        s.records,
+                        s.duplicates
+                    );
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(e) => {
+                    println!("{}: BROKEN: {e}", path.display());
+                    Ok(ExitCode::from(1))
+                }
             }
-            Err(e) => {
-                println!("{}: BROKEN: {e}", path.display());
-                Ok(ExitCode::from(1))
-            }
-        },
+        }
         Command::Drill(args) => drill(args),
         Command::Bench(args) => bench(args),
     }
