@@ -218,18 +218,23 @@ impl Chains {
         if hex::decode_to_slice(&record.hash, &mut hash).is_err() {
             return;
         }
-        let entry = self
-            .heads
-            .entry(record.stream.clone())
-            .or_insert(ChainHead {
-                seq: 0,
-                hash: GENESIS,
-            });
-        if record.seq > entry.seq {
-            *entry = ChainHead {
+        self.advance(
+            &record.stream,
+            ChainHead {
                 seq: record.seq,
                 hash,
-            };
+            },
+        );
+    }
+
+    /// Moves a stream's head to `head` unless it is already at or past it.
+    pub fn advance(&mut self, stream: &str, head: ChainHead) {
+        match self.heads.get_mut(stream) {
+            Some(current) if current.seq >= head.seq => {}
+            Some(current) => *current = head,
+            None => {
+                self.heads.insert(stream.to_string(), head);
+            }
         }
     }
 

@@ -90,7 +90,11 @@ pub enum WorkerError {
 pub struct WorkerContext {
     pub spool: Spool,
     pub gate: Arc<Gate>,
+    /// Every stream's head as sealing assigns it, durable or not: what the next seal links to.
     pub chains: Arc<Mutex<Chains>>,
+    /// The heads of seals known to be durable; what compaction checkpoints (see
+    /// `compaction`). A worker advances them only once its seal append has returned.
+    pub durable_heads: Arc<Mutex<Chains>>,
     pub ledger: Arc<Ledger>,
     pub sinks: BTreeMap<String, Arc<dyn Sink>>,
     pub dead_letter: DeadLetter,
@@ -225,6 +229,7 @@ impl Worker {
         let mut snapshot: HashMap<String, Option<ChainHead>, foldhash::fast::RandomState> =
             HashMap::default();
         let mut unsealable: Vec<(usize, SealError)> = Vec::new();
+        let mut batch_heads: Vec<(String, ChainHead)> = Vec::new();
         {
             let mut chains = ctx.chains.lock().unwrap_or_else(|p| p.into_inner());
             let mut sealed_here = Vec::with_capacity(gated.len());
@@ -256,6 +261,13 @@ impl Worker {
                 batch[i].sealed = Some(record);
             }
             ctx.metrics.chain_streams.set(chains.len() as i64);
+            // The batch's last head in each stream it touched: this worker owns those
+            // streams' slots, so nothing else moved them meanwhile.
+            for (stream, _) in snapshot.iter() {
+                if let Some(head) = chains.head(stream) {
+                    batch_heads.push((stream.clone(), head));
+                }
+            }
         }
         if !writer.is_empty() {
             let records = writer
@@ -279,6 +291,12 @@ impl Worker {
                     .iter()
                     .filter_map(|i| i.sealed.clone().map(|r| (i.position, r))),
             );
+            // Only now may a chain-heads checkpoint name these heads: a checkpoint ahead of
+            // the durable seals would make a restart skip sequence numbers.
+            let mut durable = ctx.durable_heads.lock().unwrap_or_else(|p| p.into_inner());
+            for (stream, head) in &batch_heads {
+                durable.advance(stream, *head);
+            }
         }
         let unsealable_count = unsealable.len();
         for (i, e) in unsealable {

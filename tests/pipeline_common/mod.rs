@@ -31,7 +31,33 @@ pub fn start(
     config: ForwardConfig,
     scratch: &Path,
 ) -> Pipeline {
-    let ledger = Arc::new(Ledger::default());
+    start_sharing(
+        spool,
+        ring,
+        metrics,
+        sink,
+        config,
+        scratch,
+        Arc::new(Mutex::new(Chains::new())),
+        Arc::new(Mutex::new(Chains::new())),
+        Arc::new(Ledger::default()),
+    )
+}
+
+/// [`start`] with the chain heads (as assigned, and durable) and the ledger given, for tests
+/// that look at them (or run compaction on them) while the pipeline works.
+#[allow(clippy::too_many_arguments)]
+pub fn start_sharing(
+    spool: &Spool,
+    ring: Arc<Ring>,
+    metrics: &Arc<Metrics>,
+    sink: Arc<dyn Sink>,
+    config: ForwardConfig,
+    scratch: &Path,
+    chains: Arc<Mutex<Chains>>,
+    durable_heads: Arc<Mutex<Chains>>,
+    ledger: Arc<Ledger>,
+) -> Pipeline {
     let scanned = ledger::scan(spool, &ledger, 0, |_, _| {}, |_| {}).unwrap();
     let mut sinks: BTreeMap<String, Arc<dyn Sink>> = BTreeMap::new();
     sinks.insert("default".into(), sink);
@@ -39,7 +65,8 @@ pub fn start(
         spool: spool.clone(),
         ring,
         gate: Arc::new(Gate::new(&GateConfig::default(), metrics.clone()).unwrap()),
-        chains: Arc::new(Mutex::new(Chains::new())),
+        chains,
+        durable_heads,
         ledger,
         sinks,
         dead_letter: DeadLetter::new(&scratch.join("dl"), 1 << 30),
@@ -53,6 +80,16 @@ pub fn start(
 /// Opens a spool under `dir` with 1 MiB segments and 64 KiB records, durability `always`,
 /// feeding `ring`.
 pub fn open_spool(dir: &Path, ring: &Arc<Ring>, metrics: &Arc<Metrics>) -> Spool {
+    open_spool_fs(dir, ring, metrics, Arc::new(spoolgate::spool::fs::StdFs))
+}
+
+/// [`open_spool`] on the filesystem `fs` (for fault injection).
+pub fn open_spool_fs(
+    dir: &Path,
+    ring: &Arc<Ring>,
+    metrics: &Arc<Metrics>,
+    fs: Arc<dyn spoolgate::spool::fs::FileSystem>,
+) -> Spool {
     let opts = SpoolOptions {
         dir: dir.join("spool"),
         segment_bytes_max: 1 << 20,
@@ -68,7 +105,7 @@ pub fn open_spool(dir: &Path, ring: &Arc<Ring>, metrics: &Arc<Metrics>) -> Spool
         cached_unread_bytes_max: spoolgate::spool::CACHED_UNREAD_BYTES_MAX_DEFAULT,
     };
     let observer: Arc<dyn spoolgate::spool::CommitObserver> = ring.clone();
-    Spool::open(opts, metrics.clone(), Some(observer))
+    Spool::open_with_fs(opts, fs, metrics.clone(), Some(observer))
         .unwrap()
         .0
 }
