@@ -385,7 +385,9 @@ impl Worker {
         let ctx = self.ctx.clone();
         self.tombstones.push_back(tokio::spawn(async move {
             ctx.spool.append(tombstones).await?;
-            // Only a durable tombstone completes a record: compaction may then delete it.
+            // Only a written tombstone (durable per the mode) completes a record: compaction
+            // may then delete it. Whichever of the two a power failure undoes, the record was
+            // delivered; at worst it is delivered again, from its seal.
             ctx.ledger.complete(&positions);
             ctx.metrics
                 .tombstones_written_total
