@@ -32,10 +32,12 @@ use crate::envelope::{put_str, put_uint, Envelope};
 use crate::spool::Position;
 
 mod verify;
+mod verify_spool;
 
 pub use verify::{
-    verify_jsonl, verify_path, LineAt, Verifier, VerifyError, VerifySummary, LINE_BYTES_MAX,
+    verify_jsonl, verify_path, Location, Verifier, VerifyError, VerifySummary, LINE_BYTES_MAX,
 };
+pub use verify_spool::{verify_spool, SpoolVerifySummary};
 
 pub const GENESIS: [u8; 32] = [0u8; 32];
 

@@ -5,8 +5,10 @@
 //! client threads while keeping a ledger of every id that was answered 202, and kills the
 //! daemon with SIGKILL at seeded random moments — after a random number of acknowledgements, so
 //! a run is reproducible in its schedule. After each kill it restarts the daemon and measures
-//! the time until `/readyz` answers 200. When the last round is done it waits for the pipeline
-//! to deliver everything, and checks three things against what the sink received:
+//! the time until `/readyz` answers 200. Before each restart it verifies the spool as the kill
+//! left it (`spoolgate verify DATA_DIR`: every seal links, and the `chain-heads` checkpoint
+//! never runs ahead of the seals). When the last round is done it waits for the pipeline to
+//! deliver everything, and checks three things against what the sink received:
 //!
 //! - **no loss**: every acknowledged id was delivered at least once;
 //! - **identical duplicates**: an id delivered more than once was delivered byte-identically
@@ -76,6 +78,9 @@ pub struct DrillReport {
     pub lost: u64,
     pub non_identical_duplicates: u64,
     pub chain_error: Option<String>,
+    /// The first break `verify_spool` found in the spool's seals and checkpoint, which is
+    /// checked after every kill, before the restart.
+    pub spool_chain_error: Option<String>,
     pub streams: u64,
     pub ready_after_restart_ms: Vec<u64>,
     pub lost_ids: Vec<String>,
@@ -90,6 +95,7 @@ impl DrillReport {
         self.lost == 0
             && self.non_identical_duplicates == 0
             && self.chain_error.is_none()
+            && self.spool_chain_error.is_none()
             && self.acknowledged > 0
     }
 }
@@ -134,6 +140,13 @@ impl std::fmt::Display for DrillReport {
             self.chain_error
                 .as_deref()
                 .unwrap_or("every stream gapless, every link valid")
+        )?;
+        writeln!(
+            f,
+            "  spool seals              {}",
+            self.spool_chain_error
+                .as_deref()
+                .unwrap_or("verified after every kill, with the chain-heads checkpoint")
         )?;
         writeln!(
             f,
@@ -496,6 +509,11 @@ pub fn run(opts: &DrillOptions) -> Result<DrillReport, DrillError> {
             stop.store(true, Ordering::Relaxed);
         });
         report.kills += 1;
+        if report.spool_chain_error.is_none() {
+            if let Err(e) = crate::chain::verify_spool(&opts.data_dir) {
+                report.spool_chain_error = Some(format!("after kill {}: {e}", report.kills));
+            }
+        }
         let (r, ready) = start_daemon(opts, sink_url.as_deref())?;
         report.ready_after_restart_ms.push(ready.as_millis() as u64);
         running = r;

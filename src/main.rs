@@ -51,7 +51,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Verify hash chains in file-sink output (a .jsonl file or a directory of them).
+    /// Verify hash chains: in file-sink output (a .jsonl file or a directory of them), or in
+    /// the seals of a spool (a data directory, or its spool directory).
     Verify {
         path: PathBuf,
         /// Refuse a line longer than this many bytes rather than read it into memory.
@@ -352,16 +353,36 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             path,
             line_bytes_max,
         } => {
-            let mut verifier = spoolgate::chain::Verifier::with_line_bytes_max(line_bytes_max);
-            match verifier.read_path(&path).map(|()| verifier.finish()) {
-                Ok(s) => {
-                    println!(
-                        "{}: ok: {} stream(s), {} record(s), {} identical duplicate(s)",
-                        path.display(),
-                        s.streams,
-                        s.records,
-                        s.duplicates
-                    );
+            let is_spool = path.is_dir()
+                && (path.join("spool").is_dir() || spoolgate::spool::holds_segments(&path));
+            let outcome = if is_spool {
+                spoolgate::chain::verify_spool(&path).map(|s| {
+                    let damaged = if s.damaged_ranges > 0 {
+                        format!(
+                            "; {} damaged range(s) not checked (see spoolgate inspect)",
+                            s.damaged_ranges
+                        )
+                    } else {
+                        String::new()
+                    };
+                    format!(
+                        "ok: spool seals of {} stream(s), {} sealed record(s), {} checkpointed head(s){damaged}",
+                        s.streams, s.sealed_records, s.checkpointed_streams
+                    )
+                })
+            } else {
+                let mut verifier = spoolgate::chain::Verifier::with_line_bytes_max(line_bytes_max);
+                verifier.read_path(&path).map(|()| {
+                    let s = verifier.finish();
+                    format!(
+                        "ok: {} stream(s), {} record(s), {} identical duplicate(s)",
+                        s.streams, s.records, s.duplicates
+                    )
+                })
+            };
+            match outcome {
+                Ok(line) => {
+                    println!("{}: {line}", path.display());
                     Ok(ExitCode::SUCCESS)
                 }
                 Err(e) => {

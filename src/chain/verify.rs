@@ -24,18 +24,30 @@ use super::{canonical_bytes, link, ForwardRecord, GENESIS};
 /// file that is not line-structured at all rather than read it whole into memory.
 pub const LINE_BYTES_MAX: usize = 512 * 1024 * 1024;
 
-/// Where a line was read: the file (when a directory is verified) and its 1-based number.
+/// Where a record was read.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LineAt {
-    pub file: Option<PathBuf>,
-    pub line: usize,
+pub enum Location {
+    /// A line of a sink's output: the file (when a directory is verified) and its 1-based
+    /// number.
+    Line { file: Option<PathBuf>, line: usize },
+    /// A SEALED record in a spool, by its frame's position.
+    Spool { segment: u64, offset: u64 },
+    /// The `chain-heads` checkpoint.
+    Checkpoint(PathBuf),
 }
 
-impl std::fmt::Display for LineAt {
+impl std::fmt::Display for Location {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match &self.file {
-            Some(file) => write!(f, "{} line {}", file.display(), self.line),
-            None => write!(f, "line {}", self.line),
+        match self {
+            Location::Line {
+                file: Some(file),
+                line,
+            } => write!(f, "{} line {line}", file.display()),
+            Location::Line { file: None, line } => write!(f, "line {line}"),
+            Location::Spool { segment, offset } => {
+                write!(f, "seal in segment {segment} at offset {offset}")
+            }
+            Location::Checkpoint(path) => write!(f, "{}", path.display()),
         }
     }
 }
@@ -44,16 +56,18 @@ impl std::fmt::Display for LineAt {
 #[derive(Debug, thiserror::Error)]
 pub enum VerifyError {
     #[error("{at}: not a forward record: {reason}")]
-    Malformed { at: LineAt, reason: String },
+    Malformed { at: Location, reason: String },
     #[error("stream {stream:?} seq {seq} ({at}): {reason}")]
     Broken {
         stream: String,
         seq: u64,
-        at: LineAt,
+        at: Location,
         reason: String,
     },
     #[error("I/O error: {0}")]
     Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Spool(#[from] crate::spool::SpoolError),
 }
 
 #[derive(Debug, Default, Clone, PartialEq, Eq, Serialize)]
@@ -124,7 +138,7 @@ impl Verifier {
         loop {
             buf.clear();
             line += 1;
-            let at = || LineAt {
+            let at = || Location::Line {
                 file: file.map(Path::to_path_buf),
                 line,
             };
@@ -154,7 +168,7 @@ impl Verifier {
     }
 
     /// Checks one line holding one forward record.
-    pub fn record(&mut self, line: &str, at: LineAt) -> Result<(), VerifyError> {
+    pub fn record(&mut self, line: &str, at: Location) -> Result<(), VerifyError> {
         let rec: ForwardRecord = match serde_json::from_str(line) {
             Ok(rec) => rec,
             Err(e) => {
@@ -170,35 +184,7 @@ impl Verifier {
             at: at.clone(),
             reason,
         };
-        if rec.envelope.stream() != rec.stream {
-            return Err(broken(format!(
-                "envelope belongs to stream {:?}",
-                rec.envelope.stream()
-            )));
-        }
-        let mut prev = [0u8; 32];
-        let mut hash = [0u8; 32];
-        hex::decode_to_slice(&rec.prev_hash, &mut prev)
-            .map_err(|e| broken(format!("prev_hash is not 32 hex bytes: {e}")))?;
-        hex::decode_to_slice(&rec.hash, &mut hash)
-            .map_err(|e| broken(format!("hash is not 32 hex bytes: {e}")))?;
-        let canonical = canonical_bytes(&rec.stream, rec.seq, rec.slot, &rec.envelope)
-            .map_err(|e| broken(e.to_string()))?;
-        if link(&prev, &canonical) != hash {
-            return Err(broken(
-                "hash does not match SHA-256(prev_hash || canonical bytes)".into(),
-            ));
-        }
-        if rec.slot != crate::slots::slot_of(&rec.stream) {
-            return Err(broken(format!(
-                "slot {} is not the stream's slot {}",
-                rec.slot,
-                crate::slots::slot_of(&rec.stream)
-            )));
-        }
-        if rec.seq == 0 {
-            return Err(broken("sequence numbers start at 1".into()));
-        }
+        let (prev, hash) = check_record(&rec).map_err(&broken)?;
         let seen = match self.streams.get_mut(rec.stream.as_str()) {
             Some(seen) => seen,
             None => self.streams.entry(rec.stream.clone()).or_default(),
@@ -234,6 +220,40 @@ impl Verifier {
             ..self.summary
         }
     }
+}
+
+/// What one forward record must hold on its own, wherever it was read: its envelope belongs
+/// to its stream, its slot is the stream's, its sequence number starts at 1, and its hash is
+/// SHA-256 of its `prev_hash` and its canonical bytes. Returns `(prev_hash, hash)`.
+pub(super) fn check_record(rec: &ForwardRecord) -> Result<([u8; 32], [u8; 32]), String> {
+    if rec.envelope.stream() != rec.stream {
+        return Err(format!(
+            "envelope belongs to stream {:?}",
+            rec.envelope.stream()
+        ));
+    }
+    let mut prev = [0u8; 32];
+    let mut hash = [0u8; 32];
+    hex::decode_to_slice(&rec.prev_hash, &mut prev)
+        .map_err(|e| format!("prev_hash is not 32 hex bytes: {e}"))?;
+    hex::decode_to_slice(&rec.hash, &mut hash)
+        .map_err(|e| format!("hash is not 32 hex bytes: {e}"))?;
+    let canonical = canonical_bytes(&rec.stream, rec.seq, rec.slot, &rec.envelope)
+        .map_err(|e| e.to_string())?;
+    if link(&prev, &canonical) != hash {
+        return Err("hash does not match SHA-256(prev_hash || canonical bytes)".into());
+    }
+    if rec.slot != crate::slots::slot_of(&rec.stream) {
+        return Err(format!(
+            "slot {} is not the stream's slot {}",
+            rec.slot,
+            crate::slots::slot_of(&rec.stream)
+        ));
+    }
+    if rec.seq == 0 {
+        return Err("sequence numbers start at 1".into());
+    }
+    Ok((prev, hash))
 }
 
 /// Checks JSON lines of forward records from one input.
@@ -315,8 +335,14 @@ mod tests {
             VerifyError::Broken {
                 stream, seq, at, ..
             } => {
-                assert_eq!((stream.as_str(), seq, at.line), ("s", 2, 1));
-                assert_eq!(at.file, Some(dir.path().join("000001.jsonl")));
+                assert_eq!((stream.as_str(), seq), ("s", 2));
+                assert_eq!(
+                    at,
+                    Location::Line {
+                        file: Some(dir.path().join("000001.jsonl")),
+                        line: 1
+                    }
+                );
             }
             other => panic!("{other}"),
         }

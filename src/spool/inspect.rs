@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use super::format::{self, Scanned, SegmentHeader};
 use super::fs::{FileSystem, StdFs};
-use super::recovery::{read_all, records_in};
+use super::recovery::{read_all, records_in, void_markers};
 use super::{parse_segment_name, segment_path, DamagedRange, SpoolError};
 
 /// Largest frame payload `inspect` accepts: it does not know the daemon's `record_bytes_max`.
@@ -47,6 +47,71 @@ pub fn kind_name(kind: u8) -> String {
         3 => "tombstone".into(),
         k => format!("kind-{k}"),
     }
+}
+
+/// Whether `dir` holds segment files (a spool directory rather than, say, a sink's output).
+pub fn holds_segments(dir: &Path) -> bool {
+    StdFs
+        .list(dir)
+        .map(|names| names.iter().any(|n| parse_segment_name(n).is_some()))
+        .unwrap_or(false)
+}
+
+/// Calls `f` with the position, kind and payload of every valid frame of every segment in
+/// `dir`, in log order, one segment in memory at a time; returns the damaged ranges it
+/// stepped over. Frames in a range a void marker refuses are skipped, as recovery drops them.
+/// Read-only, like [`inspect`]. `f`'s first error stops the walk.
+pub fn for_each_frame<E: From<SpoolError>>(
+    dir: &Path,
+    mut f: impl FnMut(super::Position, u8, &[u8]) -> Result<(), E>,
+) -> Result<Vec<DamagedRange>, E> {
+    let fs = StdFs;
+    let names = fs.list(dir).map_err(|source| SpoolError::Io {
+        op: "list directory",
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    let mut ids: Vec<u64> = names.iter().filter_map(|n| parse_segment_name(n)).collect();
+    ids.sort_unstable();
+    let voids = void_markers(&names);
+    let mut damaged = Vec::new();
+    for id in ids {
+        let void_at = voids.get(&id).copied().unwrap_or(u64::MAX);
+        let path = segment_path(dir, id);
+        let io = |source| SpoolError::Io {
+            op: "read segment",
+            path: path.clone(),
+            source,
+        };
+        let file = fs.open(&path).map_err(io)?;
+        let len = file.len().map_err(io)?;
+        let bytes = read_all(file.as_ref(), len).map_err(io)?;
+        for item in format::scan(&bytes, INSPECT_PAYLOAD_MAX).items {
+            match item {
+                Scanned::Frame { offset, .. } if offset >= void_at => {}
+                Scanned::Frame {
+                    offset,
+                    kind,
+                    payload_start,
+                    payload_len,
+                } => f(
+                    super::Position {
+                        segment: id,
+                        offset,
+                    },
+                    kind,
+                    &bytes[payload_start..payload_start + payload_len],
+                )?,
+                Scanned::Damaged { offset, len } => damaged.push(DamagedRange {
+                    segment: id,
+                    offset,
+                    len_bytes: len,
+                    records_lost: records_in(&bytes[offset as usize..(offset + len) as usize]),
+                }),
+            }
+        }
+    }
+    Ok(damaged)
 }
 
 /// Scans every segment in `dir` and reports what it holds.

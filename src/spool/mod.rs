@@ -76,7 +76,7 @@ mod reader;
 mod recovery;
 mod writer;
 
-pub use inspect::{inspect, InspectReport};
+pub use inspect::{for_each_frame, holds_segments, inspect, InspectReport};
 pub use reader::Reader;
 pub use writer::CommitHook;
 

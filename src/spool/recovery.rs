@@ -54,6 +54,24 @@ pub(crate) fn records_in(bytes: &[u8]) -> u64 {
     markers.max(1)
 }
 
+/// The void markers among a spool directory's file names: for each segment, the lowest offset
+/// from which a poisoned writer refused what it had written (never acknowledged; recovery
+/// zeroes it).
+pub(crate) fn void_markers(names: &[String]) -> BTreeMap<u64, u64> {
+    let mut voids: BTreeMap<u64, u64> = BTreeMap::new();
+    for n in names {
+        if let Some(rest) = n.strip_prefix("void-") {
+            if let Some((seg, off)) = rest.split_once('-') {
+                if let (Ok(seg), Ok(off)) = (seg.parse::<u64>(), off.parse::<u64>()) {
+                    let e = voids.entry(seg).or_insert(off);
+                    *e = (*e).min(off);
+                }
+            }
+        }
+    }
+    voids
+}
+
 pub(crate) fn recover(
     opts: &SpoolOptions,
     fs: &dyn FileSystem,
@@ -79,18 +97,7 @@ pub(crate) fn recover(
         .map_err(io("list directory", &opts.dir))?;
     let mut ids: Vec<u64> = names.iter().filter_map(|n| parse_segment_name(n)).collect();
     ids.sort_unstable();
-    // Void markers name unacknowledged ranges a poisoned writer left behind.
-    let mut voids: BTreeMap<u64, u64> = BTreeMap::new();
-    for n in &names {
-        if let Some(rest) = n.strip_prefix("void-") {
-            if let Some((seg, off)) = rest.split_once('-') {
-                if let (Ok(seg), Ok(off)) = (seg.parse::<u64>(), off.parse::<u64>()) {
-                    let e = voids.entry(seg).or_insert(off);
-                    *e = (*e).min(off);
-                }
-            }
-        }
-    }
+    let voids = void_markers(&names);
 
     let mut report = RecoveryReport::default();
     let mut segments = BTreeMap::new();
