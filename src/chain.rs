@@ -19,8 +19,9 @@
 //! between.
 //!
 //! Bound: one head (stream name, sequence number, 32-byte hash) per stream that has ever sent a
-//! record, and ingest admits at most `ingest.streams_max` streams (see `ingest::streams`); heads
-//! are checkpointed to `chain-heads` before compaction deletes seals.
+//! record, in two maps (the heads sealing assigns, and those of durable seals, which compaction
+//! checkpoints to `chain-heads` before it deletes seals), and ingest admits at most
+//! `ingest.streams_max` streams (see `ingest::streams`).
 
 use std::collections::HashMap;
 use std::path::Path;
