@@ -19,9 +19,11 @@
 //! between.
 //!
 //! Bound: one head (stream name, sequence number, 32-byte hash) per stream that has ever sent a
-//! record, in two maps (the heads sealing assigns, and those of durable seals, which compaction
-//! checkpoints to `chain-heads` before it deletes seals), and ingest admits at most
-//! `ingest.streams_max` streams (see `ingest::streams`).
+//! record, and ingest admits at most `ingest.streams_max` streams (see `ingest::streams`); heads
+//! are checkpointed to `chain-heads` before compaction deletes seals. A worker seals a batch
+//! against its own copy of its streams' heads and moves the shared heads only once the seal is
+//! durable, so the shared heads (and every checkpoint of them) never run ahead of the seals on
+//! disk.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -171,11 +173,18 @@ impl Chains {
         self.heads.keys().map(String::as_str)
     }
 
+    /// Every stream's head, in no particular order.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, ChainHead)> {
+        self.heads
+            .iter()
+            .map(|(stream, head)| (stream.as_str(), *head))
+    }
+
     pub fn is_empty(&self) -> bool {
         self.heads.is_empty()
     }
 
-    /// Sets a stream's head back (used to undo seals whose spool append failed).
+    /// Sets a stream's head (or removes it), whatever it was.
     pub fn restore(&mut self, stream: &str, head: Option<ChainHead>) {
         match head {
             Some(h) => {

@@ -12,10 +12,10 @@
 //! chain head. So before any deletion the chain heads are checkpointed to `chain-heads`
 //! (atomically: temp file, fsync, rename, fsync of the directory); start-up loads the
 //! checkpoint and then advances it with the seals still in the spool. The heads checkpointed
-//! are those of *durable* seals, which workers advance only after their seal append returns:
-//! every seal in a deleted segment is among them (its envelopes, all tombstoned, were
-//! delivered after that), and no seal still on its way to disk is, so a crash right after
-//! the checkpoint cannot make the restart skip a sequence number.
+//! are those of *durable* seals, since workers move the shared heads only after their seal
+//! append returns: every seal in a deleted segment is among them (its envelopes, all
+//! tombstoned, were delivered after that), and no seal still on its way to disk is, so a crash
+//! right after the checkpoint cannot make the restart skip a sequence number.
 //!
 //! The dedup index loses its start-up source the same way: ids are rebuilt from the envelopes
 //! in the spool. So the same pass first writes the dedup entries of the envelopes in the
@@ -46,11 +46,11 @@ pub const COMPACTION_INTERVAL: Duration = Duration::from_secs(1);
 pub struct Compactor {
     pub spool: Spool,
     pub ledger: Arc<Ledger>,
-    /// The heads of durable seals, which the checkpoint saves. Not the heads sealing has
-    /// assigned: those include seals still on their way to disk, and a checkpoint naming one
-    /// of those, followed by a crash before it is durable, would make the restart continue
-    /// the stream past a sequence number nobody ever received.
-    pub durable_heads: Arc<Mutex<Chains>>,
+    /// The heads of durable seals, which the checkpoint saves. Workers move them only once a
+    /// seal is durable (see `forward::worker`): a checkpoint naming a seal still on its way to
+    /// disk, followed by a crash before it got there, would make the restart continue the
+    /// stream past a sequence number nobody ever received.
+    pub chains: Arc<Mutex<Chains>>,
     pub ring: Arc<Ring>,
     pub heads_path: PathBuf,
     /// Where dedup checkpoints go (the data directory).
@@ -112,7 +112,7 @@ impl Compactor {
             return Ok(0);
         };
         let snapshot = self
-            .durable_heads
+            .chains
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone();

@@ -218,14 +218,12 @@ pub async fn run(config: Config) -> Result<Exit, DaemonError> {
         .await
         .map_err(|e| DaemonError::Task(e.to_string()))??
     };
-    // Every head found at start-up is durable: the checkpoint and the seals on disk.
-    let durable_heads = {
+    {
         let chains = chains.lock().unwrap_or_else(|p| p.into_inner());
         for stream in chains.streams() {
             state.streams.insert_recovered(stream);
         }
-        Arc::new(Mutex::new(chains.clone()))
-    };
+    }
     if state.streams.len() > config.ingest.streams_max {
         tracing::warn!(
             streams = state.streams.len(),
@@ -263,7 +261,6 @@ pub async fn run(config: Config) -> Result<Exit, DaemonError> {
             ring: ring.clone(),
             gate,
             chains: chains.clone(),
-            durable_heads: durable_heads.clone(),
             ledger: ledger.clone(),
             sinks,
             dead_letter: DeadLetter::new(
@@ -282,7 +279,7 @@ pub async fn run(config: Config) -> Result<Exit, DaemonError> {
         Compactor {
             spool: spool.clone(),
             ledger,
-            durable_heads,
+            chains,
             ring: ring.clone(),
             heads_path,
             dedup_dir: config.data_dir.clone(),

@@ -169,7 +169,6 @@ async fn a_checkpoint_taken_while_a_seal_is_not_yet_durable_names_the_head_befor
         delivered: Mutex::new(Vec::new()),
     });
     let chains = Arc::new(Mutex::new(Chains::new()));
-    let durable_heads = Arc::new(Mutex::new(Chains::new()));
     let ledger = Arc::new(Ledger::default());
     let pipeline = pipeline_common::start_sharing(
         &spool,
@@ -182,7 +181,6 @@ async fn a_checkpoint_taken_while_a_seal_is_not_yet_durable_names_the_head_befor
         },
         dir.path(),
         chains.clone(),
-        durable_heads.clone(),
         ledger.clone(),
     );
 
@@ -211,7 +209,7 @@ async fn a_checkpoint_taken_while_a_seal_is_not_yet_durable_names_the_head_befor
     let compactor = Compactor {
         spool: spool.clone(),
         ledger: ledger.clone(),
-        durable_heads: durable_heads.clone(),
+        chains: chains.clone(),
         ring: ring.clone(),
         heads_path: heads_path.clone(),
         dedup_dir: dir.path().to_path_buf(),

@@ -72,10 +72,8 @@ pub struct PipelineParts {
     pub spool: Spool,
     pub ring: Arc<Ring>,
     pub gate: Arc<Gate>,
-    /// Heads as sealing assigns them.
+    /// Heads of durable seals (see `WorkerContext::chains`).
     pub chains: Arc<Mutex<Chains>>,
-    /// Heads of durable seals (see `WorkerContext::durable_heads`).
-    pub durable_heads: Arc<Mutex<Chains>>,
     pub ledger: Arc<Ledger>,
     pub sinks: BTreeMap<String, Arc<dyn Sink>>,
     pub dead_letter: DeadLetter,
@@ -124,7 +122,6 @@ async fn supervise(parts: PipelineParts, mut stop: watch::Receiver<bool>) {
         spool: parts.spool.clone(),
         gate: parts.gate.clone(),
         chains: parts.chains.clone(),
-        durable_heads: parts.durable_heads.clone(),
         ledger: parts.ledger.clone(),
         sinks: parts.sinks.clone(),
         dead_letter: parts.dead_letter.clone(),

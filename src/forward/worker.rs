@@ -7,8 +7,10 @@
 //! forward records of the batch (sequence numbers, hashes and gate output included) with an
 //! unconditional fdatasync *before* the first byte goes to a sink. From then on the batch is
 //! only ever forwarded from those sealed bytes: after a crash, replay finds the seal (no
-//! tombstone) and re-sends exactly that; nothing is recomputed. If the seal append fails, the
-//! chain heads advanced for the batch are rolled back, so no sequence number is ever skipped.
+//! tombstone) and re-sends exactly that; nothing is recomputed. The batch is sealed against a
+//! copy of its streams' heads, and the shared heads move only once the seal is durable: if the
+//! append fails (or the worker dies first) nothing has moved, so no sequence number is ever
+//! skipped, and the `chain-heads` checkpoint never names a seal that is not on disk.
 //!
 //! Order: a worker handles one batch at a time and retries it until it is confirmed, dead-
 //! lettered, or the worker is stopped, so records of a slot reach a sink in log order.
@@ -38,14 +40,14 @@
 //! written in batch order: each names its own positions, and a record whose tombstone was not
 //! yet durable at a crash is re-sent from its seal, identically.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio::sync::{mpsc, watch};
 
-use crate::chain::{ChainHead, Chains, SealError, SealWriter, SharedRecord, Tombstone};
+use crate::chain::{Chains, SealError, SealWriter, SharedRecord, Tombstone};
 use crate::config::ForwardConfig;
 use crate::envelope::Envelope;
 use crate::forward::dead_letter::{DeadLetter, DeadLetterError};
@@ -90,11 +92,9 @@ pub enum WorkerError {
 pub struct WorkerContext {
     pub spool: Spool,
     pub gate: Arc<Gate>,
-    /// Every stream's head as sealing assigns it, durable or not: what the next seal links to.
+    /// Every stream's head, as of its last durable seal: what the next seal links to and what
+    /// compaction checkpoints. A worker advances it only once its seal append has returned.
     pub chains: Arc<Mutex<Chains>>,
-    /// The heads of seals known to be durable; what compaction checkpoints (see
-    /// `compaction`). A worker advances them only once its seal append has returned.
-    pub durable_heads: Arc<Mutex<Chains>>,
     pub ledger: Arc<Ledger>,
     pub sinks: BTreeMap<String, Arc<dyn Sink>>,
     pub dead_letter: DeadLetter,
@@ -224,49 +224,36 @@ impl Worker {
         // summary): a few hundred bytes more than the envelope as spooled.
         let payload_hint: usize = batch.iter().map(|i| i.bytes + SEAL_ENTRY_EXTRA_BYTES).sum();
         let mut writer = SealWriter::new(ctx.spool.record_bytes_max(), payload_hint);
-        // Each stream's head from before this batch, taken the first time the batch touches
-        // it: what a failed seal restores.
-        let mut snapshot: HashMap<String, Option<ChainHead>, foldhash::fast::RandomState> =
-            HashMap::default();
-        let mut unsealable: Vec<(usize, SealError)> = Vec::new();
-        let mut batch_heads: Vec<(String, ChainHead)> = Vec::new();
+        // The batch is sealed against its own copy of the heads of the streams it touches, and
+        // the shared heads move only once the seal is durable. So the shared heads are always
+        // those of durable seals, which is what compaction checkpoints and what a restart
+        // continues from: a seal that fails, or a worker that panics half-way, leaves nothing
+        // to roll back, and a checkpoint can never name a sequence number no seal on disk
+        // holds. This worker owns these streams' slots, so no other worker seals them
+        // meanwhile; and no lock is held while the batch is encoded and hashed.
+        let mut heads = Chains::new();
         {
-            let mut chains = ctx.chains.lock().unwrap_or_else(|p| p.into_inner());
-            let mut sealed_here = Vec::with_capacity(gated.len());
-            let mut failure = None;
-            for (i, env) in gated {
-                if !snapshot.contains_key(env.stream()) {
-                    snapshot.insert(env.stream().to_string(), chains.head(env.stream()));
-                }
-                match writer.seal(&mut chains, batch[i].position, env) {
-                    Ok(record) => sealed_here.push((i, SharedRecord::new(record))),
-                    // A record whose gated form cannot fit a spool record would fail every
-                    // worker that tried it and stall its slot for good. It takes no sequence
-                    // number (the head is unchanged), goes to the dead-letter directory below
-                    // and is tombstoned with the batch.
-                    Err(e @ SealError::TooLarge { .. }) => unsealable.push((i, e)),
-                    Err(SealError::Chain(e)) => {
-                        failure = Some(e);
-                        break;
+            let shared = ctx.chains.lock().unwrap_or_else(|p| p.into_inner());
+            for (_, env) in &gated {
+                let stream = env.stream();
+                if heads.head(stream).is_none() {
+                    if let Some(head) = shared.head(stream) {
+                        heads.restore(stream, Some(head));
                     }
                 }
             }
-            if let Some(e) = failure {
-                for (stream, head) in snapshot {
-                    chains.restore(&stream, head);
-                }
-                return Err(invalid(e));
-            }
-            for (i, record) in sealed_here {
-                batch[i].sealed = Some(record);
-            }
-            ctx.metrics.chain_streams.set(chains.len() as i64);
-            // The batch's last head in each stream it touched: this worker owns those
-            // streams' slots, so nothing else moved them meanwhile.
-            for (stream, _) in snapshot.iter() {
-                if let Some(head) = chains.head(stream) {
-                    batch_heads.push((stream.clone(), head));
-                }
+        }
+        let mut unsealable: Vec<(usize, SealError)> = Vec::new();
+        let mut sealed_here = Vec::with_capacity(gated.len());
+        for (i, env) in gated {
+            match writer.seal(&mut heads, batch[i].position, env) {
+                Ok(record) => sealed_here.push((i, SharedRecord::new(record))),
+                // A record whose gated form cannot fit a spool record would fail every worker
+                // that tried it and stall its slot for good. It takes no sequence number (the
+                // head is unchanged), goes to the dead-letter directory below and is tombstoned
+                // with the batch.
+                Err(e @ SealError::TooLarge { .. }) => unsealable.push((i, e)),
+                Err(SealError::Chain(e)) => return Err(invalid(e)),
             }
         }
         if !writer.is_empty() {
@@ -275,28 +262,20 @@ impl Worker {
                 .into_iter()
                 .map(|payload| (RecordKind::SEALED, payload))
                 .collect();
-            if let Err(e) = ctx.spool.append_synced(records).await {
-                // Every stream the batch touched returns to its head from before the batch.
-                let mut chains = ctx.chains.lock().unwrap_or_else(|p| p.into_inner());
-                for (stream, head) in snapshot {
-                    chains.restore(&stream, head);
-                }
-                for item in batch.iter_mut() {
-                    item.sealed = None;
-                }
-                return Err(e.into());
+            ctx.spool.append_synced(records).await?;
+            for (i, record) in sealed_here {
+                batch[i].sealed = Some(record);
             }
             ctx.ledger.record_sealed(
                 batch
                     .iter()
                     .filter_map(|i| i.sealed.clone().map(|r| (i.position, r))),
             );
-            // Only now may a chain-heads checkpoint name these heads: a checkpoint ahead of
-            // the durable seals would make a restart skip sequence numbers.
-            let mut durable = ctx.durable_heads.lock().unwrap_or_else(|p| p.into_inner());
-            for (stream, head) in &batch_heads {
-                durable.advance(stream, *head);
+            let mut shared = ctx.chains.lock().unwrap_or_else(|p| p.into_inner());
+            for (stream, head) in heads.iter() {
+                shared.advance(stream, head);
             }
+            ctx.metrics.chain_streams.set(shared.len() as i64);
         }
         let unsealable_count = unsealable.len();
         for (i, e) in unsealable {

@@ -39,13 +39,12 @@ pub fn start(
         config,
         scratch,
         Arc::new(Mutex::new(Chains::new())),
-        Arc::new(Mutex::new(Chains::new())),
         Arc::new(Ledger::default()),
     )
 }
 
-/// [`start`] with the chain heads (as assigned, and durable) and the ledger given, for tests
-/// that look at them (or run compaction on them) while the pipeline works.
+/// [`start`] with the chain heads and the ledger given, for tests that look at them (or run
+/// compaction on them) while the pipeline works.
 #[allow(clippy::too_many_arguments)]
 pub fn start_sharing(
     spool: &Spool,
@@ -55,7 +54,6 @@ pub fn start_sharing(
     config: ForwardConfig,
     scratch: &Path,
     chains: Arc<Mutex<Chains>>,
-    durable_heads: Arc<Mutex<Chains>>,
     ledger: Arc<Ledger>,
 ) -> Pipeline {
     let scanned = ledger::scan(spool, &ledger, 0, |_, _| {}, |_| {}).unwrap();
@@ -66,7 +64,6 @@ pub fn start_sharing(
         ring,
         gate: Arc::new(Gate::new(&GateConfig::default(), metrics.clone()).unwrap()),
         chains,
-        durable_heads,
         ledger,
         sinks,
         dead_letter: DeadLetter::new(&scratch.join("dl"), 1 << 30),
