@@ -206,7 +206,7 @@ impl Worker {
         let invalid =
             |e: crate::chain::ChainError| WorkerError::Spool(SpoolError::Invalid(e.to_string()));
         // Classification is the expensive part and depends only on the envelope and the rules,
-        // so it runs before the chain lock is taken: other workers keep sealing meanwhile.
+        // not on any chain state.
         let mut gated = Vec::with_capacity(batch.len());
         for (i, item) in batch.iter_mut().enumerate() {
             if item.sealed.is_some() {
