@@ -52,7 +52,8 @@ enum Command {
         json: bool,
     },
     /// Verify hash chains: in file-sink output (a .jsonl file or a directory of them), or in
-    /// the seals of a spool (a data directory, or its spool directory).
+    /// the seals of a spool (a data directory, or its spool directory). Exits 1 when a chain
+    /// is broken, 2 when the input cannot be read.
     Verify {
         path: PathBuf,
         /// Refuse a line longer than this many bytes rather than read it into memory.
@@ -384,6 +385,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Ok(line) => {
                     println!("{}: {line}", path.display());
                     Ok(ExitCode::SUCCESS)
+                }
+                // Not being able to read is not a broken chain: a script running verify after
+                // a drill must tell the two apart.
+                Err(
+                    e @ (spoolgate::chain::VerifyError::Io(_)
+                    | spoolgate::chain::VerifyError::Spool(_)),
+                ) => {
+                    println!("{}: cannot verify: {e}", path.display());
+                    Ok(ExitCode::from(2))
                 }
                 Err(e) => {
                     println!("{}: BROKEN: {e}", path.display());

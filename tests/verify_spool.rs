@@ -303,4 +303,8 @@ fn the_command_verifies_a_data_directory_and_exits_non_zero_naming_the_break() {
         text.contains("BROKEN: stream \"acme\" seq 5") && text.contains("chain-heads"),
         "{text}"
     );
+    // A path that cannot be read is not a broken chain.
+    let (code, text) = run(&d.path().join("no-such-file.jsonl"));
+    assert_eq!(code, Some(2), "{text}");
+    assert!(text.contains("cannot verify"), "{text}");
 }
