@@ -25,7 +25,9 @@
 //! - [`spool`]: the segment log: framing, group commit, recovery, reader, filesystem seam.
 //! - [`ring`]: the bounded memory ring between the spool writer and the consumer.
 //! - [`gate`]: PII detection and policy, rules (tags, intent, routing), extractive summary.
-//! - [`chain`]: per-stream sequence numbers and hash links; `verify`.
+//! - [`chain`]: per-stream sequence numbers and hash links, seals, the heads checkpoint;
+//!   `verify` of a sink's output (`chain/verify.rs`) and of a spool's seals
+//!   (`chain/verify_spool.rs`).
 //! - [`slots`]: stream → slot mapping and the slot ownership table.
 //! - [`forward`]: sinks, batching, retries, dead letters, workers, tombstones, replay.
 //! - [`compaction`]: deleting segments whose records are all complete.
