@@ -99,6 +99,19 @@ fn a_failed_fdatasync_answers_503_poisons_the_spool_and_a_restart_recovers() {
             "{id} was refused with 503 but delivered as if acknowledged"
         );
     }
+    // The spool's chain evidence holds across the poison and the restart, the refused range
+    // (void marker) included, and so does the sink's output.
+    assert_eq!(d.terminate().code(), Some(0));
+    for path in [d.data_dir.clone(), d.data_dir.join("out")] {
+        let out = std::process::Command::new(common::bin())
+            .arg("verify")
+            .arg(&path)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{text}");
+        assert!(text.contains(": ok: "), "{text}");
+    }
 }
 
 #[test]
