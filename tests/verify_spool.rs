@@ -308,3 +308,31 @@ fn the_command_verifies_a_data_directory_and_exits_non_zero_naming_the_break() {
     assert_eq!(code, Some(2), "{text}");
     assert!(text.contains("cannot verify"), "{text}");
 }
+
+#[test]
+fn a_damaged_envelope_frame_is_listed_by_inspect_and_left_unchecked_by_verify() {
+    let mut d = DataDir::new();
+    let first = d.seal("acme", &["a1", "a2"]);
+    // One byte inside the first envelope's payload: its CRC fails, the seal after it holds.
+    let segment = d
+        .path()
+        .join("spool")
+        .join(format!("{:020}.seg", first.segment));
+    let mut bytes = std::fs::read(&segment).unwrap();
+    bytes[first.offset as usize + 20] ^= 0xff;
+    std::fs::write(&segment, &bytes).unwrap();
+
+    let summary = verify_spool(d.path()).unwrap();
+    assert_eq!((summary.sealed_records, summary.damaged_ranges), (2, 1));
+    let out = Command::new(env!("CARGO_BIN_EXE_spoolgate"))
+        .arg("inspect")
+        .arg(d.path())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains(&format!("DAMAGED offset {}", first.offset)),
+        "{text}"
+    );
+}
