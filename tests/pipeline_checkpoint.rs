@@ -10,39 +10,17 @@ use std::path::Path;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Condvar, Mutex};
 
-use pipeline_common::{append, wait_until};
-use spoolgate::chain::{Chains, ForwardRecord, SharedRecord};
+use pipeline_common::{append, wait_until, RecordingSink};
+use spoolgate::chain::Chains;
 use spoolgate::compaction::Compactor;
 use spoolgate::config::{Config, ForwardConfig};
 use spoolgate::forward::ledger::Ledger;
-use spoolgate::forward::sink::{DeliverFuture, Sink};
 use spoolgate::ingest::IngestState;
 use spoolgate::metrics::Metrics;
 use spoolgate::ring::Ring;
 use spoolgate::spool::format::FRAME_MARKER;
 use spoolgate::spool::fs::{FileSystem, SegmentFile, StdFs};
 use spoolgate::spool::RecordKind;
-
-/// Takes every batch and keeps its records.
-struct RecordingSink {
-    delivered: Mutex<Vec<ForwardRecord>>,
-}
-
-impl Sink for RecordingSink {
-    fn name(&self) -> &str {
-        "default"
-    }
-
-    fn deliver<'a>(&'a self, batch: &'a [SharedRecord]) -> DeliverFuture<'a> {
-        Box::pin(async move {
-            self.delivered
-                .lock()
-                .unwrap()
-                .extend(batch.iter().map(|r| (**r).clone()));
-            Ok(())
-        })
-    }
-}
 
 /// Once armed, holds the first fdatasync that follows a write starting with a SEALED frame
 /// until released: the seal is then written but not durable, as it is for a moment in every
@@ -165,9 +143,7 @@ async fn a_checkpoint_taken_while_a_seal_is_not_yet_durable_names_the_head_befor
         &metrics,
         Arc::new(HoldFs { hold: hold.clone() }),
     );
-    let sink = Arc::new(RecordingSink {
-        delivered: Mutex::new(Vec::new()),
-    });
+    let sink = Arc::new(RecordingSink::default());
     let chains = Arc::new(Mutex::new(Chains::new()));
     let ledger = Arc::new(Ledger::default());
     let pipeline = pipeline_common::start_sharing(

@@ -4,37 +4,15 @@
 
 mod pipeline_common;
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use bytes::Bytes;
-use pipeline_common::{append, wait_until};
-use spoolgate::chain::{ForwardRecord, SharedRecord, Tombstone};
+use pipeline_common::{append, wait_until, RecordingSink};
+use spoolgate::chain::Tombstone;
 use spoolgate::config::ForwardConfig;
-use spoolgate::forward::sink::{DeliverFuture, Sink};
 use spoolgate::metrics::Metrics;
 use spoolgate::ring::Ring;
 use spoolgate::spool::RecordKind;
-
-/// Takes every batch and keeps its records.
-struct RecordingSink {
-    delivered: Mutex<Vec<ForwardRecord>>,
-}
-
-impl Sink for RecordingSink {
-    fn name(&self) -> &str {
-        "default"
-    }
-
-    fn deliver<'a>(&'a self, batch: &'a [SharedRecord]) -> DeliverFuture<'a> {
-        Box::pin(async move {
-            self.delivered
-                .lock()
-                .unwrap()
-                .extend(batch.iter().map(|r| (**r).clone()));
-            Ok(())
-        })
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_undecodable_envelope_record_is_dead_lettered_as_hex_and_tombstoned_and_its_stream_goes_on(
@@ -43,9 +21,7 @@ async fn an_undecodable_envelope_record_is_dead_lettered_as_hex_and_tombstoned_a
     let metrics = Arc::new(Metrics::new());
     let ring = Arc::new(Ring::new(1024, 1 << 20, metrics.clone()));
     let spool = pipeline_common::open_spool(dir.path(), &ring, &metrics);
-    let sink = Arc::new(RecordingSink {
-        delivered: Mutex::new(Vec::new()),
-    });
+    let sink = Arc::new(RecordingSink::default());
     let pipeline = pipeline_common::start(
         &spool,
         ring,

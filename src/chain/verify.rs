@@ -70,6 +70,18 @@ pub enum VerifyError {
     Spool(#[from] crate::spool::SpoolError),
 }
 
+impl VerifyError {
+    /// What is wrong with `rec`, read at `at`.
+    pub(super) fn broken(rec: &ForwardRecord, at: &Location, reason: String) -> VerifyError {
+        VerifyError::Broken {
+            stream: rec.stream.clone(),
+            seq: rec.seq,
+            at: at.clone(),
+            reason,
+        }
+    }
+}
+
 #[derive(Debug, Default, Clone, PartialEq, Eq, Serialize)]
 pub struct VerifySummary {
     pub streams: usize,
@@ -178,12 +190,7 @@ impl Verifier {
                 })
             }
         };
-        let broken = |reason: String| VerifyError::Broken {
-            stream: rec.stream.clone(),
-            seq: rec.seq,
-            at: at.clone(),
-            reason,
-        };
+        let broken = |reason: String| VerifyError::broken(&rec, &at, reason);
         let (prev, hash) = check_record(&rec).map_err(&broken)?;
         let seen = match self.streams.get_mut(rec.stream.as_str()) {
             Some(seen) => seen,

@@ -80,12 +80,7 @@ pub fn verify_spool(dir: &Path) -> Result<SpoolVerifySummary, VerifyError> {
         })?;
         for entry in batch.entries {
             let rec = entry.record;
-            let broken = |reason: String| VerifyError::Broken {
-                stream: rec.stream.clone(),
-                seq: rec.seq,
-                at: at.clone(),
-                reason,
-            };
+            let broken = |reason: String| VerifyError::broken(&rec, &at, reason);
             let (prev, hash) = check_record(&rec).map_err(&broken)?;
             let head = checkpoint.head(&rec.stream);
             if let Some(head) = head {

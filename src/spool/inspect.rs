@@ -65,27 +65,12 @@ pub fn for_each_frame<E: From<SpoolError>>(
     dir: &Path,
     mut f: impl FnMut(super::Position, u8, &[u8]) -> Result<(), E>,
 ) -> Result<Vec<DamagedRange>, E> {
-    let fs = StdFs;
-    let names = fs.list(dir).map_err(|source| SpoolError::Io {
-        op: "list directory",
-        path: dir.to_path_buf(),
-        source,
-    })?;
-    let mut ids: Vec<u64> = names.iter().filter_map(|n| parse_segment_name(n)).collect();
-    ids.sort_unstable();
+    let (names, ids) = list_segments(dir)?;
     let voids = void_markers(&names);
     let mut damaged = Vec::new();
     for id in ids {
         let void_at = voids.get(&id).copied().unwrap_or(u64::MAX);
-        let path = segment_path(dir, id);
-        let io = |source| SpoolError::Io {
-            op: "read segment",
-            path: path.clone(),
-            source,
-        };
-        let file = fs.open(&path).map_err(io)?;
-        let len = file.len().map_err(io)?;
-        let bytes = read_all(file.as_ref(), len).map_err(io)?;
+        let bytes = read_segment(dir, id)?;
         for item in format::scan(&bytes, INSPECT_PAYLOAD_MAX).items {
             match item {
                 Scanned::Frame { offset, .. } if offset >= void_at => {}
@@ -102,39 +87,56 @@ pub fn for_each_frame<E: From<SpoolError>>(
                     kind,
                     &bytes[payload_start..payload_start + payload_len],
                 )?,
-                Scanned::Damaged { offset, len } => damaged.push(DamagedRange {
-                    segment: id,
-                    offset,
-                    len_bytes: len,
-                    records_lost: records_in(&bytes[offset as usize..(offset + len) as usize]),
-                }),
+                Scanned::Damaged { offset, len } => {
+                    damaged.push(damaged_range(id, &bytes, offset, len))
+                }
             }
         }
     }
     Ok(damaged)
 }
 
-/// Scans every segment in `dir` and reports what it holds.
-pub fn inspect(dir: &Path) -> Result<InspectReport, SpoolError> {
-    let fs = StdFs;
-    let names = fs.list(dir).map_err(|source| SpoolError::Io {
+/// The file names in `dir`, and the ids of its segments in ascending order.
+fn list_segments(dir: &Path) -> Result<(Vec<String>, Vec<u64>), SpoolError> {
+    let names = StdFs.list(dir).map_err(|source| SpoolError::Io {
         op: "list directory",
         path: dir.to_path_buf(),
         source,
     })?;
     let mut ids: Vec<u64> = names.iter().filter_map(|n| parse_segment_name(n)).collect();
     ids.sort_unstable();
+    Ok((names, ids))
+}
+
+/// A segment's bytes, read whole (segments are bounded by `spool.segment_bytes_max`).
+fn read_segment(dir: &Path, id: u64) -> Result<Vec<u8>, SpoolError> {
+    let path = segment_path(dir, id);
+    let io = |source| SpoolError::Io {
+        op: "read segment",
+        path: path.clone(),
+        source,
+    };
+    let file = StdFs.open(&path).map_err(io)?;
+    let len = file.len().map_err(io)?;
+    read_all(file.as_ref(), len).map_err(io)
+}
+
+fn damaged_range(segment: u64, bytes: &[u8], offset: u64, len: u64) -> DamagedRange {
+    DamagedRange {
+        segment,
+        offset,
+        len_bytes: len,
+        records_lost: records_in(&bytes[offset as usize..(offset + len) as usize]),
+    }
+}
+
+/// Scans every segment in `dir` and reports what it holds.
+pub fn inspect(dir: &Path) -> Result<InspectReport, SpoolError> {
+    let (_, ids) = list_segments(dir)?;
     let mut segments = Vec::new();
     for id in ids {
-        let path = segment_path(dir, id);
-        let io = |source| SpoolError::Io {
-            op: "read segment",
-            path: path.clone(),
-            source,
-        };
-        let file = fs.open(&path).map_err(io)?;
-        let len = file.len().map_err(io)?;
-        let bytes = read_all(file.as_ref(), len).map_err(io)?;
+        let bytes = read_segment(dir, id)?;
+        let len = bytes.len() as u64;
         let header = SegmentHeader::decode(&bytes).map(|h| SegmentHeaderView {
             segment_id: h.segment_id,
             created_ms: h.created_ms,
@@ -146,12 +148,9 @@ pub fn inspect(dir: &Path) -> Result<InspectReport, SpoolError> {
         for item in &scanned.items {
             match item {
                 Scanned::Frame { kind, .. } => *records.entry(kind_name(*kind)).or_insert(0) += 1,
-                Scanned::Damaged { offset, len } => damaged.push(DamagedRange {
-                    segment: id,
-                    offset: *offset,
-                    len_bytes: *len,
-                    records_lost: records_in(&bytes[*offset as usize..(*offset + *len) as usize]),
-                }),
+                Scanned::Damaged { offset, len } => {
+                    damaged.push(damaged_range(id, &bytes, *offset, *len))
+                }
             }
         }
         segments.push(SegmentReport {

@@ -8,13 +8,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use spoolgate::chain::Chains;
+use spoolgate::chain::{Chains, ForwardRecord, SharedRecord};
 use spoolgate::config::{ForwardConfig, GateConfig};
 use spoolgate::envelope::{Envelope, ENVELOPE_VERSION};
 use spoolgate::forward::dead_letter::DeadLetter;
 use spoolgate::forward::ledger::{self, Ledger};
 use spoolgate::forward::pipeline::{Pipeline, PipelineParts};
-use spoolgate::forward::sink::Sink;
+use spoolgate::forward::sink::{DeliverFuture, Sink};
 use spoolgate::gate::Gate;
 use spoolgate::metrics::Metrics;
 use spoolgate::ring::Ring;
@@ -138,5 +138,27 @@ pub async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
             "timed out waiting for {what}"
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Takes every batch and keeps its records.
+#[derive(Default)]
+pub struct RecordingSink {
+    pub delivered: Mutex<Vec<ForwardRecord>>,
+}
+
+impl Sink for RecordingSink {
+    fn name(&self) -> &str {
+        "default"
+    }
+
+    fn deliver<'a>(&'a self, batch: &'a [SharedRecord]) -> DeliverFuture<'a> {
+        Box::pin(async move {
+            self.delivered
+                .lock()
+                .unwrap()
+                .extend(batch.iter().map(|r| (**r).clone()));
+            Ok(())
+        })
     }
 }
