@@ -9,7 +9,11 @@
 //!
 //! Bounds: the ledger holds one small entry per pending envelope plus one forward record per
 //! sealed-but-unconfirmed envelope. Pending entries are bounded by the spool's quota
-//! (`spool.quota_hard_bytes` over the smallest record); sealed entries by
+//! (`spool.quota_hard_bytes` over the smallest record), which is why each is kept small: 17
+//! bytes in a per-segment array in log order (offset, payload bytes, since when, done), where
+//! a map keyed by position cost about 100 bytes per envelope, 400 MB for a quota-full spool of
+//! 1 KiB envelopes at the moment a restart has to replay it (measured with
+//! `scripts/bench-replay.sh`). Sealed entries are bounded by
 //! `forward.workers × (1 + TOMBSTONES_IN_FLIGHT_MAX) × forward.batch_records_max`, since a
 //! worker seals one batch at a time and keeps at most `TOMBSTONES_IN_FLIGHT_MAX` (4) confirmed
 //! batches whose tombstones are still being written.
@@ -30,20 +34,52 @@ pub struct PendingInfo {
     pub bytes: u32,
 }
 
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct SegmentTally {
-    pub envelopes: u64,
-    pub done: u64,
+/// One envelope of a segment: where it is, its payload bytes and since when it is pending.
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    /// Offset in the segment; a segment is at most 4 GiB (`spool.segment_bytes_max`), so every
+    /// frame starts below 2^32.
+    offset: u32,
+    bytes: u32,
+    since_ms: u64,
+}
+
+/// The envelopes of one segment in log order, complete or not, until compaction deletes the
+/// segment. Envelopes are counted in log order (see [`Ledger::add_pending`]), so `entries`
+/// is sorted by offset and found by binary search.
+#[derive(Debug, Default)]
+struct SegmentLedger {
+    entries: Vec<Entry>,
+    /// `done[i]`: the tombstone of `entries[i]` is written.
+    done: Vec<bool>,
+    done_count: usize,
+    /// Every entry before this index is done; moved forward lazily by `pending_stats`.
+    first_open: usize,
+}
+
+impl SegmentLedger {
+    fn find(&self, offset: u64) -> Option<usize> {
+        let offset = u32::try_from(offset).ok()?;
+        self.entries
+            .binary_search_by_key(&offset, |e| e.offset)
+            .ok()
+    }
+
+    fn is_complete(&self) -> bool {
+        self.done_count == self.entries.len()
+    }
 }
 
 #[derive(Default)]
 struct Inner {
-    pending: BTreeMap<Position, PendingInfo>,
+    /// Every counted envelope, by segment: pending until its tombstone is written, then done
+    /// until compaction deletes its segment ([`Ledger::forget_below`]).
+    segments: BTreeMap<u64, SegmentLedger>,
+    pending_count: u64,
     pending_bytes: u64,
     /// Hashed with foldhash: positions are spoolgate's own, and SipHash showed in profiles.
     sealed: HashMap<Position, SharedRecord, foldhash::fast::RandomState>,
-    tallies: BTreeMap<u64, SegmentTally>,
-    /// Every envelope before this position has been counted into `tallies`.
+    /// Every envelope before this position has been counted into `segments`.
     counted_up_to: Position,
 }
 
@@ -87,12 +123,46 @@ impl Ledger {
         if position < inner.counted_up_to {
             return;
         }
+        let offset = u32::try_from(position.offset)
+            .expect("a frame starts below 2^32: spool.segment_bytes_max is at most 4 GiB");
+        if !inner.segments.contains_key(&position.segment) {
+            // The segment counted so far is complete: its arrays keep their final length, not
+            // the doubling slack of their growth.
+            if let Some((_, last)) = inner.segments.iter_mut().next_back() {
+                last.entries.shrink_to_fit();
+                last.done.shrink_to_fit();
+            }
+        }
+        let segment = inner.segments.entry(position.segment).or_default();
+        let entry = Entry {
+            offset,
+            bytes: info.bytes,
+            since_ms: info.since_ms,
+        };
+        match segment.entries.last() {
+            Some(last) if last.offset >= offset => {
+                // Not reached by the dispatcher, which counts in log order; kept correct
+                // rather than assumed, since a miscount would stall compaction.
+                match segment.entries.binary_search_by_key(&offset, |e| e.offset) {
+                    Ok(_) => return,
+                    Err(i) => {
+                        segment.entries.insert(i, entry);
+                        segment.done.insert(i, false);
+                        segment.first_open = segment.first_open.min(i);
+                    }
+                }
+            }
+            _ => {
+                segment.entries.push(entry);
+                segment.done.push(false);
+            }
+        }
+        debug_assert_eq!(segment.entries.len(), segment.done.len());
         if inner.counted_up_to != Position::default() {
             live_added.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
-        inner.tallies.entry(position.segment).or_default().envelopes += 1;
+        inner.pending_count += 1;
         inner.pending_bytes += u64::from(info.bytes);
-        inner.pending.insert(position, info);
     }
 
     /// [`Ledger::add_pending`] then [`Ledger::counted_up_to`]`(next)` under one lock: what the
@@ -118,7 +188,13 @@ impl Ledger {
     }
 
     pub fn is_pending(&self, position: Position) -> bool {
-        self.lock().pending.contains_key(&position)
+        let inner = self.lock();
+        let Some(segment) = inner.segments.get(&position.segment) else {
+            return false;
+        };
+        segment
+            .find(position.offset)
+            .is_some_and(|i| !segment.done[i])
     }
 
     pub fn sealed(&self, position: Position) -> Option<SharedRecord> {
@@ -139,12 +215,23 @@ impl Ledger {
         // released, where the dispatcher and the other workers do not wait for it.
         let mut released = Vec::with_capacity(positions.len());
         {
-            let mut inner = self.lock();
+            let mut guard = self.lock();
+            let inner = &mut *guard;
             for p in positions {
                 released.extend(inner.sealed.remove(p));
-                if let Some(info) = inner.pending.remove(p) {
-                    inner.pending_bytes -= u64::from(info.bytes);
-                    inner.tallies.entry(p.segment).or_default().done += 1;
+                // A tombstone may name an envelope already complete (written twice after a
+                // rewind) or in a segment compaction deleted: nothing to count then.
+                let Some(segment) = inner.segments.get_mut(&p.segment) else {
+                    continue;
+                };
+                let Some(i) = segment.find(p.offset) else {
+                    continue;
+                };
+                if !segment.done[i] {
+                    segment.done[i] = true;
+                    segment.done_count += 1;
+                    inner.pending_count -= 1;
+                    inner.pending_bytes -= u64::from(segment.entries[i].bytes);
                 }
             }
         }
@@ -153,9 +240,18 @@ impl Ledger {
 
     /// Pending count, pending bytes, and the oldest pending record's `since_ms`.
     pub fn pending_stats(&self) -> (u64, u64, Option<u64>) {
-        let inner = self.lock();
-        let oldest = inner.pending.values().next().map(|i| i.since_ms);
-        (inner.pending.len() as u64, inner.pending_bytes, oldest)
+        let mut inner = self.lock();
+        let mut oldest = None;
+        for segment in inner.segments.values_mut() {
+            while segment.first_open < segment.entries.len() && segment.done[segment.first_open] {
+                segment.first_open += 1;
+            }
+            if let Some(entry) = segment.entries.get(segment.first_open) {
+                oldest = Some(entry.since_ms);
+                break;
+            }
+        }
+        (inner.pending_count, inner.pending_bytes, oldest)
     }
 
     /// The longest prefix of `segments` (ids ascending) whose envelopes are all complete and
@@ -165,7 +261,10 @@ impl Ledger {
         let mut keep_from = None;
         for &id in segments {
             let read_past = id < inner.counted_up_to.segment;
-            let complete = inner.tallies.get(&id).is_none_or(|t| t.done == t.envelopes);
+            let complete = inner
+                .segments
+                .get(&id)
+                .is_none_or(SegmentLedger::is_complete);
             if id >= active || !read_past || !complete {
                 keep_from = Some(id);
                 break;
@@ -178,10 +277,26 @@ impl Ledger {
         }
     }
 
-    /// Forgets the tallies of deleted segments.
+    /// Forgets the envelopes of deleted segments (all complete: compaction deletes no other).
     pub fn forget_below(&self, segment: u64) {
-        let mut inner = self.lock();
-        inner.tallies = inner.tallies.split_off(&segment);
+        let mut guard = self.lock();
+        let inner = &mut *guard;
+        let kept = inner.segments.split_off(&segment);
+        let forgotten = std::mem::replace(&mut inner.segments, kept);
+        for (id, ledger) in forgotten {
+            if ledger.is_complete() {
+                continue;
+            }
+            debug_assert!(false, "segment {id} deleted with pending envelopes");
+            // Should a pending envelope leave with its segment all the same, the totals must
+            // not keep counting it.
+            for (entry, done) in ledger.entries.iter().zip(&ledger.done) {
+                if !done {
+                    inner.pending_count -= 1;
+                    inner.pending_bytes -= u64::from(entry.bytes);
+                }
+            }
+        }
     }
 
     pub fn live_added(&self) -> u64 {
@@ -315,6 +430,156 @@ mod tests {
         assert_eq!(l.pending_stats().0, 1);
         l.complete(&[p(1, 64)]);
         assert_eq!(l.pending_stats(), (0, 0, None));
+    }
+
+    #[test]
+    fn a_tombstone_naming_a_complete_or_unknown_envelope_changes_nothing() {
+        let l = Ledger::default();
+        l.add_pending(p(1, 64), info());
+        l.add_pending(p(1, 128), info());
+        l.complete(&[p(1, 64)]);
+        l.complete(&[p(1, 64), p(1, 96), p(7, 64)]);
+        assert_eq!(l.pending_stats(), (1, 10, Some(1)));
+        assert!(!l.is_pending(p(1, 64)));
+        assert!(l.is_pending(p(1, 128)));
+    }
+
+    #[test]
+    fn the_oldest_pending_envelope_is_the_first_open_one_in_log_order() {
+        let l = Ledger::default();
+        for (i, offset) in [64, 128, 192].into_iter().enumerate() {
+            l.add_pending(
+                p(1, offset),
+                PendingInfo {
+                    since_ms: 100 + i as u64,
+                    bytes: 10,
+                },
+            );
+        }
+        l.add_pending(
+            p(2, 64),
+            PendingInfo {
+                since_ms: 50,
+                bytes: 7,
+            },
+        );
+        assert_eq!(l.pending_stats(), (4, 37, Some(100)));
+        l.complete(&[p(1, 64), p(1, 192)]);
+        assert_eq!(l.pending_stats(), (2, 17, Some(101)));
+        l.complete(&[p(1, 128)]);
+        assert_eq!(l.pending_stats(), (1, 7, Some(50)));
+    }
+
+    #[test]
+    fn an_envelope_counted_out_of_log_order_is_counted_once_in_its_place() {
+        let l = Ledger::default();
+        l.add_pending(p(1, 128), info());
+        l.add_pending(p(1, 64), info());
+        l.add_pending(p(1, 64), info());
+        assert_eq!(l.pending_stats().0, 2);
+        l.complete(&[p(1, 64)]);
+        assert!(l.is_pending(p(1, 128)));
+        assert!(!l.is_pending(p(1, 64)));
+        assert_eq!(l.pending_stats().0, 1);
+    }
+
+    #[test]
+    fn forgetting_deleted_segments_keeps_the_totals_of_the_others() {
+        let l = Ledger::default();
+        l.add_pending(p(1, 64), info());
+        l.add_pending(p(2, 64), info());
+        l.counted_up_to(p(3, 0));
+        l.complete(&[p(1, 64)]);
+        assert_eq!(l.compactable_below(&[1, 2, 3], 3), Some(2));
+        l.forget_below(2);
+        assert_eq!(l.pending_stats(), (1, 10, Some(1)));
+        assert!(l.is_pending(p(2, 64)));
+        assert_eq!(l.compactable_below(&[2, 3], 3), None);
+    }
+
+    mod model {
+        //! The ledger against the obvious model, a map from position to pending info, over
+        //! random sequences of what the dispatcher, the workers and compaction do.
+        use super::super::*;
+        use proptest::prelude::*;
+        use std::collections::BTreeMap;
+
+        #[derive(Debug, Clone)]
+        enum Op {
+            /// Count the next envelope, `gap` frames on, in the same or the next segment.
+            Add {
+                next_segment: bool,
+                gap: u8,
+                bytes: u16,
+                since_ms: u8,
+            },
+            /// Tombstone the envelopes at these indexes of those counted so far (repeats,
+            /// and envelopes already complete, included).
+            Complete(Vec<u8>),
+            /// Compact what `compactable_below` allows.
+            Compact,
+        }
+
+        fn op() -> impl Strategy<Value = Op> {
+            prop_oneof![
+                4 => (any::<bool>(), 1u8..4, 1u16..2000, any::<u8>()).prop_map(
+                    |(next_segment, gap, bytes, since_ms)| Op::Add { next_segment, gap, bytes, since_ms }
+                ),
+                3 => proptest::collection::vec(any::<u8>(), 0..6).prop_map(Op::Complete),
+                1 => Just(Op::Compact),
+            ]
+        }
+
+        proptest! {
+            #[test]
+            fn the_ledger_agrees_with_a_map_of_pending_envelopes(ops in proptest::collection::vec(op(), 1..200)) {
+                let ledger = Ledger::default();
+                let mut model: BTreeMap<Position, PendingInfo> = BTreeMap::new();
+                let mut counted: Vec<Position> = Vec::new();
+                let mut segments: Vec<u64> = vec![1];
+                let mut next = Position { segment: 1, offset: 64 };
+                for op in ops {
+                    match op {
+                        Op::Add { next_segment, gap, bytes, since_ms } => {
+                            if next_segment {
+                                next = Position { segment: next.segment + 1, offset: 64 };
+                                segments.push(next.segment);
+                            }
+                            let info = PendingInfo { since_ms: u64::from(since_ms), bytes: u32::from(bytes) };
+                            ledger.add_live(next, info, Position { segment: next.segment, offset: next.offset + 32 });
+                            model.insert(next, info);
+                            counted.push(next);
+                            next.offset += 32 * u64::from(gap);
+                        }
+                        Op::Complete(picks) => {
+                            let positions: Vec<Position> = picks
+                                .iter()
+                                .filter_map(|&i| counted.get(usize::from(i) % counted.len().max(1)).copied())
+                                .collect();
+                            ledger.complete(&positions);
+                            for position in &positions {
+                                model.remove(position);
+                            }
+                        }
+                        Op::Compact => {
+                            let active = *segments.last().expect("a segment");
+                            if let Some(below) = ledger.compactable_below(&segments, active) {
+                                prop_assert!(model.keys().all(|p| p.segment >= below), "a pending envelope would be deleted");
+                                ledger.forget_below(below);
+                                segments.retain(|&s| s >= below);
+                                counted.retain(|p| p.segment >= below);
+                            }
+                        }
+                    }
+                    let bytes: u64 = model.values().map(|i| u64::from(i.bytes)).sum();
+                    let oldest = model.values().next().map(|i| i.since_ms);
+                    prop_assert_eq!(ledger.pending_stats(), (model.len() as u64, bytes, oldest));
+                    for position in &counted {
+                        prop_assert_eq!(ledger.is_pending(*position), model.contains_key(position));
+                    }
+                }
+            }
+        }
     }
 
     #[test]
