@@ -206,11 +206,14 @@ pub async fn run(config: Config) -> Result<Exit, DaemonError> {
                 ingest::now_ms(),
                 |env, position| {
                     state.streams.insert_recovered(env.stream());
-                    state.dedup.insert_recovered(
-                        crate::ingest::dedup::key(env.tenant.as_deref(), &env.id),
-                        position,
-                        env.slot,
-                    )
+                    // Ids spoolgate generated are never retried; only client ids are indexed.
+                    if !crate::ingest::ids::is_generated(&env.id) {
+                        state.dedup.insert_recovered(
+                            crate::ingest::dedup::key(env.tenant.as_deref(), &env.id),
+                            position,
+                            env.slot,
+                        )
+                    }
                 },
                 |record| chains.observe(record),
             )

@@ -210,6 +210,26 @@ fn envelopes_without_an_id_do_not_take_the_places_of_client_ids_in_the_dedup_ind
 }
 
 #[test]
+fn after_a_restart_envelopes_without_an_id_still_do_not_take_the_places_of_client_ids() {
+    // The index is rebuilt from the spool at start-up, where the records do not say whose id
+    // they carry: the generated ids' check value is what keeps these ten from evicting "kept".
+    let mut d = Daemon::start(&["--set", "ingest.dedup_entries_max=2"]);
+    let first = d.post_json(&json!({"source": "s", "id": "kept"}));
+    assert_eq!(first.status, 202);
+    let anonymous: Vec<_> = (0..10).map(|_| json!({"source": "s"})).collect();
+    assert_eq!(d.post_json(&json!(anonymous)).status, 202);
+    d.kill9();
+    d.restart();
+    let again = d.post_json(&json!({"source": "s", "id": "kept"}));
+    assert_eq!(again.status, 202);
+    assert_eq!(again.json()["envelopes"][0]["duplicate"], true);
+    assert_eq!(
+        again.json()["envelopes"][0]["position"],
+        first.json()["envelopes"][0]["position"]
+    );
+}
+
+#[test]
 fn a_new_stream_beyond_streams_max_is_refused_with_422_and_the_bound_survives_a_restart() {
     let mut d = Daemon::start(&["--set", "ingest.streams_max=2"]);
     assert_eq!(d.post_json(&json!({"source": "a"})).status, 202);

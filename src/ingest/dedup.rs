@@ -5,8 +5,10 @@
 //! Only ids a client chose are indexed: an id spoolgate generated for an envelope that came
 //! without one can never be retried (the retry gets a new id), and indexing it would let
 //! id-less traffic evict the ids of clients that rely on dedup. At start-up the envelope
-//! records do not say whose id they carry, so every envelope still in the spool is indexed
-//! then, which errs on the side of deduplicating and stays within the bound.
+//! records do not say whose id they carry, but a generated id carries a check value (see
+//! `ingest::ids`), so every envelope still in the spool whose id lacks it is indexed: client
+//! ids, and generated ids of spools written before the check (which errs on the side of
+//! deduplicating and stays within the bound).
 //!
 //! Memory: one entry costs about 310 bytes with 45-byte keys (a million entries, measured
 //! 2026-11-23: 311 B each, 345 B before each key kept a single place in the order queue):

@@ -26,6 +26,7 @@ pub mod backpressure;
 pub mod dedup;
 pub mod dedup_file;
 mod fast_parse;
+pub mod ids;
 pub mod inflight;
 mod msgpack_items;
 pub mod parse;

@@ -320,12 +320,7 @@ pub(super) struct Fields {
 pub(super) fn assemble(f: Fields) -> (Envelope, bool) {
     let (id, id_generated) = match f.id {
         Some(id) => (id, false),
-        None => {
-            // Rendered into a stack buffer: `to_string` goes through the formatting machinery.
-            let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
-            let id = uuid::Uuid::now_v7().hyphenated().encode_lower(&mut buf);
-            (id.to_string(), true)
-        }
+        None => (super::ids::generate(), true),
     };
     let slot = slot_of(f.tenant.as_deref().unwrap_or(&f.source));
     let envelope = Envelope {
