@@ -11,9 +11,9 @@
 //! sealed-but-unconfirmed envelope. Pending entries are bounded by the spool's quota
 //! (`spool.quota_hard_bytes` over the smallest record), which is why each is kept small: 17
 //! bytes in a per-segment array in log order (offset, payload bytes, since when, done), where
-//! a map keyed by position cost about 100 bytes per envelope, 400 MB for a quota-full spool of
-//! 1 KiB envelopes at the moment a restart has to replay it (measured with
-//! `scripts/bench-replay.sh`). Sealed entries are bounded by
+//! a map keyed by position cost about 100 bytes per envelope (measured with
+//! `scripts/bench-replay.sh`), about 350 MB for a spool of 1 KiB envelopes at the default
+//! 4 GiB quota, at the moment a restart has to replay it. Sealed entries are bounded by
 //! `forward.workers × (1 + TOMBSTONES_IN_FLIGHT_MAX) × forward.batch_records_max`, since a
 //! worker seals one batch at a time and keeps at most `TOMBSTONES_IN_FLIGHT_MAX` (4) confirmed
 //! batches whose tombstones are still being written.
