@@ -7,7 +7,8 @@
 #   - systemd-analyze verify accepts the unit;
 #   - cargo deb builds the package, it holds the expected files, and the binary extracted from
 #     it with dpkg -x runs;
-#   - the dashboard is valid JSON and the Kubernetes manifest valid YAML.
+#   - the dashboard is valid JSON, the Kubernetes manifest valid YAML, and the config in its
+#     ConfigMap passes `spoolgate config check`.
 # It installs promtool (Debian's prometheus package) and cargo-deb when they are missing. If an
 # installation fails (no network), that check is reported as SKIPPED and the script says so
 # loudly; a check that runs and fails always fails the script.
@@ -134,6 +135,13 @@ check "grafana dashboard is valid JSON" python3 -c \
 if python3 -c "import yaml" 2>/dev/null; then
     check "kubernetes manifest is valid YAML" python3 -c \
         "import yaml,sys; list(yaml.safe_load_all(open('packaging/kubernetes/spoolgate-sidecar.yaml')))"
+    python3 -c "
+import yaml
+for doc in yaml.safe_load_all(open('packaging/kubernetes/spoolgate-sidecar.yaml')):
+    if doc and doc.get('kind') == 'ConfigMap':
+        open('$SCRATCH/k8s.toml', 'w').write(doc['data']['spoolgate.toml'])"
+    check "the kubernetes ConfigMap's config passes spoolgate config check" \
+        "$BIN" config check "$SCRATCH/k8s.toml"
 else
     skip "kubernetes manifest YAML parse" "python3-yaml not installed"
 fi
