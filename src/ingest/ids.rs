@@ -31,6 +31,9 @@ fn check(head: &[u8]) -> [u8; 4] {
 }
 
 /// A new time-ordered id (UUID v7, lowercase hyphenated) with the check in its last bytes.
+/// `Uuid::now_v7` puts the millisecond timestamp and a 42-bit counter in the first twelve
+/// bytes (that is what orders ids within a process) and random bits in the last four, which
+/// the check replaces.
 pub fn generate() -> String {
     let mut bytes = Uuid::now_v7().into_bytes();
     let tag = check(&bytes[..12]);
