@@ -78,6 +78,16 @@ mod tests {
     }
 
     #[test]
+    fn the_check_is_the_one_spool_format_md_specifies() {
+        // spool-format.md §5, `id`: the example there, computed with Python's zlib.crc32.
+        assert!(is_generated("01a22fb4-7705-730e-9e62-76d86452c7fb"));
+        assert_eq!(
+            check(&[0x01, 0xa2, 0x2f, 0xb4, 0x77, 0x05, 0x73, 0x0e, 0x9e, 0x62, 0x76, 0xd8]),
+            [0x64, 0x52, 0xc7, 0xfb]
+        );
+    }
+
+    #[test]
     fn ids_a_client_could_choose_do_not_pass_the_check() {
         let plain_v7: Vec<String> = (0..1000).map(|_| Uuid::now_v7().to_string()).collect();
         assert!(plain_v7.iter().all(|id| !is_generated(id)));
