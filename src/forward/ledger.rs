@@ -59,10 +59,13 @@ struct SegmentLedger {
 }
 
 impl SegmentLedger {
+    /// Where the envelope at `offset` is (`Ok`), or would go (`Err`).
+    fn search(&self, offset: u64) -> Result<usize, usize> {
+        self.entries.binary_search_by_key(&offset, |e| e.offset)
+    }
+
     fn find(&self, offset: u64) -> Option<usize> {
-        self.entries
-            .binary_search_by_key(&offset, |e| e.offset)
-            .ok()
+        self.search(offset).ok()
     }
 
     fn is_complete(&self) -> bool {
@@ -142,7 +145,7 @@ impl Ledger {
             Some(last) if last.offset >= offset => {
                 // Not reached by the dispatcher, which counts in log order; kept correct
                 // rather than assumed, since a miscount would stall compaction.
-                match segment.entries.binary_search_by_key(&offset, |e| e.offset) {
+                match segment.search(offset) {
                     Ok(_) => return,
                     Err(i) => {
                         segment.entries.insert(i, entry);
