@@ -413,6 +413,7 @@ fn take_sample(state: &IngestState, spool: &Spool, reclaimed: u64, elapsed: Dura
         .set(free.min(i64::MAX as u64) as i64);
     m.spool_poisoned
         .set(i64::from(spool.poison_reason().is_some()));
+    m.ingest_dedup_entries.set(state.dedup.len() as i64);
 }
 
 async fn sample_loop(state: Arc<IngestState>, spool: Spool, mut stop: watch::Receiver<bool>) {

@@ -50,6 +50,7 @@ pub struct Metrics {
     pub ingest_inflight_bytes: IntGauge,
     pub ingest_request_duration_seconds: HistogramVec,
     pub ingest_dedup_hits_total: IntCounter,
+    pub ingest_dedup_entries: IntGauge,
     pub ingest_connections_open: IntGauge,
     pub ingest_connections_evicted_total: IntCounter,
 
@@ -184,6 +185,7 @@ impl Metrics {
             ingest_inflight_bytes: gauge(&r, "spoolgate_ingest_inflight_bytes", "Request-body bytes taken by requests being handled, bounded by ingest.inflight_bytes_max."),
             ingest_request_duration_seconds: histogram_vec(&r, "spoolgate_ingest_request_duration_seconds", "Ingest request duration, from headers read to response.", &["route"], d),
             ingest_dedup_hits_total: counter(&r, "spoolgate_ingest_dedup_hits_total", "Envelopes answered from the dedup index instead of being written again."),
+            ingest_dedup_entries: gauge(&r, "spoolgate_ingest_dedup_entries", "Client ids in the dedup index (about 310 bytes of memory each), bounded by ingest.dedup_entries_max."),
             ingest_connections_open: gauge(&r, "spoolgate_ingest_connections_open", "Open ingest connections."),
             ingest_connections_evicted_total: counter(&r, "spoolgate_ingest_connections_evicted_total", "Idle ingest connections closed to make room for a new one at ingest.connections_max."),
 
