@@ -3,10 +3,11 @@
 //! Start-up order matters for the guarantees:
 //! 1. bind both listeners first, so a port conflict fails fast and clients get 503 (not a
 //!    refused connection) while recovery runs;
-//! 2. open the spool: take the directory lock, recover every segment;
-//! 3. scan what recovery kept, in one pass, to rebuild the dedup index, the ledger (pending,
-//!    sealed, complete) and the chain heads, then start the pipeline, which replays whatever
-//!    is pending;
+//! 2. load the chain heads and the dedup checkpoints, then open the spool: take the directory
+//!    lock, recover every segment, and scan each record recovery keeps as it goes (one read of
+//!    the spool) to rebuild the dedup index, the ledger (pending, sealed, complete) and the
+//!    chain heads;
+//! 3. start the pipeline, which replays whatever is pending;
 //! 4. only then publish the spool to the handlers — `/readyz` turns 200 and ingest answers.
 //!
 //! Shutdown (SIGTERM or SIGINT): mark draining (new requests get 503, `/readyz` fails), stop
@@ -148,16 +149,56 @@ pub async fn run(config: Config) -> Result<Exit, DaemonError> {
         config.ring.capacity_bytes,
         metrics.clone(),
     ));
+    // The chain heads and the dedup checkpoints are loaded before the spool is opened: the
+    // start-up scan runs inside recovery (one read of the spool, not two) and advances the
+    // heads past every seal it finds and indexes the ids still in the spool, which must win
+    // over older checkpointed ones. Both files are written whole (temp file and rename), so a
+    // second process that holds the spool's lock cannot show us half of one; we would fail on
+    // the lock in any case.
+    let heads_path = config.data_dir.join(CHAIN_HEADS_FILE);
+    let chains = Chains::load(&heads_path).map_err(|e| DaemonError::Pipeline(e.to_string()))?;
+    let chains = Arc::new(Mutex::new(chains));
+    let ledger = Arc::new(Ledger::default());
+    let dedup_checkpoints = {
+        let (state, metrics, dir) = (state.clone(), metrics.clone(), config.data_dir.clone());
+        tokio::task::spawn_blocking(move || load_dedup_checkpoints(&state, &metrics, &dir))
+            .await
+            .map_err(|e| DaemonError::Task(e.to_string()))?
+    };
     let opened = {
         let opts = config.spool_options();
         let metrics = metrics.clone();
         let observer: Arc<dyn crate::spool::CommitObserver> = ring.clone();
         let fs = filesystem_with_failpoints();
-        tokio::task::spawn_blocking(move || Spool::open_with_fs(opts, fs, metrics, Some(observer)))
-            .await
-            .map_err(|e| DaemonError::Task(e.to_string()))?
+        let (state, ledger, chains) = (state.clone(), ledger.clone(), chains.clone());
+        tokio::task::spawn_blocking(
+            move || -> Result<(Spool, crate::spool::RecoveryReport, ScanSummary), SpoolError> {
+                let mut chains = chains.lock().unwrap_or_else(|p| p.into_inner());
+                let mut scan = ledger::Scan::new(&ledger, ingest::now_ms());
+                let mut on_envelope = |env: &crate::envelope::Envelope, position| {
+                    state.streams.insert_recovered(env.stream());
+                    // Ids spoolgate generated are never retried; only client ids are indexed.
+                    if !crate::ingest::ids::is_generated(&env.id) {
+                        state.dedup.insert_recovered(
+                            crate::ingest::dedup::key(env.tenant.as_deref(), &env.id),
+                            position,
+                            env.slot,
+                        )
+                    }
+                };
+                let mut on_seal = |record: &crate::chain::ForwardRecord| chains.observe(record);
+                let (spool, report) =
+                    Spool::open_visiting(opts, fs, metrics, Some(observer), &mut |record| {
+                        scan.record(record, &mut on_envelope, &mut on_seal)
+                    })?;
+                let summary = scan.finish(spool.first_position());
+                Ok((spool, report, summary))
+            },
+        )
+        .await
+        .map_err(|e| DaemonError::Task(e.to_string()))?
     };
-    let (spool, report) = opened?;
+    let (spool, report, summary) = opened?;
     // Only now, with the directory lock held, is every temp file in the data directory a
     // leftover of a process that was killed while writing a checkpoint.
     let stale = remove_stale_temp_files(&config.data_dir);
@@ -185,42 +226,6 @@ pub async fn run(config: Config) -> Result<Exit, DaemonError> {
         );
     }
 
-    let heads_path = config.data_dir.join(CHAIN_HEADS_FILE);
-    let chains = Chains::load(&heads_path).map_err(|e| DaemonError::Pipeline(e.to_string()))?;
-    let chains = Arc::new(Mutex::new(chains));
-    let ledger = Arc::new(Ledger::default());
-    let dedup_checkpoints = {
-        let (state, metrics, dir) = (state.clone(), metrics.clone(), config.data_dir.clone());
-        tokio::task::spawn_blocking(move || load_dedup_checkpoints(&state, &metrics, &dir))
-            .await
-            .map_err(|e| DaemonError::Task(e.to_string()))?
-    };
-    let summary = {
-        let (spool, state, ledger, chains) =
-            (spool.clone(), state.clone(), ledger.clone(), chains.clone());
-        tokio::task::spawn_blocking(move || -> Result<ScanSummary, SpoolError> {
-            let mut chains = chains.lock().unwrap_or_else(|p| p.into_inner());
-            ledger::scan(
-                &spool,
-                &ledger,
-                ingest::now_ms(),
-                |env, position| {
-                    state.streams.insert_recovered(env.stream());
-                    // Ids spoolgate generated are never retried; only client ids are indexed.
-                    if !crate::ingest::ids::is_generated(&env.id) {
-                        state.dedup.insert_recovered(
-                            crate::ingest::dedup::key(env.tenant.as_deref(), &env.id),
-                            position,
-                            env.slot,
-                        )
-                    }
-                },
-                |record| chains.observe(record),
-            )
-        })
-        .await
-        .map_err(|e| DaemonError::Task(e.to_string()))??
-    };
     {
         let chains = chains.lock().unwrap_or_else(|p| p.into_inner());
         for stream in chains.streams() {

@@ -217,7 +217,7 @@ impl Metrics {
             recovery_corrupt_bytes_dropped_total: counter(&r, "spoolgate_recovery_corrupt_bytes_dropped_total", "Bytes skipped as corrupt by recovery at the last start."),
             recovery_torn_tail_bytes_truncated_total: counter(&r, "spoolgate_recovery_torn_tail_bytes_truncated_total", "Bytes of an unacknowledged torn tail cut from the last segment at the last start."),
             recovery_dedup_files_skipped_total: counter(&r, "spoolgate_recovery_dedup_files_skipped_total", "Dedup checkpoints that could not be read at the last start (their ids are not deduplicated)."),
-            recovery_duration_seconds: float_gauge(&r, "spoolgate_recovery_duration_seconds", "How long recovery took at the last start."),
+            recovery_duration_seconds: float_gauge(&r, "spoolgate_recovery_duration_seconds", "How long recovery took at the last start, the scan of the records it kept included."),
 
             build_info: gauge_vec(&r, "spoolgate_build_info", "Build information; the value is always 1.", &["version"]),
             start_time_seconds: float_gauge(&r, "spoolgate_start_time_seconds", "Unix time the process started."),

@@ -23,7 +23,7 @@ use std::sync::Mutex;
 
 use crate::chain::{ForwardRecord, SealedBatch, SharedRecord, Tombstone};
 use crate::envelope::Envelope;
-use crate::spool::{Position, RecordKind, Spool, SpoolError};
+use crate::spool::{Position, RecordKind, RecordView, Spool, SpoolError};
 
 /// A pending envelope's bookkeeping.
 #[derive(Debug, Clone, Copy)]
@@ -310,7 +310,8 @@ impl Ledger {
 
 /// Rebuilds the ledger from the spool in one pass, calling `on_envelope` for every envelope
 /// record that decodes (the dedup index is rebuilt from the same pass) and `on_seal` for every
-/// sealed record (to advance chain heads).
+/// sealed record (to advance chain heads). The daemon does the same during recovery
+/// (`Spool::open_visiting` with a [`Scan`]), without reading the spool a second time.
 pub fn scan(
     spool: &Spool,
     ledger: &Ledger,
@@ -318,21 +319,60 @@ pub fn scan(
     mut on_envelope: impl FnMut(&Envelope, Position),
     mut on_seal: impl FnMut(&ForwardRecord),
 ) -> Result<ScanSummary, SpoolError> {
-    let mut summary = ScanSummary::default();
+    let mut scan = Scan::new(ledger, now_ms);
     let mut reader = spool.reader(spool.first_position());
     while let Some(record) = reader.next_record()? {
+        scan.record(
+            RecordView {
+                position: record.position,
+                kind: record.kind,
+                payload: &record.payload,
+                next: record.next,
+            },
+            &mut on_envelope,
+            &mut on_seal,
+        );
+    }
+    Ok(scan.finish(spool.first_position()))
+}
+
+/// The start-up scan, one record at a time in log order: every envelope is counted pending,
+/// seals attach their forward records to the envelopes still pending, tombstones complete
+/// them.
+pub struct Scan<'l> {
+    ledger: &'l Ledger,
+    now_ms: u64,
+    summary: ScanSummary,
+}
+
+impl<'l> Scan<'l> {
+    pub fn new(ledger: &'l Ledger, now_ms: u64) -> Scan<'l> {
+        Scan {
+            ledger,
+            now_ms,
+            summary: ScanSummary::default(),
+        }
+    }
+
+    pub fn record(
+        &mut self,
+        record: RecordView<'_>,
+        on_envelope: &mut impl FnMut(&Envelope, Position),
+        on_seal: &mut impl FnMut(&ForwardRecord),
+    ) {
+        let (ledger, summary) = (self.ledger, &mut self.summary);
         summary.end = record.next;
         match record.kind {
             RecordKind::ENVELOPE => {
                 summary.envelopes += 1;
-                let since_ms = match Envelope::decode(&record.payload) {
+                let since_ms = match Envelope::decode(record.payload) {
                     Ok(env) => {
                         on_envelope(&env, record.position);
-                        env.ts_ms.min(now_ms)
+                        env.ts_ms.min(self.now_ms)
                     }
                     Err(_) => {
                         summary.undecodable += 1;
-                        now_ms
+                        self.now_ms
                     }
                 };
                 ledger.add_pending(
@@ -343,7 +383,7 @@ pub fn scan(
                     },
                 );
             }
-            RecordKind::SEALED => match SealedBatch::decode(&record.payload) {
+            RecordKind::SEALED => match SealedBatch::decode(record.payload) {
                 Ok(batch) => {
                     for entry in batch.entries {
                         on_seal(&entry.record);
@@ -362,7 +402,7 @@ pub fn scan(
                     tracing::error!(segment = record.position.segment, offset = record.position.offset, error = %e, "seal record does not decode");
                 }
             },
-            RecordKind::TOMBSTONE => match Tombstone::decode(&record.payload) {
+            RecordKind::TOMBSTONE => match Tombstone::decode(record.payload) {
                 Ok(t) => {
                     summary.tombstoned += t.positions.len() as u64;
                     ledger.complete(&t.positions);
@@ -375,14 +415,18 @@ pub fn scan(
             _ => {}
         }
     }
-    if summary.end == Position::default() {
-        summary.end = spool.first_position();
+
+    /// Ends the scan; `first_position` is the open spool's, where an empty scan ends.
+    pub fn finish(mut self, first_position: Position) -> ScanSummary {
+        if self.summary.end == Position::default() {
+            self.summary.end = first_position;
+        }
+        self.ledger.counted_up_to(self.summary.end);
+        let (pending, _, _) = self.ledger.pending_stats();
+        self.summary.pending = pending;
+        self.summary.sealed = self.ledger.sealed_len() as u64;
+        self.summary
     }
-    ledger.counted_up_to(summary.end);
-    let (pending, _, _) = ledger.pending_stats();
-    summary.pending = pending;
-    summary.sealed = ledger.sealed_len() as u64;
-    Ok(summary)
 }
 
 #[cfg(test)]

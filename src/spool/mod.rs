@@ -164,6 +164,16 @@ pub struct Record {
     pub next: Position,
 }
 
+/// A record as recovery finds it, lent for the length of a call: see [`Spool::open_visiting`].
+#[derive(Debug, Clone, Copy)]
+pub struct RecordView<'a> {
+    pub position: Position,
+    pub kind: RecordKind,
+    pub payload: &'a [u8],
+    /// The position just after this record, in the same segment.
+    pub next: Position,
+}
+
 /// Called by the writer, in log order, with every batch of records it has committed. The
 /// records are handed over, not lent: their payloads move on without another reference count
 /// taken and dropped per record.
@@ -321,12 +331,33 @@ impl Spool {
         metrics: Arc<Metrics>,
         observer: Option<Arc<dyn CommitObserver>>,
     ) -> Result<(Spool, RecoveryReport), SpoolError> {
+        Spool::open_visiting(opts, fs, metrics, observer, &mut |_| {})
+    }
+
+    /// `open_with_fs` that also hands `visit` every record recovery keeps, in log order: the
+    /// records a [`Reader`] from [`Spool::first_position`] would return once the spool is open,
+    /// but read once instead of twice. Recovery has each segment in memory and has checked
+    /// every frame's CRC; reading the spool again for the start-up scan cost a second copy out
+    /// of the page cache, a second CRC pass and a copy of every payload (1.7 of 4.7 s to
+    /// ready for a 2.3 GB backlog, 2026-12-01).
+    ///
+    /// `visit` sees a segment's records only once recovery has settled that segment (void
+    /// ranges dropped, torn tail zeroed), so it never sees a record the spool then drops. If
+    /// `open` fails after some segments, `visit` has seen their records: the caller must
+    /// discard what it built from them.
+    pub fn open_visiting(
+        opts: SpoolOptions,
+        fs: Arc<dyn fs::FileSystem>,
+        metrics: Arc<Metrics>,
+        observer: Option<Arc<dyn CommitObserver>>,
+        visit: &mut dyn FnMut(RecordView<'_>),
+    ) -> Result<(Spool, RecoveryReport), SpoolError> {
         assert!(opts.segment_bytes_max > format::HEADER_LEN + format::FRAME_HEADER_LEN);
         assert!(
             u64::from(opts.record_bytes_max) + format::FRAME_HEADER_LEN + format::HEADER_LEN
                 <= opts.segment_bytes_max
         );
-        let recovered = recovery::recover(&opts, fs.as_ref(), &metrics)?;
+        let recovered = recovery::recover(&opts, fs.as_ref(), &metrics, visit)?;
         let (durable, _) = tokio::sync::watch::channel(recovered.end);
         let shared = Arc::new(Shared {
             opts,

@@ -31,7 +31,20 @@ fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> Sp
 
 /// Reads a whole file through the seam.
 pub(crate) fn read_all(file: &dyn super::fs::SegmentFile, len: u64) -> std::io::Result<Vec<u8>> {
-    let mut buf = vec![0u8; len as usize];
+    let mut buf = Vec::new();
+    read_all_into(file, len, &mut buf)?;
+    Ok(buf)
+}
+
+/// Reads a whole file into `buf`, reusing its memory: segments are all about the same size, so
+/// after the first one nothing is allocated or zeroed again (zeroing a fresh 64 MiB buffer per
+/// segment was 6-8% of start-up).
+fn read_all_into(
+    file: &dyn super::fs::SegmentFile,
+    len: u64,
+    buf: &mut Vec<u8>,
+) -> std::io::Result<()> {
+    buf.resize(len as usize, 0);
     let mut at = 0usize;
     while at < buf.len() {
         let n = file.read_at(&mut buf[at..], at as u64)?;
@@ -41,7 +54,7 @@ pub(crate) fn read_all(file: &dyn super::fs::SegmentFile, len: u64) -> std::io::
         }
         at += n;
     }
-    Ok(buf)
+    Ok(())
 }
 
 /// An estimate of the records lost in a damaged range: the aligned frame markers in it, at
@@ -76,6 +89,7 @@ pub(crate) fn recover(
     opts: &SpoolOptions,
     fs: &dyn FileSystem,
     metrics: &Metrics,
+    visit: &mut dyn FnMut(super::RecordView<'_>),
 ) -> Result<Recovered, SpoolError> {
     let started = Instant::now();
     fs.create_dir_all(&opts.dir)
@@ -122,6 +136,8 @@ pub(crate) fn recover(
         }
     }
     let payload_max = opts.record_bytes_max;
+    // One buffer for every segment in turn: recovery's memory is one segment.
+    let mut bytes = Vec::new();
     for (n, &id) in ids.iter().enumerate() {
         if n > 0 && ids[n - 1] + 1 != id {
             tracing::warn!(
@@ -133,7 +149,7 @@ pub(crate) fn recover(
         let path = segment_path(&opts.dir, id);
         let file = fs.open(&path).map_err(io("open segment", &path))?;
         let file_len = file.len().map_err(io("stat segment", &path))?;
-        let mut bytes = read_all(file.as_ref(), file_len).map_err(io("read segment", &path))?;
+        read_all_into(file.as_ref(), file_len, &mut bytes).map_err(io("read segment", &path))?;
         let is_last = Some(id) == last;
 
         if let Some(&void_at) = voids.get(&id) {
@@ -257,6 +273,35 @@ pub(crate) fn recover(
                     offset: at,
                     len_bytes: len,
                     records_lost: lost,
+                });
+            }
+        }
+        // The segment is settled: hand its records over in order. They are what a reader
+        // will return from this segment: every valid frame before `data_end`, none of the
+        // damaged ranges.
+        for item in &scanned.items {
+            if let Scanned::Frame {
+                offset,
+                kind,
+                payload_start,
+                payload_len,
+            } = *item
+            {
+                let payload = &bytes[payload_start..payload_start + payload_len];
+                // The whole frame, padding included, as a reader steps over it (a file cut
+                // inside the last frame's padding still holds that frame).
+                let total = format::frame_len(payload_len);
+                visit(super::RecordView {
+                    position: Position {
+                        segment: id,
+                        offset,
+                    },
+                    kind: super::RecordKind(kind),
+                    payload,
+                    next: Position {
+                        segment: id,
+                        offset: offset + total,
+                    },
                 });
             }
         }
