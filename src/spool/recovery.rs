@@ -14,6 +14,9 @@ use super::{
 };
 use crate::metrics::Metrics;
 
+/// How often recovery logs its progress (a 4 GiB spool takes about 6 s on a 2-vCPU VM).
+const PROGRESS_LOG_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+
 pub(crate) struct Recovered {
     pub segments: BTreeMap<u64, SegMeta>,
     pub end: Position,
@@ -138,7 +141,20 @@ pub(crate) fn recover(
     let payload_max = opts.record_bytes_max;
     // One buffer for every segment in turn: recovery's memory is one segment.
     let mut bytes = Vec::new();
+    let mut progress_logged = Instant::now();
     for (n, &id) in ids.iter().enumerate() {
+        // A large spool takes seconds per GB: say how far it got, so that an operator watching
+        // a start-up that is not ready yet sees it working rather than hung.
+        if progress_logged.elapsed() >= PROGRESS_LOG_INTERVAL {
+            progress_logged = Instant::now();
+            tracing::info!(
+                segment = n + 1,
+                segments = ids.len(),
+                records = report.records,
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "recovering the spool"
+            );
+        }
         if n > 0 && ids[n - 1] + 1 != id {
             tracing::warn!(
                 after = ids[n - 1],
