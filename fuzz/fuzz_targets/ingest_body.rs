@@ -19,7 +19,10 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(envelope) = Envelope::decode(body) {
         // Whatever decodes re-encodes and decodes to itself.
         let bytes = envelope.encode().expect("a decoded envelope encodes");
-        assert_eq!(Envelope::decode(&bytes).expect("its encoding decodes"), envelope);
+        assert_eq!(
+            Envelope::decode(&bytes).expect("its encoding decodes"),
+            envelope
+        );
     }
     let content_type = match selector % 3 {
         0 => ContentType::Json,
@@ -38,7 +41,10 @@ fuzz_target!(|data: &[u8]| {
     let auth = (selector & 0x40 != 0).then_some("acme");
     if let Ok(parsed) = parse_request(content_type, body, &limits, auth, 1_700_000_000_000) {
         for p in parsed {
-            assert_eq!(Envelope::decode(&p.encoded).expect("encoded envelopes decode"), p.envelope);
+            assert_eq!(
+                Envelope::decode(&p.encoded).expect("encoded envelopes decode"),
+                p.envelope
+            );
         }
     }
 });

@@ -1,7 +1,8 @@
 //! Fuzzes everything that reads segment bytes: the frame scanner, recovery (which may zero a
 //! torn tail and must always terminate), the reader that iterates the recovered log, and the
 //! envelope, sealed and tombstone decoders applied to each payload. None may panic, whatever
-//! the bytes.
+//! the bytes, and the records recovery hands its visitor (the daemon's start-up scan) must be
+//! the records the reader returns.
 //!
 //! Run: `RUSTC_BOOTSTRAP=1 cargo fuzz run segment_reader fuzz/corpus/segment_reader
 //! fuzz/seeds/segment_reader -- -max_total_time=600` (the seeds are real segments written by the
@@ -18,7 +19,7 @@ use spoolgate::envelope::Envelope;
 use spoolgate::metrics::Metrics;
 use spoolgate::spool::format::{scan, Scanned};
 use spoolgate::spool::fs::MemFs;
-use spoolgate::spool::{Durability, RecordKind, Spool, SpoolOptions};
+use spoolgate::spool::{Durability, Position, RecordKind, Spool, SpoolOptions};
 
 const SEGMENT_BYTES_MAX: u64 = 1 << 20;
 const RECORD_BYTES_MAX: u32 = 64 * 1024;
@@ -27,7 +28,12 @@ fuzz_target!(|data: &[u8]| {
     // The scanner alone: every frame it reports lies inside the input.
     let result = scan(data, RECORD_BYTES_MAX);
     for item in &result.items {
-        if let Scanned::Frame { payload_start, payload_len, .. } = item {
+        if let Scanned::Frame {
+            payload_start,
+            payload_len,
+            ..
+        } = item
+        {
             assert!(payload_start + payload_len <= data.len());
         }
     }
@@ -49,21 +55,47 @@ fuzz_target!(|data: &[u8]| {
         commit_batch_bytes_max: 1 << 18,
         queue_depth_max: 16,
         preallocate: false,
+        preallocate_zeros: false,
+        zero_ahead_bytes: 4096,
+        cached_behind_bytes: spoolgate::spool::CACHED_BEHIND_BYTES_DEFAULT,
+        cached_unread_bytes_max: spoolgate::spool::CACHED_UNREAD_BYTES_MAX_DEFAULT,
     };
-    let Ok((spool, _report)) = Spool::open_with_fs(opts, Arc::new(fs), Arc::new(Metrics::new()), None)
-    else {
+    // What recovery hands the start-up scan must be exactly what a reader returns after it.
+    let mut visited: Vec<Seen> = Vec::new();
+    let Ok((spool, _report)) = Spool::open_visiting(
+        opts,
+        Arc::new(fs),
+        Arc::new(Metrics::new()),
+        None,
+        &mut |r| visited.push((r.position, r.kind.0, r.payload.to_vec(), r.next)),
+    ) else {
         return;
     };
     let mut reader = spool.reader(spool.first_position());
-    let mut records = 0u64;
+    let mut read: Vec<Seen> = Vec::new();
     while let Ok(Some(record)) = reader.next_record() {
-        records += 1;
-        assert!(records <= data.len() as u64 / 16 + 1, "more records than bytes allow");
+        assert!(
+            read.len() as u64 <= data.len() as u64 / 16,
+            "more records than bytes allow"
+        );
         match record.kind {
             RecordKind::ENVELOPE => drop(Envelope::decode(&record.payload)),
             RecordKind::SEALED => drop(SealedBatch::decode(&record.payload)),
             RecordKind::TOMBSTONE => drop(Tombstone::decode(&record.payload)),
             _ => {}
         }
+        read.push((
+            record.position,
+            record.kind.0,
+            record.payload.to_vec(),
+            record.next,
+        ));
     }
+    assert_eq!(
+        visited, read,
+        "recovery visited other records than the reader returns"
+    );
 });
+
+/// A record as compared: position, kind, payload, next position.
+type Seen = (Position, u8, Vec<u8>, Position);
