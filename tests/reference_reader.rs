@@ -211,6 +211,31 @@ fn the_reference_reader_verifies_the_spool_and_the_sink_output_the_daemon_wrote(
         .output()
         .unwrap();
     assert!(own.status.success(), "{own:?}");
+    // The dedup checkpoints compaction wrote (§10) name envelopes of deleted segments, each
+    // with its tenant, id and slot as delivered.
+    let (ok, dedup) = spoolread("dedup", &d.data_dir);
+    assert!(ok, "{dedup}");
+    let delivered: std::collections::HashMap<String, Value> = file_sink_records(&d.data_dir)
+        .into_iter()
+        .map(|r| (r["envelope"]["id"].as_str().unwrap().to_string(), r))
+        .collect();
+    let first_kept = std::fs::read_dir(d.data_dir.join("spool"))
+        .unwrap()
+        .filter_map(|e| {
+            let name = e.unwrap().file_name().into_string().unwrap();
+            name.strip_suffix(".seg")?.parse::<u64>().ok()
+        })
+        .min()
+        .unwrap();
+    let entries = dedup["entries"].as_array().unwrap();
+    assert!(!entries.is_empty(), "{dedup}");
+    for e in entries {
+        let r = &delivered[e["id"].as_str().unwrap()];
+        let tenant = r["envelope"]["tenant"].as_str().unwrap_or("");
+        assert_eq!(e["tenant"], tenant, "{e}");
+        assert_eq!(e["slot"], r["slot"], "{e}");
+        assert!(e["segment"].as_u64().unwrap() < first_kept, "{e}");
+    }
     // Without the checkpoint, the seals left after compaction no longer start at seq 1: both
     // readers must say so.
     std::fs::remove_file(d.data_dir.join("chain-heads")).unwrap();

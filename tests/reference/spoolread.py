@@ -14,6 +14,7 @@ Usage (each prints one JSON object on stdout, exits 1 when a check fails):
     spoolread.py dump SPOOL_DIR         every record in log order (§1-§4), decoded (§5, §8)
     spoolread.py verify-spool DATA_DIR  the seals in the spool against chain-heads (§8)
     spoolread.py verify-sink PATH       forward records, JSON lines (a file or a directory) (§8)
+    spoolread.py dedup DATA_DIR         the dedup checkpoints (§10)
 """
 
 import hashlib
@@ -477,8 +478,33 @@ def cmd_verify_sink(path):
     return out, not errors
 
 
+def cmd_dedup(data_dir):
+    """§10: every dedup checkpoint in the data directory, checked (magic, CRC) and decoded."""
+    files, entries, errors = [], [], []
+    for name in sorted(os.listdir(data_dir)):
+        parts = name.split("-")
+        if len(parts) != 3 or parts[0] != "dedup" or not all(len(p) == 20 and p.isdigit() for p in parts[1:]):
+            continue
+        with open(os.path.join(data_dir, name), "rb") as f:
+            data = f.read()
+        if data[:8] != b"SGDEDUP1" or zlib.crc32(data[12:]) != struct.unpack_from("<I", data, 8)[0]:
+            errors.append(f"{name}: bad magic or CRC")
+            continue
+        body = unpack(data[12:])
+        files.append({"name": name, "first_kept_segment": int(parts[1]), "written_ms": int(parts[2]), "entries": len(body["entries"])})
+        for e in body["entries"]:
+            tenant, _, ident = e["key"].partition("\0")
+            entries.append({"tenant": tenant, "id": ident, "segment": e["position"]["segment"], "offset": e["position"]["offset"], "slot": e["slot"], "accepted_ms": e["accepted_ms"]})
+    return {"files": files, "entries": entries, "errors": errors}, not errors
+
+
 def main(argv):
-    commands = {"dump": cmd_dump, "verify-spool": cmd_verify_spool, "verify-sink": cmd_verify_sink}
+    commands = {
+        "dump": cmd_dump,
+        "verify-spool": cmd_verify_spool,
+        "verify-sink": cmd_verify_sink,
+        "dedup": cmd_dedup,
+    }
     if len(argv) != 3 or argv[1] not in commands:
         print(__doc__, file=sys.stderr)
         return 2
