@@ -2,6 +2,8 @@
 //! the library. If this fails, either the chain's byte layout changed (a format change: bump the
 //! version and update the contract) or the document is wrong.
 
+mod common;
+
 use spoolgate::chain::{canonical_bytes, link, verify_jsonl, Chains, GENESIS};
 use spoolgate::envelope::{Envelope, Priority, ENVELOPE_VERSION};
 
@@ -29,28 +31,9 @@ fn documented_envelopes() -> [Envelope; 2] {
     [first, second]
 }
 
-/// The text between `<!-- golden-chain:NAME:begin -->` and its end marker, hex digits only.
+/// The hex between the `golden-chain:NAME` markers of spool-format.md.
 fn documented(name: &str) -> String {
-    let doc =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/spool-format.md")).unwrap();
-    let begin = format!("<!-- golden-chain:{name}:begin -->");
-    let end = format!("<!-- golden-chain:{name}:end -->");
-    let start = doc.find(&begin).unwrap_or_else(|| panic!("marker {begin}"));
-    let stop = doc.find(&end).unwrap_or_else(|| panic!("marker {end}"));
-    doc[start + begin.len()..stop]
-        .lines()
-        .filter(|l| !l.starts_with("```"))
-        .flat_map(|l| {
-            // Hexdump lines carry a 4-digit offset first; hash lines are bare hex.
-            let words: Vec<&str> = l.split_whitespace().collect();
-            if words.len() > 1 {
-                words[1..].to_vec()
-            } else {
-                words
-            }
-        })
-        .collect::<Vec<_>>()
-        .join("")
+    common::spec_hex(&format!("golden-chain:{name}"))
 }
 
 #[test]

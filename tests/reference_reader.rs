@@ -32,21 +32,9 @@ fn spoolread(command: &str, path: &Path) -> (bool, Value) {
     (out.status.success(), value)
 }
 
-/// The hex bytes between `<!-- NAME:begin -->` and its end marker in spool-format.md.
+/// The bytes of a hexdump between spool-format.md's `NAME` markers.
 fn spec_bytes(name: &str) -> Vec<u8> {
-    let doc =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/spool-format.md")).unwrap();
-    let (begin, end) = (
-        format!("<!-- {name}:begin -->"),
-        format!("<!-- {name}:end -->"),
-    );
-    let start = doc.find(&begin).expect("begin marker") + begin.len();
-    let stop = doc.find(&end).expect("end marker");
-    let hex: String = doc[start..stop]
-        .lines()
-        .filter(|l| !l.starts_with("```"))
-        .flat_map(|l| l.split_whitespace().skip(1))
-        .collect();
+    let hex = spec_hex(name);
     (0..hex.len())
         .step_by(2)
         .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())

@@ -2,6 +2,8 @@
 //! for byte. If this fails, either the format changed (bump the version and update the
 //! contract) or the document is wrong.
 
+mod common;
+
 use spoolgate::envelope::{Envelope, Priority, ENVELOPE_VERSION};
 use spoolgate::spool::format::{encode_frame, SegmentHeader};
 
@@ -38,19 +40,7 @@ fn golden_segment() -> Vec<u8> {
 
 /// The hex between the `golden-segment` markers of spool-format.md.
 fn documented_hex() -> String {
-    let doc =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/spool-format.md")).unwrap();
-    let start = doc
-        .find("<!-- golden-segment:begin -->")
-        .expect("begin marker");
-    let end = doc.find("<!-- golden-segment:end -->").expect("end marker");
-    doc[start..end]
-        .lines()
-        .skip(1)
-        .filter(|l| !l.starts_with("```"))
-        .flat_map(|l| l.split_whitespace().skip(1).collect::<Vec<_>>())
-        .collect::<Vec<_>>()
-        .join("")
+    common::spec_hex("golden-segment")
 }
 
 fn hexdump(bytes: &[u8]) -> String {

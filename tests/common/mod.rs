@@ -532,3 +532,28 @@ pub const SMALL_SEGMENTS: [&str; 8] = [
     "--set",
     "spool.commit_batch_bytes_max=65536",
 ];
+
+/// The hex digits between `<!-- NAME:begin -->` and `<!-- NAME:end -->` in spool-format.md, as
+/// one string: hexdump lines lose their offset column, bare hash lines are kept whole. The
+/// golden tests compare encoders with it; the reference reader test feeds it to the reader.
+pub fn spec_hex(name: &str) -> String {
+    let doc =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/spool-format.md")).unwrap();
+    let begin = format!("<!-- {name}:begin -->");
+    let end = format!("<!-- {name}:end -->");
+    let start = doc.find(&begin).unwrap_or_else(|| panic!("marker {begin}"));
+    let stop = doc.find(&end).unwrap_or_else(|| panic!("marker {end}"));
+    doc[start + begin.len()..stop]
+        .lines()
+        .filter(|l| !l.starts_with("```"))
+        .flat_map(|l| {
+            let words: Vec<&str> = l.split_whitespace().collect();
+            if words.len() > 1 {
+                words[1..].to_vec()
+            } else {
+                words
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("")
+}
