@@ -334,7 +334,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             } else {
                 dir
             };
-            let report = spoolgate::spool::inspect(&dir)?;
+            let mut report = spoolgate::spool::inspect(&dir)?;
+            let pending = spoolgate::forward::ledger::pending_by_segment(&dir)?;
+            for s in &mut report.segments {
+                s.pending_envelopes = Some(pending.get(&s.id).copied().unwrap_or(0));
+            }
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {

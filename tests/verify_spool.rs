@@ -336,3 +336,54 @@ fn a_damaged_envelope_frame_is_listed_by_inspect_and_left_unchecked_by_verify() 
         "{text}"
     );
 }
+
+#[test]
+fn inspect_counts_in_each_segment_the_envelopes_no_tombstone_names() {
+    let mut d = DataDir::new();
+    let acme = d.seal("acme", &["a1", "a2", "a3"]);
+    d.seal("beta", &["b1", "b2"]);
+    // One of acme's envelopes is confirmed; a tombstone naming a position that holds no
+    // envelope completes nothing.
+    let tombstone = spoolgate::chain::Tombstone {
+        positions: vec![
+            acme,
+            Position {
+                segment: acme.segment,
+                offset: 8,
+            },
+        ],
+    };
+    d.spool
+        .append_blocking(
+            vec![(
+                RecordKind::TOMBSTONE,
+                Bytes::from(tombstone.encode().unwrap()),
+            )],
+            true,
+        )
+        .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_spoolgate"))
+        .arg("inspect")
+        .arg(d.path())
+        .arg("--json")
+        .output()
+        .unwrap();
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let pending: u64 = report["segments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["pending_envelopes"].as_u64().unwrap())
+        .sum();
+    assert_eq!(pending, 4, "{report}");
+    let text = Command::new(env!("CARGO_BIN_EXE_spoolgate"))
+        .arg("inspect")
+        .arg(d.path())
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&text.stdout).contains("pending=4"),
+        "{}",
+        String::from_utf8_lossy(&text.stdout)
+    );
+}

@@ -25,6 +25,11 @@ pub struct SegmentReport {
     pub records: BTreeMap<String, u64>,
     pub damaged: Vec<DamagedRange>,
     pub tail_garbage_bytes: u64,
+    /// Envelopes in this segment that no tombstone in the spool names: what compaction waits
+    /// for before it can delete the segment. Reading tombstones is the forwarding layer's
+    /// business, so [`inspect`] leaves this `None` and `spoolgate inspect` fills it in
+    /// (`forward::ledger::pending_by_segment`).
+    pub pending_envelopes: Option<u64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -161,6 +166,7 @@ pub fn inspect(dir: &Path) -> Result<InspectReport, SpoolError> {
             records,
             damaged,
             tail_garbage_bytes: scanned.tail_garbage_bytes,
+            pending_envelopes: None,
         });
     }
     Ok(InspectReport {
@@ -174,7 +180,11 @@ impl std::fmt::Display for InspectReport {
         writeln!(f, "spool {}: {} segment(s)", self.dir, self.segments.len())?;
         let mut totals: BTreeMap<&str, u64> = BTreeMap::new();
         for s in &self.segments {
-            let counts: Vec<String> = s.records.iter().map(|(k, n)| format!("{k}={n}")).collect();
+            let mut counts: Vec<String> =
+                s.records.iter().map(|(k, n)| format!("{k}={n}")).collect();
+            if let Some(n) = s.pending_envelopes {
+                counts.push(format!("pending={n}"));
+            }
             let header = match &s.header {
                 Ok(h) if h.segment_id == s.id => "header ok".to_string(),
                 Ok(h) => format!("header names segment {}", h.segment_id),
