@@ -38,7 +38,9 @@
 //! **Recovery** (`recovery`) runs in `open`, before anything is appended: every frame's CRC is
 //! checked, damaged ranges are skipped and reported, a torn tail of the last segment is zeroed.
 //! The decision table is in spool-format.md. Recovery reads one segment at a time, so its
-//! memory is bounded by `segment_bytes_max`.
+//! memory is bounded by `segment_bytes_max`, and skips the holes the filesystem reports
+//! ([`fs::SegmentFile::seek_data`]), so the reserved zeros of a preallocated segment cost
+//! nothing to read.
 //!
 //! **Reading** (`reader`). A [`Reader`] walks frames from any position across segments, never
 //! past the durable end, through a window of 256 KiB (`reader::WINDOW_BYTES`).
