@@ -9,6 +9,9 @@
 //!   bytes, trailing garbage, torn tails and odd lengths.
 //! - On the real filesystem, a segment preallocated with `fallocate` (holes to ext4, XFS and
 //!   tmpfs) recovers every record in it, and the next records go after them.
+//! - A filesystem that wrongly reports the end of the data as a hole loses nothing: recovery
+//!   reads one longest frame past the last data rather than trusting the report, and that is
+//!   where the writer would append next.
 
 mod spool_common;
 
@@ -19,7 +22,7 @@ use bytes::Bytes;
 use proptest::prelude::*;
 use spool_common::*;
 use spoolgate::metrics::Metrics;
-use spoolgate::spool::fs::{FileSystem, MemFs, MEM_HOLE_BLOCK_BYTES};
+use spoolgate::spool::fs::{FileSystem, MemFs, SegmentFile, MEM_HOLE_BLOCK_BYTES};
 use spoolgate::spool::{Durability, RecordKind, Spool, SpoolOptions};
 
 const DIR: &str = "/spool";
@@ -294,4 +297,103 @@ fn a_fallocated_segment_on_the_real_filesystem_recovers_every_record() {
     let (spool, report, _) = open(&opts);
     assert_eq!(report.records, 51);
     assert_eq!(read_all(&spool), (0..51).collect::<Vec<_>>());
+}
+
+/// A filesystem that wrongly reports the last 4 KiB block holding data, and everything after
+/// it, as a hole: what a buggy `SEEK_HOLE` would do to the end of a segment.
+struct LyingFs(Arc<MemFs>);
+
+struct LyingFile(Arc<dyn SegmentFile>);
+
+impl LyingFile {
+    /// Where the lie starts: the block of the file's last non-zero byte.
+    fn hole_from(&self) -> std::io::Result<u64> {
+        let len = self.0.len()?;
+        let mut bytes = vec![0u8; len as usize];
+        let n = self.0.read_at(&mut bytes, 0)?;
+        let last = bytes[..n].iter().rposition(|&b| b != 0).unwrap_or(0) as u64;
+        Ok(last - last % MEM_HOLE_BLOCK_BYTES)
+    }
+}
+
+impl SegmentFile for LyingFile {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+        self.0.read_at(buf, offset)
+    }
+    fn write_all_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        self.0.write_all_at(buf, offset)
+    }
+    fn sync_data(&self) -> std::io::Result<()> {
+        self.0.sync_data()
+    }
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.0.set_len(len)
+    }
+    fn len(&self) -> std::io::Result<u64> {
+        self.0.len()
+    }
+    fn seek_data(&self, from: u64) -> std::io::Result<Option<u64>> {
+        Ok((from < self.hole_from()?).then_some(from))
+    }
+    fn seek_hole(&self, from: u64) -> std::io::Result<u64> {
+        Ok(self.hole_from()?.max(from))
+    }
+}
+
+impl FileSystem for LyingFs {
+    fn create_dir_all(&self, dir: &Path) -> std::io::Result<()> {
+        self.0.create_dir_all(dir)
+    }
+    fn list(&self, dir: &Path) -> std::io::Result<Vec<String>> {
+        self.0.list(dir)
+    }
+    fn open(&self, path: &Path) -> std::io::Result<Arc<dyn SegmentFile>> {
+        Ok(Arc::new(LyingFile(self.0.open(path)?)))
+    }
+    fn create(&self, path: &Path) -> std::io::Result<Arc<dyn SegmentFile>> {
+        Ok(Arc::new(LyingFile(self.0.create(path)?)))
+    }
+    fn remove(&self, path: &Path) -> std::io::Result<()> {
+        self.0.remove(path)
+    }
+    fn sync_dir(&self, dir: &Path) -> std::io::Result<()> {
+        self.0.sync_dir(dir)
+    }
+    fn lock(&self, path: &Path) -> std::io::Result<Box<dyn Send + Sync>> {
+        self.0.lock(path)
+    }
+}
+
+#[test]
+fn records_a_filesystem_wrongly_reports_as_a_hole_at_the_end_are_still_recovered() {
+    let shapes: Vec<Shape> = (0..12)
+        .map(|n| Shape {
+            zeros: 0,
+            tail: 100 * n,
+        })
+        .collect();
+    let files = build(&shapes, 1, None);
+    let mem = Arc::new(MemFs::new());
+    for (path, bytes) in &files {
+        let fs: &dyn FileSystem = &mem;
+        fs.create(path).expect("create");
+        mem.set_bytes(path, bytes.clone());
+    }
+    let lying = LyingFs(mem.clone());
+    let seg = &files[0].0;
+    let hole_from = lying.open(seg).expect("open").seek_hole(0).expect("seek");
+    let end = files[0].1.iter().rposition(|&b| b != 0).expect("data") as u64;
+    assert!(
+        hole_from < end,
+        "the lie hides data: hole from {hole_from}, data to {end}"
+    );
+
+    let (spool, report) = open_fs(&small_options(), Arc::new(lying));
+    assert_eq!(report.records, 12);
+    assert!(report.damaged.is_empty(), "{:?}", report.damaged);
+    let numbers: Vec<u64> = read_records(&spool)
+        .iter()
+        .map(|r| number_of(&r.2))
+        .collect();
+    assert_eq!(numbers, (0..12).collect::<Vec<_>>());
 }

@@ -31,6 +31,10 @@ pub trait SegmentFile: Send + Sync {
     fn release_cache(&self) -> io::Result<()> {
         Ok(())
     }
+    /// [`SegmentFile::release_cache`] for `len` bytes from `offset` only.
+    fn release_cache_range(&self, _offset: u64, _len: u64) -> io::Result<()> {
+        Ok(())
+    }
     /// The first offset at or after `from` that is not in a hole, as `lseek(SEEK_DATA)`
     /// answers; `None` when only a hole follows. A hole reads as zeros; a filesystem may call
     /// any range data (the default calls the whole file data), so a caller may skip reading
@@ -116,9 +120,17 @@ impl SegmentFile for StdFile {
     fn release_cache(&self) -> io::Result<()> {
         rustix::fs::fadvise(&self.0, 0, 0, rustix::fs::Advice::DontNeed).map_err(Into::into)
     }
+    fn release_cache_range(&self, offset: u64, len: u64) -> io::Result<()> {
+        // A length of 0 would mean "to the end of the file" to fadvise.
+        if len == 0 {
+            return Ok(());
+        }
+        rustix::fs::fadvise(&self.0, offset, len, rustix::fs::Advice::DontNeed).map_err(Into::into)
+    }
     /// `lseek(SEEK_DATA)`. A preallocated segment's blocks past its data are `fallocate`'s
     /// unwritten extents, which ext4 and XFS report as holes (unless their zero pages are in
-    /// the page cache), so recovery need not read 64 MiB of zeros. Where the filesystem does
+    /// the page cache, which recovery therefore drops), so recovery need not read 64 MiB of
+    /// zeros. Where the filesystem does
     /// not support the query, everything is data.
     fn seek_data(&self, from: u64) -> io::Result<Option<u64>> {
         let Ok(at) = i64::try_from(from) else {
@@ -549,6 +561,9 @@ impl SegmentFile for FaultFile {
     }
     fn release_cache(&self) -> io::Result<()> {
         self.inner.release_cache()
+    }
+    fn release_cache_range(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.inner.release_cache_range(offset, len)
     }
     fn seek_data(&self, from: u64) -> io::Result<Option<u64>> {
         self.inner.seek_data(from)
