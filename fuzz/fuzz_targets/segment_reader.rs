@@ -2,7 +2,9 @@
 //! torn tail and must always terminate), the reader that iterates the recovered log, and the
 //! envelope, sealed and tombstone decoders applied to each payload. None may panic, whatever
 //! the bytes, and the records recovery hands its visitor (the daemon's start-up scan) must be
-//! the records the reader returns.
+//! the records the reader returns. Recovery runs twice, on a filesystem that reports all-zero
+//! blocks as holes (which recovery skips) and on one that reports none; both must find the same
+//! records and leave the segment the same.
 //!
 //! Run: `RUSTC_BOOTSTRAP=1 cargo fuzz run segment_reader fuzz/corpus/segment_reader
 //! fuzz/seeds/segment_reader -- -max_total_time=600` (the seeds are real segments written by the
@@ -42,10 +44,27 @@ fuzz_target!(|data: &[u8]| {
     if data.len() as u64 > SEGMENT_BYTES_MAX {
         return;
     }
-    // Recovery and the reader, on an in-memory filesystem holding the input as segment 1.
-    let fs = Arc::new(MemFs::new());
+    // Recovery and the reader, on an in-memory filesystem holding the input as segment 1: one
+    // that reports every all-zero 4 KiB block as a hole (so recovery skips them) and one that
+    // reports none, which must come to the same records and leave the same bytes.
+    let with_holes = recover_and_read(MemFs::new(), data);
+    let without_holes = recover_and_read(MemFs::without_holes(), data);
+    assert!(
+        with_holes == without_holes,
+        "skipping holes changed what recovery found"
+    );
+});
+
+/// A record as compared: position, kind, payload, next position.
+type Seen = (Position, u8, Vec<u8>, Position);
+
+/// The records a reader returns after recovery, and the segment's bytes after it; `None` when
+/// the spool does not open.
+fn recover_and_read(fs: MemFs, data: &[u8]) -> Option<(Vec<Seen>, Option<Vec<u8>>)> {
+    let fs = Arc::new(fs);
     let dir = Path::new("/spool");
-    fs.set_bytes(&dir.join("00000000000000000001.seg"), data.to_vec());
+    let path = dir.join("00000000000000000001.seg");
+    fs.set_bytes(&path, data.to_vec());
     let opts = SpoolOptions {
         dir: dir.to_path_buf(),
         segment_bytes_max: SEGMENT_BYTES_MAX,
@@ -64,12 +83,12 @@ fuzz_target!(|data: &[u8]| {
     let mut visited: Vec<Seen> = Vec::new();
     let Ok((spool, _report)) = Spool::open_visiting(
         opts,
-        Arc::new(fs),
+        Arc::new(fs.clone()),
         Arc::new(Metrics::new()),
         None,
         &mut |r| visited.push((r.position, r.kind.0, r.payload.to_vec(), r.next)),
     ) else {
-        return;
+        return None;
     };
     let mut reader = spool.reader(spool.first_position());
     let mut read: Vec<Seen> = Vec::new();
@@ -95,7 +114,6 @@ fuzz_target!(|data: &[u8]| {
         visited, read,
         "recovery visited other records than the reader returns"
     );
-});
-
-/// A record as compared: position, kind, payload, next position.
-type Seen = (Position, u8, Vec<u8>, Position);
+    drop(spool);
+    Some((read, fs.bytes(&path)))
+}

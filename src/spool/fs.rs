@@ -398,13 +398,26 @@ impl MemFs {
         self.state().files.get(path).map(|f| f.lock().data.clone())
     }
 
+    /// Sets a file's bytes as if written and synced, creating the file (with a durable name)
+    /// if it does not exist.
     pub fn set_bytes(&self, path: &Path, bytes: Vec<u8>) {
-        if let Some(f) = self.state().files.get(path) {
-            let mut g = f.lock();
-            g.data = bytes.clone();
-            g.synced = bytes;
-            g.unsynced.clear();
-        }
+        let mut st = self.state();
+        let no_holes = self.no_holes;
+        let file = st
+            .files
+            .entry(path.to_path_buf())
+            .or_insert_with(|| {
+                Arc::new(MemFile {
+                    no_holes,
+                    ..MemFile::default()
+                })
+            })
+            .clone();
+        st.durable_names.insert(path.to_path_buf());
+        let mut g = file.lock();
+        g.data = bytes.clone();
+        g.synced = bytes;
+        g.unsynced.clear();
     }
 }
 

@@ -47,8 +47,8 @@ pub(crate) fn read_all(file: &dyn super::fs::SegmentFile, len: u64) -> std::io::
     Ok(buf)
 }
 
-/// The ranges of a file of `len` bytes that its filesystem does not report as holes, in order.
-/// Everything outside them reads as zeros.
+/// The ranges of a file of `len` bytes that its filesystem does not report as holes, in order
+/// and apart (at most one per filesystem block). Everything outside them reads as zeros.
 fn data_ranges(file: &dyn super::fs::SegmentFile, len: u64) -> std::io::Result<Vec<(u64, u64)>> {
     let mut ranges = Vec::new();
     let mut at = 0u64;
@@ -56,6 +56,9 @@ fn data_ranges(file: &dyn super::fs::SegmentFile, len: u64) -> std::io::Result<V
         let Some(start) = file.seek_data(at)? else {
             break;
         };
+        // An answer before `at` would make ranges overlap (and the loop go back): the bytes
+        // from `at` on are what is asked about.
+        let start = start.max(at);
         if start >= len {
             break;
         }
