@@ -4,9 +4,10 @@
 //! Recovery reads each segment once, into one buffer reused for the next, and skips what the
 //! filesystem reports as holes: a preallocated segment is its data followed by `fallocate`d
 //! blocks that were never written, and reading those zeros was most of a small spool's time to
-//! ready (91 ms of 108 for a near-empty 64 MiB active segment; 1 ms without). Skipping is exact
-//! only because the buffer extends one longest frame past the last data (see
-//! `read_segment_into`); tests/spool_holes.rs checks it against reading every byte.
+//! ready (recovery took 92 ms of 101 for a near-empty 64 MiB active segment, 4-5 ms without;
+//! benches/results/ready-2026-12-02T0705Z.md). Skipping is exact only because the buffer
+//! extends one longest frame past the last data (see `read_segment_into`);
+//! tests/spool_holes.rs and the segment_reader fuzz target check it against reading every byte.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -248,7 +249,7 @@ pub(crate) fn recover(
         }
     }
     let payload_max = opts.record_bytes_max;
-    // Enough zeros after a segment's last data for its longest frame (see `read_segment_into`).
+    // How much is read past a segment's last data: its longest frame (see `read_segment_into`).
     let pad_bytes = format::frame_len(payload_max as usize) + HEADER_LEN;
     // One buffer for every segment in turn: recovery's memory is one segment.
     let mut bytes = Vec::new();
