@@ -30,6 +30,12 @@ const TAGS_RESERVED_MAX: usize = 16;
 
 /// Decodes `bytes` when every part of it is in the subset above.
 pub(super) fn decode(bytes: &[u8]) -> Option<Envelope> {
+    decode_with(bytes, true)
+}
+
+/// [`decode`], leaving the text out when `keep_text` is false: it is still checked (valid
+/// UTF-8), so the same bytes decode or do not as with [`decode`], but not copied.
+pub(super) fn decode_with(bytes: &[u8], keep_text: bool) -> Option<Envelope> {
     let mut cur = Cursor::new(bytes);
     let fields = cur.map_len()?;
     let mut env = Envelope::default();
@@ -62,7 +68,11 @@ pub(super) fn decode(bytes: &[u8]) -> Option<Envelope> {
                 1 << 5
             }
             b"text" => {
-                env.text = Some(cur.string()?);
+                if keep_text {
+                    env.text = Some(cur.string()?);
+                } else {
+                    cur.str()?;
+                }
                 1 << 6
             }
             b"text_hash" => {
@@ -252,6 +262,21 @@ mod tests {
             if let Some(direct) = decode(&bytes) {
                 prop_assert_eq!(Some(direct), through_serde(&bytes));
             }
+            // Leaving the text out changes nothing else: the same bytes decode or not, and to
+            // the same envelope but for its text.
+            let without_text = decode_with(&bytes, false);
+            let expected = decode(&bytes).map(|e| Envelope { text: None, ..e });
+            prop_assert_eq!(without_text, expected);
+        }
+
+        /// The start-up scan's decoder is the full one without the text, for what spoolgate
+        /// writes and for what it declines alike.
+        #[test]
+        fn decoding_without_the_text_is_decoding_it_and_dropping_the_text(env in envelope()) {
+            let bytes = env.encode().unwrap();
+            let without_text = Envelope::decode_without_text(&bytes).ok();
+            let expected = Envelope::decode(&bytes).ok().map(|e| Envelope { text: None, ..e });
+            prop_assert_eq!(without_text, expected);
         }
     }
 

@@ -234,6 +234,17 @@ impl Envelope {
         }
         Ok(rmp_serde::from_slice(bytes)?)
     }
+
+    /// [`Envelope::decode`] for readers that need everything but the text (the start-up
+    /// scan): the same bytes decode or fail alike, but the text, most of an envelope, is only
+    /// checked, not copied, and comes back as `None`. (An envelope outside the direct
+    /// decoder's subset is decoded whole, text included.)
+    pub fn decode_without_text(bytes: &[u8]) -> Result<Envelope, EnvelopeError> {
+        if let Some(env) = decode::decode_with(bytes, false) {
+            return Ok(env);
+        }
+        Ok(rmp_serde::from_slice(bytes)?)
+    }
 }
 
 /// A msgpack str, in its smallest form. Writing into a Vec cannot fail; rmp's error type

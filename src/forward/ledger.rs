@@ -398,7 +398,9 @@ impl<'l> Scan<'l> {
         match record.kind {
             RecordKind::ENVELOPE => {
                 summary.envelopes += 1;
-                let since_ms = match Envelope::decode(record.payload) {
+                // Only the id, stream, slot and time are needed here; the dispatcher decodes
+                // the whole envelope when it forwards it.
+                let since_ms = match Envelope::decode_without_text(record.payload) {
                     Ok(env) => {
                         on_envelope(&env, record.position);
                         env.ts_ms.min(self.now_ms)
