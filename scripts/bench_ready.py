@@ -17,11 +17,11 @@ import os
 import re
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
-import time
 import urllib.request
+
+import bench_replay
 
 OLD_BIN, NEW_BIN = sys.argv[1], sys.argv[2]
 ROUNDS = int(os.environ.get("ROUNDS", "5"))
@@ -34,42 +34,14 @@ def log(msg):
     print(msg, file=sys.stderr, flush=True)
 
 
-class Daemon:
-    def __init__(self, binary, data_dir, log_path):
-        self.data_dir = data_dir
-        self.log_path = log_path
-        self.log_from = os.path.getsize(log_path) if os.path.exists(log_path) else 0
-        self.logf = open(log_path, "ab")
-        self.started = time.monotonic()
-        self.proc = subprocess.Popen(
-            [binary, "serve", "--data-dir", data_dir, "--listen", "127.0.0.1:0",
-             "--metrics-listen", "127.0.0.1:0"],
-            stdout=self.logf, stderr=self.logf)
-        self.addr = None
+class Daemon(bench_replay.Daemon):
+    """bench_replay's daemon, with the default configuration, a 2 ms readiness poll, and what
+    a drill does to it."""
 
-    def wait_ready(self, timeout_s=300):
-        addr_path = os.path.join(self.data_dir, "spoolgate.addr")
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise SystemExit(f"daemon exited with {self.proc.returncode}; see {self.log_path}")
-            if self.addr is None and os.path.exists(addr_path):
-                try:
-                    addr = json.load(open(addr_path))
-                    if addr["pid"] == self.proc.pid:
-                        self.addr = addr
-                except (ValueError, KeyError):
-                    pass
-            if self.addr is not None:
-                try:
-                    url = f"http://{self.addr['metrics']}/readyz"
-                    with urllib.request.urlopen(url, timeout=1) as r:
-                        if 200 <= r.status < 300:
-                            return time.monotonic() - self.started
-                except OSError:
-                    pass
-            time.sleep(0.002)
-        raise SystemExit("daemon did not become ready")
+    def __init__(self, binary, data_dir):
+        self.log_path = os.path.join(os.path.dirname(data_dir), "daemon.log")
+        self.log_from = os.path.getsize(self.log_path) if os.path.exists(self.log_path) else 0
+        super().__init__(data_dir, [], binary=binary, poll_s=0.002)
 
     def recovery_ms(self):
         with open(self.log_path, "rb") as f:
@@ -79,7 +51,7 @@ class Daemon:
         return int(found[-1]) if found else None
 
     def fill(self, n):
-        url = f"http://{self.addr['ingest']}/v1/envelopes"
+        url = f"http://{self.ingest}/v1/envelopes"
         sent = 0
         while sent < n:
             k = min(100, n - sent)
@@ -96,7 +68,7 @@ class Daemon:
     def kill(self):
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait()
-        self.logf.close()
+        self.log.close()
 
 
 def median(xs):
@@ -119,13 +91,12 @@ def main():
                 for name, binary in order:
                     data_dir = os.path.join(scratch, f"{name}-{n}-{rnd}", "data")
                     os.makedirs(data_dir)
-                    log_path = os.path.join(os.path.dirname(data_dir), "daemon.log")
-                    d = Daemon(binary, data_dir, log_path)
+                    d = Daemon(binary, data_dir)
                     d.wait_ready()
                     d.fill(n)
                     d.kill()
                     for _ in range(RESTARTS):
-                        d = Daemon(binary, data_dir, log_path)
+                        d = Daemon(binary, data_dir)
                         ready = d.wait_ready()
                         results[(n, name)]["ready_s"].append(ready)
                         results[(n, name)]["recovery_ms"].append(d.recovery_ms())

@@ -45,15 +45,20 @@ def log(msg):
 
 
 class Daemon:
-    def __init__(self, data_dir, extra):
+    """A daemon on ports chosen by the OS, logging to daemon.log next to its data directory.
+    scripts/bench_ready.py uses it too, with another binary and a finer poll."""
+
+    def __init__(self, data_dir, extra, binary=BIN, poll_s=0.02):
         self.data_dir = data_dir
+        self.poll_s = poll_s
         self.started = time.monotonic()
         self.log = open(os.path.join(os.path.dirname(data_dir), "daemon.log"), "ab")
         self.proc = subprocess.Popen(
-            [BIN, "serve", "--data-dir", data_dir, "--listen", "127.0.0.1:0",
+            [binary, "serve", "--data-dir", data_dir, "--listen", "127.0.0.1:0",
              "--metrics-listen", "127.0.0.1:0", *extra],
             stdout=self.log, stderr=self.log)
         self.metrics = None
+        self.ingest = None
 
     def wait_ready(self, timeout_s=600):
         """Seconds from spawn to the first 2xx of /readyz."""
@@ -69,6 +74,7 @@ class Daemon:
                     addr = json.load(open(addr_path))
                     if addr["pid"] == self.proc.pid:
                         self.metrics = addr["metrics"]
+                        self.ingest = addr["ingest"]
                 except (ValueError, KeyError):
                     pass
             if self.metrics is not None:
@@ -78,7 +84,7 @@ class Daemon:
                             return time.monotonic() - self.started
                 except OSError:
                     pass
-            time.sleep(0.02)
+            time.sleep(self.poll_s)
         raise SystemExit("daemon did not become ready")
 
     def scrape(self):

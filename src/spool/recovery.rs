@@ -104,15 +104,11 @@ fn read_segment_into(
     for (start, end) in ranges {
         let (start, end) = (start as usize, end as usize);
         buf[filled..start].fill(0);
-        let mut at = start;
-        while at < end {
-            let n = file.read_at(&mut buf[at..end], at as u64)?;
-            if n == 0 {
-                // The file is shorter than it said: keep what is there, as a reader would.
-                buf.truncate(at);
-                return Ok(());
-            }
-            at += n;
+        let read = read_at_most(file, &mut buf[start..end], start as u64)?;
+        if read < end - start {
+            // The file is shorter than it said: keep what is there, as a reader would.
+            buf.truncate(start + read);
+            return Ok(());
         }
         filled = end;
     }
@@ -120,15 +116,8 @@ fn read_segment_into(
     // says they are: the writer appends there, so they are the bytes a filesystem that wrongly
     // reported acknowledged data as a hole would have it overwrite. Read, such data shows up
     // as frames (or as a damaged range) instead. It costs one longest frame of reading.
-    let mut at = filled;
-    while at < kept {
-        let n = file.read_at(&mut buf[at..kept], at as u64)?;
-        if n == 0 {
-            break;
-        }
-        at += n;
-    }
-    buf.truncate(at);
+    let read = read_at_most(file, &mut buf[filled..kept], filled as u64)?;
+    buf.truncate(filled + read);
     Ok(())
 }
 
@@ -157,9 +146,19 @@ fn zeros_from(file: &dyn super::fs::SegmentFile, len: u64, from: u64) -> std::io
 
 /// Reads the first `buf.len()` bytes of a file, or as many as it has; returns how many.
 fn read_prefix(file: &dyn super::fs::SegmentFile, buf: &mut [u8]) -> std::io::Result<usize> {
+    read_at_most(file, buf, 0)
+}
+
+/// Fills `buf` from `offset`, stopping early only at the end of the file; returns how many
+/// bytes were read.
+fn read_at_most(
+    file: &dyn super::fs::SegmentFile,
+    buf: &mut [u8],
+    offset: u64,
+) -> std::io::Result<usize> {
     let mut at = 0usize;
     while at < buf.len() {
-        let n = file.read_at(&mut buf[at..], at as u64)?;
+        let n = file.read_at(&mut buf[at..], offset + at as u64)?;
         if n == 0 {
             break;
         }
