@@ -130,8 +130,7 @@ impl SegmentFile for StdFile {
     /// `lseek(SEEK_DATA)`. A preallocated segment's blocks past its data are `fallocate`'s
     /// unwritten extents, which ext4 and XFS report as holes (unless their zero pages are in
     /// the page cache, which recovery therefore drops), so recovery need not read 64 MiB of
-    /// zeros. Where the filesystem does
-    /// not support the query, everything is data.
+    /// zeros. Where the filesystem does not support the query, everything is data.
     fn seek_data(&self, from: u64) -> io::Result<Option<u64>> {
         let Ok(at) = i64::try_from(from) else {
             return Ok(None);
