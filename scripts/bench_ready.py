@@ -71,12 +71,7 @@ class Daemon(bench_replay.Daemon):
         self.log.close()
 
 
-def median(xs):
-    xs = sorted(x for x in xs if x is not None)
-    if not xs:
-        return None
-    m = len(xs) // 2
-    return xs[m] if len(xs) % 2 else (xs[m - 1] + xs[m]) / 2
+median = bench_replay.median
 
 
 def main():
