@@ -1,14 +1,16 @@
 //! `spoolgate inspect DIR`: an offline, read-only look at a spool directory. It takes no lock
 //! and changes nothing, so it is safe next to a running daemon (whose newest bytes may then
-//! show up as a torn tail).
+//! show up as a torn tail). It reads segments whole, then drops the zeros it read past each
+//! one's data from the page cache, where they would slow the daemon's next start.
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::Arc;
 
 use serde::Serialize;
 
 use super::format::{self, Scanned, SegmentHeader};
-use super::fs::{FileSystem, StdFs};
+use super::fs::{FileSystem, SegmentFile, StdFs};
 use super::recovery::{read_all, records_in, void_markers};
 use super::{parse_segment_name, segment_path, DamagedRange, SpoolError};
 
@@ -75,8 +77,10 @@ pub fn for_each_frame<E: From<SpoolError>>(
     let mut damaged = Vec::new();
     for id in ids {
         let void_at = voids.get(&id).copied().unwrap_or(u64::MAX);
-        let bytes = read_segment(dir, id)?;
-        for item in format::scan(&bytes, INSPECT_PAYLOAD_MAX).items {
+        let (bytes, file) = read_segment(dir, id)?;
+        let scanned = format::scan(&bytes, INSPECT_PAYLOAD_MAX);
+        forget_zeros(file.as_ref(), scanned.data_end, bytes.len() as u64);
+        for item in scanned.items {
             match item {
                 Scanned::Frame { offset, .. } if offset >= void_at => {}
                 Scanned::Frame {
@@ -113,8 +117,9 @@ fn list_segments(dir: &Path) -> Result<(Vec<String>, Vec<u64>), SpoolError> {
     Ok((names, ids))
 }
 
-/// A segment's bytes, read whole (segments are bounded by `spool.segment_bytes_max`).
-fn read_segment(dir: &Path, id: u64) -> Result<Vec<u8>, SpoolError> {
+/// A segment's bytes, read whole (segments are bounded by `spool.segment_bytes_max`), and its
+/// file, for [`forget_zeros`].
+fn read_segment(dir: &Path, id: u64) -> Result<(Vec<u8>, Arc<dyn SegmentFile>), SpoolError> {
     let path = segment_path(dir, id);
     let io = |source| SpoolError::Io {
         op: "read segment",
@@ -123,7 +128,16 @@ fn read_segment(dir: &Path, id: u64) -> Result<Vec<u8>, SpoolError> {
     };
     let file = StdFs.open(&path).map_err(io)?;
     let len = file.len().map_err(io)?;
-    read_all(file.as_ref(), len).map_err(io)
+    let bytes = read_all(file.as_ref(), len).map_err(io)?;
+    Ok((bytes, file))
+}
+
+/// Drops from the page cache what was read past a segment's data end: the zeros of a
+/// preallocated segment. Left cached, ext4 and XFS report them as data, and the daemon's next
+/// start would read them all once (70 ms for a 64 MiB segment). Only clean pages go, the
+/// file is not changed, and a failure costs only that time.
+fn forget_zeros(file: &dyn SegmentFile, data_end: u64, len: u64) {
+    let _ = file.release_cache_range(data_end, len.saturating_sub(data_end));
 }
 
 fn damaged_range(segment: u64, bytes: &[u8], offset: u64, len: u64) -> DamagedRange {
@@ -140,7 +154,7 @@ pub fn inspect(dir: &Path) -> Result<InspectReport, SpoolError> {
     let (_, ids) = list_segments(dir)?;
     let mut segments = Vec::new();
     for id in ids {
-        let bytes = read_segment(dir, id)?;
+        let (bytes, file) = read_segment(dir, id)?;
         let len = bytes.len() as u64;
         let header = SegmentHeader::decode(&bytes).map(|h| SegmentHeaderView {
             segment_id: h.segment_id,
@@ -148,6 +162,7 @@ pub fn inspect(dir: &Path) -> Result<InspectReport, SpoolError> {
             segment_bytes_max: h.segment_bytes_max,
         });
         let scanned = format::scan(&bytes, INSPECT_PAYLOAD_MAX);
+        forget_zeros(file.as_ref(), scanned.data_end, len);
         let mut records = BTreeMap::new();
         let mut damaged = Vec::new();
         for item in &scanned.items {
