@@ -11,7 +11,7 @@ use serde::Serialize;
 
 use super::format::{self, Scanned, SegmentHeader};
 use super::fs::{FileSystem, SegmentFile, StdFs};
-use super::recovery::{read_all, records_in, void_markers};
+use super::recovery::{forget_zeros, read_all, records_in, void_markers};
 use super::{parse_segment_name, segment_path, DamagedRange, SpoolError};
 
 /// Largest frame payload `inspect` accepts: it does not know the daemon's `record_bytes_max`.
@@ -79,7 +79,8 @@ pub fn for_each_frame<E: From<SpoolError>>(
         let void_at = voids.get(&id).copied().unwrap_or(u64::MAX);
         let (bytes, file) = read_segment(dir, id)?;
         let scanned = format::scan(&bytes, INSPECT_PAYLOAD_MAX);
-        forget_zeros(file.as_ref(), scanned.data_end, bytes.len() as u64);
+        // Advice only: failing to take it costs the daemon's next start time, nothing else.
+        let _ = forget_zeros(file.as_ref(), scanned.data_end, bytes.len() as u64);
         for item in scanned.items {
             match item {
                 Scanned::Frame { offset, .. } if offset >= void_at => {}
@@ -118,7 +119,7 @@ fn list_segments(dir: &Path) -> Result<(Vec<String>, Vec<u64>), SpoolError> {
 }
 
 /// A segment's bytes, read whole (segments are bounded by `spool.segment_bytes_max`), and its
-/// file, for [`forget_zeros`].
+/// file, for `forget_zeros`.
 fn read_segment(dir: &Path, id: u64) -> Result<(Vec<u8>, Arc<dyn SegmentFile>), SpoolError> {
     let path = segment_path(dir, id);
     let io = |source| SpoolError::Io {
@@ -130,14 +131,6 @@ fn read_segment(dir: &Path, id: u64) -> Result<(Vec<u8>, Arc<dyn SegmentFile>), 
     let len = file.len().map_err(io)?;
     let bytes = read_all(file.as_ref(), len).map_err(io)?;
     Ok((bytes, file))
-}
-
-/// Drops from the page cache what was read past a segment's data end: the zeros of a
-/// preallocated segment. Left cached, ext4 and XFS report them as data, and the daemon's next
-/// start would read them all once (70 ms for a 64 MiB segment). Only clean pages go, the
-/// file is not changed, and a failure costs only that time.
-fn forget_zeros(file: &dyn SegmentFile, data_end: u64, len: u64) {
-    let _ = file.release_cache_range(data_end, len.saturating_sub(data_end));
 }
 
 fn damaged_range(segment: u64, bytes: &[u8], offset: u64, len: u64) -> DamagedRange {
@@ -162,7 +155,7 @@ pub fn inspect(dir: &Path) -> Result<InspectReport, SpoolError> {
             segment_bytes_max: h.segment_bytes_max,
         });
         let scanned = format::scan(&bytes, INSPECT_PAYLOAD_MAX);
-        forget_zeros(file.as_ref(), scanned.data_end, len);
+        let _ = forget_zeros(file.as_ref(), scanned.data_end, len);
         let mut records = BTreeMap::new();
         let mut damaged = Vec::new();
         for item in &scanned.items {
