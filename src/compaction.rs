@@ -23,7 +23,8 @@
 //! checkpoints whose entries have all left the window or that newer ones make redundant.
 //!
 //! A compaction pass runs after tombstones are written (the workers notify it) and at least
-//! every [`COMPACTION_INTERVAL`]; the same loop refreshes the pending-work gauges.
+//! every [`COMPACTION_INTERVAL`]; the same loop refreshes the pending-work gauges, which every
+//! scrape of `/metrics` refreshes too ([`PendingGauges`]).
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -84,20 +85,17 @@ impl Compactor {
     }
 
     fn refresh_gauges(&self) {
-        let (pending, bytes, oldest) = self.ledger.pending_stats();
-        let unread = self
-            .ring
-            .envelopes_committed()
-            .saturating_sub(self.ledger.live_added());
-        let m = &self.metrics;
-        m.spool_pending_records.set((pending + unread) as i64);
-        m.spool_pending_bytes.set(bytes as i64);
-        let age = oldest.map_or(0.0, |since| {
-            crate::ingest::now_ms().saturating_sub(since) as f64 / 1000.0
-        });
-        m.spool_oldest_pending_age_seconds.set(age);
-        m.spool_segments_active
-            .set(self.spool.segments().len() as i64);
+        self.gauges().refresh(&self.metrics);
+    }
+
+    /// What computes this compactor's pending-work gauges, for [`Metrics::render`] to refresh
+    /// them at each scrape as well.
+    pub fn gauges(&self) -> PendingGauges {
+        PendingGauges {
+            spool: self.spool.clone(),
+            ledger: self.ledger.clone(),
+            ring: self.ring.clone(),
+        }
     }
 
     /// One pass: find the deletable prefix, checkpoint the chain heads and the dedup entries,
@@ -175,6 +173,37 @@ impl Compactor {
         );
         self.refresh_gauges();
         Ok(freed)
+    }
+}
+
+/// The gauges of pending work (`spoolgate_spool_pending_records`, `..._pending_bytes`,
+/// `..._oldest_pending_age_seconds`, `spoolgate_spool_segments`), computed from the ledger, the
+/// ring and the spool. The compaction loop refreshes them after each pass; the daemon also has
+/// every scrape refresh them, so that a scrape between passes (up to [`COMPACTION_INTERVAL`]
+/// apart when no tombstone wakes the loop) does not read figures from before a change: a
+/// backlog that has just built up must not read as empty.
+#[derive(Clone)]
+pub struct PendingGauges {
+    spool: Spool,
+    ledger: Arc<Ledger>,
+    ring: Arc<Ring>,
+}
+
+impl PendingGauges {
+    pub fn refresh(&self, m: &Metrics) {
+        let (pending, bytes, oldest) = self.ledger.pending_stats();
+        let unread = self
+            .ring
+            .envelopes_committed()
+            .saturating_sub(self.ledger.live_added());
+        m.spool_pending_records.set((pending + unread) as i64);
+        m.spool_pending_bytes.set(bytes as i64);
+        let age = oldest.map_or(0.0, |since| {
+            crate::ingest::now_ms().saturating_sub(since) as f64 / 1000.0
+        });
+        m.spool_oldest_pending_age_seconds.set(age);
+        m.spool_segments_active
+            .set(self.spool.segments().len() as i64);
     }
 }
 

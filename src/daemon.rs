@@ -283,26 +283,26 @@ pub async fn run(config: Config) -> Result<Exit, DaemonError> {
         })
     });
     let (compactor_stop_tx, compactor_stop_rx) = watch::channel(false);
-    let compactor = tokio::spawn(
-        Compactor {
-            spool: spool.clone(),
-            ledger,
-            chains,
-            ring: ring.clone(),
-            heads_path,
-            dedup_dir: config.data_dir.clone(),
-            dedup_checkpoints: Arc::new(Mutex::new(dedup_checkpoints)),
-            ingest: state.clone(),
-            // Entries of segments deleted before this start are already in checkpoints
-            // (loaded above); only segments still present need checkpointing again.
-            dedup_checkpointed_below: std::sync::atomic::AtomicU64::new(
-                spool.segments().first().map_or(0, |s| s.id),
-            ),
-            metrics: metrics.clone(),
-            wake: compaction_wake,
-        }
-        .run(compactor_stop_rx),
-    );
+    let compactor = Compactor {
+        spool: spool.clone(),
+        ledger,
+        chains,
+        ring: ring.clone(),
+        heads_path,
+        dedup_dir: config.data_dir.clone(),
+        dedup_checkpoints: Arc::new(Mutex::new(dedup_checkpoints)),
+        ingest: state.clone(),
+        // Entries of segments deleted before this start are already in checkpoints
+        // (loaded above); only segments still present need checkpointing again.
+        dedup_checkpointed_below: std::sync::atomic::AtomicU64::new(
+            spool.segments().first().map_or(0, |s| s.id),
+        ),
+        metrics: metrics.clone(),
+        wake: compaction_wake,
+    };
+    let gauges = compactor.gauges();
+    metrics.refresh_before_render(move |m| gauges.refresh(m));
+    let compactor = tokio::spawn(compactor.run(compactor_stop_rx));
 
     let sampler = tokio::spawn(sample_loop(state.clone(), spool.clone(), stop_rx.clone()));
     // The first sample must land before ingest opens, or the watermarks would read as empty.

@@ -25,6 +25,9 @@ const BATCH_RECORDS_BUCKETS: &[f64] = &[
     1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 4096.0,
 ];
 
+/// What [`Metrics::render`] runs before encoding (see `Metrics::refresh_before_render`).
+type Refresh = Box<dyn Fn(&Metrics) + Send + Sync>;
+
 pub struct Metrics {
     pub registry: Registry,
 
@@ -91,6 +94,11 @@ pub struct Metrics {
     // Process.
     pub build_info: IntGaugeVec,
     pub start_time_seconds: prometheus::Gauge,
+
+    /// Set once by the daemon, run by every [`Metrics::render`]: brings the gauges that are
+    /// computed from state (pending work) up to the moment of the scrape, so that a scrape
+    /// never reads a figure older than the scrape itself.
+    before_render: std::sync::OnceLock<Refresh>,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
@@ -221,6 +229,7 @@ impl Metrics {
 
             build_info: gauge_vec(&r, "spoolgate_build_info", "Build information; the value is always 1.", &["version"]),
             start_time_seconds: float_gauge(&r, "spoolgate_start_time_seconds", "Unix time the process started."),
+            before_render: std::sync::OnceLock::new(),
             registry: r,
         };
         m.build_info
@@ -237,8 +246,17 @@ impl Metrics {
         let _ = self.registry.register(Box::new(pc));
     }
 
+    /// Sets what [`Metrics::render`] runs first; a second call is ignored (one daemon, one
+    /// source of the computed gauges).
+    pub fn refresh_before_render(&self, refresh: impl Fn(&Metrics) + Send + Sync + 'static) {
+        let _ = self.before_render.set(Box::new(refresh));
+    }
+
     /// Text exposition format for `GET /metrics`.
     pub fn render(&self) -> Vec<u8> {
+        if let Some(refresh) = self.before_render.get() {
+            refresh(self);
+        }
         let mut out = Vec::with_capacity(16 * 1024);
         let encoder = TextEncoder::new();
         // Encoding into a Vec cannot fail on I/O; a failure would mean an invalid metric family.

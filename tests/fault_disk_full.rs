@@ -70,3 +70,89 @@ fn a_full_disk_answers_429_never_500_and_ingest_resumes_when_space_returns() {
         "no segment may be damaged:\n{log}"
     );
 }
+
+/// The pipeline shares the full disk with ingest: seals, tombstones and the file sink's output
+/// all need space. While the disk is full nothing may be lost, half-written or poisoned; once
+/// space returns, every acknowledged envelope is delivered and compacted without a restart.
+#[test]
+fn a_disk_filled_while_forwarding_holds_delivery_back_until_space_returns_and_loses_nothing() {
+    let fs = Tmpfs::mount("8m");
+    let data = fs.path.join("data");
+    let args = [
+        &small_spool_args()[..],
+        // Short backoff, so delivery resumes soon after the filler is removed.
+        &[
+            "--set",
+            "forward.retry_initial_ms=10",
+            "--set",
+            "forward.retry_max_ms=100",
+        ],
+    ]
+    .concat();
+    let d = Daemon::start_in(&data, &args, &[]);
+    let text = "y".repeat(4000);
+    let mut acked = Vec::new();
+    for n in 0..8 {
+        let id = format!("before-{n}");
+        let r = d.post_json(&json!({"source": "s", "id": id, "text": text}));
+        assert_eq!(r.status, 202, "{}", r.text());
+        acked.push(id);
+    }
+    d.wait_metric("spoolgate_spool_pending_records", |v| v == 0.0);
+
+    fs.fill("filler");
+    let mut refused = false;
+    for n in 0..4096 {
+        let id = format!("full-{n}");
+        let r = d.post_json(&json!({"source": "s", "id": id, "text": text}));
+        match r.status {
+            202 => acked.push(id),
+            429 => {
+                refused = true;
+                break;
+            }
+            other => panic!("status {other} while the disk fills: {}", r.text()),
+        }
+    }
+    assert!(refused, "a full disk must eventually refuse with 429");
+    // The file sink cannot write its output either: its failures are retried, not fatal.
+    d.wait_metric(
+        "spoolgate_forward_errors_total{kind=\"retryable\",sink=\"default\"}",
+        |v| v > 0.0,
+    );
+    assert_eq!(d.get("/readyz").status, 200, "a full disk must not poison");
+    assert_eq!(d.metric("spoolgate_spool_poisoned"), 0.0);
+
+    std::fs::remove_file(fs.path.join("filler")).unwrap();
+    d.wait_metric("spoolgate_spool_pending_records", |v| v == 0.0);
+    assert_eq!(d.get("/readyz").status, 200);
+    let delivered = common::ids(&common::file_sink_records(&data));
+    for id in &acked {
+        assert!(
+            delivered.contains(id),
+            "{id} acknowledged but not delivered"
+        );
+    }
+    let verify = std::process::Command::new(common::bin())
+        .arg("verify")
+        .arg(data.join("out"))
+        .output()
+        .expect("run verify");
+    assert!(
+        verify.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verify.stdout)
+    );
+    let log = d.log();
+    assert!(
+        !log.lines()
+            .any(|l| l.contains("WARN") && (l.contains("damaged") || l.contains("torn"))),
+        "no segment may be damaged:\n{log}"
+    );
+    // Each retry cuts the partial line the failed write left; that is expected, not news, so
+    // it must not log a warning per retry.
+    assert!(
+        !log.contains("cut a partial last line"),
+        "a full disk must not log a warning per retry:\n{log}"
+    );
+}

@@ -48,7 +48,10 @@ fn a_known_workload_produces_exact_counter_values_across_a_restart_with_a_corrup
         3.0
     );
     assert_eq!(d.metric("spoolgate_spool_poisoned"), 0.0);
-    d.wait_metric("spoolgate_spool_pending_records", |v| v == 10.0);
+    // Exact at once, not eventually: every scrape computes the backlog as of the scrape
+    // rather than reading what the compaction loop last left (up to a second old).
+    assert_eq!(d.metric("spoolgate_spool_pending_records"), 10.0);
+    assert_eq!(d.metric("spoolgate_spool_segments"), 1.0);
     assert_eq!(d.terminate().code(), Some(0));
 
     // Corrupt envelope 5 on disk, then restart with the file sink.

@@ -119,11 +119,22 @@ impl FileSink {
         Ok(newest)
     }
 
-    fn open_index(&self, index: u64) -> std::io::Result<Arc<OutFile>> {
+    /// Opens output file `index` for appending, first cutting a partial last line. A cut after
+    /// a write of this process failed (`after_failure`) is that write's own remains and is
+    /// logged at debug: the worker has already said the sink is failing, and a full disk would
+    /// otherwise log one warning per retry. A cut at first open is news: it is what an earlier
+    /// run left when it crashed mid-write.
+    fn open_index(&self, index: u64, after_failure: bool) -> std::io::Result<Arc<OutFile>> {
         let path = self.dir.join(file_name(index));
         if path.exists() {
             let trimmed = trim_partial_line(&path)?;
-            if trimmed > 0 {
+            if trimmed > 0 && after_failure {
+                tracing::debug!(
+                    file = %path.display(),
+                    bytes = trimmed,
+                    "file sink: cut the partial line a failed write left"
+                );
+            } else if trimmed > 0 {
                 tracing::warn!(
                     file = %path.display(),
                     bytes = trimmed,
@@ -193,14 +204,14 @@ impl FileSink {
             // reopening cuts a partial last line.
             *current = None;
             let index = self.newest_index()?.max(1);
-            *current = Some(self.open_index(index)?);
+            *current = Some(self.open_index(index, failed)?);
         }
         let needs_rotation = current.as_ref().is_some_and(|c| {
             c.written() > 0 && c.written() + buf.len() as u64 > self.file_bytes_max
         });
         if needs_rotation {
             let next = current.as_ref().map_or(1, |c| c.index + 1);
-            *current = Some(self.open_index(next)?);
+            *current = Some(self.open_index(next, false)?);
         }
         let c = current.as_ref().expect("opened above");
         if let Err(e) = (&c.file).write_all(buf) {
