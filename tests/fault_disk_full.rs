@@ -156,3 +156,94 @@ fn a_disk_filled_while_forwarding_holds_delivery_back_until_space_returns_and_lo
         "a full disk must not log a warning per retry:\n{log}"
     );
 }
+
+/// With an HTTP sink only the spool needs the disk: a batch cannot be sealed, nor a delivered
+/// one tombstoned, while it is full. Forwarding waits for space (no poison, no lost or skipped
+/// sequence number) and resumes by itself.
+#[test]
+fn a_disk_too_full_for_seals_and_tombstones_holds_forwarding_back_without_poisoning() {
+    // The sink holds the first batch (503) until the disk is full, so the envelopes taken
+    // meanwhile are still to be sealed, and that batch still to be tombstoned, when it is.
+    let hold = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let sink = {
+        let hold = hold.clone();
+        common::TestSink::start(
+            move |_| match hold.load(std::sync::atomic::Ordering::SeqCst) {
+                true => (503, "hold".into()),
+                false => (200, "ok".into()),
+            },
+        )
+    };
+    let scratch = tempfile::tempdir().unwrap();
+    let cfg = sink.config_file(
+        scratch.path(),
+        "[forward]\nretry_initial_ms = 10\nretry_max_ms = 100\n",
+    );
+    let fs = Tmpfs::mount("8m");
+    let data = fs.path.join("data");
+    let args = [
+        &small_spool_args()[..],
+        &["--config", cfg.to_str().unwrap()],
+    ]
+    .concat();
+    let d = Daemon::start_in(&data, &args, &[]);
+    let text = "z".repeat(4000);
+    let mut acked = Vec::new();
+    for n in 0..8 {
+        let id = format!("before-{n}");
+        let r = d.post_json(&json!({"source": "s", "id": id, "text": text}));
+        assert_eq!(r.status, 202, "{}", r.text());
+        acked.push(id);
+    }
+    d.wait_metric(
+        "spoolgate_forward_errors_total{kind=\"retryable\",sink=\"default\"}",
+        |v| v > 0.0,
+    );
+
+    fs.fill("filler");
+    for n in 0..4096 {
+        let id = format!("full-{n}");
+        let r = d.post_json(&json!({"source": "s", "id": id, "text": text}));
+        match r.status {
+            202 => acked.push(id),
+            429 => break,
+            other => panic!("status {other} while the disk fills: {}", r.text()),
+        }
+    }
+    let refused = d.metric("spoolgate_spool_full_errors_total");
+    hold.store(false, std::sync::atomic::Ordering::SeqCst);
+    // The held batch's tombstone, and the next batch's seal, find no room either.
+    d.wait_metric("spoolgate_spool_full_errors_total", |v| v > refused);
+    assert_eq!(d.get("/readyz").status, 200, "a full disk must not poison");
+    assert_eq!(d.metric("spoolgate_spool_poisoned"), 0.0);
+
+    std::fs::remove_file(fs.path.join("filler")).unwrap();
+    d.wait_metric("spoolgate_spool_pending_records", |v| v == 0.0);
+    assert_eq!(d.get("/readyz").status, 200);
+    let records = sink.delivered();
+    let delivered = common::ids(&records);
+    for id in &acked {
+        assert!(
+            delivered.contains(id),
+            "{id} acknowledged but not delivered"
+        );
+    }
+    // One stream, so its sequence numbers must run 1..=n with every duplicate identical.
+    let mut by_seq = std::collections::BTreeMap::new();
+    for r in &records {
+        let seq = r["seq"].as_u64().unwrap();
+        if let Some(earlier) = by_seq.insert(seq, r.clone()) {
+            assert_eq!(earlier, *r, "seq {seq} forwarded twice, differently");
+        }
+    }
+    let seqs: Vec<u64> = by_seq.keys().copied().collect();
+    assert_eq!(seqs, (1..=acked.len() as u64).collect::<Vec<_>>());
+    // Waiting for room is not a failed worker: no takeovers, no restarts.
+    assert_eq!(d.metric("spoolgate_worker_takeovers_total"), 0.0);
+    let log = d.log();
+    assert!(
+        !log.lines()
+            .any(|l| l.contains("WARN") && (l.contains("damaged") || l.contains("torn"))),
+        "no segment may be damaged:\n{log}"
+    );
+}

@@ -77,6 +77,77 @@ pub struct WorkItem {
     pub bytes: usize,
 }
 
+/// Whether an append of the pipeline's own records fdatasyncs whatever the durability mode
+/// (seals) or follows it (tombstones).
+#[derive(Debug, Clone, Copy)]
+enum Durability {
+    Synced,
+    AsConfigured,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Appended {
+    Done,
+    /// Stopped while waiting for room; nothing was appended.
+    Stopped,
+}
+
+/// Appends seals or tombstones, waiting while the filesystem is full. A full disk is not a
+/// failed worker: its secondary would find the same disk, and a takeover per retry would only
+/// churn the slots. The spool refuses a batch that hits ENOSPC whole (nothing of it stays, see
+/// `spool::writer`), so the same records can be offered again; they are, with the sink retry
+/// backoff, until they fit or `stop` fires. Meanwhile ingest answers 429, so the records that
+/// wait are bounded by what was acknowledged before the disk filled. Any other error is
+/// returned (a poisoned spool fails the worker, as before).
+async fn append_when_space(
+    ctx: &WorkerContext,
+    records: Vec<(RecordKind, Bytes)>,
+    durability: Durability,
+    mut stop: watch::Receiver<bool>,
+) -> Result<Appended, WorkerError> {
+    let what = match durability {
+        Durability::Synced => "seal",
+        Durability::AsConfigured => "tombstone",
+    };
+    let mut backoff = Backoff::new(
+        Duration::from_millis(ctx.config.retry_initial_ms),
+        Duration::from_millis(ctx.config.retry_max_ms),
+        fastrand::u64(..),
+    );
+    let mut waiting_since: Option<Instant> = None;
+    loop {
+        // A vector of reference-counted payloads: the copy for a retry costs no payload bytes.
+        let attempt = match durability {
+            Durability::Synced => ctx.spool.append_synced(records.clone()).await,
+            Durability::AsConfigured => ctx.spool.append(records.clone()).await,
+        };
+        match attempt {
+            Ok(_) => {
+                if let Some(since) = waiting_since {
+                    tracing::info!(
+                        record = what,
+                        waited_ms = since.elapsed().as_millis() as u64,
+                        "spool has room again; appended"
+                    );
+                }
+                return Ok(Appended::Done);
+            }
+            Err(SpoolError::Full(why)) => {
+                if waiting_since.is_none() {
+                    waiting_since = Some(Instant::now());
+                    tracing::warn!(record = what, %why, "spool full; forwarding waits for room to append");
+                }
+                let wait = backoff.next_delay(None);
+                tokio::select! {
+                    _ = stopped(&mut stop) => return Ok(Appended::Stopped),
+                    _ = tokio::time::sleep(wait) => {}
+                }
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
 /// Why a worker stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
@@ -200,8 +271,9 @@ impl Worker {
     }
 
     /// Gates and chains the unsealed items, and makes the seal durable. Returns the forward
-    /// records in batch order.
-    async fn seal(&self, batch: &mut [WorkItem]) -> Result<Vec<SharedRecord>, WorkerError> {
+    /// records in batch order, or `None` when stopped while the spool had no room for the seal
+    /// (nothing is sealed then, and no head has moved).
+    async fn seal(&self, batch: &mut [WorkItem]) -> Result<Option<Vec<SharedRecord>>, WorkerError> {
         let ctx = &self.ctx;
         let invalid =
             |e: crate::chain::ChainError| WorkerError::Spool(SpoolError::Invalid(e.to_string()));
@@ -262,7 +334,11 @@ impl Worker {
                 .into_iter()
                 .map(|payload| (RecordKind::SEALED, payload))
                 .collect();
-            ctx.spool.append_synced(records).await?;
+            let appended =
+                append_when_space(ctx, records, Durability::Synced, self.stop.clone()).await?;
+            if appended == Appended::Stopped {
+                return Ok(None);
+            }
             for (i, record) in sealed_here {
                 batch[i].sealed = Some(record);
             }
@@ -290,7 +366,7 @@ impl Worker {
             batch.len(),
             "every item sealed or dead-lettered"
         );
-        Ok(records)
+        Ok(Some(records))
     }
 
     /// Keeps an envelope that could not be sealed in the dead-letter directory, as gated (its
@@ -330,7 +406,9 @@ impl Worker {
     /// Processes one batch to completion. `Ok(false)` when stopped before the batch was
     /// confirmed (it stays pending and sealed; it is re-sent identically later).
     async fn process(&mut self, mut batch: Vec<WorkItem>) -> Result<bool, WorkerError> {
-        let records = self.seal(&mut batch).await?;
+        let Some(records) = self.seal(&mut batch).await? else {
+            return Ok(false);
+        };
         let positions: Vec<Position> = batch.iter().map(|i| i.position).collect();
         // Sink names are borrowed from the configuration, not copied per record.
         let ctx = self.ctx.clone();
@@ -362,8 +440,15 @@ impl Worker {
         }
         self.wait_tombstones(TOMBSTONES_IN_FLIGHT_MAX - 1).await?;
         let ctx = self.ctx.clone();
+        let stop = self.stop.clone();
         self.tombstones.push_back(tokio::spawn(async move {
-            ctx.spool.append(tombstones).await?;
+            let appended =
+                append_when_space(&ctx, tombstones, Durability::AsConfigured, stop).await?;
+            if appended == Appended::Stopped {
+                // Delivered, not tombstoned: pending still, so re-sent from its seal later, as
+                // after a crash at this point.
+                return Ok(());
+            }
             // Only a written tombstone (durable per the mode) completes a record: compaction
             // may then delete it. Whichever of the two a power failure undoes, the record was
             // delivered; at worst it is delivered again, from its seal.
