@@ -310,10 +310,8 @@ fn idle_connections_and_a_client_that_never_reads_do_not_stop_others_being_serve
     let openers: Vec<_> = (0..200)
         .map(|_| {
             let addr = d.ingest.clone();
-            std::thread::spawn(move || -> Vec<TcpStream> {
-                (0..50)
-                    .filter_map(|_| TcpStream::connect(&addr).ok())
-                    .collect()
+            std::thread::spawn(move || -> Vec<std::io::Result<TcpStream>> {
+                (0..50).map(|_| TcpStream::connect(&addr)).collect()
             })
         })
         .collect();
@@ -322,11 +320,27 @@ fn idle_connections_and_a_client_that_never_reads_do_not_stop_others_being_serve
         let r = post_through_a_connection_flood(&d, &envelope(100 + n));
         assert_eq!(r.status, 202, "{}", r.text());
     }
-    let idle: Vec<TcpStream> = openers
+    let (idle, failed): (Vec<_>, Vec<_>) = openers
         .into_iter()
         .flat_map(|t| t.join().unwrap())
-        .collect();
-    assert_eq!(idle.len(), 10_000);
+        .partition(|c| c.is_ok());
+    // The flood only has to dwarf connections_max. A loaded CI machine has refused a few of
+    // the 10,000 connects once (1 run in 6); say how, rather than fail on the machine's limits.
+    assert!(
+        idle.len() >= 5_000,
+        "only {} of 10,000 connections opened; first error: {:?}",
+        idle.len(),
+        failed
+            .first()
+            .map(|e| e.as_ref().err().map(|e| e.to_string()))
+    );
+    if !failed.is_empty() {
+        eprintln!(
+            "{} of 10,000 connects failed: {:?}",
+            failed.len(),
+            failed[0].as_ref().err().map(|e| e.to_string())
+        );
+    }
     assert!(d.metric("spoolgate_ingest_connections_open") <= 64.0);
     let r = post_through_a_connection_flood(&d, &envelope(200));
     assert_eq!(r.status, 202, "{}", r.text());
