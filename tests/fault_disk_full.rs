@@ -247,3 +247,53 @@ fn a_disk_too_full_for_seals_and_tombstones_holds_forwarding_back_without_poison
         "no segment may be damaged:\n{log}"
     );
 }
+
+/// A batch the sink rejects for good goes to the dead-letter directory; with no room there it
+/// stays pending and is retried, leaving no half-written file behind, and is dead-lettered
+/// whole once space returns.
+#[test]
+fn a_rejected_batch_waits_for_room_in_the_dead_letter_directory_and_leaves_no_partial_file() {
+    let sink = common::TestSink::start(|_| (400, "no such schema".into()));
+    let scratch = tempfile::tempdir().unwrap();
+    let cfg = sink.config_file(
+        scratch.path(),
+        "[forward]\nretry_initial_ms = 10\nretry_max_ms = 100\n",
+    );
+    let fs = Tmpfs::mount("8m");
+    let data = fs.path.join("data");
+    let args = [
+        &small_spool_args()[..],
+        &["--config", cfg.to_str().unwrap()],
+    ]
+    .concat();
+    let d = Daemon::start_in(&data, &args, &[]);
+    fs.fill("filler");
+    // The active segment's blocks are reserved, so the envelope and its seal still fit.
+    let r = d.post_json(&json!({"source": "s", "id": "rejected", "text": "y".repeat(20_000)}));
+    assert_eq!(r.status, 202, "{}", r.text());
+    d.wait_metric(
+        "spoolgate_forward_errors_total{kind=\"dead_letter_full\",sink=\"default\"}",
+        |v| v >= 2.0,
+    );
+    let dead_letters = || -> Vec<std::path::PathBuf> {
+        std::fs::read_dir(data.join("dead-letter"))
+            .map(|rd| rd.map(|e| e.unwrap().path()).collect())
+            .unwrap_or_default()
+    };
+    assert_eq!(dead_letters(), Vec::<std::path::PathBuf>::new());
+    assert_eq!(d.metric("spoolgate_spool_pending_records"), 1.0);
+    assert_eq!(d.metric("spoolgate_worker_takeovers_total"), 0.0);
+
+    std::fs::remove_file(fs.path.join("filler")).unwrap();
+    d.wait_metric("spoolgate_spool_pending_records", |v| v == 0.0);
+    assert_eq!(
+        d.metric("spoolgate_forward_dead_lettered_records_total{sink=\"default\"}"),
+        1.0
+    );
+    let files = dead_letters();
+    assert_eq!(files.len(), 1, "{files:?}");
+    let kept: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&files[0]).unwrap()).unwrap();
+    assert_eq!(kept["status"], 400);
+    assert_eq!(kept["records"][0]["envelope"]["id"], "rejected");
+}

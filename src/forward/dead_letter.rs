@@ -8,7 +8,9 @@
 //! [`DeadLetterError::Full`] and nothing is written: the worker keeps the batch pending and
 //! retries it with back-off, so a sink that rejects everything holds back only its own slots'
 //! records in the spool (whose quota then answers 429) instead of moving them into a directory
-//! that grows until the disk is full. Removing files makes room again.
+//! that grows until the disk is full. Removing files makes room again. A filesystem with no
+//! room (ENOSPC) is answered the same way, with [`DeadLetterError::NoSpace`], and the file it
+//! cut short is removed: a dead-letter file is whole or absent.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -29,6 +31,10 @@ pub enum DeadLetterError {
          forward.dead_letter_bytes_max = {bytes_max}"
     )]
     Full { used_bytes: u64, bytes_max: u64 },
+    /// The filesystem had no room (ENOSPC); nothing of the file is left. Like `Full`, a
+    /// condition to wait out, not a failure of the worker.
+    #[error("dead-letter write failed, the filesystem is full: {0}")]
+    NoSpace(std::io::Error),
     #[error("dead-letter write failed: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -74,6 +80,9 @@ impl DeadLetter {
                     used_bytes,
                     bytes_max,
                 },
+                BoundError::Io(e) if e.kind() == std::io::ErrorKind::StorageFull => {
+                    DeadLetterError::NoSpace(e)
+                }
                 BoundError::Io(e) => DeadLetterError::Io(e),
             })
     }
@@ -90,8 +99,14 @@ impl DeadLetter {
             .create_new(true)
             .write(true)
             .open(&path)?;
-        f.write_all(text.as_bytes())?;
-        f.sync_data()?;
+        let written = f.write_all(text.as_bytes()).and_then(|()| f.sync_data());
+        if let Err(e) = written {
+            // A file cut short by a full disk would read as a dead-lettered batch with its
+            // records missing, and each retry would leave another; the batch is still pending,
+            // so nothing is lost by removing it. If even that fails, the error is the write's.
+            let _ = std::fs::remove_file(&path);
+            return Err(e);
+        }
         std::fs::File::open(&self.dir)?.sync_all()?;
         Ok(path)
     }

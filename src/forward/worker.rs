@@ -397,9 +397,9 @@ impl Worker {
             }
             // The worker fails and is restarted with backoff; the record stays pending.
             Err(DeadLetterError::Io(e)) => Err(WorkerError::DeadLetter(e)),
-            Err(full @ DeadLetterError::Full { .. }) => Err(WorkerError::DeadLetter(
-                std::io::Error::other(full.to_string()),
-            )),
+            Err(full @ (DeadLetterError::Full { .. } | DeadLetterError::NoSpace(_))) => Err(
+                WorkerError::DeadLetter(std::io::Error::other(full.to_string())),
+            ),
         }
     }
 
@@ -564,7 +564,9 @@ impl Worker {
                         }
                         // The batch stays pending and goes to the sink again after a back-off:
                         // the sink may take it by then, or the operator may have made room.
-                        Err(full @ DeadLetterError::Full { .. }) => {
+                        Err(
+                            full @ (DeadLetterError::Full { .. } | DeadLetterError::NoSpace(_)),
+                        ) => {
                             m.forward_errors_total
                                 .with_label_values(&[name, "dead_letter_full"])
                                 .inc();
