@@ -297,3 +297,50 @@ fn a_rejected_batch_waits_for_room_in_the_dead_letter_directory_and_leaves_no_pa
     assert_eq!(kept["status"], 400);
     assert_eq!(kept["records"][0]["envelope"]["id"], "rejected");
 }
+
+/// A restart on a disk that is still full: recovery needs no new space, so the daemon comes
+/// up, keeps everything acknowledged, answers 429 rather than failing, and carries on once
+/// space returns.
+#[test]
+fn a_restart_on_a_full_disk_recovers_everything_and_resumes_when_space_returns() {
+    let fs = Tmpfs::mount("8m");
+    let data = fs.path.join("data");
+    let mut d = Daemon::start_in(&data, &small_spool_args(), &[]);
+    fs.fill("filler");
+    let text = "x".repeat(4000);
+    let mut acked = Vec::new();
+    for n in 0..4096 {
+        let id = format!("full-{n}");
+        let r = d.post_json(&json!({"source": "s", "id": id, "text": text}));
+        match r.status {
+            202 => acked.push(id),
+            429 => break,
+            other => panic!("status {other} while the disk fills: {}", r.text()),
+        }
+    }
+    d.kill9();
+    d.restart();
+    assert_eq!(d.get("/readyz").status, 200, "{}", d.get("/readyz").text());
+    let r = d.post_json(&json!({"source": "s", "id": "while-full", "text": text}));
+    assert!(
+        r.status == 202 || r.status == 429,
+        "{} {}",
+        r.status,
+        r.text()
+    );
+    if r.status == 202 {
+        acked.push("while-full".into());
+    }
+
+    std::fs::remove_file(fs.path.join("filler")).unwrap();
+    d.wait_metric("spoolgate_spool_pending_records", |v| v == 0.0);
+    let delivered = common::ids(&common::file_sink_records(&data));
+    for id in &acked {
+        assert!(
+            delivered.contains(id),
+            "{id} acknowledged but not delivered"
+        );
+    }
+    let r = d.post_json(&json!({"source": "s", "id": "after", "text": text}));
+    assert_eq!(r.status, 202, "{}", r.text());
+}
