@@ -71,6 +71,10 @@ pub struct Compactor {
 
 impl Compactor {
     pub async fn run(self, mut stop: watch::Receiver<bool>) {
+        // Passes failed in a row. A full disk fails every pass (the checkpoints need a new
+        // file) until space returns, up to one a second: the first failure of a run is logged
+        // as an error, the rest only counted, and the end of the run is logged.
+        let mut failed_passes = 0u64;
         loop {
             tokio::select! {
                 _ = stopped(&mut stop) => return,
@@ -78,8 +82,21 @@ impl Compactor {
                 _ = tokio::time::sleep(COMPACTION_INTERVAL) => {}
             }
             self.refresh_gauges();
-            if let Err(e) = self.pass().await {
-                tracing::error!(error = %e, "compaction pass failed; segments are kept and it will retry");
+            match self.pass().await {
+                Ok(_) if failed_passes > 0 => {
+                    tracing::info!(failed_passes, "compaction passes succeed again");
+                    failed_passes = 0;
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    self.metrics.compaction_errors_total.inc();
+                    if failed_passes == 0 {
+                        tracing::error!(error = %e, "compaction pass failed; segments are kept and it will retry");
+                    } else {
+                        tracing::debug!(error = %e, failed_passes, "compaction pass failed again");
+                    }
+                    failed_passes += 1;
+                }
             }
         }
     }

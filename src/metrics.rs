@@ -82,6 +82,7 @@ pub struct Metrics {
     pub tombstones_written_total: IntCounter,
     pub compaction_segments_deleted_total: IntCounter,
     pub compaction_bytes_reclaimed_total: IntCounter,
+    pub compaction_errors_total: IntCounter,
 
     // Recovery (values describe the last start of this process).
     pub replay_recovered_total: IntCounter,
@@ -219,6 +220,7 @@ impl Metrics {
             tombstones_written_total: counter(&r, "spoolgate_tombstones_written_total", "Records marked complete by a tombstone."),
             compaction_segments_deleted_total: counter(&r, "spoolgate_compaction_segments_deleted_total", "Segments deleted because every record in them was complete."),
             compaction_bytes_reclaimed_total: counter(&r, "spoolgate_compaction_bytes_reclaimed_total", "Bytes freed by deleting segments."),
+            compaction_errors_total: counter(&r, "spoolgate_compaction_errors_total", "Compaction passes that failed (a checkpoint or a deletion could not be written); the segments are kept and the pass is retried."),
 
             replay_recovered_total: counter(&r, "spoolgate_replay_recovered_total", "Acknowledged, untombstoned records replayed to the consumers at the last start."),
             recovery_corrupt_records_dropped_total: counter(&r, "spoolgate_recovery_corrupt_records_dropped_total", "Records dropped as corrupt by recovery at the last start (damaged frames counted once each)."),

@@ -344,3 +344,57 @@ fn a_restart_on_a_full_disk_recovers_everything_and_resumes_when_space_returns()
     let r = d.post_json(&json!({"source": "s", "id": "after", "text": text}));
     assert_eq!(r.status, 202, "{}", r.text());
 }
+
+/// Compaction must write its checkpoints before it deletes anything, so a full disk fails its
+/// passes until space returns: they are counted, logged once as an error (not once a second),
+/// and the segments are deleted once it can write again.
+#[test]
+fn compaction_on_a_full_disk_fails_quietly_and_deletes_once_space_returns() {
+    let hold = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let sink = {
+        let hold = hold.clone();
+        common::TestSink::start(
+            move |_| match hold.load(std::sync::atomic::Ordering::SeqCst) {
+                true => (503, "hold".into()),
+                false => (200, "ok".into()),
+            },
+        )
+    };
+    let scratch = tempfile::tempdir().unwrap();
+    let cfg = sink.config_file(
+        scratch.path(),
+        "[forward]\nretry_initial_ms = 10\nretry_max_ms = 100\n",
+    );
+    let fs = Tmpfs::mount("8m");
+    let data = fs.path.join("data");
+    let args = [
+        &small_spool_args()[..],
+        &["--config", cfg.to_str().unwrap()],
+    ]
+    .concat();
+    let d = Daemon::start_in(&data, &args, &[]);
+    // Into the second 1 MiB segment, while the sink holds everything back.
+    let text = "c".repeat(4000);
+    for n in 0..300 {
+        let r = d.post_json(&json!({"source": "s", "id": format!("c-{n}"), "text": text}));
+        assert_eq!(r.status, 202, "{}", r.text());
+    }
+    assert!(d.metric("spoolgate_spool_segments") >= 2.0);
+
+    fs.fill("filler");
+    hold.store(false, std::sync::atomic::Ordering::SeqCst);
+    d.wait_metric("spoolgate_compaction_errors_total", |v| v >= 3.0);
+    let log = d.log();
+    assert_eq!(
+        log.matches("compaction pass failed").count(),
+        1,
+        "one error for the run of failures:\n{log}"
+    );
+    assert_eq!(d.metric("spoolgate_compaction_segments_deleted_total"), 0.0);
+
+    std::fs::remove_file(fs.path.join("filler")).unwrap();
+    d.wait_metric("spoolgate_spool_pending_records", |v| v == 0.0);
+    d.wait_metric("spoolgate_compaction_segments_deleted_total", |v| v >= 1.0);
+    assert!(d.log().contains("compaction passes succeed again"));
+    assert_eq!(common::ids(&sink.delivered()).len(), 300);
+}
