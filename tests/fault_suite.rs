@@ -77,6 +77,8 @@ fn a_failed_fdatasync_answers_503_poisons_the_spool_and_a_restart_recovers() {
     assert!(!refused.is_empty(), "the failpoint must have fired");
     assert_eq!(d.get("/readyz").status, 503);
     assert_eq!(d.metric("spoolgate_spool_poisoned"), 1.0);
+    // Workers that meet the poison wait for a restart instead of taking each other over.
+    assert_eq!(d.metric("spoolgate_worker_takeovers_total"), 0.0);
     d.kill9();
     d.envs.clear();
     d.restart();

@@ -97,8 +97,9 @@ enum Appended {
 /// churn the slots. The spool refuses a batch that hits ENOSPC whole (nothing of it stays, see
 /// `spool::writer`), so the same records can be offered again; they are, with the sink retry
 /// backoff, until they fit or `stop` fires. Meanwhile ingest answers 429, so the records that
-/// wait are bounded by what was acknowledged before the disk filled. Any other error is
-/// returned (a poisoned spool fails the worker, as before).
+/// wait are bounded by what was acknowledged before the disk filled. A poisoned spool parks
+/// the worker until it is stopped (only a restart clears the poison); any other error fails
+/// it.
 async fn append_when_space(
     ctx: &WorkerContext,
     records: Vec<(RecordKind, Bytes)>,
@@ -142,6 +143,14 @@ async fn append_when_space(
                     _ = stopped(&mut stop) => return Ok(Appended::Stopped),
                     _ = tokio::time::sleep(wait) => {}
                 }
+            }
+            Err(SpoolError::Poisoned(why)) => {
+                // Nothing more can be appended until a restart, by this worker or any other:
+                // a takeover would only churn the slots (and page as a stuck worker). Park
+                // until stopped; the batch stays as a crash here would leave it.
+                tracing::error!(record = what, %why, "spool poisoned; forwarding stops until a restart");
+                stopped(&mut stop).await;
+                return Ok(Appended::Stopped);
             }
             Err(e) => return Err(e.into()),
         }
