@@ -701,3 +701,51 @@ fn a_file_sink_at_its_directory_bound_holds_records_in_the_spool_until_a_consume
         assert!(got.contains(&format!("e-{i}")), "e-{i} lost");
     }
 }
+
+#[test]
+fn an_unsealable_envelope_waits_for_room_in_a_full_dead_letter_directory_without_failing_its_worker(
+) {
+    let scratch = tempfile::tempdir().unwrap();
+    let data = scratch.path().join("data");
+    // An operator has not yet removed an earlier dead letter that fills the directory's bound.
+    let earlier = data.join("dead-letter").join("dl-earlier.json");
+    std::fs::create_dir_all(earlier.parent().unwrap()).unwrap();
+    std::fs::write(&earlier, vec![b' '; 5000]).unwrap();
+    let cfg = scratch.path().join("spoolgate.toml");
+    std::fs::write(
+        &cfg,
+        "[spool]\nrecord_bytes_max = 65536\n\
+         [ingest]\nenvelope_bytes_max = 64512\n\
+         [forward]\ndead_letter_bytes_max = 4096\nretry_initial_ms = 10\nretry_max_ms = 100\n\
+         [gate.pii]\nemail = \"hash\"\n",
+    )
+    .unwrap();
+    let d = Daemon::start_in(&data, &["--config", cfg.to_str().unwrap()], &[]);
+    let big = "a@b.co ".repeat(8_000);
+    for (id, text) in [("before", "First."), ("big", big.as_str())] {
+        let r = d.post_json(&json!({"source": "svc", "tenant": "t", "id": id, "text": text}));
+        assert_eq!(r.status, 202, "{}", r.text());
+    }
+    d.wait_metric(
+        "spoolgate_forward_errors_total{kind=\"dead_letter_full\",sink=\"default\"}",
+        |v| v >= 2.0,
+    );
+    assert_eq!(d.metric("spoolgate_worker_takeovers_total"), 0.0);
+    assert_eq!(
+        d.metric("spoolgate_gate_envelopes_total{outcome=\"unsealable\"}"),
+        0.0
+    );
+
+    std::fs::remove_file(&earlier).unwrap();
+    d.wait_metric("spoolgate_spool_pending_records", |v| v == 0.0);
+    assert_eq!(
+        d.metric("spoolgate_gate_envelopes_total{outcome=\"unsealable\"}"),
+        1.0
+    );
+    assert_eq!(d.metric("spoolgate_worker_takeovers_total"), 0.0);
+    let ids: Vec<String> = file_sink_records(&d.data_dir)
+        .iter()
+        .map(|r| r["envelope"]["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(ids, vec!["before".to_string()]);
+}

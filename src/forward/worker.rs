@@ -28,7 +28,8 @@
 //! so it is dead-lettered instead, as gated (never with text the policy rewrote), and
 //! tombstoned with its batch; it takes no sequence number, so its stream stays gapless. If the
 //! process dies before the tombstone, the next run gates it again: it is dead-lettered again,
-//! or sealed and forwarded if the rules changed so that it now fits.
+//! or sealed and forwarded if the rules changed so that it now fits. While the dead-letter
+//! directory has no room it waits, with its batch, as a sink's rejected batch does.
 //!
 //! Tombstones: once a sink confirms a batch, its tombstone append runs in the background while
 //! the worker gates and seals the next batch, so a batch costs two fdatasync waits on the
@@ -366,7 +367,14 @@ impl Worker {
         for (i, e) in unsealable {
             let reason = e.to_string();
             if let Some(envelope) = e.into_envelope() {
-                self.dead_letter_unsealable(batch[i].position, &reason, &envelope)?;
+                if !self
+                    .dead_letter_unsealable(batch[i].position, &reason, &envelope)
+                    .await?
+                {
+                    // Stopped while waiting for room: what was sealed stays sealed and is
+                    // re-sent from its seal, and this envelope is gated again, next time.
+                    return Ok(None);
+                }
             }
         }
         let records: Vec<SharedRecord> = batch.iter().filter_map(|i| i.sealed.clone()).collect();
@@ -380,35 +388,64 @@ impl Worker {
 
     /// Keeps an envelope that could not be sealed in the dead-letter directory, as gated (its
     /// text masked or hashed per the PII policy), with the reason. Its tombstone follows with
-    /// the batch's; until then it stays pending, and a retry dead-letters it again.
-    fn dead_letter_unsealable(
+    /// the batch's; until then it stays pending, and a retry dead-letters it again. With no room
+    /// for the file (the directory's bound, or a full filesystem) it waits with the sink retry
+    /// backoff, as a sink's rejected batch does, rather than fail the worker: a secondary
+    /// would find no more room. `Ok(false)` when stopped while waiting.
+    async fn dead_letter_unsealable(
         &self,
         position: Position,
         reason: &str,
         envelope: &Envelope,
-    ) -> Result<(), WorkerError> {
+    ) -> Result<bool, WorkerError> {
         let ctx = &self.ctx;
-        match ctx.dead_letter.write_unsealable(position, reason, envelope) {
-            Ok(path) => {
-                ctx.metrics
-                    .gate_envelopes_total
-                    .with_label_values(&["unsealable"])
-                    .inc();
-                tracing::error!(
-                    segment = position.segment,
-                    offset = position.offset,
-                    id = %envelope.id,
-                    reason,
-                    file = %path.display(),
-                    "envelope cannot be sealed; dead-lettered"
-                );
-                Ok(())
+        // Counted against the sink the envelope would have gone to: its records wait.
+        let sink = envelope
+            .routing_hints
+            .get("sink")
+            .filter(|n| ctx.sinks.contains_key(n.as_str()))
+            .map_or("default", |n| n.as_str());
+        let mut backoff = Backoff::new(
+            Duration::from_millis(ctx.config.retry_initial_ms),
+            Duration::from_millis(ctx.config.retry_max_ms),
+            fastrand::u64(..),
+        );
+        let mut stop = self.stop.clone();
+        let mut logged = false;
+        loop {
+            match ctx.dead_letter.write_unsealable(position, reason, envelope) {
+                Ok(path) => {
+                    ctx.metrics
+                        .gate_envelopes_total
+                        .with_label_values(&["unsealable"])
+                        .inc();
+                    tracing::error!(
+                        segment = position.segment,
+                        offset = position.offset,
+                        id = %envelope.id,
+                        reason,
+                        file = %path.display(),
+                        "envelope cannot be sealed; dead-lettered"
+                    );
+                    return Ok(true);
+                }
+                // The worker fails and is restarted with backoff; the record stays pending.
+                Err(DeadLetterError::Io(e)) => return Err(WorkerError::DeadLetter(e)),
+                Err(full @ (DeadLetterError::Full { .. } | DeadLetterError::NoSpace(_))) => {
+                    ctx.metrics
+                        .forward_errors_total
+                        .with_label_values(&[sink, "dead_letter_full"])
+                        .inc();
+                    if !logged {
+                        logged = true;
+                        tracing::error!(id = %envelope.id, reason, error = %full, "envelope cannot be sealed and the dead-letter directory has no room for it; its batch waits and is retried with backoff");
+                    }
+                    tokio::select! {
+                        _ = stopped(&mut stop) => return Ok(false),
+                        _ = tokio::time::sleep(backoff.next_delay(None)) => {}
+                    }
+                }
             }
-            // The worker fails and is restarted with backoff; the record stays pending.
-            Err(DeadLetterError::Io(e)) => Err(WorkerError::DeadLetter(e)),
-            Err(full @ (DeadLetterError::Full { .. } | DeadLetterError::NoSpace(_))) => Err(
-                WorkerError::DeadLetter(std::io::Error::other(full.to_string())),
-            ),
         }
     }
 
