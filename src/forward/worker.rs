@@ -78,12 +78,12 @@ pub struct WorkItem {
     pub bytes: usize,
 }
 
-/// Whether an append of the pipeline's own records fdatasyncs whatever the durability mode
-/// (seals) or follows it (tombstones).
+/// What the pipeline appends of its own: seals are fdatasync'd whatever the durability mode,
+/// tombstones follow it (see the module doc).
 #[derive(Debug, Clone, Copy)]
-enum Durability {
-    Synced,
-    AsConfigured,
+enum OwnRecord {
+    Seal,
+    Tombstone,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -104,12 +104,12 @@ enum Appended {
 async fn append_when_space(
     ctx: &WorkerContext,
     records: Vec<(RecordKind, Bytes)>,
-    durability: Durability,
+    kind: OwnRecord,
     mut stop: watch::Receiver<bool>,
 ) -> Result<Appended, WorkerError> {
-    let what = match durability {
-        Durability::Synced => "seal",
-        Durability::AsConfigured => "tombstone",
+    let what = match kind {
+        OwnRecord::Seal => "seal",
+        OwnRecord::Tombstone => "tombstone",
     };
     let mut backoff = Backoff::new(
         Duration::from_millis(ctx.config.retry_initial_ms),
@@ -119,9 +119,9 @@ async fn append_when_space(
     let mut waiting_since: Option<Instant> = None;
     loop {
         // A vector of reference-counted payloads: the copy for a retry costs no payload bytes.
-        let attempt = match durability {
-            Durability::Synced => ctx.spool.append_synced(records.clone()).await,
-            Durability::AsConfigured => ctx.spool.append(records.clone()).await,
+        let attempt = match kind {
+            OwnRecord::Seal => ctx.spool.append_synced(records.clone()).await,
+            OwnRecord::Tombstone => ctx.spool.append(records.clone()).await,
         };
         match attempt {
             Ok(_) => {
@@ -281,8 +281,10 @@ impl Worker {
     }
 
     /// Gates and chains the unsealed items, and makes the seal durable. Returns the forward
-    /// records in batch order, or `None` when stopped while the spool had no room for the seal
-    /// (nothing is sealed then, and no head has moved).
+    /// records in batch order, or `None` when stopped while waiting for room: in the spool for
+    /// the seal (nothing is sealed then, and no head has moved), or in the dead-letter
+    /// directory for an envelope too large to seal (the rest stays sealed, to be re-sent from
+    /// its seal).
     async fn seal(&self, batch: &mut [WorkItem]) -> Result<Option<Vec<SharedRecord>>, WorkerError> {
         let ctx = &self.ctx;
         let invalid =
@@ -345,7 +347,7 @@ impl Worker {
                 .map(|payload| (RecordKind::SEALED, payload))
                 .collect();
             let appended =
-                append_when_space(ctx, records, Durability::Synced, self.stop.clone()).await?;
+                append_when_space(ctx, records, OwnRecord::Seal, self.stop.clone()).await?;
             if appended == Appended::Stopped {
                 return Ok(None);
             }
@@ -488,8 +490,7 @@ impl Worker {
         let ctx = self.ctx.clone();
         let stop = self.stop.clone();
         self.tombstones.push_back(tokio::spawn(async move {
-            let appended =
-                append_when_space(&ctx, tombstones, Durability::AsConfigured, stop).await?;
+            let appended = append_when_space(&ctx, tombstones, OwnRecord::Tombstone, stop).await?;
             if appended == Appended::Stopped {
                 // Delivered, not tombstoned: pending still, so re-sent from its seal later, as
                 // after a crash at this point.
