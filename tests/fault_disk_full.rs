@@ -73,7 +73,7 @@ fn a_full_disk_answers_429_never_500_and_ingest_resumes_when_space_returns() {
 
 /// The pipeline shares the full disk with ingest: seals, tombstones and the file sink's output
 /// all need space. While the disk is full nothing may be lost, half-written or poisoned; once
-/// space returns, every acknowledged envelope is delivered and compacted without a restart.
+/// space returns, every acknowledged envelope is delivered without a restart.
 #[test]
 fn a_disk_filled_while_forwarding_holds_delivery_back_until_space_returns_and_loses_nothing() {
     let fs = Tmpfs::mount("8m");
