@@ -19,6 +19,37 @@ fn small_spool_args() -> Vec<&'static str> {
     .concat()
 }
 
+/// An HTTP sink that answers 503 until released and 200 after, so that a test can hold a
+/// batch back until the disk is full.
+struct HeldSink {
+    hold: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    sink: common::TestSink,
+}
+
+impl HeldSink {
+    /// The sink, and a config file in `dir` that makes it the default sink with a short retry
+    /// backoff, so delivery resumes soon after a release or once space returns.
+    fn start(dir: &std::path::Path) -> (HeldSink, std::path::PathBuf) {
+        let hold = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let held = hold.clone();
+        let sink = common::TestSink::start(move |_| {
+            match held.load(std::sync::atomic::Ordering::SeqCst) {
+                true => (503, "hold".into()),
+                false => (200, "ok".into()),
+            }
+        });
+        let cfg = sink.config_file(
+            dir,
+            "[forward]\nretry_initial_ms = 10\nretry_max_ms = 100\n",
+        );
+        (HeldSink { hold, sink }, cfg)
+    }
+
+    fn release(&self) {
+        self.hold.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 #[test]
 fn a_full_disk_answers_429_never_500_and_ingest_resumes_when_space_returns() {
     let fs = Tmpfs::mount("8m");
@@ -164,21 +195,8 @@ fn a_disk_filled_while_forwarding_holds_delivery_back_until_space_returns_and_lo
 fn a_disk_too_full_for_seals_and_tombstones_holds_forwarding_back_without_poisoning() {
     // The sink holds the first batch (503) until the disk is full, so the envelopes taken
     // meanwhile are still to be sealed, and that batch still to be tombstoned, when it is.
-    let hold = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
-    let sink = {
-        let hold = hold.clone();
-        common::TestSink::start(
-            move |_| match hold.load(std::sync::atomic::Ordering::SeqCst) {
-                true => (503, "hold".into()),
-                false => (200, "ok".into()),
-            },
-        )
-    };
     let scratch = tempfile::tempdir().unwrap();
-    let cfg = sink.config_file(
-        scratch.path(),
-        "[forward]\nretry_initial_ms = 10\nretry_max_ms = 100\n",
-    );
+    let (sink, cfg) = HeldSink::start(scratch.path());
     let fs = Tmpfs::mount("8m");
     let data = fs.path.join("data");
     let args = [
@@ -211,7 +229,7 @@ fn a_disk_too_full_for_seals_and_tombstones_holds_forwarding_back_without_poison
         }
     }
     let refused = d.metric("spoolgate_spool_full_errors_total");
-    hold.store(false, std::sync::atomic::Ordering::SeqCst);
+    sink.release();
     // The held batch's tombstone, and the next batch's seal, find no room either.
     d.wait_metric("spoolgate_spool_full_errors_total", |v| v > refused);
     assert_eq!(d.get("/readyz").status, 200, "a full disk must not poison");
@@ -220,7 +238,7 @@ fn a_disk_too_full_for_seals_and_tombstones_holds_forwarding_back_without_poison
     std::fs::remove_file(fs.path.join("filler")).unwrap();
     d.wait_metric("spoolgate_spool_pending_records", |v| v == 0.0);
     assert_eq!(d.get("/readyz").status, 200);
-    let records = sink.delivered();
+    let records = sink.sink.delivered();
     let delivered = common::ids(&records);
     for id in &acked {
         assert!(
@@ -350,21 +368,8 @@ fn a_restart_on_a_full_disk_recovers_everything_and_resumes_when_space_returns()
 /// and the segments are deleted once it can write again.
 #[test]
 fn compaction_on_a_full_disk_fails_quietly_and_deletes_once_space_returns() {
-    let hold = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
-    let sink = {
-        let hold = hold.clone();
-        common::TestSink::start(
-            move |_| match hold.load(std::sync::atomic::Ordering::SeqCst) {
-                true => (503, "hold".into()),
-                false => (200, "ok".into()),
-            },
-        )
-    };
     let scratch = tempfile::tempdir().unwrap();
-    let cfg = sink.config_file(
-        scratch.path(),
-        "[forward]\nretry_initial_ms = 10\nretry_max_ms = 100\n",
-    );
+    let (sink, cfg) = HeldSink::start(scratch.path());
     let fs = Tmpfs::mount("8m");
     let data = fs.path.join("data");
     let args = [
@@ -382,7 +387,7 @@ fn compaction_on_a_full_disk_fails_quietly_and_deletes_once_space_returns() {
     assert!(d.metric("spoolgate_spool_segments") >= 2.0);
 
     fs.fill("filler");
-    hold.store(false, std::sync::atomic::Ordering::SeqCst);
+    sink.release();
     d.wait_metric("spoolgate_compaction_errors_total", |v| v >= 3.0);
     let log = d.log();
     assert_eq!(
@@ -396,5 +401,5 @@ fn compaction_on_a_full_disk_fails_quietly_and_deletes_once_space_returns() {
     d.wait_metric("spoolgate_spool_pending_records", |v| v == 0.0);
     d.wait_metric("spoolgate_compaction_segments_deleted_total", |v| v >= 1.0);
     assert!(d.log().contains("compaction passes succeed again"));
-    assert_eq!(common::ids(&sink.delivered()).len(), 300);
+    assert_eq!(common::ids(&sink.sink.delivered()).len(), 300);
 }

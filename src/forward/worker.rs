@@ -111,11 +111,7 @@ async fn append_when_space(
         OwnRecord::Seal => "seal",
         OwnRecord::Tombstone => "tombstone",
     };
-    let mut backoff = Backoff::new(
-        Duration::from_millis(ctx.config.retry_initial_ms),
-        Duration::from_millis(ctx.config.retry_max_ms),
-        fastrand::u64(..),
-    );
+    let mut backoff = ctx.retry_backoff();
     let mut waiting_since: Option<Instant> = None;
     loop {
         // A vector of reference-counted payloads: the copy for a retry costs no payload bytes.
@@ -186,6 +182,19 @@ pub struct WorkerContext {
     /// Woken whenever a worker takes a batch from its inbox, so the dispatcher can feed a
     /// worker it had to leave behind (see `pipeline`).
     pub room: Arc<tokio::sync::Notify>,
+}
+
+impl WorkerContext {
+    /// The backoff of every retry in a worker: a sink's failures, and the waits for room in
+    /// the spool and the dead-letter directory (`forward.retry_initial_ms` / `retry_max_ms`,
+    /// jittered with a random seed so workers do not retry in step).
+    fn retry_backoff(&self) -> Backoff {
+        Backoff::new(
+            Duration::from_millis(self.config.retry_initial_ms),
+            Duration::from_millis(self.config.retry_max_ms),
+            fastrand::u64(..),
+        )
+    }
 }
 
 pub struct Worker {
@@ -407,11 +416,7 @@ impl Worker {
             .get("sink")
             .filter(|n| ctx.sinks.contains_key(n.as_str()))
             .map_or("default", |n| n.as_str());
-        let mut backoff = Backoff::new(
-            Duration::from_millis(ctx.config.retry_initial_ms),
-            Duration::from_millis(ctx.config.retry_max_ms),
-            fastrand::u64(..),
-        );
+        let mut backoff = ctx.retry_backoff();
         let mut stop = self.stop.clone();
         let mut logged = false;
         loop {
@@ -553,11 +558,7 @@ impl Worker {
             .clone();
         let m = &ctx.metrics;
         let deadline = Duration::from_millis(ctx.config.worker_deadline_ms);
-        let mut backoff = Backoff::new(
-            Duration::from_millis(ctx.config.retry_initial_ms),
-            Duration::from_millis(ctx.config.retry_max_ms),
-            fastrand::u64(..),
-        );
+        let mut backoff = ctx.retry_backoff();
         let mut failing_since: Option<Instant> = None;
         let mut dead_letter_full_logged = false;
         loop {
