@@ -19,6 +19,20 @@ fn small_spool_args() -> Vec<&'static str> {
     .concat()
 }
 
+/// A daemon with small segments and the config file `cfg`, its data directory on a fresh
+/// 8 MiB tmpfs.
+fn daemon_on_tmpfs(cfg: &std::path::Path) -> (Tmpfs, std::path::PathBuf, Daemon) {
+    let fs = Tmpfs::mount("8m");
+    let data = fs.path.join("data");
+    let args = [
+        &small_spool_args()[..],
+        &["--config", cfg.to_str().unwrap()],
+    ]
+    .concat();
+    let d = Daemon::start_in(&data, &args, &[]);
+    (fs, data, d)
+}
+
 /// An HTTP sink that answers 503 until released and 200 after, so that a test can hold a
 /// batch back until the disk is full.
 struct HeldSink {
@@ -197,14 +211,7 @@ fn a_disk_too_full_for_seals_and_tombstones_holds_forwarding_back_without_poison
     // meanwhile are still to be sealed, and that batch still to be tombstoned, when it is.
     let scratch = tempfile::tempdir().unwrap();
     let (sink, cfg) = HeldSink::start(scratch.path());
-    let fs = Tmpfs::mount("8m");
-    let data = fs.path.join("data");
-    let args = [
-        &small_spool_args()[..],
-        &["--config", cfg.to_str().unwrap()],
-    ]
-    .concat();
-    let d = Daemon::start_in(&data, &args, &[]);
+    let (fs, _, d) = daemon_on_tmpfs(&cfg);
     let text = "z".repeat(4000);
     let mut acked = Vec::new();
     for n in 0..8 {
@@ -277,14 +284,7 @@ fn a_rejected_batch_waits_for_room_in_the_dead_letter_directory_and_leaves_no_pa
         scratch.path(),
         "[forward]\nretry_initial_ms = 10\nretry_max_ms = 100\n",
     );
-    let fs = Tmpfs::mount("8m");
-    let data = fs.path.join("data");
-    let args = [
-        &small_spool_args()[..],
-        &["--config", cfg.to_str().unwrap()],
-    ]
-    .concat();
-    let d = Daemon::start_in(&data, &args, &[]);
+    let (fs, data, d) = daemon_on_tmpfs(&cfg);
     fs.fill("filler");
     // The active segment's blocks are reserved, so the envelope and its seal still fit.
     let r = d.post_json(&json!({"source": "s", "id": "rejected", "text": "y".repeat(20_000)}));
@@ -370,14 +370,7 @@ fn a_restart_on_a_full_disk_recovers_everything_and_resumes_when_space_returns()
 fn compaction_on_a_full_disk_fails_quietly_and_deletes_once_space_returns() {
     let scratch = tempfile::tempdir().unwrap();
     let (sink, cfg) = HeldSink::start(scratch.path());
-    let fs = Tmpfs::mount("8m");
-    let data = fs.path.join("data");
-    let args = [
-        &small_spool_args()[..],
-        &["--config", cfg.to_str().unwrap()],
-    ]
-    .concat();
-    let d = Daemon::start_in(&data, &args, &[]);
+    let (fs, _, d) = daemon_on_tmpfs(&cfg);
     // Into the second 1 MiB segment, while the sink holds everything back.
     let text = "c".repeat(4000);
     for n in 0..300 {
