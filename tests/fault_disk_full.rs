@@ -19,6 +19,30 @@ fn small_spool_args() -> Vec<&'static str> {
     .concat()
 }
 
+/// Posts envelopes `full-0`, `full-1`, … with `text` until the first 429 and returns it, adding
+/// the ids answered 202 to `acked`; `None` if 4,096 were all taken. Any other status fails.
+fn post_until_refused(d: &Daemon, text: &str, acked: &mut Vec<String>) -> Option<common::Response> {
+    for n in 0..4096 {
+        let id = format!("full-{n}");
+        let r = d.post_json(&json!({"source": "s", "id": id, "text": text}));
+        match r.status {
+            202 => acked.push(id),
+            429 => return Some(r),
+            other => panic!("status {other} while the disk fills: {}", r.text()),
+        }
+    }
+    None
+}
+
+/// Recovery and the writer log a warning for every damaged range or torn tail they meet.
+fn assert_no_segment_damaged(log: &str) {
+    assert!(
+        !log.lines()
+            .any(|l| l.contains("WARN") && (l.contains("damaged") || l.contains("torn"))),
+        "no segment may be damaged:\n{log}"
+    );
+}
+
 /// A daemon with small segments and the config file `cfg`, its data directory on a fresh
 /// 8 MiB tmpfs.
 fn daemon_on_tmpfs(cfg: &std::path::Path) -> (Tmpfs, std::path::PathBuf, Daemon) {
@@ -73,20 +97,8 @@ fn a_full_disk_answers_429_never_500_and_ingest_resumes_when_space_returns() {
 
     let text = "x".repeat(4000);
     let mut acked = Vec::new();
-    let mut refused = None;
-    for n in 0..4096 {
-        let id = format!("full-{n}");
-        let r = d.post_json(&json!({"source": "s", "id": id, "text": text}));
-        match r.status {
-            202 => acked.push(id),
-            429 => {
-                refused = Some(r);
-                break;
-            }
-            other => panic!("status {other} while the disk fills: {}", r.text()),
-        }
-    }
-    let refused = refused.expect("a full disk must eventually refuse with 429");
+    let refused = post_until_refused(&d, &text, &mut acked)
+        .expect("a full disk must eventually refuse with 429");
     assert_eq!(refused.json()["reason"], "enospc", "{}", refused.text());
     assert!(refused.header("retry-after").is_some());
     assert_eq!(
@@ -108,12 +120,7 @@ fn a_full_disk_answers_429_never_500_and_ingest_resumes_when_space_returns() {
         assert_eq!(r.status, 202);
         assert_eq!(r.json()["envelopes"][0]["duplicate"], true, "{id} lost");
     }
-    let log = d.log();
-    assert!(
-        !log.lines()
-            .any(|l| l.contains("WARN") && (l.contains("damaged") || l.contains("torn"))),
-        "no segment may be damaged:\n{log}"
-    );
+    assert_no_segment_damaged(&d.log());
 }
 
 /// The pipeline shares the full disk with ingest: seals, tombstones and the file sink's output
@@ -146,20 +153,11 @@ fn a_disk_filled_while_forwarding_holds_delivery_back_until_space_returns_and_lo
     d.wait_metric("spoolgate_spool_pending_records", |v| v == 0.0);
 
     fs.fill("filler");
-    let mut refused = false;
-    for n in 0..4096 {
-        let id = format!("full-{n}");
-        let r = d.post_json(&json!({"source": "s", "id": id, "text": text}));
-        match r.status {
-            202 => acked.push(id),
-            429 => {
-                refused = true;
-                break;
-            }
-            other => panic!("status {other} while the disk fills: {}", r.text()),
-        }
-    }
-    assert!(refused, "a full disk must eventually refuse with 429");
+    let refused = post_until_refused(&d, &text, &mut acked);
+    assert!(
+        refused.is_some(),
+        "a full disk must eventually refuse with 429"
+    );
     // The file sink cannot write its output either: its failures are retried, not fatal.
     d.wait_metric(
         "spoolgate_forward_errors_total{kind=\"retryable\",sink=\"default\"}",
@@ -189,11 +187,7 @@ fn a_disk_filled_while_forwarding_holds_delivery_back_until_space_returns_and_lo
         String::from_utf8_lossy(&verify.stdout)
     );
     let log = d.log();
-    assert!(
-        !log.lines()
-            .any(|l| l.contains("WARN") && (l.contains("damaged") || l.contains("torn"))),
-        "no segment may be damaged:\n{log}"
-    );
+    assert_no_segment_damaged(&log);
     // Each retry cuts the partial line the failed write left; that is expected, not news, so
     // it must not log a warning per retry.
     assert!(
@@ -226,15 +220,7 @@ fn a_disk_too_full_for_seals_and_tombstones_holds_forwarding_back_without_poison
     );
 
     fs.fill("filler");
-    for n in 0..4096 {
-        let id = format!("full-{n}");
-        let r = d.post_json(&json!({"source": "s", "id": id, "text": text}));
-        match r.status {
-            202 => acked.push(id),
-            429 => break,
-            other => panic!("status {other} while the disk fills: {}", r.text()),
-        }
-    }
+    post_until_refused(&d, &text, &mut acked);
     let refused = d.metric("spoolgate_spool_full_errors_total");
     sink.release();
     // The held batch's tombstone, and the next batch's seal, find no room either.
@@ -265,12 +251,7 @@ fn a_disk_too_full_for_seals_and_tombstones_holds_forwarding_back_without_poison
     assert_eq!(seqs, (1..=acked.len() as u64).collect::<Vec<_>>());
     // Waiting for room is not a failed worker: no takeovers, no restarts.
     assert_eq!(d.metric("spoolgate_worker_takeovers_total"), 0.0);
-    let log = d.log();
-    assert!(
-        !log.lines()
-            .any(|l| l.contains("WARN") && (l.contains("damaged") || l.contains("torn"))),
-        "no segment may be damaged:\n{log}"
-    );
+    assert_no_segment_damaged(&d.log());
 }
 
 /// A batch the sink rejects for good goes to the dead-letter directory; with no room there it
@@ -327,15 +308,7 @@ fn a_restart_on_a_full_disk_recovers_everything_and_resumes_when_space_returns()
     fs.fill("filler");
     let text = "x".repeat(4000);
     let mut acked = Vec::new();
-    for n in 0..4096 {
-        let id = format!("full-{n}");
-        let r = d.post_json(&json!({"source": "s", "id": id, "text": text}));
-        match r.status {
-            202 => acked.push(id),
-            429 => break,
-            other => panic!("status {other} while the disk fills: {}", r.text()),
-        }
-    }
+    post_until_refused(&d, &text, &mut acked);
     d.kill9();
     d.restart();
     assert_eq!(d.get("/readyz").status, 200, "{}", d.get("/readyz").text());
