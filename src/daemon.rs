@@ -33,7 +33,7 @@ use crate::forward::pipeline::{Pipeline, PipelineParts};
 use crate::forward::sink::build_sinks;
 use crate::gate::Gate;
 use crate::ingest::backpressure::{filesystem_free_bytes, SAMPLE_INTERVAL};
-use crate::ingest::server::{serve, stopped, ConnectionLimits};
+use crate::ingest::server::{serve, stopped, ConnectionLimits, ConnectionMetrics};
 use crate::ingest::{self, dedup_file, IngestState};
 use crate::metrics::Metrics;
 use crate::ring::Ring;
@@ -124,8 +124,11 @@ pub async fn run(config: Config) -> Result<Exit, DaemonError> {
             move |req| ingest::handle(state.clone(), req),
             limits,
             stop_rx.clone(),
-            Some(metrics.ingest_connections_open.clone()),
-            Some(metrics.ingest_connections_evicted_total.clone()),
+            Some(ConnectionMetrics {
+                open: metrics.ingest_connections_open.clone(),
+                evicted_total: metrics.ingest_connections_evicted_total.clone(),
+                timed_out_total: metrics.ingest_connections_timed_out_total.clone(),
+            }),
         ))
     };
     let (admin_stop_tx, admin_stop_rx) = watch::channel(false);
@@ -139,7 +142,6 @@ pub async fn run(config: Config) -> Result<Exit, DaemonError> {
                 ..limits
             },
             admin_stop_rx,
-            None,
             None,
         ))
     };

@@ -56,6 +56,7 @@ pub struct Metrics {
     pub ingest_dedup_entries: IntGauge,
     pub ingest_connections_open: IntGauge,
     pub ingest_connections_evicted_total: IntCounter,
+    pub ingest_connections_timed_out_total: IntCounter,
 
     // Ring and gate.
     pub ring_depth_records: IntGauge,
@@ -197,6 +198,7 @@ impl Metrics {
             ingest_dedup_entries: gauge(&r, "spoolgate_ingest_dedup_entries", "Client ids in the dedup index (about 310 bytes of memory each), bounded by ingest.dedup_entries_max."),
             ingest_connections_open: gauge(&r, "spoolgate_ingest_connections_open", "Open ingest connections."),
             ingest_connections_evicted_total: counter(&r, "spoolgate_ingest_connections_evicted_total", "Idle ingest connections closed to make room for a new one at ingest.connections_max."),
+            ingest_connections_timed_out_total: counter(&r, "spoolgate_ingest_connections_timed_out_total", "Ingest connections closed because nothing moved in either direction for ingest.idle_timeout_ms while no request was being handled (idle keep-alive connections, clients that never read their response)."),
 
             ring_depth_records: gauge(&r, "spoolgate_ring_depth_records", "Records waiting in the memory ring."),
             ring_capacity_records: gauge(&r, "spoolgate_ring_capacity_records", "Capacity of the memory ring in records."),

@@ -426,6 +426,49 @@ fn a_client_sending_headers_byte_by_byte_is_cut_off_by_the_header_timeout() {
     assert_eq!(d.post_json(&envelope(1)).status, 202);
 }
 
+#[test]
+fn a_request_being_handled_is_not_cut_by_the_idle_timeout() {
+    use std::io::{Read, Write};
+    let d = Daemon::start(&["--set", "ingest.idle_timeout_ms=100"]);
+    let body = envelope(1).to_string().into_bytes();
+    let mut paused = std::net::TcpStream::connect(&d.ingest).unwrap();
+    paused.set_read_timeout(Some(common::DEADLINE)).unwrap();
+    write!(
+        paused,
+        "POST /v1/envelopes HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .unwrap();
+    paused.write_all(&body[..10]).unwrap();
+    // The handler has taken the body's bytes from the budget: the request is being handled.
+    d.wait_metric("spoolgate_ingest_inflight_bytes", |v| {
+        v == body.len() as f64
+    });
+    // A connection opened after that which sends nothing is cut by the idle timeout, so the
+    // request's body has now paused for longer than the idle timeout as well.
+    let _idle = std::net::TcpStream::connect(&d.ingest).unwrap();
+    d.wait_metric("spoolgate_ingest_connections_timed_out_total", |v| v >= 1.0);
+    // Its body has `ingest.body_read_timeout_ms` (15 s by default), and it is answered.
+    paused
+        .write_all(&body[10..])
+        .expect("the daemon closed a connection whose request it was handling");
+    let mut response = Vec::new();
+    paused
+        .read_to_end(&mut response)
+        .expect("the daemon reset a connection whose request it was handling");
+    assert!(
+        response.starts_with(b"HTTP/1.1 202"),
+        "{}",
+        String::from_utf8_lossy(&response)
+    );
+    // Only the connection that sent nothing timed out.
+    assert_eq!(
+        d.metric("spoolgate_ingest_connections_timed_out_total"),
+        1.0
+    );
+}
+
 /// A JSON envelope body of exactly `len` bytes.
 fn body_of_len(n: usize, len: usize) -> Vec<u8> {
     let bare =

@@ -15,7 +15,12 @@
 //! - a client must send a request's whole header block within `header_read_timeout`
 //!   (slowloris), enforced by hyper;
 //! - a connection that makes no progress in either direction for `idle_timeout` is closed —
-//!   this covers idle keep-alive connections and clients that never read their response;
+//!   this covers idle keep-alive connections and clients that never read their response. The
+//!   clock does not run while a request is being handled: its body has `body_read_timeout`,
+//!   and the spool's commit may take longer than `idle_timeout` on a slow disk. (hyper reads
+//!   from the socket while the handler runs, to notice a client that hangs up; a timeout there
+//!   once cut a request whose fdatasync was slow, and the client's retry found its id still
+//!   being written and got 409);
 //! - the request body must arrive within `body_read_timeout` (enforced by the handler, which
 //!   knows the route).
 //!
@@ -74,11 +79,23 @@ impl<T> IdleTimeout<T> {
     }
 
     fn check_idle(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
+        // A request being handled is not idle (see the module doc). The deadline restarts from
+        // now, and is polled again (and so armed) once the connection is read or written after
+        // its response.
+        if self.state.busy.load(std::sync::atomic::Ordering::Acquire) > 0 {
+            self.progressed();
+            return Poll::Pending;
+        }
         match self.deadline.as_mut().poll(cx) {
-            Poll::Ready(()) => Poll::Ready(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "connection idle timeout",
-            )),
+            Poll::Ready(()) => {
+                if let Some(m) = &self.state.metrics {
+                    m.timed_out_total.inc();
+                }
+                Poll::Ready(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "connection idle timeout",
+                ))
+            }
             Poll::Pending => Poll::Pending,
         }
     }
@@ -163,6 +180,17 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for IdleTimeout<T> {
 
 pub type HttpResponse = Response<Full<Bytes>>;
 
+/// What a listener counts about its connections.
+#[derive(Clone)]
+pub struct ConnectionMetrics {
+    /// Connections open now.
+    pub open: prometheus::IntGauge,
+    /// Idle connections closed to make room for a new one at `connections_max`.
+    pub evicted_total: prometheus::IntCounter,
+    /// Connections closed because nothing moved for `idle_timeout`.
+    pub timed_out_total: prometheus::IntCounter,
+}
+
 /// How often a listener at its connection limit looks again for an idle connection to close
 /// while none is a candidate (every connection busy, or not yet read from and no first read
 /// since).
@@ -184,6 +212,8 @@ struct ConnState {
     /// idle after a request is not announced: that is off the per-request path, and a listener
     /// finding every connection busy looks again after [`EVICTION_RETRY`].)
     evictable: Arc<Notify>,
+    /// The listener's counters, if it keeps any.
+    metrics: Option<ConnectionMetrics>,
 }
 
 /// The open connections of one listener; at most `connections_max` entries.
@@ -193,6 +223,7 @@ struct Connections {
     open: Mutex<HashMap<u64, Arc<ConnState>>>,
     /// Notified when a connection is first read from and so becomes a candidate for eviction.
     evictable: Arc<Notify>,
+    metrics: Option<ConnectionMetrics>,
 }
 
 impl Connections {
@@ -204,6 +235,7 @@ impl Connections {
             busy: std::sync::atomic::AtomicUsize::new(0),
             read_from: std::sync::atomic::AtomicBool::new(false),
             evictable: self.evictable.clone(),
+            metrics: self.metrics.clone(),
             idle_since: Mutex::new(Instant::now()),
             evict: Notify::new(),
         });
@@ -257,20 +289,22 @@ pub async fn stopped(rx: &mut watch::Receiver<bool>) {
 }
 
 /// Serves `listener` until `shutdown` turns true, then drains connections gracefully.
-/// `on_open`/`on_close` let the caller keep a connection gauge.
+/// `metrics`, when given, counts open, evicted and timed-out connections.
 pub async fn serve<H, F>(
     listener: TcpListener,
     handler: H,
     limits: ConnectionLimits,
     mut shutdown: watch::Receiver<bool>,
-    open_connections: Option<prometheus::IntGauge>,
-    evicted_connections: Option<prometheus::IntCounter>,
+    metrics: Option<ConnectionMetrics>,
 ) where
     H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = HttpResponse> + Send + 'static,
 {
     let permits = Arc::new(Semaphore::new(limits.connections_max));
-    let connections = Arc::new(Connections::default());
+    let connections = Arc::new(Connections {
+        metrics: metrics.clone(),
+        ..Connections::default()
+    });
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
         .timer(TokioTimer::new())
@@ -302,8 +336,8 @@ pub async fn serve<H, F>(
                 let waited = loop {
                     if !asked && connections.evict_longest_idle() {
                         asked = true;
-                        if let Some(c) = &evicted_connections {
-                            c.inc();
+                        if let Some(m) = &metrics {
+                            m.evicted_total.inc();
                         }
                     }
                     tokio::select! {
@@ -326,7 +360,6 @@ pub async fn serve<H, F>(
             limits,
             &connections,
             shutdown.clone(),
-            open_connections.clone(),
         );
     }
     drop(listener);
@@ -348,7 +381,6 @@ fn spawn_connection<H, F>(
     limits: ConnectionLimits,
     connections: &Arc<Connections>,
     mut shutdown: watch::Receiver<bool>,
-    open_connections: Option<prometheus::IntGauge>,
 ) where
     H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = HttpResponse> + Send + 'static,
@@ -372,8 +404,8 @@ fn spawn_connection<H, F>(
     let conn = builder.serve_connection(io, service);
     let connections = connections.clone();
     tokio::spawn(async move {
-        if let Some(g) = &open_connections {
-            g.inc();
+        if let Some(m) = &state.metrics {
+            m.open.inc();
         }
         let mut conn = std::pin::pin!(conn);
         // Connection errors (timeouts, resets, malformed requests) are the client's problem;
@@ -390,8 +422,8 @@ fn spawn_connection<H, F>(
             }
         }
         connections.unregister(id);
-        if let Some(g) = &open_connections {
-            g.dec();
+        if let Some(m) = &state.metrics {
+            m.open.dec();
         }
         drop(permit);
     });
