@@ -137,6 +137,9 @@ pub struct SpoolConfig {
     pub disk_free_soft_bytes: u64,
     /// Free bytes on the data filesystem below which everything gets 429.
     pub disk_free_hard_bytes: u64,
+    /// Space held in `<data_dir>/reserve` for compaction to spend on a full filesystem
+    /// (`compaction::reserve`); 0 holds none.
+    pub reserve_bytes: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -295,6 +298,7 @@ impl Default for SpoolConfig {
             quota_hard_bytes: 4 * GIB,
             disk_free_soft_bytes: 512 * MIB,
             disk_free_hard_bytes: 128 * MIB,
+            reserve_bytes: 64 * MIB,
         }
     }
 }
@@ -489,6 +493,7 @@ impl Config {
                 "must be at least spool.disk_free_hard_bytes (soft trips first)",
             ));
         }
+        check_range("spool.reserve_bytes", s.reserve_bytes, 0, 64 * GIB)?;
         let i = &self.ingest;
         check_range(
             "ingest.envelope_bytes_max",

@@ -301,6 +301,13 @@ pub async fn run(config: Config) -> Result<Exit, DaemonError> {
         ),
         metrics: metrics.clone(),
         wake: compaction_wake,
+        reserve: Arc::new(crate::compaction::reserve::Reserve::new(
+            &config.data_dir,
+            config.spool.reserve_bytes,
+            config.spool.disk_free_soft_bytes,
+            metrics.spool_reserve_bytes.clone(),
+            metrics.spool_reserve_spent_total.clone(),
+        )),
     };
     let gauges = compactor.gauges();
     metrics.refresh_before_render(move |m| gauges.refresh(m));

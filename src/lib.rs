@@ -30,7 +30,8 @@
 //!   (`chain/verify_spool.rs`).
 //! - [`slots`]: stream → slot mapping and the slot ownership table.
 //! - [`forward`]: sinks, batching, retries, dead letters, workers, tombstones, replay.
-//! - [`compaction`]: deleting segments whose records are all complete.
+//! - [`compaction`]: deleting segments whose records are all complete, and the disk reserve
+//!   that lets it run on a full filesystem (`compaction/reserve.rs`).
 //! - [`metrics`]: every exported metric, in one place.
 //! - [`daemon`]: start-up, recovery, readiness and graceful shutdown; [`drill`] and [`loadgen`]
 //!   are the operator tools behind `spoolgate drill` and `spoolgate bench`.

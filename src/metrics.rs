@@ -84,6 +84,8 @@ pub struct Metrics {
     pub compaction_segments_deleted_total: IntCounter,
     pub compaction_bytes_reclaimed_total: IntCounter,
     pub compaction_errors_total: IntCounter,
+    pub spool_reserve_bytes: IntGauge,
+    pub spool_reserve_spent_total: IntCounter,
 
     // Recovery (values describe the last start of this process).
     pub replay_recovered_total: IntCounter,
@@ -223,6 +225,8 @@ impl Metrics {
             compaction_segments_deleted_total: counter(&r, "spoolgate_compaction_segments_deleted_total", "Segments deleted because every record in them was complete."),
             compaction_bytes_reclaimed_total: counter(&r, "spoolgate_compaction_bytes_reclaimed_total", "Bytes freed by deleting segments."),
             compaction_errors_total: counter(&r, "spoolgate_compaction_errors_total", "Compaction passes that failed (a checkpoint or a deletion could not be written); the segments are kept and the pass is retried."),
+            spool_reserve_bytes: gauge(&r, "spoolgate_spool_reserve_bytes", "Bytes held in <data_dir>/reserve for compaction to spend on a full filesystem; 0 while spent, not yet made, or off (spool.reserve_bytes = 0)."),
+            spool_reserve_spent_total: counter(&r, "spoolgate_spool_reserve_spent_total", "Times a compaction pass that failed for lack of space deleted the reserve to run again."),
 
             replay_recovered_total: counter(&r, "spoolgate_replay_recovered_total", "Acknowledged, untombstoned records replayed to the consumers at the last start."),
             recovery_corrupt_records_dropped_total: counter(&r, "spoolgate_recovery_corrupt_records_dropped_total", "Records dropped as corrupt by recovery at the last start (damaged frames counted once each)."),

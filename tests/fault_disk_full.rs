@@ -43,14 +43,15 @@ fn assert_no_segment_damaged(log: &str) {
     );
 }
 
-/// A daemon with small segments and the config file `cfg`, its data directory on a fresh
-/// 8 MiB tmpfs.
-fn daemon_on_tmpfs(cfg: &std::path::Path) -> (Tmpfs, std::path::PathBuf, Daemon) {
+/// A daemon with small segments, the config file `cfg` and the flags `extra`, its data
+/// directory on a fresh 8 MiB tmpfs.
+fn daemon_on_tmpfs(cfg: &std::path::Path, extra: &[&str]) -> (Tmpfs, std::path::PathBuf, Daemon) {
     let fs = Tmpfs::mount("8m");
     let data = fs.path.join("data");
     let args = [
         &small_spool_args()[..],
         &["--config", cfg.to_str().unwrap()],
+        extra,
     ]
     .concat();
     let d = Daemon::start_in(&data, &args, &[]);
@@ -205,7 +206,7 @@ fn a_disk_too_full_for_seals_and_tombstones_holds_forwarding_back_without_poison
     // meanwhile are still to be sealed, and that batch still to be tombstoned, when it is.
     let scratch = tempfile::tempdir().unwrap();
     let (sink, cfg) = HeldSink::start(scratch.path());
-    let (fs, _, d) = daemon_on_tmpfs(&cfg);
+    let (fs, _, d) = daemon_on_tmpfs(&cfg, &[]);
     let text = "z".repeat(4000);
     let mut acked = Vec::new();
     for n in 0..8 {
@@ -265,7 +266,7 @@ fn a_rejected_batch_waits_for_room_in_the_dead_letter_directory_and_leaves_no_pa
         scratch.path(),
         "[forward]\nretry_initial_ms = 10\nretry_max_ms = 100\n",
     );
-    let (fs, data, d) = daemon_on_tmpfs(&cfg);
+    let (fs, data, d) = daemon_on_tmpfs(&cfg, &[]);
     fs.fill("filler");
     // The active segment's blocks are reserved, so the envelope and its seal still fit.
     let r = d.post_json(&json!({"source": "s", "id": "rejected", "text": "y".repeat(20_000)}));
@@ -340,10 +341,10 @@ fn a_restart_on_a_full_disk_recovers_everything_and_resumes_when_space_returns()
 /// passes until space returns: they are counted, logged once as an error (not once a second),
 /// and the segments are deleted once it can write again.
 #[test]
-fn compaction_on_a_full_disk_fails_quietly_and_deletes_once_space_returns() {
+fn without_a_reserve_compaction_on_a_full_disk_fails_quietly_and_deletes_once_space_returns() {
     let scratch = tempfile::tempdir().unwrap();
     let (sink, cfg) = HeldSink::start(scratch.path());
-    let (fs, _, d) = daemon_on_tmpfs(&cfg);
+    let (fs, _, d) = daemon_on_tmpfs(&cfg, &["--set", "spool.reserve_bytes=0"]);
     // Into the second 1 MiB segment, while the sink holds everything back.
     let text = "c".repeat(4000);
     for n in 0..300 {
@@ -368,4 +369,43 @@ fn compaction_on_a_full_disk_fails_quietly_and_deletes_once_space_returns() {
     d.wait_metric("spoolgate_compaction_segments_deleted_total", |v| v >= 1.0);
     assert!(d.log().contains("compaction passes succeed again"));
     assert_eq!(common::ids(&sink.sink.delivered()).len(), 300);
+}
+
+#[test]
+fn compaction_on_a_disk_another_process_filled_spends_the_reserve_and_deletes_delivered_segments() {
+    const RESERVE: f64 = 1_048_576.0;
+    let scratch = tempfile::tempdir().unwrap();
+    let (sink, cfg) = HeldSink::start(scratch.path());
+    let (fs, data, d) = daemon_on_tmpfs(&cfg, &["--set", "spool.reserve_bytes=1048576"]);
+    d.wait_metric("spoolgate_spool_reserve_bytes", |v| v == RESERVE);
+    assert_eq!(
+        std::fs::metadata(data.join("reserve")).unwrap().len(),
+        RESERVE as u64
+    );
+    // Into the second 1 MiB segment, while the sink holds everything back.
+    let text = "c".repeat(4000);
+    for n in 0..300 {
+        let r = d.post_json(&json!({"source": "s", "id": format!("c-{n}"), "text": text}));
+        assert_eq!(r.status, 202, "{}", r.text());
+    }
+    assert!(d.metric("spoolgate_spool_segments") >= 2.0);
+
+    // Another process takes every free block; the reserve is what is left to the daemon.
+    fs.fill("filler");
+    sink.release();
+    d.wait_metric("spoolgate_spool_pending_records", |v| v == 0.0);
+    d.wait_metric("spoolgate_compaction_segments_deleted_total", |v| v >= 1.0);
+    assert!(d.metric("spoolgate_spool_reserve_spent_total") >= 1.0);
+    let log = d.log();
+    assert!(log.contains("spent the disk reserve"), "{log}");
+    assert_no_segment_damaged(&log);
+    assert_eq!(common::ids(&sink.sink.delivered()).len(), 300);
+
+    // Once there is room again, the reserve is held again.
+    std::fs::remove_file(fs.path.join("filler")).unwrap();
+    d.wait_metric("spoolgate_spool_reserve_bytes", |v| v == RESERVE);
+    assert_eq!(
+        std::fs::metadata(data.join("reserve")).unwrap().len(),
+        RESERVE as u64
+    );
 }

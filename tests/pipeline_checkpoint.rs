@@ -194,8 +194,15 @@ async fn a_checkpoint_taken_while_a_seal_is_not_yet_durable_names_the_head_befor
         dedup_checkpointed_below: AtomicU64::new(1),
         metrics: metrics.clone(),
         wake: Arc::default(),
+        reserve: Arc::new(spoolgate::compaction::reserve::Reserve::new(
+            dir.path(),
+            0,
+            0,
+            metrics.spool_reserve_bytes.clone(),
+            metrics.spool_reserve_spent_total.clone(),
+        )),
     };
-    let freed = compactor.pass().await.unwrap();
+    let freed = compactor.pass(false).await.unwrap();
     assert!(freed > 0, "segment 1 was deleted, after the checkpoint");
     let checkpoint = Chains::load(&heads_path).unwrap();
     assert_eq!(

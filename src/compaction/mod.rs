@@ -22,9 +22,16 @@
 //! segments it is about to delete to a dedup checkpoint (see `ingest::dedup_file`), and removes
 //! checkpoints whose entries have all left the window or that newer ones make redundant.
 //!
+//! Both checkpoints are new files, so a pass needs free space before it can free any. On a
+//! filesystem another process has filled, the [`reserve`] gives it that space: the first pass
+//! that fails for lack of space deletes the reserve and runs again, one segment per pass until
+//! the reserve is made again.
+//!
 //! A compaction pass runs after tombstones are written (the workers notify it) and at least
 //! every [`COMPACTION_INTERVAL`]; the same loop refreshes the pending-work gauges, which every
 //! scrape of `/metrics` refreshes too ([`PendingGauges`]).
+
+pub mod reserve;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -67,6 +74,8 @@ pub struct Compactor {
     pub dedup_checkpointed_below: AtomicU64,
     pub metrics: Arc<Metrics>,
     pub wake: Arc<Notify>,
+    /// Space held for passes on a full filesystem; made and spent only by [`Compactor::run`].
+    pub reserve: Arc<reserve::Reserve>,
 }
 
 impl Compactor {
@@ -75,19 +84,40 @@ impl Compactor {
         // file) until space returns, up to one a second: the first failure of a run is logged
         // as an error, the rest only counted, and the end of the run is logged.
         let mut failed_passes = 0u64;
+        // Set when the next pass should run at once: the reserve was just spent for it, or a
+        // pass limited to one segment (the reserve being spent) deleted one and more may wait.
+        let mut again = false;
+        // Hold the reserve from the start, not only from the first pass.
+        self.keep_reserve().await;
         loop {
-            tokio::select! {
-                _ = stopped(&mut stop) => return,
-                _ = self.wake.notified() => {}
-                _ = tokio::time::sleep(COMPACTION_INTERVAL) => {}
-            }
-            self.refresh_gauges();
-            match self.pass().await {
-                Ok(_) if failed_passes > 0 => {
-                    tracing::info!(failed_passes, "compaction passes succeed again");
-                    failed_passes = 0;
+            if !again {
+                tokio::select! {
+                    _ = stopped(&mut stop) => return,
+                    _ = self.wake.notified() => {}
+                    _ = tokio::time::sleep(COMPACTION_INTERVAL) => {}
                 }
-                Ok(_) => {}
+            } else if *stop.borrow() {
+                return;
+            }
+            // While passes spend what the reserve gave back, making it again would take that
+            // space from them; it is made again once a pass finds nothing more to delete.
+            if !again {
+                self.keep_reserve().await;
+            }
+            again = false;
+            self.refresh_gauges();
+            let one_segment = self.reserve.is_spent();
+            match self.pass(one_segment).await {
+                Ok(freed) => {
+                    if failed_passes > 0 {
+                        tracing::info!(failed_passes, "compaction passes succeed again");
+                        failed_passes = 0;
+                    }
+                    again = one_segment && freed > 0;
+                }
+                Err(CompactionError::NoSpace(_)) if self.spend_reserve().await => {
+                    again = true;
+                }
                 Err(e) => {
                     self.metrics.compaction_errors_total.inc();
                     if failed_passes == 0 {
@@ -97,6 +127,43 @@ impl Compactor {
                     }
                     failed_passes += 1;
                 }
+            }
+        }
+    }
+
+    /// Makes the reserve if it is not held and there is room (see [`reserve`]).
+    async fn keep_reserve(&self) {
+        let reserve = self.reserve.clone();
+        let dir = self.dedup_dir.clone();
+        let kept = tokio::task::spawn_blocking(move || {
+            let free = crate::ingest::backpressure::filesystem_free_bytes(&dir)?;
+            reserve.keep(free)
+        })
+        .await;
+        match kept {
+            Ok(Ok(_)) => {}
+            // Not holding the reserve costs nothing until the filesystem is full; the next
+            // pass tries again.
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "could not make the disk reserve");
+            }
+            Err(e) => tracing::warn!(error = %e, "the disk reserve task failed"),
+        }
+    }
+
+    /// Deletes the reserve after a pass failed for lack of space; true if there was one to
+    /// spend, so that the pass is worth running again at once.
+    async fn spend_reserve(&self) -> bool {
+        let reserve = self.reserve.clone();
+        match tokio::task::spawn_blocking(move || reserve.spend()).await {
+            Ok(Ok(spent)) => spent,
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "could not delete the disk reserve");
+                false
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "the disk reserve task failed");
+                false
             }
         }
     }
@@ -116,16 +183,20 @@ impl Compactor {
     }
 
     /// One pass: find the deletable prefix, checkpoint the chain heads and the dedup entries,
-    /// delete.
-    pub async fn pass(&self) -> Result<u64, CompactionError> {
+    /// delete. With `one_segment`, the prefix is cut to its first segment, which bounds the
+    /// dedup checkpoint to one segment's entries. Returns the bytes freed.
+    pub async fn pass(&self, one_segment: bool) -> Result<u64, CompactionError> {
         let segments = self.spool.segments();
         let ids: Vec<u64> = segments.iter().map(|s| s.id).collect();
         let Some(&active) = ids.last() else {
             return Ok(0);
         };
-        let Some(below) = self.ledger.compactable_below(&ids, active) else {
+        let Some(mut below) = self.ledger.compactable_below(&ids, active) else {
             return Ok(0);
         };
+        if one_segment {
+            below = below.min(ids[0] + 1);
+        }
         let snapshot = self
             .chains
             .lock()
@@ -145,17 +216,21 @@ impl Compactor {
             .saturating_mul(1000);
         let entries_max = self.ingest.config.ingest.dedup_entries_max;
         let freed = tokio::task::spawn_blocking(move || -> Result<u64, CompactionError> {
-            snapshot
-                .save(&path)
-                .map_err(|e| CompactionError::Checkpoint(e.to_string()))?;
+            snapshot.save(&path).map_err(|e| {
+                let no_space = matches!(&e, crate::chain::ChainError::Io { source, .. } if is_no_space(source));
+                CompactionError::checkpoint(no_space, e.to_string())
+            })?;
             // The index walk takes the dedup lock briefly per pass; it runs here, off the
             // async workers, because it is proportional to the index size.
             let now_ms = crate::ingest::now_ms();
             let entries = ingest.dedup.entries_in_segments(from, below, now_ms);
             let mut checkpoints = checkpoints.lock().unwrap_or_else(|p| p.into_inner());
             if !entries.is_empty() {
-                let path = dedup_file::write(&dedup_dir, below, now_ms, &entries)
-                    .map_err(|e| CompactionError::Checkpoint(e.to_string()))?;
+                let path =
+                    dedup_file::write(&dedup_dir, below, now_ms, &entries).map_err(|e| {
+                        let no_space = matches!(&e, dedup_file::DedupFileError::Io { source, .. } if is_no_space(source));
+                        CompactionError::checkpoint(no_space, e.to_string())
+                    })?;
                 checkpoints.push(dedup_file::Checkpoint {
                     path,
                     written_ms: now_ms,
@@ -224,12 +299,29 @@ impl PendingGauges {
     }
 }
 
+fn is_no_space(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::StorageFull
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum CompactionError {
     #[error("checkpoint before deletion failed: {0}")]
     Checkpoint(String),
+    /// A checkpoint could not be written because the filesystem is full (ENOSPC).
+    #[error("checkpoint before deletion failed, the filesystem is full: {0}")]
+    NoSpace(String),
     #[error(transparent)]
     Spool(#[from] crate::spool::SpoolError),
     #[error("blocking task failed: {0}")]
     Task(String),
+}
+
+impl CompactionError {
+    fn checkpoint(no_space: bool, message: String) -> CompactionError {
+        if no_space {
+            CompactionError::NoSpace(message)
+        } else {
+            CompactionError::Checkpoint(message)
+        }
+    }
 }
