@@ -1,6 +1,7 @@
 //! An envelope record whose CRC holds but whose payload does not decode, in process: it cannot
 //! be forwarded, so it is dead-lettered as raw bytes and tombstoned, and the records of its
-//! stream around it are delivered in order, gapless.
+//! stream around it are delivered in order, gapless. When the dead-letter write fails, the
+//! record stays pending (compaction keeps its segment) and forwarding waits for it.
 
 mod pipeline_common;
 
@@ -10,6 +11,7 @@ use bytes::Bytes;
 use pipeline_common::{append, wait_until, RecordingSink};
 use spoolgate::chain::Tombstone;
 use spoolgate::config::ForwardConfig;
+use spoolgate::forward::ledger::Ledger;
 use spoolgate::metrics::Metrics;
 use spoolgate::ring::Ring;
 use spoolgate::spool::RecordKind;
@@ -92,5 +94,80 @@ async fn an_undecodable_envelope_record_is_dead_lettered_as_hex_and_tombstoned_a
     assert_eq!(letters.len(), 1, "{letters:?}");
     assert_eq!(letters[0]["payload_hex"], "c12a");
     assert_eq!(letters[0]["position"]["offset"], bad.offset);
+    pipeline.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_undecodable_record_whose_dead_letter_write_fails_stays_pending_and_is_retried() {
+    let dir = tempfile::tempdir().unwrap();
+    let metrics = Arc::new(Metrics::new());
+    let ring = Arc::new(Ring::new(1024, 1 << 20, metrics.clone()));
+    let spool = pipeline_common::open_spool(dir.path(), &ring, &metrics);
+    let sink = Arc::new(RecordingSink::default());
+    let ledger = Arc::new(Ledger::default());
+    // A file where the dead-letter directory should be: every dead-letter write fails.
+    let dl = dir.path().join("dl");
+    std::fs::write(&dl, b"in the way").unwrap();
+    let pipeline = pipeline_common::start_sharing(
+        &spool,
+        ring,
+        &metrics,
+        sink.clone(),
+        ForwardConfig {
+            linger_ms: 1,
+            retry_initial_ms: 1,
+            retry_max_ms: 10,
+            ..ForwardConfig::default()
+        },
+        dir.path(),
+        Default::default(),
+        ledger.clone(),
+    );
+
+    append(&spool, "t", "before".into(), "First.".into()).await;
+    let bad = spool
+        .append(vec![(
+            RecordKind::ENVELOPE,
+            Bytes::from_static(&[0xc1, 0x2a]),
+        )])
+        .await
+        .unwrap()[0];
+    append(&spool, "t", "after".into(), "Last.".into()).await;
+
+    let io_errors = || {
+        metrics
+            .forward_errors_total
+            .with_label_values(&["default", "io"])
+            .get()
+    };
+    wait_until("the dead-letter write retried", || io_errors() >= 3).await;
+    // Still pending, so compaction keeps its segment; nothing after it in the log has gone
+    // out ahead of it, and it is not counted as dead-lettered.
+    assert!(ledger.is_pending(bad));
+    let segments: Vec<u64> = spool.segments().iter().map(|s| s.id).collect();
+    assert_eq!(ledger.compactable_below(&segments, u64::MAX), None);
+    let ids = || -> Vec<String> {
+        sink.delivered
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|r| r.envelope.id.clone())
+            .collect()
+    };
+    assert_eq!(ids(), vec!["before".to_string()]);
+    let undecodable = || {
+        metrics
+            .gate_envelopes_total
+            .with_label_values(&["undecodable"])
+            .get()
+    };
+    assert_eq!(undecodable(), 0);
+
+    std::fs::remove_file(&dl).unwrap();
+    wait_until("the record after it delivered", || ids().len() == 2).await;
+    assert_eq!(ids(), vec!["before".to_string(), "after".to_string()]);
+    assert_eq!(undecodable(), 1);
+    wait_until("the bad record completed", || !ledger.is_pending(bad)).await;
+    assert_eq!(std::fs::read_dir(&dl).unwrap().count(), 1);
     pipeline.shutdown().await;
 }

@@ -42,8 +42,9 @@ use tokio::task::JoinHandle;
 use crate::chain::Chains;
 use crate::config::ForwardConfig;
 use crate::envelope::Envelope;
-use crate::forward::dead_letter::DeadLetter;
+use crate::forward::dead_letter::{DeadLetter, DeadLetterError};
 use crate::forward::ledger::{Ledger, PendingInfo};
+use crate::forward::retry::Backoff;
 use crate::forward::sink::Sink;
 use crate::forward::worker::{WorkItem, Worker, WorkerContext, WorkerError};
 use crate::gate::Gate;
@@ -183,6 +184,8 @@ async fn supervise(parts: PipelineParts, mut stop: watch::Receiver<bool>) {
             } else {
                 None
             },
+            retry_initial: Duration::from_millis(parts.config.retry_initial_ms),
+            retry_max: Duration::from_millis(parts.config.retry_max_ms),
             stop: epoch_rx.clone(),
         };
         first_epoch = false;
@@ -283,6 +286,10 @@ struct Dispatcher {
     reader: Option<Reader>,
     /// In the first epoch, envelopes before this position count as replayed.
     replay_end: Option<Position>,
+    /// The sinks' retry backoff, which the dispatcher's own waits (an undecodable record
+    /// waiting for dead-letter room or for space for its tombstone) use too.
+    retry_initial: Duration,
+    retry_max: Duration,
     stop: watch::Receiver<bool>,
 }
 
@@ -405,10 +412,7 @@ impl Dispatcher {
         }
         let envelope = match Envelope::decode(&record.payload) {
             Ok(env) => env,
-            Err(e) => {
-                self.undecodable(&record, &e.to_string()).await;
-                return true;
-            }
+            Err(e) => return self.undecodable(&record, live, &e.to_string()).await,
         };
         if live {
             let now = crate::ingest::now_ms();
@@ -616,50 +620,108 @@ impl Dispatcher {
     }
 
     /// An envelope record whose CRC held but whose msgpack does not decode cannot be forwarded:
-    /// it goes to the dead-letter directory as raw bytes and is tombstoned.
-    async fn undecodable(&mut self, record: &Record, why: &str) {
-        self.metrics
-            .gate_envelopes_total
-            .with_label_values(&["undecodable"])
-            .inc();
+    /// it goes to the dead-letter directory as raw bytes and is tombstoned. It is pending in the
+    /// ledger until then, so compaction keeps its segment whatever happens on the way: while
+    /// the dead-letter directory has no room (or fails) and while the spool has no space for
+    /// the tombstone, the dispatcher waits with the sinks' backoff, since nothing else may
+    /// take the record's place in log order. `false` when the epoch ended meanwhile; the record
+    /// is then still pending and the next epoch comes back to it. A record dead-lettered whose
+    /// tombstone never got written is dead-lettered again after a restart.
+    async fn undecodable(&mut self, record: &Record, live: bool, why: &str) -> bool {
+        if live {
+            self.ledger.add_live(
+                record.position,
+                PendingInfo {
+                    since_ms: crate::ingest::now_ms(),
+                    bytes: record.payload.len() as u32,
+                },
+                record.next,
+            );
+        }
         tracing::error!(
             segment = record.position.segment,
             offset = record.position.offset,
             error = why,
             "envelope record does not decode; dead-lettering its raw bytes"
         );
-        if let Err(e) = self
-            .dead_letter
-            .write_raw(record.position, why, &record.payload)
-        {
-            tracing::error!(error = %e, "dead-letter write failed; the record stays pending");
-            return;
+        let mut backoff = Backoff::new(self.retry_initial, self.retry_max, fastrand::u64(..));
+        let mut waiting = false;
+        loop {
+            match self
+                .dead_letter
+                .write_raw(record.position, why, &record.payload)
+            {
+                Ok(_) => break,
+                Err(e) => {
+                    let kind = match e {
+                        DeadLetterError::Full { .. } | DeadLetterError::NoSpace(_) => {
+                            "dead_letter_full"
+                        }
+                        DeadLetterError::Io(_) => "io",
+                    };
+                    self.metrics
+                        .forward_errors_total
+                        .with_label_values(&["default", kind])
+                        .inc();
+                    if !waiting {
+                        waiting = true;
+                        tracing::error!(error = %e, "dead-letter write of an undecodable record failed; forwarding waits for it and retries with backoff");
+                    }
+                }
+            }
+            if !self.wait(backoff.next_delay(None)).await {
+                return false;
+            }
         }
+        if waiting {
+            tracing::info!("the undecodable record is dead-lettered; forwarding goes on");
+        }
+        self.metrics
+            .gate_envelopes_total
+            .with_label_values(&["undecodable"])
+            .inc();
         let payload = match (crate::chain::Tombstone {
             positions: vec![record.position],
         })
         .encode()
         {
-            Ok(p) => p,
-            Err(_) => return,
-        };
-        if self
-            .spool
-            .append(vec![(RecordKind::TOMBSTONE, bytes::Bytes::from(payload))])
-            .await
-            .is_ok()
-        {
-            if record.position >= self.ledger.counted_position() {
-                self.ledger.add_live(
-                    record.position,
-                    PendingInfo {
-                        since_ms: 0,
-                        bytes: record.payload.len() as u32,
-                    },
-                    record.next,
-                );
+            Ok(p) => bytes::Bytes::from(p),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot encode a tombstone; the record stays pending until a restart");
+                return true;
             }
-            self.ledger.complete(&[record.position]);
+        };
+        let mut backoff = Backoff::new(self.retry_initial, self.retry_max, fastrand::u64(..));
+        loop {
+            match self
+                .spool
+                .append(vec![(RecordKind::TOMBSTONE, payload.clone())])
+                .await
+            {
+                Ok(_) => {
+                    self.ledger.complete(&[record.position]);
+                    return true;
+                }
+                Err(SpoolError::Full(_)) => {
+                    if !self.wait(backoff.next_delay(None)).await {
+                        return false;
+                    }
+                }
+                // A poisoned or closed spool: forwarding is about to stop; the record stays
+                // pending and a restart dead-letters it again.
+                Err(e) => {
+                    tracing::error!(error = %e, "tombstone of a dead-lettered undecodable record failed; it stays pending");
+                    return true;
+                }
+            }
+        }
+    }
+
+    /// Sleeps for `delay`; false if the epoch ended first.
+    async fn wait(&mut self, delay: Duration) -> bool {
+        tokio::select! {
+            _ = stopped(&mut self.stop) => false,
+            _ = tokio::time::sleep(delay) => true,
         }
     }
 }
