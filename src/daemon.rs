@@ -57,6 +57,12 @@ pub enum DaemonError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot write the address file {path}: {source}")]
+    AddressFile {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Spool(#[from] SpoolError),
     #[error("a start-up task failed: {0}")]
@@ -108,7 +114,15 @@ pub async fn run(config: Config) -> Result<Exit, DaemonError> {
         "spoolgate starting"
     );
 
-    write_addresses(&config, &ingest_listener, &admin_listener)?;
+    // Made here, not with the compactor: a start on a full filesystem may have to spend it.
+    let reserve = Arc::new(crate::compaction::reserve::Reserve::new(
+        &config.data_dir,
+        config.spool.reserve_bytes,
+        config.spool.disk_free_soft_bytes,
+        metrics.spool_reserve_bytes.clone(),
+        metrics.spool_reserve_spent_total.clone(),
+    ));
+    publish_addresses(&config, &ingest_listener, &admin_listener, &reserve)?;
 
     let state = Arc::new(IngestState::new(config.clone(), metrics.clone()));
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -301,13 +315,7 @@ pub async fn run(config: Config) -> Result<Exit, DaemonError> {
         ),
         metrics: metrics.clone(),
         wake: compaction_wake,
-        reserve: Arc::new(crate::compaction::reserve::Reserve::new(
-            &config.data_dir,
-            config.spool.reserve_bytes,
-            config.spool.disk_free_soft_bytes,
-            metrics.spool_reserve_bytes.clone(),
-            metrics.spool_reserve_spent_total.clone(),
-        )),
+        reserve,
     };
     let gauges = compactor.gauges();
     metrics.refresh_before_render(move |m| gauges.refresh(m));
@@ -392,6 +400,46 @@ fn filesystem_with_failpoints() -> Arc<dyn crate::spool::fs::FileSystem> {
 /// Name of the file, in the data directory, that holds the bound listen addresses.
 pub const ADDRESSES_FILE: &str = "spoolgate.addr";
 
+/// Writes the address file (see [`write_addresses`]). It takes a few bytes of new space, which a filesystem filled to
+/// the last block does not have, and a daemon that cannot start cannot answer 429 or deliver
+/// what it holds: so on ENOSPC the disk reserve is spent (see `compaction::reserve`) and the
+/// write tried again, and without a reserve the stale file of the previous process is removed
+/// (tools that read it must not find its pid and ports) and the daemon starts without one.
+fn publish_addresses(
+    config: &Config,
+    ingest: &TcpListener,
+    admin: &TcpListener,
+    reserve: &crate::compaction::reserve::Reserve,
+) -> Result<(), DaemonError> {
+    let no_space = |e: &DaemonError| matches!(e, DaemonError::AddressFile { source, .. } if source.kind() == std::io::ErrorKind::StorageFull);
+    let first = match write_addresses(config, ingest, admin) {
+        Err(e) if no_space(&e) => e,
+        other => return other,
+    };
+    let spent = reserve
+        .spend_to_start()
+        .map_err(|source| DaemonError::AddressFile {
+            path: reserve.path(),
+            source,
+        })?;
+    let last = if spent {
+        match write_addresses(config, ingest, admin) {
+            Err(e) if no_space(&e) => e,
+            other => return other,
+        }
+    } else {
+        first
+    };
+    let path = config.data_dir.join(ADDRESSES_FILE);
+    match std::fs::remove_file(&path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(source) => return Err(DaemonError::AddressFile { path, source }),
+    }
+    tracing::error!(error = %last, "the data filesystem is full: starting without an address file");
+    Ok(())
+}
+
 /// Writes the bound addresses to `<data_dir>/spoolgate.addr` as JSON, so tools started with port
 /// 0 (tests, drills) can find the daemon without guessing free ports. Written atomically.
 fn write_addresses(
@@ -399,7 +447,7 @@ fn write_addresses(
     ingest: &TcpListener,
     admin: &TcpListener,
 ) -> Result<(), DaemonError> {
-    let io = |source| DaemonError::DataDir {
+    let io = |source| DaemonError::AddressFile {
         path: config.data_dir.join(ADDRESSES_FILE),
         source,
     };

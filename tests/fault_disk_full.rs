@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{Daemon, Tmpfs, SMALL_SEGMENTS};
+use common::{envelope, Daemon, Tmpfs, SMALL_SEGMENTS};
 use serde_json::json;
 
 fn small_spool_args() -> Vec<&'static str> {
@@ -107,11 +107,26 @@ fn a_full_disk_answers_429_never_500_and_ingest_resumes_when_space_returns() {
         200,
         "a full disk must not poison the spool"
     );
+    // More refusals: counted, but the log keeps the first line of the run only.
+    for n in 0..20 {
+        let r = d.post_json(&json!({"source": "s", "id": format!("more-{n}"), "text": text}));
+        assert_eq!(r.status, 429, "{}", r.text());
+    }
+    assert!(d.metric("spoolgate_ingest_rejected_total{reason=\"enospc\"}") >= 21.0);
+    assert_eq!(
+        d.log().matches("append refused: filesystem full").count(),
+        1,
+        "{}",
+        d.log()
+    );
 
     std::fs::remove_file(fs.path.join("filler")).unwrap();
     let r = d.post_json(&json!({"source": "s", "id": "after", "text": text}));
     assert_eq!(r.status, 202, "{}", r.text());
     acked.push("after".into());
+    assert!(d
+        .log()
+        .contains("appends succeed again after the filesystem was full"));
 
     // Everything acknowledged survives a crash: after restart each id is a dedup hit.
     d.kill9();
@@ -408,4 +423,101 @@ fn compaction_on_a_disk_another_process_filled_spends_the_reserve_and_deletes_de
         std::fs::metadata(data.join("reserve")).unwrap().len(),
         RESERVE as u64
     );
+}
+
+/// Starts the daemon of `d` again as the harness does, but leaves the address file alone and
+/// reads the bound addresses from the daemon's log ("spoolgate starting ingest=… metrics=…"):
+/// on a filesystem too full for an address file, the daemon starts without one.
+fn respawn_reading_addresses_from_log(d: &mut Daemon) {
+    let log_len = d.log().len();
+    let log = std::fs::OpenOptions::new()
+        .append(true)
+        .open(d.log_path())
+        .unwrap();
+    let child = std::process::Command::new(common::bin())
+        .arg("serve")
+        .arg("--data-dir")
+        .arg(&d.data_dir)
+        .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
+        .args(&d.args)
+        .env("RUST_LOG", "info")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::from(log))
+        .spawn()
+        .unwrap();
+    d.child = Some(child);
+    let (ingest, metrics) = common::wait_for("the daemon's starting line", || {
+        let log = d.log();
+        let line = log
+            .get(log_len..)?
+            .lines()
+            .find(|l| l.contains("spoolgate starting"))?;
+        let field = |name: &str| {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(name))
+                .map(str::to_string)
+        };
+        Some((field("ingest=")?, field("metrics=")?))
+    });
+    d.ingest = ingest;
+    d.metrics = metrics;
+    d.wait_ready();
+}
+
+#[test]
+fn a_restart_on_a_disk_full_to_the_last_block_spends_the_reserve_to_write_its_address_file() {
+    const RESERVE: f64 = 1_048_576.0;
+    let fs = Tmpfs::mount("8m");
+    let data = fs.path.join("data");
+    let args = [
+        &small_spool_args()[..],
+        &["--set", "spool.reserve_bytes=1048576"],
+    ]
+    .concat();
+    let mut d = Daemon::start_in(&data, &args, &[]);
+    d.wait_metric("spoolgate_spool_reserve_bytes", |v| v == RESERVE);
+    assert_eq!(d.post_json(&envelope(1)).status, 202);
+    d.kill9();
+    // The harness removes the old address file before a start, which would give back the
+    // page the new one needs; so it goes first, and the filler takes that page too.
+    std::fs::remove_file(data.join("spoolgate.addr")).unwrap();
+    fs.fill("filler");
+
+    d.restart();
+    assert_eq!(d.metric("spoolgate_spool_reserve_spent_total"), 1.0);
+    assert!(
+        d.log().contains("so that the daemon can start"),
+        "{}",
+        d.log()
+    );
+    let again = d.post_json(&envelope(1));
+    assert_eq!(again.status, 202, "{}", again.text());
+    assert_eq!(again.json()["envelopes"][0]["duplicate"], true);
+
+    std::fs::remove_file(fs.path.join("filler")).unwrap();
+    d.wait_metric("spoolgate_spool_reserve_bytes", |v| v == RESERVE);
+}
+
+#[test]
+fn without_a_reserve_a_restart_on_a_disk_full_to_the_last_block_starts_without_an_address_file() {
+    let fs = Tmpfs::mount("8m");
+    let data = fs.path.join("data");
+    let args = [&small_spool_args()[..], &["--set", "spool.reserve_bytes=0"]].concat();
+    let mut d = Daemon::start_in(&data, &args, &[]);
+    assert_eq!(d.post_json(&envelope(1)).status, 202);
+    d.kill9();
+    fs.fill("filler");
+
+    respawn_reading_addresses_from_log(&mut d);
+    // The previous process's file is gone: a tool must not find its pid and ports.
+    assert!(!data.join("spoolgate.addr").exists());
+    assert!(
+        d.log().contains("starting without an address file"),
+        "{}",
+        d.log()
+    );
+    let again = d.post_json(&envelope(1));
+    assert_eq!(again.status, 202, "{}", again.text());
+    assert_eq!(again.json()["envelopes"][0]["duplicate"], true);
 }

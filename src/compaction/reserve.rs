@@ -11,6 +11,10 @@
 //! again; while the reserve is spent, each pass deletes at most one segment, so its dedup
 //! checkpoint holds one segment's entries at most and fits in what the reserve gave back.
 //!
+//! A start on a filesystem full to the last block spends it too (`Reserve::spend_to_start`):
+//! the daemon's address file needs a new page, and a daemon that cannot start can neither
+//! answer 429 nor deliver what it holds.
+//!
 //! The reserve is made again once the filesystem has `spool.disk_free_soft_bytes +
 //! spool.reserve_bytes` free, so that making it never trips a free-space watermark by itself.
 //! An operator may delete the file by hand to free space at once; the daemon makes it again
@@ -147,6 +151,23 @@ impl Reserve {
         Ok(true)
     }
 
+    /// Deletes a reserve file found at start-up, held or not, so that the daemon can write
+    /// what it needs to start on a full filesystem. Blocking; false when there was none.
+    pub fn spend_to_start(&self) -> io::Result<bool> {
+        let path = self.path();
+        if !path.exists() {
+            return Ok(false);
+        }
+        self.remove(&path)?;
+        self.set_held(false);
+        self.spent.inc();
+        tracing::warn!(
+            path = %path.display(),
+            "the data filesystem is full: spent the disk reserve so that the daemon can start; it is made again once there is room"
+        );
+        Ok(true)
+    }
+
     fn set_held(&self, held: bool) {
         self.held.store(held, Ordering::Release);
         self.gauge.set(if held {
@@ -266,6 +287,18 @@ mod tests {
         assert_eq!(r.gauge.get(), 0);
         assert!(r.keep(5096).unwrap());
         assert_eq!(std::fs::metadata(r.path()).unwrap().len(), 4096);
+    }
+
+    #[test]
+    fn a_start_spends_a_reserve_file_it_has_not_taken_up_yet() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = reserve(dir.path(), 4096, 0);
+        assert!(!r.spend_to_start().unwrap());
+        std::fs::write(r.path(), vec![0u8; 4096]).unwrap();
+        assert!(r.spend_to_start().unwrap());
+        assert!(!r.path().exists());
+        assert_eq!(r.spent.get(), 1);
+        assert!(r.is_spent());
     }
 
     #[test]

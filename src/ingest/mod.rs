@@ -33,6 +33,7 @@ pub mod parse;
 pub mod server;
 pub mod streams;
 
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -68,6 +69,11 @@ pub struct IngestState {
     pub inflight: Arc<inflight::InflightBudget>,
     /// Set when shutdown starts: new requests get 503 while in-flight ones finish.
     pub draining: std::sync::atomic::AtomicBool,
+    /// Appends refused for a full filesystem since the last one that succeeded. A full disk
+    /// refuses every request, thousands a second, and the log may live on that same disk: so
+    /// only the first refusal of a run is logged, and the next success logs how many there were
+    /// (every one is counted in `spoolgate_ingest_rejected_total{reason="enospc"}`).
+    pub enospc_refusals: std::sync::atomic::AtomicU64,
 }
 
 impl IngestState {
@@ -91,6 +97,7 @@ impl IngestState {
             backpressure,
             inflight,
             draining: std::sync::atomic::AtomicBool::new(false),
+            enospc_refusals: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -432,7 +439,19 @@ async fn ingest(state: &IngestState, req: Request<Incoming>) -> HttpResponse {
         let hook: crate::spool::CommitHook =
             Box::new(move |positions: &[crate::spool::Position]| completion.complete(positions));
         match spool.append_then(to_write, hook).await {
-            Ok(positions) => positions,
+            Ok(positions) => {
+                // A plain load keeps the common case free of a read-modify-write.
+                if state.enospc_refusals.load(Ordering::Relaxed) > 0 {
+                    let refused = state.enospc_refusals.swap(0, Ordering::Relaxed);
+                    if refused > 0 {
+                        tracing::info!(
+                            refused,
+                            "appends succeed again after the filesystem was full"
+                        );
+                    }
+                }
+                positions
+            }
             Err(e) => return append_error(state, e),
         }
     };
@@ -526,7 +545,9 @@ struct AcceptedPosition {
 fn append_error(state: &IngestState, e: SpoolError) -> HttpResponse {
     match e {
         SpoolError::Full(detail) => {
-            tracing::warn!(%detail, "append refused: filesystem full");
+            if state.enospc_refusals.fetch_add(1, Ordering::Relaxed) == 0 {
+                tracing::warn!(%detail, "append refused: filesystem full; further refusals are only counted until an append succeeds");
+            }
             refuse(state, &state.backpressure.enospc())
         }
         SpoolError::TooLarge { len, max } => error(
