@@ -189,8 +189,13 @@ struct ServeArgs {
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // A log line that cannot be written (stderr redirected to a file on a full disk) is lost,
+    // nothing more: by default the subscriber reports such a failure with `eprintln!`, which
+    // panics when stderr cannot be written either, and the panic took down the request or
+    // forwarding task that logged.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .log_internal_errors(false)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     match format {
@@ -504,7 +509,7 @@ fn configure_allocator() {
     if std::env::var_os("MIMALLOC_ALLOW_THP").is_none() {
         if let Err(e) = rustix::thread::disable_transparent_huge_pages(true) {
             // Only a performance setting: the daemon runs the same with huge pages.
-            eprintln!("spoolgate: could not disable transparent huge pages: {e}");
+            report(&format!("could not disable transparent huge pages: {e}"));
         }
     }
 }
@@ -516,10 +521,19 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("spoolgate: {e:#}");
+            report(&format!("{e:#}"));
             ExitCode::from(2)
         }
     }
+}
+
+/// Writes `spoolgate: <message>` to stderr, ignoring a failure to (`eprintln!` would panic on a
+/// full disk and turn exit status 2 into 101).
+fn report(message: &str) {
+    let _ = std::io::Write::write_fmt(
+        &mut std::io::stderr(),
+        format_args!("spoolgate: {message}\n"),
+    );
 }
 
 #[cfg(test)]

@@ -521,3 +521,34 @@ fn without_a_reserve_a_restart_on_a_disk_full_to_the_last_block_starts_without_a
     assert_eq!(again.status, 202, "{}", again.text());
     assert_eq!(again.json()["envelopes"][0]["duplicate"], true);
 }
+
+#[test]
+fn a_log_on_the_full_filesystem_costs_log_lines_not_requests() {
+    let fs = Tmpfs::mount("8m");
+    let data = fs.path.join("data");
+    let mut d = Daemon::start_in(&data, &small_spool_args(), &[]);
+    d.kill9();
+    // The daemon's stderr now goes to a file on the filesystem about to fill.
+    d.log_file = fs.path.join("spoolgate.log");
+    d.restart();
+    fs.fill("filler");
+    // The log file's last page may still have room for a few lines: take that too.
+    let mut log = std::fs::OpenOptions::new()
+        .append(true)
+        .open(d.log_path())
+        .unwrap();
+    while std::io::Write::write(&mut log, b"-").is_ok_and(|n| n == 1) {}
+
+    // The refusal logs a warning that cannot be written; the request is answered all the same.
+    let text = "x".repeat(4000);
+    let mut acked = Vec::new();
+    let refused = post_until_refused(&d, &text, &mut acked)
+        .expect("a full disk must eventually refuse with 429");
+    assert_eq!(refused.json()["reason"], "enospc", "{}", refused.text());
+    assert_eq!(d.get("/readyz").status, 200);
+
+    std::fs::remove_file(fs.path.join("filler")).unwrap();
+    let r = d.post_json(&json!({"source": "s", "id": "after", "text": text}));
+    assert_eq!(r.status, 202, "{}", r.text());
+    assert!(d.log().contains("appends succeed again"), "{}", d.log());
+}
