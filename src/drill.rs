@@ -203,6 +203,24 @@ pub fn http(
     Ok((status, raw[split + 4..].to_vec()))
 }
 
+/// On a filesystem too full for its address file the daemon starts without one; its log, from
+/// `from` (where this start's lines begin), then gives its addresses: the `spoolgate starting`
+/// line, in the human format the drill's daemons log in, once a line says the file was skipped.
+fn addresses_from_log(log: &std::path::Path, from: u64) -> Option<(String, String)> {
+    let text = std::fs::read(log).ok()?;
+    let text = String::from_utf8_lossy(text.get(usize::try_from(from).ok()?..)?);
+    if !text.contains("starting without an address file") {
+        return None;
+    }
+    let line = text.lines().find(|l| l.contains("spoolgate starting"))?;
+    let field = |name: &str| {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(name))
+            .map(str::to_string)
+    };
+    Some((field("ingest=")?, field("metrics=")?))
+}
+
 struct Running {
     child: Child,
     ingest: String,
@@ -225,6 +243,8 @@ fn start_daemon(
         .arg("--data-dir")
         .arg(&opts.data_dir)
         .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
+        // `addresses_from_log` reads the human format.
+        .env("SPOOLGATE_LOG_FORMAT", "human")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::from(log));
@@ -248,6 +268,8 @@ fn start_daemon(
         )?;
         cmd.args(["--set", &format!("gate.rules_path=\"{}\"", rules.display())]);
     }
+    let log_path = opts.data_dir.with_extension("log");
+    let log_start = std::fs::metadata(&log_path).map_or(0, |m| m.len());
     let started = Instant::now();
     let mut child = cmd.spawn()?;
     let pid = child.id();
@@ -273,6 +295,9 @@ fn start_daemon(
                 v["ingest"].as_str().unwrap_or_default().to_string(),
                 v["metrics"].as_str().unwrap_or_default().to_string(),
             );
+        }
+        if let Some(found) = addresses_from_log(&log_path, log_start) {
+            break found;
         }
         std::thread::sleep(Duration::from_millis(5));
     };
@@ -596,4 +621,28 @@ fn canonical_json(line: &str) -> String {
     serde_json::from_str::<BTreeMap<String, serde_json::Value>>(line)
         .map(|m| serde_json::to_string(&m).unwrap_or_default())
         .unwrap_or_else(|_| line.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_start_without_an_address_file_is_found_in_its_own_lines_of_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("data.log");
+        let earlier = "2026-12-02T18:00:00Z  INFO spoolgate::daemon: spoolgate starting ingest=127.0.0.1:1 metrics=127.0.0.1:2 data_dir=d\n";
+        std::fs::write(&log, earlier).unwrap();
+        let from = earlier.len() as u64;
+        assert_eq!(addresses_from_log(&log, from), None);
+        let mut f = std::fs::OpenOptions::new().append(true).open(&log).unwrap();
+        std::io::Write::write_all(&mut f, b"2026-12-02T18:01:00Z  INFO spoolgate::daemon: spoolgate starting ingest=127.0.0.1:3 metrics=127.0.0.1:4 data_dir=d\n").unwrap();
+        // An address file is coming: the log is not the source yet.
+        assert_eq!(addresses_from_log(&log, from), None);
+        std::io::Write::write_all(&mut f, b"2026-12-02T18:01:00Z ERROR spoolgate::daemon: the data filesystem is full: starting without an address file error=...\n").unwrap();
+        assert_eq!(
+            addresses_from_log(&log, from),
+            Some(("127.0.0.1:3".into(), "127.0.0.1:4".into()))
+        );
+    }
 }
