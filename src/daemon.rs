@@ -125,6 +125,9 @@ pub async fn run(config: Config) -> Result<Exit, DaemonError> {
     publish_addresses(&config, &ingest_listener, &admin_listener, &reserve)?;
 
     let state = Arc::new(IngestState::new(config.clone(), metrics.clone()));
+    if state.reserve.set(reserve.clone()).is_err() {
+        return Err(DaemonError::Task("disk reserve published twice".into()));
+    }
     let (stop_tx, stop_rx) = watch::channel(false);
     let limits = ConnectionLimits {
         connections_max: config.ingest.connections_max,
@@ -296,6 +299,7 @@ pub async fn run(config: Config) -> Result<Exit, DaemonError> {
             metrics: metrics.clone(),
             compaction: compaction_wake.clone(),
             replay_end: summary.end,
+            reserve: Some(reserve.clone()),
         })
     });
     let (compactor_stop_tx, compactor_stop_rx) = watch::channel(false);

@@ -193,7 +193,7 @@ impl Metrics {
 
             ingest_requests_total: counter_vec(&r, "spoolgate_ingest_requests_total", "HTTP requests by route and status code.", &["route", "code"]),
             ingest_envelopes_accepted_total: counter(&r, "spoolgate_ingest_envelopes_accepted_total", "Envelopes acknowledged with 202 (dedup hits excluded)."),
-            ingest_rejected_total: counter_vec(&r, "spoolgate_ingest_rejected_total", "Requests refused for a limit or state, by reason: 429 (disk, quota, priority, enospc, inflight_bytes), 503 (poisoned, not_ready), 422 (streams).", &["reason"]),
+            ingest_rejected_total: counter_vec(&r, "spoolgate_ingest_rejected_total", "Requests refused for a limit or state, by reason: 429 (disk, quota, priority, reserve, enospc, inflight_bytes), 503 (poisoned, not_ready), 422 (streams).", &["reason"]),
             ingest_inflight_bytes: gauge(&r, "spoolgate_ingest_inflight_bytes", "Request-body bytes taken by requests being handled, bounded by ingest.inflight_bytes_max."),
             ingest_request_duration_seconds: histogram_vec(&r, "spoolgate_ingest_request_duration_seconds", "Ingest request duration, from headers read to response.", &["route"], d),
             ingest_dedup_hits_total: counter(&r, "spoolgate_ingest_dedup_hits_total", "Envelopes answered from the dedup index instead of being written again."),
@@ -225,8 +225,8 @@ impl Metrics {
             compaction_segments_deleted_total: counter(&r, "spoolgate_compaction_segments_deleted_total", "Segments deleted because every record in them was complete."),
             compaction_bytes_reclaimed_total: counter(&r, "spoolgate_compaction_bytes_reclaimed_total", "Bytes freed by deleting segments."),
             compaction_errors_total: counter(&r, "spoolgate_compaction_errors_total", "Compaction passes that failed (a checkpoint or a deletion could not be written); the segments are kept and the pass is retried."),
-            spool_reserve_bytes: gauge(&r, "spoolgate_spool_reserve_bytes", "Bytes held in <data_dir>/reserve for compaction to spend on a full filesystem; 0 while spent, not yet made, or off (spool.reserve_bytes = 0)."),
-            spool_reserve_spent_total: counter(&r, "spoolgate_spool_reserve_spent_total", "Times a compaction pass that failed for lack of space deleted the reserve to run again."),
+            spool_reserve_bytes: gauge(&r, "spoolgate_spool_reserve_bytes", "Bytes held in <data_dir>/reserve for forwarding and compaction to spend on a full filesystem; 0 while spent, not yet made, or off (spool.reserve_bytes = 0)."),
+            spool_reserve_spent_total: counter(&r, "spoolgate_spool_reserve_spent_total", "Times the disk reserve was deleted for room: by a seal or tombstone append or a compaction pass that found the filesystem full, or by a start with no room for its address file."),
 
             replay_recovered_total: counter(&r, "spoolgate_replay_recovered_total", "Acknowledged, untombstoned records replayed to the consumers at the last start."),
             recovery_corrupt_records_dropped_total: counter(&r, "spoolgate_recovery_corrupt_records_dropped_total", "Records dropped as corrupt by recovery at the last start (damaged frames counted once each)."),

@@ -491,12 +491,18 @@ fn a_restart_on_a_disk_full_to_the_last_block_spends_the_reserve_to_write_its_ad
         "{}",
         d.log()
     );
-    let again = d.post_json(&envelope(1));
-    assert_eq!(again.status, 202, "{}", again.text());
-    assert_eq!(again.json()["envelopes"][0]["duplicate"], true);
+    // What the reserve gave back is for forwarding and compaction: ingest waits.
+    let refused = d.post_json(&envelope(2));
+    assert_eq!(refused.status, 429, "{}", refused.text());
+    assert_eq!(refused.json()["reason"], "reserve", "{}", refused.text());
+    assert_eq!(refused.json()["limit"], "spool.reserve_bytes");
+    assert!(refused.header("retry-after").is_some());
 
     std::fs::remove_file(fs.path.join("filler")).unwrap();
     d.wait_metric("spoolgate_spool_reserve_bytes", |v| v == RESERVE);
+    let again = d.post_json(&envelope(1));
+    assert_eq!(again.status, 202, "{}", again.text());
+    assert_eq!(again.json()["envelopes"][0]["duplicate"], true);
 }
 
 #[test]
@@ -551,4 +557,50 @@ fn a_log_on_the_full_filesystem_costs_log_lines_not_requests() {
     let r = d.post_json(&json!({"source": "s", "id": "after", "text": text}));
     assert_eq!(r.status, 202, "{}", r.text());
     assert!(d.log().contains("appends succeed again"), "{}", d.log());
+}
+
+#[test]
+fn a_spool_that_filled_the_disk_itself_spends_the_reserve_on_forwarding_and_drains() {
+    const RESERVE: f64 = 3.0 * 1_048_576.0;
+    let scratch = tempfile::tempdir().unwrap();
+    let (sink, cfg) = HeldSink::start(scratch.path());
+    // Seals hold the gated envelopes, so draining a backlog needs room for the seals of the
+    // batches in flight before the oldest segment can go: three 1 MiB segments' worth of
+    // reserve, and batches of 50 envelopes (200 KB of seal each).
+    let (_fs, _, d) = daemon_on_tmpfs(
+        &cfg,
+        &[
+            "--set",
+            "spool.reserve_bytes=3145728",
+            "--set",
+            "forward.batch_records_max=50",
+        ],
+    );
+    d.wait_metric("spoolgate_spool_reserve_bytes", |v| v == RESERVE);
+    // With the free-space watermarks off, the spool itself fills the disk while the sink
+    // holds everything back: no room is left for the next segment, which the seals and
+    // tombstones of those envelopes need.
+    let text = "f".repeat(4000);
+    let mut acked = Vec::new();
+    let refused = post_until_refused(&d, &text, &mut acked)
+        .expect("the spool must fill the disk and refuse with 429");
+    assert_eq!(refused.json()["reason"], "enospc", "{}", refused.text());
+
+    sink.release();
+    // Forwarding spends the reserve, delivers, tombstones; compaction frees the segments.
+    d.wait_metric("spoolgate_spool_pending_records", |v| v == 0.0);
+    d.wait_metric("spoolgate_compaction_segments_deleted_total", |v| v >= 1.0);
+    assert!(d.metric("spoolgate_spool_reserve_spent_total") >= 1.0);
+    let delivered = common::ids(&sink.sink.delivered());
+    for id in &acked {
+        assert!(
+            delivered.contains(id),
+            "{id} acknowledged but not delivered"
+        );
+    }
+    // Once there is room the reserve is made again, and ingest resumes.
+    d.wait_metric("spoolgate_spool_reserve_bytes", |v| v == RESERVE);
+    let r = d.post_json(&json!({"source": "s", "id": "after", "text": text}));
+    assert_eq!(r.status, 202, "{}", r.text());
+    assert_no_segment_damaged(&d.log());
 }

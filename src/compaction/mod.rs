@@ -155,7 +155,7 @@ impl Compactor {
     /// spend, so that the pass is worth running again at once.
     async fn spend_reserve(&self) -> bool {
         let reserve = self.reserve.clone();
-        match tokio::task::spawn_blocking(move || reserve.spend()).await {
+        match tokio::task::spawn_blocking(move || reserve.spend("compaction")).await {
             Ok(Ok(spent)) => spent,
             Ok(Err(e)) => {
                 tracing::error!(error = %e, "could not delete the disk reserve");

@@ -10,6 +10,11 @@
 //! compaction pass fails for lack of space, the compactor deletes the file and runs the pass
 //! again; while the reserve is spent, each pass deletes at most one segment, so its dedup
 //! checkpoint holds one segment's entries at most and fits in what the reserve gave back.
+//! Compaction only frees segments whose envelopes are tombstoned, and their seals and
+//! tombstones need room too (a new segment once the prepared one is full): so a seal or
+//! tombstone append that finds the spool full spends the reserve as well (`forward::worker`).
+//! While the reserve is spent, ingest is answered 429 (reason `reserve`), so that new
+//! envelopes do not take the space meant for the appends and checkpoints that free more.
 //!
 //! A start on a filesystem full to the last block spends it too (`Reserve::spend_to_start`):
 //! the daemon's address file needs a new page, and a daemon that cannot start can neither
@@ -51,6 +56,10 @@ pub struct Reserve {
     free_floor_bytes: u64,
     /// True while `<dir>/reserve` is whole and ours to spend.
     held: AtomicBool,
+    /// Set when the reserve is spent, cleared when it is made again: ingest is refused
+    /// meanwhile, so that the space it gave back goes to seals, tombstones and checkpoints,
+    /// which free space, rather than to new envelopes.
+    refusing_ingest: AtomicBool,
     /// `spoolgate_spool_reserve_bytes`.
     gauge: IntGauge,
     /// `spoolgate_spool_reserve_spent_total`.
@@ -70,6 +79,7 @@ impl Reserve {
             bytes,
             free_floor_bytes,
             held: AtomicBool::new(false),
+            refusing_ingest: AtomicBool::new(false),
             gauge,
             spent,
         }
@@ -82,6 +92,16 @@ impl Reserve {
     /// True while the reserve is held.
     pub fn held(&self) -> bool {
         self.held.load(Ordering::Acquire)
+    }
+
+    /// The configured size, `spool.reserve_bytes`.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// True from the moment the reserve is spent until it is made again.
+    pub fn refuses_ingest(&self) -> bool {
+        self.refusing_ingest.load(Ordering::Relaxed)
     }
 
     /// True when a reserve is configured but not held: compaction then deletes one segment per
@@ -115,6 +135,7 @@ impl Reserve {
         }
         if found == Some(self.bytes) {
             self.set_held(true);
+            self.refusing_ingest.store(false, Ordering::Relaxed);
             return Ok(true);
         }
         // A file of another length is a reserve made under another config: what it holds
@@ -129,24 +150,32 @@ impl Reserve {
         }
         self.make(&path)?;
         self.set_held(true);
+        self.refusing_ingest.store(false, Ordering::Relaxed);
         tracing::info!(bytes = self.bytes, path = %path.display(), "holding the disk reserve");
         Ok(true)
     }
 
-    /// Deletes the reserve so that compaction can use its space. Blocking; false when it was
-    /// not held.
-    pub fn spend(&self) -> io::Result<bool> {
-        if !self.held() {
+    /// Deletes the reserve so that compaction and forwarding can use its space; `who` says
+    /// which ran out of room. Blocking; false when it was not held (or another caller spent
+    /// it first).
+    pub fn spend(&self, who: &str) -> io::Result<bool> {
+        if self
+            .held
+            .compare_exchange(true, false, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
             return Ok(false);
         }
+        self.refusing_ingest.store(true, Ordering::Relaxed);
+        self.set_held(false);
         let path = self.path();
         self.remove(&path)?;
-        self.set_held(false);
         self.spent.inc();
         tracing::warn!(
             bytes = self.bytes,
             path = %path.display(),
-            "the data filesystem is full: spent the disk reserve so that compaction can delete delivered segments; it is made again once there is room"
+            needed_by = who,
+            "the data filesystem is full: spent the disk reserve so that forwarding and compaction can go on and free space; ingest is refused until it is made again"
         );
         Ok(true)
     }
@@ -160,10 +189,11 @@ impl Reserve {
         }
         self.remove(&path)?;
         self.set_held(false);
+        self.refusing_ingest.store(true, Ordering::Relaxed);
         self.spent.inc();
         tracing::warn!(
             path = %path.display(),
-            "the data filesystem is full: spent the disk reserve so that the daemon can start; it is made again once there is room"
+            "the data filesystem is full: spent the disk reserve so that the daemon can start; ingest is refused until it is made again"
         );
         Ok(true)
     }
@@ -239,14 +269,19 @@ mod tests {
         assert!(r.keep(5096).unwrap());
         assert_eq!(std::fs::metadata(r.path()).unwrap().len(), 4096);
         assert_eq!(r.gauge.get(), 4096);
-        assert!(r.spend().unwrap());
+        assert!(!r.refuses_ingest());
+        assert!(r.spend("test").unwrap());
+        assert!(r.refuses_ingest());
         assert!(!r.path().exists());
         assert_eq!(r.gauge.get(), 0);
         assert_eq!(r.spent.get(), 1);
         assert!(r.is_spent());
         // Spending again is a no-op.
-        assert!(!r.spend().unwrap());
+        assert!(!r.spend("test").unwrap());
         assert_eq!(r.spent.get(), 1);
+        // Made again once there is room, and ingest is let through again.
+        assert!(r.keep(5096).unwrap());
+        assert!(!r.refuses_ingest());
     }
 
     #[test]
@@ -256,6 +291,8 @@ mod tests {
         assert!(!r.keep(5095).unwrap());
         assert!(!r.path().exists());
         assert_eq!(r.gauge.get(), 0);
+        // A reserve never made refuses nothing: only a spent one does.
+        assert!(!r.refuses_ingest());
     }
 
     #[test]

@@ -83,6 +83,9 @@ pub struct PipelineParts {
     pub compaction: Arc<tokio::sync::Notify>,
     /// Where the start-up scan ended: envelopes before it are replayed.
     pub replay_end: Position,
+    /// The disk reserve, spent when a seal or tombstone finds the spool full (`None` in tests
+    /// that run without one).
+    pub reserve: Option<Arc<crate::compaction::reserve::Reserve>>,
 }
 
 pub struct Pipeline {
@@ -130,6 +133,7 @@ async fn supervise(parts: PipelineParts, mut stop: watch::Receiver<bool>) {
         metrics: parts.metrics.clone(),
         compaction: parts.compaction.clone(),
         room: room.clone(),
+        reserve: parts.reserve.clone(),
     });
     let mut ownership = Ownership::round_robin(workers);
     let mut restart_at: Vec<Option<tokio::time::Instant>> = vec![None; workers];

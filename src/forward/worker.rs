@@ -135,6 +135,19 @@ async fn append_when_space(
                     waiting_since = Some(Instant::now());
                     tracing::warn!(record = what, %why, "spool full; forwarding waits for room to append");
                 }
+                // Delivering and tombstoning is what lets compaction free space, so the
+                // reserve goes to this append; ingest is refused until it is made again.
+                if let Some(reserve) = ctx.reserve.clone().filter(|r| r.held()) {
+                    let spent = tokio::task::spawn_blocking(move || reserve.spend(what)).await;
+                    match spent {
+                        Ok(Ok(true)) => continue,
+                        Ok(Ok(false)) => {}
+                        Ok(Err(e)) => {
+                            tracing::error!(error = %e, "could not delete the disk reserve")
+                        }
+                        Err(e) => tracing::error!(error = %e, "the disk reserve task failed"),
+                    }
+                }
                 let wait = backoff.next_delay(None);
                 tokio::select! {
                     _ = stopped(&mut stop) => return Ok(Appended::Stopped),
@@ -179,6 +192,8 @@ pub struct WorkerContext {
     pub metrics: Arc<Metrics>,
     /// Woken after every tombstone append, so compaction can look.
     pub compaction: Arc<tokio::sync::Notify>,
+    /// Spent when a seal or tombstone finds the spool full: forwarding is what frees space.
+    pub reserve: Option<Arc<crate::compaction::reserve::Reserve>>,
     /// Woken whenever a worker takes a batch from its inbox, so the dispatcher can feed a
     /// worker it had to leave behind (see `pipeline`).
     pub room: Arc<tokio::sync::Notify>,

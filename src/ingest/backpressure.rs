@@ -7,6 +7,7 @@
 //! | spool bytes ≥ `spool.quota_soft_bytes`       | ok   | ok     | 429 | `priority` |
 //! | free bytes < `spool.disk_free_soft_bytes`    | ok   | ok     | 429 | `priority` |
 //! | a real ENOSPC from the filesystem            | 429  | 429    | 429 | `enospc`   |
+//! | the disk reserve spent, not yet made again   | 429  | 429    | 429 | `reserve`  |
 //!
 //! `Retry-After` is the time the measured drain rate (bytes reclaimed by compaction per
 //! second, smoothed) needs to bring the tripped quantity back under its mark, clamped to
@@ -158,6 +159,24 @@ impl Backpressure {
     /// Below the hard marks (what `/readyz` reports).
     pub fn below_hard_marks(&self) -> bool {
         self.check(Priority::High).is_ok()
+    }
+
+    /// The refusal while the disk reserve is spent (`compaction::reserve`): its space is for
+    /// forwarding and compaction, which free more.
+    pub fn reserve_spent(&self, reserve_bytes: u64) -> Refusal {
+        let free = self.free_bytes.load(Ordering::Relaxed);
+        Refusal {
+            reason: "reserve",
+            limit: "spool.reserve_bytes",
+            limit_bytes: reserve_bytes,
+            current_bytes: free,
+            retry_after_secs: self.retry_after_secs(
+                self.disk_free_soft_bytes
+                    .saturating_add(reserve_bytes)
+                    .saturating_sub(free)
+                    .max(1),
+            ),
+        }
     }
 
     /// The refusal for a real ENOSPC from the filesystem.

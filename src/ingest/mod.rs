@@ -74,6 +74,8 @@ pub struct IngestState {
     /// only the first refusal of a run is logged, and the next success logs how many there were
     /// (every one is counted in `spoolgate_ingest_rejected_total{reason="enospc"}`).
     pub enospc_refusals: std::sync::atomic::AtomicU64,
+    /// The disk reserve (set by the daemon): while it is spent, ingest is refused.
+    pub reserve: OnceLock<Arc<crate::compaction::reserve::Reserve>>,
 }
 
 impl IngestState {
@@ -98,6 +100,7 @@ impl IngestState {
             inflight,
             draining: std::sync::atomic::AtomicBool::new(false),
             enospc_refusals: std::sync::atomic::AtomicU64::new(0),
+            reserve: OnceLock::new(),
         }
     }
 
@@ -353,6 +356,9 @@ async fn ingest(state: &IngestState, req: Request<Incoming>) -> HttpResponse {
         .unwrap_or(Priority::Normal);
     if let Err(refusal) = state.backpressure.check(lowest) {
         return refuse(state, &refusal);
+    }
+    if let Some(reserve) = state.reserve.get().filter(|r| r.refuses_ingest()) {
+        return refuse(state, &state.backpressure.reserve_spent(reserve.bytes()));
     }
 
     if let Err(limit) = state

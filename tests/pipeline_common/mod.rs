@@ -71,6 +71,7 @@ pub fn start_sharing(
         metrics: metrics.clone(),
         compaction: Arc::new(tokio::sync::Notify::new()),
         replay_end: scanned.end,
+        reserve: None,
     })
 }
 
