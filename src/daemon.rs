@@ -404,11 +404,12 @@ fn filesystem_with_failpoints() -> Arc<dyn crate::spool::fs::FileSystem> {
 /// Name of the file, in the data directory, that holds the bound listen addresses.
 pub const ADDRESSES_FILE: &str = "spoolgate.addr";
 
-/// Writes the address file (see [`write_addresses`]). It takes a few bytes of new space, which a filesystem filled to
-/// the last block does not have, and a daemon that cannot start cannot answer 429 or deliver
-/// what it holds: so on ENOSPC the disk reserve is spent (see `compaction::reserve`) and the
-/// write tried again, and without a reserve the stale file of the previous process is removed
-/// (tools that read it must not find its pid and ports) and the daemon starts without one.
+/// Writes the address file (see [`write_addresses`]). It takes a few bytes of new space, which
+/// a filesystem filled to the last block does not have, and a daemon that cannot start cannot
+/// answer 429 or deliver what it holds: so on ENOSPC the disk reserve is spent (see
+/// `compaction::reserve`) and the write tried again, and without a reserve the stale file of
+/// the previous process is removed (tools that read it must not find its pid and ports) and
+/// the daemon starts without one.
 fn publish_addresses(
     config: &Config,
     ingest: &TcpListener,
