@@ -352,6 +352,17 @@ fn a_restart_on_a_full_disk_recovers_everything_and_resumes_when_space_returns()
     assert_eq!(r.status, 202, "{}", r.text());
 }
 
+/// Posts 300 envelopes of 4,000 bytes (`c-0` … `c-299`), into the second 1 MiB segment, while
+/// the sink holds everything back.
+fn post_into_the_second_segment(d: &Daemon) {
+    let text = "c".repeat(4000);
+    for n in 0..300 {
+        let r = d.post_json(&json!({"source": "s", "id": format!("c-{n}"), "text": text}));
+        assert_eq!(r.status, 202, "{}", r.text());
+    }
+    assert!(d.metric("spoolgate_spool_segments") >= 2.0);
+}
+
 /// Compaction must write its checkpoints before it deletes anything, so a full disk fails its
 /// passes until space returns: they are counted, logged once as an error (not once a second),
 /// and the segments are deleted once it can write again.
@@ -360,13 +371,7 @@ fn without_a_reserve_compaction_on_a_full_disk_fails_quietly_and_deletes_once_sp
     let scratch = tempfile::tempdir().unwrap();
     let (sink, cfg) = HeldSink::start(scratch.path());
     let (fs, _, d) = daemon_on_tmpfs(&cfg, &["--set", "spool.reserve_bytes=0"]);
-    // Into the second 1 MiB segment, while the sink holds everything back.
-    let text = "c".repeat(4000);
-    for n in 0..300 {
-        let r = d.post_json(&json!({"source": "s", "id": format!("c-{n}"), "text": text}));
-        assert_eq!(r.status, 202, "{}", r.text());
-    }
-    assert!(d.metric("spoolgate_spool_segments") >= 2.0);
+    post_into_the_second_segment(&d);
 
     fs.fill("filler");
     sink.release();
@@ -397,13 +402,7 @@ fn compaction_on_a_disk_another_process_filled_spends_the_reserve_and_deletes_de
         std::fs::metadata(data.join("reserve")).unwrap().len(),
         RESERVE as u64
     );
-    // Into the second 1 MiB segment, while the sink holds everything back.
-    let text = "c".repeat(4000);
-    for n in 0..300 {
-        let r = d.post_json(&json!({"source": "s", "id": format!("c-{n}"), "text": text}));
-        assert_eq!(r.status, 202, "{}", r.text());
-    }
-    assert!(d.metric("spoolgate_spool_segments") >= 2.0);
+    post_into_the_second_segment(&d);
 
     // Another process takes every free block; the reserve is what is left to the daemon.
     fs.fill("filler");

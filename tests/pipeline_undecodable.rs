@@ -14,7 +14,23 @@ use spoolgate::config::ForwardConfig;
 use spoolgate::forward::ledger::Ledger;
 use spoolgate::metrics::Metrics;
 use spoolgate::ring::Ring;
-use spoolgate::spool::RecordKind;
+use spoolgate::spool::{Position, RecordKind, Spool};
+
+/// Appends envelope `before` of stream `t`, an undecodable envelope record, then envelope
+/// `after`; returns the undecodable record's position.
+async fn append_between_two_good_records(spool: &Spool) -> Position {
+    append(spool, "t", "before".into(), "First.".into()).await;
+    // 0xc1 is the one byte msgpack never uses: framed with a good CRC, it decodes to nothing.
+    let bad = spool
+        .append(vec![(
+            RecordKind::ENVELOPE,
+            Bytes::from_static(&[0xc1, 0x2a]),
+        )])
+        .await
+        .unwrap()[0];
+    append(spool, "t", "after".into(), "Last.".into()).await;
+    bad
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_undecodable_envelope_record_is_dead_lettered_as_hex_and_tombstoned_and_its_stream_goes_on(
@@ -36,16 +52,7 @@ async fn an_undecodable_envelope_record_is_dead_lettered_as_hex_and_tombstoned_a
         dir.path(),
     );
 
-    append(&spool, "t", "before".into(), "First.".into()).await;
-    // 0xc1 is the one byte msgpack never uses: framed with a good CRC, it decodes to nothing.
-    let bad = spool
-        .append(vec![(
-            RecordKind::ENVELOPE,
-            Bytes::from_static(&[0xc1, 0x2a]),
-        )])
-        .await
-        .unwrap()[0];
-    append(&spool, "t", "after".into(), "Last.".into()).await;
+    let bad = append_between_two_good_records(&spool).await;
 
     wait_until("both good records delivered", || {
         sink.delivered.lock().unwrap().len() == 2
@@ -124,15 +131,7 @@ async fn an_undecodable_record_whose_dead_letter_write_fails_stays_pending_and_i
         ledger.clone(),
     );
 
-    append(&spool, "t", "before".into(), "First.".into()).await;
-    let bad = spool
-        .append(vec![(
-            RecordKind::ENVELOPE,
-            Bytes::from_static(&[0xc1, 0x2a]),
-        )])
-        .await
-        .unwrap()[0];
-    append(&spool, "t", "after".into(), "Last.".into()).await;
+    let bad = append_between_two_good_records(&spool).await;
 
     let io_errors = || {
         metrics
