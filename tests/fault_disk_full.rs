@@ -483,7 +483,12 @@ fn a_restart_on_a_disk_full_to_the_last_block_spends_the_reserve_to_write_its_ad
     std::fs::remove_file(data.join("spoolgate.addr")).unwrap();
     fs.fill("filler");
 
-    d.restart();
+    // Not `restart`: the daemon recovers but does not turn ready while the reserve is spent.
+    d.spawn();
+    common::wait_for("/readyz to name the spent reserve", || {
+        let r = d.get("/readyz");
+        (r.status == 503 && r.json()["reason"] == "disk reserve spent").then_some(())
+    });
     assert_eq!(d.metric("spoolgate_spool_reserve_spent_total"), 1.0);
     assert!(
         d.log().contains("so that the daemon can start"),
@@ -499,6 +504,7 @@ fn a_restart_on_a_disk_full_to_the_last_block_spends_the_reserve_to_write_its_ad
 
     std::fs::remove_file(fs.path.join("filler")).unwrap();
     d.wait_metric("spoolgate_spool_reserve_bytes", |v| v == RESERVE);
+    d.wait_ready();
     let again = d.post_json(&envelope(1));
     assert_eq!(again.status, 202, "{}", again.text());
     assert_eq!(again.json()["envelopes"][0]["duplicate"], true);

@@ -14,7 +14,8 @@
 //! tombstones need room too (a new segment once the prepared one is full): so a seal or
 //! tombstone append that finds the spool full spends the reserve as well (`forward::worker`).
 //! While the reserve is spent, ingest is answered 429 (reason `reserve`), so that new
-//! envelopes do not take the space meant for the appends and checkpoints that free more.
+//! envelopes do not take the space meant for the appends and checkpoints that free more, and
+//! `/readyz` answers 503 (`disk reserve spent`), as above a hard watermark.
 //!
 //! A start on a filesystem full to the last block spends it too (`Reserve::spend_to_start`):
 //! the daemon's address file needs a new page, and a daemon that cannot start can neither

@@ -118,6 +118,11 @@ impl IngestState {
         if !self.backpressure.below_hard_marks() {
             return Err("above a hard watermark");
         }
+        // Ingest refuses every priority while the reserve is spent, as above a hard mark; an
+        // orchestrator should move traffic elsewhere until forwarding has freed the space.
+        if self.reserve.get().is_some_and(|r| r.refuses_ingest()) {
+            return Err("disk reserve spent");
+        }
         Ok(())
     }
 }
