@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# The crash-recovery drill on a full disk (not run in CI; needs root for the tmpfs).
+# Usage: scripts/full-disk-drill.sh [KILLS] [SEED]
+#
+# The data directory sits on a 48 MiB tmpfs of which a filler takes 40 MiB, the free-space
+# watermarks are off and segments are 1 MiB, so the spool itself fills the disk again and
+# again: ingest meets real ENOSPC (429 `enospc`), seals and tombstones find no room and spend
+# the 3 MiB disk reserve (429 `reserve`, /readyz 503 until it is made again), and compaction
+# runs on a full filesystem. The HTTP sink refuses one stream every other 500 ms
+# (`--flaky-stream`) so a backlog builds. Writes the report to
+# benches/results/drill-<time>-http-fulldisk.json and exits non-zero on any loss, any
+# non-identical duplicate or any broken chain; then prints what the daemon logged about the
+# reserve and ENOSPC, and fails if it logged a panic or a damaged segment.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+KILLS=${1:-60}
+SEED=${2:-67}
+OUT=benches/results
+mkdir -p "$OUT"
+cargo build --release --quiet
+MNT=$(mktemp -d "${TMPDIR:-/tmp}/full-disk-drill.XXXXXX")
+mount -t tmpfs -o size=48m tmpfs "$MNT"
+trap 'cp "$MNT/data.log" "${TMPDIR:-/tmp}/full-disk-drill-last.log" 2>/dev/null || true; umount "$MNT"; rmdir "$MNT"' EXIT
+# The filler: another process's 40 MiB, written (tmpfs has no fallocate of unwritten blocks).
+head -c $((40 * 1024 * 1024)) /dev/zero > "$MNT/filler"
+REPORT="$OUT/drill-$(date -u +%Y-%m-%dT%H%MZ)-http-fulldisk.json"
+time ./target/release/spoolgate drill --kills "$KILLS" --seed "$SEED" --sink http \
+    --flaky-stream --flip-rules --clients 4 --data-dir "$MNT/data" \
+    --set spool.segment_bytes_max=1048576 --set spool.record_bytes_max=65536 \
+    --set ingest.envelope_bytes_max=60000 --set spool.commit_batch_bytes_max=65536 \
+    --set spool.disk_free_soft_bytes=0 --set spool.disk_free_hard_bytes=0 \
+    --set spool.reserve_bytes=3145728 \
+    --set forward.batch_records_max=50 \
+    --report-json "$REPORT"
+# The drill's daemons log next to the data directory: on the full filesystem too.
+LOG="$MNT/data.log"
+if [ -f "$LOG" ]; then
+    echo "reserve spent: $(grep -c 'spent the disk reserve' "$LOG" || true)," \
+        "made again: $(grep -c 'holding the disk reserve' "$LOG" || true)," \
+        "runs of ENOSPC refusals: $(grep -c 'append refused: filesystem full' "$LOG" || true)"
+    if grep -E 'panicked|WARN.*(damaged|torn)' "$LOG"; then
+        echo "the daemon logged a panic or a damaged segment" >&2
+        exit 1
+    fi
+fi
