@@ -1,7 +1,8 @@
 //! An envelope record whose CRC holds but whose payload does not decode, in process: it cannot
 //! be forwarded, so it is dead-lettered as raw bytes and tombstoned, and the records of its
 //! stream around it are delivered in order, gapless. When the dead-letter write fails, the
-//! record stays pending (compaction keeps its segment) and forwarding waits for it.
+//! record stays pending (compaction keeps its segment) and forwarding waits for it; when its
+//! tombstone finds the spool full, it spends the disk reserve, as a worker's would.
 
 mod pipeline_common;
 
@@ -17,9 +18,9 @@ use spoolgate::ring::Ring;
 use spoolgate::spool::{Position, RecordKind, Spool};
 
 /// Appends envelope `before` of stream `t`, an undecodable envelope record, then envelope
-/// `after`; returns the undecodable record's position.
-async fn append_between_two_good_records(spool: &Spool) -> Position {
-    append(spool, "t", "before".into(), "First.".into()).await;
+/// `after`; returns the positions of `before` and of the undecodable record.
+async fn append_between_two_good_records(spool: &Spool) -> (Position, Position) {
+    let before = append(spool, "t", "before".into(), "First.".into()).await;
     // 0xc1 is the one byte msgpack never uses: framed with a good CRC, it decodes to nothing.
     let bad = spool
         .append(vec![(
@@ -29,7 +30,7 @@ async fn append_between_two_good_records(spool: &Spool) -> Position {
         .await
         .unwrap()[0];
     append(spool, "t", "after".into(), "Last.".into()).await;
-    bad
+    (before, bad)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -52,7 +53,7 @@ async fn an_undecodable_envelope_record_is_dead_lettered_as_hex_and_tombstoned_a
         dir.path(),
     );
 
-    let bad = append_between_two_good_records(&spool).await;
+    let (_, bad) = append_between_two_good_records(&spool).await;
 
     wait_until("both good records delivered", || {
         sink.delivered.lock().unwrap().len() == 2
@@ -131,7 +132,7 @@ async fn an_undecodable_record_whose_dead_letter_write_fails_stays_pending_and_i
         ledger.clone(),
     );
 
-    let bad = append_between_two_good_records(&spool).await;
+    let (_, bad) = append_between_two_good_records(&spool).await;
 
     let io_errors = || {
         metrics
@@ -168,5 +169,79 @@ async fn an_undecodable_record_whose_dead_letter_write_fails_stays_pending_and_i
     assert_eq!(undecodable(), 1);
     wait_until("the bad record completed", || !ledger.is_pending(bad)).await;
     assert_eq!(std::fs::read_dir(&dl).unwrap().count(), 1);
+    pipeline.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_undecodable_record_whose_tombstone_finds_the_spool_full_spends_the_disk_reserve() {
+    use spoolgate::compaction::reserve::Reserve;
+    use spoolgate::spool::fs::{FaultFs, Faults, StdFs};
+    use std::sync::atomic::Ordering;
+
+    let dir = tempfile::tempdir().unwrap();
+    let metrics = Arc::new(Metrics::new());
+    let ring = Arc::new(Ring::new(1024, 1 << 20, metrics.clone()));
+    let faults = Faults::new();
+    let spool = pipeline_common::open_spool_fs(
+        dir.path(),
+        &ring,
+        &metrics,
+        Arc::new(FaultFs::new(StdFs, faults.clone())),
+    );
+    let sink = Arc::new(RecordingSink::default());
+    let ledger = Arc::new(Ledger::default());
+    let reserve = Arc::new(Reserve::new(
+        dir.path(),
+        4096,
+        0,
+        metrics.spool_reserve_bytes.clone(),
+        metrics.spool_reserve_spent_total.clone(),
+    ));
+    assert!(reserve.keep(u64::MAX).unwrap());
+    // The dead-letter directory is in the way until the spool is full, so that the record's
+    // tombstone is what meets the full spool, not an envelope of a worker before it.
+    let dl = dir.path().join("dl");
+    std::fs::write(&dl, b"in the way").unwrap();
+    let mut parts = pipeline_common::parts_sharing(
+        &spool,
+        ring,
+        &metrics,
+        sink.clone(),
+        ForwardConfig {
+            linger_ms: 1,
+            retry_initial_ms: 1,
+            retry_max_ms: 10,
+            ..ForwardConfig::default()
+        },
+        dir.path(),
+        Default::default(),
+        ledger.clone(),
+    );
+    parts.reserve = Some(reserve.clone());
+    let pipeline = spoolgate::forward::pipeline::Pipeline::start(parts);
+
+    let (before, bad) = append_between_two_good_records(&spool).await;
+    wait_until("the record before it delivered and tombstoned", || {
+        sink.delivered.lock().unwrap().len() == 1 && !ledger.is_pending(before)
+    })
+    .await;
+    faults.enospc_writes.store(true, Ordering::SeqCst);
+    std::fs::remove_file(&dl).unwrap();
+
+    wait_until("the reserve spent for the tombstone", || {
+        metrics.spool_reserve_spent_total.get() == 1
+    })
+    .await;
+    assert!(!reserve.path().exists());
+    assert!(reserve.refuses_ingest());
+
+    // The fault stands for a disk the reserve did not free enough of: the tombstone waits
+    // until there is room, then the stream goes on.
+    faults.enospc_writes.store(false, Ordering::SeqCst);
+    wait_until("the bad record completed", || !ledger.is_pending(bad)).await;
+    wait_until("the record after it delivered", || {
+        sink.delivered.lock().unwrap().len() == 2
+    })
+    .await;
     pipeline.shutdown().await;
 }

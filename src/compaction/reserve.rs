@@ -12,7 +12,8 @@
 //! checkpoint holds one segment's entries at most and fits in what the reserve gave back.
 //! Compaction only frees segments whose envelopes are tombstoned, and their seals and
 //! tombstones need room too (a new segment once the prepared one is full): so a seal or
-//! tombstone append that finds the spool full spends the reserve as well (`forward::worker`).
+//! tombstone append that finds the spool full spends the reserve as well (`forward::worker`,
+//! and the dispatcher's tombstone for an undecodable record in `forward::pipeline`).
 //! While the reserve is spent, ingest is answered 429 (reason `reserve`), so that new
 //! envelopes do not take the space meant for the appends and checkpoints that free more, and
 //! `/readyz` answers 503 (`disk reserve spent`), as above a hard watermark.
@@ -223,6 +224,30 @@ impl Reserve {
             Err(e) => return Err(e),
         }
         sync_dir(&self.dir)
+    }
+}
+
+/// Spends `reserve`, when one is held, for a spool append of `who` that found the filesystem
+/// full (a seal, a tombstone): forwarding and tombstoning are what let compaction free space.
+/// True when it was spent by this call, so the caller retries its append at once; false when
+/// there was none to spend (the caller waits and retries as before).
+pub async fn spend_for_append(
+    reserve: Option<&std::sync::Arc<Reserve>>,
+    who: &'static str,
+) -> bool {
+    let Some(reserve) = reserve.filter(|r| r.held()).cloned() else {
+        return false;
+    };
+    match tokio::task::spawn_blocking(move || reserve.spend(who)).await {
+        Ok(Ok(spent)) => spent,
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "could not delete the disk reserve");
+            false
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "the disk reserve task failed");
+            false
+        }
     }
 }
 

@@ -190,6 +190,7 @@ async fn supervise(parts: PipelineParts, mut stop: watch::Receiver<bool>) {
             },
             retry_initial: Duration::from_millis(parts.config.retry_initial_ms),
             retry_max: Duration::from_millis(parts.config.retry_max_ms),
+            reserve: parts.reserve.clone(),
             stop: epoch_rx.clone(),
         };
         first_epoch = false;
@@ -294,6 +295,9 @@ struct Dispatcher {
     /// waiting for dead-letter room or for space for its tombstone) use too.
     retry_initial: Duration,
     retry_max: Duration,
+    /// The disk reserve, spent when the tombstone of an undecodable record finds the spool
+    /// full, as a worker's tombstone would.
+    reserve: Option<Arc<crate::compaction::reserve::Reserve>>,
     stop: watch::Receiver<bool>,
 }
 
@@ -707,6 +711,12 @@ impl Dispatcher {
                     return true;
                 }
                 Err(SpoolError::Full(_)) => {
+                    let who = "tombstone of an undecodable record";
+                    if crate::compaction::reserve::spend_for_append(self.reserve.as_ref(), who)
+                        .await
+                    {
+                        continue;
+                    }
                     if !self.wait(backoff.next_delay(None)).await {
                         return false;
                     }

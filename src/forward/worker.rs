@@ -137,16 +137,8 @@ async fn append_when_space(
                 }
                 // Delivering and tombstoning is what lets compaction free space, so the
                 // reserve goes to this append; ingest is refused until it is made again.
-                if let Some(reserve) = ctx.reserve.clone().filter(|r| r.held()) {
-                    let spent = tokio::task::spawn_blocking(move || reserve.spend(what)).await;
-                    match spent {
-                        Ok(Ok(true)) => continue,
-                        Ok(Ok(false)) => {}
-                        Ok(Err(e)) => {
-                            tracing::error!(error = %e, "could not delete the disk reserve")
-                        }
-                        Err(e) => tracing::error!(error = %e, "the disk reserve task failed"),
-                    }
+                if crate::compaction::reserve::spend_for_append(ctx.reserve.as_ref(), what).await {
+                    continue;
                 }
                 let wait = backoff.next_delay(None);
                 tokio::select! {

@@ -56,10 +56,27 @@ pub fn start_sharing(
     chains: Arc<Mutex<Chains>>,
     ledger: Arc<Ledger>,
 ) -> Pipeline {
+    Pipeline::start(parts_sharing(
+        spool, ring, metrics, sink, config, scratch, chains, ledger,
+    ))
+}
+
+/// What [`start_sharing`] starts, for a test that changes a part first (a disk reserve, say).
+#[allow(clippy::too_many_arguments)]
+pub fn parts_sharing(
+    spool: &Spool,
+    ring: Arc<Ring>,
+    metrics: &Arc<Metrics>,
+    sink: Arc<dyn Sink>,
+    config: ForwardConfig,
+    scratch: &Path,
+    chains: Arc<Mutex<Chains>>,
+    ledger: Arc<Ledger>,
+) -> PipelineParts {
     let scanned = ledger::scan(spool, &ledger, 0, |_, _| {}, |_| {}).unwrap();
     let mut sinks: BTreeMap<String, Arc<dyn Sink>> = BTreeMap::new();
     sinks.insert("default".into(), sink);
-    Pipeline::start(PipelineParts {
+    PipelineParts {
         spool: spool.clone(),
         ring,
         gate: Arc::new(Gate::new(&GateConfig::default(), metrics.clone()).unwrap()),
@@ -72,7 +89,7 @@ pub fn start_sharing(
         compaction: Arc::new(tokio::sync::Notify::new()),
         replay_end: scanned.end,
         reserve: None,
-    })
+    }
 }
 
 /// Opens a spool under `dir` with 1 MiB segments and 64 KiB records, durability `always`,
