@@ -118,6 +118,7 @@ pub async fn run(config: Config) -> Result<Exit, DaemonError> {
     let reserve = Arc::new(crate::compaction::reserve::Reserve::new(
         &config.data_dir,
         config.spool.reserve_bytes,
+        config.spool.disk_free_hard_bytes,
         config.spool.disk_free_soft_bytes,
         metrics.spool_reserve_bytes.clone(),
         metrics.spool_reserve_spent_total.clone(),

@@ -301,6 +301,8 @@ fn start_daemon(
         }
         std::thread::sleep(Duration::from_millis(5));
     };
+    // The last answer of /readyz, so that a daemon that never turns ready says why.
+    let mut last_answer = String::from("no answer");
     loop {
         if let Some(status) = child.try_wait()? {
             return Err(DrillError::Daemon(format!(
@@ -309,15 +311,16 @@ fn start_daemon(
         }
         if started.elapsed() > WAIT_MAX {
             let _ = child.kill();
-            return Err(DrillError::Daemon(
-                "daemon did not become ready in time".into(),
-            ));
+            return Err(DrillError::Daemon(format!(
+                "daemon did not become ready in time; /readyz last answered: {last_answer}"
+            )));
         }
-        if matches!(
-            http(&metrics, "GET", "/readyz", "text/plain", b""),
-            Ok((200, _))
-        ) {
-            break;
+        match http(&metrics, "GET", "/readyz", "text/plain", b"") {
+            Ok((200, _)) => break,
+            Ok((status, body)) => {
+                last_answer = format!("{status} {}", String::from_utf8_lossy(&body));
+            }
+            Err(e) => last_answer = e.to_string(),
         }
         std::thread::sleep(Duration::from_millis(5));
     }
@@ -528,6 +531,14 @@ pub fn run(opts: &DrillOptions) -> Result<DrillReport, DrillError> {
             let waited = Instant::now();
             while got.load(Ordering::Relaxed) < target && waited.elapsed() < WAIT_MAX {
                 std::thread::sleep(Duration::from_millis(1));
+            }
+            if got.load(Ordering::Relaxed) < target {
+                tracing::warn!(
+                    round,
+                    target,
+                    acknowledged = got.load(Ordering::Relaxed),
+                    "the round's acknowledgements did not come in time; killing anyway"
+                );
             }
             let _ = running.child.kill();
             let _ = running.child.wait();

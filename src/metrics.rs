@@ -226,7 +226,7 @@ impl Metrics {
             compaction_bytes_reclaimed_total: counter(&r, "spoolgate_compaction_bytes_reclaimed_total", "Bytes freed by deleting segments."),
             compaction_errors_total: counter(&r, "spoolgate_compaction_errors_total", "Compaction passes that failed (a checkpoint or a deletion could not be written); the segments are kept and the pass is retried."),
             spool_reserve_bytes: gauge(&r, "spoolgate_spool_reserve_bytes", "Bytes held in <data_dir>/reserve for forwarding and compaction to spend on a full filesystem; 0 while spent, not yet made, or off (spool.reserve_bytes = 0)."),
-            spool_reserve_spent_total: counter(&r, "spoolgate_spool_reserve_spent_total", "Times the disk reserve was deleted for room: by a seal or tombstone append or a compaction pass that found the filesystem full, or by a start with no room for its address file."),
+            spool_reserve_spent_total: counter(&r, "spoolgate_spool_reserve_spent_total", "Times the disk reserve was emptied for room: by a seal or tombstone append or a compaction pass that found the filesystem full, or by a start with no room for its address file."),
 
             replay_recovered_total: counter(&r, "spoolgate_replay_recovered_total", "Acknowledged, untombstoned records replayed to the consumers at the last start."),
             recovery_corrupt_records_dropped_total: counter(&r, "spoolgate_recovery_corrupt_records_dropped_total", "Records dropped as corrupt by recovery at the last start (damaged frames counted once each)."),

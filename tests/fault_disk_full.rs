@@ -424,6 +424,70 @@ fn compaction_on_a_disk_another_process_filled_spends_the_reserve_and_deletes_de
     );
 }
 
+/// The reserve is made again only with `disk_free_soft_bytes` + its size free. When that much
+/// does not come free (here: a soft mark larger than the filesystem, standing for space
+/// another process keeps), the spent reserve is kept as free space instead: ingest resumes
+/// once `disk_free_hard_bytes` + its size is free, and stops again below that, also after a
+/// restart (the emptied file remembers).
+#[test]
+fn a_spent_reserve_that_cannot_be_made_again_is_kept_as_free_space_across_a_restart() {
+    const RESERVE: u64 = 1 << 20;
+    let scratch = tempfile::tempdir().unwrap();
+    let (sink, cfg) = HeldSink::start(scratch.path());
+    let fs = Tmpfs::mount("8m");
+    let data = fs.path.join("data");
+    // A reserve file of the configured size is held as found, room or not.
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::write(data.join("reserve"), vec![0u8; RESERVE as usize]).unwrap();
+    let args = [
+        &small_spool_args()[..],
+        &[
+            "--config",
+            cfg.to_str().unwrap(),
+            "--set",
+            "spool.reserve_bytes=1048576",
+            "--set",
+            "spool.disk_free_soft_bytes=1073741824",
+        ],
+    ]
+    .concat();
+    let mut d = Daemon::start_in(&data, &args, &[]);
+    d.wait_metric("spoolgate_spool_reserve_bytes", |v| v == RESERVE as f64);
+    post_into_the_second_segment(&d);
+
+    fs.fill("filler");
+    sink.release();
+    d.wait_metric("spoolgate_spool_reserve_spent_total", |v| v >= 1.0);
+    d.wait_metric("spoolgate_spool_pending_records", |v| v == 0.0);
+    assert_eq!(common::ids(&sink.sink.delivered()).len(), 300);
+    assert_eq!(std::fs::metadata(data.join("reserve")).unwrap().len(), 0);
+
+    // With room above the reserve's size the daemon is ready and takes envelopes, though it
+    // cannot make the reserve again.
+    std::fs::remove_file(fs.path.join("filler")).unwrap();
+    common::wait_for("/readyz to answer 200 again", || {
+        (d.get("/readyz").status == 200).then_some(())
+    });
+    let r = d.post_json(&json!({"source": "s", "id": "after", "text": "After the reserve."}));
+    assert_eq!(r.status, 202, "{}", r.text());
+    assert_eq!(d.metric("spoolgate_spool_reserve_bytes"), 0.0);
+
+    // A restart finds the emptied file: the reserve is still spent, and once the free space
+    // falls below its size, ingest is refused for it rather than running into ENOSPC.
+    d.kill9();
+    d.restart();
+    fs.fill("filler");
+    d.wait_metric("spoolgate_spool_filesystem_free_bytes", |v| {
+        v < RESERVE as f64
+    });
+    let refused = d.post_json(&json!({"source": "s", "id": "refused", "text": "No room."}));
+    assert_eq!(refused.status, 429, "{}", refused.text());
+    assert_eq!(refused.json()["reason"], "reserve", "{}", refused.text());
+    assert_eq!(refused.json()["limit_bytes"], RESERVE, "{}", refused.text());
+    assert_eq!(d.get("/readyz").json()["reason"], "disk reserve spent");
+    assert_no_segment_damaged(&d.log());
+}
+
 /// Starts the daemon of `d` again as the harness does, but leaves the address file alone and
 /// reads the bound addresses from the daemon's log ("spoolgate starting ingest=… metrics=…"):
 /// on a filesystem too full for an address file, the daemon starts without one.

@@ -198,6 +198,7 @@ async fn a_checkpoint_taken_while_a_seal_is_not_yet_durable_names_the_head_befor
             dir.path(),
             0,
             0,
+            0,
             metrics.spool_reserve_bytes.clone(),
             metrics.spool_reserve_spent_total.clone(),
         )),

@@ -194,6 +194,7 @@ async fn an_undecodable_record_whose_tombstone_finds_the_spool_full_spends_the_d
         dir.path(),
         4096,
         0,
+        0,
         metrics.spool_reserve_bytes.clone(),
         metrics.spool_reserve_spent_total.clone(),
     ));
@@ -232,8 +233,8 @@ async fn an_undecodable_record_whose_tombstone_finds_the_spool_full_spends_the_d
         metrics.spool_reserve_spent_total.get() == 1
     })
     .await;
-    assert!(!reserve.path().exists());
-    assert!(reserve.refuses_ingest());
+    assert_eq!(std::fs::metadata(reserve.path()).unwrap().len(), 0);
+    assert!(reserve.refuses_ingest(0));
 
     // The fault stands for a disk the reserve did not free enough of: the tombstone waits
     // until there is room, then the stream goes on.

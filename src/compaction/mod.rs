@@ -24,8 +24,8 @@
 //!
 //! Both checkpoints are new files, so a pass needs free space before it can free any. On a
 //! filesystem another process has filled, the [`reserve`] gives it that space: the first pass
-//! that fails for lack of space deletes the reserve and runs again, one segment per pass until
-//! the reserve is made again.
+//! that fails for lack of space spends (empties) the reserve and runs again, one segment per
+//! pass until the reserve is made again.
 //!
 //! A compaction pass runs after tombstones are written (the workers notify it) and at least
 //! every [`COMPACTION_INTERVAL`]; the same loop refreshes the pending-work gauges, which every
@@ -115,7 +115,9 @@ impl Compactor {
                     }
                     again = one_segment && freed > 0;
                 }
-                Err(CompactionError::NoSpace(_)) if self.spend_reserve().await => {
+                Err(CompactionError::NoSpace(_))
+                    if reserve::spend_when_full(Some(&self.reserve), "compaction").await =>
+                {
                     again = true;
                 }
                 Err(e) => {
@@ -148,23 +150,6 @@ impl Compactor {
                 tracing::debug!(error = %e, "could not make the disk reserve");
             }
             Err(e) => tracing::warn!(error = %e, "the disk reserve task failed"),
-        }
-    }
-
-    /// Deletes the reserve after a pass failed for lack of space; true if there was one to
-    /// spend, so that the pass is worth running again at once.
-    async fn spend_reserve(&self) -> bool {
-        let reserve = self.reserve.clone();
-        match tokio::task::spawn_blocking(move || reserve.spend("compaction")).await {
-            Ok(Ok(spent)) => spent,
-            Ok(Err(e)) => {
-                tracing::error!(error = %e, "could not delete the disk reserve");
-                false
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "the disk reserve task failed");
-                false
-            }
         }
     }
 

@@ -1,5 +1,5 @@
-//! The reserve: space held back on the data filesystem so that compaction can still run when
-//! another process has filled it.
+//! The reserve: space held back on the data filesystem so that forwarding and compaction can
+//! still free space when the filesystem is full.
 //!
 //! Compaction frees space only after it has written two checkpoints, the chain heads and the
 //! dedup entries of the segments it deletes, and both are new files. On a filesystem that
@@ -7,36 +7,42 @@
 //! on disk until an operator frees space: the spool cannot shrink when shrinking matters most.
 //! So the daemon holds `spool.reserve_bytes` in `<data_dir>/reserve`, a file whose blocks are
 //! allocated (`fallocate`, or zeros written where the filesystem cannot) and fsync'd. When a
-//! compaction pass fails for lack of space, the compactor deletes the file and runs the pass
+//! compaction pass fails for lack of space, the compactor spends the reserve and runs the pass
 //! again; while the reserve is spent, each pass deletes at most one segment, so its dedup
 //! checkpoint holds one segment's entries at most and fits in what the reserve gave back.
 //! Compaction only frees segments whose envelopes are tombstoned, and their seals and
 //! tombstones need room too (a new segment once the prepared one is full): so a seal or
 //! tombstone append that finds the spool full spends the reserve as well (`forward::worker`,
-//! and the dispatcher's tombstone for an undecodable record in `forward::pipeline`).
-//! While the reserve is spent, ingest is answered 429 (reason `reserve`), so that new
-//! envelopes do not take the space meant for the appends and checkpoints that free more, and
-//! `/readyz` answers 503 (`disk reserve spent`), as above a hard watermark.
+//! and the dispatcher's tombstone for an undecodable record in `forward::pipeline`). A start
+//! on a filesystem full to the last block spends it too (`Reserve::spend_to_start`): the
+//! daemon's address file needs a new page, and a daemon that cannot start can neither answer
+//! 429 nor deliver what it holds.
 //!
-//! A start on a filesystem full to the last block spends it too (`Reserve::spend_to_start`):
-//! the daemon's address file needs a new page, and a daemon that cannot start can neither
-//! answer 429 nor deliver what it holds.
+//! Spending truncates the file to zero length rather than deleting it: the empty file records,
+//! across restarts, that the reserve is spent. While it is spent, the reserve is kept as free
+//! space instead of as a file: ingest is answered 429 (reason `reserve`) and `/readyz` 503
+//! while the filesystem has less than `spool.disk_free_hard_bytes + spool.reserve_bytes` free,
+//! the same room ingest leaves while the reserve is held (the hard watermark, with the file
+//! counted as used). So new envelopes cannot take the space meant for the appends and
+//! checkpoints that free more, and a restart does not forget it; yet a filesystem whose free
+//! space never again reaches what making the file takes (another process keeps it) does not
+//! refuse ingest forever. The file is made again once `spool.disk_free_soft_bytes +
+//! spool.reserve_bytes` is free, so that making it never trips a free-space watermark by
+//! itself.
 //!
-//! The reserve is made again once the filesystem has `spool.disk_free_soft_bytes +
-//! spool.reserve_bytes` free, so that making it never trips a free-space watermark by itself.
-//! An operator may delete the file by hand to free space at once; the daemon makes it again
-//! when there is room.
+//! | `<data_dir>/reserve` found            | state  | action                                        |
+//! |---------------------------------------|--------|-----------------------------------------------|
+//! | `reserve_bytes` is 0                  | off    | removed if present; nothing is held           |
+//! | present, exactly `reserve_bytes` long | held   | kept                                          |
+//! | present, empty                        | spent  | made again when there is room, as below       |
+//! | present, any other length             | absent | removed (a changed config), then as if absent |
+//! | absent, room as above                 | held   | made: temp file, allocate, fsync, rename over |
+//! | absent, no room, or the make fails    | absent | tried again at every compaction pass          |
 //!
-//! | `<data_dir>/reserve` found            | action                                              |
-//! |---------------------------------------|-----------------------------------------------------|
-//! | `reserve_bytes` is 0                  | removed if present; nothing is held                 |
-//! | present, exactly `reserve_bytes` long | held                                                |
-//! | present, any other length             | removed (a changed config), then as if absent       |
-//! | absent, room as above                 | made: temp file, allocate, fsync, rename, dir fsync |
-//! | absent, no room, or the make fails    | not held; tried again at every compaction pass      |
-//!
-//! A kill while the reserve is being made leaves a `.tmp*` file, which start-up removes like
-//! any other interrupted atomic write; a `reserve` file is therefore always whole.
+//! An absent reserve (a first start on a small filesystem, or a file an operator deleted by
+//! hand to free space at once) refuses nothing; the daemon makes it when there is room. A
+//! kill while the reserve is being made leaves a `.tmp*` file, which start-up removes like any
+//! other interrupted atomic write; a `reserve` file is therefore whole, or empty.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -53,37 +59,43 @@ const ZEROS_CHUNK_BYTES: usize = 1 << 20;
 pub struct Reserve {
     dir: PathBuf,
     bytes: u64,
-    /// Free bytes the filesystem must keep after the reserve is made
-    /// (`spool.disk_free_soft_bytes`).
-    free_floor_bytes: u64,
+    /// Free bytes below which ingest is refused while the reserve is spent
+    /// (`spool.disk_free_hard_bytes + spool.reserve_bytes`).
+    spent_floor_bytes: u64,
+    /// Free bytes the filesystem must have for the reserve to be made
+    /// (`spool.disk_free_soft_bytes + spool.reserve_bytes`).
+    make_floor_bytes: u64,
     /// True while `<dir>/reserve` is whole and ours to spend.
     held: AtomicBool,
-    /// Set when the reserve is spent, cleared when it is made again: ingest is refused
-    /// meanwhile, so that the space it gave back goes to seals, tombstones and checkpoints,
-    /// which free space, rather than to new envelopes.
-    refusing_ingest: AtomicBool,
+    /// True from the moment the reserve is spent (or found empty at start-up) until it is
+    /// made again: the reserve is then kept as free space (see the module doc).
+    spent: AtomicBool,
     /// `spoolgate_spool_reserve_bytes`.
     gauge: IntGauge,
     /// `spoolgate_spool_reserve_spent_total`.
-    spent: IntCounter,
+    spent_total: IntCounter,
 }
 
 impl Reserve {
+    /// `disk_free_hard_bytes` and `disk_free_soft_bytes` are the spool's free-space
+    /// watermarks, which the reserve's own floors sit above.
     pub fn new(
         dir: &Path,
         bytes: u64,
-        free_floor_bytes: u64,
+        disk_free_hard_bytes: u64,
+        disk_free_soft_bytes: u64,
         gauge: IntGauge,
-        spent: IntCounter,
+        spent_total: IntCounter,
     ) -> Reserve {
         Reserve {
             dir: dir.to_path_buf(),
             bytes,
-            free_floor_bytes,
+            spent_floor_bytes: disk_free_hard_bytes.saturating_add(bytes),
+            make_floor_bytes: disk_free_soft_bytes.saturating_add(bytes),
             held: AtomicBool::new(false),
-            refusing_ingest: AtomicBool::new(false),
+            spent: AtomicBool::new(false),
             gauge,
-            spent,
+            spent_total,
         }
     }
 
@@ -101,9 +113,15 @@ impl Reserve {
         self.bytes
     }
 
-    /// True from the moment the reserve is spent until it is made again.
-    pub fn refuses_ingest(&self) -> bool {
-        self.refusing_ingest.load(Ordering::Relaxed)
+    /// Free bytes below which ingest is refused while the reserve is spent.
+    pub fn spent_floor_bytes(&self) -> u64 {
+        self.spent_floor_bytes
+    }
+
+    /// True while the reserve is spent and the filesystem has less than
+    /// [`Reserve::spent_floor_bytes`] free: ingest is refused (429, reason `reserve`).
+    pub fn refuses_ingest(&self, free_bytes: u64) -> bool {
+        self.spent.load(Ordering::Acquire) && !self.held() && free_bytes < self.spent_floor_bytes
     }
 
     /// True when a reserve is configured but not held: compaction then deletes one segment per
@@ -121,43 +139,50 @@ impl Reserve {
             Err(e) if e.kind() == io::ErrorKind::NotFound => None,
             Err(e) => return Err(e),
         };
-        if self.held() {
-            if found == Some(self.bytes) {
-                return Ok(true);
-            }
-            // An operator deleted it to free space at once (or replaced it): no longer held.
-            tracing::warn!(path = %path.display(), "the disk reserve was removed by someone else");
-            self.set_held(false);
-        }
         if self.bytes == 0 {
             if found.is_some() {
                 self.remove(&path)?;
             }
+            self.set_held(false);
             return Ok(false);
         }
-        if found == Some(self.bytes) {
-            self.set_held(true);
-            self.refusing_ingest.store(false, Ordering::Relaxed);
-            return Ok(true);
+        if self.held() {
+            if found == Some(self.bytes) {
+                return Ok(true);
+            }
+            // An operator deleted it to free space at once (or replaced it): no longer held,
+            // and not spent by the daemon, so nothing is refused for it.
+            tracing::warn!(path = %path.display(), "the disk reserve was removed by someone else");
+            self.set_held(false);
         }
-        // A file of another length is a reserve made under another config: what it holds
-        // counts as free for the decision below, since removing it gives it back.
         let mut free = free_bytes;
-        if let Some(len) = found {
-            self.remove(&path)?;
-            free = free.saturating_add(len);
+        match found {
+            Some(len) if len == self.bytes => {
+                self.set_held(true);
+                self.spent.store(false, Ordering::Release);
+                return Ok(true);
+            }
+            // Spent before a restart: kept as free space until it can be made again.
+            Some(0) => self.spent.store(true, Ordering::Release),
+            // A reserve made under another config: what it holds counts as free for the
+            // decision below, since removing it gives it back.
+            Some(len) => {
+                self.remove(&path)?;
+                free = free.saturating_add(len);
+            }
+            None => {}
         }
-        if free < self.free_floor_bytes.saturating_add(self.bytes) {
+        if free < self.make_floor_bytes {
             return Ok(false);
         }
         self.make(&path)?;
         self.set_held(true);
-        self.refusing_ingest.store(false, Ordering::Relaxed);
+        self.spent.store(false, Ordering::Release);
         tracing::info!(bytes = self.bytes, path = %path.display(), "holding the disk reserve");
         Ok(true)
     }
 
-    /// Deletes the reserve so that compaction and forwarding can use its space; `who` says
+    /// Empties the reserve so that compaction and forwarding can use its space; `who` says
     /// which ran out of room. Blocking; false when it was not held (or another caller spent
     /// it first).
     pub fn spend(&self, who: &str) -> io::Result<bool> {
@@ -168,34 +193,40 @@ impl Reserve {
         {
             return Ok(false);
         }
-        self.refusing_ingest.store(true, Ordering::Relaxed);
+        self.spent.store(true, Ordering::Release);
         self.set_held(false);
         let path = self.path();
-        self.remove(&path)?;
-        self.spent.inc();
+        self.empty(&path)?;
+        self.spent_total.inc();
         tracing::warn!(
             bytes = self.bytes,
             path = %path.display(),
             needed_by = who,
-            "the data filesystem is full: spent the disk reserve so that forwarding and compaction can go on and free space; ingest is refused until it is made again"
+            ingest_refused_below_free_bytes = self.spent_floor_bytes,
+            "the data filesystem is full: spent the disk reserve so that forwarding and compaction can go on and free space; until it is made again, ingest is refused while less than the hard watermark plus the reserve is free"
         );
         Ok(true)
     }
 
-    /// Deletes a reserve file found at start-up, held or not, so that the daemon can write
-    /// what it needs to start on a full filesystem. Blocking; false when there was none.
+    /// Empties a reserve file found at start-up, held or not, so that the daemon can write
+    /// what it needs to start on a full filesystem. Blocking; false when there was none, or it
+    /// was already empty.
     pub fn spend_to_start(&self) -> io::Result<bool> {
         let path = self.path();
-        if !path.exists() {
-            return Ok(false);
+        match std::fs::metadata(&path) {
+            Ok(m) if m.len() > 0 => {}
+            Ok(_) => return Ok(false),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(e),
         }
-        self.remove(&path)?;
+        self.empty(&path)?;
         self.set_held(false);
-        self.refusing_ingest.store(true, Ordering::Relaxed);
-        self.spent.inc();
+        self.spent.store(true, Ordering::Release);
+        self.spent_total.inc();
         tracing::warn!(
             path = %path.display(),
-            "the data filesystem is full: spent the disk reserve so that the daemon can start; ingest is refused until it is made again"
+            ingest_refused_below_free_bytes = self.spent_floor_bytes,
+            "the data filesystem is full: spent the disk reserve so that the daemon can start; until it is made again, ingest is refused while less than the hard watermark plus the reserve is free"
         );
         Ok(true)
     }
@@ -217,6 +248,19 @@ impl Reserve {
         sync_dir(&self.dir)
     }
 
+    /// Truncates the file to zero length and makes that durable: its blocks are free, and a
+    /// restart finds the reserve spent. A missing file (deleted by hand) is left missing.
+    fn empty(&self, path: &Path) -> io::Result<()> {
+        match std::fs::OpenOptions::new().write(true).open(path) {
+            Ok(file) => {
+                file.set_len(0)?;
+                file.sync_all()
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
     fn remove(&self, path: &Path) -> io::Result<()> {
         match std::fs::remove_file(path) {
             Ok(()) => {}
@@ -227,14 +271,11 @@ impl Reserve {
     }
 }
 
-/// Spends `reserve`, when one is held, for a spool append of `who` that found the filesystem
-/// full (a seal, a tombstone): forwarding and tombstoning are what let compaction free space.
-/// True when it was spent by this call, so the caller retries its append at once; false when
+/// Spends `reserve`, when one is held, for `who`, which found the filesystem full (a seal or
+/// tombstone append, a compaction pass): forwarding, tombstoning and compaction are what free
+/// space. True when it was spent by this call, so the caller tries again at once; false when
 /// there was none to spend (the caller waits and retries as before).
-pub async fn spend_for_append(
-    reserve: Option<&std::sync::Arc<Reserve>>,
-    who: &'static str,
-) -> bool {
+pub async fn spend_when_full(reserve: Option<&std::sync::Arc<Reserve>>, who: &'static str) -> bool {
     let Some(reserve) = reserve.filter(|r| r.held()).cloned() else {
         return false;
     };
@@ -278,53 +319,88 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
 mod tests {
     use super::*;
 
-    fn reserve(dir: &Path, bytes: u64, floor: u64) -> Reserve {
+    /// A reserve of `bytes` with a hard watermark of `hard` and a soft one of `soft`: spent,
+    /// it refuses ingest below `hard + bytes` free, and it is made with `soft + bytes` free.
+    fn reserve(dir: &Path, bytes: u64, hard: u64, soft: u64) -> Reserve {
         Reserve::new(
             dir,
             bytes,
-            floor,
+            hard,
+            soft,
             IntGauge::new("g", "g").unwrap(),
             IntCounter::new("c", "c").unwrap(),
         )
     }
 
+    fn len(r: &Reserve) -> Option<u64> {
+        std::fs::metadata(r.path()).ok().map(|m| m.len())
+    }
+
     #[test]
     fn an_absent_reserve_is_made_when_there_is_room_and_spent_once() {
         let dir = tempfile::tempdir().unwrap();
-        let r = reserve(dir.path(), 4096, 1000);
+        let r = reserve(dir.path(), 4096, 100, 1000);
         assert!(r.keep(5096).unwrap());
-        assert_eq!(std::fs::metadata(r.path()).unwrap().len(), 4096);
+        assert_eq!(len(&r), Some(4096));
         assert_eq!(r.gauge.get(), 4096);
-        assert!(!r.refuses_ingest());
+        assert!(!r.refuses_ingest(0));
         assert!(r.spend("test").unwrap());
-        assert!(r.refuses_ingest());
-        assert!(!r.path().exists());
+        // Emptied, not deleted: the empty file says it is spent.
+        assert_eq!(len(&r), Some(0));
         assert_eq!(r.gauge.get(), 0);
-        assert_eq!(r.spent.get(), 1);
+        assert_eq!(r.spent_total.get(), 1);
         assert!(r.is_spent());
         // Spending again is a no-op.
         assert!(!r.spend("test").unwrap());
-        assert_eq!(r.spent.get(), 1);
+        assert_eq!(r.spent_total.get(), 1);
         // Made again once there is room, and ingest is let through again.
         assert!(r.keep(5096).unwrap());
-        assert!(!r.refuses_ingest());
+        assert_eq!(len(&r), Some(4096));
+        assert!(!r.refuses_ingest(0));
+    }
+
+    #[test]
+    fn a_spent_reserve_is_kept_as_free_space_above_the_hard_watermark() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = reserve(dir.path(), 4096, 100, 1000);
+        assert!(r.keep(u64::MAX).unwrap());
+        assert!(r.spend("test").unwrap());
+        assert!(r.refuses_ingest(4195));
+        assert!(!r.refuses_ingest(4196));
+        // Not yet room to make it: it stays spent, and keeps refusing below the floor.
+        assert!(!r.keep(5095).unwrap());
+        assert!(r.refuses_ingest(0));
+    }
+
+    #[test]
+    fn an_empty_reserve_file_found_at_start_is_spent_and_made_again_when_there_is_room() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(RESERVE_FILE), b"").unwrap();
+        let r = reserve(dir.path(), 4096, 100, 1000);
+        assert!(!r.keep(5095).unwrap());
+        assert_eq!(len(&r), Some(0));
+        assert!(r.refuses_ingest(4195));
+        assert!(!r.refuses_ingest(4196));
+        assert!(r.keep(5096).unwrap());
+        assert_eq!(len(&r), Some(4096));
+        assert!(!r.refuses_ingest(0));
     }
 
     #[test]
     fn an_absent_reserve_is_not_made_without_room_above_the_floor() {
         let dir = tempfile::tempdir().unwrap();
-        let r = reserve(dir.path(), 4096, 1000);
+        let r = reserve(dir.path(), 4096, 100, 1000);
         assert!(!r.keep(5095).unwrap());
-        assert!(!r.path().exists());
+        assert_eq!(len(&r), None);
         assert_eq!(r.gauge.get(), 0);
         // A reserve never made refuses nothing: only a spent one does.
-        assert!(!r.refuses_ingest());
+        assert!(!r.refuses_ingest(0));
     }
 
     #[test]
     fn a_reserve_of_the_configured_length_is_held_without_being_rewritten() {
         let dir = tempfile::tempdir().unwrap();
-        let r = reserve(dir.path(), 4096, 0);
+        let r = reserve(dir.path(), 4096, 0, 0);
         std::fs::write(r.path(), vec![7u8; 4096]).unwrap();
         // No room is needed to hold what is already there.
         assert!(r.keep(0).unwrap());
@@ -334,43 +410,49 @@ mod tests {
     #[test]
     fn a_reserve_of_another_length_is_replaced_and_its_bytes_count_as_room() {
         let dir = tempfile::tempdir().unwrap();
-        let r = reserve(dir.path(), 4096, 0);
+        let r = reserve(dir.path(), 4096, 0, 0);
         std::fs::write(r.path(), vec![7u8; 3000]).unwrap();
         assert!(r.keep(2000).unwrap());
         assert_eq!(std::fs::read(r.path()).unwrap(), vec![0u8; 4096]);
     }
 
     #[test]
-    fn a_reserve_deleted_by_hand_is_no_longer_held_and_made_again_when_there_is_room() {
+    fn a_reserve_deleted_by_hand_is_no_longer_held_refuses_nothing_and_is_made_again() {
         let dir = tempfile::tempdir().unwrap();
-        let r = reserve(dir.path(), 4096, 1000);
+        let r = reserve(dir.path(), 4096, 100, 1000);
         assert!(r.keep(u64::MAX).unwrap());
         std::fs::remove_file(r.path()).unwrap();
         assert!(!r.keep(0).unwrap());
         assert_eq!(r.gauge.get(), 0);
+        assert!(!r.refuses_ingest(0));
         assert!(r.keep(5096).unwrap());
-        assert_eq!(std::fs::metadata(r.path()).unwrap().len(), 4096);
+        assert_eq!(len(&r), Some(4096));
     }
 
     #[test]
     fn a_start_spends_a_reserve_file_it_has_not_taken_up_yet() {
         let dir = tempfile::tempdir().unwrap();
-        let r = reserve(dir.path(), 4096, 0);
+        let r = reserve(dir.path(), 4096, 0, 0);
         assert!(!r.spend_to_start().unwrap());
         std::fs::write(r.path(), vec![0u8; 4096]).unwrap();
         assert!(r.spend_to_start().unwrap());
-        assert!(!r.path().exists());
-        assert_eq!(r.spent.get(), 1);
+        assert_eq!(len(&r), Some(0));
+        assert_eq!(r.spent_total.get(), 1);
         assert!(r.is_spent());
+        assert!(r.refuses_ingest(4095));
+        // An empty file has nothing more to give.
+        assert!(!r.spend_to_start().unwrap());
+        assert_eq!(r.spent_total.get(), 1);
     }
 
     #[test]
     fn a_zero_reserve_removes_a_file_left_by_an_earlier_config() {
         let dir = tempfile::tempdir().unwrap();
-        let r = reserve(dir.path(), 0, 0);
+        let r = reserve(dir.path(), 0, 0, 0);
         std::fs::write(r.path(), vec![0u8; 10]).unwrap();
         assert!(!r.keep(u64::MAX).unwrap());
-        assert!(!r.path().exists());
+        assert_eq!(len(&r), None);
         assert!(!r.is_spent());
+        assert!(!r.refuses_ingest(0));
     }
 }

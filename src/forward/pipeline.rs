@@ -712,8 +712,7 @@ impl Dispatcher {
                 }
                 Err(SpoolError::Full(_)) => {
                     let who = "tombstone of an undecodable record";
-                    if crate::compaction::reserve::spend_for_append(self.reserve.as_ref(), who)
-                        .await
+                    if crate::compaction::reserve::spend_when_full(self.reserve.as_ref(), who).await
                     {
                         continue;
                     }

@@ -136,8 +136,8 @@ async fn append_when_space(
                     tracing::warn!(record = what, %why, "spool full; forwarding waits for room to append");
                 }
                 // Delivering and tombstoning is what lets compaction free space, so the
-                // reserve goes to this append; ingest is refused until it is made again.
-                if crate::compaction::reserve::spend_for_append(ctx.reserve.as_ref(), what).await {
+                // reserve goes to this append; ingest is refused until its space is free again.
+                if crate::compaction::reserve::spend_when_full(ctx.reserve.as_ref(), what).await {
                     continue;
                 }
                 let wait = backoff.next_delay(None);

@@ -1,13 +1,13 @@
 //! Backpressure: watermarks on the spool's size and on the data filesystem's free space.
 //!
-//! | condition                                   | high | normal | low | reason     |
-//! |---------------------------------------------|------|--------|-----|------------|
-//! | spool bytes ≥ `spool.quota_hard_bytes`       | 429  | 429    | 429 | `quota`    |
-//! | free bytes < `spool.disk_free_hard_bytes`    | 429  | 429    | 429 | `disk`     |
-//! | spool bytes ≥ `spool.quota_soft_bytes`       | ok   | ok     | 429 | `priority` |
-//! | free bytes < `spool.disk_free_soft_bytes`    | ok   | ok     | 429 | `priority` |
-//! | a real ENOSPC from the filesystem            | 429  | 429    | 429 | `enospc`   |
-//! | the disk reserve spent, not yet made again   | 429  | 429    | 429 | `reserve`  |
+//! | condition                                                      | high | normal | low | reason     |
+//! |----------------------------------------------------------------|------|--------|-----|------------|
+//! | spool bytes ≥ `spool.quota_hard_bytes`                         | 429  | 429    | 429 | `quota`    |
+//! | free bytes < `spool.disk_free_hard_bytes`                      | 429  | 429    | 429 | `disk`     |
+//! | spool bytes ≥ `spool.quota_soft_bytes`                         | ok   | ok     | 429 | `priority` |
+//! | free bytes < `spool.disk_free_soft_bytes`                      | ok   | ok     | 429 | `priority` |
+//! | a real ENOSPC from the filesystem                              | 429  | 429    | 429 | `enospc`   |
+//! | reserve spent, free < `disk_free_hard_bytes` + `reserve_bytes` | 429  | 429    | 429 | `reserve`  |
 //!
 //! `Retry-After` is the time the measured drain rate (bytes reclaimed by compaction per
 //! second, smoothed) needs to bring the tripped quantity back under its mark, clamped to
@@ -161,21 +161,23 @@ impl Backpressure {
         self.check(Priority::High).is_ok()
     }
 
-    /// The refusal while the disk reserve is spent (`compaction::reserve`): its space is for
-    /// forwarding and compaction, which free more.
-    pub fn reserve_spent(&self, reserve_bytes: u64) -> Refusal {
-        let free = self.free_bytes.load(Ordering::Relaxed);
+    /// Free bytes on the data filesystem at the last sample.
+    pub fn free_bytes(&self) -> u64 {
+        self.free_bytes.load(Ordering::Relaxed)
+    }
+
+    /// The refusal while the disk reserve is spent and less than `floor_bytes`
+    /// (`spool.disk_free_hard_bytes + spool.reserve_bytes`) is free (`compaction::reserve`):
+    /// that space is for forwarding and compaction, which free more. `limit_bytes` is the
+    /// free space ingest waits for.
+    pub fn reserve_spent(&self, floor_bytes: u64) -> Refusal {
+        let free = self.free_bytes();
         Refusal {
             reason: "reserve",
             limit: "spool.reserve_bytes",
-            limit_bytes: reserve_bytes,
+            limit_bytes: floor_bytes,
             current_bytes: free,
-            retry_after_secs: self.retry_after_secs(
-                self.disk_free_soft_bytes
-                    .saturating_add(reserve_bytes)
-                    .saturating_sub(free)
-                    .max(1),
-            ),
+            retry_after_secs: self.retry_after_secs(floor_bytes.saturating_sub(free).max(1)),
         }
     }
 

@@ -74,7 +74,8 @@ pub struct IngestState {
     /// only the first refusal of a run is logged, and the next success logs how many there were
     /// (every one is counted in `spoolgate_ingest_rejected_total{reason="enospc"}`).
     pub enospc_refusals: std::sync::atomic::AtomicU64,
-    /// The disk reserve (set by the daemon): while it is spent, ingest is refused.
+    /// The disk reserve (set by the daemon): while it is spent, ingest is refused unless its
+    /// space is free again above the hard watermark.
     pub reserve: OnceLock<Arc<crate::compaction::reserve::Reserve>>,
 }
 
@@ -118,9 +119,10 @@ impl IngestState {
         if !self.backpressure.below_hard_marks() {
             return Err("above a hard watermark");
         }
-        // Ingest refuses every priority while the reserve is spent, as above a hard mark; an
-        // orchestrator should move traffic elsewhere until forwarding has freed the space.
-        if self.reserve.get().is_some_and(|r| r.refuses_ingest()) {
+        // Ingest refuses every priority while the spent reserve's space is not free again, as
+        // above a hard mark; an orchestrator should move traffic elsewhere meanwhile.
+        let free = self.backpressure.free_bytes();
+        if self.reserve.get().is_some_and(|r| r.refuses_ingest(free)) {
             return Err("disk reserve spent");
         }
         Ok(())
@@ -362,8 +364,14 @@ async fn ingest(state: &IngestState, req: Request<Incoming>) -> HttpResponse {
     if let Err(refusal) = state.backpressure.check(lowest) {
         return refuse(state, &refusal);
     }
-    if let Some(reserve) = state.reserve.get().filter(|r| r.refuses_ingest()) {
-        return refuse(state, &state.backpressure.reserve_spent(reserve.bytes()));
+    let free = state.backpressure.free_bytes();
+    if let Some(reserve) = state.reserve.get().filter(|r| r.refuses_ingest(free)) {
+        return refuse(
+            state,
+            &state
+                .backpressure
+                .reserve_spent(reserve.spent_floor_bytes()),
+        );
     }
 
     if let Err(limit) = state
