@@ -282,7 +282,7 @@ pub async fn spend_when_full(reserve: Option<&std::sync::Arc<Reserve>>, who: &'s
     match tokio::task::spawn_blocking(move || reserve.spend(who)).await {
         Ok(Ok(spent)) => spent,
         Ok(Err(e)) => {
-            tracing::error!(error = %e, "could not delete the disk reserve");
+            tracing::error!(error = %e, "could not empty the disk reserve");
             false
         }
         Err(e) => {
