@@ -158,6 +158,7 @@ async fn a_checkpoint_taken_while_a_seal_is_not_yet_durable_names_the_head_befor
         dir.path(),
         chains.clone(),
         ledger.clone(),
+        None,
     );
 
     // Segment 1 (1 MiB) filled with records of one stream, every one delivered and

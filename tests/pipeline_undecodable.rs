@@ -17,6 +17,16 @@ use spoolgate::metrics::Metrics;
 use spoolgate::ring::Ring;
 use spoolgate::spool::{Position, RecordKind, Spool};
 
+/// A config whose retries come after 1-10 ms, so a test need not wait for them.
+fn quick_retries() -> ForwardConfig {
+    ForwardConfig {
+        linger_ms: 1,
+        retry_initial_ms: 1,
+        retry_max_ms: 10,
+        ..ForwardConfig::default()
+    }
+}
+
 /// Appends envelope `before` of stream `t`, an undecodable envelope record, then envelope
 /// `after`; returns the positions of `before` and of the undecodable record.
 async fn append_between_two_good_records(spool: &Spool) -> (Position, Position) {
@@ -121,15 +131,11 @@ async fn an_undecodable_record_whose_dead_letter_write_fails_stays_pending_and_i
         ring,
         &metrics,
         sink.clone(),
-        ForwardConfig {
-            linger_ms: 1,
-            retry_initial_ms: 1,
-            retry_max_ms: 10,
-            ..ForwardConfig::default()
-        },
+        quick_retries(),
         dir.path(),
         Default::default(),
         ledger.clone(),
+        None,
     );
 
     let (_, bad) = append_between_two_good_records(&spool).await;
@@ -203,23 +209,17 @@ async fn an_undecodable_record_whose_tombstone_finds_the_spool_full_spends_the_d
     // tombstone is what meets the full spool, not an envelope of a worker before it.
     let dl = dir.path().join("dl");
     std::fs::write(&dl, b"in the way").unwrap();
-    let mut parts = pipeline_common::parts_sharing(
+    let pipeline = pipeline_common::start_sharing(
         &spool,
         ring,
         &metrics,
         sink.clone(),
-        ForwardConfig {
-            linger_ms: 1,
-            retry_initial_ms: 1,
-            retry_max_ms: 10,
-            ..ForwardConfig::default()
-        },
+        quick_retries(),
         dir.path(),
         Default::default(),
         ledger.clone(),
+        Some(reserve.clone()),
     );
-    parts.reserve = Some(reserve.clone());
-    let pipeline = spoolgate::forward::pipeline::Pipeline::start(parts);
 
     let (before, bad) = append_between_two_good_records(&spool).await;
     wait_until("the record before it delivered and tombstoned", || {

@@ -40,11 +40,12 @@ pub fn start(
         scratch,
         Arc::new(Mutex::new(Chains::new())),
         Arc::new(Ledger::default()),
+        None,
     )
 }
 
 /// [`start`] with the chain heads and the ledger given, for tests that look at them (or run
-/// compaction on them) while the pipeline works.
+/// compaction on them) while the pipeline works, and a disk reserve for forwarding to spend.
 #[allow(clippy::too_many_arguments)]
 pub fn start_sharing(
     spool: &Spool,
@@ -55,28 +56,12 @@ pub fn start_sharing(
     scratch: &Path,
     chains: Arc<Mutex<Chains>>,
     ledger: Arc<Ledger>,
+    reserve: Option<Arc<spoolgate::compaction::reserve::Reserve>>,
 ) -> Pipeline {
-    Pipeline::start(parts_sharing(
-        spool, ring, metrics, sink, config, scratch, chains, ledger,
-    ))
-}
-
-/// What [`start_sharing`] starts, for a test that changes a part first (a disk reserve, say).
-#[allow(clippy::too_many_arguments)]
-pub fn parts_sharing(
-    spool: &Spool,
-    ring: Arc<Ring>,
-    metrics: &Arc<Metrics>,
-    sink: Arc<dyn Sink>,
-    config: ForwardConfig,
-    scratch: &Path,
-    chains: Arc<Mutex<Chains>>,
-    ledger: Arc<Ledger>,
-) -> PipelineParts {
     let scanned = ledger::scan(spool, &ledger, 0, |_, _| {}, |_| {}).unwrap();
     let mut sinks: BTreeMap<String, Arc<dyn Sink>> = BTreeMap::new();
     sinks.insert("default".into(), sink);
-    PipelineParts {
+    Pipeline::start(PipelineParts {
         spool: spool.clone(),
         ring,
         gate: Arc::new(Gate::new(&GateConfig::default(), metrics.clone()).unwrap()),
@@ -88,8 +73,8 @@ pub fn parts_sharing(
         metrics: metrics.clone(),
         compaction: Arc::new(tokio::sync::Notify::new()),
         replay_end: scanned.end,
-        reserve: None,
-    }
+        reserve,
+    })
 }
 
 /// Opens a spool under `dir` with 1 MiB segments and 64 KiB records, durability `always`,
