@@ -121,11 +121,18 @@ impl IngestState {
         }
         // Ingest refuses every priority while the spent reserve's space is not free again, as
         // above a hard mark; an orchestrator should move traffic elsewhere meanwhile.
-        let free = self.backpressure.free_bytes();
-        if self.reserve.get().is_some_and(|r| r.refuses_ingest(free)) {
+        if self.reserve_refusal().is_some() {
             return Err("disk reserve spent");
         }
         Ok(())
+    }
+
+    /// The refusal while the disk reserve is spent and its space is not free again
+    /// (`compaction::reserve`), if that is so at the last sample.
+    fn reserve_refusal(&self) -> Option<Refusal> {
+        let free = self.backpressure.free_bytes();
+        let reserve = self.reserve.get().filter(|r| r.refuses_ingest(free))?;
+        Some(self.backpressure.reserve_spent(reserve.spent_floor_bytes()))
     }
 }
 
@@ -364,14 +371,8 @@ async fn ingest(state: &IngestState, req: Request<Incoming>) -> HttpResponse {
     if let Err(refusal) = state.backpressure.check(lowest) {
         return refuse(state, &refusal);
     }
-    let free = state.backpressure.free_bytes();
-    if let Some(reserve) = state.reserve.get().filter(|r| r.refuses_ingest(free)) {
-        return refuse(
-            state,
-            &state
-                .backpressure
-                .reserve_spent(reserve.spent_floor_bytes()),
-        );
+    if let Some(refusal) = state.reserve_refusal() {
+        return refuse(state, &refusal);
     }
 
     if let Err(limit) = state
