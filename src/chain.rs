@@ -86,7 +86,26 @@ pub enum ChainError {
         #[source]
         source: std::io::Error,
     },
+    /// The `chain-heads` checkpoint is unreadable. Nothing is guessed in its place: a stream
+    /// continued from a wrong or missing head would fork its chain (a `seq` sent twice with
+    /// different records, or a gap), which is worse than not starting.
+    #[error(
+        "the chain-heads checkpoint {path} is damaged ({reason}); spoolgate will not start \
+         from it, because a stream continued from a wrong head would fork its chain. Restore \
+         the file from a backup, or move it aside: streams with no seal left in the spool then \
+         start again at seq 1, as new chains (spool-format.md, section 8)"
+    )]
+    CheckpointDamaged {
+        path: std::path::PathBuf,
+        reason: String,
+    },
 }
+
+/// The first bytes of a `chain-heads` checkpoint (spool-format.md §8), followed by the CRC-32
+/// of the body, little-endian, and the body. Files written before 2026-12-03 are the body
+/// alone; a body is a msgpack array, whose first byte is never `S`, so the two cannot be
+/// confused.
+pub const CHAIN_HEADS_MAGIC: &[u8; 8] = b"SGHEADS1";
 
 /// The canonical bytes a record's hash covers.
 pub fn canonical_bytes(
@@ -256,9 +275,7 @@ impl Chains {
             path: path.to_path_buf(),
             source,
         };
-        let mut heads: Vec<(&String, &ChainHead)> = self.heads.iter().collect();
-        heads.sort_by(|a, b| a.0.cmp(b.0));
-        let bytes = rmp_serde::to_vec_named(&heads)?;
+        let bytes = self.checkpoint_bytes()?;
         let dir = path.parent().unwrap_or(Path::new("."));
         let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(io)?;
         std::io::Write::write_all(&mut tmp, &bytes).map_err(io)?;
@@ -282,7 +299,58 @@ impl Chains {
                 })
             }
         };
-        let heads: Vec<(String, ChainHead)> = rmp_serde::from_slice(&bytes)?;
+        Chains::from_checkpoint_bytes(&bytes).map_err(|reason| ChainError::CheckpointDamaged {
+            path: path.to_path_buf(),
+            reason,
+        })
+    }
+
+    /// The bytes [`Chains::save`] writes: magic, CRC-32 of the body, and the body, a msgpack
+    /// array of `[stream, {"seq", "hash"}]` sorted by stream name.
+    pub fn checkpoint_bytes(&self) -> Result<Vec<u8>, ChainError> {
+        let mut heads: Vec<(&String, &ChainHead)> = self.heads.iter().collect();
+        heads.sort_by(|a, b| a.0.cmp(b.0));
+        let body = rmp_serde::to_vec_named(&heads)?;
+        let mut out = Vec::with_capacity(12 + body.len());
+        out.extend_from_slice(CHAIN_HEADS_MAGIC);
+        out.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
+        out.extend_from_slice(&body);
+        Ok(out)
+    }
+
+    /// Reads checkpoint bytes, in the current form or the unversioned one written before
+    /// 2026-12-03, and checks what the writer guarantees: the CRC (current form only), streams
+    /// in strictly ascending order (so each once) and every `seq` at least 1. The error says
+    /// which check failed.
+    pub fn from_checkpoint_bytes(bytes: &[u8]) -> Result<Chains, String> {
+        let body = match bytes.strip_prefix(CHAIN_HEADS_MAGIC.as_slice()) {
+            Some(rest) => {
+                let Some((crc, body)) = rest.split_first_chunk::<4>() else {
+                    return Err(format!("{} bytes, shorter than its header", bytes.len()));
+                };
+                let (stored, computed) = (u32::from_le_bytes(*crc), crc32fast::hash(body));
+                if stored != computed {
+                    return Err(format!(
+                        "CRC mismatch: stored {stored:#010x}, computed {computed:#010x}"
+                    ));
+                }
+                body
+            }
+            None => bytes,
+        };
+        let heads: Vec<(String, ChainHead)> =
+            rmp_serde::from_slice(body).map_err(|e| format!("its body does not decode: {e}"))?;
+        for pair in heads.windows(2) {
+            if pair[0].0 >= pair[1].0 {
+                return Err(format!(
+                    "streams out of order: {:?} before {:?}",
+                    pair[0].0, pair[1].0
+                ));
+            }
+        }
+        if let Some((stream, _)) = heads.iter().find(|(_, head)| head.seq == 0) {
+            return Err(format!("stream {stream:?} has seq 0"));
+        }
         Ok(Chains {
             heads: heads.into_iter().collect(),
         })
@@ -744,6 +812,89 @@ mod tests {
         assert!(Chains::load(&dir.path().join("missing"))
             .unwrap()
             .is_empty());
+    }
+
+    fn two_heads() -> Chains {
+        let mut c = Chains::new();
+        c.seal(env("a", "x")).unwrap();
+        c.seal(env("a", "y")).unwrap();
+        c.seal(env("b", "x")).unwrap();
+        c
+    }
+
+    #[test]
+    fn a_checkpoint_starts_with_its_magic_and_the_crc_of_its_body() {
+        let bytes = two_heads().checkpoint_bytes().unwrap();
+        assert_eq!(&bytes[..8], CHAIN_HEADS_MAGIC);
+        let crc = u32::from_le_bytes(bytes[8..12].try_into().unwrap());
+        assert_eq!(crc, crc32fast::hash(&bytes[12..]));
+    }
+
+    #[test]
+    fn a_change_to_any_byte_of_a_checkpoint_is_refused() {
+        let bytes = two_heads().checkpoint_bytes().unwrap();
+        for i in 0..bytes.len() {
+            for flip in [0x01u8, 0x80, 0xff] {
+                let mut damaged = bytes.clone();
+                damaged[i] ^= flip;
+                assert!(
+                    Chains::from_checkpoint_bytes(&damaged).is_err(),
+                    "byte {i} xor {flip:#04x} was accepted"
+                );
+            }
+        }
+        for len in 0..bytes.len() {
+            assert!(
+                Chains::from_checkpoint_bytes(&bytes[..len]).is_err(),
+                "a checkpoint cut to {len} bytes was accepted"
+            );
+        }
+    }
+
+    #[test]
+    fn a_checkpoint_written_before_it_had_a_header_is_still_read() {
+        let c = two_heads();
+        let mut heads: Vec<(&String, &ChainHead)> = c.heads.iter().collect();
+        heads.sort_by(|a, b| a.0.cmp(b.0));
+        let unversioned = rmp_serde::to_vec_named(&heads).unwrap();
+        let loaded = Chains::from_checkpoint_bytes(&unversioned).unwrap();
+        assert_eq!(loaded.head("a"), c.head("a"));
+        assert_eq!(loaded.head("b"), c.head("b"));
+        assert_eq!(loaded.len(), 2);
+    }
+
+    #[test]
+    fn a_checkpoint_that_breaks_what_the_writer_guarantees_is_refused() {
+        let head = |seq| ChainHead { seq, hash: [7; 32] };
+        let unversioned = |heads: &[(&str, ChainHead)]| rmp_serde::to_vec_named(heads).unwrap();
+        let out_of_order = unversioned(&[("b", head(1)), ("a", head(1))]);
+        let twice = unversioned(&[("a", head(1)), ("a", head(2))]);
+        let seq_zero = unversioned(&[("a", head(0))]);
+        let not_heads = rmp_serde::to_vec_named(&vec![1u8, 2, 3]).unwrap();
+        for (bytes, want) in [
+            (out_of_order, "out of order"),
+            (twice, "out of order"),
+            (seq_zero, "seq 0"),
+            (not_heads, "does not decode"),
+        ] {
+            let err = Chains::from_checkpoint_bytes(&bytes).unwrap_err();
+            assert!(err.contains(want), "{err}");
+        }
+    }
+
+    #[test]
+    fn loading_a_damaged_checkpoint_names_the_file_and_what_to_do() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("chain-heads");
+        two_heads().save(&path).unwrap();
+        let mut bytes = std::fs::read(&path).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 1;
+        std::fs::write(&path, &bytes).unwrap();
+        let err = Chains::load(&path).unwrap_err().to_string();
+        assert!(err.contains(&path.display().to_string()), "{err}");
+        assert!(err.contains("CRC mismatch"), "{err}");
+        assert!(err.contains("move it aside"), "{err}");
     }
 
     #[test]

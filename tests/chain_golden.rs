@@ -88,3 +88,17 @@ fn sealing_the_documented_envelopes_gives_the_documented_records() {
     let summary = verify_jsonl(lines.as_bytes()).unwrap();
     assert_eq!(summary.records, 2);
 }
+
+#[test]
+fn the_documented_checkpoint_is_what_sealing_the_documented_envelopes_leaves() {
+    let [first, second] = documented_envelopes();
+    let mut chains = Chains::new();
+    chains.seal(first).unwrap();
+    chains.seal(second).unwrap();
+    let bytes = chains.checkpoint_bytes().unwrap();
+    assert_eq!(hex::encode(&bytes), documented("heads-1"));
+    let loaded = Chains::from_checkpoint_bytes(&bytes).unwrap();
+    let head = loaded.head("acme").unwrap();
+    assert_eq!(head.seq, 2);
+    assert_eq!(hex::encode(head.hash), documented("hash-2"));
+}

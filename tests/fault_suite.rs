@@ -396,6 +396,82 @@ fn temp_files_left_by_a_kill_during_a_checkpoint_write_are_removed_at_the_next_s
     assert_eq!(again.json()["envelopes"][0]["duplicate"], true);
 }
 
+/// The record the file sink wrote for envelope id `id`.
+fn delivered_record(d: &Daemon, id: &str) -> serde_json::Value {
+    common::wait_for(&format!("delivery of {id}"), || {
+        file_sink_records(&d.data_dir)
+            .into_iter()
+            .find(|r| r["envelope"]["id"] == id)
+    })
+}
+
+#[test]
+fn a_damaged_chain_heads_checkpoint_stops_the_start_untouched_and_moving_it_aside_restarts_no_sealed_stream(
+) {
+    use spoolgate::chain::{ChainHead, Chains};
+    let scratch = tempfile::tempdir().unwrap();
+    let data_dir = scratch.path().join("data");
+    std::fs::create_dir_all(&data_dir).unwrap();
+    let heads_path = data_dir.join(spoolgate::daemon::CHAIN_HEADS_FILE);
+    // A checkpoint as compaction leaves it: stream "test" has sent 5 records, whose seals are
+    // gone from the spool.
+    let head = ChainHead {
+        seq: 5,
+        hash: [0xab; 32],
+    };
+    let mut heads = Chains::new();
+    heads.advance("test", head);
+    heads.save(&heads_path).unwrap();
+
+    let mut d = Daemon::start_in(&data_dir, &[], &[]);
+    assert_eq!(d.post_json(&envelope(1)).status, 202);
+    let first = delivered_record(&d, "e-1");
+    assert_eq!(first["seq"], 6, "{first}");
+    assert_eq!(first["prev_hash"], hex::encode(head.hash), "{first}");
+    assert_eq!(d.terminate().code(), Some(0));
+
+    // One changed byte: the start stops before anything is forwarded, and says what to do.
+    let mut damaged = std::fs::read(&heads_path).unwrap();
+    *damaged.last_mut().unwrap() ^= 0x04;
+    std::fs::write(&heads_path, &damaged).unwrap();
+    let log = scratch.path().join("refused.log");
+    let child = std::process::Command::new(common::bin())
+        .arg("serve")
+        .arg("--data-dir")
+        .arg(&data_dir)
+        .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    // Killed when dropped, so that a start that was not refused does not outlive the test.
+    struct Reaped(std::process::Child);
+    impl Drop for Reaped {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut child = Reaped(child);
+    let status = common::wait_for("the refused start to exit", || child.0.try_wait().unwrap());
+    let stderr = std::fs::read_to_string(&log).unwrap();
+    assert!(!status.success(), "{stderr}");
+    for said in ["chain-heads", "CRC mismatch", "move it aside"] {
+        assert!(stderr.contains(said), "{said:?} missing from: {stderr}");
+    }
+    assert_eq!(std::fs::read(&heads_path).unwrap(), damaged);
+
+    // Moved aside, the stream continues from its latest seal still in the spool (seq 6),
+    // not from seq 1.
+    std::fs::rename(&heads_path, data_dir.join("chain-heads.damaged")).unwrap();
+    d.restart();
+    assert_eq!(d.post_json(&envelope(2)).status, 202);
+    let second = delivered_record(&d, "e-2");
+    assert_eq!(second["seq"], 7, "{second}");
+    assert_eq!(second["prev_hash"], first["hash"], "{second}");
+}
+
 /// Sends one POST on a keep-alive connection and reads its whole response; returns the status.
 fn post_keep_alive(stream: &mut TcpStream, n: usize) -> u16 {
     let body = json!([envelope(n)]).to_string();

@@ -224,9 +224,30 @@ fn the_reference_reader_verifies_the_spool_and_the_sink_output_the_daemon_wrote(
         assert_eq!(e["slot"], r["slot"], "{e}");
         assert!(e["segment"].as_u64().unwrap() < first_kept, "{e}");
     }
+    // A checkpoint with a byte changed fails its CRC: both readers refuse it.
+    let heads_path = d.data_dir.join("chain-heads");
+    let intact = std::fs::read(&heads_path).unwrap();
+    assert_eq!(&intact[..8], b"SGHEADS1");
+    let mut damaged = intact.clone();
+    *damaged.last_mut().unwrap() ^= 0x01;
+    std::fs::write(&heads_path, &damaged).unwrap();
+    let (ok, spool) = spoolread("verify-spool", &d.data_dir);
+    assert!(!ok, "{spool}");
+    assert!(spool.to_string().contains("CRC mismatch"), "{spool}");
+    let own = Command::new(bin())
+        .arg("verify")
+        .arg(&d.data_dir)
+        .output()
+        .unwrap();
+    assert!(!own.status.success(), "{own:?}");
+    assert!(
+        String::from_utf8_lossy(&own.stderr).contains("CRC mismatch")
+            || String::from_utf8_lossy(&own.stdout).contains("CRC mismatch"),
+        "{own:?}"
+    );
     // Without the checkpoint, the seals left after compaction no longer start at seq 1: both
     // readers must say so.
-    std::fs::remove_file(d.data_dir.join("chain-heads")).unwrap();
+    std::fs::remove_file(&heads_path).unwrap();
     let (ok, spool) = spoolread("verify-spool", &d.data_dir);
     assert!(!ok, "{spool}");
     let own = Command::new(bin())

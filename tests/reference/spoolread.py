@@ -373,8 +373,15 @@ def cmd_verify_spool(data_dir):
     heads_path = os.path.join(data_dir, "chain-heads")
     if os.path.exists(heads_path):
         with open(heads_path, "rb") as f:
-            for stream, head in unpack(f.read()):
-                heads[stream] = (head["seq"], bytes(head["hash"]).hex())
+            data = f.read()
+        if data[:8] == b"SGHEADS1":
+            body = data[12:]
+            if len(data) < 12 or zlib.crc32(body) != struct.unpack_from("<I", data, 8)[0]:
+                return {"errors": [f"{heads_path}: damaged (CRC mismatch)"]}, False
+        else:
+            body = data  # the form written before 2026-12-03: the body alone
+        for stream, head in unpack(body):
+            heads[stream] = (head["seq"], bytes(head["hash"]).hex())
     last = {}  # stream -> (seq, hash hex) of the latest entry read
     envelopes, sealed, tombstoned = set(), {}, set()
     errors = []
