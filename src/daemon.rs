@@ -233,6 +233,7 @@ pub async fn run(config: Config) -> Result<Exit, DaemonError> {
         records = report.records,
         torn_tail_bytes = report.torn_tail_bytes,
         damaged_ranges = report.damaged.len(),
+        missing_segment_ranges = report.missing_segments.len(),
         duration_ms = report.duration.as_millis() as u64,
         "recovery finished"
     );

@@ -349,10 +349,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             } else {
                 print!("{report}");
             }
-            let damaged = report
-                .segments
-                .iter()
-                .any(|s| !s.damaged.is_empty() || s.header.is_err());
+            let damaged = !report.missing_segments.is_empty()
+                || report
+                    .segments
+                    .iter()
+                    .any(|s| !s.damaged.is_empty() || s.header.is_err());
             Ok(if damaged {
                 ExitCode::from(1)
             } else {

@@ -164,7 +164,7 @@ fn row_9_a_gap_in_segment_ids_is_stepped_over() {
     let positions = write_and_close(&opts, 300);
     assert!(positions.last().unwrap().segment >= 3);
     std::fs::remove_file(seg(dir.path(), 2)).unwrap();
-    let (s, _, _) = open(&opts);
+    let (s, report, metrics) = open(&opts);
     let expected: Vec<u64> = positions
         .iter()
         .enumerate()
@@ -172,6 +172,27 @@ fn row_9_a_gap_in_segment_ids_is_stepped_over() {
         .map(|(n, _)| n as u64)
         .collect();
     assert_eq!(read_all(&s), expected);
+    // The gap is acknowledged data lost, and said so, as damage is.
+    assert_eq!(report.missing_segments, vec![[2, 2]]);
+    assert_eq!(metrics.recovery_segments_missing_total.get(), 1);
+    s.close().unwrap();
+    let inspected = spoolgate::spool::inspect(dir.path()).unwrap();
+    assert_eq!(inspected.missing_segments, vec![[2, 2]]);
+    assert!(inspected.to_string().contains("MISSING segments 2..=2"));
+}
+
+#[test]
+fn row_9_a_prefix_deleted_by_compaction_is_not_a_gap() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = options(dir.path());
+    let positions = write_and_close(&opts, 300);
+    let last = positions.last().unwrap().segment;
+    assert!(last >= 4);
+    std::fs::remove_file(seg(dir.path(), 1)).unwrap();
+    std::fs::remove_file(seg(dir.path(), last - 1)).unwrap();
+    let (_, report, metrics) = open(&opts);
+    assert_eq!(report.missing_segments, vec![[last - 1, last - 1]]);
+    assert_eq!(metrics.recovery_segments_missing_total.get(), 1);
 }
 
 #[test]

@@ -45,6 +45,9 @@ pub struct SegmentHeaderView {
 pub struct InspectReport {
     pub dir: String,
     pub segments: Vec<SegmentReport>,
+    /// Gaps in the segment ids, `[first missing, last missing]`: segments something other
+    /// than compaction removed (see [`super::RecoveryReport::missing_segments`]).
+    pub missing_segments: Vec<[u64; 2]>,
 }
 
 pub fn kind_name(kind: u8) -> String {
@@ -145,6 +148,7 @@ fn damaged_range(segment: u64, bytes: &[u8], offset: u64, len: u64) -> DamagedRa
 /// Scans every segment in `dir` and reports what it holds.
 pub fn inspect(dir: &Path) -> Result<InspectReport, SpoolError> {
     let (_, ids) = list_segments(dir)?;
+    let missing_segments = super::segment_id_gaps(&ids);
     let mut segments = Vec::new();
     for id in ids {
         let (bytes, file) = read_segment(dir, id)?;
@@ -180,6 +184,7 @@ pub fn inspect(dir: &Path) -> Result<InspectReport, SpoolError> {
     Ok(InspectReport {
         dir: dir.display().to_string(),
         segments,
+        missing_segments,
     })
 }
 
@@ -224,6 +229,13 @@ impl std::fmt::Display for InspectReport {
                     s.data_end, s.tail_garbage_bytes
                 )?;
             }
+        }
+        for [first, last] in &self.missing_segments {
+            writeln!(
+                f,
+                "  MISSING segments {first}..={last}: removed by something other than \
+                 compaction, with the acknowledged envelopes they held"
+            )?;
         }
         let t: Vec<String> = totals.iter().map(|(k, n)| format!("{k}={n}")).collect();
         writeln!(

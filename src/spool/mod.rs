@@ -222,7 +222,20 @@ pub struct RecoveryReport {
     pub records: u64,
     pub torn_tail_bytes: u64,
     pub damaged: Vec<DamagedRange>,
+    /// Gaps in the segment ids, as `[first missing id, last missing id]`. Compaction deletes
+    /// only a prefix, oldest first, so a segment missing between two present ones was removed
+    /// by something else, and the envelopes it held were acknowledged (spool-format.md §4,
+    /// row 9).
+    pub missing_segments: Vec<[u64; 2]>,
     pub duration: Duration,
+}
+
+/// The gaps in ascending segment ids `ids`, as `[first missing, last missing]`.
+pub fn segment_id_gaps(ids: &[u64]) -> Vec<[u64; 2]> {
+    ids.windows(2)
+        .filter(|w| w[0] + 1 < w[1])
+        .map(|w| [w[0] + 1, w[1] - 1])
+        .collect()
 }
 
 #[derive(Debug, Clone, Serialize)]

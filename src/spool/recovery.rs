@@ -282,12 +282,16 @@ pub(crate) fn recover(
                 "recovering the spool"
             );
         }
-        if n > 0 && ids[n - 1] + 1 != id {
-            tracing::warn!(
-                after = ids[n - 1],
-                next = id,
-                "segment ids have a gap; continuing with the next segment"
+        if n > 0 && ids[n - 1] + 1 < id {
+            let (first, last) = (ids[n - 1] + 1, id - 1);
+            tracing::error!(
+                first_missing = first,
+                last_missing = last,
+                "segments are missing between two present ones: the envelopes they held were \
+                 acknowledged and are lost (compaction deletes only the oldest segments); \
+                 continuing with the next segment"
             );
+            report.missing_segments.push([first, last]);
         }
         let path = segment_path(&opts.dir, id);
         let file = fs.open(&path).map_err(io("open segment", &path))?;
@@ -507,6 +511,13 @@ pub(crate) fn recover(
     metrics
         .recovery_torn_tail_bytes_truncated_total
         .inc_by(report.torn_tail_bytes);
+    metrics.recovery_segments_missing_total.inc_by(
+        report
+            .missing_segments
+            .iter()
+            .map(|[first, last]| last - first + 1)
+            .sum(),
+    );
     metrics
         .recovery_duration_seconds
         .set(report.duration.as_secs_f64());
