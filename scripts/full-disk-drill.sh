@@ -15,7 +15,7 @@
 # Writes the report to benches/results/drill-<time>-http-fulldisk-seed<SEED>.json and exits
 # non-zero on any loss, any non-identical duplicate or any broken chain (keeping the data
 # directory); then prints what the daemon logged about the reserve, ENOSPC and torn tails,
-# and fails if it logged a panic or a damaged range.
+# and fails if it logged a panic, a damaged range or a missing segment.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 KILLS=${1:-60}
@@ -53,9 +53,9 @@ if [ -f "$LOG" ]; then
         "runs of ENOSPC refusals: $(grep -c 'append refused: filesystem full' "$LOG" || true)," \
         "torn tails truncated at a restart: $(grep -c 'truncating a torn tail' "$LOG" || true)"
     # A torn tail is what a kill during an unacknowledged write leaves; a damaged range
-    # inside a segment, or a panic, is a failure.
-    if grep -E 'panicked|WARN.*damaged' "$LOG"; then
-        echo "the daemon logged a panic or a damaged segment" >&2
+    # inside a segment, a missing segment, or a panic, is a failure.
+    if grep -E 'panicked|WARN.*damaged|segments are missing' "$LOG"; then
+        echo "the daemon logged a panic, a damaged segment or a missing one" >&2
         exit 1
     fi
 fi
