@@ -407,4 +407,27 @@ fn the_reference_reader_finds_the_records_and_damage_that_spoolgate_inspect_find
         damaged_cases >= 12,
         "most flips must damage something: {damaged_cases} of 24"
     );
+
+    // Row 9: a segment removed between two present ones. Both readers name the same missing
+    // id, and both exit non-zero.
+    let _ = std::fs::remove_dir_all(&copy);
+    std::fs::create_dir_all(&copy).unwrap();
+    for s in &segments {
+        std::fs::copy(s, copy.join(s.file_name().unwrap())).unwrap();
+    }
+    let gone = &segments[segments.len() / 2];
+    std::fs::remove_file(copy.join(gone.file_name().unwrap())).unwrap();
+    let gone_id: u64 = gone.file_stem().unwrap().to_str().unwrap().parse().unwrap();
+    let out = Command::new(bin())
+        .arg("inspect")
+        .arg(&copy)
+        .arg("--json")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let inspected: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(inspected["missing_segments"], json!([[gone_id, gone_id]]));
+    let (ok, dump) = spoolread("dump", &copy);
+    assert!(!ok);
+    assert_eq!(dump["missing_segments"], inspected["missing_segments"]);
 }

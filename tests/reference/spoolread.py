@@ -11,7 +11,8 @@ spoolgate's own.
 
 Usage (each prints one JSON object on stdout, exits 1 when a check fails):
 
-    spoolread.py dump SPOOL_DIR         every record in log order (§1-§4), decoded (§5, §8)
+    spoolread.py dump SPOOL_DIR         every record in log order (§1-§4), decoded (§5, §8),
+                                        and the segments missing between present ones (§4)
     spoolread.py verify-spool DATA_DIR  the seals in the spool against chain-heads (§8)
     spoolread.py verify-sink PATH       forward records, JSON lines (a file or a directory) (§8)
     spoolread.py dedup DATA_DIR         the dedup checkpoints (§10)
@@ -352,8 +353,11 @@ def position(p):
 
 
 def cmd_dump(spool_dir):
-    out = {"segments": [], "records": []}
-    for seg in segment_ids(spool_dir):
+    ids = segment_ids(spool_dir)
+    # Row 9 of §4: ids missing between two present ones (a missing prefix is compaction's).
+    missing = [[a + 1, b - 1] for a, b in zip(ids, ids[1:]) if a + 1 < b]
+    out = {"segments": [], "records": [], "missing_segments": missing}
+    for seg in ids:
         with open(os.path.join(spool_dir, f"{seg:020}.seg"), "rb") as f:
             header, frames, damaged = read_segment(f.read())
         out["segments"].append({"id": seg, "header": header, "records": len(frames), "damaged": damaged})
@@ -362,7 +366,7 @@ def cmd_dump(spool_dir):
         if kind in KINDS:
             rec["payload"] = unpack(payload)
         out["records"].append(rec)
-    return out, True
+    return out, not missing
 
 
 def cmd_verify_spool(data_dir):
