@@ -34,6 +34,7 @@ use sha2::{Digest, Sha256};
 use crate::envelope::{put_str, put_uint, Envelope};
 use crate::spool::Position;
 
+pub mod restore;
 mod verify;
 mod verify_spool;
 
@@ -92,8 +93,11 @@ pub enum ChainError {
     #[error(
         "the chain-heads checkpoint {path} is damaged ({reason}); spoolgate will not start \
          from it, because a stream continued from a wrong head would fork its chain. Restore \
-         the file from a backup, or move it aside: streams with no seal left in the spool then \
-         start again at seq 1, as new chains (spool-format.md, section 8)"
+         each stream's last delivered head with `spoolgate chain-heads import` (`spoolgate \
+         chain-heads from-output` reads them from file-sink output), or a backup of the file. \
+         Moving the file aside instead starts every stream with no seal left in the spool \
+         again at seq 1, which a sink that deduplicates on (stream, seq) would drop \
+         (spool-format.md, section 8)"
     )]
     CheckpointDamaged {
         path: std::path::PathBuf,
@@ -894,7 +898,7 @@ mod tests {
         let err = Chains::load(&path).unwrap_err().to_string();
         assert!(err.contains(&path.display().to_string()), "{err}");
         assert!(err.contains("CRC mismatch"), "{err}");
-        assert!(err.contains("move it aside"), "{err}");
+        assert!(err.contains("spoolgate chain-heads import"), "{err}");
     }
 
     #[test]

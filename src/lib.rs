@@ -27,7 +27,7 @@
 //! - [`gate`]: PII detection and policy, rules (tags, intent, routing), extractive summary.
 //! - [`chain`]: per-stream sequence numbers and hash links, seals, the heads checkpoint;
 //!   `verify` of a sink's output (`chain/verify.rs`) and of a spool's seals
-//!   (`chain/verify_spool.rs`).
+//!   (`chain/verify_spool.rs`); restoring a damaged heads checkpoint (`chain/restore.rs`).
 //! - [`slots`]: stream → slot mapping and the slot ownership table.
 //! - [`forward`]: sinks, batching, retries, dead letters, workers, tombstones, replay.
 //! - [`compaction`]: deleting segments whose records are all complete, and the disk reserve

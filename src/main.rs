@@ -60,6 +60,12 @@ enum Command {
         #[arg(long, default_value_t = spoolgate::chain::LINE_BYTES_MAX)]
         line_bytes_max: usize,
     },
+    /// Read or restore the `chain-heads` checkpoint (spool-format.md section 8), e.g. after
+    /// the daemon refused to start from a damaged one.
+    ChainHeads {
+        #[command(subcommand)]
+        command: ChainHeadsCommand,
+    },
     /// Run a crash-recovery drill: load, SIGKILL at seeded random moments, restart, check.
     Drill(DrillArgs),
     /// Drive closed-loop HTTP load against a running daemon and report throughput and latency.
@@ -69,6 +75,26 @@ enum Command {
         #[arg(default_value = "http://127.0.0.1:8751/readyz")]
         url: String,
     },
+}
+
+#[derive(Subcommand)]
+enum ChainHeadsCommand {
+    /// Print a data directory's checkpoint as JSON, `{"<stream>": {"seq": N, "hash": HEX}}`
+    /// (exit 1 if it is damaged).
+    Show { data_dir: PathBuf },
+    /// Print, as the same JSON, each stream's last record in file-sink output (a .jsonl file
+    /// or a directory of them): the highest seq, its hash recomputed. The output need not
+    /// start at seq 1.
+    FromOutput {
+        path: PathBuf,
+        /// Refuse a line longer than this many bytes rather than read it into memory.
+        #[arg(long, default_value_t = spoolgate::chain::LINE_BYTES_MAX)]
+        line_bytes_max: usize,
+    },
+    /// Write a data directory's checkpoint from that JSON (a file, or - for stdin), with the
+    /// daemon stopped. An intact checkpoint's heads are never moved back; a damaged one is
+    /// replaced.
+    Import { data_dir: PathBuf, heads: PathBuf },
 }
 
 #[derive(Subcommand)]
@@ -248,6 +274,80 @@ fn toml_string(s: &str) -> String {
     toml::Value::String(s.to_string()).to_string()
 }
 
+fn chain_heads(command: ChainHeadsCommand) -> anyhow::Result<ExitCode> {
+    use spoolgate::chain::{restore, Chains};
+    let print = |chains: &Chains| -> anyhow::Result<()> {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&restore::heads_to_json(chains))?
+        );
+        Ok(())
+    };
+    match command {
+        ChainHeadsCommand::Show { data_dir } => {
+            let path = data_dir.join(spoolgate::daemon::CHAIN_HEADS_FILE);
+            match Chains::load(&path) {
+                Ok(chains) => {
+                    print(&chains)?;
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(e) => {
+                    eprintln!("{e}");
+                    Ok(ExitCode::from(1))
+                }
+            }
+        }
+        ChainHeadsCommand::FromOutput {
+            path,
+            line_bytes_max,
+        } => match restore::heads_from_output(&path, line_bytes_max) {
+            Ok((chains, records)) => {
+                print(&chains)?;
+                eprintln!(
+                    "{}: {} stream(s) from {records} record(s)",
+                    path.display(),
+                    chains.len()
+                );
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(e) => {
+                eprintln!("{}: {e}", path.display());
+                Ok(ExitCode::from(1))
+            }
+        },
+        ChainHeadsCommand::Import { data_dir, heads } => {
+            let text = if heads.as_os_str() == "-" {
+                std::io::read_to_string(std::io::stdin()).context("reading the heads from stdin")?
+            } else {
+                std::fs::read_to_string(&heads)
+                    .with_context(|| format!("reading {}", heads.display()))?
+            };
+            let chains = restore::heads_from_json(&text)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", heads.display()))?;
+            let summary = restore::import(&data_dir, chains)?;
+            println!(
+                "{}: wrote {} stream head(s){}{}",
+                data_dir.join(spoolgate::daemon::CHAIN_HEADS_FILE).display(),
+                summary.streams,
+                if summary.kept_from_previous > 0 {
+                    format!(
+                        ", {} kept from the previous checkpoint, which held them further on",
+                        summary.kept_from_previous
+                    )
+                } else {
+                    String::new()
+                },
+                if summary.replaced_damaged {
+                    "; the damaged checkpoint was replaced"
+                } else {
+                    ""
+                }
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
 fn health(url: &str) -> anyhow::Result<ExitCode> {
     let rest = url
         .strip_prefix("http://")
@@ -333,6 +433,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Health { url } => health(&url),
+        Command::ChainHeads { command } => chain_heads(command),
         Command::Inspect { dir, json } => {
             let dir = if dir.join("spool").is_dir() {
                 dir.join("spool")

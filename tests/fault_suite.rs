@@ -406,7 +406,7 @@ fn delivered_record(d: &Daemon, id: &str) -> serde_json::Value {
 }
 
 #[test]
-fn a_damaged_chain_heads_checkpoint_stops_the_start_untouched_and_moving_it_aside_restarts_no_sealed_stream(
+fn a_damaged_chain_heads_checkpoint_stops_the_start_untouched_until_the_heads_are_restored_from_the_output(
 ) {
     use spoolgate::chain::{ChainHead, Chains};
     let scratch = tempfile::tempdir().unwrap();
@@ -457,19 +457,51 @@ fn a_damaged_chain_heads_checkpoint_stops_the_start_untouched_and_moving_it_asid
     let status = common::wait_for("the refused start to exit", || child.0.try_wait().unwrap());
     let stderr = std::fs::read_to_string(&log).unwrap();
     assert!(!status.success(), "{stderr}");
-    for said in ["chain-heads", "CRC mismatch", "move it aside"] {
+    for said in [
+        "chain-heads",
+        "CRC mismatch",
+        "spoolgate chain-heads import",
+    ] {
         assert!(stderr.contains(said), "{said:?} missing from: {stderr}");
     }
     assert_eq!(std::fs::read(&heads_path).unwrap(), damaged);
 
-    // Moved aside, the stream continues from its latest seal still in the spool (seq 6),
-    // not from seq 1.
-    std::fs::rename(&heads_path, data_dir.join("chain-heads.damaged")).unwrap();
+    // The way out the error names: each stream's last delivered head, read from the file
+    // sink's output, imported. The stream then continues from the record it delivered last.
+    let chain_heads = |args: &[&std::ffi::OsStr]| {
+        let out = std::process::Command::new(common::bin())
+            .arg("chain-heads")
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "chain-heads {args:?}: {out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let heads_json = chain_heads(&["from-output".as_ref(), data_dir.join("out").as_os_str()]);
+    let heads: serde_json::Value = serde_json::from_str(&heads_json).unwrap();
+    assert_eq!(heads, json!({"test": {"seq": 6, "hash": first["hash"]}}));
+    let heads_file = scratch.path().join("heads.json");
+    std::fs::write(&heads_file, &heads_json).unwrap();
+    let said = chain_heads(&[
+        "import".as_ref(),
+        data_dir.as_os_str(),
+        heads_file.as_os_str(),
+    ]);
+    assert!(said.contains("damaged checkpoint was replaced"), "{said}");
     d.restart();
     assert_eq!(d.post_json(&envelope(2)).status, 202);
     let second = delivered_record(&d, "e-2");
     assert_eq!(second["seq"], 7, "{second}");
     assert_eq!(second["prev_hash"], first["hash"], "{second}");
+    assert_eq!(d.terminate().code(), Some(0));
+
+    // Without any checkpoint, a stream continues from its latest seal still in the spool.
+    std::fs::remove_file(&heads_path).unwrap();
+    d.restart();
+    assert_eq!(d.post_json(&envelope(3)).status, 202);
+    let third = delivered_record(&d, "e-3");
+    assert_eq!(third["seq"], 8, "{third}");
+    assert_eq!(third["prev_hash"], second["hash"], "{third}");
 }
 
 /// Sends one POST on a keep-alive connection and reads its whole response; returns the status.

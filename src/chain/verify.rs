@@ -124,59 +124,16 @@ impl Verifier {
     /// Checks a file, or every `*.jsonl` file of a directory in name order (the file sink's
     /// names sort in the order it wrote them), as if they were one input.
     pub fn read_path(&mut self, path: &Path) -> Result<(), VerifyError> {
-        if !path.is_dir() {
-            return self.read(std::io::BufReader::new(std::fs::File::open(path)?), None);
-        }
-        let mut files: Vec<PathBuf> = std::fs::read_dir(path)?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().and_then(|e| e.to_str()) == Some("jsonl"))
-            .collect();
-        files.sort();
-        for file in files {
-            let reader = std::io::BufReader::new(std::fs::File::open(&file)?);
-            self.read(reader, Some(&file))?;
-        }
-        Ok(())
+        let line_bytes_max = self.line_bytes_max;
+        for_each_line_in_path(path, line_bytes_max, |line, at| self.record(line, at))
     }
 
     /// Checks every line of `reader`; `file` names it in errors.
-    pub fn read(
-        &mut self,
-        mut reader: impl BufRead,
-        file: Option<&Path>,
-    ) -> Result<(), VerifyError> {
-        let mut buf = Vec::new();
-        let mut line = 0;
-        loop {
-            buf.clear();
-            line += 1;
-            let at = || Location::Line {
-                file: file.map(Path::to_path_buf),
-                line,
-            };
-            // One byte more than the bound, to tell a line of exactly the bound from a longer one.
-            let read = std::io::Read::take(&mut reader, self.line_bytes_max as u64 + 1)
-                .read_until(b'\n', &mut buf)?;
-            if read == 0 {
-                return Ok(());
-            }
-            if buf.last() == Some(&b'\n') {
-                buf.pop();
-            } else if buf.len() > self.line_bytes_max {
-                return Err(VerifyError::Malformed {
-                    at: at(),
-                    reason: format!("line longer than {} bytes", self.line_bytes_max),
-                });
-            }
-            let text = std::str::from_utf8(&buf).map_err(|e| VerifyError::Malformed {
-                at: at(),
-                reason: format!("not UTF-8: {e}"),
-            })?;
-            if text.trim().is_empty() {
-                continue;
-            }
-            self.record(text, at())?;
-        }
+    pub fn read(&mut self, reader: impl BufRead, file: Option<&Path>) -> Result<(), VerifyError> {
+        let line_bytes_max = self.line_bytes_max;
+        for_each_line(reader, file, line_bytes_max, |line, at| {
+            self.record(line, at)
+        })
     }
 
     /// Checks one line holding one forward record.
@@ -226,6 +183,72 @@ impl Verifier {
             streams: self.streams.len(),
             ..self.summary
         }
+    }
+}
+
+/// Calls `f` with every non-blank line of a file, or of every `*.jsonl` file of a directory in
+/// name order (the file sink's names sort in the order it wrote them), as if they were one
+/// input, with where it was read. A line longer than `line_bytes_max` bytes, or not UTF-8, is
+/// an error rather than read whole into memory.
+pub(super) fn for_each_line_in_path(
+    path: &Path,
+    line_bytes_max: usize,
+    mut f: impl FnMut(&str, Location) -> Result<(), VerifyError>,
+) -> Result<(), VerifyError> {
+    if !path.is_dir() {
+        let reader = std::io::BufReader::new(std::fs::File::open(path)?);
+        return for_each_line(reader, None, line_bytes_max, f);
+    }
+    let mut files: Vec<PathBuf> = std::fs::read_dir(path)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().and_then(|e| e.to_str()) == Some("jsonl"))
+        .collect();
+    files.sort();
+    for file in files {
+        let reader = std::io::BufReader::new(std::fs::File::open(&file)?);
+        for_each_line(reader, Some(&file), line_bytes_max, &mut f)?;
+    }
+    Ok(())
+}
+
+/// [`for_each_line_in_path`] for one reader; `file` names it in locations.
+fn for_each_line(
+    mut reader: impl BufRead,
+    file: Option<&Path>,
+    line_bytes_max: usize,
+    mut f: impl FnMut(&str, Location) -> Result<(), VerifyError>,
+) -> Result<(), VerifyError> {
+    let mut buf = Vec::new();
+    let mut line = 0;
+    loop {
+        buf.clear();
+        line += 1;
+        let at = || Location::Line {
+            file: file.map(Path::to_path_buf),
+            line,
+        };
+        // One byte more than the bound, to tell a line of exactly the bound from a longer one.
+        let read = std::io::Read::take(&mut reader, line_bytes_max as u64 + 1)
+            .read_until(b'\n', &mut buf)?;
+        if read == 0 {
+            return Ok(());
+        }
+        if buf.last() == Some(&b'\n') {
+            buf.pop();
+        } else if buf.len() > line_bytes_max {
+            return Err(VerifyError::Malformed {
+                at: at(),
+                reason: format!("line longer than {line_bytes_max} bytes"),
+            });
+        }
+        let text = std::str::from_utf8(&buf).map_err(|e| VerifyError::Malformed {
+            at: at(),
+            reason: format!("not UTF-8: {e}"),
+        })?;
+        if text.trim().is_empty() {
+            continue;
+        }
+        f(text, at())?;
     }
 }
 
