@@ -103,6 +103,23 @@ pub enum ChainError {
         path: std::path::PathBuf,
         reason: String,
     },
+    /// The `chain-heads` checkpoint is absent although compaction, which writes it before
+    /// deleting anything, has deleted segments: it was lost or removed, and the heads of the
+    /// streams whose seals left with those segments with it.
+    #[error(
+        "the chain-heads checkpoint {path} is missing, but the spool's oldest segment is \
+         {first_segment}: compaction writes the checkpoint before it deletes any segment, so \
+         it was lost or removed. spoolgate will not start without it, because a stream whose \
+         seals were compacted would start again at seq 1, which a sink that deduplicates on \
+         (stream, seq) would drop. Restore each stream's last delivered head with `spoolgate \
+         chain-heads import` (`spoolgate chain-heads from-output` reads them from file-sink \
+         output); if nothing from the deleted segments was ever forwarded, import {{}} \
+         (spool-format.md, section 8)"
+    )]
+    CheckpointMissing {
+        path: std::path::PathBuf,
+        first_segment: u64,
+    },
 }
 
 /// The first bytes of a `chain-heads` checkpoint (spool-format.md §8), followed by the CRC-32

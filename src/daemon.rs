@@ -219,6 +219,27 @@ pub async fn run(config: Config) -> Result<Exit, DaemonError> {
         .map_err(|e| DaemonError::Task(e.to_string()))?
     };
     let (spool, report, summary) = opened?;
+    // Compaction writes the chain heads before it deletes any segment, so a spool that no
+    // longer starts at segment 1 without them has lost them: refuse, as for a damaged file.
+    let first_segment = spool.segments().first().map_or(1, |s| s.id);
+    let heads_present = heads_path.try_exists().map_err(|source| {
+        DaemonError::Pipeline(
+            crate::chain::ChainError::Io {
+                path: heads_path.clone(),
+                source,
+            }
+            .to_string(),
+        )
+    })?;
+    if first_segment > 1 && !heads_present {
+        return Err(DaemonError::Pipeline(
+            crate::chain::ChainError::CheckpointMissing {
+                path: heads_path,
+                first_segment,
+            }
+            .to_string(),
+        ));
+    }
     // Only now, with the directory lock held, is every temp file in the data directory a
     // leftover of a process that was killed while writing a checkpoint.
     let stale = remove_stale_temp_files(&config.data_dir);

@@ -396,6 +396,59 @@ fn temp_files_left_by_a_kill_during_a_checkpoint_write_are_removed_at_the_next_s
     assert_eq!(again.json()["envelopes"][0]["duplicate"], true);
 }
 
+/// Starts the daemon on `data_dir` expecting it to refuse: waits for it to exit, asserts that
+/// it failed, and returns what it printed on stderr (kept in `scratch`).
+fn refused_start(data_dir: &std::path::Path, scratch: &std::path::Path) -> String {
+    let log = scratch.join("refused.log");
+    let child = std::process::Command::new(common::bin())
+        .arg("serve")
+        .arg("--data-dir")
+        .arg(data_dir)
+        .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    // Killed when dropped, so that a start that was not refused does not outlive the test.
+    struct Reaped(std::process::Child);
+    impl Drop for Reaped {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut child = Reaped(child);
+    let status = common::wait_for("the refused start to exit", || child.0.try_wait().unwrap());
+    let stderr = std::fs::read_to_string(&log).unwrap();
+    assert!(!status.success(), "{stderr}");
+    stderr
+}
+
+/// Runs `spoolgate chain-heads ARGS`, asserts that it succeeded, and returns its stdout.
+fn chain_heads(args: &[&std::ffi::OsStr]) -> String {
+    let out = std::process::Command::new(common::bin())
+        .arg("chain-heads")
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "chain-heads {args:?}: {out:?}");
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// The heads of the file sink's output under `data_dir`, imported as its checkpoint.
+fn import_heads_from_output(data_dir: &std::path::Path, scratch: &std::path::Path) -> String {
+    let heads_json = chain_heads(&["from-output".as_ref(), data_dir.join("out").as_os_str()]);
+    let heads_file = scratch.join("heads.json");
+    std::fs::write(&heads_file, &heads_json).unwrap();
+    chain_heads(&[
+        "import".as_ref(),
+        data_dir.as_os_str(),
+        heads_file.as_os_str(),
+    ]);
+    heads_json
+}
+
 /// The record the file sink wrote for envelope id `id`.
 fn delivered_record(d: &Daemon, id: &str) -> serde_json::Value {
     common::wait_for(&format!("delivery of {id}"), || {
@@ -434,29 +487,7 @@ fn a_damaged_chain_heads_checkpoint_stops_the_start_untouched_until_the_heads_ar
     let mut damaged = std::fs::read(&heads_path).unwrap();
     *damaged.last_mut().unwrap() ^= 0x04;
     std::fs::write(&heads_path, &damaged).unwrap();
-    let log = scratch.path().join("refused.log");
-    let child = std::process::Command::new(common::bin())
-        .arg("serve")
-        .arg("--data-dir")
-        .arg(&data_dir)
-        .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    // Killed when dropped, so that a start that was not refused does not outlive the test.
-    struct Reaped(std::process::Child);
-    impl Drop for Reaped {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let mut child = Reaped(child);
-    let status = common::wait_for("the refused start to exit", || child.0.try_wait().unwrap());
-    let stderr = std::fs::read_to_string(&log).unwrap();
-    assert!(!status.success(), "{stderr}");
+    let stderr = refused_start(&data_dir, scratch.path());
     for said in [
         "chain-heads",
         "CRC mismatch",
@@ -468,26 +499,13 @@ fn a_damaged_chain_heads_checkpoint_stops_the_start_untouched_until_the_heads_ar
 
     // The way out the error names: each stream's last delivered head, read from the file
     // sink's output, imported. The stream then continues from the record it delivered last.
-    let chain_heads = |args: &[&std::ffi::OsStr]| {
-        let out = std::process::Command::new(common::bin())
-            .arg("chain-heads")
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "chain-heads {args:?}: {out:?}");
-        String::from_utf8(out.stdout).unwrap()
-    };
-    let heads_json = chain_heads(&["from-output".as_ref(), data_dir.join("out").as_os_str()]);
+    let heads_json = import_heads_from_output(&data_dir, scratch.path());
     let heads: serde_json::Value = serde_json::from_str(&heads_json).unwrap();
     assert_eq!(heads, json!({"test": {"seq": 6, "hash": first["hash"]}}));
-    let heads_file = scratch.path().join("heads.json");
-    std::fs::write(&heads_file, &heads_json).unwrap();
-    let said = chain_heads(&[
-        "import".as_ref(),
-        data_dir.as_os_str(),
-        heads_file.as_os_str(),
-    ]);
-    assert!(said.contains("damaged checkpoint was replaced"), "{said}");
+    assert_eq!(
+        Chains::load(&heads_path).unwrap().head("test").unwrap().seq,
+        6
+    );
     d.restart();
     assert_eq!(d.post_json(&envelope(2)).status, 202);
     let second = delivered_record(&d, "e-2");
@@ -502,6 +520,45 @@ fn a_damaged_chain_heads_checkpoint_stops_the_start_untouched_until_the_heads_ar
     let third = delivered_record(&d, "e-3");
     assert_eq!(third["seq"], 8, "{third}");
     assert_eq!(third["prev_hash"], second["hash"], "{third}");
+}
+
+#[test]
+fn a_chain_heads_checkpoint_lost_after_compaction_stops_the_start_until_heads_are_imported() {
+    let scratch = tempfile::tempdir().unwrap();
+    let data_dir = scratch.path().join("data");
+    let mut d = Daemon::start_in(&data_dir, &common::SMALL_SEGMENTS, &[]);
+    // About 2.5 MB of envelopes and as much again of their seals: several 1 MiB segments,
+    // deleted by compaction once delivered.
+    let text = "x".repeat(50_000);
+    let n = 50;
+    for i in 0..n {
+        let r = d.post_json(&json!({"source": "test", "id": format!("big-{i}"), "text": text}));
+        assert_eq!(r.status, 202, "{}", r.text());
+    }
+    d.wait_metric("spoolgate_tombstones_written_total", |v| v >= n as f64);
+    d.wait_metric("spoolgate_compaction_segments_deleted_total", |v| v >= 1.0);
+    let last = delivered_record(&d, &format!("big-{}", n - 1));
+    assert_eq!(last["seq"], n, "{last}");
+    assert_eq!(d.terminate().code(), Some(0));
+
+    let heads_path = data_dir.join(spoolgate::daemon::CHAIN_HEADS_FILE);
+    std::fs::remove_file(&heads_path).unwrap();
+    let stderr = refused_start(&data_dir, scratch.path());
+    for said in [
+        "is missing",
+        "oldest segment",
+        "spoolgate chain-heads import",
+    ] {
+        assert!(stderr.contains(said), "{said:?} missing from: {stderr}");
+    }
+    assert!(!heads_path.exists());
+
+    import_heads_from_output(&data_dir, scratch.path());
+    d.restart();
+    assert_eq!(d.post_json(&envelope(1)).status, 202);
+    let next = delivered_record(&d, "e-1");
+    assert_eq!(next["seq"], n + 1, "{next}");
+    assert_eq!(next["prev_hash"], last["hash"], "{next}");
 }
 
 /// Sends one POST on a keep-alive connection and reads its whole response; returns the status.
