@@ -396,9 +396,9 @@ fn temp_files_left_by_a_kill_during_a_checkpoint_write_are_removed_at_the_next_s
     assert_eq!(again.json()["envelopes"][0]["duplicate"], true);
 }
 
-/// Starts the daemon on `data_dir` expecting it to refuse: waits for it to exit, asserts that
-/// it failed, and returns what it printed on stderr (kept in `scratch`).
-fn refused_start(data_dir: &std::path::Path, scratch: &std::path::Path) -> String {
+/// Starts the daemon on `data_dir` expecting it to refuse: waits for it to exit, and asserts
+/// that it failed and that its stderr (kept in `scratch`) says each of `said`.
+fn refused_start(data_dir: &std::path::Path, scratch: &std::path::Path, said: &[&str]) {
     let log = scratch.join("refused.log");
     let child = std::process::Command::new(common::bin())
         .arg("serve")
@@ -422,7 +422,9 @@ fn refused_start(data_dir: &std::path::Path, scratch: &std::path::Path) -> Strin
     let status = common::wait_for("the refused start to exit", || child.0.try_wait().unwrap());
     let stderr = std::fs::read_to_string(&log).unwrap();
     assert!(!status.success(), "{stderr}");
-    stderr
+    for said in said {
+        assert!(stderr.contains(said), "{said:?} missing from: {stderr}");
+    }
 }
 
 /// Runs `spoolgate chain-heads ARGS`, asserts that it succeeded, and returns its stdout.
@@ -487,14 +489,15 @@ fn a_damaged_chain_heads_checkpoint_stops_the_start_untouched_until_the_heads_ar
     let mut damaged = std::fs::read(&heads_path).unwrap();
     *damaged.last_mut().unwrap() ^= 0x04;
     std::fs::write(&heads_path, &damaged).unwrap();
-    let stderr = refused_start(&data_dir, scratch.path());
-    for said in [
-        "chain-heads",
-        "CRC mismatch",
-        "spoolgate chain-heads import",
-    ] {
-        assert!(stderr.contains(said), "{said:?} missing from: {stderr}");
-    }
+    refused_start(
+        &data_dir,
+        scratch.path(),
+        &[
+            "chain-heads",
+            "CRC mismatch",
+            "spoolgate chain-heads import",
+        ],
+    );
     assert_eq!(std::fs::read(&heads_path).unwrap(), damaged);
 
     // The way out the error names: each stream's last delivered head, read from the file
@@ -543,14 +546,15 @@ fn a_chain_heads_checkpoint_lost_after_compaction_stops_the_start_until_heads_ar
 
     let heads_path = data_dir.join(spoolgate::daemon::CHAIN_HEADS_FILE);
     std::fs::remove_file(&heads_path).unwrap();
-    let stderr = refused_start(&data_dir, scratch.path());
-    for said in [
-        "is missing",
-        "oldest segment",
-        "spoolgate chain-heads import",
-    ] {
-        assert!(stderr.contains(said), "{said:?} missing from: {stderr}");
-    }
+    refused_start(
+        &data_dir,
+        scratch.path(),
+        &[
+            "is missing",
+            "oldest segment",
+            "spoolgate chain-heads import",
+        ],
+    );
     assert!(!heads_path.exists());
 
     import_heads_from_output(&data_dir, scratch.path());

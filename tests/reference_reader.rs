@@ -32,6 +32,15 @@ fn spoolread(command: &str, path: &Path) -> (bool, Value) {
     (out.status.success(), value)
 }
 
+/// `spoolgate verify PATH`, spoolgate's own verdict beside the reference reader's.
+fn own_verify(path: impl AsRef<Path>) -> std::process::Output {
+    Command::new(bin())
+        .arg("verify")
+        .arg(path.as_ref())
+        .output()
+        .unwrap()
+}
+
 /// The bytes of a hexdump between spool-format.md's `NAME` markers.
 fn spec_bytes(name: &str) -> Vec<u8> {
     let hex = spec_hex(name);
@@ -177,11 +186,7 @@ fn the_reference_reader_verifies_the_spool_and_the_sink_output_the_daemon_wrote(
     posted.sort();
     assert_eq!(sink["ids"], json!(posted));
     // spoolgate's own verifier agrees on the same output.
-    let own = Command::new(bin())
-        .arg("verify")
-        .arg(d.data_dir.join("out"))
-        .output()
-        .unwrap();
+    let own = own_verify(d.data_dir.join("out"));
     assert!(own.status.success(), "{own:?}");
 
     let (ok, spool) = spoolread("verify-spool", &d.data_dir);
@@ -193,11 +198,7 @@ fn the_reference_reader_verifies_the_spool_and_the_sink_output_the_daemon_wrote(
     // Every stream's head, from the seals still in the spool and the checkpoint, is where the
     // sink output ends.
     assert_eq!(spool["streams"], sink["streams"], "{spool}\n{sink}");
-    let own = Command::new(bin())
-        .arg("verify")
-        .arg(&d.data_dir)
-        .output()
-        .unwrap();
+    let own = own_verify(&d.data_dir);
     assert!(own.status.success(), "{own:?}");
     // The dedup checkpoints compaction wrote (§10) name envelopes of deleted segments, each
     // with its tenant, id and slot as delivered.
@@ -234,11 +235,7 @@ fn the_reference_reader_verifies_the_spool_and_the_sink_output_the_daemon_wrote(
     let (ok, spool) = spoolread("verify-spool", &d.data_dir);
     assert!(!ok, "{spool}");
     assert!(spool.to_string().contains("CRC mismatch"), "{spool}");
-    let own = Command::new(bin())
-        .arg("verify")
-        .arg(&d.data_dir)
-        .output()
-        .unwrap();
+    let own = own_verify(&d.data_dir);
     assert!(!own.status.success(), "{own:?}");
     assert!(
         String::from_utf8_lossy(&own.stderr).contains("CRC mismatch")
@@ -250,11 +247,7 @@ fn the_reference_reader_verifies_the_spool_and_the_sink_output_the_daemon_wrote(
     std::fs::remove_file(&heads_path).unwrap();
     let (ok, spool) = spoolread("verify-spool", &d.data_dir);
     assert!(!ok, "{spool}");
-    let own = Command::new(bin())
-        .arg("verify")
-        .arg(&d.data_dir)
-        .output()
-        .unwrap();
+    let own = own_verify(&d.data_dir);
     assert!(!own.status.success(), "{own:?}");
     let masked = file_sink_records(&d.data_dir).iter().any(|r| {
         r["envelope"]["text"]

@@ -178,6 +178,7 @@ pub fn import(data_dir: &Path, mut heads: Chains) -> Result<ImportSummary, Impor
 
 #[cfg(test)]
 mod tests {
+    use super::super::verify::output_lines;
     use super::*;
 
     fn head(seq: u64, byte: u8) -> ChainHead {
@@ -217,31 +218,6 @@ mod tests {
             let err = heads_from_json(&text).unwrap_err();
             assert!(err.contains(want), "{text}: {err}");
         }
-    }
-
-    /// Records 1..=n of stream `s` as the file sink writes them, with their hashes.
-    fn output_lines(n: usize) -> Vec<(String, [u8; 32])> {
-        let mut chains = Chains::new();
-        (1..=n)
-            .map(|i| {
-                let envelope = crate::envelope::Envelope {
-                    version: 1,
-                    id: format!("r{i}"),
-                    source: "s".into(),
-                    text: Some("some text".into()),
-                    ts_ms: 1_700_000_000_000,
-                    slot: crate::slots::slot_of("s"),
-                    ..Default::default()
-                };
-                let record = chains.seal(envelope).unwrap();
-                let mut line = Vec::new();
-                crate::forward::json::write_record(&mut line, &record).unwrap();
-                (
-                    String::from_utf8(line).unwrap(),
-                    chains.head("s").unwrap().hash,
-                )
-            })
-            .collect()
     }
 
     #[test]

@@ -300,18 +300,16 @@ pub fn verify_path(path: &Path) -> Result<VerifySummary, VerifyError> {
     Ok(verifier.finish())
 }
 
+/// Records 1..=n of stream `s` (ids `r1`, `r2`, ..., text "some text"), each as the file
+/// sink writes its line, with its hash. For tests of what reads sink output.
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Two records of stream `s`, as the file sink writes them.
-    fn two_lines() -> (String, String) {
-        let mut chains = crate::chain::Chains::new();
-        let mut lines = Vec::new();
-        for id in ["v1", "v2"] {
+pub(super) fn output_lines(n: usize) -> Vec<(String, [u8; 32])> {
+    let mut chains = crate::chain::Chains::new();
+    (1..=n)
+        .map(|i| {
             let envelope = crate::envelope::Envelope {
                 version: 1,
-                id: id.into(),
+                id: format!("r{i}"),
                 source: "s".into(),
                 text: Some("some text".into()),
                 ts_ms: 1_700_000_000_000,
@@ -321,9 +319,20 @@ mod tests {
             let record = chains.seal(envelope).unwrap();
             let mut line = Vec::new();
             crate::forward::json::write_record(&mut line, &record).unwrap();
-            lines.push(String::from_utf8(line).unwrap());
-        }
-        (lines[0].clone(), lines[1].clone())
+            let hash = chains.head("s").unwrap().hash;
+            (String::from_utf8(line).unwrap(), hash)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two records of stream `s`, as the file sink writes them.
+    fn two_lines() -> (String, String) {
+        let lines = output_lines(2);
+        (lines[0].0.clone(), lines[1].0.clone())
     }
 
     #[test]
