@@ -233,7 +233,7 @@ impl Metrics {
             recovery_corrupt_records_dropped_total: counter(&r, "spoolgate_recovery_corrupt_records_dropped_total", "Records dropped as corrupt by recovery at the last start (damaged frames counted once each)."),
             recovery_corrupt_bytes_dropped_total: counter(&r, "spoolgate_recovery_corrupt_bytes_dropped_total", "Bytes skipped as corrupt by recovery at the last start."),
             recovery_torn_tail_bytes_truncated_total: counter(&r, "spoolgate_recovery_torn_tail_bytes_truncated_total", "Bytes of an unacknowledged torn tail cut from the last segment at the last start."),
-            recovery_segments_missing_total: counter(&r, "spoolgate_recovery_segments_missing_total", "Segments missing between two present ones at the last start: removed by something other than compaction, with the acknowledged envelopes they held."),
+            recovery_segments_missing_total: counter(&r, "spoolgate_recovery_segments_missing_total", "Segments missing at the last start, between two present ones or after the newest (named by its rotation frame): removed by something other than compaction, with the acknowledged envelopes they held."),
             recovery_dedup_files_skipped_total: counter(&r, "spoolgate_recovery_dedup_files_skipped_total", "Dedup checkpoints that could not be read at the last start (their ids are not deduplicated)."),
             recovery_duration_seconds: float_gauge(&r, "spoolgate_recovery_duration_seconds", "How long recovery took at the last start, the scan of the records it kept included."),
 

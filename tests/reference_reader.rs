@@ -423,4 +423,45 @@ fn the_reference_reader_finds_the_records_and_damage_that_spoolgate_inspect_find
     let (ok, dump) = spoolread("dump", &copy);
     assert!(!ok);
     assert_eq!(dump["missing_segments"], inspected["missing_segments"]);
+
+    // Row 9 at the end: the segment appends had moved on to, and any prepared after it, removed.
+    // Only the rotation frame ending the segment before it can tell; both readers read it.
+    let clean_json: Value = serde_json::from_slice(
+        &Command::new(bin())
+            .arg("inspect")
+            .arg(&spool)
+            .arg("--json")
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    let active = clean_json["segments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["records"].get("rotation").is_some())
+        .map(|s| s["id"].as_u64().unwrap() + 1)
+        .max()
+        .expect("the envelopes span several segments, so some rotated");
+    let _ = std::fs::remove_dir_all(&copy);
+    std::fs::create_dir_all(&copy).unwrap();
+    for s in &segments {
+        let id: u64 = s.file_stem().unwrap().to_str().unwrap().parse().unwrap();
+        if id < active {
+            std::fs::copy(s, copy.join(s.file_name().unwrap())).unwrap();
+        }
+    }
+    let out = Command::new(bin())
+        .arg("inspect")
+        .arg(&copy)
+        .arg("--json")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let inspected: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(inspected["missing_segments"], json!([[active, active]]));
+    let (ok, dump) = spoolread("dump", &copy);
+    assert!(!ok);
+    assert_eq!(dump["missing_segments"], inspected["missing_segments"]);
 }

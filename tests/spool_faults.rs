@@ -263,3 +263,77 @@ fn a_commit_hook_runs_before_its_records_are_visible_and_never_for_a_refused_app
     assert!(matches!(result, Err(SpoolError::Full(_))), "{result:?}");
     assert!(!ran.load(Ordering::SeqCst) && dropped_unrun.load(Ordering::SeqCst));
 }
+
+/// Appends numbered records from `n` on while the next one still fits segment 1 with room for
+/// the rotation frame: the append after the last of them rotates. Returns the next number.
+fn fill_segment_one(s: &spoolgate::spool::Spool, opts: &spoolgate::spool::SpoolOptions) -> u64 {
+    use spoolgate::spool::format::{frame_len, ROTATION_FRAME_BYTES_MAX};
+    let mut n = 0;
+    while s.durable_end().offset + frame_len(payload(n).len()) + ROTATION_FRAME_BYTES_MAX
+        <= opts.segment_bytes_max
+    {
+        append(s, n);
+        n += 1;
+    }
+    assert_eq!(s.durable_end().segment, 1);
+    n
+}
+
+#[test]
+fn no_room_for_a_rotation_frame_costs_only_the_frame_and_the_spool_keeps_working() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = options(dir.path());
+    let faults = Faults::new();
+    let (s, _) = open_fs(&opts, Arc::new(FaultFs::new(StdFs, faults.clone())));
+    let n = fill_segment_one(&s, &opts);
+    // The filesystem has no room past segment 1's data: the rotation frame's write fails
+    // half-way, while segment 2 (whose bytes lie below that offset) takes the record.
+    faults
+        .enospc_from_offset
+        .store(s.durable_end().offset, Ordering::SeqCst);
+    assert_eq!(append(&s, n).segment, 2);
+    faults.enospc_from_offset.store(u64::MAX, Ordering::SeqCst);
+    assert!(s.poison_reason().is_none());
+    assert_eq!(read_all(&s), (0..=n).collect::<Vec<_>>());
+    s.close().unwrap();
+    let inspected = spoolgate::spool::inspect(dir.path()).unwrap();
+    assert_eq!(inspected.segments[0].records.get("rotation"), None);
+    assert_eq!(
+        inspected.segments[0].tail_garbage_bytes, 0,
+        "the half frame was undone"
+    );
+    let (s, report, _) = open(&opts);
+    assert_eq!(read_all(&s), (0..=n).collect::<Vec<_>>());
+    assert!(report.damaged.is_empty(), "{:?}", report.damaged);
+    assert!(report.missing_segments.is_empty());
+}
+
+#[test]
+fn a_failed_fdatasync_of_a_rotation_frame_poisons_the_spool_and_the_next_start_drops_the_frame() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = options(dir.path());
+    let faults = Faults::new();
+    let n = {
+        let (s, _) = open_fs(&opts, Arc::new(FaultFs::new(StdFs, faults.clone())));
+        let n = fill_segment_one(&s, &opts);
+        // The rotation syncs segment 2's header first, then segment 1 with its rotation frame.
+        faults.syncs_until_failure.store(2, Ordering::SeqCst);
+        let err = s
+            .append_blocking(vec![(RecordKind::ENVELOPE, payload(n))], false)
+            .unwrap_err();
+        assert!(matches!(err, SpoolError::Poisoned(_)), "{err}");
+        assert!(s.poison_reason().unwrap().contains("before rotation"));
+        let _ = s.close();
+        n
+    };
+    let (s, report, _) = open(&opts);
+    assert_eq!(read_all(&s), (0..n).collect::<Vec<_>>());
+    assert!(report.damaged.is_empty(), "{:?}", report.damaged);
+    assert!(report.missing_segments.is_empty());
+    assert!(
+        report.torn_tail_bytes > 0,
+        "the void marker zeroed the frame"
+    );
+    append(&s, n + 1);
+    assert_eq!(read_all(&s), (0..n).chain([n + 1]).collect::<Vec<_>>());
+}

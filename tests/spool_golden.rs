@@ -55,6 +55,40 @@ fn hexdump(bytes: &[u8]) -> String {
 }
 
 #[test]
+fn the_documented_rotation_frame_is_what_the_writer_writes_and_names_segment_two() {
+    use spoolgate::spool::format::{frame_at, FrameAt, Rotation};
+    let mut bytes = Vec::new();
+    let payload = Rotation { next_segment: 2 }.encode();
+    encode_frame(
+        spoolgate::spool::RecordKind::ROTATION.0,
+        &payload,
+        &mut bytes,
+    );
+    let documented = common::spec_hex("golden-rotation");
+    assert_eq!(
+        hex::encode(&bytes),
+        documented,
+        "current bytes:\n{}",
+        hexdump(&bytes)
+    );
+    let bytes = hex::decode(documented).unwrap();
+    let FrameAt::Valid {
+        kind,
+        payload_start,
+        payload_len,
+        total,
+    } = frame_at(&bytes, 0, 1024)
+    else {
+        panic!("the documented rotation frame is not a valid frame");
+    };
+    assert_eq!((kind, total), (4, 32));
+    assert_eq!(
+        Rotation::decode(&bytes[payload_start..payload_start + payload_len]),
+        Some(Rotation { next_segment: 2 })
+    );
+}
+
+#[test]
 fn the_documented_segment_is_what_the_encoder_writes() {
     let bytes = golden_segment();
     let documented = documented_hex();

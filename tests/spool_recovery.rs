@@ -101,6 +101,11 @@ fn row_5_a_damaged_tail_of_an_older_segment_is_reported_as_corruption() {
     let path = seg(dir.path(), 1);
     let mut bytes = std::fs::read(&path).unwrap();
     bytes[victim.offset as usize + 18] ^= 0x01;
+    // And the rotation frame after it, so nothing valid follows the damage in segment 1.
+    let rotation_at = victim.offset as usize + payload(last_in_first.len() as u64 - 1).len();
+    let rotation_at = rotation_at.next_multiple_of(8) + 16;
+    assert_eq!(bytes[rotation_at + 8], RecordKind::ROTATION.0);
+    bytes[rotation_at + 20] ^= 0x01;
     std::fs::write(&path, bytes).unwrap();
     let (s, report, _) = open(&opts);
     let all = read_all(&s);
@@ -179,6 +184,93 @@ fn row_9_a_gap_in_segment_ids_is_stepped_over() {
     let inspected = spoolgate::spool::inspect(dir.path()).unwrap();
     assert_eq!(inspected.missing_segments, vec![[2, 2]]);
     assert!(inspected.to_string().contains("MISSING segments 2..=2"));
+}
+
+/// The record numbers of `positions` outside segment `lost`.
+fn numbers_outside(positions: &[Position], lost: u64) -> Vec<u64> {
+    positions
+        .iter()
+        .enumerate()
+        .filter(|(_, p)| p.segment != lost)
+        .map(|(n, _)| n as u64)
+        .collect()
+}
+
+#[test]
+fn every_full_segment_ends_with_a_rotation_frame_naming_the_next_and_readers_skip_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = options(dir.path());
+    let positions = write_and_close(&opts, 300);
+    let last = positions.last().unwrap().segment;
+    let inspected = spoolgate::spool::inspect(dir.path()).unwrap();
+    for s in &inspected.segments {
+        let rotations = s.records.get("rotation").copied().unwrap_or(0);
+        assert_eq!(rotations, u64::from(s.id < last), "segment {}", s.id);
+    }
+    // The frame is the last thing in the segment and names the next one.
+    let bytes = std::fs::read(seg(dir.path(), 1)).unwrap();
+    let scanned = spoolgate::spool::format::scan(&bytes, 1024);
+    let Some(spoolgate::spool::format::Scanned::Frame {
+        kind,
+        payload_start,
+        payload_len,
+        ..
+    }) = scanned.items.last().cloned()
+    else {
+        panic!("segment 1 ends with a frame");
+    };
+    assert_eq!(kind, RecordKind::ROTATION.0);
+    let rotation = spoolgate::spool::format::Rotation::decode(
+        &bytes[payload_start..payload_start + payload_len],
+    );
+    assert_eq!(rotation.map(|r| r.next_segment), Some(2));
+    let (s, report, _) = open(&opts);
+    assert_eq!(read_all(&s), (0..300).collect::<Vec<_>>());
+    assert_eq!(report.records, 300, "rotation frames are not records");
+    assert!(report.missing_segments.is_empty());
+    assert!(inspected.missing_segments.is_empty());
+}
+
+#[test]
+fn row_9_the_newest_segment_removed_is_named_by_the_rotation_frame_before_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = options(dir.path());
+    let positions = write_and_close(&opts, 300);
+    let last = positions.last().unwrap().segment;
+    assert!(last >= 3);
+    std::fs::remove_file(seg(dir.path(), last)).unwrap();
+    let inspected = spoolgate::spool::inspect(dir.path()).unwrap();
+    assert_eq!(inspected.missing_segments, vec![[last, last]]);
+    let (s, report, metrics) = open(&opts);
+    assert_eq!(read_all(&s), numbers_outside(&positions, last));
+    assert_eq!(report.missing_segments, vec![[last, last]]);
+    assert_eq!(metrics.recovery_segments_missing_total.get(), 1);
+    // Appends go on after the missing segment, not in its id: the loss stays a gap that every
+    // later start reports, until compaction deletes past it.
+    assert_eq!(append(&s, 1000).segment, last + 1);
+    s.close().unwrap();
+    let (s, report, _) = open(&opts);
+    assert_eq!(report.missing_segments, vec![[last, last]]);
+    let mut expected = numbers_outside(&positions, last);
+    expected.push(1000);
+    assert_eq!(read_all(&s), expected);
+}
+
+#[test]
+fn row_7_an_all_zero_segment_that_a_rotation_frame_names_is_reported_missing() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = options(dir.path());
+    let positions = write_and_close(&opts, 300);
+    let last = positions.last().unwrap().segment;
+    // The rotation frame is written only once the segment it names has its header synced, so
+    // a named segment with no header lost its contents.
+    std::fs::write(seg(dir.path(), last), vec![0u8; 4096]).unwrap();
+    let (s, report, metrics) = open(&opts);
+    assert!(!seg(dir.path(), last).exists());
+    assert_eq!(read_all(&s), numbers_outside(&positions, last));
+    assert_eq!(report.missing_segments, vec![[last, last]]);
+    assert_eq!(metrics.recovery_segments_missing_total.get(), 1);
+    assert_eq!(append(&s, 1000).segment, last + 1);
 }
 
 #[test]

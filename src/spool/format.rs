@@ -109,6 +109,35 @@ pub fn encode_frame(kind: u8, payload: &[u8], out: &mut Vec<u8>) {
     out.resize(padded, 0);
 }
 
+/// The payload of a rotation frame (kind 4, spool-format.md §3): written at the end of a
+/// segment when appends move on to the next one, it says that the spool went on in segment
+/// `next_segment`. It is how recovery tells that the newest segment was removed: nothing else
+/// in the spool names the newest id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Rotation {
+    pub next_segment: u64,
+}
+
+/// Frame bytes a rotation frame takes for any segment id: the header, a payload of at most 23
+/// bytes (a one-entry map, the 12-byte key and a uint64) and the padding. The writer keeps
+/// this much of every segment free for it.
+pub const ROTATION_FRAME_BYTES_MAX: u64 = 40;
+
+impl Rotation {
+    /// The payload: a msgpack map with the one key `next_segment`, its value in the smallest
+    /// uint encoding.
+    pub fn encode(&self) -> Vec<u8> {
+        let payload = rmp_serde::to_vec_named(self).expect("a struct of one u64 encodes");
+        debug_assert!(frame_len(payload.len()) <= ROTATION_FRAME_BYTES_MAX);
+        payload
+    }
+
+    /// `None` when the payload is not such a map.
+    pub fn decode(payload: &[u8]) -> Option<Rotation> {
+        rmp_serde::from_slice(payload).ok()
+    }
+}
+
 /// What is at a given offset of a segment's bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FrameAt {
@@ -275,6 +304,40 @@ mod tests {
             encode_frame(*k, p, &mut b);
         }
         b
+    }
+
+    #[test]
+    fn a_rotation_frame_fits_its_reserve_for_every_segment_id() {
+        for next_segment in [
+            1,
+            2,
+            127,
+            128,
+            255,
+            256,
+            65_535,
+            65_536,
+            u64::from(u32::MAX) + 1,
+            u64::MAX,
+        ] {
+            let payload = Rotation { next_segment }.encode();
+            assert!(
+                frame_len(payload.len()) <= ROTATION_FRAME_BYTES_MAX,
+                "{next_segment}"
+            );
+            assert_eq!(Rotation::decode(&payload), Some(Rotation { next_segment }));
+        }
+        assert_eq!(
+            frame_len(
+                Rotation {
+                    next_segment: u64::MAX
+                }
+                .encode()
+                .len()
+            ),
+            ROTATION_FRAME_BYTES_MAX
+        );
+        assert_eq!(Rotation::decode(b"\x81\xa4next\x02"), None);
     }
 
     #[test]

@@ -55,6 +55,7 @@ pub fn kind_name(kind: u8) -> String {
         1 => "envelope".into(),
         2 => "sealed".into(),
         3 => "tombstone".into(),
+        4 => "rotation".into(),
         k => format!("kind-{k}"),
     }
 }
@@ -148,8 +149,10 @@ fn damaged_range(segment: u64, bytes: &[u8], offset: u64, len: u64) -> DamagedRa
 /// Scans every segment in `dir` and reports what it holds.
 pub fn inspect(dir: &Path) -> Result<InspectReport, SpoolError> {
     let (_, ids) = list_segments(dir)?;
-    let missing_segments = super::segment_id_gaps(&ids);
+    let mut missing_segments = super::segment_id_gaps(&ids);
     let mut segments = Vec::new();
+    // The segment named by the rotation frame of the segment read last.
+    let mut rotated_to = None;
     for id in ids {
         let (bytes, file) = read_segment(dir, id)?;
         let len = bytes.len() as u64;
@@ -162,9 +165,21 @@ pub fn inspect(dir: &Path) -> Result<InspectReport, SpoolError> {
         let _ = forget_zeros(file.as_ref(), scanned.data_end, len);
         let mut records = BTreeMap::new();
         let mut damaged = Vec::new();
+        rotated_to = None;
         for item in &scanned.items {
             match item {
-                Scanned::Frame { kind, .. } => *records.entry(kind_name(*kind)).or_insert(0) += 1,
+                Scanned::Frame {
+                    kind,
+                    payload_start,
+                    payload_len,
+                    ..
+                } => {
+                    *records.entry(kind_name(*kind)).or_insert(0) += 1;
+                    if *kind == super::RecordKind::ROTATION.0 {
+                        let payload = &bytes[*payload_start..*payload_start + *payload_len];
+                        rotated_to = format::Rotation::decode(payload).map(|r| r.next_segment);
+                    }
+                }
                 Scanned::Damaged { offset, len } => {
                     damaged.push(damaged_range(id, &bytes, *offset, *len))
                 }
@@ -180,6 +195,12 @@ pub fn inspect(dir: &Path) -> Result<InspectReport, SpoolError> {
             tail_garbage_bytes: scanned.tail_garbage_bytes,
             pending_envelopes: None,
         });
+    }
+    if let Some(gap) = segments
+        .last()
+        .and_then(|s| super::missing_after_newest(s.id, rotated_to))
+    {
+        missing_segments.push(gap);
     }
     Ok(InspectReport {
         dir: dir.display().to_string(),

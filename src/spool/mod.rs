@@ -20,6 +20,14 @@
 //! 4.2-6.2 ms against 2.2-2.3 ms, 100-envelope batches 243k vs 286k envelopes/s). Where the
 //! filesystem has no `fallocate`, zeros are written.
 //!
+//! **Rotation.** When the next request does not fit the active segment, the writer takes over
+//! the next one (prepared, or created there: header, fdatasync, directory fsync) and only then
+//! ends the active one with a rotation frame naming it, fdatasync'd before anything is appended
+//! to the new one. Nothing else in the spool names the newest segment, so without the frame a
+//! removed newest segment would look like a spool that simply ended earlier; with it, recovery
+//! reports the segment missing (spool-format.md §4, row 9). Every segment keeps
+//! [`format::ROTATION_FRAME_BYTES_MAX`] bytes free for it. Readers skip it.
+//!
 //! **Group commit** (`writer`). One OS thread owns every write. Appenders queue requests on a
 //! bounded channel (`queue_depth_max`); the writer takes as many as are waiting, up to
 //! `commit_batch_records_max` records and `commit_batch_bytes_max` bytes, frames them into one
@@ -103,6 +111,9 @@ impl RecordKind {
     pub const SEALED: RecordKind = RecordKind(2);
     /// Completion tombstones (payload owned by `forward`).
     pub const TOMBSTONE: RecordKind = RecordKind(3);
+    /// The end of a segment whose successor holds the appends that followed (payload:
+    /// [`format::Rotation`]). Structure, not a record: readers and recovery's visit skip it.
+    pub const ROTATION: RecordKind = RecordKind(4);
 }
 
 /// How much an acknowledgement promises.
@@ -238,6 +249,16 @@ pub fn segment_id_gaps(ids: &[u64]) -> Vec<[u64; 2]> {
         .collect()
 }
 
+/// The segments missing after the newest one, `newest`, as `[first missing, last missing]`:
+/// those up to the one its rotation frame names, `rotated_to` (spool-format.md §4, row 9). A
+/// rotation creates the next segment before it names it, so a named segment that is not there
+/// was removed.
+pub fn missing_after_newest(newest: u64, rotated_to: Option<u64>) -> Option<[u64; 2]> {
+    rotated_to
+        .filter(|&next| next > newest)
+        .map(|next| [newest + 1, next])
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct SegmentInfo {
     pub id: u64,
@@ -368,8 +389,11 @@ impl Spool {
         visit: &mut dyn FnMut(RecordView<'_>),
     ) -> Result<(Spool, RecoveryReport), SpoolError> {
         assert!(opts.segment_bytes_max > format::HEADER_LEN + format::FRAME_HEADER_LEN);
+        // The longest record fits an empty segment with room left for its rotation frame.
         assert!(
-            u64::from(opts.record_bytes_max) + format::FRAME_HEADER_LEN + format::HEADER_LEN
+            format::frame_len(opts.record_bytes_max as usize)
+                + format::HEADER_LEN
+                + format::ROTATION_FRAME_BYTES_MAX
                 <= opts.segment_bytes_max
         );
         let recovered = recovery::recover(&opts, fs.as_ref(), &metrics, visit)?;

@@ -165,6 +165,11 @@ impl Reader {
                     payload_len,
                     total,
                 } => {
+                    if kind == RecordKind::ROTATION.0 {
+                        // Structure, not a record: it only marks where the segment ended.
+                        self.pos.offset += total;
+                        continue;
+                    }
                     let payload = bytes::Bytes::copy_from_slice(
                         &self.window[payload_start..payload_start + payload_len],
                     );

@@ -244,6 +244,9 @@ pub(crate) fn recover(
     // Set when the newest segment's header is damaged: appends then go to a fresh segment
     // rather than after frames whose container is in doubt.
     let mut fresh_segment_needed = false;
+    // What the rotation frame of the segment read last names (the newest one, once the loop
+    // is done): the segment the spool went on in.
+    let mut rotated_to: Option<u64> = None;
     let last = ids.last().copied();
     // The segment a crash can leave a torn write in: the newest one, or the newest one with
     // data when the writer had already prepared the next (an intact header followed only by
@@ -365,8 +368,20 @@ pub(crate) fn recover(
 
         let scanned = format::scan(&bytes, payload_max);
         let mut damaged = Vec::new();
+        rotated_to = None;
         for item in &scanned.items {
             match item {
+                Scanned::Frame {
+                    kind,
+                    payload_start,
+                    payload_len,
+                    ..
+                } if *kind == super::RecordKind::ROTATION.0 => {
+                    rotated_to = format::Rotation::decode(
+                        &bytes[*payload_start..*payload_start + *payload_len],
+                    )
+                    .map(|r| r.next_segment);
+                }
                 Scanned::Frame { .. } => report.records += 1,
                 Scanned::Damaged { offset, len } => {
                     let lost = records_in(&bytes[*offset as usize..(*offset + *len) as usize]);
@@ -438,6 +453,9 @@ pub(crate) fn recover(
                 payload_len,
             } = *item
             {
+                if kind == super::RecordKind::ROTATION.0 {
+                    continue;
+                }
                 let payload = &bytes[payload_start..payload_start + payload_len];
                 // The whole frame, padding included, as a reader steps over it (a file cut
                 // inside the last frame's padding still holds that frame).
@@ -476,8 +494,32 @@ pub(crate) fn recover(
             .map_err(io("fsync directory", &opts.dir))?;
     }
 
+    let mut fresh_id = ids.last().map_or(1, |l| l + 1);
+    let newest = segments.keys().next_back().copied();
+    if let Some([first, next]) = newest.and_then(|n| super::missing_after_newest(n, rotated_to)) {
+        // The newest segment ended with a rotation, so appends went on in `next`, which a
+        // rotation creates (header written, fdatasync'd, directory fsync'd) before it names
+        // it. So `next` is missing — removed, or left without its header and removed as row 7
+        // above — and the envelopes it held, acknowledged, are lost.
+        {
+            let newest = first - 1;
+            tracing::error!(
+                first_missing = first,
+                last_missing = next,
+                "the newest segments are missing: the rotation frame ending segment {newest} \
+                 says the spool went on in segment {next}; the envelopes they held were \
+                 acknowledged and are lost; appends continue in segment {}",
+                next + 1
+            );
+            report.missing_segments.push([first, next]);
+            // A fresh segment after the missing ones leaves them a gap, which every later
+            // start reports again (row 9) until compaction deletes past it.
+            fresh_id = fresh_id.max(next + 1);
+            fresh_segment_needed = true;
+        }
+    }
     if segments.is_empty() || fresh_segment_needed {
-        let id = ids.last().map_or(1, |l| l + 1);
+        let id = fresh_id;
         let file = match create_segment(opts, fs, metrics, id) {
             Ok(f) => f,
             Err(CreateError::Full(why)) => return Err(SpoolError::Full(why)),

@@ -361,7 +361,10 @@ impl Writer {
                 p.fail(SpoolError::Poisoned(reason));
                 continue;
             }
-            if self.offset + group_bytes + p.bytes > self.shared.opts.segment_bytes_max {
+            // Every segment keeps room for the rotation frame that will end it.
+            if self.offset + group_bytes + p.bytes + format::ROTATION_FRAME_BYTES_MAX
+                > self.shared.opts.segment_bytes_max
+            {
                 if !group.is_empty() {
                     self.write_group(std::mem::take(&mut group));
                     group_bytes = 0;
@@ -632,16 +635,11 @@ impl Writer {
         self.releasing = spawned.ok();
     }
 
+    /// Moves appends to the next segment: takes over the prepared one (or creates it), then
+    /// ends the active one with a rotation frame naming it ([`Writer::end_active`]). The new
+    /// segment exists, header and directory entry synced, before anything names it, so a
+    /// rotation frame never names a segment that a crash could leave uncreated.
     fn rotate(&mut self) -> Result<(), SpoolError> {
-        if self.dirty {
-            if let Err(e) = self.sync() {
-                self.shared
-                    .set_poison(format!("fdatasync before rotation failed: {e}"));
-                return Err(SpoolError::Poisoned(
-                    self.shared.poison_reason().unwrap_or_default(),
-                ));
-            }
-        }
         let id = self.active + 1;
         let created = match self.prepared.take() {
             Some(p) if p.id == id => p.handle.join().unwrap_or_else(|_| {
@@ -669,6 +667,7 @@ impl Writer {
                 ));
             }
         };
+        self.end_active(id)?;
         let path = self.shared.segment_path(id);
         let file_bytes = file.len().unwrap_or(HEADER_LEN);
         self.shared.segments_write().insert(
@@ -696,6 +695,78 @@ impl Writer {
             .metrics
             .spool_segments_active
             .set(self.shared.segments_read().len() as i64);
+        Ok(())
+    }
+}
+
+impl Writer {
+    /// Ends the active segment before appends move on to segment `next`: a rotation frame
+    /// naming `next` (spool-format.md §3), then one fdatasync covering it and whatever interval
+    /// mode left unsynced, so the segment's data is durable before any of the next one's. Only
+    /// after this does the durable end move into `next`, so a reader reaches the frame (and
+    /// skips it) before it reads on.
+    ///
+    /// The frame is what lets recovery tell that the newest segment was removed (§4, row 9).
+    /// It is no acknowledged data: if the filesystem has no room for it (without
+    /// preallocation; the writer keeps room for it in every segment otherwise) the segment
+    /// ends without one and only that detection is lost. Any other write error, or a failed
+    /// fdatasync, poisons the spool, as it would for data, and the void marker has the next
+    /// start zero the frame: a half-written one in a segment that is no longer the newest
+    /// would read as damaged acknowledged data.
+    fn end_active(&mut self, next: u64) -> Result<(), SpoolError> {
+        let mut frame = Vec::with_capacity(format::ROTATION_FRAME_BYTES_MAX as usize);
+        let payload = format::Rotation { next_segment: next }.encode();
+        format::encode_frame(RecordKind::ROTATION.0, &payload, &mut frame);
+        let at = self.offset;
+        let len = frame.len() as u64;
+        let path = self.shared.segment_path(self.active);
+        let poison = |w: &mut Writer, why: String| {
+            w.void(at);
+            w.shared.set_poison(why);
+            SpoolError::Poisoned(w.shared.poison_reason().unwrap_or_default())
+        };
+        let mut ended = false;
+        match self.file.write_all_at(&frame, at) {
+            Ok(()) => {
+                self.dirty = true;
+                ended = true;
+            }
+            Err(e) if is_enospc(&e) => {
+                if let Err(e) = self.undo(at, len) {
+                    let why = format!("undoing a rotation frame in {} failed: {e}", path.display());
+                    return Err(poison(self, why));
+                }
+                tracing::warn!(
+                    segment = self.active,
+                    next_segment = next,
+                    "no room for the rotation frame: this segment ends without one, so a \
+                     start could not tell if the next one were removed"
+                );
+            }
+            Err(e) => {
+                let why = format!(
+                    "writing the rotation frame to {} failed: {e}",
+                    path.display()
+                );
+                return Err(poison(self, why));
+            }
+        }
+        if self.dirty {
+            if let Err(e) = self.sync() {
+                let why = format!(
+                    "fdatasync of {} before rotation failed: {e}",
+                    path.display()
+                );
+                return Err(poison(self, why));
+            }
+        }
+        if ended {
+            self.offset = at + len;
+            if let Some(meta) = self.shared.segments_write().get_mut(&self.active) {
+                meta.data_end = self.offset;
+                meta.file_bytes = meta.file_bytes.max(self.offset);
+            }
+        }
         Ok(())
     }
 }

@@ -273,7 +273,7 @@ def link(prev_hex, stream, seq, slot, env):
 HEADER_LEN = 64
 MARKER = b"\xf7SGF"
 RECORD_BYTES_MAX = (1 << 20) + (64 << 10)  # §3: the writer's default bound
-KINDS = {1: "envelope", 2: "sealed", 3: "tombstone"}
+KINDS = {1: "envelope", 2: "sealed", 3: "tombstone", 4: "rotation"}
 
 
 def segment_ids(spool_dir):
@@ -357,10 +357,18 @@ def cmd_dump(spool_dir):
     # Row 9 of §4: ids missing between two present ones (a missing prefix is compaction's).
     missing = [[a + 1, b - 1] for a, b in zip(ids, ids[1:]) if a + 1 < b]
     out = {"segments": [], "records": [], "missing_segments": missing}
+    rotated_to = None  # what the rotation frame (§3, kind 4) of the segment read last names
     for seg in ids:
         with open(os.path.join(spool_dir, f"{seg:020}.seg"), "rb") as f:
             header, frames, damaged = read_segment(f.read())
         out["segments"].append({"id": seg, "header": header, "records": len(frames), "damaged": damaged})
+        rotated_to = None
+        for _offset, kind, payload in frames:
+            if kind == 4:
+                rotated_to = unpack(payload).get("next_segment")
+    # Row 9 at the end: the newest segment's rotation frame names a segment that is not there.
+    if ids and rotated_to is not None and rotated_to > ids[-1]:
+        missing.append([ids[-1] + 1, rotated_to])
     for seg, offset, kind, payload in records(spool_dir):
         rec = {"segment": seg, "offset": offset, "kind": KINDS.get(kind, kind)}
         if kind in KINDS:
