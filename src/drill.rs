@@ -81,6 +81,10 @@ pub struct DrillReport {
     /// The first break `verify_spool` found in the spool's seals and checkpoint, which is
     /// checked after every kill, before the restart.
     pub spool_chain_error: Option<String>,
+    /// The first damaged range or missing segment `spoolgate inspect` found in the spool after
+    /// a kill (a torn tail of the newest segment is what a kill may leave, and is not counted):
+    /// a SIGKILL leaves the page cache whole, so any is a bug.
+    pub spool_damage: Option<String>,
     pub streams: u64,
     pub ready_after_restart_ms: Vec<u64>,
     pub lost_ids: Vec<String>,
@@ -96,6 +100,7 @@ impl DrillReport {
             && self.non_identical_duplicates == 0
             && self.chain_error.is_none()
             && self.spool_chain_error.is_none()
+            && self.spool_damage.is_none()
             && self.acknowledged > 0
     }
 }
@@ -147,6 +152,13 @@ impl std::fmt::Display for DrillReport {
             self.spool_chain_error
                 .as_deref()
                 .unwrap_or("verified after every kill, with the chain-heads checkpoint")
+        )?;
+        writeln!(
+            f,
+            "  spool frames             {}",
+            self.spool_damage.as_deref().unwrap_or(
+                "no damaged range, no missing segment after any kill (spoolgate inspect)"
+            )
         )?;
         writeln!(
             f,
@@ -550,6 +562,10 @@ pub fn run(opts: &DrillOptions) -> Result<DrillReport, DrillError> {
                 report.spool_chain_error = Some(format!("after kill {}: {e}", report.kills));
             }
         }
+        if report.spool_damage.is_none() {
+            report.spool_damage = spool_damage(&opts.data_dir.join("spool"))
+                .map(|e| format!("after kill {}: {e}", report.kills));
+        }
         let (r, ready) = start_daemon(opts, sink_url.as_deref())?;
         report.ready_after_restart_ms.push(ready.as_millis() as u64);
         running = r;
@@ -620,6 +636,26 @@ pub fn run(opts: &DrillOptions) -> Result<DrillReport, DrillError> {
         Err(e) => report.chain_error = Some(e.to_string()),
     }
     Ok(report)
+}
+
+/// What `spoolgate inspect` finds wrong with the spool in `dir`: a damaged range or a missing
+/// segment (a torn tail is not counted; the next start zeroes it).
+fn spool_damage(dir: &Path) -> Option<String> {
+    let report = match crate::spool::inspect(dir) {
+        Ok(r) => r,
+        Err(e) => return Some(format!("inspect failed: {e}")),
+    };
+    if let Some([first, last]) = report.missing_segments.first() {
+        return Some(format!("segments {first}..={last} are missing"));
+    }
+    report.segments.iter().find_map(|s| {
+        s.damaged.first().map(|d| {
+            format!(
+                "segment {} is damaged at offset {} ({} bytes)",
+                d.segment, d.offset, d.len_bytes
+            )
+        })
+    })
 }
 
 fn record_id(line: &str) -> Option<String> {
