@@ -106,4 +106,10 @@ fn every_record_acknowledged_before_a_kill_9_is_there_after_reopen() {
         );
     }
     assert!(report.damaged.is_empty(), "{:?}", report.damaged);
+    // A rotation frame names a segment only once it exists, so no kill makes one look removed.
+    assert!(
+        report.missing_segments.is_empty(),
+        "{:?}",
+        report.missing_segments
+    );
 }

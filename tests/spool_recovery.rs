@@ -274,6 +274,63 @@ fn row_7_an_all_zero_segment_that_a_rotation_frame_names_is_reported_missing() {
 }
 
 #[test]
+fn row_9_a_start_that_takes_over_a_prepared_segment_names_it_so_its_removal_is_found() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts = options(dir.path());
+    opts.preallocate = true;
+    let (s, _, _) = open(&opts);
+    let mut n = 0;
+    // Past half of segment 1 the writer prepares segment 2; the stop leaves it empty.
+    while s.durable_end().offset < 2600 {
+        append(&s, n);
+        n += 1;
+    }
+    s.close().unwrap();
+    drop(s);
+    assert!(seg(dir.path(), 2).exists(), "segment 2 was prepared");
+    // The start takes segment 2 over and names it at the end of segment 1.
+    let (s, report, _) = open(&opts);
+    assert!(report.missing_segments.is_empty());
+    assert_eq!(append(&s, n).segment, 2);
+    s.close().unwrap();
+    drop(s);
+    let inspected = spoolgate::spool::inspect(dir.path()).unwrap();
+    assert_eq!(inspected.segments[0].records.get("rotation"), Some(&1));
+    for id in 2..=3 {
+        let _ = std::fs::remove_file(seg(dir.path(), id));
+    }
+    let (s, report, metrics) = open(&opts);
+    assert_eq!(report.missing_segments, vec![[2, 2]]);
+    assert_eq!(metrics.recovery_segments_missing_total.get(), 1);
+    assert_eq!(read_all(&s), (0..n).collect::<Vec<_>>());
+    assert_eq!(append(&s, 1000).segment, 3);
+}
+
+#[test]
+fn row_7_a_crash_while_creating_the_first_segment_starts_the_spool_at_segment_one_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = options(dir.path());
+    // The file was created, and the crash came before its header was synced.
+    std::fs::write(seg(dir.path(), 1), vec![0u8; 4096]).unwrap();
+    let (s, report, _) = open(&opts);
+    // Segment 2 as the first would read as a spool that compaction had already shortened.
+    assert_eq!(s.first_position().segment, 1);
+    assert!(report.missing_segments.is_empty());
+    assert_eq!(append(&s, 0).segment, 1);
+}
+
+#[test]
+fn a_rotation_frame_naming_any_segment_but_the_next_names_nothing() {
+    use spoolgate::spool::missing_after_newest;
+    assert_eq!(missing_after_newest(4, Some(5)), Some([5, 5]));
+    assert_eq!(missing_after_newest(4, None), None);
+    for other in [0, 3, 4, 6, u64::MAX] {
+        assert_eq!(missing_after_newest(4, Some(other)), None, "{other}");
+    }
+    assert_eq!(missing_after_newest(u64::MAX, Some(u64::MAX)), None);
+}
+
+#[test]
 fn row_9_a_prefix_deleted_by_compaction_is_not_a_gap() {
     let dir = tempfile::tempdir().unwrap();
     let opts = options(dir.path());

@@ -132,9 +132,15 @@ impl Rotation {
         payload
     }
 
-    /// `None` when the payload is not such a map.
+    /// `None` unless the payload is exactly such a map: one key, `next_segment`, a uint, and
+    /// nothing after it.
     pub fn decode(payload: &[u8]) -> Option<Rotation> {
-        rmp_serde::from_slice(payload).ok()
+        let mut c = crate::msgpack::Cursor::new(payload);
+        if c.map_len()? != 1 || c.str()? != "next_segment" {
+            return None;
+        }
+        let next_segment = c.uint()?;
+        (c.remaining() == 0).then_some(Rotation { next_segment })
     }
 }
 
@@ -338,6 +344,13 @@ mod tests {
             ROTATION_FRAME_BYTES_MAX
         );
         assert_eq!(Rotation::decode(b"\x81\xa4next\x02"), None);
+        // The array form rmp-serde would also take, an extra key, trailing bytes, a non-uint.
+        assert_eq!(Rotation::decode(b"\x91\x02"), None);
+        let mut two_keys = b"\x82\xacnext_segment\x02".to_vec();
+        two_keys.extend_from_slice(b"\xa1x\x01");
+        assert_eq!(Rotation::decode(&two_keys), None);
+        assert_eq!(Rotation::decode(b"\x81\xacnext_segment\x02\x00"), None);
+        assert_eq!(Rotation::decode(b"\x81\xacnext_segment\xa1x"), None);
     }
 
     #[test]

@@ -196,9 +196,12 @@ pub fn inspect(dir: &Path) -> Result<InspectReport, SpoolError> {
             pending_envelopes: None,
         });
     }
+    // A daemon running beside this may have rotated into the named segment after the listing
+    // above: only a segment that is not there now is missing.
     if let Some(gap) = segments
         .last()
         .and_then(|s| super::missing_after_newest(s.id, rotated_to))
+        .filter(|&[first, _]| !segment_path(dir, first).exists())
     {
         missing_segments.push(gap);
     }

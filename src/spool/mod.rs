@@ -249,14 +249,14 @@ pub fn segment_id_gaps(ids: &[u64]) -> Vec<[u64; 2]> {
         .collect()
 }
 
-/// The segments missing after the newest one, `newest`, as `[first missing, last missing]`:
-/// those up to the one its rotation frame names, `rotated_to` (spool-format.md §4, row 9). A
-/// rotation creates the next segment before it names it, so a named segment that is not there
-/// was removed.
+/// The segment missing after the newest one, `newest`, as `[first missing, last missing]`:
+/// the one its last rotation frame names, `rotated_to` (spool-format.md §4, row 9). A rotation
+/// creates the next segment before it names it, so a named segment that is not there was
+/// removed. The writer names only the segment after its own, so a frame naming any other id
+/// (which only damage with a matching CRC could make) names nothing.
 pub fn missing_after_newest(newest: u64, rotated_to: Option<u64>) -> Option<[u64; 2]> {
-    rotated_to
-        .filter(|&next| next > newest)
-        .map(|next| [newest + 1, next])
+    let next = newest.checked_add(1)?;
+    (rotated_to == Some(next)).then_some([next, next])
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -40,6 +40,72 @@ fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> Sp
     }
 }
 
+/// Gives the segment before the active one the rotation frame it lacks, when appends start in a
+/// segment that holds nothing yet: the one the writer prepared before a stop, or one created
+/// at this start (rows 6 and 11). The writer names a segment only when it rotates into it, so
+/// without this the segment appends start in would be named by nothing until it fills, and
+/// its removal would look like a spool that ended earlier.
+///
+/// Only then: the segment written to is the newest one with data, so a write torn by a crash
+/// here is a torn tail of that segment (row 4), zeroed at the next start, never damage in an
+/// older one. Not when the segment ends in damage left as found (row 5), nor when it holds a
+/// rotation frame already (naming a segment found missing, row 9), nor when no room is left for
+/// the frame (a segment written before the writer kept room for it): in those cases appends
+/// start unnamed, as before. A full filesystem costs the frame and nothing else; any other
+/// write error fails the start, as recovery's other writes do.
+fn close_before_active(
+    opts: &SpoolOptions,
+    segments: &mut BTreeMap<u64, SegMeta>,
+    unclosed: &std::collections::BTreeSet<u64>,
+) -> Result<(), SpoolError> {
+    let Some((&active, active_meta)) = segments.iter().next_back() else {
+        return Ok(());
+    };
+    if active_meta.data_end > HEADER_LEN || active < 2 || !unclosed.contains(&(active - 1)) {
+        return Ok(());
+    }
+    let Some(meta) = segments.get_mut(&(active - 1)) else {
+        return Ok(());
+    };
+    let at = meta.data_end;
+    if at + format::ROTATION_FRAME_BYTES_MAX > opts.segment_bytes_max {
+        return Ok(());
+    }
+    let mut frame = Vec::with_capacity(format::ROTATION_FRAME_BYTES_MAX as usize);
+    let payload = format::Rotation {
+        next_segment: active,
+    }
+    .encode();
+    format::encode_frame(super::RecordKind::ROTATION.0, &payload, &mut frame);
+    let path = meta.path.clone();
+    match meta.file.write_all_at(&frame, at) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(28) => {
+            if opts.preallocate {
+                meta.file
+                    .write_all_at(&vec![0u8; frame.len()], at)
+                    .map_err(io("zero a refused rotation frame", &path))?;
+            } else {
+                meta.file
+                    .set_len(at)
+                    .map_err(io("truncate a refused rotation frame", &path))?;
+            }
+            meta.file.sync_data().map_err(io("fdatasync", &path))?;
+            tracing::warn!(
+                segment = active - 1,
+                "no room to name the active segment in a rotation frame; it stays unnamed \
+                 until it fills"
+            );
+            return Ok(());
+        }
+        Err(e) => return Err(io("write a rotation frame", &path)(e)),
+    }
+    meta.file.sync_data().map_err(io("fdatasync", &path))?;
+    meta.data_end = at + frame.len() as u64;
+    meta.file_bytes = meta.file_bytes.max(meta.data_end);
+    Ok(())
+}
+
 /// Reads a whole file through the seam.
 pub(crate) fn read_all(file: &dyn super::fs::SegmentFile, len: u64) -> std::io::Result<Vec<u8>> {
     let mut buf = vec![0u8; len as usize];
@@ -247,6 +313,11 @@ pub(crate) fn recover(
     // What the rotation frame of the segment read last names (the newest one, once the loop
     // is done): the segment the spool went on in.
     let mut rotated_to: Option<u64> = None;
+    // Segments with no rotation frame whose data ends cleanly (no damaged tail left in place):
+    // the one before the active segment may be given its frame at the end (see below).
+    let mut unclosed: std::collections::BTreeSet<u64> = std::collections::BTreeSet::new();
+    // Whether row 7 removed the newest file, whose id is then free again.
+    let mut removed_last = false;
     let last = ids.last().copied();
     // The segment a crash can leave a torn write in: the newest one, or the newest one with
     // data when the writer had already prepared the next (an intact header followed only by
@@ -352,6 +423,7 @@ pub(crate) fn recover(
                     fs.remove(&path).map_err(io("remove segment", &path))?;
                     fs.sync_dir(&opts.dir)
                         .map_err(io("fsync directory", &opts.dir))?;
+                    removed_last = true;
                     continue;
                 }
                 tracing::warn!(segment = id, reason = %why, "segment header damaged; reading its frames anyway");
@@ -369,6 +441,7 @@ pub(crate) fn recover(
         let scanned = format::scan(&bytes, payload_max);
         let mut damaged = Vec::new();
         rotated_to = None;
+        let mut has_rotation = false;
         for item in &scanned.items {
             match item {
                 Scanned::Frame {
@@ -377,6 +450,7 @@ pub(crate) fn recover(
                     payload_len,
                     ..
                 } if *kind == super::RecordKind::ROTATION.0 => {
+                    has_rotation = true;
                     rotated_to = format::Rotation::decode(
                         &bytes[*payload_start..*payload_start + *payload_len],
                     )
@@ -401,6 +475,10 @@ pub(crate) fn recover(
                     damaged.push((*offset, *offset + *len));
                 }
             }
+        }
+        let tail_zeroed = scanned.tail_garbage_bytes == 0 || is_last || Some(id) == tail_segment;
+        if !has_rotation && tail_zeroed {
+            unclosed.insert(id);
         }
         if scanned.tail_garbage_bytes > 0 {
             let at = scanned.data_end;
@@ -494,29 +572,34 @@ pub(crate) fn recover(
             .map_err(io("fsync directory", &opts.dir))?;
     }
 
-    let mut fresh_id = ids.last().map_or(1, |l| l + 1);
+    // A new segment takes the id after every file that was here, or the id of the newest file
+    // if row 7 removed it: a crash while the first segment of a new spool was being created
+    // must not start the spool at segment 2, which would read as compacted.
+    let mut fresh_id = match ids.last() {
+        Some(&last) if removed_last => last,
+        Some(&last) => last + 1,
+        None => 1,
+    };
     let newest = segments.keys().next_back().copied();
-    if let Some([first, next]) = newest.and_then(|n| super::missing_after_newest(n, rotated_to)) {
-        // The newest segment ended with a rotation, so appends went on in `next`, which a
-        // rotation creates (header written, fdatasync'd, directory fsync'd) before it names
-        // it. So `next` is missing — removed, or left without its header and removed as row 7
-        // above — and the envelopes it held, acknowledged, are lost.
-        {
-            let newest = first - 1;
-            tracing::error!(
-                first_missing = first,
-                last_missing = next,
-                "the newest segments are missing: the rotation frame ending segment {newest} \
-                 says the spool went on in segment {next}; the envelopes they held were \
-                 acknowledged and are lost; appends continue in segment {}",
-                next + 1
-            );
-            report.missing_segments.push([first, next]);
-            // A fresh segment after the missing ones leaves them a gap, which every later
-            // start reports again (row 9) until compaction deletes past it.
-            fresh_id = fresh_id.max(next + 1);
-            fresh_segment_needed = true;
-        }
+    if let Some([missing, _]) = newest.and_then(|n| super::missing_after_newest(n, rotated_to)) {
+        // The newest segment ended with a rotation, so appends went on in the next one, which
+        // a rotation creates (header written, fdatasync'd, directory fsync'd) before it names
+        // it. So that segment is missing (removed, or left without its header and removed as
+        // row 7 above) and the envelopes it held, acknowledged, are lost.
+        tracing::error!(
+            first_missing = missing,
+            last_missing = missing,
+            "the newest segment is missing: the rotation frame ending segment {} says the \
+             spool went on in segment {missing}; the envelopes it held were acknowledged and \
+             are lost, as are those of any segment after it; appends continue in segment {}",
+            missing - 1,
+            missing + 1
+        );
+        report.missing_segments.push([missing, missing]);
+        // A fresh segment after the missing one leaves it a gap, which every later start
+        // reports again (row 9) until compaction deletes past it.
+        fresh_id = fresh_id.max(missing + 1);
+        fresh_segment_needed = true;
     }
     if segments.is_empty() || fresh_segment_needed {
         let id = fresh_id;
@@ -537,6 +620,7 @@ pub(crate) fn recover(
             },
         );
     }
+    close_before_active(opts, &mut segments, &unclosed)?;
     let (&active, meta) = segments.iter().next_back().expect("at least one segment");
     let end = Position {
         segment: active,

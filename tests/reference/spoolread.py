@@ -365,10 +365,18 @@ def cmd_dump(spool_dir):
         rotated_to = None
         for _offset, kind, payload in frames:
             if kind == 4:
-                rotated_to = unpack(payload).get("next_segment")
-    # Row 9 at the end: the newest segment's rotation frame names a segment that is not there.
-    if ids and rotated_to is not None and rotated_to > ids[-1]:
-        missing.append([ids[-1] + 1, rotated_to])
+                # §3: exactly a one-key map {"next_segment": uint}; the last one counts.
+                try:
+                    frame = unpack(payload)
+                except (ValueError, IndexError, struct.error):
+                    frame = None
+                ok = isinstance(frame, dict) and list(frame) == ["next_segment"] and type(frame["next_segment"]) is int
+                rotated_to = frame["next_segment"] if ok else None
+    # Row 9 at the end: the newest segment's rotation frame names the next id, and that
+    # segment is not there (checked again now: a running daemon may have just created it).
+    nxt = ids[-1] + 1 if ids else None
+    if nxt is not None and rotated_to == nxt and not os.path.exists(os.path.join(spool_dir, f"{nxt:020}.seg")):
+        missing.append([nxt, nxt])
     for seg, offset, kind, payload in records(spool_dir):
         rec = {"segment": seg, "offset": offset, "kind": KINDS.get(kind, kind)}
         if kind in KINDS:
