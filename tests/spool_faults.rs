@@ -337,3 +337,35 @@ fn a_failed_fdatasync_of_a_rotation_frame_poisons_the_spool_and_the_next_start_d
     append(&s, n + 1);
     assert_eq!(read_all(&s), (0..n).chain([n + 1]).collect::<Vec<_>>());
 }
+
+#[test]
+fn a_segment_compaction_fails_to_remove_stays_in_the_spool_so_no_later_pass_leaves_a_gap() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = options(dir.path());
+    let faults = Faults::new();
+    let (s, _) = open_fs(&opts, Arc::new(FaultFs::new(StdFs, faults.clone())));
+    for n in 0..300 {
+        append(&s, n);
+    }
+    let active = s.durable_end().segment;
+    assert!(active >= 4);
+    faults.fail_removes.store(true, Ordering::SeqCst);
+    let err = s.remove_segments_below(3).unwrap_err();
+    assert!(err.to_string().contains("remove segment"), "{err}");
+    assert_eq!(
+        s.segments()[0].id,
+        1,
+        "segment 1 is still on disk, so still the spool's"
+    );
+    faults.fail_removes.store(false, Ordering::SeqCst);
+    // The next pass deletes from the oldest again: a prefix, never a gap.
+    s.remove_segments_below(active).unwrap();
+    s.close().unwrap();
+    drop(s);
+    let (_, report, _) = open(&opts);
+    assert!(
+        report.missing_segments.is_empty(),
+        "{:?}",
+        report.missing_segments
+    );
+}

@@ -418,6 +418,50 @@ fn row_12_a_segment_from_a_newer_format_version_is_refused_untouched() {
 }
 
 #[test]
+fn row_4_a_torn_tail_before_a_headerless_newest_segment_is_still_a_torn_tail() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = options(dir.path());
+    let positions = write_and_close(&opts, 3);
+    let end = positions[2].offset + spoolgate::spool::format::frame_len(payload(2).len());
+    // A torn write at the end of segment 1, and segment 2 created by a rotation (or its
+    // preparation) that crashed before the header: the kill came during both.
+    let path = seg(dir.path(), 1);
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes.truncate(end as usize);
+    bytes.extend_from_slice(&[0xF7; 24]);
+    std::fs::write(&path, bytes).unwrap();
+    std::fs::write(seg(dir.path(), 2), vec![0u8; 4096]).unwrap();
+    let (s, report, metrics) = open(&opts);
+    assert!(!seg(dir.path(), 2).exists());
+    assert!(report.damaged.is_empty(), "{:?}", report.damaged);
+    assert_eq!(report.torn_tail_bytes, 24);
+    assert_eq!(metrics.recovery_corrupt_records_dropped_total.get(), 0);
+    assert_eq!(read_all(&s), vec![0, 1, 2]);
+    // Appends continue in segment 1, over zeros.
+    assert_eq!(append(&s, 3).segment, 1);
+    s.close().unwrap();
+    drop(s);
+    let (s, report, _) = open(&opts);
+    assert!(report.damaged.is_empty(), "{:?}", report.damaged);
+    assert_eq!(read_all(&s), vec![0, 1, 2, 3]);
+}
+
+#[test]
+fn row_6_a_damaged_header_before_a_headerless_newest_segment_sends_appends_to_a_fresh_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = options(dir.path());
+    write_and_close(&opts, 3);
+    let path = seg(dir.path(), 1);
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[3] ^= 0xff;
+    std::fs::write(&path, bytes).unwrap();
+    std::fs::write(seg(dir.path(), 2), vec![0u8; 4096]).unwrap();
+    let (s, _, _) = open(&opts);
+    assert_eq!(read_all(&s), vec![0, 1, 2]);
+    assert_eq!(append(&s, 3).segment, 2);
+}
+
+#[test]
 fn row_4_a_torn_tail_before_a_prepared_next_segment_is_still_a_torn_tail() {
     let dir = tempfile::tempdir().unwrap();
     let mut opts = options(dir.path());

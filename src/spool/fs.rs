@@ -509,6 +509,8 @@ pub struct Faults {
     pub enospc_from_offset: AtomicU64,
     /// While set, files created fail every write with ENOSPC (a full disk seen at rotation).
     pub enospc_new_files: AtomicBool,
+    /// While set, removing a file fails with EIO and leaves it.
+    pub fail_removes: AtomicBool,
 }
 
 impl Faults {
@@ -607,6 +609,9 @@ impl<F: FileSystem> FileSystem for FaultFs<F> {
         }))
     }
     fn remove(&self, path: &Path) -> io::Result<()> {
+        if self.faults.fail_removes.load(Ordering::SeqCst) {
+            return Err(io::Error::from_raw_os_error(5));
+        }
         self.inner.remove(path)
     }
     fn sync_dir(&self, dir: &Path) -> io::Result<()> {

@@ -524,15 +524,24 @@ impl Spool {
         let mut freed = 0;
         for (id, path, bytes) in &victims {
             // Forget it first: readers then skip to the next segment instead of opening it.
-            self.shared.segments_write().remove(id);
-            self.shared
-                .fs
-                .remove(path)
-                .map_err(|source| SpoolError::Io {
-                    op: "remove segment",
-                    path: path.clone(),
-                    source,
-                })?;
+            let forgotten = self.shared.segments_write().remove(id);
+            match self.shared.fs.remove(path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(source) => {
+                    // Still on disk, so still the spool's: forgotten, it would let the next
+                    // pass delete the segments after it and leave it as the first of a gap
+                    // that the next start reports as lost data (row 9).
+                    if let Some(meta) = forgotten {
+                        self.shared.segments_write().insert(*id, meta);
+                    }
+                    return Err(SpoolError::Io {
+                        op: "remove segment",
+                        path: path.clone(),
+                        source,
+                    });
+                }
+            }
             freed += bytes;
         }
         self.shared

@@ -323,14 +323,28 @@ pub(crate) fn recover(
     // data when the writer had already prepared the next (an intact header followed only by
     // zeros, spool-format.md §1).
     let mut tail_segment = last;
-    for &id in ids.iter().rev() {
+    // The newest segment that stays: the newest file, unless it holds only zeros and no header
+    // (a rotation or preparation that crashed before the header was synced, removed below as
+    // row 7), in which case the one before it. Rows 4 and 6 are about this one: a torn tail
+    // here is never-acknowledged bytes to zero, not damage to report and leave in place.
+    let mut newest_kept = last;
+    for (n, &id) in ids.iter().rev().enumerate() {
         let path = segment_path(&opts.dir, id);
         let file = fs.open(&path).map_err(io("open segment", &path))?;
         let len = file.len().map_err(io("stat segment", &path))?;
         let mut header = [0u8; HEADER_LEN as usize];
         let header_read =
             read_prefix(file.as_ref(), &mut header).map_err(io("read segment", &path))?;
-        let prepared = SegmentHeader::decode(&header[..header_read]).is_ok()
+        let header_ok = SegmentHeader::decode(&header[..header_read]).is_ok();
+        if n == 0
+            && !header_ok
+            && zeros_from(file.as_ref(), len, 0).map_err(io("read segment", &path))?
+        {
+            newest_kept = ids.iter().rev().nth(1).copied();
+            tail_segment = newest_kept;
+            continue;
+        }
+        let prepared = header_ok
             && zeros_from(file.as_ref(), len, HEADER_LEN).map_err(io("read segment", &path))?;
         tail_segment = Some(id);
         if !prepared {
@@ -373,6 +387,7 @@ pub(crate) fn recover(
         read_segment_into(file.as_ref(), file_len, pad_bytes, &mut bytes)
             .map_err(io("read segment", &path))?;
         let is_last = Some(id) == last;
+        let is_newest_kept = Some(id) == newest_kept;
 
         if let Some(&void_at) = voids.get(&id) {
             if (void_at as usize) < bytes.len() {
@@ -427,7 +442,7 @@ pub(crate) fn recover(
                     continue;
                 }
                 tracing::warn!(segment = id, reason = %why, "segment header damaged; reading its frames anyway");
-                fresh_segment_needed |= is_last;
+                fresh_segment_needed |= is_newest_kept;
                 let range = DamagedRange {
                     segment: id,
                     offset: 0,
@@ -476,14 +491,15 @@ pub(crate) fn recover(
                 }
             }
         }
-        let tail_zeroed = scanned.tail_garbage_bytes == 0 || is_last || Some(id) == tail_segment;
+        let tail_zeroed =
+            scanned.tail_garbage_bytes == 0 || is_newest_kept || Some(id) == tail_segment;
         if !has_rotation && tail_zeroed {
             unclosed.insert(id);
         }
         if scanned.tail_garbage_bytes > 0 {
             let at = scanned.data_end;
             let len = scanned.tail_garbage_bytes;
-            if is_last || Some(id) == tail_segment {
+            if is_newest_kept || Some(id) == tail_segment {
                 // Bytes after the last valid frame of the newest segment were never
                 // acknowledged (an acknowledgement waits for the whole batch's fdatasync):
                 // a torn write. Zero them so the next append starts clean.
