@@ -57,6 +57,8 @@ pub enum DaemonError {
         #[source]
         source: std::io::Error,
     },
+    #[error("the data directory {0} is in use by another spoolgate (it holds {0}/LOCK)")]
+    DataDirLocked(std::path::PathBuf),
     #[error("cannot write the address file {path}: {source}")]
     AddressFile {
         path: std::path::PathBuf,
@@ -69,6 +71,24 @@ pub enum DaemonError {
     Task(String),
     #[error("cannot start the pipeline: {0}")]
     Pipeline(String),
+}
+
+/// Takes `<data_dir>/LOCK` (an exclusive `flock`, released when the process ends however it
+/// ends).
+fn lock_data_dir(data_dir: &std::path::Path) -> Result<Box<dyn Send + Sync>, DaemonError> {
+    use crate::spool::fs::FileSystem;
+    crate::spool::fs::StdFs
+        .lock(&data_dir.join("LOCK"))
+        .map_err(|source| {
+            if source.kind() == std::io::ErrorKind::WouldBlock {
+                DaemonError::DataDirLocked(data_dir.to_path_buf())
+            } else {
+                DaemonError::DataDir {
+                    path: data_dir.to_path_buf(),
+                    source,
+                }
+            }
+        })
 }
 
 /// How `run` ended.
@@ -91,6 +111,10 @@ pub async fn run(config: Config) -> Result<Exit, DaemonError> {
         path: config.data_dir.clone(),
         source,
     })?;
+    // Held for the life of the process, before anything in the data directory is touched: a
+    // second daemon started on it by mistake would otherwise overwrite the address file and,
+    // on a full disk, spend the running one's reserve before failing on the spool's lock.
+    let _data_dir_lock = lock_data_dir(&config.data_dir)?;
     let ingest_listener = TcpListener::bind(config.ingest.listen)
         .await
         .map_err(|source| DaemonError::Bind {

@@ -461,6 +461,26 @@ fn delivered_record(d: &Daemon, id: &str) -> serde_json::Value {
 }
 
 #[test]
+fn a_second_daemon_on_a_running_daemons_data_directory_is_refused_before_it_touches_anything() {
+    let scratch = tempfile::tempdir().unwrap();
+    let mut d = Daemon::start_in(&scratch.path().join("data"), &[], &[]);
+    let addresses = std::fs::read(d.data_dir.join("spoolgate.addr")).unwrap();
+    refused_start(
+        &d.data_dir,
+        scratch.path(),
+        &["is in use by another spoolgate", "LOCK"],
+    );
+    // The running daemon's address file is its own still, and it still takes envelopes.
+    assert_eq!(
+        std::fs::read(d.data_dir.join("spoolgate.addr")).unwrap(),
+        addresses
+    );
+    let r = d.post_json(&envelope(1));
+    assert_eq!(r.status, 202, "{}", r.text());
+    assert_eq!(d.terminate().code(), Some(0));
+}
+
+#[test]
 fn a_damaged_chain_heads_checkpoint_stops_the_start_untouched_until_the_heads_are_restored_from_the_output(
 ) {
     use spoolgate::chain::{ChainHead, Chains};
