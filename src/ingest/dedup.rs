@@ -60,13 +60,17 @@ type Key = Arc<str>;
 /// entry; the map is only ever touched under the index's mutex.
 type Slot = Cell<(Entry, Instant)>;
 
+/// Places of removed keys the order queue may hold beyond twice the map's entries before
+/// [`Dedup::abort`] drops them.
+const ORDER_STALE_SLACK: usize = 4096;
+
 struct Inner {
     /// Keys are chosen by clients, so the hasher is seeded per process (foldhash's
     /// `RandomState`), which keeps collisions from being precomputed.
     map: HashMap<Key, Slot, foldhash::fast::RandomState>,
     /// Insertion order, for expiry and eviction: one place per key, taken when it is reserved.
     /// May hold keys already removed or re-inserted; those are recognised by their timestamp
-    /// and skipped.
+    /// and skipped. Bounded by `2 * map.len() + ORDER_STALE_SLACK` (see [`Dedup::abort`]).
     order: VecDeque<(Key, Instant)>,
     /// Completed keys by the segment their envelope is in, in completion order: what
     /// compaction checkpoints before deleting a segment, found without walking the whole map.
@@ -278,8 +282,17 @@ impl Dedup {
     }
 
     /// Releases reserved keys whose write failed, so a retry can write them.
+    ///
+    /// An aborted key leaves its place in the order queue behind, and nothing else removes it
+    /// before the window has passed: expiry stops at the first live entry, and the map, which
+    /// eviction counts, no longer holds the key. Refused requests (a full disk below the
+    /// watermarks, clients that disconnect while they wait) would grow the queue by their ids
+    /// for a whole window. So once the queue holds more than twice the map's entries (plus
+    /// `ORDER_STALE_SLACK`), the places of removed keys are dropped: one pass over the queue per
+    /// that many aborts.
     pub fn abort(&self, keys: impl IntoIterator<Item = String>) {
-        let mut inner = self.lock();
+        let mut guard = self.lock();
+        let inner = &mut *guard;
         for k in keys {
             if matches!(
                 inner.map.get(k.as_str()).map(Cell::get),
@@ -287,6 +300,10 @@ impl Dedup {
             ) {
                 inner.map.remove(k.as_str());
             }
+        }
+        if inner.order.len() > 2 * inner.map.len() + ORDER_STALE_SLACK {
+            let Inner { map, order, .. } = inner;
+            order.retain(|(k, at)| map.get(&**k).is_some_and(|slot| slot.get().1 == *at));
         }
     }
 
@@ -381,6 +398,35 @@ mod tests {
 
     fn pos(offset: u64) -> Position {
         Position { segment: 1, offset }
+    }
+
+    #[test]
+    fn aborted_reservations_do_not_grow_the_order_queue_beyond_its_bound() {
+        let d = Dedup::new(Duration::from_secs(600), 100);
+        let kept = key(None, "kept");
+        d.reserve(std::slice::from_ref(&kept)).unwrap();
+        d.complete([(kept.clone(), pos(64), 1)]);
+        for n in 0..50_000 {
+            let k = key(None, &format!("refused-{n}"));
+            d.reserve(std::slice::from_ref(&k)).unwrap();
+            d.abort([k]);
+        }
+        let inner = d.lock();
+        assert!(
+            inner.order.len() <= 2 * inner.map.len() + ORDER_STALE_SLACK,
+            "{} places for {} entries",
+            inner.order.len(),
+            inner.map.len()
+        );
+        drop(inner);
+        // The live entry kept its place and is still a hit.
+        assert_eq!(
+            d.reserve(&[kept]).unwrap(),
+            vec![Reservation::Hit {
+                position: pos(64),
+                slot: 1
+            }]
+        );
     }
 
     #[test]
