@@ -124,6 +124,38 @@ fn a_sink_failing_with_500_for_a_while_loses_nothing_and_keeps_per_stream_order(
     );
 }
 
+#[test]
+fn a_sink_that_redirects_is_retried_not_dead_lettered_and_gets_every_record_once_it_answers() {
+    let sink = TestSink::start(|n| {
+        if n < 3 {
+            (308, String::new())
+        } else {
+            (200, String::new())
+        }
+    });
+    let scratch = tempfile::tempdir().unwrap();
+    let cfg = sink.config_file(
+        scratch.path(),
+        "[forward]\nretry_initial_ms = 5\nretry_max_ms = 50\n",
+    );
+    let d = Daemon::start(&["--config", cfg.to_str().unwrap()]);
+    let acked = post_many(&d, 20, 2);
+    d.wait_metric("spoolgate_forward_records_total{sink=\"default\"}", |v| {
+        v >= 20.0
+    });
+    let got = ids(&sink.delivered());
+    for id in &acked {
+        assert!(got.contains(id), "{id} lost");
+    }
+    assert_eq!(
+        d.metric("spoolgate_forward_errors_total{kind=\"retryable\",sink=\"default\"}"),
+        3.0
+    );
+    let dead = d.data_dir.join("dead-letter");
+    let dead_files = std::fs::read_dir(&dead).map(|r| r.count()).unwrap_or(0);
+    assert_eq!(dead_files, 0, "a redirect is not a refusal of the batch");
+}
+
 /// Posts envelopes 1 and 2 to a daemon whose sink answers every request with `status` and
 /// `reason`, waits until both are dead-lettered and tombstoned, and returns the dead-letter
 /// files' contents and what the sink took.

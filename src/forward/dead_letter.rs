@@ -88,7 +88,16 @@ impl DeadLetter {
     }
 
     fn create(&self, text: &str) -> std::io::Result<PathBuf> {
-        std::fs::create_dir_all(&self.dir)?;
+        if !self.dir.is_dir() {
+            std::fs::create_dir_all(&self.dir)?;
+            // The new directory's own entry must survive a power loss too, or the files
+            // fsync'd into it could vanish with it after their records were tombstoned.
+            let parent = match self.dir.parent() {
+                Some(p) if !p.as_os_str().is_empty() => p,
+                _ => std::path::Path::new("."),
+            };
+            std::fs::File::open(parent)?.sync_all()?;
+        }
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
         let path = self.dir.join(format!(
             "dl-{}-{}-{n}.json",

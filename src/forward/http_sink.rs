@@ -118,6 +118,11 @@ impl HttpSink {
             Ok(Ok(r)) => r,
         };
         let status = resp.status().as_u16();
+        let location = resp
+            .headers()
+            .get(hyper::header::LOCATION)
+            .and_then(|v| v.to_str().ok())
+            .map(|v| v.chars().take(REASON_BYTES_MAX).collect::<String>());
         let retry_after = resp
             .headers()
             .get(RETRY_AFTER)
@@ -137,11 +142,25 @@ impl HttpSink {
             String::from_utf8_lossy(&body[..body.len().min(REASON_BYTES_MAX)]).into_owned();
         match status {
             200..=299 => Ok(()),
-            408 | 429 | 500..=599 => Err(SinkError::Retryable {
+            // Only a 4xx says the batch itself is refused. A redirect says where the sink
+            // is, and spoolgate does not follow one (it would have to resend the batch to an
+            // address nobody configured): it is retried, with the reason logged, until the URL
+            // is fixed, rather than sending every batch to the dead-letter directory.
+            300..=399 => Err(SinkError::Retryable {
+                reason: format!(
+                    "status {status}: the sink redirects ({location}); spoolgate does not \
+                     follow redirects, so set forward.http.url to the final address",
+                    location = location.as_deref().unwrap_or("no Location")
+                ),
+                retry_after,
+            }),
+            400..=499 if status != 408 && status != 429 => {
+                Err(SinkError::Rejected { status, reason })
+            }
+            _ => Err(SinkError::Retryable {
                 reason: format!("status {status}: {reason}"),
                 retry_after,
             }),
-            _ => Err(SinkError::Rejected { status, reason }),
         }
     }
 }
