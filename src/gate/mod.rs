@@ -72,6 +72,9 @@ pub struct RulesWatcher {
     _watcher: notify::RecommendedWatcher,
 }
 
+/// How long the rules file must see no change before a reload reads it.
+const RELOAD_QUIET: std::time::Duration = std::time::Duration::from_millis(100);
+
 fn hmac_sha256(key: &[u8], msg: &[u8]) -> [u8; 32] {
     const BLOCK: usize = 64;
     let mut k = [0u8; BLOCK];
@@ -91,7 +94,11 @@ fn hmac_sha256(key: &[u8], msg: &[u8]) -> [u8; 32] {
         .into()
 }
 
-fn load_rules(path: &std::path::Path) -> Result<Rules, GateError> {
+/// Reads and compiles the rules file. With `refuse_empty` (a reload), a file holding nothing
+/// but whitespace is refused: a file rewritten in place is empty for a moment, and an empty
+/// file parses as valid rules with no rules in them, which would gate records with none until
+/// the write finished, and seal them so. `rule = []` says "no rules" on purpose.
+fn load_rules(path: &std::path::Path, refuse_empty: bool) -> Result<Rules, GateError> {
     let meta = std::fs::metadata(path).map_err(|source| GateError::Read {
         path: path.to_path_buf(),
         source,
@@ -110,16 +117,45 @@ fn load_rules(path: &std::path::Path) -> Result<Rules, GateError> {
         path: path.to_path_buf(),
         source,
     })?;
+    if refuse_empty && text.trim().is_empty() {
+        return Err(GateError::Invalid {
+            path: path.to_path_buf(),
+            reason: "the file is empty (as a file being rewritten in place is for a moment); \
+                     write `rule = []` to run with no rules"
+                .into(),
+        });
+    }
     Rules::parse(&text).map_err(|reason| GateError::Invalid {
         path: path.to_path_buf(),
         reason,
     })
 }
 
+/// Reloads the rules once the file has had no change for [`RELOAD_QUIET`]. A file rewritten
+/// in place raises several events (truncate, then each write); reading at the first would see
+/// part of it, which may still parse (an empty file, or one cut at a rule boundary) and would
+/// then gate, and seal, records with the wrong rules until the next event. Waiting for the
+/// events to stop reads the finished file in the usual case; writing a temporary file and
+/// renaming it over the rules file makes it certain. Ends when the watcher is dropped.
+fn reload_when_quiet(changed: &std::sync::mpsc::Receiver<()>, gate: &std::sync::Weak<Gate>) {
+    use std::sync::mpsc::RecvTimeoutError;
+    while changed.recv().is_ok() {
+        loop {
+            match changed.recv_timeout(RELOAD_QUIET) {
+                Ok(()) => continue,
+                Err(RecvTimeoutError::Timeout) => break,
+                Err(RecvTimeoutError::Disconnected) => return,
+            }
+        }
+        let Some(gate) = gate.upgrade() else { return };
+        let _ = gate.reload();
+    }
+}
+
 impl Gate {
     pub fn new(config: &GateConfig, metrics: Arc<Metrics>) -> Result<Gate, GateError> {
         let rules = match &config.rules_path {
-            Some(p) => load_rules(p)?,
+            Some(p) => load_rules(p, false)?,
             None => Rules::empty(),
         };
         let actions = PII_KINDS
@@ -151,7 +187,7 @@ impl Gate {
         let Some(path) = &self.config.rules_path else {
             return Ok(());
         };
-        match load_rules(path) {
+        match load_rules(path, true) {
             Ok(rules) => {
                 let n = rules.len();
                 *self.rules.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(rules);
@@ -193,6 +229,12 @@ impl Gate {
             .to_path_buf();
         let name = path.file_name().map(|n| n.to_os_string());
         let gate = Arc::downgrade(self);
+        // One pending change is all the reloader needs to know of, so the channel holds one.
+        let (changed_tx, changed_rx) = std::sync::mpsc::sync_channel::<()>(1);
+        std::thread::Builder::new()
+            .name("rules-reload".into())
+            .spawn(move || reload_when_quiet(&changed_rx, &gate))
+            .map_err(|e| GateError::Watch(notify::Error::io(e)))?;
         let mut watcher =
             notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
                 let Ok(event) = event else { return };
@@ -206,11 +248,7 @@ impl Gate {
                 {
                     return;
                 }
-                if let Some(gate) = gate.upgrade() {
-                    // A write may be seen half-done; the next event reloads the finished file,
-                    // and a half file that fails to parse changes nothing.
-                    let _ = gate.reload();
-                }
+                let _ = changed_tx.try_send(());
             })?;
         watcher.watch(&dir, notify::RecursiveMode::NonRecursive)?;
         Ok(Some(RulesWatcher { _watcher: watcher }))
@@ -316,6 +354,32 @@ mod tests {
         };
         g.classify(&mut e);
         e
+    }
+
+    #[test]
+    fn a_reload_refuses_an_empty_rules_file_and_keeps_the_rules_in_force() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("rules.toml");
+        std::fs::write(
+            &path,
+            "[[rule]]\nname = \"a\"\nkeywords = [\"alpha\"]\ntags = [\"t\"]\n",
+        )
+        .unwrap();
+        let cfg = GateConfig {
+            rules_path: Some(path.clone()),
+            ..GateConfig::default()
+        };
+        let g = Gate::new(&cfg, Arc::new(Metrics::new())).unwrap();
+        assert_eq!(classify(&g, "alpha").tags, vec!["t"]);
+        // What a rewrite in place shows for a moment.
+        std::fs::write(&path, " \n").unwrap();
+        let err = g.reload().unwrap_err().to_string();
+        assert!(err.contains("rule = []"), "{err}");
+        assert_eq!(classify(&g, "alpha").tags, vec!["t"]);
+        // No rules, said on purpose, is taken.
+        std::fs::write(&path, "rule = []\n").unwrap();
+        g.reload().unwrap();
+        assert!(classify(&g, "alpha").tags.is_empty());
     }
 
     #[test]
