@@ -108,11 +108,36 @@ impl Pipeline {
     }
 }
 
+#[derive(Debug, PartialEq)]
 enum EpochEnd {
     Stop,
-    WorkerFailed(usize, String),
+    /// A worker ended; `true` when it returned without an error (its inbox closed).
+    WorkerFailed(usize, String, bool),
     Restart(usize),
-    DispatcherFailed(String),
+    /// The dispatcher ended; `true` when it returned without an error (a worker's inbox
+    /// closed under it).
+    DispatcherFailed(String, bool),
+}
+
+impl EpochEnd {
+    /// What really ended the epoch, once every task of it has been joined. A worker that fails
+    /// closes its inbox, and a dispatcher that fails closes every inbox: the task that then
+    /// returns cleanly is a bystander, and the select may have seen it first. Blaming it would
+    /// move an innocent worker's slots, or leave a stuck worker in place with its slots given
+    /// straight back to it.
+    fn refined(self, dispatcher_error: Option<String>, failed: &[(usize, String)]) -> EpochEnd {
+        match self {
+            EpochEnd::WorkerFailed(_, _, true) if dispatcher_error.is_some() => {
+                EpochEnd::DispatcherFailed(dispatcher_error.unwrap_or_default(), false)
+            }
+            EpochEnd::WorkerFailed(_, _, true) | EpochEnd::DispatcherFailed(_, true)
+                if !failed.is_empty() =>
+            {
+                EpochEnd::WorkerFailed(failed[0].0, failed[0].1.clone(), false)
+            }
+            other => other,
+        }
+    }
 }
 
 async fn supervise(parts: PipelineParts, mut stop: watch::Receiver<bool>) {
@@ -214,9 +239,9 @@ async fn supervise(parts: PipelineParts, mut stop: watch::Receiver<bool>) {
             tokio::select! {
                 _ = stopped(&mut stop) => EpochEnd::Stop,
                 result = worker_exit => match result {
-                    Ok((id, Ok(()))) => EpochEnd::WorkerFailed(worker_of[&id], "exited unexpectedly".into()),
-                    Ok((id, Err(e))) => EpochEnd::WorkerFailed(worker_of[&id], e.to_string()),
-                    Err(join) => EpochEnd::WorkerFailed(worker_of[&join.id()], format!("panicked: {join}")),
+                    Ok((id, Ok(()))) => EpochEnd::WorkerFailed(worker_of[&id], "exited unexpectedly".into(), true),
+                    Ok((id, Err(e))) => EpochEnd::WorkerFailed(worker_of[&id], e.to_string(), false),
+                    Err(join) => EpochEnd::WorkerFailed(worker_of[&join.id()], format!("panicked: {join}"), false),
                 },
                 _ = async {
                     match next_restart {
@@ -224,23 +249,37 @@ async fn supervise(parts: PipelineParts, mut stop: watch::Receiver<bool>) {
                         None => std::future::pending().await,
                     }
                 } => EpochEnd::Restart(next_restart.map(|(w, _)| w).unwrap_or(0)),
-                result = &mut dispatcher => EpochEnd::DispatcherFailed(match result {
-                    Ok(Ok(())) => "stopped".into(),
-                    Ok(Err(e)) => e.to_string(),
-                    Err(join) => format!("panicked: {join}"),
-                }),
+                result = &mut dispatcher => match result {
+                    Ok(Ok(())) => EpochEnd::DispatcherFailed("stopped".into(), true),
+                    Ok(Err(e)) => EpochEnd::DispatcherFailed(e.to_string(), false),
+                    Err(join) => EpochEnd::DispatcherFailed(format!("panicked: {join}"), false),
+                },
             }
         };
 
         // End the epoch: nothing new is dispatched, every worker finishes its batch in hand.
         let _ = epoch_tx.send(true);
-        if !dispatcher.is_finished() {
-            let _ = dispatcher.await;
+        let dispatcher_error = if matches!(end, EpochEnd::DispatcherFailed(..)) {
+            // The select took its result.
+            None
+        } else {
+            match dispatcher.await {
+                Ok(Ok(())) => None,
+                Ok(Err(e)) => Some(e.to_string()),
+                Err(join) => Some(format!("panicked: {join}")),
+            }
+        };
+        let mut failed: Vec<(usize, String)> = Vec::new();
+        while let Some(result) = handles.join_next_with_id().await {
+            match result {
+                Ok((_, Ok(()))) => {}
+                Ok((id, Err(e))) => failed.push((worker_of[&id], e.to_string())),
+                Err(join) => failed.push((worker_of[&join.id()], format!("panicked: {join}"))),
+            }
         }
-        while handles.join_next().await.is_some() {}
-        match end {
+        match end.refined(dispatcher_error, &failed) {
             EpochEnd::Stop => return,
-            EpochEnd::WorkerFailed(w, why) => {
+            EpochEnd::WorkerFailed(w, why, _) => {
                 parts.metrics.worker_takeovers_total.inc();
                 let moved = ownership.mark_down(w);
                 let delay = restart_backoff[w];
@@ -253,7 +292,7 @@ async fn supervise(parts: PipelineParts, mut stop: watch::Receiver<bool>) {
                 ownership.mark_up(w);
                 tracing::info!(worker = w, "worker restarted; it owns its slots again");
             }
-            EpochEnd::DispatcherFailed(why) => {
+            EpochEnd::DispatcherFailed(why, _) => {
                 tracing::error!(reason = %why, "dispatcher stopped; restarting the epoch");
                 tokio::select! {
                     _ = stopped(&mut stop) => return,
@@ -742,6 +781,33 @@ impl Dispatcher {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_epoch_is_blamed_on_the_task_that_failed_not_on_the_bystander_the_select_saw_first() {
+        let stuck = vec![(0, "stuck past the deadline".to_string())];
+        // The dispatcher returned cleanly because worker 0's inbox closed: worker 0 failed.
+        assert_eq!(
+            EpochEnd::DispatcherFailed("stopped".into(), true).refined(None, &stuck),
+            EpochEnd::WorkerFailed(0, "stuck past the deadline".into(), false)
+        );
+        // Worker 1 returned cleanly because the dispatcher failed and closed every inbox.
+        assert_eq!(
+            EpochEnd::WorkerFailed(1, "exited unexpectedly".into(), true)
+                .refined(Some("reading the spool failed".into()), &[]),
+            EpochEnd::DispatcherFailed("reading the spool failed".into(), false)
+        );
+        // Worker 1 returned cleanly because worker 0 failed.
+        assert_eq!(
+            EpochEnd::WorkerFailed(1, "exited unexpectedly".into(), true).refined(None, &stuck),
+            EpochEnd::WorkerFailed(0, "stuck past the deadline".into(), false)
+        );
+        // A failure the select saw itself stays as it is.
+        assert_eq!(
+            EpochEnd::WorkerFailed(2, "panicked".into(), false).refined(None, &stuck),
+            EpochEnd::WorkerFailed(2, "panicked".into(), false)
+        );
+        assert_eq!(EpochEnd::Stop.refined(None, &stuck), EpochEnd::Stop);
+    }
 
     #[test]
     fn a_worker_left_behind_holds_the_segments_its_re_read_has_yet_to_read() {
