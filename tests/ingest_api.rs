@@ -271,6 +271,27 @@ fn a_new_stream_beyond_streams_max_is_refused_with_422_and_the_bound_survives_a_
     );
 }
 
+#[test]
+fn a_retry_answered_from_the_dedup_index_makes_no_stream_whatever_source_it_names() {
+    let d = Daemon::start(&["--set", "ingest.streams_max=2"]);
+    assert_eq!(d.post_json(&json!({"source": "a", "id": "x"})).status, 202);
+    // Retries of id x under other sources write nothing, so they are no new streams.
+    for source in ["b", "c", "d"] {
+        let r = d.post_json(&json!({"source": source, "id": "x"}));
+        assert_eq!(r.status, 202, "{}", r.text());
+        assert_eq!(r.json()["envelopes"][0]["duplicate"], true);
+    }
+    assert_eq!(d.post_json(&json!({"source": "real"})).status, 202);
+    assert_eq!(d.post_json(&json!({"source": "third"})).status, 422);
+    // The refused request released its id: written under a stream that exists, it is new.
+    assert_eq!(
+        d.post_json(&json!({"source": "third", "id": "y"})).status,
+        422
+    );
+    let r = d.post_json(&json!({"source": "real", "id": "y"}));
+    assert_eq!(r.json()["envelopes"][0]["duplicate"], false, "{}", r.text());
+}
+
 /// Posts 50 KB envelopes until the spool has rotated into a second 1 MiB segment.
 fn fill_first_segment(d: &Daemon) {
     let text = "y".repeat(50_000);

@@ -375,28 +375,6 @@ async fn ingest(state: &IngestState, req: Request<Incoming>) -> HttpResponse {
         return refuse(state, &refusal);
     }
 
-    if let Err(limit) = state
-        .streams
-        .admit(parsed.iter().map(|p| p.envelope.stream()))
-    {
-        state
-            .metrics
-            .ingest_rejected_total
-            .with_label_values(&["streams"])
-            .inc();
-        return json_response(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            json!({
-                "error": "stream_limit",
-                "index": limit.index,
-                "message": format!(
-                    "envelope at index {}: stream {:?} would be a new stream, and ingest.streams_max ({}) streams exist already",
-                    limit.index, limit.stream, limit.streams_max
-                ),
-            }),
-        );
-    }
-
     // Only ids the client chose are looked up and remembered. A generated id is new by
     // construction and a retry of its request would get another one, so indexing it would buy
     // nothing and would let id-less traffic evict the ids of clients that rely on dedup.
@@ -434,6 +412,40 @@ async fn ingest(state: &IngestState, req: Request<Incoming>) -> HttpResponse {
             None => Reservation::Reserved,
         })
         .collect();
+    // Only envelopes that will be written can make a stream: a retry answered from the dedup
+    // index writes nothing, so its streams (a retried id may come with another source) must not
+    // count against the bound.
+    let to_admit: Vec<usize> = (0..parsed.len())
+        .filter(|&i| reservations[i] == Reservation::Reserved)
+        .collect();
+    if let Err(limit) = state
+        .streams
+        .admit(to_admit.iter().map(|&i| parsed[i].envelope.stream()))
+    {
+        state.dedup.abort(
+            keys.iter()
+                .zip(&reservations)
+                .filter(|(_, r)| **r == Reservation::Reserved)
+                .filter_map(|(k, _)| k.clone()),
+        );
+        state
+            .metrics
+            .ingest_rejected_total
+            .with_label_values(&["streams"])
+            .inc();
+        let index = to_admit[limit.index];
+        return json_response(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            json!({
+                "error": "stream_limit",
+                "index": index,
+                "message": format!(
+                    "envelope at index {}: stream {:?} would be a new stream, and ingest.streams_max ({}) streams exist already",
+                    index, limit.stream, limit.streams_max
+                ),
+            }),
+        );
+    }
     // The encoded bytes move into the records (nothing below needs them): no copy per envelope.
     let to_write: Vec<(RecordKind, Bytes)> = parsed
         .iter_mut()
