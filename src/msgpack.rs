@@ -123,3 +123,96 @@ impl<'a> Cursor<'a> {
         (len <= self.remaining()).then_some(len)
     }
 }
+
+/// Counts the values of the first msgpack value in `bytes`: it, and for a map or array every
+/// key, value and item inside, at any depth. Nothing is decoded or allocated but a stack of
+/// the containers still open (each holds at least one more value, so the stack is bounded by
+/// the input's length). Input that is not well-formed stops the count where it fails, as
+/// decoding would stop there.
+pub(crate) fn count_values(bytes: &[u8]) -> u64 {
+    let mut cur = Cursor::new(bytes);
+    let mut count = 0u64;
+    // Values still to read in each open container, innermost last.
+    let mut open: Vec<u64> = Vec::new();
+    loop {
+        let Some(items) = value_header(&mut cur) else {
+            return count;
+        };
+        count += 1;
+        if items > 0 {
+            open.push(items);
+            continue;
+        }
+        // A scalar, or an empty container: it completes values up the stack.
+        loop {
+            match open.last_mut() {
+                None => return count,
+                Some(left) => {
+                    *left -= 1;
+                    if *left > 0 {
+                        break;
+                    }
+                    open.pop();
+                }
+            }
+        }
+    }
+}
+
+/// Reads one value's header and skips its scalar bytes; returns how many values a container
+/// holds (0 for a scalar), or `None` where the input ends or is not msgpack.
+fn value_header(cur: &mut Cursor<'_>) -> Option<u64> {
+    let skip = |cur: &mut Cursor<'_>, n: u64| -> Option<u64> {
+        cur.take(usize::try_from(n).ok()?)?;
+        Some(0)
+    };
+    let items = match cur.byte()? {
+        0x00..=0x7f | 0xe0..=0xff | 0xc0 | 0xc2 | 0xc3 => 0,
+        b @ 0x80..=0x8f => 2 * u64::from(b & 0x0f),
+        b @ 0x90..=0x9f => u64::from(b & 0x0f),
+        b @ 0xa0..=0xbf => skip(cur, u64::from(b & 0x1f))?,
+        0xc4 | 0xd9 => {
+            let n = cur.be(1)?;
+            skip(cur, n)?
+        }
+        0xc5 | 0xda => {
+            let n = cur.be(2)?;
+            skip(cur, n)?
+        }
+        0xc6 | 0xdb => {
+            let n = cur.be(4)?;
+            skip(cur, n)?
+        }
+        0xc7 => {
+            let n = cur.be(1)?;
+            skip(cur, n + 1)?
+        }
+        0xc8 => {
+            let n = cur.be(2)?;
+            skip(cur, n + 1)?
+        }
+        0xc9 => {
+            let n = cur.be(4)?;
+            skip(cur, n + 1)?
+        }
+        0xca => skip(cur, 4)?,
+        0xcb => skip(cur, 8)?,
+        0xcc | 0xd0 => skip(cur, 1)?,
+        0xcd | 0xd1 => skip(cur, 2)?,
+        0xce | 0xd2 => skip(cur, 4)?,
+        0xcf | 0xd3 => skip(cur, 8)?,
+        0xd4 => skip(cur, 2)?,
+        0xd5 => skip(cur, 3)?,
+        0xd6 => skip(cur, 5)?,
+        0xd7 => skip(cur, 9)?,
+        0xd8 => skip(cur, 17)?,
+        0xdc => cur.be(2)?,
+        0xdd => cur.be(4)?,
+        0xde => 2 * cur.be(2)?,
+        0xdf => 2 * cur.be(4)?,
+        // 0xc1 is never used.
+        _ => return None,
+    };
+    // Each value takes at least a byte: a count the rest of the input cannot hold is damage.
+    (items <= cur.remaining() as u64).then_some(items)
+}

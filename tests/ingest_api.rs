@@ -292,6 +292,39 @@ fn a_retry_answered_from_the_dedup_index_makes_no_stream_whatever_source_it_name
     assert_eq!(r.json()["envelopes"][0]["duplicate"], false, "{}", r.text());
 }
 
+#[test]
+fn a_body_dense_with_values_is_charged_for_what_decoding_would_build_and_refused_before_it() {
+    let d = Daemon::start(&[
+        "--set",
+        "ingest.body_bytes_max=2097152",
+        "--set",
+        "ingest.inflight_bytes_max=16777216",
+    ]);
+    // 2 MiB of msgpack nils in `meta`: 2 million values, which as a decoded tree would take
+    // some 128 MB, eight times the whole in-flight budget.
+    let nils = 2 * 1024 * 1024 - 32;
+    let mut body = b"\x82\xa6source\xa1s\xa4meta\x81\xa1a\xdd".to_vec();
+    body.extend_from_slice(&(nils as u32).to_be_bytes());
+    body.extend(std::iter::repeat_n(0xc0u8, nils));
+    let r = d.post("application/msgpack", &body);
+    assert_eq!(r.status, 413, "{}", r.text());
+    assert_eq!(r.json()["error"], "too_many_values");
+    assert!(r.json()["message"]
+        .as_str()
+        .unwrap()
+        .contains("ingest.inflight_bytes_max"));
+    // A batch of ordinary envelopes of the same size is charged little more than its bytes.
+    let batch: Vec<serde_json::Value> = (0..1000)
+        .map(|n| json!({"source": "s", "text": "x".repeat(2000), "meta": {"n": n}}))
+        .collect();
+    let r = d.post_json(&json!(batch));
+    assert_eq!(r.status, 202, "{}", r.text());
+    assert_eq!(
+        d.metric("spoolgate_ingest_envelopes_accepted_total"),
+        1000.0
+    );
+}
+
 /// Posts 50 KB envelopes until the spool has rotated into a second 1 MiB segment.
 fn fill_first_segment(d: &Daemon) {
     let text = "y".repeat(50_000);

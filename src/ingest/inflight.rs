@@ -5,7 +5,9 @@
 //! (16 GiB with the defaults), far more than a sidecar may take from its host. A request
 //! therefore takes its body's bytes from a budget of `ingest.inflight_bytes_max` before reading
 //! the body, and gives them back when its response is ready; the body, the parsed envelopes and
-//! their encoded frames (together about three times the body) live within that window.
+//! their encoded frames live within that window. Once the body is read, the request also takes
+//! what decoding it may build, by the number of values in it (`values`), since a body dense
+//! with small values decodes to many times its size.
 //!
 //! A request that finds the budget spent is answered 429 at once, with `Retry-After` and the
 //! same body as the disk watermarks' refusals, before any of its body is read: waiting instead

@@ -13,6 +13,7 @@
 //! | Content-Length / body size              | 413    | `body_too_large`      |
 //! | room in `ingest.inflight_bytes_max`      | 429    | `backpressure`, reason `inflight_bytes` |
 //! | body arrives within the timeout         | 408    | `body_timeout`        |
+//! | its values' decoded size fits the budget | 413/429| `too_many_values`, or `backpressure` reason `inflight_bytes` |
 //! | every item valid (see `parse`)          | 400/413| `invalid_envelope`, ... with `index` |
 //! | backpressure watermarks                 | 429    | `backpressure` with `reason` |
 //! | streams known or below `streams_max`    | 422    | `stream_limit` with `index` |
@@ -32,6 +33,7 @@ mod msgpack_items;
 pub mod parse;
 pub mod server;
 pub mod streams;
+mod values;
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock};
@@ -338,6 +340,26 @@ async fn ingest(state: &IngestState, req: Request<Incoming>) -> HttpResponse {
         }
         Ok(Err(e)) => return error(StatusCode::BAD_REQUEST, "body_read_failed", e.to_string()),
         Ok(Ok(collected)) => collected.to_bytes(),
+    };
+
+    // What decoding builds is charged too, by its values, before anything is decoded
+    // (see `values`).
+    let decoded_bytes =
+        values::decoded_values(content_type, &body).saturating_mul(values::DECODED_BYTES_PER_VALUE);
+    if decoded_bytes.saturating_add(body.len() as u64) > cfg.inflight_bytes_max {
+        return error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_many_values",
+            format!(
+                "the body holds so many values that decoding it would take about {decoded_bytes} \
+                 bytes, over ingest.inflight_bytes_max {}; send fewer or larger values per request",
+                cfg.inflight_bytes_max
+            ),
+        );
+    }
+    let _decoded = match state.inflight.take(decoded_bytes) {
+        Ok(bytes) => bytes,
+        Err(refusal) => return refuse(state, &refusal),
     };
 
     let limits = ParseLimits {
