@@ -258,6 +258,48 @@ fn a_rejected_batch_the_full_dead_letter_directory_cannot_take_stays_pending_unt
 }
 
 #[test]
+fn a_rejected_batch_a_failing_dead_letter_directory_cannot_take_waits_and_no_worker_fails() {
+    let sink = TestSink::start(|_| (400, "schema mismatch".into()));
+    let scratch = tempfile::tempdir().unwrap();
+    // A regular file where the dead-letter directory's parent should be: every attempt to
+    // create the directory fails with an I/O error that is not a full disk.
+    let blocker = scratch.path().join("blocked");
+    std::fs::write(&blocker, b"not a directory").unwrap();
+    let dl = blocker.join("dead-letter");
+    let cfg = sink.config_file(
+        scratch.path(),
+        &format!(
+            "[forward]\nretry_initial_ms = 5\nretry_max_ms = 50\ndead_letter_dir = \"{}\"\n",
+            dl.display()
+        ),
+    );
+    let d = Daemon::start_in(
+        &scratch.path().join("data"),
+        &["--config", cfg.to_str().unwrap()],
+        &[],
+    );
+    let r = d.post_json(&json!([envelope(1), envelope(2)]));
+    assert_eq!(r.status, 202);
+    d.wait_metric(
+        "spoolgate_forward_errors_total{kind=\"dead_letter_failed\",sink=\"default\"}",
+        |v| v >= 2.0,
+    );
+    // The batch waits; its worker was not failed and no slot changed hands.
+    assert_eq!(d.metric("spoolgate_worker_takeovers_total"), 0.0);
+    assert_eq!(d.metric("spoolgate_tombstones_written_total"), 0.0);
+
+    // The operator fixes the path; the next retry dead-letters the batch.
+    std::fs::remove_file(&blocker).unwrap();
+    d.wait_metric("spoolgate_tombstones_written_total", |v| v >= 2.0);
+    assert_eq!(
+        d.metric("spoolgate_forward_dead_lettered_records_total{sink=\"default\"}"),
+        2.0
+    );
+    assert_eq!(std::fs::read_dir(&dl).unwrap().count(), 1);
+    assert_eq!(d.metric("spoolgate_worker_takeovers_total"), 0.0);
+}
+
+#[test]
 fn a_sink_answering_413_gets_the_batch_in_halves_and_every_record_arrives_in_order() {
     // The sink takes at most 3 records per request, like an endpoint with a body limit.
     let sink = TestSink::start_by_batch(|_, batch| {

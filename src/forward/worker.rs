@@ -166,8 +166,6 @@ pub enum WorkerError {
     Stuck { sink: String, deadline_ms: u64 },
     #[error("spool append failed: {0}")]
     Spool(#[from] SpoolError),
-    #[error("dead-letter write failed: {0}")]
-    DeadLetter(std::io::Error),
 }
 
 /// What a worker shares with the rest of the pipeline.
@@ -443,16 +441,21 @@ impl Worker {
                     );
                     return Ok(true);
                 }
-                // The worker fails and is restarted with backoff; the record stays pending.
-                Err(DeadLetterError::Io(e)) => return Err(WorkerError::DeadLetter(e)),
-                Err(full @ (DeadLetterError::Full { .. } | DeadLetterError::NoSpace(_))) => {
+                // A failing dead-letter directory (no room, a quota, permissions, a read-only
+                // filesystem) is waited out like a full one: failing the worker instead would
+                // fail its secondary on the same record too, and leave the slot with no owner.
+                Err(failed) => {
+                    let kind = match failed {
+                        DeadLetterError::Io(_) => "dead_letter_failed",
+                        _ => "dead_letter_full",
+                    };
                     ctx.metrics
                         .forward_errors_total
-                        .with_label_values(&[sink, "dead_letter_full"])
+                        .with_label_values(&[sink, kind])
                         .inc();
                     if !logged {
                         logged = true;
-                        tracing::error!(id = %envelope.id, reason, error = %full, "envelope cannot be sealed and the dead-letter directory has no room for it; its batch waits and is retried with backoff");
+                        tracing::error!(id = %envelope.id, reason, error = %failed, "envelope cannot be sealed and the dead-letter directory cannot take it; its batch waits and is retried with backoff");
                     }
                     tokio::select! {
                         _ = stopped(&mut stop) => return Ok(false),
@@ -619,20 +622,24 @@ impl Worker {
                         }
                         // The batch stays pending and goes to the sink again after a back-off:
                         // the sink may take it by then, or the operator may have made room.
-                        Err(
-                            full @ (DeadLetterError::Full { .. } | DeadLetterError::NoSpace(_)),
-                        ) => {
+                        // A dead-letter directory that cannot take it (no room, a quota,
+                        // permissions) is waited out: failing the worker would fail its
+                        // secondary on the same batch and leave the slot with no owner.
+                        Err(failed) => {
+                            let kind = match failed {
+                                DeadLetterError::Io(_) => "dead_letter_failed",
+                                _ => "dead_letter_full",
+                            };
                             m.forward_errors_total
-                                .with_label_values(&[name, "dead_letter_full"])
+                                .with_label_values(&[name, kind])
                                 .inc();
                             failing_since.get_or_insert_with(Instant::now);
                             if !dead_letter_full_logged {
                                 dead_letter_full_logged = true;
-                                tracing::error!(sink = name, status, %reason, error = %full, records = records.len(), "sink rejected a batch that the dead-letter directory has no room for; it stays pending and is retried with backoff");
+                                tracing::error!(sink = name, status, %reason, error = %failed, records = records.len(), "sink rejected a batch that the dead-letter directory cannot take; it stays pending and is retried with backoff");
                             }
                             backoff.next_delay(None)
                         }
-                        Err(DeadLetterError::Io(e)) => return Err(WorkerError::DeadLetter(e)),
                     }
                 }
                 Ok(Err(SinkError::Retryable {
