@@ -162,6 +162,12 @@ pub(crate) fn count_values(bytes: &[u8]) -> u64 {
 /// Reads one value's header and skips its scalar bytes; returns how many values a container
 /// holds (0 for a scalar), or `None` where the input ends or is not msgpack.
 fn value_header(cur: &mut Cursor<'_>) -> Option<u64> {
+    value_header_and_float(cur).map(|(items, _)| items)
+}
+
+/// [`value_header`], and whether the value is a float that is NaN or infinite.
+fn value_header_and_float(cur: &mut Cursor<'_>) -> Option<(u64, bool)> {
+    let mut non_finite = false;
     let skip = |cur: &mut Cursor<'_>, n: u64| -> Option<u64> {
         cur.take(usize::try_from(n).ok()?)?;
         Some(0)
@@ -195,8 +201,14 @@ fn value_header(cur: &mut Cursor<'_>) -> Option<u64> {
             let n = cur.be(4)?;
             skip(cur, n + 1)?
         }
-        0xca => skip(cur, 4)?,
-        0xcb => skip(cur, 8)?,
+        0xca => {
+            non_finite = !f32::from_bits(u32::try_from(cur.be(4)?).ok()?).is_finite();
+            0
+        }
+        0xcb => {
+            non_finite = !f64::from_bits(cur.be(8)?).is_finite();
+            0
+        }
         0xcc | 0xd0 => skip(cur, 1)?,
         0xcd | 0xd1 => skip(cur, 2)?,
         0xce | 0xd2 => skip(cur, 4)?,
@@ -214,5 +226,92 @@ fn value_header(cur: &mut Cursor<'_>) -> Option<u64> {
         _ => return None,
     };
     // Each value takes at least a byte: a count the rest of the input cannot hold is damage.
-    (items <= cur.remaining() as u64).then_some(items)
+    (items <= cur.remaining() as u64).then_some((items, non_finite))
+}
+
+/// The index of the first item of a msgpack request body (an array of items, or one item)
+/// that holds a float which is NaN or infinite, at any depth. Such a float has no JSON form,
+/// and decoded into `meta` it would silently become null. Input that is not well-formed ends
+/// the search; the decoder then says what is wrong with it.
+pub(crate) fn first_non_finite_float(bytes: &[u8]) -> Option<usize> {
+    let mut cur = Cursor::new(bytes);
+    let (top_items, top_bad) = value_header_and_float(&mut cur)?;
+    if top_bad {
+        return Some(0);
+    }
+    let top_is_array = matches!(bytes.first(), Some(0x90..=0x9f | 0xdc | 0xdd));
+    // Values still to read in each open container, the top-level one first.
+    let mut open: Vec<u64> = Vec::new();
+    if top_items > 0 {
+        open.push(top_items);
+    }
+    let mut item = 0usize;
+    while !open.is_empty() {
+        let (items, bad) = value_header_and_float(&mut cur)?;
+        if bad {
+            return Some(if top_is_array { item } else { 0 });
+        }
+        if items > 0 {
+            open.push(items);
+            continue;
+        }
+        // A value ended (a scalar or an empty container), and maybe the containers around it.
+        loop {
+            if open.len() == 1 && top_is_array {
+                // It was an item of the top-level array.
+                item += 1;
+            }
+            let Some(left) = open.last_mut() else { break };
+            *left -= 1;
+            if *left > 0 {
+                break;
+            }
+            open.pop();
+            if open.is_empty() {
+                break;
+            }
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod value_tests {
+    use super::*;
+
+    /// `{"source": "s", "meta": {"x": <float>}}` with the float's msgpack bytes.
+    fn item(float: &[u8]) -> Vec<u8> {
+        let mut b = b"\x82\xa6source\xa1s\xa4meta\x81\xa1x".to_vec();
+        b.extend_from_slice(float);
+        b
+    }
+
+    fn f64_bytes(v: f64) -> Vec<u8> {
+        let mut b = vec![0xcb];
+        b.extend_from_slice(&v.to_bits().to_be_bytes());
+        b
+    }
+
+    #[test]
+    fn a_nan_or_infinite_float_is_found_with_the_index_of_its_item() {
+        let fine = item(&f64_bytes(2.5));
+        let nan = item(&f64_bytes(f64::NAN));
+        let mut inf32 = vec![0xca];
+        inf32.extend_from_slice(&f32::INFINITY.to_bits().to_be_bytes());
+        let inf = item(&inf32);
+        assert_eq!(first_non_finite_float(&fine), None);
+        assert_eq!(first_non_finite_float(&nan), Some(0));
+        let mut batch = vec![0x94, 0x01];
+        batch.extend_from_slice(&fine);
+        batch.extend_from_slice(&fine);
+        batch.extend_from_slice(&inf);
+        assert_eq!(first_non_finite_float(&batch), Some(3));
+        // An empty container and a scalar are items too.
+        let mut batch = vec![0x93, 0x90];
+        batch.extend_from_slice(&fine);
+        batch.extend_from_slice(&nan);
+        assert_eq!(first_non_finite_float(&batch), Some(2));
+        // The array, the empty one, and 7 values per item (map, 2 keys, "s", inner map, key, float).
+        assert_eq!(count_values(&batch), 1 + 1 + 7 + 7);
+    }
 }

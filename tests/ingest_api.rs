@@ -293,6 +293,26 @@ fn a_retry_answered_from_the_dedup_index_makes_no_stream_whatever_source_it_name
 }
 
 #[test]
+fn a_nan_in_msgpack_meta_is_refused_with_its_index_not_kept_as_null() {
+    let d = Daemon::start(&[]);
+    let item = |float: &[u8]| {
+        let mut b = b"\x82\xa6source\xa1s\xa4meta\x81\xa5ratio".to_vec();
+        b.extend_from_slice(float);
+        b
+    };
+    let mut nan = vec![0xcb];
+    nan.extend_from_slice(&f64::NAN.to_bits().to_be_bytes());
+    let mut body = vec![0x92];
+    body.extend(item(&[0xcb, 0x3f, 0xe0, 0, 0, 0, 0, 0, 0]));
+    body.extend(item(&nan));
+    let r = d.post("application/msgpack", &body);
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert_eq!(r.json()["index"], 1);
+    assert!(r.json()["message"].as_str().unwrap().contains("NaN"));
+    assert_eq!(d.metric("spoolgate_ingest_envelopes_accepted_total"), 0.0);
+}
+
+#[test]
 fn a_body_dense_with_values_is_charged_for_what_decoding_would_build_and_refused_before_it() {
     let d = Daemon::start(&[
         "--set",

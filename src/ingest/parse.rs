@@ -445,6 +445,16 @@ pub fn parse_request(
     auth_tenant: Option<&str>,
     now_ms: u64,
 ) -> Result<Vec<Parsed>, ParseError> {
+    if content_type == ContentType::Msgpack {
+        if let Some(index) = crate::msgpack::first_non_finite_float(body) {
+            return Err(ParseError::Item {
+                index,
+                reason: "holds a float that is NaN or infinite, which has no JSON form (`meta` \
+                         would keep it as null)"
+                    .into(),
+            });
+        }
+    }
     let checked =
         match super::fast_parse::envelopes(content_type, body, limits, auth_tenant, now_ms) {
             Some(checked) => checked,
