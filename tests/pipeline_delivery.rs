@@ -86,6 +86,15 @@ fn delivered_output_verifies_and_a_changed_byte_a_removed_line_or_swapped_lines_
     check("swapped.jsonl", swapped.join("\n"));
 }
 
+/// A daemon forwarding to `sink`, retrying after 5 ms and at most 50 ms apart.
+fn daemon_retrying_fast(sink: &TestSink, scratch: &std::path::Path) -> Daemon {
+    let cfg = sink.config_file(
+        scratch,
+        "[forward]\nretry_initial_ms = 5\nretry_max_ms = 50\n",
+    );
+    Daemon::start(&["--config", cfg.to_str().unwrap()])
+}
+
 #[test]
 fn a_sink_failing_with_500_for_a_while_loses_nothing_and_keeps_per_stream_order() {
     let sink = TestSink::start(|n| {
@@ -96,11 +105,7 @@ fn a_sink_failing_with_500_for_a_while_loses_nothing_and_keeps_per_stream_order(
         }
     });
     let scratch = tempfile::tempdir().unwrap();
-    let cfg = sink.config_file(
-        scratch.path(),
-        "[forward]\nretry_initial_ms = 5\nretry_max_ms = 50\n",
-    );
-    let d = Daemon::start(&["--config", cfg.to_str().unwrap()]);
+    let d = daemon_retrying_fast(&sink, scratch.path());
     let acked = post_many(&d, 100, 4);
     d.wait_metric("spoolgate_forward_records_total{sink=\"default\"}", |v| {
         v >= 100.0
@@ -134,11 +139,7 @@ fn a_sink_that_redirects_is_retried_not_dead_lettered_and_gets_every_record_once
         }
     });
     let scratch = tempfile::tempdir().unwrap();
-    let cfg = sink.config_file(
-        scratch.path(),
-        "[forward]\nretry_initial_ms = 5\nretry_max_ms = 50\n",
-    );
-    let d = Daemon::start(&["--config", cfg.to_str().unwrap()]);
+    let d = daemon_retrying_fast(&sink, scratch.path());
     let acked = post_many(&d, 20, 2);
     d.wait_metric("spoolgate_forward_records_total{sink=\"default\"}", |v| {
         v >= 20.0

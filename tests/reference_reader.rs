@@ -268,14 +268,32 @@ fn the_reference_reader_verifies_the_spool_and_the_sink_output_the_daemon_wrote(
 /// (offset, bytes), bytes of a damaged tail).
 type SegmentView = (u64, bool, u64, Vec<(u64, u64)>, u64);
 
-fn views_by_inspect(spool: &Path) -> Vec<SegmentView> {
+/// Replaces the directory `to` with copies of the `segments` whose id `keep` accepts.
+fn copy_segments(segments: &[std::path::PathBuf], to: &Path, keep: impl Fn(u64) -> bool) {
+    let _ = std::fs::remove_dir_all(to);
+    std::fs::create_dir_all(to).unwrap();
+    for s in segments {
+        let id: u64 = s.file_stem().unwrap().to_str().unwrap().parse().unwrap();
+        if keep(id) {
+            std::fs::copy(s, to.join(s.file_name().unwrap())).unwrap();
+        }
+    }
+}
+
+/// `spoolgate inspect SPOOL --json`: its exit code and its report.
+fn inspect_json(spool: &Path) -> (Option<i32>, Value) {
     let out = Command::new(bin())
         .arg("inspect")
         .arg(spool)
         .arg("--json")
         .output()
         .unwrap();
-    let v: Value = serde_json::from_slice(&out.stdout).expect("inspect --json");
+    let report = serde_json::from_slice(&out.stdout).expect("inspect --json");
+    (out.status.code(), report)
+}
+
+fn views_by_inspect(spool: &Path) -> Vec<SegmentView> {
+    let (_, v) = inspect_json(spool);
     v["segments"]
         .as_array()
         .unwrap()
@@ -371,11 +389,7 @@ fn the_reference_reader_finds_the_records_and_damage_that_spoolgate_inspect_find
     let copy = scratch.path().join("copy");
     let mut damaged_cases = 0;
     for _ in 0..24 {
-        let _ = std::fs::remove_dir_all(&copy);
-        std::fs::create_dir_all(&copy).unwrap();
-        for s in &segments {
-            std::fs::copy(s, copy.join(s.file_name().unwrap())).unwrap();
-        }
+        copy_segments(&segments, &copy, |_| true);
         let target = copy.join(segments[rng.usize(..segments.len())].file_name().unwrap());
         let mut bytes = std::fs::read(&target).unwrap();
         // Mostly inside the data, where a flip damages frames; sometimes the header.
@@ -403,22 +417,12 @@ fn the_reference_reader_finds_the_records_and_damage_that_spoolgate_inspect_find
 
     // Row 9: a segment removed between two present ones. Both readers name the same missing
     // id, and both exit non-zero.
-    let _ = std::fs::remove_dir_all(&copy);
-    std::fs::create_dir_all(&copy).unwrap();
-    for s in &segments {
-        std::fs::copy(s, copy.join(s.file_name().unwrap())).unwrap();
-    }
+    copy_segments(&segments, &copy, |_| true);
     let gone = &segments[segments.len() / 2];
     std::fs::remove_file(copy.join(gone.file_name().unwrap())).unwrap();
     let gone_id: u64 = gone.file_stem().unwrap().to_str().unwrap().parse().unwrap();
-    let out = Command::new(bin())
-        .arg("inspect")
-        .arg(&copy)
-        .arg("--json")
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(1), "{out:?}");
-    let inspected: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let (code, inspected) = inspect_json(&copy);
+    assert_eq!(code, Some(1), "{inspected}");
     assert_eq!(inspected["missing_segments"], json!([[gone_id, gone_id]]));
     let (ok, dump) = spoolread("dump", &copy);
     assert!(!ok);
@@ -426,16 +430,7 @@ fn the_reference_reader_finds_the_records_and_damage_that_spoolgate_inspect_find
 
     // Row 9 at the end: the segment appends had moved on to, and any prepared after it, removed.
     // Only the rotation frame ending the segment before it can tell; both readers read it.
-    let clean_json: Value = serde_json::from_slice(
-        &Command::new(bin())
-            .arg("inspect")
-            .arg(&spool)
-            .arg("--json")
-            .output()
-            .unwrap()
-            .stdout,
-    )
-    .unwrap();
+    let (_, clean_json) = inspect_json(&spool);
     let active = clean_json["segments"]
         .as_array()
         .unwrap()
@@ -444,22 +439,9 @@ fn the_reference_reader_finds_the_records_and_damage_that_spoolgate_inspect_find
         .map(|s| s["id"].as_u64().unwrap() + 1)
         .max()
         .expect("the envelopes span several segments, so some rotated");
-    let _ = std::fs::remove_dir_all(&copy);
-    std::fs::create_dir_all(&copy).unwrap();
-    for s in &segments {
-        let id: u64 = s.file_stem().unwrap().to_str().unwrap().parse().unwrap();
-        if id < active {
-            std::fs::copy(s, copy.join(s.file_name().unwrap())).unwrap();
-        }
-    }
-    let out = Command::new(bin())
-        .arg("inspect")
-        .arg(&copy)
-        .arg("--json")
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(1), "{out:?}");
-    let inspected: Value = serde_json::from_slice(&out.stdout).unwrap();
+    copy_segments(&segments, &copy, |id| id < active);
+    let (code, inspected) = inspect_json(&copy);
+    assert_eq!(code, Some(1), "{inspected}");
     assert_eq!(inspected["missing_segments"], json!([[active, active]]));
     let (ok, dump) = spoolread("dump", &copy);
     assert!(!ok);

@@ -186,6 +186,17 @@ fn row_9_a_gap_in_segment_ids_is_stepped_over() {
     assert!(inspected.to_string().contains("MISSING segments 2..=2"));
 }
 
+/// Appends numbered records to a preallocating spool's 4 KiB segment 1 until it is past half
+/// full, where the writer prepares segment 2 in the background; returns how many.
+fn append_until_segment_two_is_prepared(s: &spoolgate::spool::Spool) -> u64 {
+    let mut n = 0;
+    while s.durable_end().offset < 2600 {
+        append(s, n);
+        n += 1;
+    }
+    n
+}
+
 /// The record numbers of `positions` outside segment `lost`.
 fn numbers_outside(positions: &[Position], lost: u64) -> Vec<u64> {
     positions
@@ -279,12 +290,8 @@ fn row_9_a_start_that_takes_over_a_prepared_segment_names_it_so_its_removal_is_f
     let mut opts = options(dir.path());
     opts.preallocate = true;
     let (s, _, _) = open(&opts);
-    let mut n = 0;
-    // Past half of segment 1 the writer prepares segment 2; the stop leaves it empty.
-    while s.durable_end().offset < 2600 {
-        append(&s, n);
-        n += 1;
-    }
+    // The stop leaves the prepared segment 2 empty.
+    let n = append_until_segment_two_is_prepared(&s);
     s.close().unwrap();
     drop(s);
     assert!(seg(dir.path(), 2).exists(), "segment 2 was prepared");
@@ -467,12 +474,7 @@ fn row_4_a_torn_tail_before_a_prepared_next_segment_is_still_a_torn_tail() {
     let mut opts = options(dir.path());
     opts.preallocate = true;
     let (s, _, _) = open(&opts);
-    let mut n = 0;
-    // Past half of segment 1 the writer prepares segment 2 in the background.
-    while s.durable_end().offset < 2600 {
-        append(&s, n);
-        n += 1;
-    }
+    let n = append_until_segment_two_is_prepared(&s);
     assert_eq!(s.durable_end().segment, 1);
     let end = s.durable_end().offset;
     s.close().unwrap();

@@ -123,6 +123,9 @@ pub struct Rotation {
 /// this much of every segment free for it.
 pub const ROTATION_FRAME_BYTES_MAX: u64 = 40;
 
+/// The kind byte of a rotation frame (`spool::RecordKind::ROTATION`).
+pub const ROTATION_KIND: u8 = 4;
+
 impl Rotation {
     /// The payload: a msgpack map with the one key `next_segment`, its value in the smallest
     /// uint encoding.
@@ -130,6 +133,13 @@ impl Rotation {
         let payload = rmp_serde::to_vec_named(self).expect("a struct of one u64 encodes");
         debug_assert!(frame_len(payload.len()) <= ROTATION_FRAME_BYTES_MAX);
         payload
+    }
+
+    /// The whole frame (kind 4) that ends a segment whose successor is `next_segment`.
+    pub fn frame(&self) -> Vec<u8> {
+        let mut frame = Vec::with_capacity(ROTATION_FRAME_BYTES_MAX as usize);
+        encode_frame(ROTATION_KIND, &self.encode(), &mut frame);
+        frame
     }
 
     /// `None` unless the payload is exactly such a map: one key, `next_segment`, a uint, and

@@ -113,7 +113,7 @@ impl RecordKind {
     pub const TOMBSTONE: RecordKind = RecordKind(3);
     /// The end of a segment whose successor holds the appends that followed (payload:
     /// [`format::Rotation`]). Structure, not a record: readers and recovery's visit skip it.
-    pub const ROTATION: RecordKind = RecordKind(4);
+    pub const ROTATION: RecordKind = RecordKind(format::ROTATION_KIND);
 }
 
 /// How much an acknowledgement promises.

@@ -71,12 +71,10 @@ fn close_before_active(
     if at + format::ROTATION_FRAME_BYTES_MAX > opts.segment_bytes_max {
         return Ok(());
     }
-    let mut frame = Vec::with_capacity(format::ROTATION_FRAME_BYTES_MAX as usize);
-    let payload = format::Rotation {
+    let frame = format::Rotation {
         next_segment: active,
     }
-    .encode();
-    format::encode_frame(super::RecordKind::ROTATION.0, &payload, &mut frame);
+    .frame();
     let path = meta.path.clone();
     match meta.file.write_all_at(&frame, at) {
         Ok(()) => {}

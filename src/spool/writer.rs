@@ -714,9 +714,7 @@ impl Writer {
     /// start zero the frame: a half-written one in a segment that is no longer the newest
     /// would read as damaged acknowledged data.
     fn end_active(&mut self, next: u64) -> Result<(), SpoolError> {
-        let mut frame = Vec::with_capacity(format::ROTATION_FRAME_BYTES_MAX as usize);
-        let payload = format::Rotation { next_segment: next }.encode();
-        format::encode_frame(RecordKind::ROTATION.0, &payload, &mut frame);
+        let frame = format::Rotation { next_segment: next }.frame();
         let at = self.offset;
         let len = frame.len() as u64;
         let path = self.shared.segment_path(self.active);
