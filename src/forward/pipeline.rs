@@ -59,6 +59,20 @@ pub const READ_CHUNK_RECORDS_MAX: usize = 256;
 /// First and longest wait before restarting a failed worker.
 pub const RESTART_BACKOFF_INITIAL: Duration = Duration::from_millis(200);
 pub const RESTART_BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// The delay before a failed worker is restarted: twice the last one, up to
+/// [`RESTART_BACKOFF_MAX`], unless the worker had run without failing for longer than that
+/// since its last restart (`ran_for`), in which case its failures start over from
+/// [`RESTART_BACKOFF_INITIAL`]: one failure a day must not find the backoff of last week's
+/// outage.
+fn restart_delay(last: Option<Duration>, ran_for: Option<Duration>) -> Duration {
+    match (last, ran_for) {
+        (Some(last), Some(ran)) if ran <= RESTART_BACKOFF_MAX => {
+            (last * 2).min(RESTART_BACKOFF_MAX)
+        }
+        _ => RESTART_BACKOFF_INITIAL,
+    }
+}
 /// How long the dispatcher waits for room in a full inbox before it leaves that worker
 /// behind (while other workers can take records). Longer than a healthy sink's batch round
 /// trip (a file sink's fdatasync, a local HTTP sink's answer), far shorter than a retry
@@ -162,7 +176,9 @@ async fn supervise(parts: PipelineParts, mut stop: watch::Receiver<bool>) {
     });
     let mut ownership = Ownership::round_robin(workers);
     let mut restart_at: Vec<Option<tokio::time::Instant>> = vec![None; workers];
-    let mut restart_backoff: Vec<Duration> = vec![RESTART_BACKOFF_INITIAL; workers];
+    // The last restart delay of each worker and when it was restarted, for `restart_delay`.
+    let mut restart_backoff: Vec<Option<Duration>> = vec![None; workers];
+    let mut restarted_at: Vec<Option<tokio::time::Instant>> = vec![None; workers];
     let mut first_epoch = true;
     loop {
         if parts.spool.poison_reason().is_some() {
@@ -282,13 +298,15 @@ async fn supervise(parts: PipelineParts, mut stop: watch::Receiver<bool>) {
             EpochEnd::WorkerFailed(w, why, _) => {
                 parts.metrics.worker_takeovers_total.inc();
                 let moved = ownership.mark_down(w);
-                let delay = restart_backoff[w];
-                restart_backoff[w] = (delay * 2).min(RESTART_BACKOFF_MAX);
+                let ran_for = restarted_at[w].map(|t| t.elapsed());
+                let delay = restart_delay(restart_backoff[w], ran_for);
+                restart_backoff[w] = Some(delay);
                 restart_at[w] = Some(tokio::time::Instant::now() + delay);
                 tracing::warn!(worker = w, reason = %why, slots_moved = moved.len(), restart_in_ms = delay.as_millis() as u64, "worker failed; secondaries take over its slots");
             }
             EpochEnd::Restart(w) => {
                 restart_at[w] = None;
+                restarted_at[w] = Some(tokio::time::Instant::now());
                 ownership.mark_up(w);
                 tracing::info!(worker = w, "worker restarted; it owns its slots again");
             }
@@ -781,6 +799,22 @@ impl Dispatcher {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_worker_restart_backs_off_while_it_keeps_failing_and_starts_over_once_it_ran_a_while() {
+        let initial = RESTART_BACKOFF_INITIAL;
+        // The first failure, and one after a worker that never failed since the start.
+        assert_eq!(restart_delay(None, None), initial);
+        // Failing again soon after each restart doubles the delay, up to the bound.
+        let mut delay = initial;
+        for _ in 0..20 {
+            delay = restart_delay(Some(delay), Some(Duration::from_millis(10)));
+        }
+        assert_eq!(delay, RESTART_BACKOFF_MAX);
+        // After running longer than the bound without failing, it starts over.
+        let ran = RESTART_BACKOFF_MAX + Duration::from_secs(1);
+        assert_eq!(restart_delay(Some(RESTART_BACKOFF_MAX), Some(ran)), initial);
+    }
 
     #[test]
     fn an_epoch_is_blamed_on_the_task_that_failed_not_on_the_bystander_the_select_saw_first() {
