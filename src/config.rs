@@ -481,6 +481,14 @@ impl Config {
             1,
             1 << 20,
         )?;
+        // The spool counts its segments' allocated size, so a hard quota of one segment or less
+        // would refuse every request from the start.
+        check_range(
+            "spool.quota_hard_bytes",
+            s.quota_hard_bytes,
+            s.segment_bytes_max + 1,
+            u64::MAX,
+        )?;
         if s.quota_soft_bytes > s.quota_hard_bytes {
             return Err(invalid(
                 "spool.quota_soft_bytes",
@@ -626,6 +634,22 @@ impl Config {
             4 * KIB,
             1 << 50,
         )?;
+        // A misspelt kind would otherwise be ignored, and that kind forwarded under the default
+        // action: PII passed on that the operator meant to mask or drop.
+        if let Some(kind) = self
+            .gate
+            .pii
+            .keys()
+            .find(|k| !crate::gate::PII_KINDS.contains(&k.as_str()))
+        {
+            return Err(invalid(
+                &format!("gate.pii.{kind}"),
+                format!(
+                    "is not a PII kind; the kinds are {}",
+                    crate::gate::PII_KINDS.join(", ")
+                ),
+            ));
+        }
         if !self.sinks.contains_key("default") {
             return Err(invalid("sinks", "a sink named \"default\" is required"));
         }
@@ -812,6 +836,32 @@ mod tests {
         assert_eq!(
             err.to_string(),
             "invalid value for forward.workers: 0 is outside 1..=256"
+        );
+    }
+
+    #[test]
+    fn a_misspelt_pii_kind_is_refused_naming_the_key_and_the_kinds() {
+        let err = load("[gate.pii]\nssn = \"drop_text\"\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("invalid value for gate.pii.ssn: is not a PII kind"),
+            "{err}"
+        );
+        assert!(err.contains("us_ssn"), "{err}");
+        load("[gate.pii]\nus_ssn = \"drop_text\"\n", &[]).unwrap();
+    }
+
+    #[test]
+    fn a_hard_quota_of_one_segment_or_less_is_refused() {
+        let err = load(
+            "[spool]\nquota_soft_bytes = 1048576\nquota_hard_bytes = 33554432\n",
+            &[],
+        )
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "invalid value for spool.quota_hard_bytes: 33554432 is outside 67108865..=18446744073709551615"
         );
     }
 

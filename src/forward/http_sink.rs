@@ -149,7 +149,7 @@ impl HttpSink {
             300..=399 => Err(SinkError::Retryable {
                 reason: format!(
                     "status {status}: the sink redirects ({location}); spoolgate does not \
-                     follow redirects, so set forward.http.url to the final address",
+                     follow redirects, so set the sink's url (sinks.<name>.url) to the final address",
                     location = location.as_deref().unwrap_or("no Location")
                 ),
                 retry_after,
