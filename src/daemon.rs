@@ -115,6 +115,7 @@ pub async fn run(config: Config) -> Result<Exit, DaemonError> {
     // second daemon started on it by mistake would otherwise overwrite the address file and,
     // on a full disk, spend the running one's reserve before failing on the spool's lock.
     let _data_dir_lock = lock_data_dir(&config.data_dir)?;
+    let mut signals = ShutdownSignals::install();
     let ingest_listener = TcpListener::bind(config.ingest.listen)
         .await
         .map_err(|source| DaemonError::Bind {
@@ -215,7 +216,7 @@ pub async fn run(config: Config) -> Result<Exit, DaemonError> {
         let observer: Arc<dyn crate::spool::CommitObserver> = ring.clone();
         let fs = filesystem_with_failpoints();
         let (state, ledger, chains) = (state.clone(), ledger.clone(), chains.clone());
-        tokio::task::spawn_blocking(
+        let recovery = tokio::task::spawn_blocking(
             move || -> Result<(Spool, crate::spool::RecoveryReport, ScanSummary), SpoolError> {
                 let mut chains = chains.lock().unwrap_or_else(|p| p.into_inner());
                 let mut scan = ledger::Scan::new(&ledger, ingest::now_ms());
@@ -238,9 +239,17 @@ pub async fn run(config: Config) -> Result<Exit, DaemonError> {
                 let summary = scan.finish(spool.first_position());
                 Ok((spool, report, summary))
             },
-        )
-        .await
-        .map_err(|e| DaemonError::Task(e.to_string()))?
+        );
+        tokio::select! {
+            opened = recovery => opened.map_err(|e| DaemonError::Task(e.to_string()))?,
+            _ = signals.recv() => {
+                // Nothing was accepted yet (ingest answers 503 until ready), and recovery is
+                // safe to cut short at any point, as a crash would: stop here. The recovery
+                // thread ends with the process.
+                tracing::info!("shutdown requested during recovery; stopping before ready");
+                return Ok(Exit::Clean);
+            }
+        }
     };
     let (spool, report, summary) = opened?;
     // Compaction writes the chain heads before it deletes any segment, so a spool that no
@@ -380,7 +389,7 @@ pub async fn run(config: Config) -> Result<Exit, DaemonError> {
     }
     tracing::info!("ready");
 
-    wait_for_signal().await;
+    signals.recv().await;
     let deadline = Duration::from_millis(config.shutdown.deadline_ms);
     tracing::info!(
         deadline_ms = deadline.as_millis() as u64,
@@ -403,7 +412,15 @@ pub async fn run(config: Config) -> Result<Exit, DaemonError> {
     })
     .await;
     let _ = admin_stop_tx.send(true);
-    let _ = admin_server.await;
+    // Its connections get a moment to finish; a metrics client that stalls a response must
+    // not hold the exit past the deadline.
+    let mut admin_server = admin_server;
+    if tokio::time::timeout(Duration::from_secs(1), &mut admin_server)
+        .await
+        .is_err()
+    {
+        admin_server.abort();
+    }
     match drained {
         Ok(Ok(Ok(()))) => {
             tracing::info!("shutdown complete");
@@ -547,23 +564,44 @@ async fn sample_loop(state: Arc<IngestState>, spool: Spool, mut stop: watch::Rec
     }
 }
 
-async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) {
-        (Ok(mut term), Ok(mut int)) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
+/// SIGTERM and SIGINT, caught from the first moment of `run`: a signal that arrives while the
+/// spool is being recovered must stop the daemon, not kill it by the default action (or, as
+/// PID 1 in a container, be dropped by the kernel, leaving the daemon to turn ready and be
+/// killed at the end of the grace period).
+struct ShutdownSignals {
+    /// `None` when the handlers could not be installed.
+    streams: Option<(tokio::signal::unix::Signal, tokio::signal::unix::Signal)>,
+}
+
+impl ShutdownSignals {
+    fn install() -> ShutdownSignals {
+        use tokio::signal::unix::{signal, SignalKind};
+        match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) {
+            (Ok(term), Ok(int)) => ShutdownSignals {
+                streams: Some((term, int)),
+            },
+            _ => {
+                // Without signal handlers the daemon can only be stopped by SIGKILL, which is
+                // safe (everything acknowledged is on disk), so carry on.
+                tracing::warn!("could not install signal handlers; stop with SIGKILL");
+                ShutdownSignals { streams: None }
             }
         }
-        _ => {
-            // Without signal handlers the daemon can only be stopped by SIGKILL, which is safe
-            // (everything acknowledged is on disk), so carry on.
-            tracing::warn!("could not install signal handlers; stop with SIGKILL");
-            std::future::pending::<()>().await;
+    }
+
+    /// Waits for SIGTERM or SIGINT.
+    async fn recv(&mut self) {
+        match &mut self.streams {
+            Some((term, int)) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
+            }
+            None => std::future::pending::<()>().await,
         }
     }
 }

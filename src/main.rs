@@ -263,7 +263,13 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         .thread_name("spoolgate")
         .build()
         .context("cannot start the async runtime")?;
-    match runtime.block_on(spoolgate::daemon::run(config))? {
+    let exit = runtime.block_on(spoolgate::daemon::run(config));
+    // Dropping the runtime would wait, without a limit, for blocking work still running: a
+    // spool close or a sink fdatasync stuck on a hung disk after the shutdown deadline passed,
+    // or a recovery a signal cut short. The deadline must bound the exit, so that work is given
+    // a moment and then left to end with the process (everything acknowledged is on disk).
+    runtime.shutdown_timeout(std::time::Duration::from_millis(500));
+    match exit? {
         spoolgate::daemon::Exit::Clean => Ok(ExitCode::SUCCESS),
         spoolgate::daemon::Exit::DeadlineExceeded => Ok(ExitCode::from(1)),
     }
