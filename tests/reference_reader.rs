@@ -446,4 +446,13 @@ fn the_reference_reader_finds_the_records_and_damage_that_spoolgate_inspect_find
     let (ok, dump) = spoolread("dump", &copy);
     assert!(!ok);
     assert_eq!(dump["missing_segments"], inspected["missing_segments"]);
+
+    // The same segment left as a file of zeros with no header (rows 7 and 9): still missing.
+    std::fs::write(copy.join(format!("{active:020}.seg")), vec![0u8; 4096]).unwrap();
+    let (code, inspected) = inspect_json(&copy);
+    assert_eq!(code, Some(1), "{inspected}");
+    assert_eq!(inspected["missing_segments"], json!([[active, active]]));
+    let (ok, dump) = spoolread("dump", &copy);
+    assert!(!ok);
+    assert_eq!(dump["missing_segments"], inspected["missing_segments"]);
 }

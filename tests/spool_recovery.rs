@@ -326,6 +326,53 @@ fn row_7_a_crash_while_creating_the_first_segment_starts_the_spool_at_segment_on
     assert_eq!(append(&s, 0).segment, 1);
 }
 
+/// A spool whose segment 1 ended with a rotation frame naming segment 2, with segment 2's
+/// file replaced by `then` (nothing, or files of zeros standing for crashed creations).
+fn rotated_once_then(dir: &std::path::Path, then: &[u64]) -> Vec<Position> {
+    let opts = options(dir);
+    let (s, _, _) = open(&opts);
+    let mut positions = Vec::new();
+    let mut n = 0;
+    while s.durable_end().segment == 1 {
+        positions.push(append(&s, n));
+        n += 1;
+    }
+    s.close().unwrap();
+    drop(s);
+    std::fs::remove_file(seg(dir, 2)).unwrap();
+    for &id in then {
+        std::fs::write(seg(dir, id), vec![0u8; 4096]).unwrap();
+    }
+    positions
+}
+
+#[test]
+fn rows_7_and_9_a_named_segment_left_as_zeros_is_missing_for_recovery_and_inspect_alike() {
+    let dir = tempfile::tempdir().unwrap();
+    let positions = rotated_once_then(dir.path(), &[2]);
+    let inspected = spoolgate::spool::inspect(dir.path()).unwrap();
+    assert_eq!(inspected.missing_segments, vec![[2, 2]]);
+    let (s, report, metrics) = open(&options(dir.path()));
+    assert_eq!(report.missing_segments, vec![[2, 2]]);
+    assert_eq!(metrics.recovery_segments_missing_total.get(), 1);
+    assert_eq!(read_all(&s), numbers_outside(&positions, 2));
+    assert_eq!(append(&s, 1000).segment, 3);
+}
+
+#[test]
+fn rows_7_and_9_a_missing_segment_both_a_gap_and_named_by_a_rotation_is_counted_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let positions = rotated_once_then(dir.path(), &[3]);
+    let inspected = spoolgate::spool::inspect(dir.path()).unwrap();
+    assert_eq!(inspected.missing_segments, vec![[2, 2]]);
+    let (s, report, metrics) = open(&options(dir.path()));
+    assert_eq!(report.missing_segments, vec![[2, 2]]);
+    assert_eq!(metrics.recovery_segments_missing_total.get(), 1);
+    assert_eq!(read_all(&s), numbers_outside(&positions, 2));
+    // Not after segment 1's rotation frame: in a segment after the missing one.
+    assert_eq!(append(&s, 1000).segment, 3);
+}
+
 #[test]
 fn a_rotation_frame_naming_any_segment_but_the_next_names_nothing() {
     use spoolgate::spool::missing_after_newest;

@@ -151,8 +151,8 @@ pub fn inspect(dir: &Path) -> Result<InspectReport, SpoolError> {
     let (_, ids) = list_segments(dir)?;
     let mut missing_segments = super::segment_id_gaps(&ids);
     let mut segments = Vec::new();
-    // The segment named by the rotation frame of the segment read last.
-    let mut rotated_to = None;
+    // What each segment's last rotation frame names, in the order of `segments`.
+    let mut rotations: Vec<Option<u64>> = Vec::new();
     for id in ids {
         let (bytes, file) = read_segment(dir, id)?;
         let len = bytes.len() as u64;
@@ -165,7 +165,7 @@ pub fn inspect(dir: &Path) -> Result<InspectReport, SpoolError> {
         let _ = forget_zeros(file.as_ref(), scanned.data_end, len);
         let mut records = BTreeMap::new();
         let mut damaged = Vec::new();
-        rotated_to = None;
+        let mut rotated_to = None;
         for item in &scanned.items {
             match item {
                 Scanned::Frame {
@@ -195,13 +195,33 @@ pub fn inspect(dir: &Path) -> Result<InspectReport, SpoolError> {
             tail_garbage_bytes: scanned.tail_garbage_bytes,
             pending_envelopes: None,
         });
+        rotations.push(rotated_to);
     }
+    // The newest segment, as recovery sees it: a newest file with no header and nothing but
+    // zeros is one recovery removes (row 7), so the segment before it is the newest, and if
+    // that one's rotation frame names it, its contents were lost.
+    let zeroed_last = segments.last().is_some_and(|s| {
+        s.header.is_err()
+            && s.records.is_empty()
+            && s.damaged.is_empty()
+            && s.tail_garbage_bytes == 0
+    });
+    let newest = segments
+        .len()
+        .checked_sub(1 + usize::from(zeroed_last && segments.len() > 1));
     // A daemon running beside this may have rotated into the named segment after the listing
-    // above: only a segment that is not there now is missing.
-    if let Some(gap) = segments
-        .last()
-        .and_then(|s| super::missing_after_newest(s.id, rotated_to))
-        .filter(|&[first, _]| !segment_path(dir, first).exists())
+    // above: only a segment that is not there now (or is that zeroed file) is missing.
+    if let Some(gap) = newest
+        .and_then(|i| super::missing_after_newest(segments[i].id, rotations[i]))
+        .filter(|&[first, _]| {
+            (zeroed_last && segments.last().is_some_and(|s| s.id == first))
+                || !segment_path(dir, first).exists()
+        })
+        .filter(|&[first, _]| {
+            !missing_segments
+                .iter()
+                .any(|&[a, b]| a <= first && first <= b)
+        })
     {
         missing_segments.push(gap);
     }

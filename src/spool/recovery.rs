@@ -599,19 +599,28 @@ pub(crate) fn recover(
         // The newest segment ended with a rotation, so appends went on in the next one, which
         // a rotation creates (header written, fdatasync'd, directory fsync'd) before it names
         // it. So that segment is missing (removed, or left without its header and removed as
-        // row 7 above) and the envelopes it held, acknowledged, are lost.
-        tracing::error!(
-            first_missing = missing,
-            last_missing = missing,
-            "the newest segment is missing: the rotation frame ending segment {} says the \
-             spool went on in segment {missing}; the envelopes it held were acknowledged and \
-             are lost, as are those of any segment after it; appends continue in segment {}",
-            missing - 1,
-            missing + 1
-        );
-        report.missing_segments.push([missing, missing]);
+        // row 7 above) and the envelopes it held, acknowledged, are lost. Reported once: a
+        // missing segment between two present files was reported as their gap already.
+        let reported = report
+            .missing_segments
+            .iter()
+            .any(|&[first, last]| first <= missing && missing <= last);
+        if !reported {
+            tracing::error!(
+                first_missing = missing,
+                last_missing = missing,
+                "the newest segment is missing: the rotation frame ending segment {} says the \
+                 spool went on in segment {missing}; the envelopes it held were acknowledged \
+                 and are lost, as are those of any segment after it; appends continue in \
+                 segment {}",
+                missing - 1,
+                missing + 1
+            );
+            report.missing_segments.push([missing, missing]);
+        }
         // A fresh segment after the missing one leaves it a gap, which every later start
-        // reports again (row 9) until compaction deletes past it.
+        // reports again (row 9) until compaction deletes past it; appends never follow a
+        // rotation frame.
         fresh_id = fresh_id.max(missing + 1);
         fresh_segment_needed = true;
     }

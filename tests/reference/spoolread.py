@@ -357,10 +357,12 @@ def cmd_dump(spool_dir):
     # Row 9 of §4: ids missing between two present ones (a missing prefix is compaction's).
     missing = [[a + 1, b - 1] for a, b in zip(ids, ids[1:]) if a + 1 < b]
     out = {"segments": [], "records": [], "missing_segments": missing}
-    rotated_to = None  # what the rotation frame (§3, kind 4) of the segment read last names
+    rotations = []  # what each segment's last rotation frame (§3, kind 4) names
+    zeroed = []  # whether each segment is a file of zeros with no header (row 7)
     for seg in ids:
         with open(os.path.join(spool_dir, f"{seg:020}.seg"), "rb") as f:
-            header, frames, damaged = read_segment(f.read())
+            data = f.read()
+        header, frames, damaged = read_segment(data)
         out["segments"].append({"id": seg, "header": header, "records": len(frames), "damaged": damaged})
         rotated_to = None
         for _offset, kind, payload in frames:
@@ -372,11 +374,18 @@ def cmd_dump(spool_dir):
                     frame = None
                 ok = isinstance(frame, dict) and list(frame) == ["next_segment"] and type(frame["next_segment"]) is int
                 rotated_to = frame["next_segment"] if ok else None
+        rotations.append(rotated_to)
+        zeroed.append(not header["valid"] and not any(data))
     # Row 9 at the end: the newest segment's rotation frame names the next id, and that
     # segment is not there (checked again now: a running daemon may have just created it).
-    nxt = ids[-1] + 1 if ids else None
-    if nxt is not None and rotated_to == nxt and not os.path.exists(os.path.join(spool_dir, f"{nxt:020}.seg")):
-        missing.append([nxt, nxt])
+    # A newest file of zeros with no header is one recovery removes (row 7): the segment
+    # before it is then the newest, and if it names that file, its contents were lost.
+    newest = len(ids) - 1 - (1 if ids and zeroed[-1] and len(ids) > 1 else 0)
+    if newest >= 0:
+        nxt = ids[newest] + 1
+        gone = not os.path.exists(os.path.join(spool_dir, f"{nxt:020}.seg")) or (zeroed[-1] and ids[-1] == nxt)
+        if rotations[newest] == nxt and gone and not any(a <= nxt <= b for a, b in missing):
+            missing.append([nxt, nxt])
     for seg, offset, kind, payload in records(spool_dir):
         rec = {"segment": seg, "offset": offset, "kind": KINDS.get(kind, kind)}
         if kind in KINDS:
