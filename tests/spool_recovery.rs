@@ -516,6 +516,35 @@ fn row_6_a_damaged_header_before_a_headerless_newest_segment_sends_appends_to_a_
 }
 
 #[test]
+fn row_12_a_newer_segment_anywhere_refuses_the_spool_before_any_other_segment_is_changed() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = options(dir.path());
+    let positions = write_and_close(&opts, 300);
+    let last = positions.last().unwrap().segment;
+    // Segment 1 holds a refused batch that a start would zero; the newest is from a newer
+    // format.
+    let marker = dir
+        .path()
+        .join(format!("void-{:020}-{:020}", 1, positions[1].offset));
+    std::fs::write(&marker, b"").unwrap();
+    let path = seg(dir.path(), last);
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[8..10].copy_from_slice(&2u16.to_le_bytes());
+    let crc = crc32fast::hash(&bytes[0..60]);
+    bytes[60..64].copy_from_slice(&crc.to_le_bytes());
+    std::fs::write(&path, &bytes).unwrap();
+    let first = std::fs::read(seg(dir.path(), 1)).unwrap();
+    let metrics = std::sync::Arc::new(spoolgate::metrics::Metrics::new());
+    assert!(spoolgate::spool::Spool::open(opts.clone(), metrics, None).is_err());
+    assert_eq!(
+        std::fs::read(seg(dir.path(), 1)).unwrap(),
+        first,
+        "segment 1 was changed"
+    );
+    assert!(marker.exists(), "the void marker was consumed");
+}
+
+#[test]
 fn row_4_a_torn_tail_before_a_prepared_next_segment_is_still_a_torn_tail() {
     let dir = tempfile::tempdir().unwrap();
     let mut opts = options(dir.path());

@@ -320,6 +320,22 @@ pub(crate) fn recover(
     // The segment a crash can leave a torn write in: the newest one, or the newest one with
     // data when the writer had already prepared the next (an intact header followed only by
     // zeros, spool-format.md §1).
+    // Row 12 first, over every segment's header: a spool with a segment of a newer format is
+    // refused before anything (a void range, a torn tail, a row-7 file) is changed in any of
+    // them.
+    for &id in &ids {
+        let path = segment_path(&opts.dir, id);
+        let file = fs.open(&path).map_err(io("open segment", &path))?;
+        let mut header = [0u8; HEADER_LEN as usize];
+        let read = read_prefix(file.as_ref(), &mut header).map_err(io("read segment", &path))?;
+        if let Some(version) = SegmentHeader::newer_version(&header[..read]) {
+            return Err(SpoolError::Invalid(format!(
+                "{} was written by spool format version {version}; this build reads version {}",
+                path.display(),
+                format::FORMAT_VERSION
+            )));
+        }
+    }
     let mut tail_segment = last;
     // The newest segment that stays: the newest file, unless it holds only zeros and no header
     // (a rotation or preparation that crashed before the header was synced, removed below as
@@ -408,13 +424,6 @@ pub(crate) fn recover(
             }
         }
 
-        if let Some(version) = SegmentHeader::newer_version(&bytes) {
-            return Err(SpoolError::Invalid(format!(
-                "{} was written by spool format version {version}; this build reads version {}",
-                path.display(),
-                format::FORMAT_VERSION
-            )));
-        }
         match SegmentHeader::decode(&bytes) {
             Ok(h) if h.segment_id == id => {}
             Ok(h) => {
