@@ -268,6 +268,16 @@ fn the_reference_reader_verifies_the_spool_and_the_sink_output_the_daemon_wrote(
 /// (offset, bytes), bytes of a damaged tail).
 type SegmentView = (u64, bool, u64, Vec<(u64, u64)>, u64);
 
+/// Both readers, run on `spool`, name segment `id` as the one missing and exit non-zero.
+fn both_readers_name_missing(spool: &Path, id: u64) {
+    let (code, inspected) = inspect_json(spool);
+    assert_eq!(code, Some(1), "{inspected}");
+    assert_eq!(inspected["missing_segments"], json!([[id, id]]));
+    let (ok, dump) = spoolread("dump", spool);
+    assert!(!ok);
+    assert_eq!(dump["missing_segments"], inspected["missing_segments"]);
+}
+
 /// Replaces the directory `to` with copies of the `segments` whose id `keep` accepts.
 fn copy_segments(segments: &[std::path::PathBuf], to: &Path, keep: impl Fn(u64) -> bool) {
     let _ = std::fs::remove_dir_all(to);
@@ -421,12 +431,7 @@ fn the_reference_reader_finds_the_records_and_damage_that_spoolgate_inspect_find
     let gone = &segments[segments.len() / 2];
     std::fs::remove_file(copy.join(gone.file_name().unwrap())).unwrap();
     let gone_id: u64 = gone.file_stem().unwrap().to_str().unwrap().parse().unwrap();
-    let (code, inspected) = inspect_json(&copy);
-    assert_eq!(code, Some(1), "{inspected}");
-    assert_eq!(inspected["missing_segments"], json!([[gone_id, gone_id]]));
-    let (ok, dump) = spoolread("dump", &copy);
-    assert!(!ok);
-    assert_eq!(dump["missing_segments"], inspected["missing_segments"]);
+    both_readers_name_missing(&copy, gone_id);
 
     // Row 9 at the end: the segment appends had moved on to, and any prepared after it, removed.
     // Only the rotation frame ending the segment before it can tell; both readers read it.
@@ -440,19 +445,9 @@ fn the_reference_reader_finds_the_records_and_damage_that_spoolgate_inspect_find
         .max()
         .expect("the envelopes span several segments, so some rotated");
     copy_segments(&segments, &copy, |id| id < active);
-    let (code, inspected) = inspect_json(&copy);
-    assert_eq!(code, Some(1), "{inspected}");
-    assert_eq!(inspected["missing_segments"], json!([[active, active]]));
-    let (ok, dump) = spoolread("dump", &copy);
-    assert!(!ok);
-    assert_eq!(dump["missing_segments"], inspected["missing_segments"]);
+    both_readers_name_missing(&copy, active);
 
     // The same segment left as a file of zeros with no header (rows 7 and 9): still missing.
     std::fs::write(copy.join(format!("{active:020}.seg")), vec![0u8; 4096]).unwrap();
-    let (code, inspected) = inspect_json(&copy);
-    assert_eq!(code, Some(1), "{inspected}");
-    assert_eq!(inspected["missing_segments"], json!([[active, active]]));
-    let (ok, dump) = spoolread("dump", &copy);
-    assert!(!ok);
-    assert_eq!(dump["missing_segments"], inspected["missing_segments"]);
+    both_readers_name_missing(&copy, active);
 }
