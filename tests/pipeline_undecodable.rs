@@ -2,7 +2,9 @@
 //! be forwarded, so it is dead-lettered as raw bytes and tombstoned, and the records of its
 //! stream around it are delivered in order, gapless. When the dead-letter write fails, the
 //! record stays pending (compaction keeps its segment) and forwarding waits for it; when its
-//! tombstone finds the spool full, it spends the disk reserve, as a worker's would.
+//! tombstone finds the spool full, it spends the disk reserve, as a worker's would. An
+//! envelope too large to seal once gated gets no sequence number either, and its tombstone is
+//! durable before anything behind it is sealed.
 
 mod pipeline_common;
 
@@ -10,11 +12,13 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use pipeline_common::{append, wait_until, RecordingSink};
-use spoolgate::chain::Tombstone;
+use spoolgate::chain::{SealedBatch, Tombstone};
 use spoolgate::config::ForwardConfig;
+use spoolgate::envelope::{Envelope, ENVELOPE_VERSION};
 use spoolgate::forward::ledger::Ledger;
 use spoolgate::metrics::Metrics;
 use spoolgate::ring::Ring;
+use spoolgate::slots::slot_of;
 use spoolgate::spool::{Position, RecordKind, Spool};
 
 /// A config whose retries come after 1-10 ms, so a test need not wait for them.
@@ -248,4 +252,110 @@ async fn an_undecodable_record_whose_tombstone_finds_the_spool_full_spends_the_d
     })
     .await;
     pipeline.shutdown().await;
+}
+
+/// The envelope record of `tenant` with `id` and `text`, as ingest writes it.
+fn envelope_record(tenant: &str, id: &str, text: String) -> (RecordKind, Bytes) {
+    let env = Envelope {
+        version: ENVELOPE_VERSION,
+        id: id.into(),
+        source: "test".into(),
+        slot: slot_of(tenant),
+        tenant: Some(tenant.to_string()),
+        text: Some(text),
+        ts_ms: 1,
+        ..Default::default()
+    };
+    (RecordKind::ENVELOPE, Bytes::from(env.encode().unwrap()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_too_large_to_seal_is_tombstoned_before_anything_behind_it_is_sealed() {
+    // Whether a record fits a seal depends on the rules and the PII policy, which may change
+    // across a restart. So the verdict must be durable before the records behind it take
+    // sequence numbers: otherwise a crash between their seal and its tombstone lets the next
+    // run seal it after them, and a sink sees 1, 3, 2.
+    let dir = tempfile::tempdir().unwrap();
+    let metrics = Arc::new(Metrics::new());
+    let ring = Arc::new(Ring::new(1024, 1 << 20, metrics.clone()));
+    let spool = pipeline_common::open_spool(dir.path(), &ring, &metrics);
+    let record_bytes_max = spool.record_bytes_max() as usize;
+    // An envelope that fills a spool record as received: once gated (hashes, summary) it
+    // cannot fit one.
+    let mut text = "Big words here. ".repeat(record_bytes_max / 16);
+    while envelope_record("t", "big", text.clone()).1.len() > record_bytes_max - 8 {
+        text.pop();
+    }
+    let positions = spool
+        .append(vec![
+            envelope_record("t", "before", "First.".into()),
+            envelope_record("t", "big", text),
+            envelope_record("t", "after", "Last.".into()),
+        ])
+        .await
+        .unwrap();
+    let (big, after) = (positions[1], positions[2]);
+    let sink = Arc::new(RecordingSink::default());
+    let pipeline = pipeline_common::start(
+        &spool,
+        ring,
+        &metrics,
+        sink.clone(),
+        quick_retries(),
+        dir.path(),
+    );
+    wait_until("both records that fit delivered", || {
+        sink.delivered.lock().unwrap().len() == 2
+    })
+    .await;
+    pipeline.shutdown().await;
+
+    let delivered: Vec<(String, u64)> = sink
+        .delivered
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|r| (r.envelope.id.clone(), r.seq))
+        .collect();
+    assert_eq!(
+        delivered,
+        vec![("before".to_string(), 1), ("after".to_string(), 2)]
+    );
+    // Log order of the big record's tombstone and of the seal of the record behind it.
+    let (mut big_tombstoned_at, mut after_sealed_at) = (None, None);
+    let mut reader = spool.reader(spool.first_position());
+    while let Some(r) = reader.next_record().unwrap() {
+        if r.kind == RecordKind::TOMBSTONE
+            && big_tombstoned_at.is_none()
+            && Tombstone::decode(&r.payload)
+                .unwrap()
+                .positions
+                .contains(&big)
+        {
+            big_tombstoned_at = Some(r.position);
+        }
+        if r.kind == RecordKind::SEALED
+            && SealedBatch::decode(&r.payload)
+                .unwrap()
+                .entries
+                .iter()
+                .any(|e| e.position == after)
+        {
+            after_sealed_at = Some(r.position);
+        }
+    }
+    let (Some(tombstoned), Some(sealed)) = (big_tombstoned_at, after_sealed_at) else {
+        panic!("tombstone {big_tombstoned_at:?}, seal {after_sealed_at:?}");
+    };
+    assert!(
+        tombstoned < sealed,
+        "the big record's tombstone at {tombstoned:?} must precede the seal at {sealed:?}"
+    );
+    assert_eq!(
+        metrics
+            .gate_envelopes_total
+            .with_label_values(&["unsealable"])
+            .get(),
+        1
+    );
 }

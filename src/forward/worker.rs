@@ -25,11 +25,16 @@
 //! Too large to seal: the gate can make an envelope larger (a summary, hashes; a `hash` PII
 //! policy turns `a@b.co` into 24 bytes), so an envelope that fit a spool record as received may
 //! not fit once gated. Such a record would fail every worker that tried it and stall its slot,
-//! so it is dead-lettered instead, as gated (never with text the policy rewrote), and
-//! tombstoned with its batch; it takes no sequence number, so its stream stays gapless. If the
-//! process dies before the tombstone, the next run gates it again: it is dead-lettered again,
-//! or sealed and forwarded if the rules changed so that it now fits. While the dead-letter
-//! directory has no room it waits, with its batch, as a sink's rejected batch does.
+//! so it is dead-lettered instead, as gated (never with text the policy rewrote); it takes no
+//! sequence number, so its stream stays gapless. That verdict depends on the rules, so it is
+//! made durable before anything after it is sealed: the worker writes the dead letter, then the
+//! record's tombstone (fdatasync'd), and only then appends the batch's seal. A crash before
+//! that tombstone leaves nothing of the batch sealed, and the next run gates the record again:
+//! it is dead-lettered again, or, if the rules changed so that it now fits, sealed with the
+//! next sequence number in log order. Were the tombstone written with the batch's, after the
+//! seal, that run would give it a sequence number after those of the records behind it, and a
+//! sink would see 5, 7, 6. While the dead-letter directory has no room it waits, with its
+//! batch, as a sink's rejected batch does.
 //!
 //! Tombstones: once a sink confirms a batch, its tombstone append runs in the background while
 //! the worker gates and seals the next batch, so a batch costs two fdatasync waits on the
@@ -79,11 +84,13 @@ pub struct WorkItem {
 }
 
 /// What the pipeline appends of its own: seals are fdatasync'd whatever the durability mode,
-/// tombstones follow it (see the module doc).
+/// tombstones follow it (see the module doc), except the tombstone of a record too large to
+/// seal, which must be durable before the seal of its batch is written.
 #[derive(Debug, Clone, Copy)]
 enum OwnRecord {
     Seal,
     Tombstone,
+    UnsealableTombstone,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -109,14 +116,16 @@ async fn append_when_space(
 ) -> Result<Appended, WorkerError> {
     let what = match kind {
         OwnRecord::Seal => "seal",
-        OwnRecord::Tombstone => "tombstone",
+        OwnRecord::Tombstone | OwnRecord::UnsealableTombstone => "tombstone",
     };
     let mut backoff = ctx.retry_backoff();
     let mut waiting_since: Option<Instant> = None;
     loop {
         // A vector of reference-counted payloads: the copy for a retry costs no payload bytes.
         let attempt = match kind {
-            OwnRecord::Seal => ctx.spool.append_synced(records.clone()).await,
+            OwnRecord::Seal | OwnRecord::UnsealableTombstone => {
+                ctx.spool.append_synced(records.clone()).await
+            }
             OwnRecord::Tombstone => ctx.spool.append(records.clone()).await,
         };
         match attempt {
@@ -157,6 +166,26 @@ async fn append_when_space(
             Err(e) => return Err(e.into()),
         }
     }
+}
+
+/// The tombstone records naming `positions`: about 30 bytes per position, chunked so that
+/// each record fits `record_bytes_max`.
+fn tombstone_records(
+    positions: &[Position],
+    record_bytes_max: u32,
+) -> Result<Vec<(RecordKind, Bytes)>, WorkerError> {
+    let per_record = (record_bytes_max as usize / 40).max(1);
+    positions
+        .chunks(per_record)
+        .map(|chunk| {
+            let payload = Tombstone {
+                positions: chunk.to_vec(),
+            }
+            .encode()
+            .map_err(|e| WorkerError::Spool(SpoolError::Invalid(e.to_string())))?;
+            Ok((RecordKind::TOMBSTONE, Bytes::from(payload)))
+        })
+        .collect()
 }
 
 /// Why a worker stopped.
@@ -294,11 +323,10 @@ impl Worker {
         Some(batch)
     }
 
-    /// Gates and chains the unsealed items, and makes the seal durable. Returns the forward
-    /// records in batch order, or `None` when stopped while waiting for room: in the spool for
-    /// the seal (nothing is sealed then, and no head has moved), or in the dead-letter
-    /// directory for an envelope too large to seal (the rest stays sealed, to be re-sent from
-    /// its seal).
+    /// Gates and chains the unsealed items, dead-letters and tombstones those too large to
+    /// seal, and makes the seal durable. Returns the forward records in batch order, or `None`
+    /// when stopped while waiting for room, in the spool or in the dead-letter directory:
+    /// nothing is sealed then, and no head has moved.
     async fn seal(&self, batch: &mut [WorkItem]) -> Result<Option<Vec<SharedRecord>>, WorkerError> {
         let ctx = &self.ctx;
         let invalid =
@@ -354,6 +382,42 @@ impl Worker {
                 Err(SealError::Chain(e)) => return Err(invalid(e)),
             }
         }
+        let unsealable_count = unsealable.len();
+        // The verdict "too large to seal" depends on the rules: it is made durable (dead
+        // letter, then tombstone) before anything behind it is sealed (see the module doc).
+        if !unsealable.is_empty() {
+            let positions: Vec<Position> =
+                unsealable.iter().map(|(i, _)| batch[*i].position).collect();
+            for (i, e) in unsealable {
+                let reason = e.to_string();
+                if let Some(envelope) = e.into_envelope() {
+                    if !self
+                        .dead_letter_unsealable(batch[i].position, &reason, &envelope)
+                        .await?
+                    {
+                        // Stopped while waiting for room: nothing of the batch is sealed yet,
+                        // and it is gated again, next time.
+                        return Ok(None);
+                    }
+                }
+            }
+            let tombstone = tombstone_records(&positions, ctx.spool.record_bytes_max())?;
+            let appended = append_when_space(
+                ctx,
+                tombstone,
+                OwnRecord::UnsealableTombstone,
+                self.stop.clone(),
+            )
+            .await?;
+            if appended == Appended::Stopped {
+                return Ok(None);
+            }
+            ctx.ledger.complete(&positions);
+            ctx.metrics
+                .tombstones_written_total
+                .inc_by(positions.len() as u64);
+            ctx.compaction.notify_one();
+        }
         if !writer.is_empty() {
             let records = writer
                 .finish()
@@ -378,20 +442,6 @@ impl Worker {
                 shared.advance(stream, head);
             }
             ctx.metrics.chain_streams.set(shared.len() as i64);
-        }
-        let unsealable_count = unsealable.len();
-        for (i, e) in unsealable {
-            let reason = e.to_string();
-            if let Some(envelope) = e.into_envelope() {
-                if !self
-                    .dead_letter_unsealable(batch[i].position, &reason, &envelope)
-                    .await?
-                {
-                    // Stopped while waiting for room: what was sealed stays sealed and is
-                    // re-sent from its seal, and this envelope is gated again, next time.
-                    return Ok(None);
-                }
-            }
         }
         let records: Vec<SharedRecord> = batch.iter().filter_map(|i| i.sealed.clone()).collect();
         assert_eq!(
@@ -472,7 +522,12 @@ impl Worker {
         let Some(records) = self.seal(&mut batch).await? else {
             return Ok(false);
         };
-        let positions: Vec<Position> = batch.iter().map(|i| i.position).collect();
+        // A record too large to seal was tombstoned before the seal (see `seal`).
+        let positions: Vec<Position> = batch
+            .iter()
+            .filter(|i| i.sealed.is_some())
+            .map(|i| i.position)
+            .collect();
         // Sink names are borrowed from the configuration, not copied per record.
         let ctx = self.ctx.clone();
         let mut by_sink: BTreeMap<&str, Vec<SharedRecord>> = BTreeMap::new();
@@ -490,17 +545,10 @@ impl Worker {
                 return Ok(false);
             }
         }
-        // About 30 bytes per position; chunked so each record fits `record_bytes_max`.
-        let per_record = (self.ctx.spool.record_bytes_max() as usize / 40).max(1);
-        let mut tombstones = Vec::new();
-        for chunk in positions.chunks(per_record) {
-            let payload = Tombstone {
-                positions: chunk.to_vec(),
-            }
-            .encode()
-            .map_err(|e| WorkerError::Spool(SpoolError::Invalid(e.to_string())))?;
-            tombstones.push((RecordKind::TOMBSTONE, Bytes::from(payload)));
+        if positions.is_empty() {
+            return Ok(true);
         }
+        let tombstones = tombstone_records(&positions, self.ctx.spool.record_bytes_max())?;
         self.wait_tombstones(TOMBSTONES_IN_FLIGHT_MAX - 1).await?;
         let ctx = self.ctx.clone();
         let stop = self.stop.clone();
