@@ -132,6 +132,29 @@ fn every_client_error_has_its_status_and_a_reason() {
 }
 
 #[test]
+fn a_request_that_cannot_fit_one_segment_is_refused_with_413_and_nothing_is_written() {
+    // 1 MiB segments and the default 16 MiB body bound: a request is written as one group in
+    // one segment, so 30 envelopes of 50 KB cannot be taken whole.
+    let d = Daemon::start(&SMALL_SEGMENTS);
+    let text = "y".repeat(50_000);
+    let batch = |n: usize| -> Vec<serde_json::Value> {
+        (0..n)
+            .map(|i| json!({"source": "s", "id": format!("big-{i}"), "text": text}))
+            .collect()
+    };
+    let r = d.post_json(&json!(batch(30)));
+    assert_eq!(r.status, 413, "{}", r.text());
+    assert_eq!(r.json()["error"], "request_too_large", "{}", r.text());
+    let message = r.json()["message"].as_str().unwrap().to_string();
+    assert!(message.contains("spool.segment_bytes_max"), "{message}");
+    assert_eq!(d.metric("spoolgate_spool_appends_total"), 0.0);
+    // The same envelopes in smaller requests are taken.
+    let r = d.post_json(&json!(batch(10)));
+    assert_eq!(r.status, 202, "{}", r.text());
+    assert_eq!(d.metric("spoolgate_spool_appends_total"), 10.0);
+}
+
+#[test]
 fn with_tokens_on_a_missing_token_is_401_a_wrong_one_403_and_a_foreign_tenant_is_refused() {
     let scratch = tempfile::tempdir().unwrap();
     let cfg = scratch.path().join("c.toml");

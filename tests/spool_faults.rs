@@ -77,6 +77,68 @@ fn enospc_while_creating_a_preallocated_segment_fails_the_batch_and_a_later_rota
     assert_eq!(*after.last().unwrap(), 500);
 }
 
+/// Record `n` with a payload of `len` bytes.
+fn sized(n: u64, len: usize) -> bytes::Bytes {
+    let mut p = payload(n).to_vec();
+    p.resize(len, b'.');
+    bytes::Bytes::from(p)
+}
+
+#[test]
+fn a_request_queued_behind_one_whose_fdatasync_failed_is_refused_even_when_it_rotates() {
+    // Two requests taken by the writer together: the first fits the active segment and its
+    // fdatasync fails; the second needs a new segment. A second fdatasync of the same file
+    // usually succeeds (the kernel reports a writeback error once), so the rotation must not
+    // go ahead and the second request must not be acknowledged.
+    let dir = tempfile::tempdir().unwrap();
+    let opts = options(dir.path());
+    let faults = Faults::new();
+    let (s, _) = open_fs(&opts, Arc::new(FaultFs::new(StdFs, faults.clone())));
+    let append_sized = |s: &spoolgate::spool::Spool, n: u64, len: usize| {
+        s.append_blocking(vec![(RecordKind::ENVELOPE, sized(n, len))], false)
+    };
+    for n in 0..3 {
+        append_sized(&s, n, 900).unwrap();
+    }
+    // Header 64 + 3 frames of 920: the next starts at 2824. After the 120-byte frame of
+    // request 3 and the 920 of request 4, request 5 no longer fits a 4096-byte segment with
+    // its 40 bytes kept for the rotation frame.
+    faults.hold_syncs.store(true, Ordering::SeqCst);
+    faults.syncs_until_failure.store(2, Ordering::SeqCst);
+    std::thread::scope(|scope| {
+        let held = scope.spawn(|| append_sized(&s, 3, 100));
+        let wait = |what: &str, cond: &dyn Fn() -> bool| {
+            let started = std::time::Instant::now();
+            while !cond() {
+                assert!(
+                    started.elapsed().as_secs() < 60,
+                    "timed out waiting for {what}"
+                );
+                std::thread::yield_now();
+            }
+        };
+        wait("the writer to hold request 3's fdatasync", &|| {
+            faults.syncs_held.load(Ordering::SeqCst) == 1
+        });
+        let fits = scope.spawn(|| append_sized(&s, 4, 900));
+        wait("request 4 queued", &|| s.queued_requests() == 1);
+        let rotates = scope.spawn(|| append_sized(&s, 5, 900));
+        wait("request 5 queued", &|| s.queued_requests() == 2);
+        faults.hold_syncs.store(false, Ordering::SeqCst);
+        let held = held.join().unwrap().unwrap();
+        assert_eq!((held[0].segment, held[0].offset), (1, 2824));
+        let fits = fits.join().unwrap().unwrap_err();
+        assert!(matches!(fits, SpoolError::Poisoned(_)), "{fits}");
+        let rotates = rotates.join().unwrap();
+        assert!(
+            matches!(rotates, Err(SpoolError::Poisoned(_))),
+            "a request behind a failed fdatasync was answered {rotates:?}"
+        );
+    });
+    assert_eq!(s.segments().len(), 1, "no rotation after the poison");
+    assert_eq!(read_all(&s), vec![0, 1, 2, 3]);
+}
+
 #[test]
 fn a_failed_fdatasync_poisons_the_spool_and_the_refused_batch_never_comes_back() {
     let dir = tempfile::tempdir().unwrap();
@@ -155,8 +217,10 @@ fn records_over_the_bound_are_refused_before_anything_is_written() {
 
 #[test]
 fn interval_and_never_modes_acknowledge_without_waiting_for_fdatasync_and_close_flushes() {
+    // An interval of an hour: no tick comes during the test, so every fdatasync counted is
+    // one the test asked for.
     for durability in [
-        spoolgate::spool::Durability::Interval(std::time::Duration::from_millis(5)),
+        spoolgate::spool::Durability::Interval(std::time::Duration::from_secs(3600)),
         spoolgate::spool::Durability::Never,
     ] {
         let dir = tempfile::tempdir().unwrap();
@@ -164,24 +228,31 @@ fn interval_and_never_modes_acknowledge_without_waiting_for_fdatasync_and_close_
         opts.durability = durability;
         let metrics = Arc::new(spoolgate::metrics::Metrics::new());
         let (s, _) = spoolgate::spool::Spool::open(opts.clone(), metrics.clone(), None).unwrap();
-        let syncs_before = metrics.spool_fsync_duration_seconds.get_sample_count();
+        let syncs = || metrics.spool_fsync_duration_seconds.get_sample_count();
+        let syncs_before = syncs();
         append(&s, 0);
-        if durability == spoolgate::spool::Durability::Never {
-            assert_eq!(
-                metrics.spool_fsync_duration_seconds.get_sample_count(),
-                syncs_before
-            );
-        }
+        assert_eq!(
+            syncs(),
+            syncs_before,
+            "{durability:?}: acknowledged unsynced"
+        );
         s.append_blocking(vec![(RecordKind::ENVELOPE, payload(1))], true)
             .unwrap();
         assert_eq!(
-            metrics.spool_fsync_duration_seconds.get_sample_count(),
+            syncs(),
             syncs_before + 1,
-            "a synced append always fdatasyncs"
+            "{durability:?}: a synced append always fdatasyncs"
         );
+        append(&s, 2);
+        assert_eq!(syncs(), syncs_before + 1, "{durability:?}");
         s.close().unwrap();
+        assert_eq!(
+            syncs(),
+            syncs_before + 2,
+            "{durability:?}: close fdatasyncs what is unsynced"
+        );
         let (s, _, _) = open(&opts);
-        assert_eq!(read_all(&s), vec![0, 1]);
+        assert_eq!(read_all(&s), vec![0, 1, 2]);
     }
 }
 

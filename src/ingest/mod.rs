@@ -15,10 +15,11 @@
 //! | body arrives within the timeout         | 408    | `body_timeout`        |
 //! | its values' decoded size fits the budget | 413/429| `too_many_values`, or `backpressure` reason `inflight_bytes` |
 //! | every item valid (see `parse`)          | 400/413| `invalid_envelope`, ... with `index` |
+//! | the request's records fit one segment   | 413    | `request_too_large`   |
 //! | backpressure watermarks                 | 429    | `backpressure` with `reason` |
 //! | streams known or below `streams_max`    | 422    | `stream_limit` with `index` |
 //! | no concurrent request with the same id  | 409    | `id_in_flight` with `index` |
-//! | spool append (fdatasync'd)              | 429 on ENOSPC, 503 on I/O failure |
+//! | spool append (fdatasync'd per `spool.durability`) | 429 on ENOSPC, 503 on I/O failure |
 //!
 //! Only then `202 Accepted`, with each envelope's `id`, `slot` and spool `position`. A batch is
 //! all-or-nothing and judged by its lowest priority. Nothing of a refused request is written.
@@ -384,6 +385,25 @@ async fn ingest(state: &IngestState, req: Request<Incoming>) -> HttpResponse {
             return json_response(status, body);
         }
     };
+
+    // A request is written as one group in one segment (that is what makes it all-or-nothing
+    // on disk), so one that cannot fit an empty segment is refused here rather than written
+    // past the segment's bound.
+    let request_bytes: u64 = parsed
+        .iter()
+        .map(|p| crate::spool::format::frame_len(p.encoded.len()))
+        .sum();
+    let request_bytes_max = spool.request_bytes_max();
+    if request_bytes > request_bytes_max {
+        return error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "request_too_large",
+            format!(
+                "the request's {} envelopes take {request_bytes} bytes in the spool, more than                  one segment holds ({request_bytes_max} bytes: spool.segment_bytes_max less its                  header and rotation frame); send them in smaller batches",
+                parsed.len()
+            ),
+        );
+    }
 
     let lowest = parsed
         .iter()

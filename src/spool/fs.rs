@@ -511,6 +511,10 @@ pub struct Faults {
     pub enospc_new_files: AtomicBool,
     /// While set, removing a file fails with EIO and leaves it.
     pub fail_removes: AtomicBool,
+    /// While set, an fdatasync waits until it is cleared (a slow disk), after counting itself
+    /// in `syncs_held`: a test can then queue requests behind the writer.
+    pub hold_syncs: AtomicBool,
+    pub syncs_held: AtomicU64,
 }
 
 impl Faults {
@@ -556,6 +560,12 @@ impl SegmentFile for FaultFile {
         self.inner.write_all_at(buf, offset)
     }
     fn sync_data(&self) -> io::Result<()> {
+        if self.faults.hold_syncs.load(Ordering::SeqCst) {
+            self.faults.syncs_held.fetch_add(1, Ordering::SeqCst);
+            while self.faults.hold_syncs.load(Ordering::SeqCst) {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+        }
         let left = self.faults.syncs_until_failure.load(Ordering::SeqCst);
         if left > 0 {
             self.faults

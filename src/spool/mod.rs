@@ -582,6 +582,22 @@ impl Spool {
         self.shared.poison_reason()
     }
 
+    /// The most frame bytes one append can hold: it is written as one group in one segment,
+    /// after the header and with room kept for the rotation frame. Ingest refuses a request
+    /// over it; the pipeline's own appends (seals) may exceed it, and are then written past
+    /// `segment_bytes_max` in a segment of their own.
+    pub fn request_bytes_max(&self) -> u64 {
+        self.shared
+            .opts
+            .segment_bytes_max
+            .saturating_sub(format::HEADER_LEN + format::ROTATION_FRAME_BYTES_MAX)
+    }
+
+    /// Append requests waiting for the writer thread (at most `queue_depth_max`).
+    pub fn queued_requests(&self) -> usize {
+        self.writer.queued_requests()
+    }
+
     /// Flushes and fsyncs what is queued, stops the writer and releases the lock.
     pub fn close(&self) -> Result<(), SpoolError> {
         self.writer.close()

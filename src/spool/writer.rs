@@ -122,6 +122,15 @@ impl WriterHandle {
         rx.blocking_recv().map_err(|_| SpoolError::Closed)?
     }
 
+    /// Append requests queued for the writer thread and not yet taken by it.
+    pub fn queued_requests(&self) -> usize {
+        self.tx
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map_or(0, |tx| tx.max_capacity() - tx.capacity())
+    }
+
     pub fn close(&self) -> Result<(), SpoolError> {
         let Some(tx) = self.tx.lock().unwrap_or_else(|p| p.into_inner()).take() else {
             return Ok(());
@@ -163,6 +172,9 @@ struct Writer {
     offset: u64,
     /// Written but not yet fdatasync'd (interval and never modes).
     dirty: bool,
+    /// When the last fdatasync (or the open) was: interval mode syncs after a batch once
+    /// `fsync_interval_ms` has passed since, whether or not a tick got into the queue.
+    synced_at: Instant,
     /// The next segment, being prepared by a helper thread (preallocation only).
     prepared: Option<Prepared>,
     /// The helper thread releasing old segments' cached pages (`release_behind`); at most
@@ -221,6 +233,7 @@ pub(crate) fn start(
         file,
         offset: end.offset,
         dirty: false,
+        synced_at: Instant::now(),
         prepared: None,
         releasing: None,
         released_below: shared.segments_read().keys().next().copied().unwrap_or(1),
@@ -320,7 +333,13 @@ impl Writer {
             if !batch.is_empty() {
                 self.commit(batch);
             }
-            if (tick || close.is_some()) && self.dirty {
+            // The ticker's requests share the bounded queue and are dropped when it is full,
+            // that is under load; so a batch also syncs once the interval has passed.
+            let interval_due = matches!(
+                self.shared.opts.durability,
+                Durability::Interval(every) if self.synced_at.elapsed() >= every
+            );
+            if (tick || interval_due || close.is_some()) && self.dirty {
                 if let Err(e) = self.sync() {
                     self.shared.set_poison(format!("fdatasync failed: {e}"));
                 }
@@ -334,9 +353,14 @@ impl Writer {
                 return;
             }
         }
-        // All senders are gone: flush what interval mode left unsynced.
+        // All senders are gone: flush what interval mode left unsynced. Nobody is left to
+        // answer, so a failure can only be logged (and poisons the spool for any reader).
         if self.dirty {
-            let _ = self.sync();
+            if let Err(e) = self.sync() {
+                tracing::error!(error = %e, "the final fdatasync failed: appends acknowledged since the last one may be lost");
+                self.shared
+                    .set_poison(format!("final fdatasync failed: {e}"));
+            }
         }
     }
 
@@ -348,6 +372,7 @@ impl Writer {
             .spool_fsync_duration_seconds
             .observe(started.elapsed().as_secs_f64());
         self.dirty = false;
+        self.synced_at = Instant::now();
         Ok(())
     }
 
@@ -386,6 +411,16 @@ impl Writer {
     }
 
     fn write_group(&mut self, mut group: Vec<Pending>) {
+        // A group queued behind one whose write or fdatasync failed is refused, not written
+        // after it: nothing more is acknowledged once the spool may have lost data (a second
+        // fdatasync of the same file may well succeed, the kernel having reported the error
+        // once and marked the failed pages clean).
+        if let Some(reason) = self.shared.poison_reason() {
+            for p in group {
+                p.fail(SpoolError::Poisoned(reason.clone()));
+            }
+            return;
+        }
         let start = self.offset;
         let total: u64 = group.iter().map(|p| p.bytes).sum();
         let mut buf = Vec::with_capacity(total as usize);
@@ -640,6 +675,11 @@ impl Writer {
     /// segment exists, header and directory entry synced, before anything names it, so a
     /// rotation frame never names a segment that a crash could leave uncreated.
     fn rotate(&mut self) -> Result<(), SpoolError> {
+        // A group before this one in the batch may just have poisoned the spool: nothing
+        // more is written, not even the rotation frame (see `write_group`).
+        if let Some(reason) = self.shared.poison_reason() {
+            return Err(SpoolError::Poisoned(reason));
+        }
         let id = self.active + 1;
         let created = match self.prepared.take() {
             Some(p) if p.id == id => p.handle.join().unwrap_or_else(|_| {
