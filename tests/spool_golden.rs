@@ -13,6 +13,7 @@ fn golden_segment() -> Vec<u8> {
         segment_id: 1,
         created_ms: 1_700_000_000_000,
         segment_bytes_max: 1_048_576,
+        record_bytes_max: 1_114_112,
     };
     let mut bytes = header.encode().to_vec();
     let first = Envelope {

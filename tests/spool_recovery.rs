@@ -445,28 +445,69 @@ fn unknown_record_kinds_survive_recovery_and_are_returned_to_readers_to_skip() {
 }
 
 #[test]
-fn row_12_a_segment_from_a_newer_format_version_is_refused_untouched() {
+fn row_12_a_segment_from_a_format_version_this_build_does_not_know_is_refused_untouched() {
+    // A newer version, and 0, which no version of spoolgate wrote.
+    for version in [2u16, 0] {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = options(dir.path());
+        write_and_close(&opts, 3);
+        let path = seg(dir.path(), 1);
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[8..10].copy_from_slice(&version.to_le_bytes());
+        let crc = crc32fast::hash(&bytes[0..60]);
+        bytes[60..64].copy_from_slice(&crc.to_le_bytes());
+        std::fs::write(&path, &bytes).unwrap();
+        let metrics = std::sync::Arc::new(spoolgate::metrics::Metrics::new());
+        let err = match spoolgate::spool::Spool::open(opts.clone(), metrics, None) {
+            Ok(_) => panic!("a spool written by format version {version} was opened"),
+            Err(e) => e.to_string(),
+        };
+        assert!(err.contains(&format!("format version {version}")), "{err}");
+        assert!(err.contains("00000000000000000001.seg"), "{err}");
+        assert_eq!(
+            std::fs::read(&path).unwrap(),
+            bytes,
+            "the segment was changed"
+        );
+    }
+}
+
+#[test]
+fn a_frame_longer_than_a_lowered_record_bytes_max_is_read_by_the_bound_its_segment_recorded() {
+    // An operator lowers spool.record_bytes_max with a long record still in the newest
+    // segment: read with the new bound alone, its frame would look torn and be zeroed.
     let dir = tempfile::tempdir().unwrap();
-    let opts = options(dir.path());
-    write_and_close(&opts, 3);
-    let path = seg(dir.path(), 1);
-    let mut bytes = std::fs::read(&path).unwrap();
-    bytes[8..10].copy_from_slice(&2u16.to_le_bytes());
-    let crc = crc32fast::hash(&bytes[0..60]);
-    bytes[60..64].copy_from_slice(&crc.to_le_bytes());
-    std::fs::write(&path, &bytes).unwrap();
-    let metrics = std::sync::Arc::new(spoolgate::metrics::Metrics::new());
-    let err = match spoolgate::spool::Spool::open(opts.clone(), metrics, None) {
-        Ok(_) => panic!("a spool written by format version 2 was opened"),
-        Err(e) => e.to_string(),
+    let mut opts = options(dir.path());
+    let (s, _, _) = open(&opts);
+    append(&s, 1);
+    let long = {
+        let mut p = payload(2).to_vec();
+        p.resize(1000, b'.');
+        bytes::Bytes::from(p)
     };
-    assert!(err.contains("format version 2"), "{err}");
-    assert!(err.contains("00000000000000000001.seg"), "{err}");
+    s.append_blocking(vec![(RecordKind::ENVELOPE, long)], false)
+        .unwrap();
+    s.close().unwrap();
+    drop(s);
+    let before = std::fs::read(seg(dir.path(), 1)).unwrap();
     assert_eq!(
-        std::fs::read(&path).unwrap(),
-        bytes,
-        "the segment was changed"
+        u32::from_le_bytes(before[40..44].try_into().unwrap()),
+        1024,
+        "the header records the writer's bound"
     );
+
+    opts.record_bytes_max = 512;
+    let (s, report, _) = open(&opts);
+    assert!(report.damaged.is_empty(), "{report:?}");
+    assert_eq!(report.records, 2, "{report:?}");
+    assert_eq!(read_all(&s), vec![1, 2]);
+    // New appends keep to the new bound, and every record is still read after them.
+    append(&s, 3);
+    s.close().unwrap();
+    drop(s);
+    let (s, report, _) = open(&opts);
+    assert!(report.damaged.is_empty(), "{report:?}");
+    assert_eq!(read_all(&s), vec![1, 2, 3]);
 }
 
 #[test]

@@ -24,6 +24,9 @@ pub struct SegmentHeader {
     pub segment_id: u64,
     pub created_ms: u64,
     pub segment_bytes_max: u64,
+    /// The writer's `record_bytes_max` when it created the segment: the longest frame payload
+    /// the segment may hold. 0 in segments written before it was recorded (2026-12-03).
+    pub record_bytes_max: u32,
 }
 
 impl SegmentHeader {
@@ -36,21 +39,23 @@ impl SegmentHeader {
         h[16..24].copy_from_slice(&self.segment_id.to_le_bytes());
         h[24..32].copy_from_slice(&self.created_ms.to_le_bytes());
         h[32..40].copy_from_slice(&self.segment_bytes_max.to_le_bytes());
-        // 40..60 reserved, zero.
+        h[40..44].copy_from_slice(&self.record_bytes_max.to_le_bytes());
+        // 44..60 reserved, zero.
         let crc = crc32fast::hash(&h[0..60]);
         h[60..64].copy_from_slice(&crc.to_le_bytes());
         h
     }
 
-    /// The version of an intact header written by a newer format, if this is one. Recovery
-    /// refuses such a spool instead of treating the header as damage and misreading frames.
-    pub fn newer_version(bytes: &[u8]) -> Option<u16> {
+    /// The version of an intact header of a format version this build does not know (a newer
+    /// one, or 0), if this is one. Recovery refuses such a spool instead of treating the
+    /// header as damage and misreading frames.
+    pub fn unknown_version(bytes: &[u8]) -> Option<u16> {
         if bytes.len() < HEADER_LEN as usize || bytes[0..8] != SEGMENT_MAGIC {
             return None;
         }
         let crc = u32::from_le_bytes(bytes[60..64].try_into().expect("4 bytes"));
         let version = u16::from_le_bytes([bytes[8], bytes[9]]);
-        (crc32fast::hash(&bytes[0..60]) == crc && version > FORMAT_VERSION).then_some(version)
+        (crc32fast::hash(&bytes[0..60]) == crc && version != FORMAT_VERSION).then_some(version)
     }
 
     /// Decodes and checks a header; the error says what is wrong with it.
@@ -80,6 +85,7 @@ impl SegmentHeader {
             segment_id: u64::from_le_bytes(bytes[16..24].try_into().expect("8 bytes")),
             created_ms: u64::from_le_bytes(bytes[24..32].try_into().expect("8 bytes")),
             segment_bytes_max: u64::from_le_bytes(bytes[32..40].try_into().expect("8 bytes")),
+            record_bytes_max: u32::from_le_bytes(bytes[40..44].try_into().expect("4 bytes")),
         })
     }
 }
@@ -313,6 +319,7 @@ mod tests {
             segment_id: 1,
             created_ms: 0,
             segment_bytes_max: 4096,
+            record_bytes_max: 1024,
         }
         .encode()
         .to_vec();
@@ -388,6 +395,7 @@ mod tests {
             segment_id: 9,
             created_ms: 5,
             segment_bytes_max: 77,
+            record_bytes_max: 33,
         };
         let mut bytes = h.encode();
         assert_eq!(SegmentHeader::decode(&bytes).unwrap(), h);

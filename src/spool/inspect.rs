@@ -39,6 +39,8 @@ pub struct SegmentHeaderView {
     pub segment_id: u64,
     pub created_ms: u64,
     pub segment_bytes_max: u64,
+    /// 0 in segments written before the header recorded it.
+    pub record_bytes_max: u32,
 }
 
 #[derive(Debug, Serialize)]
@@ -160,6 +162,7 @@ pub fn inspect(dir: &Path) -> Result<InspectReport, SpoolError> {
             segment_id: h.segment_id,
             created_ms: h.created_ms,
             segment_bytes_max: h.segment_bytes_max,
+            record_bytes_max: h.record_bytes_max,
         });
         let scanned = format::scan(&bytes, INSPECT_PAYLOAD_MAX);
         let _ = forget_zeros(file.as_ref(), scanned.data_end, len);

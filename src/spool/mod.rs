@@ -292,6 +292,9 @@ pub(crate) struct Shared {
     /// The first segment the consumer has not read past (see Page cache above); `u64::MAX`
     /// until a consumer reports, and for good when none runs.
     pub read_segment: std::sync::atomic::AtomicU64,
+    /// The longest frame payload readers accept: `opts.record_bytes_max`, or more when a
+    /// segment was written with a larger bound (recorded in its header; see `recovery`).
+    pub payload_max: u32,
 }
 
 impl Shared {
@@ -408,6 +411,7 @@ impl Spool {
             poison: std::sync::Mutex::new(None),
             closed: std::sync::atomic::AtomicBool::new(false),
             read_segment: std::sync::atomic::AtomicU64::new(u64::MAX),
+            payload_max: recovered.payload_max,
         });
         let writer = writer::start(shared.clone(), recovered.lock, recovered.end)?;
         shared

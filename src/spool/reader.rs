@@ -93,7 +93,7 @@ impl Reader {
 
     /// The next committed record, or `None` at the durable end (call again later).
     pub fn next_record(&mut self) -> Result<Option<Record>, SpoolError> {
-        let payload_max = self.shared.opts.record_bytes_max;
+        let payload_max = self.shared.payload_max;
         loop {
             let end = *self.shared.durable.borrow();
             if self.pos >= end {

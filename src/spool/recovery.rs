@@ -30,6 +30,8 @@ pub(crate) struct Recovered {
     pub end: Position,
     pub report: RecoveryReport,
     pub lock: Box<dyn Send + Sync>,
+    /// The longest frame payload a segment of this spool may hold (see `recover`).
+    pub payload_max: u32,
 }
 
 fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> SpoolError + 'a {
@@ -320,20 +322,39 @@ pub(crate) fn recover(
     // The segment a crash can leave a torn write in: the newest one, or the newest one with
     // data when the writer had already prepared the next (an intact header followed only by
     // zeros, spool-format.md §1).
-    // Row 12 first, over every segment's header: a spool with a segment of a newer format is
-    // refused before anything (a void range, a torn tail, a row-7 file) is changed in any of
-    // them.
+    // Row 12 first, over every segment's header: a spool with a segment of a format version
+    // this build does not know is refused before anything (a void range, a torn tail, a row-7
+    // file) is changed in any of them.
+    //
+    // The same pass finds the longest frame payload any segment may hold: the largest
+    // `record_bytes_max` its headers recorded, and at least the configured one. Frames are read
+    // with that bound, not the configured one alone: lowering `spool.record_bytes_max` must not
+    // make acknowledged frames written under the larger bound read as damage (in the newest
+    // segment, as a torn tail to zero).
+    let mut payload_max = opts.record_bytes_max;
     for &id in &ids {
         let path = segment_path(&opts.dir, id);
         let file = fs.open(&path).map_err(io("open segment", &path))?;
         let mut header = [0u8; HEADER_LEN as usize];
         let read = read_prefix(file.as_ref(), &mut header).map_err(io("read segment", &path))?;
-        if let Some(version) = SegmentHeader::newer_version(&header[..read]) {
+        if let Some(version) = SegmentHeader::unknown_version(&header[..read]) {
             return Err(SpoolError::Invalid(format!(
                 "{} was written by spool format version {version}; this build reads version {}",
                 path.display(),
                 format::FORMAT_VERSION
             )));
+        }
+        if let Ok(h) = SegmentHeader::decode(&header[..read]) {
+            if h.record_bytes_max > payload_max {
+                tracing::info!(
+                    segment = id,
+                    recorded = h.record_bytes_max,
+                    configured = opts.record_bytes_max,
+                    "a segment was written with a larger spool.record_bytes_max than configured: \
+                     its frames are read with the larger bound"
+                );
+                payload_max = h.record_bytes_max;
+            }
         }
     }
     let mut tail_segment = last;
@@ -365,7 +386,6 @@ pub(crate) fn recover(
             break;
         }
     }
-    let payload_max = opts.record_bytes_max;
     // How much is read past a segment's last data: its longest frame (see `read_segment_into`).
     let pad_bytes = format::frame_len(payload_max as usize) + HEADER_LEN;
     // One buffer for every segment in turn: recovery's memory is one segment.
@@ -684,5 +704,6 @@ pub(crate) fn recover(
         end,
         report,
         lock,
+        payload_max,
     })
 }

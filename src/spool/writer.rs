@@ -852,6 +852,7 @@ pub(crate) fn create_segment(
             .map(|d| d.as_millis() as u64)
             .unwrap_or(0),
         segment_bytes_max: opts.segment_bytes_max,
+        record_bytes_max: opts.record_bytes_max,
     };
     file.write_all_at(&header.encode(), 0)
         .map_err(|e| fail("writing the header of", e))?;

@@ -285,12 +285,25 @@ def segment_ids(spool_dir):
     return sorted(ids)
 
 
-def frame_at(data, at):
-    """(kind, payload, total) when a valid frame starts at `at` (§3), else None."""
+def payload_max(spool_dir):
+    """§3: the frame payload bound of a spool: the largest `record_bytes_max` an intact
+    segment header records (§2, bytes 40..44), and at least the default."""
+    bound = RECORD_BYTES_MAX
+    for seg in segment_ids(spool_dir):
+        with open(os.path.join(spool_dir, f"{seg:020}.seg"), "rb") as f:
+            head = f.read(HEADER_LEN)
+        if len(head) == HEADER_LEN and head[:8] == b"SPOOLSEG" and zlib.crc32(head[:60]) == struct.unpack_from("<I", head, 60)[0]:
+            bound = max(bound, struct.unpack_from("<I", head, 40)[0])
+    return bound
+
+
+def frame_at(data, at, bound):
+    """(kind, payload, total) when a valid frame with a payload of at most `bound` bytes
+    starts at `at` (§3), else None."""
     if at + 16 > len(data) or data[at : at + 4] != MARKER:
         return None
     length, kind, flags, reserved, crc = struct.unpack_from("<IBBHI", data, at + 4)
-    if kind == 0 or flags != 0 or reserved != 0 or length > RECORD_BYTES_MAX:
+    if kind == 0 or flags != 0 or reserved != 0 or length > bound:
         return None
     end = at + 16 + length
     if end > len(data):
@@ -302,19 +315,19 @@ def frame_at(data, at):
     return kind, payload, total
 
 
-def read_segment(data):
+def read_segment(data, bound):
     """The frames of one segment and its damaged ranges, by the table of §4 (read-only: a torn
     tail is reported, not zeroed)."""
     header = {"valid": False}
     if len(data) >= HEADER_LEN and data[:8] == b"SPOOLSEG" and zlib.crc32(data[:60]) == struct.unpack_from("<I", data, 60)[0]:
-        version, header_len, _flags, seg_id, created_ms, seg_max = struct.unpack_from("<HHIQQQ", data, 8)
+        version, header_len, _flags, seg_id, created_ms, seg_max, rec_max = struct.unpack_from("<HHIQQQI", data, 8)
         if version != 1:
             raise SystemExit(f"segment format version {version}: this reader knows 1 (§2)")
-        header = {"valid": True, "id": seg_id, "created_ms": created_ms, "segment_bytes_max": seg_max}
+        header = {"valid": True, "id": seg_id, "created_ms": created_ms, "segment_bytes_max": seg_max, "record_bytes_max": rec_max}
     frames, damaged = [], []
     at = HEADER_LEN
     while at < len(data):
-        found = frame_at(data, at)
+        found = frame_at(data, at, bound)
         if found:
             kind, payload, total = found
             frames.append((at, kind, payload))
@@ -322,7 +335,7 @@ def read_segment(data):
             continue
         # Rows 2, 3, 5: find the next valid frame at an aligned offset.
         nxt = data.find(MARKER, at + 1)
-        while nxt != -1 and (nxt % 8 != 0 or not frame_at(data, nxt)):
+        while nxt != -1 and (nxt % 8 != 0 or not frame_at(data, nxt, bound)):
             nxt = data.find(MARKER, nxt + 1)
         if nxt != -1:
             damaged.append({"offset": at, "bytes": nxt - at})
@@ -337,10 +350,11 @@ def read_segment(data):
 
 def records(spool_dir):
     """Every record in log order (§1): (segment, offset, kind, payload)."""
+    bound = payload_max(spool_dir)
     for seg in segment_ids(spool_dir):
         with open(os.path.join(spool_dir, f"{seg:020}.seg"), "rb") as f:
             data = f.read()
-        _header, frames, _damaged = read_segment(data)
+        _header, frames, _damaged = read_segment(data, bound)
         for offset, kind, payload in frames:
             yield seg, offset, kind, payload
 
@@ -359,10 +373,11 @@ def cmd_dump(spool_dir):
     out = {"segments": [], "records": [], "missing_segments": missing}
     rotations = []  # what each segment's last rotation frame (§3, kind 4) names
     zeroed = []  # whether each segment is a file of zeros with no header (row 7)
+    bound = payload_max(spool_dir)
     for seg in ids:
         with open(os.path.join(spool_dir, f"{seg:020}.seg"), "rb") as f:
             data = f.read()
-        header, frames, damaged = read_segment(data)
+        header, frames, damaged = read_segment(data, bound)
         out["segments"].append({"id": seg, "header": header, "records": len(frames), "damaged": damaged})
         rotated_to = None
         for _offset, kind, payload in frames:
