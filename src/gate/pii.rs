@@ -14,6 +14,8 @@
 //! slower engine for the whole text, so one em dash or accented letter made a 1 KiB text cost
 //! ~400 us instead of ~3 (`benches/gate.rs`, "one non-ASCII char" rows: 5.9k -> 160k env/s).
 
+use std::collections::BTreeMap;
+
 use regex::{Regex, RegexSet};
 
 /// Stable kind names: keys of the envelope's `pii` map and values of the `kind` metric label.
@@ -66,6 +68,7 @@ fn luhn(digits: &[u8]) -> bool {
     sum % 10 == 0
 }
 
+/// The mod-97 check of an IBAN, spaces ignored; lowercase letters count as their uppercase.
 fn iban_ok(s: &str) -> bool {
     let compact: Vec<u8> = s.bytes().filter(|b| !b.is_ascii_whitespace()).collect();
     if !(15..=34).contains(&compact.len()) {
@@ -77,6 +80,7 @@ fn iban_ok(s: &str) -> bool {
         let v = match b {
             b'0'..=b'9' => u32::from(b - b'0'),
             b'A'..=b'Z' => u32::from(b - b'A') + 10,
+            b'a'..=b'z' => u32::from(b - b'a') + 10,
             _ => return false,
         };
         rem = if v >= 10 {
@@ -86,6 +90,80 @@ fn iban_ok(s: &str) -> bool {
         };
     }
     rem == 1
+}
+
+/// The IBAN in the candidate `text[start..end]`: the candidate itself, or, when it fails the
+/// check, the candidate without its trailing space-separated group(s) ("ES91 … 1332 EUR": the
+/// optional last group of the pattern took " EUR"). Letters are all of one case: an uppercase or
+/// a lowercase IBAN, not a mix (which is more likely words than an account).
+fn iban_span(text: &str, start: usize, end: usize) -> Option<(usize, usize)> {
+    let mut end = end;
+    loop {
+        let m = &text[start..end];
+        let upper = m.bytes().any(|b| b.is_ascii_uppercase());
+        let lower = m.bytes().any(|b| b.is_ascii_lowercase());
+        if !(upper && lower) && iban_ok(m) {
+            return Some((start, end));
+        }
+        end = start + m.rfind(' ')?;
+    }
+}
+
+/// Whether the digits of `bytes` (separators skipped) are 13 to 19 and pass Luhn.
+fn card_digits_ok(bytes: &[u8]) -> bool {
+    let mut digits = [0u8; 19];
+    let mut n = 0;
+    for b in bytes.iter().filter(|b| b.is_ascii_digit()) {
+        if n == digits.len() {
+            return false;
+        }
+        digits[n] = b - b'0';
+        n += 1;
+    }
+    n >= 13 && luhn(&digits[..n])
+}
+
+/// The card number in the candidate `text[start..end]` (digit groups joined by single spaces or
+/// dashes). The candidate itself when it passes; otherwise, since a short group before or after
+/// a card ("Qty 2 4111 …", "… 1111 12/25") joins the candidate and breaks Luhn, the longest run
+/// of whole groups with 13 to 19 digits that passes (the leftmost among equally long ones).
+/// A span right after `+` is a phone number's, never a card's.
+fn card_span(text: &str, start: usize, end: usize) -> Option<(usize, usize)> {
+    let b = text.as_bytes();
+    let ok = |s: usize, e: usize| (s == 0 || b[s - 1] != b'+') && card_digits_ok(&b[s..e]);
+    if ok(start, end) {
+        return Some((start, end));
+    }
+    // Digit groups as byte ranges; at most 19, as the candidate has at most 19 digits.
+    let mut groups: Vec<(usize, usize)> = Vec::new();
+    let mut i = start;
+    while i < end {
+        if b[i].is_ascii_digit() {
+            let g = i;
+            while i < end && b[i].is_ascii_digit() {
+                i += 1;
+            }
+            groups.push((g, i));
+        } else {
+            i += 1;
+        }
+    }
+    // (digits, start, end) of every proper run of whole groups with 13 to 19 digits.
+    let mut runs: Vec<(usize, usize, usize)> = Vec::new();
+    for first in 0..groups.len() {
+        let mut n = 0;
+        for last in first..groups.len() {
+            n += groups[last].1 - groups[last].0;
+            let whole = first == 0 && last == groups.len() - 1;
+            if !whole && (13..=19).contains(&n) {
+                runs.push((n, groups[first].0, groups[last].1));
+            }
+        }
+    }
+    runs.sort_by(|x, y| y.0.cmp(&x.0).then(x.1.cmp(&y.1)));
+    runs.into_iter()
+        .find(|&(_, s, e)| ok(s, e))
+        .map(|(_, s, e)| (s, e))
 }
 
 fn ssn_ok(s: &str) -> bool {
@@ -113,14 +191,18 @@ fn has_ascii_digit(bytes: &[u8]) -> bool {
 impl Detector {
     pub fn new() -> Detector {
         let src = [
-            r"(?-u)-----BEGIN (?:[A-Z]+ )*PRIVATE KEY-----",
+            // The BEGIN line only; `span` extends a match to its END line.
+            r"(?-u)-----BEGIN (?:[A-Z]+ )*PRIVATE KEY(?: BLOCK)?-----",
             r"(?-u)\beyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}",
             r"(?-u)\b(?:AKIA|ASIA)[0-9A-Z]{16}\b",
             r"(?-u)\b[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b",
-            r"(?-u)\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,4})?\b",
+            r"(?-u)\b[A-Za-z]{2}\d{2}(?: ?[A-Za-z0-9]{4}){2,7}(?: ?[A-Za-z0-9]{1,4})?\b",
             r"(?-u)\b\d(?:[ -]?\d){12,18}\b",
             r"(?-u)\b\d{3}-\d{2}-\d{4}\b",
-            r"(?-u)(?i)\b(?:[0-9a-f]{1,4}:){2,7}(?::|[0-9a-f]{1,4})(?::[0-9a-f]{1,4})*\b|(?i)::(?:[0-9a-f]{1,4}:){0,6}[0-9a-f]{1,4}\b",
+            // Eight groups; or groups, `::`, groups, where the groups after `::` may end in a
+            // dotted IPv4 address. A leading `::` has no `\b` before it: `span` checks what
+            // precedes it (not `Vec::add`).
+            r"(?-u)(?i)\b(?:[0-9a-f]{1,4}(?::[0-9a-f]{1,4}){7}|[0-9a-f]{1,4}(?::[0-9a-f]{1,4}){5}:\d{1,3}(?:\.\d{1,3}){3})\b|(?:\b[0-9a-f]{1,4}(?::[0-9a-f]{1,4}){0,6})?::(?:(?:[0-9a-f]{1,4}:){0,5}\d{1,3}(?:\.\d{1,3}){3}|[0-9a-f]{1,4}(?::[0-9a-f]{1,4}){0,6})\b",
             r"(?-u)\b(?:\d{1,3}\.){3}\d{1,3}\b",
             r"(?-u)(?:\+\d{1,3}[ .-]?)?(?:\(\d{2,4}\)[ .-]?|\b\d{2,4}[ .-])\d{3,4}[ .-]\d{3,4}\b|\+\d{8,15}\b",
         ];
@@ -148,68 +230,96 @@ impl Detector {
         }
     }
 
-    fn valid(kind: usize, text: &str, start: usize, end: usize) -> bool {
+    /// The match that the candidate `text[start..end]` of `kind` stands for, if any: the
+    /// candidate itself, a part of it (cards, IBANs), or, for a private key, the candidate (its
+    /// BEGIN line) extended to the END line with the same label, or to the end of `text` when
+    /// none follows, so that a truncated key is covered whole.
+    fn span(kind: usize, text: &str, start: usize, end: usize) -> Option<(usize, usize)> {
         let m = &text[start..end];
+        let b = text.as_bytes();
+        let digit_at = |i: usize| b.get(i).is_some_and(u8::is_ascii_digit);
+        let whole = Some((start, end));
         match PII_KINDS[kind] {
-            "card" => {
-                let digits: Vec<u8> = m
-                    .bytes()
-                    .filter(u8::is_ascii_digit)
-                    .map(|b| b - b'0')
-                    .collect();
-                (13..=19).contains(&digits.len()) && luhn(&digits)
+            "private_key" => {
+                let label = &m["-----BEGIN ".len()..m.len() - "-----".len()];
+                let end_line = format!("-----END {label}-----");
+                let close = memchr::memmem::find(&b[end..], end_line.as_bytes())
+                    .map_or(text.len(), |at| end + at + end_line.len());
+                Some((start, close))
             }
-            "iban" => iban_ok(m),
-            "us_ssn" => ssn_ok(m),
-            "ipv4" => m.parse::<std::net::Ipv4Addr>().is_ok(),
-            "ipv6" => m.parse::<std::net::Ipv6Addr>().is_ok(),
+            "card" => card_span(text, start, end),
+            "iban" => iban_span(text, start, end),
+            "us_ssn" => whole.filter(|_| ssn_ok(m)),
+            "ipv4" => {
+                // Not a piece of a longer dotted number (`1.2.3.4.5`, an OID).
+                let continues = b.get(end) == Some(&b'.') && digit_at(end + 1);
+                let preceded = start > 1 && b[start - 1] == b'.' && digit_at(start - 2);
+                let ok = !continues && !preceded && m.parse::<std::net::Ipv4Addr>().is_ok();
+                whole.filter(|_| ok)
+            }
+            "ipv6" => {
+                // A leading `::` right after a name or a colon is a path (`Vec::add`), and an
+                // address followed by `:` and a hex digit is a piece of a longer colon run.
+                let after_name = m.starts_with(':')
+                    && start > 0
+                    && (b[start - 1].is_ascii_alphanumeric()
+                        || matches!(b[start - 1], b'_' | b':'));
+                let continues =
+                    b.get(end) == Some(&b':') && b.get(end + 1).is_some_and(u8::is_ascii_hexdigit);
+                let ok = !after_name && !continues && m.parse::<std::net::Ipv6Addr>().is_ok();
+                whole.filter(|_| ok)
+            }
             "phone" => {
                 // Not a piece of a longer number (a card that failed Luhn, an id).
-                let b = text.as_bytes();
-                let digit_at = |i: usize| b.get(i).is_some_and(u8::is_ascii_digit);
                 let sep_at = |i: usize| b.get(i).is_some_and(|c| matches!(c, b' ' | b'-' | b'.'));
                 let continues = digit_at(end) || (sep_at(end) && digit_at(end + 1));
                 let preceded = start > 0
                     && (digit_at(start - 1)
                         || (start > 1 && sep_at(start - 1) && digit_at(start - 2)));
                 let n = m.bytes().filter(u8::is_ascii_digit).count();
-                (7..=15).contains(&n) && !continues && !preceded
+                whole.filter(|_| (7..=15).contains(&n) && !continues && !preceded)
             }
-            _ => true,
+            _ => whole,
         }
     }
 
     /// Every non-overlapping PII match in `text`, in text order.
     pub fn find(&self, text: &str) -> Vec<Match> {
         let has_digit = has_ascii_digit(text.as_bytes());
-        let mut taken: Vec<Match> = Vec::new();
         let plausible: Vec<bool> = (0..self.patterns.len())
             .map(|kind| self.plausible(kind, text.as_bytes(), has_digit))
             .collect();
         if !plausible.iter().any(|p| *p) {
-            return taken;
+            return Vec::new();
         }
+        // Matches taken so far, keyed by start. They never overlap, so ordered by start they
+        // are ordered by end too, and the one that starts last before a candidate's end is the
+        // only one that can overlap it: one lookup per candidate, not a scan of all matches.
+        let mut taken: BTreeMap<usize, Match> = BTreeMap::new();
         let present = self.set.matches(text);
         for (kind, re) in self.patterns.iter().enumerate() {
             if !plausible[kind] || !present.matched(kind) {
                 continue;
             }
-            for m in re.find_iter(text) {
-                if !Self::valid(kind, text, m.start(), m.end()) {
+            // `find_at` from the end of the last candidate, as `find_iter` does (no pattern
+            // matches the empty string), except that a private key resumes after its END line.
+            let mut at = 0;
+            while let Some(m) = re.find_at(text, at) {
+                at = m.end();
+                let Some((start, end)) = Self::span(kind, text, m.start(), m.end()) else {
                     continue;
-                }
-                let overlaps = taken.iter().any(|t| m.start() < t.end && t.start < m.end());
+                };
+                at = at.max(end);
+                let overlaps = taken
+                    .range(..end)
+                    .next_back()
+                    .is_some_and(|(_, t)| start < t.end);
                 if !overlaps {
-                    taken.push(Match {
-                        start: m.start(),
-                        end: m.end(),
-                        kind,
-                    });
+                    taken.insert(start, Match { start, end, kind });
                 }
             }
         }
-        taken.sort_by_key(|m| m.start);
-        taken
+        taken.into_values().collect()
     }
 }
 
@@ -257,6 +367,125 @@ mod tests {
         for (text, expected) in table {
             assert_eq!(kinds(text), *expected, "{text}");
         }
+    }
+
+    /// The number of matches and `text` with each replaced by `[KIND]`, as the gate's `mask`.
+    fn masked(text: &str) -> (usize, String) {
+        let found = Detector::new().find(text);
+        let mut out = String::new();
+        let mut at = 0;
+        for m in &found {
+            out.push_str(&text[at..m.start]);
+            out.push_str(&format!("[{}]", PII_KINDS[m.kind].to_uppercase()));
+            at = m.end;
+        }
+        out.push_str(&text[at..]);
+        (found.len(), out)
+    }
+
+    fn check(table: &[(&str, usize, &str)]) {
+        for (text, count, expected) in table {
+            assert_eq!(masked(text), (*count, expected.to_string()), "{text:?}");
+        }
+    }
+
+    #[test]
+    fn a_private_key_is_matched_from_its_begin_line_to_its_end_line_or_the_end_of_the_text() {
+        check(&[
+            (
+                "-----BEGIN RSA PRIVATE KEY-----\nMIIEow\n-----END RSA PRIVATE KEY-----\nbye",
+                1,
+                "[PRIVATE_KEY]\nbye",
+            ),
+            // Truncated: no END line, so the rest of the text is the key.
+            ("-----BEGIN RSA PRIVATE KEY-----\nMIIEow\nAKIAIOSFODNN7EXAMPLE", 1, "[PRIVATE_KEY]"),
+            (
+                "-----BEGIN PGP PRIVATE KEY BLOCK-----\nlQOYBF\n-----END PGP PRIVATE KEY BLOCK----- ok",
+                1,
+                "[PRIVATE_KEY] ok",
+            ),
+            (
+                "a -----BEGIN EC PRIVATE KEY-----\nX\n-----END EC PRIVATE KEY----- b \
+                 -----BEGIN OPENSSH PRIVATE KEY-----\nY\n-----END OPENSSH PRIVATE KEY----- c",
+                2,
+                "a [PRIVATE_KEY] b [PRIVATE_KEY] c",
+            ),
+            // An END line with another label does not close the key.
+            (
+                "-----BEGIN RSA PRIVATE KEY-----\nX\n-----END EC PRIVATE KEY-----\nY",
+                1,
+                "[PRIVATE_KEY]",
+            ),
+        ]);
+    }
+
+    #[test]
+    fn a_compressed_ipv6_address_is_matched_whole_and_a_path_is_not_an_address() {
+        check(&[
+            ("v6 2001:db8::8a2e:370:7334 here", 1, "v6 [IPV6] here"),
+            ("fe80::1", 1, "[IPV6]"),
+            ("::ffff:192.0.2.1", 1, "[IPV6]"),
+            ("[::1]:8080", 1, "[[IPV6]]:8080"),
+            (
+                "2001:db8:0:0:0:0:2:1 and 64:ff9b::192.0.2.33",
+                2,
+                "[IPV6] and [IPV6]",
+            ),
+            (
+                "Vec::add(x) Color::A, Color::B",
+                0,
+                "Vec::add(x) Color::A, Color::B",
+            ),
+            ("a :: b, x:::1", 0, "a :: b, x:::1"),
+            ("1:2:3:4:5:6:7:8:9", 0, "1:2:3:4:5:6:7:8:9"),
+        ]);
+    }
+
+    #[test]
+    fn a_card_next_to_a_short_digit_group_is_still_found() {
+        check(&[
+            ("4111 1111 1111 1111 12/25", 1, "[CARD] 12/25"),
+            ("4111 1111 1111 1111 123", 1, "[CARD] 123"),
+            ("Qty 2 4111 1111 1111 1111", 1, "Qty 2 [CARD]"),
+            ("4111-1111-1111-1112 12", 0, "4111-1111-1111-1112 12"),
+        ]);
+    }
+
+    #[test]
+    fn an_iban_followed_by_a_currency_or_a_short_number_or_in_lowercase_is_found() {
+        check(&[
+            ("ES91 2100 0418 4502 0005 1332 EUR", 1, "[IBAN] EUR"),
+            ("ES91 2100 0418 4502 0005 1332 12", 1, "[IBAN] 12"),
+            ("es91 2100 0418 4502 0005 1332", 1, "[IBAN]"),
+            ("gb82 west 1234 5698 7654 32 EUR", 1, "[IBAN] EUR"),
+        ]);
+    }
+
+    #[test]
+    fn digits_after_a_plus_sign_are_a_phone_number_not_a_card() {
+        check(&[
+            ("+49 151 1234 5678", 1, "[PHONE]"),
+            ("call +49 151 1234 5678 now", 1, "call [PHONE] now"),
+        ]);
+    }
+
+    #[test]
+    fn many_matches_are_all_kept_in_text_order_without_overlaps() {
+        let text = "a@b.io 4111 1111 1111 1111 at 10.0.0.1 ".repeat(2000);
+        let found = Detector::new().find(&text);
+        assert_eq!(found.len(), 6000);
+        assert!(found.windows(2).all(|w| w[0].end <= w[1].start));
+        let kinds: Vec<&str> = found[..3].iter().map(|m| PII_KINDS[m.kind]).collect();
+        assert_eq!(kinds, ["email", "card", "ipv4"]);
+    }
+
+    #[test]
+    fn a_dotted_number_longer_than_four_parts_is_not_an_ipv4_address() {
+        check(&[
+            ("1.2.3.4.5", 0, "1.2.3.4.5"),
+            ("oid 1.3.6.1.4.1.311.21.7", 0, "oid 1.3.6.1.4.1.311.21.7"),
+            ("from 10.0.0.1. Then", 1, "from [IPV4]. Then"),
+        ]);
     }
 
     #[test]
