@@ -372,6 +372,12 @@ impl Chains {
         if let Some((stream, _)) = heads.iter().find(|(_, head)| head.seq == 0) {
             return Err(format!("stream {stream:?} has seq 0"));
         }
+        // A head at the last u64 leaves its stream no next sequence number.
+        if let Some((stream, _)) = heads.iter().find(|(_, head)| head.seq == u64::MAX) {
+            return Err(format!(
+                "stream {stream:?} has seq 2^64 - 1, which has no next"
+            ));
+        }
         Ok(Chains {
             heads: heads.into_iter().collect(),
         })

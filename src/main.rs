@@ -59,6 +59,10 @@ enum Command {
         /// Refuse a line longer than this many bytes rather than read it into memory.
         #[arg(long, default_value_t = spoolgate::chain::LINE_BYTES_MAX)]
         line_bytes_max: usize,
+        /// Sink output whose oldest files were removed: a stream may start at any seq, its
+        /// first record read anchoring it (what came before cannot be checked).
+        #[arg(long)]
+        partial: bool,
     },
     /// Read or restore the `chain-heads` checkpoint (spool-format.md section 8), e.g. after
     /// the daemon refused to start from a damaged one.
@@ -470,6 +474,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Verify {
             path,
             line_bytes_max,
+            partial,
         } => {
             let is_spool = path.is_dir()
                 && (path.join("spool").is_dir() || spoolgate::spool::holds_segments(&path));
@@ -490,13 +495,38 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 })
             } else {
                 let mut verifier = spoolgate::chain::Verifier::with_line_bytes_max(line_bytes_max);
-                verifier.read_path(&path).map(|()| {
-                    let s = verifier.finish();
-                    format!(
-                        "ok: {} stream(s), {} record(s), {} identical duplicate(s)",
-                        s.streams, s.records, s.duplicates
-                    )
-                })
+                if partial {
+                    verifier = verifier.partial();
+                }
+                verifier
+                    .read_path(&path)
+                    .map(|()| verifier.finish())
+                    .map(|s| {
+                        let later = if partial {
+                            format!(", {} starting after seq 1", s.streams_starting_later)
+                        } else {
+                            String::new()
+                        };
+                        (
+                            s.records,
+                            format!(
+                                "ok: {} stream(s){later}, {} record(s), {} identical duplicate(s)",
+                                s.streams, s.records, s.duplicates
+                            ),
+                        )
+                    })
+                    .and_then(|(records, line)| {
+                        // A path with no records (a wrong directory, output not yet written)
+                        // verified nothing: not a success a script should rely on.
+                        if records == 0 {
+                            Err(spoolgate::chain::VerifyError::Io(std::io::Error::new(
+                                std::io::ErrorKind::NotFound,
+                                "no forward records found (a .jsonl file, or a directory of them)",
+                            )))
+                        } else {
+                            Ok(line)
+                        }
+                    })
             };
             match outcome {
                 Ok(line) => {

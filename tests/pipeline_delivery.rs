@@ -10,13 +10,20 @@ use common::{envelope, file_sink_records, ids, Daemon, TestSink, SMALL_SEGMENTS}
 use serde_json::json;
 
 fn verify(path: &std::path::Path) -> (bool, String) {
+    let (code, text) = verify_with(path, &[]);
+    (code == Some(0), text)
+}
+
+/// `spoolgate verify PATH ARGS...`: its exit code and what it printed.
+fn verify_with(path: &std::path::Path, args: &[&str]) -> (Option<i32>, String) {
     let out = Command::new(common::bin())
         .arg("verify")
         .arg(path)
+        .args(args)
         .output()
         .unwrap();
     (
-        out.status.success(),
+        out.status.code(),
         String::from_utf8_lossy(&out.stdout).into_owned(),
     )
 }
@@ -84,6 +91,27 @@ fn delivered_output_verifies_and_a_changed_byte_a_removed_line_or_swapped_lines_
     let mut swapped = lines.clone();
     swapped.swap(first, second);
     check("swapped.jsonl", swapped.join("\n"));
+    // A key the hash does not cover, added to a line.
+    check(
+        "added.jsonl",
+        original.replacen("{\"stream\"", "{\"approved\":true,\"stream\"", 1),
+    );
+
+    // Output whose oldest records were removed (a consumer took the first file away) starts
+    // after seq 1: a gap for verify, checked from there on with --partial.
+    let later = scratch.path().join("later.jsonl");
+    std::fs::write(&later, lines[10..].join("\n")).unwrap();
+    let (code, text) = verify_with(&later, &[]);
+    assert_eq!(code, Some(1), "{text}");
+    assert!(text.contains("--partial"), "{text}");
+    let (code, text) = verify_with(&later, &["--partial"]);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains("50 record(s)"), "{text}");
+    // A directory holding no records verified nothing: not a pass.
+    let empty = tempfile::tempdir().unwrap();
+    let (code, text) = verify_with(empty.path(), &[]);
+    assert_eq!(code, Some(2), "{text}");
+    assert!(text.contains("no forward records found"), "{text}");
 }
 
 /// A daemon forwarding to `sink`, retrying after 5 ms and at most 50 ms apart.

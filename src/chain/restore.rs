@@ -62,6 +62,10 @@ pub fn heads_from_json(text: &str) -> Result<Chains, String> {
         if head.seq == 0 {
             return Err(format!("stream {stream:?}: seq must be at least 1"));
         }
+        // A head at the last u64 leaves its stream no next sequence number.
+        if head.seq == u64::MAX {
+            return Err(format!("stream {stream:?}: seq must be below 2^64 - 1"));
+        }
         let mut hash = [0u8; 32];
         hex::decode_to_slice(&head.hash, &mut hash)
             .map_err(|e| format!("stream {stream:?}: hash is not 64 hex digits: {e}"))?;
@@ -209,6 +213,10 @@ mod tests {
                 "at least 1",
             ),
             (r#"{"a":{"seq":1,"hash":"abc"}}"#.to_string(), "64 hex"),
+            (
+                format!(r#"{{"a":{{"seq":18446744073709551615,"hash":"{zeros}"}}}}"#),
+                "below 2^64 - 1",
+            ),
             (
                 format!(r#"{{"a":{{"seq":1,"hash":"{zeros}","x":1}}}}"#),
                 "not a map",

@@ -87,16 +87,27 @@ pub struct VerifySummary {
     pub streams: usize,
     pub records: u64,
     pub duplicates: u64,
+    /// Streams whose first record read was not seq 1 (only with [`Verifier::partial`]).
+    pub streams_starting_later: usize,
 }
 
 /// The state of a verification fed line by line, from one input or several in order.
 #[derive(Debug)]
 pub struct Verifier {
-    /// Per stream, the hash of every sequence number seen so far (index seq - 1).
-    streams: HashMap<String, Vec<[u8; 32]>>,
+    /// Per stream, the hash of every sequence number seen so far.
+    streams: HashMap<String, Seen>,
     summary: VerifySummary,
     /// [`LINE_BYTES_MAX`] unless set with [`Verifier::with_line_bytes_max`].
     line_bytes_max: usize,
+    /// Whether a stream may start after seq 1 (see [`Verifier::partial`]).
+    partial: bool,
+}
+
+/// The hashes of one stream's records `first_seq`, `first_seq + 1`, ... as seen so far.
+#[derive(Debug)]
+struct Seen {
+    first_seq: u64,
+    hashes: Vec<[u8; 32]>,
 }
 
 impl Default for Verifier {
@@ -111,7 +122,18 @@ impl Verifier {
             streams: HashMap::new(),
             summary: VerifySummary::default(),
             line_bytes_max: LINE_BYTES_MAX,
+            partial: false,
         }
+    }
+
+    /// Lets a stream start at any seq: for output whose oldest files were removed (the file
+    /// sink's consumer takes closed files away). The first record read of a stream anchors it:
+    /// its `prev_hash` is taken as given, and everything after it is checked as usual. What
+    /// was removed before it, and what may be missing after the last record read, cannot be
+    /// checked from the output alone.
+    pub fn partial(mut self) -> Verifier {
+        self.partial = true;
+        self
     }
 
     pub fn with_line_bytes_max(line_bytes_max: usize) -> Verifier {
@@ -149,26 +171,51 @@ impl Verifier {
         };
         let broken = |reason: String| VerifyError::broken(&rec, &at, reason);
         let (prev, hash) = check_record(&rec).map_err(&broken)?;
+        line_holds_only(line, &rec).map_err(&broken)?;
         let seen = match self.streams.get_mut(rec.stream.as_str()) {
             Some(seen) => seen,
-            None => self.streams.entry(rec.stream.clone()).or_default(),
+            None if self.partial || rec.seq == 1 => {
+                if rec.seq > 1 {
+                    self.summary.streams_starting_later += 1;
+                }
+                self.streams.insert(
+                    rec.stream.clone(),
+                    Seen {
+                        first_seq: rec.seq,
+                        hashes: vec![hash],
+                    },
+                );
+                if rec.seq == 1 && prev != GENESIS {
+                    return Err(broken("seq 1 must have a prev_hash of 64 zeros".into()));
+                }
+                self.summary.records += 1;
+                return Ok(());
+            }
+            None => {
+                return Err(broken(
+                    "gap: previous record of this stream is seq 0 (with output whose oldest \
+                     files were removed, verify --partial)"
+                        .into(),
+                ))
+            }
         };
-        let last = seen.len() as u64;
-        if rec.seq <= last {
-            if seen[(rec.seq - 1) as usize] != hash {
+        // Every seq seen lies in first_seq ..= last, so the arithmetic below cannot overflow.
+        let last = seen.first_seq + seen.hashes.len() as u64 - 1;
+        if rec.seq < seen.first_seq {
+            return Err(broken(format!(
+                "seq before this stream's first record read, seq {}",
+                seen.first_seq
+            )));
+        } else if rec.seq <= last {
+            if seen.hashes[(rec.seq - seen.first_seq) as usize] != hash {
                 return Err(broken("delivered twice with different content".into()));
             }
             self.summary.duplicates += 1;
-        } else if rec.seq == last + 1 {
-            let expected_prev = if last == 0 {
-                GENESIS
-            } else {
-                seen[(last - 1) as usize]
-            };
-            if prev != expected_prev {
+        } else if rec.seq - 1 == last {
+            if prev != seen.hashes[seen.hashes.len() - 1] {
                 return Err(broken(format!("prev_hash does not link to seq {last}")));
             }
-            seen.push(hash);
+            seen.hashes.push(hash);
         } else {
             return Err(broken(format!(
                 "gap: previous record of this stream is seq {last}"
@@ -228,7 +275,7 @@ fn for_each_line(
             line,
         };
         // One byte more than the bound, to tell a line of exactly the bound from a longer one.
-        let read = std::io::Read::take(&mut reader, line_bytes_max as u64 + 1)
+        let read = std::io::Read::take(&mut reader, (line_bytes_max as u64).saturating_add(1))
             .read_until(b'\n', &mut buf)?;
         if read == 0 {
             return Ok(());
@@ -252,6 +299,79 @@ fn for_each_line(
     }
 }
 
+/// Whether `line` holds exactly `rec`, which was decoded from it. The hash covers the record's
+/// canonical bytes, not the line: without this, a key the record type ignores (an unknown one,
+/// a null or empty field the writer omits), a field left out for its default, or a hash in
+/// upper case would pass every chain check while the line says more than, or other than, the
+/// record it chains. The file sink's lines are the record as [`write_record`] writes it, byte
+/// for byte; any other rendering (key order, whitespace, escapes: a receiver that re-encodes
+/// what the HTTP sink sent) must hold the same JSON values.
+///
+/// [`write_record`]: crate::forward::json::write_record
+fn line_holds_only(line: &str, rec: &ForwardRecord) -> Result<(), String> {
+    let mut written = Vec::with_capacity(line.len());
+    crate::forward::json::write_record(&mut written, rec).map_err(|e| e.to_string())?;
+    if written == line.as_bytes() {
+        return Ok(());
+    }
+    let read: serde_json::Value = serde_json::from_str(line).map_err(|e| e.to_string())?;
+    let expected: serde_json::Value =
+        serde_json::from_slice(&written).map_err(|e| e.to_string())?;
+    match first_difference(&read, &expected, "") {
+        None => Ok(()),
+        Some(difference) => Err(format!(
+            "the line holds other than the record its hash covers: {difference}"
+        )),
+    }
+}
+
+/// Where `read` first differs from `expected`, by key path, with the two values (shortened).
+fn first_difference(
+    read: &serde_json::Value,
+    expected: &serde_json::Value,
+    path: &str,
+) -> Option<String> {
+    use serde_json::Value;
+    let show = |v: &Value| {
+        let text = v.to_string();
+        match text.char_indices().nth(60) {
+            Some((cut, _)) => format!("{}...", &text[..cut]),
+            None => text,
+        }
+    };
+    let key_path = |key: &str| {
+        if path.is_empty() {
+            key.to_string()
+        } else {
+            format!("{path}.{key}")
+        }
+    };
+    match (read, expected) {
+        (Value::Object(r), Value::Object(e)) => {
+            for (key, value) in r {
+                match e.get(key) {
+                    None => return Some(format!("{} is not a field it has", key_path(key))),
+                    Some(other) => {
+                        if let Some(d) = first_difference(value, other, &key_path(key)) {
+                            return Some(d);
+                        }
+                    }
+                }
+            }
+            e.keys()
+                .find(|key| !r.contains_key(*key))
+                .map(|key| format!("{} is missing", key_path(key)))
+        }
+        _ if read == expected => None,
+        _ => Some(format!(
+            "{} is {} where the record has {}",
+            if path.is_empty() { "the line" } else { path },
+            show(read),
+            show(expected)
+        )),
+    }
+}
+
 /// What one forward record must hold on its own, wherever it was read: its envelope belongs
 /// to its stream, its slot is the stream's, its sequence number starts at 1, and its hash is
 /// SHA-256 of its `prev_hash` and its canonical bytes. Returns `(prev_hash, hash)`.
@@ -268,6 +388,15 @@ pub(super) fn check_record(rec: &ForwardRecord) -> Result<([u8; 32], [u8; 32]), 
         .map_err(|e| format!("prev_hash is not 32 hex bytes: {e}"))?;
     hex::decode_to_slice(&rec.hash, &mut hash)
         .map_err(|e| format!("hash is not 32 hex bytes: {e}"))?;
+    // The spec writes both in lower case; upper case decodes alike, so it is checked here.
+    if rec
+        .prev_hash
+        .bytes()
+        .chain(rec.hash.bytes())
+        .any(|b| b.is_ascii_uppercase())
+    {
+        return Err("prev_hash and hash must be lowercase hex".into());
+    }
     let canonical = canonical_bytes(&rec.stream, rec.seq, rec.slot, &rec.envelope)
         .map_err(|e| e.to_string())?;
     if link(&prev, &canonical) != hash {
@@ -349,7 +478,8 @@ mod tests {
             VerifySummary {
                 streams: 1,
                 records: 3,
-                duplicates: 1
+                duplicates: 1,
+                streams_starting_later: 0
             }
         );
 
@@ -409,6 +539,91 @@ mod tests {
                 "line 1: not a forward record: line longer than {} bytes",
                 one.len() - 1
             )
+        );
+    }
+
+    #[test]
+    fn a_line_holding_more_or_other_than_the_record_its_hash_covers_is_refused() {
+        let (one, _) = two_lines();
+        let cases = [
+            (
+                one.replacen("{\"stream\"", "{\"approved\":true,\"stream\"", 1),
+                "holds other than the record its hash covers: approved is not a field it has",
+            ),
+            (
+                one.replacen("\"source\":\"s\"", "\"source\":\"s\",\"x\":1", 1),
+                "covers: envelope.x is not a field it has",
+            ),
+            (
+                one.replacen(",\"priority\":\"normal\"", "", 1),
+                "covers: envelope.priority is missing",
+            ),
+            (
+                one.replacen("\"source\":\"s\"", "\"source\":\"s\",\"tenant\":null", 1),
+                "covers: envelope.tenant is not a field it has",
+            ),
+            (
+                {
+                    let rec: ForwardRecord = serde_json::from_str(&one).unwrap();
+                    one.replacen(&rec.hash, &rec.hash.to_uppercase(), 1)
+                },
+                "must be lowercase hex",
+            ),
+        ];
+        for (line, expected) in cases {
+            assert_ne!(line, one, "the case changes the line");
+            let err = match verify_jsonl(line.as_bytes()) {
+                Ok(_) => panic!("{expected}: accepted {line}"),
+                Err(e) => e.to_string(),
+            };
+            assert!(err.contains(expected), "{expected}: {err}");
+        }
+        // The same record rendered otherwise (keys sorted, as a JSON library re-encoding what
+        // the HTTP sink sent would) holds the same values and verifies.
+        let value: serde_json::Value = serde_json::from_str(&one).unwrap();
+        let resorted = serde_json::to_string(&value).unwrap();
+        assert_ne!(resorted, one);
+        assert_eq!(verify_jsonl(resorted.as_bytes()).unwrap().records, 1);
+    }
+
+    #[test]
+    fn with_partial_a_stream_may_start_after_seq_1_and_is_checked_from_there() {
+        let lines: Vec<String> = output_lines(5).into_iter().map(|(l, _)| l).collect();
+        let read = |partial: bool, picked: &[usize]| {
+            let mut verifier = Verifier::new();
+            if partial {
+                verifier = verifier.partial();
+            }
+            let input: String = picked
+                .iter()
+                .map(|&i| format!("{}\n", lines[i - 1]))
+                .collect();
+            verifier
+                .read(input.as_bytes(), None)
+                .map(|()| verifier.finish())
+        };
+        let summary = read(true, &[3, 4, 3, 5]).unwrap();
+        assert_eq!(
+            summary,
+            VerifySummary {
+                streams: 1,
+                records: 4,
+                duplicates: 1,
+                streams_starting_later: 1
+            }
+        );
+        assert_eq!(read(true, &[1, 2]).unwrap().streams_starting_later, 0);
+        let err = read(false, &[3, 4]).unwrap_err().to_string();
+        assert!(err.contains("gap") && err.contains("--partial"), "{err}");
+        let err = read(true, &[3, 5]).unwrap_err().to_string();
+        assert!(
+            err.contains("gap: previous record of this stream is seq 3"),
+            "{err}"
+        );
+        let err = read(true, &[3, 2]).unwrap_err().to_string();
+        assert!(
+            err.contains("before this stream's first record read, seq 3"),
+            "{err}"
         );
     }
 

@@ -174,12 +174,12 @@ fn check_first_seal(seq: u64, prev: &[u8; 32], head: Option<ChainHead>) -> Resul
         )),
         None if *prev != GENESIS => Err("seq 1 does not link to 32 zero bytes".into()),
         None => Ok(()),
-        Some(head) if seq > head.seq + 1 => Err(format!(
+        Some(head) if seq > head.seq.saturating_add(1) => Err(format!(
             "gap: the checkpoint's head is seq {}, and this stream's first seal in the spool \
              is seq {seq}",
             head.seq
         )),
-        Some(head) if seq == head.seq + 1 && *prev != head.hash => Err(format!(
+        Some(head) if seq == head.seq.saturating_add(1) && *prev != head.hash => Err(format!(
             "prev_hash does not link to the checkpoint's head at seq {}",
             head.seq
         )),

@@ -494,6 +494,16 @@ def cmd_verify_sink(path):
     for name, number, line in sink_lines(path):
         lines += 1
         rec = json.loads(line)
+        # §8: a line holds the record's keys and nothing else, hashes in lower case; what the
+        # hash does not cover must not be there.
+        extra = set(rec) - {"stream", "seq", "prev_hash", "hash", "slot", "envelope"}
+        extra |= {"envelope." + k for k in set(rec.get("envelope", {})) - KNOWN_KEYS}
+        if extra:
+            errors.append(f"{name}:{number}: keys the hash does not cover: {sorted(extra)}")
+            continue
+        if any(c.isupper() for c in rec["prev_hash"] + rec["hash"]):
+            errors.append(f"{name}:{number}: prev_hash and hash must be lowercase hex")
+            continue
         seqs = by_stream.setdefault(rec["stream"], {})
         seen = seqs.get(rec["seq"])
         if seen is not None:
