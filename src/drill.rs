@@ -92,6 +92,9 @@ pub struct DrillReport {
     pub refused_batches: u64,
     /// `spoolgate_forward_workers_left_behind_total` of the last daemon, read before it stops.
     pub workers_left_behind_last_run: u64,
+    /// Rounds killed without their acknowledgement target, after waiting [`WAIT_MAX`]: the
+    /// daemon was not taking envelopes (a full disk does that on purpose; otherwise a fault).
+    pub rounds_short: u64,
 }
 
 impl DrillReport {
@@ -122,6 +125,14 @@ impl std::fmt::Display for DrillReport {
             if self.passed() { "PASSED" } else { "FAILED" }
         )?;
         writeln!(f, "  kills (SIGKILL)          {}", self.kills)?;
+        if self.rounds_short > 0 {
+            writeln!(
+                f,
+                "  rounds short of target   {} (killed after waiting {} s)",
+                self.rounds_short,
+                WAIT_MAX.as_secs()
+            )?;
+        }
         writeln!(f, "  envelopes acknowledged   {}", self.acknowledged)?;
         writeln!(f, "  delivered (unique)       {}", self.delivered_unique)?;
         writeln!(f, "  delivered (total)        {}", self.delivered_total)?;
@@ -532,6 +543,7 @@ pub fn run(opts: &DrillOptions) -> Result<DrillReport, DrillError> {
         let ingest = running.ingest.clone();
         let got = AtomicU64::new(0);
         let stop = AtomicBool::new(false);
+        let mut short = false;
         // The kill lands while the clients are mid-request: they keep sending until the daemon
         // is gone, and the kill comes as soon as the round's acknowledgement target is reached.
         std::thread::scope(|scope| {
@@ -545,6 +557,7 @@ pub fn run(opts: &DrillOptions) -> Result<DrillReport, DrillError> {
                 std::thread::sleep(Duration::from_millis(1));
             }
             if got.load(Ordering::Relaxed) < target {
+                short = true;
                 tracing::warn!(
                     round,
                     target,
@@ -557,6 +570,7 @@ pub fn run(opts: &DrillOptions) -> Result<DrillReport, DrillError> {
             stop.store(true, Ordering::Relaxed);
         });
         report.kills += 1;
+        report.rounds_short += u64::from(short);
         if report.spool_chain_error.is_none() {
             if let Err(e) = crate::chain::verify_spool(&opts.data_dir) {
                 report.spool_chain_error = Some(format!("after kill {}: {e}", report.kills));

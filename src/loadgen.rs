@@ -27,6 +27,10 @@ use crate::envelope::Priority;
 
 /// Latency samples kept per run.
 pub const SAMPLES_MAX: usize = 20_000_000;
+
+/// Fraction of generated texts carrying PII unless `--pii-fraction` says otherwise: issue #4's
+/// end-to-end benchmark has a third of the texts with PII.
+pub const PII_FRACTION_DEFAULT: f64 = 1.0 / 3.0;
 /// Distinct pre-built request bodies cycled through by every connection.
 const BODIES: usize = 256;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
@@ -560,7 +564,7 @@ mod tests {
             warmup: Duration::ZERO,
             text_bytes: 1024,
             batch: 1,
-            pii_fraction: 1.0 / 3.0,
+            pii_fraction: PII_FRACTION_DEFAULT,
             streams: 16,
             wait_drained: false,
             rate: None,

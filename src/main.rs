@@ -177,7 +177,7 @@ struct BenchArgs {
     #[arg(long, default_value_t = 1)]
     batch: usize,
     /// Fraction of texts carrying PII.
-    #[arg(long, default_value_t = 1.0 / 3.0)]
+    #[arg(long, default_value_t = spoolgate::loadgen::PII_FRACTION_DEFAULT)]
     pii_fraction: f64,
     /// Envelopes cycle through this many tenants (streams).
     #[arg(long, default_value_t = 16)]
@@ -684,6 +684,7 @@ mod tests {
         // it default to 1 and 0, so reading 1000 here (no override in the environment) pins
         // the index.
         if std::env::var_os("MIMALLOC_PURGE_DELAY").is_some() {
+            eprintln!("skipped: MIMALLOC_PURGE_DELAY is set, so the default cannot be read");
             return;
         }
         // SAFETY: reading an option has no preconditions.

@@ -37,13 +37,21 @@ fn documented(name: &str) -> String {
 }
 
 #[test]
-fn the_text_hash_in_the_vector_is_the_sha256_of_its_text() {
-    use sha2::{Digest, Sha256};
+fn the_gate_computes_the_text_hash_and_length_the_vector_holds() {
+    let gate = spoolgate::gate::Gate::new(
+        &spoolgate::config::GateConfig::default(),
+        std::sync::Arc::new(spoolgate::metrics::Metrics::new()),
+    )
+    .unwrap();
     let [first, _] = documented_envelopes();
-    assert_eq!(
-        first.text_hash.as_deref(),
-        Some(hex::encode(Sha256::digest(b"hi")).as_str())
-    );
+    let mut env = Envelope {
+        text_hash: None,
+        char_len: None,
+        ..first.clone()
+    };
+    gate.classify(&mut env);
+    assert_eq!(env.text_hash, first.text_hash);
+    assert_eq!(env.char_len, first.char_len);
 }
 
 #[test]

@@ -236,7 +236,7 @@ fn a_disk_too_full_for_seals_and_tombstones_holds_forwarding_back_without_poison
     );
 
     fs.fill("filler");
-    post_until_refused(&d, &text, &mut acked);
+    post_until_refused(&d, &text, &mut acked).expect("a full disk must refuse with 429");
     let refused = d.metric("spoolgate_spool_full_errors_total");
     sink.release();
     // The held batch's tombstone, and the next batch's seal, find no room either.
@@ -324,7 +324,7 @@ fn a_restart_on_a_full_disk_recovers_everything_and_resumes_when_space_returns()
     fs.fill("filler");
     let text = "x".repeat(4000);
     let mut acked = Vec::new();
-    post_until_refused(&d, &text, &mut acked);
+    post_until_refused(&d, &text, &mut acked).expect("a full disk must refuse with 429");
     d.kill9();
     d.restart();
     assert_eq!(d.get("/readyz").status, 200, "{}", d.get("/readyz").text());

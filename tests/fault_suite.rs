@@ -46,8 +46,13 @@ fn drill_with(
     })
     .unwrap();
     assert!(report.passed(), "{report}");
-    assert_eq!(report.kills, 20);
     assert_eq!(report.lost, 0, "{report}");
+    // Every kill landed under load: no round waited in vain for acknowledgements.
+    assert_eq!(report.rounds_short, 0, "{report}");
+    if flaky_stream {
+        // The recorder did refuse, so the retries and takeovers were exercised.
+        assert!(report.refused_batches > 0, "{report}");
+    }
 }
 
 #[test]
@@ -374,8 +379,25 @@ fn idle_connections_and_a_client_that_never_reads_do_not_stop_others_being_serve
     let r = post_through_a_connection_flood(&d, &envelope(200));
     assert_eq!(r.status, 202, "{}", r.text());
     drop(idle);
-    let mut buf = [0u8; 1];
-    let _ = deaf.read(&mut buf);
+    // The deaf client's request was answered all the same (or its connection cut by the idle
+    // timeout once the answer was sent): a response is waiting, or the server closed.
+    deaf.set_read_timeout(Some(common::DEADLINE)).unwrap();
+    let mut buf = [0u8; 12];
+    match deaf.read(&mut buf) {
+        Ok(0) => {}
+        Ok(n) => assert!(
+            buf[..n].starts_with(&b"HTTP/1.1 202"[..n.min(12)]),
+            "{}",
+            String::from_utf8_lossy(&buf[..n])
+        ),
+        Err(e) => assert!(
+            !matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ),
+            "the deaf client's request was neither answered nor closed"
+        ),
+    }
     assert!(d.metric("spoolgate_ingest_connections_open") <= 64.0);
 }
 

@@ -500,11 +500,29 @@ fn a_client_sending_headers_byte_by_byte_is_cut_off_by_the_header_timeout() {
     let d = Daemon::start(&["--set", "ingest.header_read_timeout_ms=300"]);
     let mut slow = std::net::TcpStream::connect(&d.ingest).unwrap();
     slow.set_read_timeout(Some(common::DEADLINE)).unwrap();
-    // Send a partial header and then nothing: the server must close the connection on its own.
+    // Dribble a header that never ends, one byte every 20 ms: a server whose timeout started
+    // again at every byte read would keep it open for ever. The pauses are the slow client
+    // under test, not a wait for the server.
     slow.write_all(b"POST /v1/envelopes HTTP/1.1\r\nHost: x\r\nX-Slow: ")
         .unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let dribbler = {
+        let mut slow = slow.try_clone().unwrap();
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                if slow.write_all(b"a").is_err() {
+                    return;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+        })
+    };
     let mut buf = Vec::new();
-    match slow.read_to_end(&mut buf) {
+    let read = slow.read_to_end(&mut buf);
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    dribbler.join().unwrap();
+    match read {
         // Closed by the server (possibly after a 408 response).
         Ok(_) => assert!(
             buf.is_empty() || buf.starts_with(b"HTTP/1.1 408"),

@@ -16,12 +16,11 @@ use spoolgate::spool::RecordKind;
 const CHILD_ENV: &str = "SPOOL_CRASH_CHILD";
 const ACKS_BEFORE_KILL: usize = 3000;
 
+/// Not a test: the child's entry point, run only by the test below (`--ignored --exact`).
 #[test]
+#[ignore = "the crash test's child process; run by it"]
 fn child_appends_until_killed() {
-    let Ok(dir) = std::env::var(CHILD_ENV) else {
-        // Not in child mode: this test is only the child's entry point.
-        return;
-    };
+    let dir = std::env::var(CHILD_ENV).expect("run as the crash test's child");
     let mut opts = options(std::path::Path::new(&dir));
     opts.segment_bytes_max = 64 * 1024;
     opts.preallocate = true;
@@ -56,6 +55,7 @@ fn every_record_acknowledged_before_a_kill_9_is_there_after_reopen() {
     let dir = tempfile::tempdir().unwrap();
     let mut child = Command::new(std::env::current_exe().unwrap())
         .args([
+            "--ignored",
             "--exact",
             "child_appends_until_killed",
             "--nocapture",

@@ -159,7 +159,10 @@ fn a_failed_fdatasync_poisons_the_spool_and_the_refused_batch_never_comes_back()
             .append_blocking(vec![(RecordKind::ENVELOPE, payload(3))], false)
             .unwrap_err();
         assert!(matches!(err, SpoolError::Poisoned(_)));
-        let _ = s.close();
+        assert!(
+            matches!(s.close(), Err(SpoolError::Poisoned(_))),
+            "close reports the poison"
+        );
     }
     let (s, _, _) = open(&opts);
     assert_eq!(
@@ -394,7 +397,10 @@ fn a_failed_fdatasync_of_a_rotation_frame_poisons_the_spool_and_the_next_start_d
             .unwrap_err();
         assert!(matches!(err, SpoolError::Poisoned(_)), "{err}");
         assert!(s.poison_reason().unwrap().contains("before rotation"));
-        let _ = s.close();
+        assert!(
+            matches!(s.close(), Err(SpoolError::Poisoned(_))),
+            "close reports the poison"
+        );
         n
     };
     let (s, report, _) = open(&opts);

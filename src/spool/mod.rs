@@ -295,6 +295,10 @@ pub(crate) struct Shared {
     /// The longest frame payload readers accept: `opts.record_bytes_max`, or more when a
     /// segment was written with a larger bound (recorded in its header; see `recovery`).
     pub payload_max: u32,
+    /// Segments below this have had their cached pages released, or are being released, or
+    /// were never cached by this process: the writer's `released_below`, mirrored here when it
+    /// moves (on the writer thread, before the append that caused it is answered).
+    pub cache_released_below: std::sync::atomic::AtomicU64,
 }
 
 impl Shared {
@@ -412,6 +416,7 @@ impl Spool {
             closed: std::sync::atomic::AtomicBool::new(false),
             read_segment: std::sync::atomic::AtomicU64::new(u64::MAX),
             payload_max: recovered.payload_max,
+            cache_released_below: std::sync::atomic::AtomicU64::new(0),
         });
         let writer = writer::start(shared.clone(), recovered.lock, recovered.end)?;
         shared
@@ -595,6 +600,16 @@ impl Spool {
             .opts
             .segment_bytes_max
             .saturating_sub(format::HEADER_LEN + format::ROTATION_FRAME_BYTES_MAX)
+    }
+
+    /// The segment below which the writer has released (or is releasing) the cached pages of
+    /// every segment (see Page cache above). Up to date when an append returns: the release
+    /// a rotation starts is decided before its append is answered, though the helper thread
+    /// may still be at work.
+    pub fn cache_released_below(&self) -> u64 {
+        self.shared
+            .cache_released_below
+            .load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Append requests waiting for the writer thread (at most `queue_depth_max`).

@@ -241,6 +241,9 @@ pub(crate) fn start(
         zeros: Vec::new(),
         _lock: lock,
     };
+    shared
+        .cache_released_below
+        .store(writer.released_below, std::sync::atomic::Ordering::SeqCst);
     if let Durability::Interval(every) = shared.opts.durability {
         // The ticker holds only a weak sender: a strong one would keep the channel open after
         // the last handle is dropped, and the writer (and `Drop`, which joins it) would wait
@@ -655,6 +658,9 @@ impl Writer {
                 .collect()
         };
         self.released_below = ids.end;
+        self.shared
+            .cache_released_below
+            .store(ids.end, std::sync::atomic::Ordering::SeqCst);
         if files.is_empty() {
             return;
         }
