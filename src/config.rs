@@ -441,6 +441,27 @@ impl Config {
         Ok(config)
     }
 
+    /// Settings that are valid but probably not what the operator wants: logged at start-up
+    /// and printed by `config check`, which still passes.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut warnings = Vec::new();
+        let g = &self.gate;
+        let hashed: Vec<&str> = crate::gate::PII_KINDS
+            .iter()
+            .copied()
+            .filter(|kind| g.pii.get(*kind).copied().unwrap_or(g.pii_default) == PiiAction::Hash)
+            .collect();
+        if !hashed.is_empty() && g.pii_hash_key == GateConfig::default().pii_hash_key {
+            warnings.push(format!(
+                "gate.pii hashes {} with the default gate.pii_hash_key, which is public: anyone \
+                 can recompute the hash of a guessable value (a phone or card number) and so \
+                 read it back; set gate.pii_hash_key to a secret",
+                hashed.join(", ")
+            ));
+        }
+        warnings
+    }
+
     /// Checks every bound. The messages name the key, the value and the accepted range.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let s = &self.spool;
@@ -850,6 +871,24 @@ mod tests {
         );
         assert!(err.contains("us_ssn"), "{err}");
         load("[gate.pii]\nus_ssn = \"drop_text\"\n", &[]).unwrap();
+    }
+
+    #[test]
+    fn hashing_pii_with_the_public_default_key_is_warned_of_and_a_secret_key_is_not() {
+        let c = load("[gate.pii]\nphone = \"hash\"\ncard = \"hash\"\n", &[]).unwrap();
+        let warnings = c.warnings();
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(
+            warnings[0].contains("card, phone") && warnings[0].contains("gate.pii_hash_key"),
+            "{warnings:?}"
+        );
+        let c = load(
+            "[gate]\npii_hash_key = \"a secret of our own\"\n[gate.pii]\nphone = \"hash\"\n",
+            &[],
+        )
+        .unwrap();
+        assert!(c.warnings().is_empty());
+        assert!(load("", &[]).unwrap().warnings().is_empty());
     }
 
     #[test]

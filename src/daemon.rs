@@ -101,6 +101,9 @@ pub enum Exit {
 }
 
 pub async fn run(config: Config) -> Result<Exit, DaemonError> {
+    for warning in config.warnings() {
+        tracing::warn!("{warning}");
+    }
     let metrics = Arc::new(Metrics::new());
     metrics.register_process_collector();
     metrics

@@ -430,8 +430,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Config {
             command: ConfigCommand::Check { file },
         } => {
-            load_config(Some(&file), &[])
+            let config = load_config(Some(&file), &[])
                 .with_context(|| format!("{} is not a valid config", file.display()))?;
+            for warning in config.warnings() {
+                println!("{}: warning: {warning}", file.display());
+            }
             println!("{}: ok", file.display());
             Ok(ExitCode::SUCCESS)
         }

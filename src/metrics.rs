@@ -207,7 +207,7 @@ impl Metrics {
             ring_capacity_records: gauge(&r, "spoolgate_ring_capacity_records", "Capacity of the memory ring in records."),
             ring_overflows_total: counter(&r, "spoolgate_ring_overflows_total", "Records not pushed to the full ring; the consumer read them back from the segments."),
             forward_records_read_from_segments_total: counter(&r, "spoolgate_forward_records_read_from_segments_total", "Records the dispatcher read from the segments rather than the ring: start-up replay, after a ring overflow, after a rewind, and re-reads for a worker left behind."),
-            gate_envelopes_total: counter_vec(&r, "spoolgate_gate_envelopes_total", "Envelopes read by the consumer, by outcome (ok: decoded and passed to the gate; undecodable: dead-lettered as raw bytes; unsealable: passed to the gate, then too large to seal and dead-lettered, so counted as ok too).", &["outcome"]),
+            gate_envelopes_total: counter_vec(&r, "spoolgate_gate_envelopes_total", "Envelopes read by the consumer, by outcome (ok: decoded and passed to the gate; undecodable: dead-lettered as raw bytes, since it does not decode or its slot is not its stream's; unsealable: passed to the gate, then too large to seal and dead-lettered, so counted as ok too).", &["outcome"]),
             gate_pii_found_total: counter_vec(&r, "spoolgate_gate_pii_found_total", "PII matches found by the gate, by kind.", &["kind"]),
             gate_rules_reloads_total: counter_vec(&r, "spoolgate_gate_rules_reloads_total", "Rules file reloads by result (ok, error).", &["result"]),
             gate_duration_seconds: histogram(&r, "spoolgate_gate_duration_seconds", "Time to classify one envelope.", d),

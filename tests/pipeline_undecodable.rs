@@ -4,7 +4,8 @@
 //! record stays pending (compaction keeps its segment) and forwarding waits for it; when its
 //! tombstone finds the spool full, it spends the disk reserve, as a worker's would. An
 //! envelope too large to seal once gated gets no sequence number either, and its tombstone is
-//! durable before anything behind it is sealed.
+//! durable before anything behind it is sealed. An envelope whose slot is not its stream's is
+//! dead-lettered like an undecodable one, not sequenced by a worker that does not own its stream.
 
 mod pipeline_common;
 
@@ -358,4 +359,75 @@ async fn a_record_too_large_to_seal_is_tombstoned_before_anything_behind_it_is_s
             .get(),
         1
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_envelope_whose_slot_is_not_its_streams_is_dead_lettered_not_sequenced() {
+    // Routed by its slot but chained by its stream, it would be sequenced by a worker that
+    // does not own the stream, beside the one that does. Ingest never writes one.
+    let dir = tempfile::tempdir().unwrap();
+    let metrics = Arc::new(Metrics::new());
+    let ring = Arc::new(Ring::new(1024, 1 << 20, metrics.clone()));
+    let spool = pipeline_common::open_spool(dir.path(), &ring, &metrics);
+    let foreign = Envelope {
+        version: ENVELOPE_VERSION,
+        id: "foreign".into(),
+        source: "test".into(),
+        slot: (slot_of("t") + 1) % 1024,
+        tenant: Some("t".into()),
+        text: Some("Routed elsewhere.".into()),
+        ts_ms: 1,
+        ..Default::default()
+    };
+    let positions = spool
+        .append(vec![
+            envelope_record("t", "before", "First.".into()),
+            (RecordKind::ENVELOPE, Bytes::from(foreign.encode().unwrap())),
+            envelope_record("t", "after", "Last.".into()),
+        ])
+        .await
+        .unwrap();
+    let sink = Arc::new(RecordingSink::default());
+    let pipeline = pipeline_common::start(
+        &spool,
+        ring,
+        &metrics,
+        sink.clone(),
+        quick_retries(),
+        dir.path(),
+    );
+    wait_until("both records of the stream delivered", || {
+        sink.delivered.lock().unwrap().len() == 2
+    })
+    .await;
+    wait_until("the foreign record dead-lettered", || {
+        metrics
+            .gate_envelopes_total
+            .with_label_values(&["undecodable"])
+            .get()
+            == 1
+    })
+    .await;
+    pipeline.shutdown().await;
+    let delivered: Vec<(String, u64)> = sink
+        .delivered
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|r| (r.envelope.id.clone(), r.seq))
+        .collect();
+    assert_eq!(
+        delivered,
+        vec![("before".to_string(), 1), ("after".to_string(), 2)]
+    );
+    let letters: Vec<serde_json::Value> = std::fs::read_dir(dir.path().join("dl"))
+        .unwrap()
+        .map(|e| {
+            serde_json::from_str(&std::fs::read_to_string(e.unwrap().path()).unwrap()).unwrap()
+        })
+        .collect();
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert_eq!(letters[0]["position"]["offset"], positions[1].offset);
+    let reason = letters[0]["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("is not its stream's slot"), "{letters:?}");
 }

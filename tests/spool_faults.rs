@@ -139,6 +139,29 @@ fn a_request_queued_behind_one_whose_fdatasync_failed_is_refused_even_when_it_ro
     assert_eq!(read_all(&s), vec![0, 1, 2, 3]);
 }
 
+#[tokio::test]
+async fn a_panic_on_the_writer_thread_poisons_the_spool_instead_of_leaving_it_ready() {
+    let dir = tempfile::tempdir().unwrap();
+    let (s, _, _) = open(&options(dir.path()));
+    // A commit hook runs on the writer thread: one that panics stands for any bug there.
+    let failed = s
+        .append_then(
+            vec![(RecordKind::ENVELOPE, payload(1))],
+            Box::new(|_: &[spoolgate::spool::Position]| panic!("a hook that fails")),
+        )
+        .await;
+    assert!(matches!(failed, Err(SpoolError::Poisoned(_))), "{failed:?}");
+    let reason = s
+        .poison_reason()
+        .expect("poisoned before the append returned");
+    assert!(reason.contains("writer thread"), "{reason}");
+    let err = s
+        .append(vec![(RecordKind::ENVELOPE, payload(2))])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, SpoolError::Poisoned(_)), "{err}");
+}
+
 #[test]
 fn a_failed_fdatasync_poisons_the_spool_and_the_refused_batch_never_comes_back() {
     let dir = tempfile::tempdir().unwrap();

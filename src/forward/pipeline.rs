@@ -479,6 +479,9 @@ impl Dispatcher {
             Ok(env) => env,
             Err(e) => return self.undecodable(&record, live, &e.to_string()).await,
         };
+        if let Some(why) = slot_mismatch(&envelope) {
+            return self.undecodable(&record, live, &why).await;
+        }
         if live {
             let now = crate::ingest::now_ms();
             self.ledger.add_live(
@@ -669,7 +672,9 @@ impl Dispatcher {
             return None;
         }
         let envelope = Envelope::decode(&record.payload).ok()?;
-        if self.ownership.owner(envelope.slot % crate::slots::SLOTS) != Some(w) {
+        if slot_mismatch(&envelope).is_some()
+            || self.ownership.owner(envelope.slot % crate::slots::SLOTS) != Some(w)
+        {
             return None;
         }
         Some(self.work_item(record, envelope))
@@ -794,6 +799,20 @@ impl Dispatcher {
             _ = tokio::time::sleep(delay) => true,
         }
     }
+}
+
+/// Why an envelope may not be forwarded although it decodes: a slot other than its stream's.
+/// Records are routed by their slot and chained by their stream, so such a record would be
+/// sequenced by a worker that does not own its stream, beside the one that does, and fork the
+/// chain. Ingest never writes one; a spool written by anything else might.
+fn slot_mismatch(envelope: &Envelope) -> Option<String> {
+    let stream_slot = crate::slots::slot_of(envelope.stream());
+    (envelope.slot != stream_slot).then(|| {
+        format!(
+            "slot {} is not its stream's slot {stream_slot}: it cannot be sequenced",
+            envelope.slot
+        )
+    })
 }
 
 #[cfg(test)]

@@ -98,7 +98,21 @@ impl WriterHandle {
             })
             .await
             .map_err(|_| SpoolError::Closed)?;
-        rx.await.map_err(|_| SpoolError::Closed)?
+        rx.await.map_err(|_| self.reply_lost())?
+    }
+
+    /// Why a request's reply was dropped unanswered. The writer answers every request it takes
+    /// unless it stops: at `close` (requests queued behind the close are dropped), or when its
+    /// thread panics. A panic poisons the spool here, before the appender learns of it, so its
+    /// client gets 503 from a spool that `/readyz` reports as not ready.
+    fn reply_lost(&self) -> SpoolError {
+        if self.tx.lock().unwrap_or_else(|p| p.into_inner()).is_none() {
+            return SpoolError::Closed;
+        }
+        self.shared.set_poison(
+            "the spool writer thread stopped without answering (it panicked; see the log)".into(),
+        );
+        SpoolError::Poisoned(self.shared.poison_reason().unwrap_or_default())
     }
 
     pub fn append_blocking(
@@ -119,7 +133,7 @@ impl WriterHandle {
                 reply,
             })
             .map_err(|_| SpoolError::Closed)?;
-        rx.blocking_recv().map_err(|_| SpoolError::Closed)?
+        rx.blocking_recv().map_err(|_| self.reply_lost())?
     }
 
     /// Append requests queued for the writer thread and not yet taken by it.
@@ -260,9 +274,24 @@ pub(crate) fn start(
             })
             .map_err(|e| SpoolError::Invalid(format!("cannot start the fsync ticker: {e}")))?;
     }
+    let on_panic = shared.clone();
     let thread = std::thread::Builder::new()
         .name("spool-writer".into())
-        .spawn(move || writer.run())
+        .spawn(move || {
+            // A panic here (a bug, or a commit hook or observer failing after an fdatasync)
+            // drops the replies of the requests in hand, whose appenders then see `Closed`.
+            // Poisoning says so to `/readyz` and to every later append, rather than leave a
+            // spool that reports ready and refuses everything.
+            let run = std::panic::AssertUnwindSafe(|| writer.run());
+            if let Err(panic) = std::panic::catch_unwind(run) {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                on_panic.set_poison(format!("the spool writer thread panicked: {what}"));
+            }
+        })
         .map_err(|e| SpoolError::Invalid(format!("cannot start the writer thread: {e}")))?;
     Ok(WriterHandle {
         shared,
