@@ -25,7 +25,9 @@ if [ -n "${E2E:-}" ]; then
     FLAGS+=(--wait-drained)
     RATE=end_to_end_envelopes_per_s
 fi
-SCRATCH=$(mktemp -d)
+# On the disk under test, not in /tmp (a tmpfs on many systems, where fdatasync costs nothing).
+mkdir -p target
+SCRATCH=$(mktemp -d "$PWD/target/ab-ingest.XXXXXX")
 trap 'rm -rf "$SCRATCH"' EXIT
 
 run() { # BIN -> "envelopes_per_s cpu_us_per_envelope"

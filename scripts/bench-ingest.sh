@@ -25,6 +25,7 @@ REDIS_PORT=${REDIS_PORT:-6390}
 OUT=benches/results
 DATE=$(date -u +%Y-%m-%d)
 mkdir -p "$OUT"
+mkdir -p target
 SCRATCH=$(mktemp -d "$PWD/target/bench-ingest.XXXXXX")
 REDIS_PID=""
 DAEMON_PID=""
@@ -37,7 +38,8 @@ cleanup() {
 trap cleanup EXIT
 
 if ! command -v redis-server >/dev/null || ! command -v redis-benchmark >/dev/null; then
-    apt-get install -y redis-server redis-tools >/dev/null
+    apt-get install -y redis-server redis-tools >/dev/null \
+        || { apt-get update >/dev/null && apt-get install -y redis-server redis-tools >/dev/null; }
 fi
 cargo build --release --quiet
 BIN=$PWD/target/release/spoolgate

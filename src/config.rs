@@ -52,6 +52,10 @@ pub struct Config {
     /// Named sinks. Records go to the sink named by their `routing_hints.sink`, else `default`.
     pub sinks: BTreeMap<String, SinkConfig>,
     pub shutdown: ShutdownConfig,
+    /// `SPOOLGATE_*` variables whose first part names no config section or key, ignored (see
+    /// `load`): reported by `warnings`.
+    #[serde(skip)]
+    pub ignored_env: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -372,6 +376,7 @@ impl Default for Config {
             forward: ForwardConfig::default(),
             sinks,
             shutdown: ShutdownConfig::default(),
+            ignored_env: Vec::new(),
         }
     }
 }
@@ -421,12 +426,22 @@ impl Config {
             }
             merge(&mut tree, from_file);
         }
+        let mut ignored_env = Vec::new();
         for (name, value) in env {
             if let Some(rest) = name.strip_prefix("SPOOLGATE_") {
                 if rest.is_empty() || ENV_NOT_CONFIG.iter().any(|p| rest.starts_with(p)) {
                     continue;
                 }
                 let path: Vec<String> = rest.split("__").map(|p| p.to_lowercase()).collect();
+                // Only a variable whose first part is a section or a top-level key is an
+                // override. Others are not ours: Kubernetes defines SPOOLGATE_PORT,
+                // SPOOLGATE_SERVICE_HOST, ... for a Service named spoolgate, and refusing them
+                // as unknown keys kept the pod from starting. A misspelt key inside a section
+                // is still refused.
+                if tree.get(&path[0]).is_none() {
+                    ignored_env.push(name.clone());
+                    continue;
+                }
                 set_path(&mut tree, &path, &value);
             }
         }
@@ -434,17 +449,27 @@ impl Config {
             let path: Vec<String> = key.split('.').map(str::to_string).collect();
             set_path(&mut tree, &path, value);
         }
-        let config: Config = tree
+        let mut config: Config = tree
             .try_into()
             .map_err(|e: toml::de::Error| ConfigError::Parse(e.to_string()))?;
         config.validate()?;
+        config.ignored_env = ignored_env;
         Ok(config)
     }
 
     /// Settings that are valid but probably not what the operator wants: logged at start-up
     /// and printed by `config check`, which still passes.
     pub fn warnings(&self) -> Vec<String> {
-        let mut warnings = Vec::new();
+        let mut warnings: Vec<String> = self
+            .ignored_env
+            .iter()
+            .map(|name| {
+                format!(
+                    "environment variable {name} names no config section or key; ignored \
+                     (overrides are SPOOLGATE_<KEY> or SPOOLGATE_<SECTION>__<KEY>)"
+                )
+            })
+            .collect();
         let g = &self.gate;
         let hashed: Vec<&str> = crate::gate::PII_KINDS
             .iter()
@@ -779,11 +804,20 @@ fn merge(base: &mut toml::Value, over: toml::Value) {
 }
 
 fn set_path(tree: &mut toml::Value, path: &[String], raw: &str) {
-    let value = format!("v = {raw}")
+    // A key that holds a string takes the value as it is: a secret such as
+    // gate.pii_hash_key that happens to read as a TOML number or boolean stays a string.
+    let holds_string = path
+        .iter()
+        .try_fold(&*tree, |node, key| node.get(key))
+        .is_some_and(toml::Value::is_str);
+    let value = match format!("v = {raw}")
         .parse::<toml::Table>()
         .ok()
         .and_then(|mut t| t.remove("v"))
-        .unwrap_or_else(|| toml::Value::String(raw.to_string()));
+    {
+        Some(parsed) if parsed.is_str() || !holds_string => parsed,
+        _ => toml::Value::String(raw.to_string()),
+    };
     let mut node = tree;
     for (n, key) in path.iter().enumerate() {
         let Some(table) = node.as_table_mut() else {
@@ -889,6 +923,35 @@ mod tests {
         .unwrap();
         assert!(c.warnings().is_empty());
         assert!(load("", &[]).unwrap().warnings().is_empty());
+    }
+
+    #[test]
+    fn variables_that_name_no_section_are_ignored_with_a_warning_and_string_keys_take_any_value() {
+        // What Kubernetes defines for a Service named spoolgate.
+        let c = load(
+            "",
+            &[
+                ("SPOOLGATE_PORT", "tcp://10.0.0.1:8750"),
+                ("SPOOLGATE_SERVICE_HOST", "10.0.0.1"),
+                ("SPOOLGATE_GATE__PII_HASH_KEY", "12345"),
+                ("SPOOLGATE_DATA_DIR", "\"/quoted\""),
+                ("SPOOLGATE_FORWARD__WORKERS", "3"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.forward.workers, 3);
+        assert_eq!(c.gate.pii_hash_key, "12345");
+        assert_eq!(
+            c.data_dir,
+            PathBuf::from("/quoted"),
+            "a TOML string is read as one"
+        );
+        let warnings = c.warnings();
+        assert_eq!(warnings.len(), 2, "{warnings:?}");
+        assert!(warnings[0].contains("SPOOLGATE_PORT"), "{warnings:?}");
+        // A misspelt key inside a section is still refused.
+        let err = load("", &[("SPOOLGATE_FORWARD__WORKRES", "3")]).unwrap_err();
+        assert!(err.to_string().contains("workres"), "{err}");
     }
 
     #[test]

@@ -105,9 +105,9 @@ enum ChainHeadsCommand {
 enum ConfigCommand {
     /// Validate a config file (with the environment's SPOOLGATE_* overrides applied).
     Check { file: PathBuf },
-    /// Print the effective configuration as TOML.
+    /// Print the effective configuration as TOML, secrets (tokens, the PII hash key) redacted.
     Show {
-        #[arg(long)]
+        #[arg(long, env = "SPOOLGATE_CONFIG")]
         config: Option<PathBuf>,
     },
 }
@@ -262,6 +262,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         sets.push((k.to_string(), v.to_string()));
     }
     let config = load_config(args.config.as_deref(), &sets)?;
+    raise_open_files_limit(config.ingest.connections_max);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("spoolgate")
@@ -358,6 +359,39 @@ fn chain_heads(command: ChainHeadsCommand) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// Raises the soft limit on open files to the hard one. Every connection holds a descriptor,
+/// and so do segments, sink files and the listeners: at a soft limit of 1024 (what many
+/// container runtimes give) and the default 1024 connections, creating the next segment failed
+/// with EMFILE, which poisons the spool. Warns when even the hard limit leaves little room.
+fn raise_open_files_limit(connections_max: usize) {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let mut limit = getrlimit(Resource::Nofile);
+    if let (Some(current), Some(hard)) = (limit.current, limit.maximum) {
+        if current < hard {
+            limit.current = Some(hard);
+            if let Err(e) = setrlimit(Resource::Nofile, limit) {
+                tracing::warn!(error = %e, current, hard, "could not raise the open files limit");
+            }
+        }
+    }
+    // Descriptors besides connections: segments (a few open at a time, one per reader),
+    // sink and dead-letter files, listeners, the runtime's own.
+    const OTHER_FILES: u64 = 256;
+    let wanted = connections_max as u64 + OTHER_FILES;
+    if let Some(current) = getrlimit(Resource::Nofile).current {
+        if current < wanted {
+            tracing::warn!(
+                open_files_max = current,
+                wanted,
+                "the open files limit is below ingest.connections_max plus room for the spool: \
+                 at the connection bound a new segment could fail (EMFILE) and poison the \
+                 spool; raise the limit (LimitNOFILE=, docker run --ulimit nofile=) or lower \
+                 ingest.connections_max"
+            );
+        }
+    }
+}
+
 fn health(url: &str) -> anyhow::Result<ExitCode> {
     let rest = url
         .strip_prefix("http://")
@@ -441,11 +475,21 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Config {
             command: ConfigCommand::Show { config },
         } => {
-            let c = load_config(config.as_deref(), &[])?;
+            let mut c = load_config(config.as_deref(), &[])?;
+            // What this prints ends up in tickets and chat: the secrets stay out.
+            for t in &mut c.ingest.tokens {
+                t.token = "<redacted>".into();
+            }
+            c.gate.pii_hash_key = "<redacted>".into();
             print!("{}", toml::to_string_pretty(&c)?);
             Ok(ExitCode::SUCCESS)
         }
-        Command::Health { url } => health(&url),
+        // Docker reserves exit code 2 for health checks: any failure here, a refused
+        // connection included, is 1.
+        Command::Health { url } => Ok(health(&url).unwrap_or_else(|e| {
+            report(&format!("{e:#}"));
+            ExitCode::from(1)
+        })),
         Command::ChainHeads { command } => chain_heads(command),
         Command::Inspect { dir, json } => {
             let dir = if dir.join("spool").is_dir() {

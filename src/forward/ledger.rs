@@ -198,6 +198,20 @@ impl Ledger {
         self.lock().sealed.get(&position).cloned()
     }
 
+    /// `None` when the record is not pending; otherwise its seal, if it has one: both read
+    /// under one lock. Read apart, a tombstone completing the record in between (one a failed
+    /// worker left running) would show it pending and unsealed, and it would be sealed again
+    /// under a new sequence number and forwarded twice, differently.
+    pub fn pending_seal(&self, position: Position) -> Option<Option<SharedRecord>> {
+        let inner = self.lock();
+        let segment = inner.segments.get(&position.segment)?;
+        let i = segment.find(position.offset)?;
+        if segment.entries[i].done {
+            return None;
+        }
+        Some(inner.sealed.get(&position).cloned())
+    }
+
     pub fn record_sealed(&self, entries: impl IntoIterator<Item = (Position, SharedRecord)>) {
         let mut inner = self.lock();
         for (p, r) in entries {
@@ -308,6 +322,18 @@ impl Ledger {
     }
 }
 
+/// When a record found at start-up was acknowledged, as best the spool tells: the client's
+/// `ts_ms` (clients stamp envelopes as they send them), but never before its segment was
+/// created (a client that backfills, or sends `ts_ms` 0, would otherwise make the backlog look
+/// days old and fire the backlog alerts) and never in the future.
+pub fn acknowledged_since(ts_ms: u64, segment_created_ms: Option<u64>, now_ms: u64) -> u64 {
+    let since = ts_ms.min(now_ms);
+    match segment_created_ms {
+        Some(created) => since.max(created.min(now_ms)),
+        None => since,
+    }
+}
+
 /// Rebuilds the ledger from the spool in one pass, calling `on_envelope` for every envelope
 /// record that decodes (the dedup index is rebuilt from the same pass) and `on_seal` for every
 /// sealed record (to advance chain heads). The daemon does the same during recovery
@@ -328,6 +354,7 @@ pub fn scan(
                 kind: record.kind,
                 payload: &record.payload,
                 next: record.next,
+                segment_created_ms: None,
             },
             &mut on_envelope,
             &mut on_seal,
@@ -403,7 +430,7 @@ impl<'l> Scan<'l> {
                 let since_ms = match Envelope::decode_without_text(record.payload) {
                     Ok(env) => {
                         on_envelope(&env, record.position);
-                        env.ts_ms.min(self.now_ms)
+                        acknowledged_since(env.ts_ms, record.segment_created_ms, self.now_ms)
                     }
                     Err(_) => {
                         summary.undecodable += 1;
@@ -477,6 +504,54 @@ mod tests {
             since_ms: 1,
             bytes: 10,
         }
+    }
+
+    #[test]
+    fn a_record_found_at_start_up_counts_as_pending_since_its_client_time_within_its_segments_life()
+    {
+        let (created, now) = (Some(1_000), 5_000);
+        // A client stamping as it sends: its time.
+        assert_eq!(acknowledged_since(1_200, created, now), 1_200);
+        // A backfill, or ts_ms 0: not before the segment existed.
+        assert_eq!(acknowledged_since(0, created, now), 1_000);
+        // A clock ahead: not in the future.
+        assert_eq!(acknowledged_since(9_000, created, now), 5_000);
+        // No intact header: the client's time, at most now.
+        assert_eq!(acknowledged_since(0, None, now), 0);
+    }
+
+    #[test]
+    fn a_record_completed_with_its_seal_is_never_seen_pending_and_unsealed() {
+        use crate::chain::{Chains, SharedRecord};
+        let l = Ledger::default();
+        let at = p(1, 64);
+        l.add_live(
+            at,
+            PendingInfo {
+                since_ms: 0,
+                bytes: 10,
+            },
+            p(1, 128),
+        );
+        assert!(
+            matches!(l.pending_seal(at), Some(None)),
+            "pending, not yet sealed"
+        );
+        let record = Chains::new()
+            .seal(crate::envelope::Envelope {
+                id: "r".into(),
+                source: "s".into(),
+                ..Default::default()
+            })
+            .unwrap();
+        l.record_sealed([(at, SharedRecord::new(record))]);
+        assert!(
+            matches!(l.pending_seal(at), Some(Some(_))),
+            "pending with its seal"
+        );
+        l.complete(&[at]);
+        assert!(l.pending_seal(at).is_none(), "complete: not pending at all");
+        assert!(l.pending_seal(p(7, 64)).is_none(), "unknown: not pending");
     }
 
     #[test]

@@ -29,8 +29,10 @@
 //! the spool. The rewind re-dispatches every envelope still pending — the failed worker's
 //! included, from their last tombstone — and a sealed one is re-sent from its seal, so the
 //! secondary forwards exactly what the primary would have. After a back-off the supervisor
-//! restarts the failed worker the same way (another epoch, ownership restored). Start-up replay
-//! is simply the first epoch.
+//! restarts the failed worker the same way (another epoch, ownership restored). A slot whose
+//! primary and secondary are both down has no owner in the epoch: its records are passed over,
+//! pending, while the other slots flow, and the restart that ends the epoch brings them back in
+//! log order. Start-up replay is simply the first epoch.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -472,9 +474,16 @@ impl Dispatcher {
             return true;
         }
         let live = record.position >= self.ledger.counted_position();
-        if !live && !self.ledger.is_pending(record.position) {
-            return true;
-        }
+        // A record met for the first time has no seal; one met again (replay, a rewind) is
+        // read with its seal under one lock (see `Ledger::pending_seal`).
+        let seal = if live {
+            None
+        } else {
+            match self.ledger.pending_seal(record.position) {
+                None => return true,
+                Some(seal) => seal,
+            }
+        };
         let envelope = match Envelope::decode(&record.payload) {
             Ok(env) => env,
             Err(e) => return self.undecodable(&record, live, &e.to_string()).await,
@@ -487,7 +496,8 @@ impl Dispatcher {
             self.ledger.add_live(
                 record.position,
                 PendingInfo {
-                    since_ms: envelope.ts_ms.min(now),
+                    // Acknowledged just now: the client's ts_ms may be anything (a backfill).
+                    since_ms: now,
                     bytes: record.payload.len() as u32,
                 },
                 record.next,
@@ -499,19 +509,21 @@ impl Dispatcher {
             }
         }
         self.envelopes_ok.inc();
-        let item = self.work_item(&record, envelope);
+        let item = self.work_item(&record, envelope, seal);
         let Some(owner) = self
             .ownership
             .owner(item.envelope.slot % crate::slots::SLOTS)
         else {
-            // Every worker that could own this slot is down: wait for the epoch to end
-            // (a restart) rather than skip ahead and break per-slot order.
-            stopped(&mut self.stop).await;
-            return false;
+            // Every worker that could own this slot is down. Its records wait, pending, for
+            // the next epoch (a restart ends this one), which rewinds and sends them in log
+            // order; the ownership table is fixed for the epoch, so every later record of the
+            // slot is passed over too and order holds. The other slots go on meanwhile:
+            // waiting here stopped them all, for as long as the restart backoff (up to 30 s
+            // per failure of a record that fails every worker).
+            return true;
         };
         let Some(sender) = self.senders[owner].clone() else {
-            stopped(&mut self.stop).await;
-            return false;
+            return true;
         };
         if self.detached[owner].is_some() {
             // The worker's re-read will reach this record.
@@ -668,22 +680,28 @@ impl Dispatcher {
     /// The work item for `record` if it is a pending envelope of a slot worker `w` owns (a
     /// re-read for a worker left behind; the main pass already counted and checked it).
     fn item_for(&self, w: usize, record: &Record) -> Option<WorkItem> {
-        if record.kind != RecordKind::ENVELOPE || !self.ledger.is_pending(record.position) {
+        if record.kind != RecordKind::ENVELOPE {
             return None;
         }
+        let seal = self.ledger.pending_seal(record.position)?;
         let envelope = Envelope::decode(&record.payload).ok()?;
         if slot_mismatch(&envelope).is_some()
             || self.ownership.owner(envelope.slot % crate::slots::SLOTS) != Some(w)
         {
             return None;
         }
-        Some(self.work_item(record, envelope))
+        Some(self.work_item(record, envelope, seal))
     }
 
-    fn work_item(&self, record: &Record, envelope: Envelope) -> WorkItem {
+    fn work_item(
+        &self,
+        record: &Record,
+        envelope: Envelope,
+        sealed: Option<crate::chain::SharedRecord>,
+    ) -> WorkItem {
         WorkItem {
             position: record.position,
-            sealed: self.ledger.sealed(record.position),
+            sealed,
             bytes: record.payload.len(),
             envelope,
         }

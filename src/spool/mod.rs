@@ -185,6 +185,9 @@ pub struct RecordView<'a> {
     pub payload: &'a [u8],
     /// The position just after this record, in the same segment.
     pub next: Position,
+    /// When its segment was created, from an intact header: the record was acknowledged no
+    /// earlier. `None` where unknown.
+    pub segment_created_ms: Option<u64>,
 }
 
 /// Called by the writer, in log order, with every batch of records it has committed. The

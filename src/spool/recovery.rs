@@ -444,6 +444,7 @@ pub(crate) fn recover(
             }
         }
 
+        let created_ms = SegmentHeader::decode(&bytes).ok().map(|h| h.created_ms);
         match SegmentHeader::decode(&bytes) {
             Ok(h) if h.segment_id == id => {}
             Ok(h) => {
@@ -592,6 +593,7 @@ pub(crate) fn recover(
                         segment: id,
                         offset: offset + total,
                     },
+                    segment_created_ms: created_ms,
                 });
             }
         }
