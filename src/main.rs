@@ -481,6 +481,20 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 t.token = "<redacted>".into();
             }
             c.gate.pii_hash_key = "<redacted>".into();
+            for sink in c.sinks.values_mut() {
+                if let spoolgate::config::SinkConfig::Http { url, headers, .. } = sink {
+                    // Header values (an Authorization) and credentials in the URL.
+                    for value in headers.values_mut() {
+                        *value = "<redacted>".into();
+                    }
+                    if let Some((scheme, rest)) = url.split_once("://") {
+                        let authority = rest.split('/').next().unwrap_or(rest);
+                        if let Some(at) = authority.rfind('@') {
+                            *url = format!("{scheme}://<redacted>@{}", &rest[at + 1..]);
+                        }
+                    }
+                }
+            }
             print!("{}", toml::to_string_pretty(&c)?);
             Ok(ExitCode::SUCCESS)
         }
@@ -550,7 +564,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     .map(|()| verifier.finish())
                     .map(|s| {
                         let later = if partial {
-                            format!(", {} starting after seq 1", s.streams_starting_later)
+                            format!(
+                                ", {} starting after seq 1, {} record(s) from before a stream's first that do not link to it",
+                                s.streams_starting_later, s.unlinked_before_first
+                            )
                         } else {
                             String::new()
                         };

@@ -89,6 +89,9 @@ pub struct VerifySummary {
     pub duplicates: u64,
     /// Streams whose first record read was not seq 1 (only with [`Verifier::partial`]).
     pub streams_starting_later: usize,
+    /// Records from before their stream's first record read that do not link to it (only with
+    /// [`Verifier::partial`]): checked on their own (hash, slot, stream), not in the chain.
+    pub unlinked_before_first: u64,
 }
 
 /// The state of a verification fed line by line, from one input or several in order.
@@ -107,7 +110,9 @@ pub struct Verifier {
 #[derive(Debug)]
 struct Seen {
     first_seq: u64,
-    hashes: Vec<[u8; 32]>,
+    /// The `prev_hash` of record `first_seq`: what record `first_seq - 1` must hash to.
+    first_prev: [u8; 32],
+    hashes: std::collections::VecDeque<[u8; 32]>,
 }
 
 impl Default for Verifier {
@@ -182,7 +187,8 @@ impl Verifier {
                     rec.stream.clone(),
                     Seen {
                         first_seq: rec.seq,
-                        hashes: vec![hash],
+                        first_prev: prev,
+                        hashes: [hash].into(),
                     },
                 );
                 if rec.seq == 1 && prev != GENESIS {
@@ -200,22 +206,30 @@ impl Verifier {
             }
         };
         // Every seq seen lies in first_seq ..= last, so the arithmetic below cannot overflow.
-        let last = seen.first_seq + seen.hashes.len() as u64 - 1;
+        let last = seen.first_seq + (seen.hashes.len() as u64 - 1);
         if rec.seq < seen.first_seq {
-            return Err(broken(format!(
-                "seq before this stream's first record read, seq {}",
-                seen.first_seq
-            )));
+            // Only with --partial (otherwise the first is seq 1): a record from before the one
+            // that anchored the stream, such as a redelivery of records whose first copies
+            // were in a removed file. It extends the stream back if it links to it; otherwise
+            // nothing read can vouch for it, and it is counted, not failed.
+            if rec.seq == seen.first_seq - 1 && hash == seen.first_prev {
+                seen.hashes.push_front(hash);
+                seen.first_seq = rec.seq;
+                seen.first_prev = prev;
+            } else {
+                self.summary.unlinked_before_first += 1;
+                return Ok(());
+            }
         } else if rec.seq <= last {
             if seen.hashes[(rec.seq - seen.first_seq) as usize] != hash {
                 return Err(broken("delivered twice with different content".into()));
             }
             self.summary.duplicates += 1;
         } else if rec.seq - 1 == last {
-            if prev != seen.hashes[seen.hashes.len() - 1] {
+            if Some(&prev) != seen.hashes.back() {
                 return Err(broken(format!("prev_hash does not link to seq {last}")));
             }
-            seen.hashes.push(hash);
+            seen.hashes.push_back(hash);
         } else {
             return Err(broken(format!(
                 "gap: previous record of this stream is seq {last}"
@@ -479,7 +493,8 @@ mod tests {
                 streams: 1,
                 records: 3,
                 duplicates: 1,
-                streams_starting_later: 0
+                streams_starting_later: 0,
+                unlinked_before_first: 0
             }
         );
 
@@ -588,7 +603,7 @@ mod tests {
 
     #[test]
     fn with_partial_a_stream_may_start_after_seq_1_and_is_checked_from_there() {
-        let lines: Vec<String> = output_lines(5).into_iter().map(|(l, _)| l).collect();
+        let lines: Vec<String> = output_lines(6).into_iter().map(|(l, _)| l).collect();
         let read = |partial: bool, picked: &[usize]| {
             let mut verifier = Verifier::new();
             if partial {
@@ -609,7 +624,8 @@ mod tests {
                 streams: 1,
                 records: 4,
                 duplicates: 1,
-                streams_starting_later: 1
+                streams_starting_later: 1,
+                unlinked_before_first: 0
             }
         );
         assert_eq!(read(true, &[1, 2]).unwrap().streams_starting_later, 0);
@@ -620,11 +636,14 @@ mod tests {
             err.contains("gap: previous record of this stream is seq 3"),
             "{err}"
         );
-        let err = read(true, &[3, 2]).unwrap_err().to_string();
-        assert!(
-            err.contains("before this stream's first record read, seq 3"),
-            "{err}"
-        );
+        // Before the anchor: a record that links to it extends the stream back, one that
+        // does not is counted (a redelivery whose first copy was in a removed file).
+        let summary = read(true, &[5, 6, 3, 4, 5, 6]).unwrap();
+        assert_eq!(summary.unlinked_before_first, 1, "{summary:?}");
+        assert_eq!((summary.records, summary.duplicates), (5, 2), "{summary:?}");
+        let summary = read(true, &[3, 2, 1, 4]).unwrap();
+        assert_eq!(summary.unlinked_before_first, 0, "{summary:?}");
+        assert_eq!(summary.records, 4, "{summary:?}");
     }
 
     #[test]

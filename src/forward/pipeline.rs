@@ -488,8 +488,13 @@ impl Dispatcher {
             Ok(env) => env,
             Err(e) => return self.undecodable(&record, live, &e.to_string()).await,
         };
-        if let Some(why) = slot_mismatch(&envelope) {
-            return self.undecodable(&record, live, &why).await;
+        // A record already sealed (by an earlier build, or a spool written by anything else) is
+        // re-sent from its seal as it is, like any other: dead-lettering it now would leave a
+        // gap at its sequence number.
+        if seal.is_none() {
+            if let Some(why) = slot_mismatch(&envelope) {
+                return self.undecodable(&record, live, &why).await;
+            }
         }
         if live {
             let now = crate::ingest::now_ms();
@@ -685,7 +690,7 @@ impl Dispatcher {
         }
         let seal = self.ledger.pending_seal(record.position)?;
         let envelope = Envelope::decode(&record.payload).ok()?;
-        if slot_mismatch(&envelope).is_some()
+        if (seal.is_none() && slot_mismatch(&envelope).is_some())
             || self.ownership.owner(envelope.slot % crate::slots::SLOTS) != Some(w)
         {
             return None;
@@ -730,7 +735,7 @@ impl Dispatcher {
             segment = record.position.segment,
             offset = record.position.offset,
             error = why,
-            "envelope record does not decode; dead-lettering its raw bytes"
+            "envelope record cannot be forwarded (it does not decode, or its slot is not its stream's); dead-lettering its raw bytes"
         );
         let mut backoff = Backoff::new(self.retry_initial, self.retry_max, fastrand::u64(..));
         let mut waiting = false;

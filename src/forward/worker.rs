@@ -377,7 +377,7 @@ impl Worker {
                 // A record whose gated form cannot fit a spool record would fail every worker
                 // that tried it and stall its slot for good. It takes no sequence number (the
                 // head is unchanged), goes to the dead-letter directory below and is tombstoned
-                // with the batch.
+                // before the batch's seal is written.
                 Err(e @ SealError::TooLarge { .. }) => unsealable.push((i, e)),
                 Err(SealError::Chain(e)) => return Err(invalid(e)),
             }
@@ -453,8 +453,8 @@ impl Worker {
     }
 
     /// Keeps an envelope that could not be sealed in the dead-letter directory, as gated (its
-    /// text masked or hashed per the PII policy), with the reason. Its tombstone follows with
-    /// the batch's; until then it stays pending, and a retry dead-letters it again. With no room
+    /// text masked or hashed per the PII policy), with the reason. Its tombstone follows, before
+    /// the batch's seal; until then it stays pending, and a retry dead-letters it again. With no room
     /// for the file (the directory's bound, or a full filesystem) it waits with the sink retry
     /// backoff, as a sink's rejected batch does, rather than fail the worker: a secondary
     /// would find no more room. `Ok(false)` when stopped while waiting.

@@ -276,7 +276,18 @@ impl Gate {
             scan_end -= 1;
         }
         let scanned = &text[..scan_end];
-        let matches = self.detector.find(scanned);
+        let mut matches = self.detector.find(scanned);
+        // A private key the scanned prefix cut runs on past it: rewritten, it is rewritten
+        // whole (to its END line, or to the end of the text), not up to the cut, leaving the
+        // rest of the key in clear.
+        if let Some(last) = matches.last_mut() {
+            if PII_KINDS[last.kind] == "private_key"
+                && last.end == scan_end
+                && scan_end < text.len()
+            {
+                last.end = pii::private_key_end(&text, last.start);
+            }
+        }
         let mut found = [0u64; PII_KINDS.len()];
         let mut drop_text = false;
         for m in &matches {
@@ -380,6 +391,26 @@ mod tests {
         std::fs::write(&path, "rule = []\n").unwrap();
         g.reload().unwrap();
         assert!(classify(&g, "alpha").tags.is_empty());
+    }
+
+    #[test]
+    fn a_private_key_the_scanned_prefix_cuts_is_masked_whole_and_the_text_after_it_kept() {
+        let key = format!(
+            "-----BEGIN RSA PRIVATE KEY-----\n{}\n-----END RSA PRIVATE KEY-----",
+            "MIIEowIBAAKCAQEA".repeat(10)
+        );
+        let cfg = GateConfig {
+            pii: [("private_key".to_string(), PiiAction::Mask)].into(),
+            scan_bytes_max: 64,
+            ..GateConfig::default()
+        };
+        let g = Gate::new(&cfg, Arc::new(Metrics::new())).unwrap();
+        let e = classify(&g, &format!("key: {key} and after."));
+        assert_eq!(e.text.as_deref(), Some("key: [PRIVATE_KEY] and after."));
+        // With no END line, to the end of the text.
+        let cut = &key[..120];
+        let e = classify(&g, &format!("key: {cut}"));
+        assert_eq!(e.text.as_deref(), Some("key: [PRIVATE_KEY]"));
     }
 
     #[test]

@@ -68,7 +68,7 @@ fn luhn(digits: &[u8]) -> bool {
     sum % 10 == 0
 }
 
-/// The mod-97 check of an IBAN, spaces ignored; lowercase letters count as their uppercase.
+/// The mod-97 check of an IBAN, spaces ignored.
 fn iban_ok(s: &str) -> bool {
     let compact: Vec<u8> = s.bytes().filter(|b| !b.is_ascii_whitespace()).collect();
     if !(15..=34).contains(&compact.len()) {
@@ -80,7 +80,6 @@ fn iban_ok(s: &str) -> bool {
         let v = match b {
             b'0'..=b'9' => u32::from(b - b'0'),
             b'A'..=b'Z' => u32::from(b - b'A') + 10,
-            b'a'..=b'z' => u32::from(b - b'a') + 10,
             _ => return false,
         };
         rem = if v >= 10 {
@@ -94,15 +93,14 @@ fn iban_ok(s: &str) -> bool {
 
 /// The IBAN in the candidate `text[start..end]`: the candidate itself, or, when it fails the
 /// check, the candidate without its trailing space-separated group(s) ("ES91 … 1332 EUR": the
-/// optional last group of the pattern took " EUR"). Letters are all of one case: an uppercase or
-/// a lowercase IBAN, not a mix (which is more likely words than an account).
+/// optional last group of the pattern took " EUR"). Only upper case, as IBANs are printed: in
+/// lower case, one 32-digit hex id (a trace id, an MD5) in about 97 that starts with two letters
+/// and two digits passes the check, and would be masked.
 fn iban_span(text: &str, start: usize, end: usize) -> Option<(usize, usize)> {
     let mut end = end;
     loop {
         let m = &text[start..end];
-        let upper = m.bytes().any(|b| b.is_ascii_uppercase());
-        let lower = m.bytes().any(|b| b.is_ascii_lowercase());
-        if !(upper && lower) && iban_ok(m) {
+        if iban_ok(m) {
             return Some((start, end));
         }
         end = start + m.rfind(' ')?;
@@ -166,6 +164,28 @@ fn card_span(text: &str, start: usize, end: usize) -> Option<(usize, usize)> {
         .map(|(_, s, e)| (s, e))
 }
 
+/// Where the private key block whose BEGIN line starts at `begin` in `text` ends: after the END
+/// line with the same label, or at the end of `text` when none follows (a truncated key is
+/// covered whole). The gate calls it on the whole text for a key its scanned prefix cut.
+pub fn private_key_end(text: &str, begin: usize) -> usize {
+    let b = text.as_bytes();
+    let head = &b[begin..];
+    let Some(label_end) = head
+        .get("-----BEGIN ".len()..)
+        .and_then(|rest| memchr::memmem::find(rest, b"-----"))
+        .map(|at| "-----BEGIN ".len() + at)
+    else {
+        return text.len();
+    };
+    let label = &head["-----BEGIN ".len()..label_end];
+    let after = begin + label_end + "-----".len();
+    let mut end_line = b"-----END ".to_vec();
+    end_line.extend_from_slice(label);
+    end_line.extend_from_slice(b"-----");
+    memchr::memmem::find(&b[after..], &end_line)
+        .map_or(text.len(), |at| after + at + end_line.len())
+}
+
 fn ssn_ok(s: &str) -> bool {
     let parts: Vec<&str> = s.split('-').collect();
     let [area, group, serial] = parts[..] else {
@@ -196,7 +216,7 @@ impl Detector {
             r"(?-u)\beyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}",
             r"(?-u)\b(?:AKIA|ASIA)[0-9A-Z]{16}\b",
             r"(?-u)\b[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b",
-            r"(?-u)\b[A-Za-z]{2}\d{2}(?: ?[A-Za-z0-9]{4}){2,7}(?: ?[A-Za-z0-9]{1,4})?\b",
+            r"(?-u)\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,4})?\b",
             r"(?-u)\b\d(?:[ -]?\d){12,18}\b",
             r"(?-u)\b\d{3}-\d{2}-\d{4}\b",
             // Eight groups; or groups, `::`, groups, where the groups after `::` may end in a
@@ -240,13 +260,7 @@ impl Detector {
         let digit_at = |i: usize| b.get(i).is_some_and(u8::is_ascii_digit);
         let whole = Some((start, end));
         match PII_KINDS[kind] {
-            "private_key" => {
-                let label = &m["-----BEGIN ".len()..m.len() - "-----".len()];
-                let end_line = format!("-----END {label}-----");
-                let close = memchr::memmem::find(&b[end..], end_line.as_bytes())
-                    .map_or(text.len(), |at| end + at + end_line.len());
-                Some((start, close))
-            }
+            "private_key" => Some((start, private_key_end(text, start))),
             "card" => card_span(text, start, end),
             "iban" => iban_span(text, start, end),
             "us_ssn" => whole.filter(|_| ssn_ok(m)),
@@ -452,12 +466,17 @@ mod tests {
     }
 
     #[test]
-    fn an_iban_followed_by_a_currency_or_a_short_number_or_in_lowercase_is_found() {
+    fn an_iban_followed_by_a_currency_or_a_short_number_is_found_and_a_hex_id_is_not() {
         check(&[
             ("ES91 2100 0418 4502 0005 1332 EUR", 1, "[IBAN] EUR"),
             ("ES91 2100 0418 4502 0005 1332 12", 1, "[IBAN] 12"),
-            ("es91 2100 0418 4502 0005 1332", 1, "[IBAN]"),
-            ("gb82 west 1234 5698 7654 32 EUR", 1, "[IBAN] EUR"),
+            ("GB82 WEST 1234 5698 7654 32 EUR", 1, "[IBAN] EUR"),
+            // Lower case is not an IBAN: hex ids (trace ids, digests) would be masked.
+            (
+                "es91 2100 0418 4502 0005 1332",
+                0,
+                "es91 2100 0418 4502 0005 1332",
+            ),
         ]);
     }
 

@@ -399,7 +399,7 @@ async fn ingest(state: &IngestState, req: Request<Incoming>) -> HttpResponse {
             StatusCode::PAYLOAD_TOO_LARGE,
             "request_too_large",
             format!(
-                "the request's {} envelopes take {request_bytes} bytes in the spool, more than                  one segment holds ({request_bytes_max} bytes: spool.segment_bytes_max less its                  header and rotation frame); send them in smaller batches",
+                "the request's {} envelopes take {request_bytes} bytes in the spool, more than one segment holds ({request_bytes_max} bytes: spool.segment_bytes_max less its header and rotation frame); send them in smaller batches",
                 parsed.len()
             ),
         );
