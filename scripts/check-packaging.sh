@@ -86,6 +86,25 @@ else
     skip "promtool checks" "promtool could not be installed"
 fi
 
+# Every spoolgate_* name the alert rules and the dashboard use must be one src/metrics.rs
+# defines (a histogram's _bucket, _sum and _count included): a renamed metric would otherwise
+# leave an alert that never fires. The live scrape cannot tell, since a labelled family with no
+# series yet is not exported.
+defined=$(grep -o '"spoolgate_[a-z0-9_]*"' src/metrics.rs | tr -d '"' | sort -u)
+unknown=""
+for name in $(grep -oh 'spoolgate_[a-z0-9_]*' packaging/prometheus/alerts.yml \
+        packaging/grafana/spoolgate-dashboard.json | sort -u); do
+    base=${name%_bucket}; base=${base%_sum}; base=${base%_count}
+    if ! grep -qx "$name" <<<"$defined" && ! grep -qx "$base" <<<"$defined"; then
+        unknown="$unknown $name"
+    fi
+done
+if [ -z "$unknown" ]; then
+    pass "alert rules and dashboard name only metrics src/metrics.rs defines"
+else
+    fail "alert rules or dashboard name metrics src/metrics.rs does not define:$unknown"
+fi
+
 if command -v systemd-analyze >/dev/null; then
     # verify resolves ExecStart=, so check a copy whose binary path points at the build, and
     # whose User= exists here (the package's postinst creates `spoolgate`).
