@@ -92,7 +92,7 @@ fi
 # series yet is not exported.
 defined=$(grep -o '"spoolgate_[a-z0-9_]*"' src/metrics.rs | tr -d '"' | sort -u)
 unknown=""
-for name in $(grep -oh 'spoolgate_[a-z0-9_]*' packaging/prometheus/alerts.yml \
+for name in $(grep -oh 'spoolgate_[a-z0-9_]*[a-z0-9]' packaging/prometheus/alerts.yml \
         packaging/grafana/spoolgate-dashboard.json | sort -u); do
     base=${name%_bucket}; base=${base%_sum}; base=${base%_count}
     if ! grep -qx "$name" <<<"$defined" && ! grep -qx "$base" <<<"$defined"; then
