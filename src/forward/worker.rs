@@ -219,6 +219,16 @@ pub struct WorkerContext {
 }
 
 impl WorkerContext {
+    /// Completes `positions` once their tombstone is written: compaction may then delete
+    /// them, so it is woken.
+    fn tombstoned(&self, positions: &[Position]) {
+        self.ledger.complete(positions);
+        self.metrics
+            .tombstones_written_total
+            .inc_by(positions.len() as u64);
+        self.compaction.notify_one();
+    }
+
     /// The backoff of every retry in a worker: a sink's failures, and the waits for room in
     /// the spool and the dead-letter directory (`forward.retry_initial_ms` / `retry_max_ms`,
     /// jittered with a random seed so workers do not retry in step).
@@ -412,11 +422,7 @@ impl Worker {
             if appended == Appended::Stopped {
                 return Ok(None);
             }
-            ctx.ledger.complete(&positions);
-            ctx.metrics
-                .tombstones_written_total
-                .inc_by(positions.len() as u64);
-            ctx.compaction.notify_one();
+            ctx.tombstoned(&positions);
         }
         if !writer.is_empty() {
             let records = writer
@@ -562,11 +568,7 @@ impl Worker {
             // Only a written tombstone (durable per the mode) completes a record: compaction
             // may then delete it. Whichever of the two a power failure undoes, the record was
             // delivered; at worst it is delivered again, from its seal.
-            ctx.ledger.complete(&positions);
-            ctx.metrics
-                .tombstones_written_total
-                .inc_by(positions.len() as u64);
-            ctx.compaction.notify_one();
+            ctx.tombstoned(&positions);
             Ok(())
         }));
         Ok(true)
