@@ -12,15 +12,35 @@ mod pipeline_common;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use pipeline_common::{append, wait_until, RecordingSink};
+use pipeline_common::{append, envelope_record, wait_until, RecordingSink};
 use spoolgate::chain::{SealedBatch, Tombstone};
 use spoolgate::config::ForwardConfig;
-use spoolgate::envelope::{Envelope, ENVELOPE_VERSION};
+use spoolgate::envelope::Envelope;
 use spoolgate::forward::ledger::Ledger;
 use spoolgate::metrics::Metrics;
 use spoolgate::ring::Ring;
 use spoolgate::slots::slot_of;
 use spoolgate::spool::{Position, RecordKind, Spool};
+
+/// What `sink` received: each record's envelope id and sequence number, in order.
+fn delivered(sink: &RecordingSink) -> Vec<(String, u64)> {
+    sink.delivered
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|r| (r.envelope.id.clone(), r.seq))
+        .collect()
+}
+
+/// The dead letters under `scratch` (the pipeline's `dl` directory), parsed.
+fn dead_letters(scratch: &std::path::Path) -> Vec<serde_json::Value> {
+    std::fs::read_dir(scratch.join("dl"))
+        .unwrap()
+        .map(|e| {
+            serde_json::from_str(&std::fs::read_to_string(e.unwrap().path()).unwrap()).unwrap()
+        })
+        .collect()
+}
 
 /// A config whose retries come after 1-10 ms, so a test need not wait for them.
 fn quick_retries() -> ForwardConfig {
@@ -97,23 +117,11 @@ async fn an_undecodable_envelope_record_is_dead_lettered_as_hex_and_tombstoned_a
         false
     };
     wait_until("the bad record tombstoned", || tombstoned(bad)).await;
-    let delivered: Vec<(String, u64)> = sink
-        .delivered
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|r| (r.envelope.id.clone(), r.seq))
-        .collect();
     assert_eq!(
-        delivered,
+        delivered(&sink),
         vec![("before".to_string(), 1), ("after".to_string(), 2)]
     );
-    let letters: Vec<serde_json::Value> = std::fs::read_dir(dir.path().join("dl"))
-        .unwrap()
-        .map(|e| {
-            serde_json::from_str(&std::fs::read_to_string(e.unwrap().path()).unwrap()).unwrap()
-        })
-        .collect();
+    let letters = dead_letters(dir.path());
     assert_eq!(letters.len(), 1, "{letters:?}");
     assert_eq!(letters[0]["payload_hex"], "c12a");
     assert_eq!(letters[0]["position"]["offset"], bad.offset);
@@ -255,21 +263,6 @@ async fn an_undecodable_record_whose_tombstone_finds_the_spool_full_spends_the_d
     pipeline.shutdown().await;
 }
 
-/// The envelope record of `tenant` with `id` and `text`, as ingest writes it.
-fn envelope_record(tenant: &str, id: &str, text: String) -> (RecordKind, Bytes) {
-    let env = Envelope {
-        version: ENVELOPE_VERSION,
-        id: id.into(),
-        source: "test".into(),
-        slot: slot_of(tenant),
-        tenant: Some(tenant.to_string()),
-        text: Some(text),
-        ts_ms: 1,
-        ..Default::default()
-    };
-    (RecordKind::ENVELOPE, Bytes::from(env.encode().unwrap()))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_record_too_large_to_seal_is_tombstoned_before_anything_behind_it_is_sealed() {
     // Whether a record fits a seal depends on the rules and the PII policy, which may change
@@ -311,15 +304,8 @@ async fn a_record_too_large_to_seal_is_tombstoned_before_anything_behind_it_is_s
     .await;
     pipeline.shutdown().await;
 
-    let delivered: Vec<(String, u64)> = sink
-        .delivered
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|r| (r.envelope.id.clone(), r.seq))
-        .collect();
     assert_eq!(
-        delivered,
+        delivered(&sink),
         vec![("before".to_string(), 1), ("after".to_string(), 2)]
     );
     // Log order of the big record's tombstone and of the seal of the record behind it.
@@ -370,14 +356,8 @@ async fn an_envelope_whose_slot_is_not_its_streams_is_dead_lettered_not_sequence
     let ring = Arc::new(Ring::new(1024, 1 << 20, metrics.clone()));
     let spool = pipeline_common::open_spool(dir.path(), &ring, &metrics);
     let foreign = Envelope {
-        version: ENVELOPE_VERSION,
-        id: "foreign".into(),
-        source: "test".into(),
         slot: (slot_of("t") + 1) % 1024,
-        tenant: Some("t".into()),
-        text: Some("Routed elsewhere.".into()),
-        ts_ms: 1,
-        ..Default::default()
+        ..pipeline_common::envelope("t", "foreign".into(), "Routed elsewhere.".into())
     };
     let positions = spool
         .append(vec![
@@ -409,23 +389,11 @@ async fn an_envelope_whose_slot_is_not_its_streams_is_dead_lettered_not_sequence
     })
     .await;
     pipeline.shutdown().await;
-    let delivered: Vec<(String, u64)> = sink
-        .delivered
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|r| (r.envelope.id.clone(), r.seq))
-        .collect();
     assert_eq!(
-        delivered,
+        delivered(&sink),
         vec![("before".to_string(), 1), ("after".to_string(), 2)]
     );
-    let letters: Vec<serde_json::Value> = std::fs::read_dir(dir.path().join("dl"))
-        .unwrap()
-        .map(|e| {
-            serde_json::from_str(&std::fs::read_to_string(e.unwrap().path()).unwrap()).unwrap()
-        })
-        .collect();
+    let letters = dead_letters(dir.path());
     assert_eq!(letters.len(), 1, "{letters:?}");
     assert_eq!(letters[0]["position"]["offset"], positions[1].offset);
     let reason = letters[0]["reason"].as_str().unwrap_or_default();

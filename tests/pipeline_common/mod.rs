@@ -110,9 +110,9 @@ pub fn open_spool_fs(
         .0
 }
 
-/// Appends an envelope of `tenant` with `id` and `text`; returns its position.
-pub async fn append(spool: &Spool, tenant: &str, id: String, text: String) -> Position {
-    let env = Envelope {
+/// An envelope of `tenant` with `id` and `text`, as ingest makes it.
+pub fn envelope(tenant: &str, id: String, text: String) -> Envelope {
+    Envelope {
         version: ENVELOPE_VERSION,
         id,
         source: "test".into(),
@@ -121,12 +121,19 @@ pub async fn append(spool: &Spool, tenant: &str, id: String, text: String) -> Po
         text: Some(text),
         ts_ms: 1,
         ..Default::default()
-    };
+    }
+}
+
+/// [`envelope`] as the record ingest writes.
+pub fn envelope_record(tenant: &str, id: &str, text: String) -> (RecordKind, Bytes) {
+    let env = envelope(tenant, id.to_string(), text);
+    (RecordKind::ENVELOPE, Bytes::from(env.encode().unwrap()))
+}
+
+/// Appends an envelope of `tenant` with `id` and `text`; returns its position.
+pub async fn append(spool: &Spool, tenant: &str, id: String, text: String) -> Position {
     spool
-        .append(vec![(
-            RecordKind::ENVELOPE,
-            Bytes::from(env.encode().unwrap()),
-        )])
+        .append(vec![envelope_record(tenant, &id, text)])
         .await
         .unwrap()[0]
 }
