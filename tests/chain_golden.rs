@@ -110,3 +110,96 @@ fn the_documented_checkpoint_is_what_sealing_the_documented_envelopes_leaves() {
     assert_eq!(head.seq, 2);
     assert_eq!(hex::encode(head.hash), documented("hash-2"));
 }
+
+/// `bytes` as the offset-and-hex dump the golden vectors use, for a failure message that can
+/// be pasted into spool-format.md.
+fn hexdump(bytes: &[u8]) -> String {
+    bytes
+        .chunks(16)
+        .enumerate()
+        .map(|(n, c)| {
+            let hex: Vec<String> = c.iter().map(|b| format!("{b:02x}")).collect();
+            format!("{:04x}  {}\n", n * 16, hex.join(" "))
+        })
+        .collect()
+}
+
+fn assert_documented(name: &str, bytes: &[u8]) {
+    assert_eq!(
+        hex::encode(bytes),
+        documented(name),
+        "spool-format.md's {name} differs from the encoder; current bytes:\n{}",
+        hexdump(bytes)
+    );
+}
+
+#[test]
+fn the_documented_sealed_payload_is_what_the_worker_writes_for_seq_1() {
+    let [first, _] = documented_envelopes();
+    let at = spoolgate::spool::Position {
+        segment: 1,
+        offset: 64,
+    };
+    let mut chains = Chains::new();
+    let mut writer = spoolgate::chain::SealWriter::new(1_114_112, 0);
+    let record = writer.seal(&mut chains, at, first).unwrap();
+    let payloads = writer.finish();
+    assert_eq!(payloads.len(), 1);
+    assert_documented("sealed-1", &payloads[0]);
+    let batch = spoolgate::chain::SealedBatch::decode(&payloads[0]).unwrap();
+    assert_eq!(batch.entries.len(), 1);
+    assert_eq!(batch.entries[0].position, at);
+    assert_eq!(batch.entries[0].record, record);
+    assert_eq!(record.hash, documented("hash-1"));
+}
+
+#[test]
+fn the_documented_tombstone_payload_is_what_the_worker_writes() {
+    let positions = [(1, 64), (1, 1_048_512)]
+        .map(|(segment, offset)| spoolgate::spool::Position { segment, offset });
+    let bytes = spoolgate::chain::Tombstone {
+        positions: positions.to_vec(),
+    }
+    .encode()
+    .unwrap();
+    assert_documented("tombstone-1", &bytes);
+}
+
+#[test]
+fn the_documented_json_line_is_what_the_file_sink_writes_for_seq_1() {
+    let [first, _] = documented_envelopes();
+    let record = Chains::new().seal(first).unwrap();
+    let mut line = Vec::new();
+    spoolgate::forward::json::write_record(&mut line, &record).unwrap();
+    let doc =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/spool-format.md")).unwrap();
+    let (begin, end) = (
+        "<!-- golden-chain:line-1:begin -->",
+        "<!-- golden-chain:line-1:end -->",
+    );
+    let inside = &doc[doc.find(begin).expect(begin) + begin.len()..doc.find(end).expect(end)];
+    let documented: Vec<&str> = inside
+        .lines()
+        .filter(|l| !l.trim().is_empty() && !l.starts_with("```"))
+        .collect();
+    assert_eq!(documented, [std::str::from_utf8(&line).unwrap()]);
+}
+
+#[test]
+fn the_documented_dedup_checkpoint_is_what_compaction_writes() {
+    let entry = spoolgate::ingest::dedup_file::DedupEntry {
+        key: "acme\0c1".into(),
+        position: spoolgate::spool::Position {
+            segment: 1,
+            offset: 64,
+        },
+        slot: spoolgate::slots::slot_of("acme"),
+        accepted_ms: 1_700_000_000_000,
+    };
+    let bytes = spoolgate::ingest::dedup_file::encode(std::slice::from_ref(&entry)).unwrap();
+    assert_documented("dedup-1", &bytes);
+    assert_eq!(
+        spoolgate::ingest::dedup_file::decode(&bytes).unwrap(),
+        vec![entry]
+    );
+}

@@ -86,6 +86,51 @@ fn the_reference_reader_decodes_the_golden_segment_of_the_spec() {
 }
 
 #[test]
+fn the_reference_reader_decodes_the_specs_sealed_tombstone_and_dedup_vectors() {
+    // The golden segment with the sealed and tombstone payloads of §8 framed after its two
+    // envelopes (at 256), and the dedup checkpoint of §10 in the data directory.
+    let dir = tempfile::tempdir().unwrap();
+    let mut segment = spec_bytes("golden-segment");
+    assert_eq!(segment.len(), 256);
+    spoolgate::spool::format::encode_frame(2, &spec_bytes("golden-chain:sealed-1"), &mut segment);
+    spoolgate::spool::format::encode_frame(
+        3,
+        &spec_bytes("golden-chain:tombstone-1"),
+        &mut segment,
+    );
+    std::fs::write(dir.path().join("00000000000000000001.seg"), &segment).unwrap();
+    let (ok, out) = spoolread("dump", dir.path());
+    assert!(ok, "{out}");
+    let records = out["records"].as_array().unwrap();
+    assert_eq!(records.len(), 4, "{out}");
+    assert_eq!(records[2]["kind"], "sealed");
+    let entry = &records[2]["payload"]["entries"][0];
+    assert_eq!(entry["position"], json!({"segment": 1, "offset": 64}));
+    assert_eq!(entry["record"]["seq"], 1);
+    assert_eq!(entry["record"]["hash"], spec_hex("golden-chain:hash-1"));
+    assert_eq!(entry["record"]["envelope"]["tags"], json!(["greeting"]));
+    assert_eq!(records[3]["kind"], "tombstone");
+    assert_eq!(
+        records[3]["payload"],
+        json!({"positions": [{"segment": 1, "offset": 64}, {"segment": 1, "offset": 1_048_512}]})
+    );
+
+    std::fs::write(
+        dir.path()
+            .join("dedup-00000000000000000002-00000001700000000000"),
+        spec_bytes("golden-chain:dedup-1"),
+    )
+    .unwrap();
+    let (ok, out) = spoolread("dedup", dir.path());
+    assert!(ok, "{out}");
+    assert_eq!(
+        out["entries"],
+        json!([{"tenant": "acme", "id": "c1", "segment": 1, "offset": 64, "slot": 527,
+                "accepted_ms": 1_700_000_000_000u64}])
+    );
+}
+
+#[test]
 fn the_reference_reader_accepts_the_specs_test_vector_and_refuses_it_with_a_changed_byte() {
     let dir = tempfile::tempdir().unwrap();
     let line = spec_json_line();
