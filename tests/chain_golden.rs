@@ -111,25 +111,12 @@ fn the_documented_checkpoint_is_what_sealing_the_documented_envelopes_leaves() {
     assert_eq!(hex::encode(head.hash), documented("hash-2"));
 }
 
-/// `bytes` as the offset-and-hex dump the golden vectors use, for a failure message that can
-/// be pasted into spool-format.md.
-fn hexdump(bytes: &[u8]) -> String {
-    bytes
-        .chunks(16)
-        .enumerate()
-        .map(|(n, c)| {
-            let hex: Vec<String> = c.iter().map(|b| format!("{b:02x}")).collect();
-            format!("{:04x}  {}\n", n * 16, hex.join(" "))
-        })
-        .collect()
-}
-
 fn assert_documented(name: &str, bytes: &[u8]) {
     assert_eq!(
         hex::encode(bytes),
         documented(name),
         "spool-format.md's {name} differs from the encoder; current bytes:\n{}",
-        hexdump(bytes)
+        common::hexdump(bytes)
     );
 }
 

@@ -263,6 +263,38 @@ async fn an_undecodable_record_whose_tombstone_finds_the_spool_full_spends_the_d
     pipeline.shutdown().await;
 }
 
+/// Appends `before`, `middle` and `after` of stream `t` in one request, then starts a
+/// pipeline on the spool with a recording sink and waits until the two good records are
+/// delivered. Returns the three positions, the sink and the running pipeline.
+async fn forward_around(
+    spool: &Spool,
+    ring: Arc<Ring>,
+    metrics: &Arc<Metrics>,
+    scratch: &std::path::Path,
+    middle: (RecordKind, Bytes),
+) -> (
+    Vec<Position>,
+    Arc<RecordingSink>,
+    spoolgate::forward::pipeline::Pipeline,
+) {
+    let positions = spool
+        .append(vec![
+            envelope_record("t", "before", "First.".into()),
+            middle,
+            envelope_record("t", "after", "Last.".into()),
+        ])
+        .await
+        .unwrap();
+    let sink = Arc::new(RecordingSink::default());
+    let pipeline =
+        pipeline_common::start(spool, ring, metrics, sink.clone(), quick_retries(), scratch);
+    wait_until("both good records delivered", || {
+        sink.delivered.lock().unwrap().len() == 2
+    })
+    .await;
+    (positions, sink, pipeline)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_record_too_large_to_seal_is_tombstoned_before_anything_behind_it_is_sealed() {
     // Whether a record fits a seal depends on the rules and the PII policy, which may change
@@ -280,28 +312,15 @@ async fn a_record_too_large_to_seal_is_tombstoned_before_anything_behind_it_is_s
     while envelope_record("t", "big", text.clone()).1.len() > record_bytes_max - 8 {
         text.pop();
     }
-    let positions = spool
-        .append(vec![
-            envelope_record("t", "before", "First.".into()),
-            envelope_record("t", "big", text),
-            envelope_record("t", "after", "Last.".into()),
-        ])
-        .await
-        .unwrap();
-    let (big, after) = (positions[1], positions[2]);
-    let sink = Arc::new(RecordingSink::default());
-    let pipeline = pipeline_common::start(
+    let (positions, sink, pipeline) = forward_around(
         &spool,
         ring,
         &metrics,
-        sink.clone(),
-        quick_retries(),
         dir.path(),
-    );
-    wait_until("both records that fit delivered", || {
-        sink.delivered.lock().unwrap().len() == 2
-    })
+        envelope_record("t", "big", text),
+    )
     .await;
+    let (big, after) = (positions[1], positions[2]);
     pipeline.shutdown().await;
 
     assert_eq!(
@@ -359,26 +378,13 @@ async fn an_envelope_whose_slot_is_not_its_streams_is_dead_lettered_not_sequence
         slot: (slot_of("t") + 1) % 1024,
         ..pipeline_common::envelope("t", "foreign".into(), "Routed elsewhere.".into())
     };
-    let positions = spool
-        .append(vec![
-            envelope_record("t", "before", "First.".into()),
-            (RecordKind::ENVELOPE, Bytes::from(foreign.encode().unwrap())),
-            envelope_record("t", "after", "Last.".into()),
-        ])
-        .await
-        .unwrap();
-    let sink = Arc::new(RecordingSink::default());
-    let pipeline = pipeline_common::start(
+    let (positions, sink, pipeline) = forward_around(
         &spool,
         ring,
         &metrics,
-        sink.clone(),
-        quick_retries(),
         dir.path(),
-    );
-    wait_until("both records of the stream delivered", || {
-        sink.delivered.lock().unwrap().len() == 2
-    })
+        (RecordKind::ENVELOPE, Bytes::from(foreign.encode().unwrap())),
+    )
     .await;
     wait_until("the foreign record dead-lettered", || {
         metrics

@@ -44,17 +44,6 @@ fn documented_hex() -> String {
     common::spec_hex("golden-segment")
 }
 
-fn hexdump(bytes: &[u8]) -> String {
-    bytes
-        .chunks(16)
-        .enumerate()
-        .map(|(n, c)| {
-            let hex: Vec<String> = c.iter().map(|b| format!("{b:02x}")).collect();
-            format!("{:04x}  {}\n", n * 16, hex.join(" "))
-        })
-        .collect()
-}
-
 #[test]
 fn the_documented_rotation_frame_is_what_the_writer_writes_and_names_segment_two() {
     use spoolgate::spool::format::{frame_at, FrameAt, Rotation};
@@ -70,7 +59,7 @@ fn the_documented_rotation_frame_is_what_the_writer_writes_and_names_segment_two
         hex::encode(&bytes),
         documented,
         "current bytes:\n{}",
-        hexdump(&bytes)
+        common::hexdump(&bytes)
     );
     let bytes = hex::decode(documented).unwrap();
     let FrameAt::Valid {
@@ -97,7 +86,7 @@ fn the_documented_segment_is_what_the_encoder_writes() {
         hex::encode(&bytes),
         documented,
         "spool-format.md's golden segment differs from the encoder; current bytes:\n{}",
-        hexdump(&bytes)
+        common::hexdump(&bytes)
     );
 }
 

@@ -557,3 +557,16 @@ pub fn spec_hex(name: &str) -> String {
         .collect::<Vec<_>>()
         .join("")
 }
+
+/// `bytes` as the offset-and-hex dump of spool-format.md's golden vectors, for a failure
+/// message that can be pasted into the document.
+pub fn hexdump(bytes: &[u8]) -> String {
+    bytes
+        .chunks(16)
+        .enumerate()
+        .map(|(n, c)| {
+            let hex: Vec<String> = c.iter().map(|b| format!("{b:02x}")).collect();
+            format!("{:04x}  {}\n", n * 16, hex.join(" "))
+        })
+        .collect()
+}
