@@ -327,8 +327,12 @@ pub async fn run(config: Config) -> Result<Exit, DaemonError> {
     );
 
     let gate = Arc::new(
-        Gate::new(&config.gate, metrics.clone())
-            .map_err(|e| DaemonError::Pipeline(e.to_string()))?,
+        Gate::with_sinks(
+            &config.gate,
+            metrics.clone(),
+            config.sinks.keys().cloned().collect(),
+        )
+        .map_err(|e| DaemonError::Pipeline(e.to_string()))?,
     );
     let _rules_watcher = gate
         .watch()

@@ -469,6 +469,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             for warning in config.warnings() {
                 println!("{}: warning: {warning}", file.display());
             }
+            // The rules file is the daemon's to refuse at start-up, so check it here too: a
+            // config that passes this check must not keep the daemon from starting.
+            if let Some(rules) = &config.gate.rules_path {
+                let sinks = config.sinks.keys().cloned().collect();
+                let n = spoolgate::gate::check_rules_file(rules, &sinks)
+                    .with_context(|| format!("{} is not a valid config", file.display()))?;
+                println!("{}: ok ({n} rule(s))", rules.display());
+            }
             println!("{}: ok", file.display());
             Ok(ExitCode::SUCCESS)
         }

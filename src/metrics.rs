@@ -99,6 +99,8 @@ pub struct Metrics {
     // Process.
     pub build_info: IntGaugeVec,
     pub start_time_seconds: prometheus::Gauge,
+    /// Set by the `/metrics` handler from the same check `/readyz` makes, at each scrape.
+    pub ready: IntGauge,
 
     /// Set once by the daemon, run by every [`Metrics::render`]: brings the gauges that are
     /// computed from state (pending work) up to the moment of the scrape, so that a scrape
@@ -239,6 +241,7 @@ impl Metrics {
 
             build_info: gauge_vec(&r, "spoolgate_build_info", "Build information; the value is always 1.", &["version"]),
             start_time_seconds: float_gauge(&r, "spoolgate_start_time_seconds", "Unix time the process started."),
+            ready: gauge(&r, "spoolgate_ready", "1 when /readyz answers 200 (recovered, not poisoned, not shutting down, below the hard watermarks, disk reserve not spent), else 0; as of the scrape."),
             before_render: std::sync::OnceLock::new(),
             registry: r,
         };

@@ -413,6 +413,7 @@ fn above_the_spool_quota_ingest_answers_429_with_retry_after_and_the_limit() {
     // Segments are 1 MiB (preallocated); the hard quota of 1.5 MiB trips once a second exists.
     let scratch = tempfile::tempdir().unwrap();
     let (_sink, d) = start_with_quotas(scratch.path(), 1_572_864, 1_572_864);
+    assert_eq!(d.metric("spoolgate_ready"), 1.0);
     fill_first_segment(&d);
     let r = d.post_json(&envelope(2));
     assert_eq!(r.status, 429, "{}", r.text());
@@ -429,8 +430,9 @@ fn above_the_spool_quota_ingest_answers_429_with_retry_after_and_the_limit() {
         d.metric("spoolgate_ingest_rejected_total{reason=\"quota\"}"),
         1.0
     );
-    // Readiness reports the hard watermark too.
+    // Readiness reports the hard watermark too, and so does its gauge, for alerting.
     assert_eq!(d.get("/readyz").status, 503);
+    assert_eq!(d.metric("spoolgate_ready"), 0.0);
 }
 
 #[test]

@@ -28,7 +28,7 @@ pub mod pii;
 pub mod rules;
 pub mod summary;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
@@ -65,6 +65,9 @@ pub struct Gate {
     /// `gate_pii_found_total{kind}` counter, resolved once rather than per match.
     actions: Vec<PiiAction>,
     pii_found: Vec<prometheus::IntCounter>,
+    /// The configured sinks' names, when a rules file must route only to them (the daemon's
+    /// gate); `None` accepts any sink name (tests and benches without sinks).
+    sinks: Option<BTreeSet<String>>,
 }
 
 /// Keeps the rules file watched; dropping it stops the watching.
@@ -98,7 +101,11 @@ fn hmac_sha256(key: &[u8], msg: &[u8]) -> [u8; 32] {
 /// but whitespace is refused: a file rewritten in place is empty for a moment, and an empty
 /// file parses as valid rules with no rules in them, which would gate records with none until
 /// the write finished, and seal them so. `rule = []` says "no rules" on purpose.
-fn load_rules(path: &std::path::Path, refuse_empty: bool) -> Result<Rules, GateError> {
+fn load_rules(
+    path: &std::path::Path,
+    refuse_empty: bool,
+    sinks: Option<&BTreeSet<String>>,
+) -> Result<Rules, GateError> {
     let meta = std::fs::metadata(path).map_err(|source| GateError::Read {
         path: path.to_path_buf(),
         source,
@@ -125,10 +132,26 @@ fn load_rules(path: &std::path::Path, refuse_empty: bool) -> Result<Rules, GateE
                 .into(),
         });
     }
-    Rules::parse(&text).map_err(|reason| GateError::Invalid {
+    let rules = Rules::parse(&text).map_err(|reason| GateError::Invalid {
         path: path.to_path_buf(),
         reason,
-    })
+    })?;
+    if let Some(reason) = sinks.and_then(|known| rules.unknown_sink(&|s| known.contains(s))) {
+        return Err(GateError::Invalid {
+            path: path.to_path_buf(),
+            reason,
+        });
+    }
+    Ok(rules)
+}
+
+/// Reads and compiles a rules file as the daemon would at start-up, routing only to `sinks`;
+/// `spoolgate config check` uses it. Returns the number of rules.
+pub fn check_rules_file(
+    path: &std::path::Path,
+    sinks: &BTreeSet<String>,
+) -> Result<usize, GateError> {
+    load_rules(path, false, Some(sinks)).map(|rules| rules.len())
 }
 
 /// Reloads the rules once the file has had no change for [`RELOAD_QUIET`]. A file rewritten
@@ -154,8 +177,25 @@ fn reload_when_quiet(changed: &std::sync::mpsc::Receiver<()>, gate: &std::sync::
 
 impl Gate {
     pub fn new(config: &GateConfig, metrics: Arc<Metrics>) -> Result<Gate, GateError> {
+        Gate::build(config, metrics, None)
+    }
+
+    /// The daemon's gate: a rules file (at start-up or reloaded) may route only to `sinks`.
+    pub fn with_sinks(
+        config: &GateConfig,
+        metrics: Arc<Metrics>,
+        sinks: BTreeSet<String>,
+    ) -> Result<Gate, GateError> {
+        Gate::build(config, metrics, Some(sinks))
+    }
+
+    fn build(
+        config: &GateConfig,
+        metrics: Arc<Metrics>,
+        sinks: Option<BTreeSet<String>>,
+    ) -> Result<Gate, GateError> {
         let rules = match &config.rules_path {
-            Some(p) => load_rules(p, false)?,
+            Some(p) => load_rules(p, false, sinks.as_ref())?,
             None => Rules::empty(),
         };
         let actions = PII_KINDS
@@ -174,6 +214,7 @@ impl Gate {
             metrics,
             actions,
             pii_found,
+            sinks,
         })
     }
 
@@ -187,7 +228,7 @@ impl Gate {
         let Some(path) = &self.config.rules_path else {
             return Ok(());
         };
-        match load_rules(path, true) {
+        match load_rules(path, true, self.sinks.as_ref()) {
             Ok(rules) => {
                 let n = rules.len();
                 *self.rules.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(rules);
@@ -391,6 +432,49 @@ mod tests {
         std::fs::write(&path, "rule = []\n").unwrap();
         g.reload().unwrap();
         assert!(classify(&g, "alpha").tags.is_empty());
+    }
+
+    #[test]
+    fn the_daemons_gate_refuses_rules_routing_to_a_sink_not_configured_at_start_and_on_reload() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("rules.toml");
+        let rule = |sink: &str| {
+            format!("[[rule]]\nname = \"a\"\nkeywords = [\"alpha\"]\nsink = \"{sink}\"\n")
+        };
+        let cfg = GateConfig {
+            rules_path: Some(path.clone()),
+            ..GateConfig::default()
+        };
+        let sinks: BTreeSet<String> = ["default".to_string(), "audit".to_string()].into();
+        std::fs::write(&path, rule("audti")).unwrap();
+        let err = Gate::with_sinks(&cfg, Arc::new(Metrics::new()), sinks.clone())
+            .err()
+            .expect("a misspelt sink must refuse the rules")
+            .to_string();
+        assert!(err.contains("sink \"audti\" is not configured"), "{err}");
+        std::fs::write(&path, rule("audit")).unwrap();
+        let g = Gate::with_sinks(&cfg, Arc::new(Metrics::new()), sinks).unwrap();
+        assert_eq!(
+            classify(&g, "alpha")
+                .routing_hints
+                .get("sink")
+                .map(String::as_str),
+            Some("audit")
+        );
+        std::fs::write(&path, rule("audti")).unwrap();
+        let err = g.reload().unwrap_err().to_string();
+        assert!(err.contains("sink \"audti\" is not configured"), "{err}");
+        assert_eq!(
+            classify(&g, "alpha")
+                .routing_hints
+                .get("sink")
+                .map(String::as_str),
+            Some("audit"),
+            "the previous rules stay in force"
+        );
+        // A gate built without the sinks (tests, benches) takes any name.
+        std::fs::write(&path, rule("audti")).unwrap();
+        assert!(Gate::new(&cfg, Arc::new(Metrics::new())).is_ok());
     }
 
     #[test]

@@ -9,7 +9,7 @@
 //! tags = ["billing", "refund"]
 //! intent = "refund_request"        # the first matching rule (file order) with one wins
 //! lane = "high"                    # high|normal|low -> routing_hints.lane (first wins)
-//! sink = "default"                 # -> routing_hints.sink (first wins)
+//! sink = "default"                 # -> routing_hints.sink (first wins); a configured sink
 //! routing = { team = "payments" }  # more routing hints (first rule to set a key wins)
 //! ```
 //!
@@ -61,6 +61,7 @@ struct RuleSpec {
 
 #[derive(Debug)]
 struct Rule {
+    name: String,
     source: Option<String>,
     tags: Vec<String>,
     intent: Option<String>,
@@ -171,6 +172,7 @@ impl Rules {
             tags.sort();
             tags.dedup();
             rules.push(Rule {
+                name: spec.name,
                 source: spec.source,
                 tags,
                 intent: spec.intent,
@@ -217,6 +219,27 @@ impl Rules {
 
     pub fn len(&self) -> usize {
         self.rules.len()
+    }
+
+    /// The first rule that routes to a sink `known` does not name, as an error message. Such
+    /// a record would go to the `default` sink instead (a sealed record keeps its hint, and
+    /// the sink it names may be gone by the time it is re-sent), so a misspelt sink name
+    /// would send a whole class of records to the wrong place without a word: the daemon
+    /// refuses such a rules file instead, at start-up and on reload.
+    pub fn unknown_sink(&self, known: &dyn Fn(&str) -> bool) -> Option<String> {
+        self.rules.iter().enumerate().find_map(|(n, rule)| {
+            rule.routing
+                .iter()
+                .find(|(k, v)| k == "sink" && !known(v))
+                .map(|(_, sink)| {
+                    format!(
+                        "rule {:?} (#{}): sink {sink:?} is not configured (a [sinks.{sink}] \
+                         section is needed)",
+                        rule.name,
+                        n + 1
+                    )
+                })
+        })
     }
 
     pub fn is_empty(&self) -> bool {
@@ -341,5 +364,25 @@ tags = ["vip"]
             .unwrap_err();
         assert!(e.contains("lane"), "{e}");
         assert!(Rules::parse("[[rule]]\nname = \"q\"\nkeyword = [\"a\"]\n").is_err());
+    }
+
+    #[test]
+    fn a_rule_routing_to_a_sink_not_configured_is_named_whether_by_sink_or_by_routing() {
+        let r = Rules::parse(RULES).unwrap();
+        assert_eq!(r.unknown_sink(&|s| s == "default" || s == "orders"), None);
+        let e = r.unknown_sink(&|s| s == "default").unwrap();
+        assert!(
+            e.contains("rule \"orders\" (#2)") && e.contains("\"orders\""),
+            "{e}"
+        );
+        let r = Rules::parse(
+            "[[rule]]\nname = \"r\"\nkeywords = [\"a\"]\nrouting = { sink = \"ordres\" }\n",
+        )
+        .unwrap();
+        let e = r.unknown_sink(&|s| s == "default").unwrap();
+        assert!(
+            e.contains("rule \"r\" (#1)") && e.contains("\"ordres\""),
+            "{e}"
+        );
     }
 }

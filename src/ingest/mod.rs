@@ -647,6 +647,11 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 pub async fn handle_admin(state: Arc<IngestState>, req: Request<Incoming>) -> HttpResponse {
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/metrics") => {
+            // An alert on readiness needs it as a series: a probe's answer is not scraped.
+            state
+                .metrics
+                .ready
+                .set(i64::from(state.readiness().is_ok()));
             let mut resp = Response::new(Full::new(Bytes::from(state.metrics.render())));
             resp.headers_mut().insert(
                 CONTENT_TYPE,
