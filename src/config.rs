@@ -701,11 +701,30 @@ impl Config {
         }
         for (name, sink) in &self.sinks {
             match sink {
-                SinkConfig::Http { url, .. } => {
+                SinkConfig::Http {
+                    url,
+                    timeout_ms,
+                    headers,
+                    ..
+                } => {
                     if !(url.starts_with("http://")) {
                         return Err(invalid(
                             &format!("sinks.{name}.url"),
                             "must be an http:// URL",
+                        ));
+                    }
+                    crate::forward::http_sink::check_settings(url, headers)
+                        .map_err(|why| invalid(&format!("sinks.{name}"), why))?;
+                    // An attempt that may outlast the worker deadline would turn a slow but
+                    // working sink into a stuck one, and every such attempt into a takeover.
+                    if *timeout_ms == 0 || *timeout_ms >= f.worker_deadline_ms {
+                        return Err(invalid(
+                            &format!("sinks.{name}.timeout_ms"),
+                            format!(
+                                "{timeout_ms} must be at least 1 and below \
+                                 forward.worker_deadline_ms ({})",
+                                f.worker_deadline_ms
+                            ),
                         ));
                     }
                 }
@@ -1006,5 +1025,48 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn an_http_sink_timeout_of_zero_or_not_below_the_worker_deadline_is_refused() {
+        let sink = |timeout: u64| {
+            format!(
+                "[forward]\nworker_deadline_ms = 60000\n[sinks.default]\ntype = \"http\"\n\
+                 url = \"http://127.0.0.1:9/x\"\ntimeout_ms = {timeout}\n"
+            )
+        };
+        for bad in [0, 60_000, 90_000] {
+            let err = load(&sink(bad), &[]).unwrap_err().to_string();
+            assert_eq!(
+                err,
+                format!(
+                    "invalid value for sinks.default.timeout_ms: {bad} must be at least 1 and \
+                     below forward.worker_deadline_ms (60000)"
+                )
+            );
+        }
+        assert!(load(&sink(59_999), &[]).is_ok());
+    }
+
+    #[test]
+    fn an_http_sink_header_or_url_the_client_would_refuse_is_refused_by_the_config() {
+        let err = load(
+            "[sinks.default]\ntype = \"http\"\nurl = \"http://127.0.0.1:9/x\"\n\
+             headers = { \"bad header\" = \"v\" }\n",
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.starts_with("invalid value for sinks.default: header \"bad header\""),
+            "{err}"
+        );
+        let err = load(
+            "[sinks.default]\ntype = \"http\"\nurl = \"http:// spaced/x\"\n",
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("invalid url"), "{err}");
     }
 }

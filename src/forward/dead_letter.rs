@@ -10,11 +10,23 @@
 //! records in the spool (whose quota then answers 429) instead of moving them into a directory
 //! that grows until the disk is full. Removing files makes room again. A filesystem with no
 //! room (ENOSPC) is answered the same way, with [`DeadLetterError::NoSpace`], and the file it
-//! cut short is removed: a dead-letter file is whole or absent.
+//! cut short is removed.
+//!
+//! Whole or absent, across a crash too: a letter is written under a temporary name
+//! (`.dl-….json.tmp`), fdatasync'd, renamed to its `dl-….json` name, and the directory is
+//! fsync'd, all before the batch is tombstoned. A kill before the rename leaves only a
+//! temporary file, whose batch is still pending and is dead-lettered again by the next run;
+//! [`DeadLetter::new`] removes such leftovers. The directory itself (and its ancestors, which
+//! `create_dir_all` may have made) is fsync'd once per process, before the first letter, and
+//! again until that succeeds: a letter fsync'd into a directory whose own entry a power loss
+//! could take would vanish with it after its records were tombstoned.
+//!
+//! Writes block (a write, two fsyncs, a rename, sometimes a directory scan); callers on the
+//! async runtime run them through [`super::run_blocking`].
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use prometheus::IntGauge;
@@ -44,14 +56,43 @@ pub struct DeadLetter {
     dir: PathBuf,
     counter: Arc<AtomicU64>,
     bound: Arc<DirBound>,
+    /// Set once the directory and its ancestors were fsync'd in this process (see the module
+    /// doc); until then every letter tries again.
+    dir_durable: Arc<AtomicBool>,
+    /// The directories whose fsync makes the directory's entry durable, fixed at the first
+    /// letter (see `make_dir_durable`).
+    dirs_to_sync: Arc<std::sync::Mutex<Option<Vec<PathBuf>>>>,
+}
+
+/// The name a letter has until it is whole.
+fn is_temporary(name: &std::ffi::OsStr) -> bool {
+    name.to_str()
+        .is_some_and(|n| n.starts_with(".dl-") && n.ends_with(".json.tmp"))
 }
 
 impl DeadLetter {
+    /// Removes what a killed write left under a temporary name (its batch is still pending).
     pub fn new(dir: &Path, bytes_max: u64) -> DeadLetter {
+        if let Ok(entries) = std::fs::read_dir(dir) {
+            for entry in entries.flatten() {
+                if is_temporary(&entry.file_name()) {
+                    match std::fs::remove_file(entry.path()) {
+                        Ok(()) => {
+                            tracing::info!(file = %entry.path().display(), "removed a dead letter a crash left unfinished; its batch is still pending")
+                        }
+                        Err(e) => {
+                            tracing::warn!(file = %entry.path().display(), error = %e, "cannot remove an unfinished dead letter")
+                        }
+                    }
+                }
+            }
+        }
         DeadLetter {
             dir: dir.to_path_buf(),
             counter: Arc::new(AtomicU64::new(0)),
             bound: Arc::new(DirBound::new(dir, bytes_max, |_| true)),
+            dir_durable: Arc::new(AtomicBool::new(false)),
+            dirs_to_sync: Arc::new(std::sync::Mutex::new(None)),
         }
     }
 
@@ -87,33 +128,62 @@ impl DeadLetter {
             })
     }
 
-    fn create(&self, text: &str) -> std::io::Result<PathBuf> {
-        if !self.dir.is_dir() {
-            std::fs::create_dir_all(&self.dir)?;
-            // The new directory's own entry must survive a power loss too, or the files
-            // fsync'd into it could vanish with it after their records were tombstoned.
-            let parent = match self.dir.parent() {
-                Some(p) if !p.as_os_str().is_empty() => p,
-                _ => std::path::Path::new("."),
-            };
-            std::fs::File::open(parent)?.sync_all()?;
+    /// Creates the directory if need be, and fsyncs the parent of each directory this process
+    /// created and the directory's own parent (an earlier run may have been killed between
+    /// creating it and that fsync), once per process. The list is fixed before anything is
+    /// created, so a retry after a failed fsync syncs what the first attempt created.
+    fn make_dir_durable(&self) -> std::io::Result<()> {
+        if self.dir_durable.load(Ordering::Acquire) {
+            return Ok(());
         }
+        let mut to_sync = self
+            .dirs_to_sync
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if to_sync.is_none() {
+            let absolute = std::path::absolute(&self.dir)?;
+            let mut parents: Vec<PathBuf> = Vec::new();
+            let mut missing = Some(absolute.as_path());
+            while let Some(dir) = missing.filter(|d| !d.is_dir()) {
+                parents.extend(dir.parent().map(Path::to_path_buf));
+                missing = dir.parent();
+            }
+            if let Some(parent) = absolute.parent() {
+                if !parents.iter().any(|p| p == parent) {
+                    parents.push(parent.to_path_buf());
+                }
+            }
+            *to_sync = Some(parents);
+        }
+        std::fs::create_dir_all(&self.dir)?;
+        for dir in to_sync.iter().flatten() {
+            std::fs::File::open(dir)?.sync_all()?;
+        }
+        self.dir_durable.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    fn create(&self, text: &str) -> std::io::Result<PathBuf> {
+        self.make_dir_durable()?;
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
-        let path = self.dir.join(format!(
+        let name = format!(
             "dl-{}-{}-{n}.json",
             crate::ingest::now_ms(),
             std::process::id()
-        ));
-        let mut f = std::fs::OpenOptions::new()
+        );
+        let path = self.dir.join(&name);
+        let temporary = self.dir.join(format!(".{name}.tmp"));
+        let written = std::fs::OpenOptions::new()
             .create_new(true)
             .write(true)
-            .open(&path)?;
-        let written = f.write_all(text.as_bytes()).and_then(|()| f.sync_data());
+            .open(&temporary)
+            .and_then(|mut f| f.write_all(text.as_bytes()).and_then(|()| f.sync_data()))
+            .and_then(|()| std::fs::rename(&temporary, &path));
         if let Err(e) = written {
-            // A file cut short by a full disk would read as a dead-lettered batch with its
-            // records missing, and each retry would leave another; the batch is still pending,
-            // so nothing is lost by removing it. If even that fails, the error is the write's.
-            let _ = std::fs::remove_file(&path);
+            // A file cut short by a full disk would count against the bound for nothing, and
+            // each retry would leave another; the batch is still pending, so nothing is lost
+            // by removing it. If even that fails, the error is the write's.
+            let _ = std::fs::remove_file(&temporary);
             return Err(e);
         }
         std::fs::File::open(&self.dir)?.sync_all()?;
@@ -215,6 +285,45 @@ mod tests {
             assert_eq!(letter["position"]["offset"], offset);
             assert!(letter["at_ms"].as_u64().is_some());
         }
+    }
+
+    #[test]
+    fn a_letter_a_kill_left_unfinished_is_removed_at_start_and_finished_ones_are_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let dl = DeadLetter::new(dir.path(), 1 << 20);
+        let whole = dl.write_raw(position(0), "bad", &[1, 2]).unwrap();
+        let unfinished = dir.path().join(".dl-1-2-3.json.tmp");
+        std::fs::write(&unfinished, b"{\"sink\": nu").unwrap();
+        let other = dir.path().join("notes.txt");
+        std::fs::write(&other, b"the operator's").unwrap();
+        let _restarted = DeadLetter::new(dir.path(), 1 << 20);
+        assert!(!unfinished.exists());
+        assert!(whole.exists() && other.exists());
+        // What a letter is named and holds once written: no temporary name is left.
+        let names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(names.len(), 2, "{names:?}");
+        let letter: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&whole).unwrap()).unwrap();
+        assert_eq!(letter["payload_hex"], "0102");
+    }
+
+    #[test]
+    fn a_directory_that_does_not_exist_yet_is_made_with_its_ancestors() {
+        let dir = tempfile::tempdir().unwrap();
+        let nested = dir.path().join("a/b/dl");
+        let dl = DeadLetter::new(&nested, 1 << 20);
+        let path = dl.write_raw(position(0), "bad", &[7]).unwrap();
+        assert_eq!(path.parent(), Some(nested.as_path()));
+        assert!(dl.dir_durable.load(Ordering::Acquire));
+        // The parents of the three directories it made, which hold their entries.
+        let root = std::path::absolute(dir.path()).unwrap();
+        assert_eq!(
+            dl.dirs_to_sync.lock().unwrap().clone(),
+            Some(vec![root.join("a/b"), root.join("a"), root.clone()])
+        );
     }
 
     #[test]

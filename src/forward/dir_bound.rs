@@ -74,7 +74,13 @@ impl DirBound {
             if !(self.counts)(&entry.file_name()) {
                 continue;
             }
-            let meta = entry.metadata()?;
+            // A file removed between the listing and this look (by whoever takes the files
+            // away, which is when a full directory is measured) holds no bytes.
+            let meta = match entry.metadata() {
+                Ok(meta) => meta,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e),
+            };
             if meta.is_file() {
                 total = total.saturating_add(meta.len());
             }
@@ -174,6 +180,27 @@ mod tests {
         std::fs::remove_file(dir.path().join("out-1")).unwrap();
         bound.write(1, || Ok(())).unwrap();
         assert_eq!(gauge.get(), 601);
+    }
+
+    /// The directory whose files `removes_what_it_counts` deletes as it is asked about them.
+    static REMOVING_IN: Mutex<Option<PathBuf>> = Mutex::new(None);
+
+    fn removes_what_it_counts(name: &OsStr) -> bool {
+        if let Some(dir) = REMOVING_IN.lock().unwrap().as_ref() {
+            let _ = std::fs::remove_file(dir.join(name));
+        }
+        true
+    }
+
+    #[test]
+    fn a_file_removed_while_the_directory_is_measured_is_not_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        add_file(dir.path(), "taken-away", 2_000).unwrap();
+        *REMOVING_IN.lock().unwrap() = Some(dir.path().to_path_buf());
+        let bound = DirBound::new(dir.path(), 1_000, removes_what_it_counts);
+        let measured = bound.write(10, || Ok(()));
+        *REMOVING_IN.lock().unwrap() = None;
+        measured.unwrap();
     }
 
     #[test]

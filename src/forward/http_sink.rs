@@ -1,14 +1,22 @@
 //! The HTTP sink: POSTs each batch, as a JSON array or a msgpack array of forward records, to a
 //! configured URL. 2xx = delivered. 408, 429, 5xx and transport errors are retryable (with the
-//! server's `Retry-After` seconds, if any); any other status is a permanent rejection, reported
-//! with up to [`REASON_BYTES_MAX`] bytes of the response body. The worker sends a batch refused
-//! with 413 again in halves before it dead-letters anything (see `forward::worker`).
+//! server's `Retry-After`, in seconds or as an HTTP date, if any); any other status is a
+//! permanent rejection, reported with up to [`REASON_BYTES_MAX`] bytes of the response body.
+//! The worker sends a batch refused with 413 again in halves before it dead-letters anything
+//! (see `forward::worker`).
+//!
+//! Each attempt has one deadline, `timeout_ms`, for the response head and its body together,
+//! so an attempt never takes longer than that; the configuration requires it to be shorter
+//! than `forward.worker_deadline_ms`, past which a sink counts as stuck. Up to
+//! [`BODY_READ_BYTES_MAX`] of a response body is read (so the connection can be reused), and
+//! the reason keeps what was read even when the body is longer, cut off or too slow: a sink
+//! that echoes a large rejected batch back must not leave an empty reason in the dead letter.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper::header::{HeaderName, HeaderValue, CONTENT_TYPE, RETRY_AFTER};
 use hyper::Request;
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
@@ -20,6 +28,92 @@ use crate::config::WireFormat;
 
 /// Bytes of a rejecting response's body kept as the dead-letter reason.
 pub const REASON_BYTES_MAX: usize = 2048;
+/// Bytes of a response body read at most; the rest is left unread and the connection closed.
+pub const BODY_READ_BYTES_MAX: usize = 64 * 1024;
+
+/// Checks what [`HttpSink::new`] would refuse, for `config check` and the config's validation.
+pub fn check_settings(url: &str, headers: &BTreeMap<String, String>) -> Result<(), String> {
+    parse_settings(url, headers).map(|_| ())
+}
+
+fn parse_settings(
+    url: &str,
+    headers: &BTreeMap<String, String>,
+) -> Result<(hyper::Uri, Vec<(HeaderName, HeaderValue)>), String> {
+    let uri: hyper::Uri = url
+        .parse()
+        .map_err(|e| format!("invalid url {url:?}: {e}"))?;
+    if uri.scheme_str() != Some("http") || uri.host().is_none() {
+        return Err(format!(
+            "invalid url {url:?}: must be http://host[:port]/path"
+        ));
+    }
+    let headers = headers
+        .iter()
+        .map(|(k, v)| {
+            Ok((
+                HeaderName::from_bytes(k.as_bytes()).map_err(|e| format!("header {k:?}: {e}"))?,
+                HeaderValue::from_str(v).map_err(|e| format!("header {k:?}: {e}"))?,
+            ))
+        })
+        .collect::<Result<Vec<_>, String>>()?;
+    Ok((uri, headers))
+}
+
+/// A `Retry-After` value: delay-seconds, or an HTTP date (RFC 9110 §10.2.3), as a delay from
+/// `now` (zero for a date already past). `None` for anything else.
+pub fn parse_retry_after(value: &str, now: std::time::SystemTime) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(seconds) = value.parse::<u64>() {
+        return Some(Duration::from_secs(seconds));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(at.duration_since(now).unwrap_or(Duration::ZERO))
+}
+
+/// Reads up to [`BODY_READ_BYTES_MAX`] of a response body before `deadline`, and returns its
+/// first [`REASON_BYTES_MAX`] bytes as text, with a note when the body was not read whole.
+async fn read_reason(
+    mut body: hyper::body::Incoming,
+    deadline: tokio::time::Instant,
+    timeout: Duration,
+) -> String {
+    let mut kept: Vec<u8> = Vec::new();
+    let mut read_bytes = 0usize;
+    let reading = async {
+        while let Some(frame) = body.frame().await {
+            match frame {
+                Ok(frame) => {
+                    let Ok(data) = frame.into_data() else {
+                        continue;
+                    };
+                    let room = REASON_BYTES_MAX.saturating_sub(kept.len());
+                    kept.extend_from_slice(&data[..data.len().min(room)]);
+                    read_bytes = read_bytes.saturating_add(data.len());
+                    if read_bytes > BODY_READ_BYTES_MAX {
+                        return Some(format!(
+                            "body over {BODY_READ_BYTES_MAX} bytes, not read further"
+                        ));
+                    }
+                }
+                Err(e) => return Some(format!("body cut off: {e}")),
+            }
+        }
+        None
+    };
+    let note = match tokio::time::timeout_at(deadline, reading).await {
+        Ok(note) => note,
+        Err(_) => Some(format!(
+            "body not finished within {} ms",
+            timeout.as_millis()
+        )),
+    };
+    let mut reason = String::from_utf8_lossy(&kept).into_owned();
+    if let Some(note) = note {
+        reason.push_str(&format!(" [{note}]"));
+    }
+    reason
+}
 
 pub struct HttpSink {
     name: String,
@@ -38,19 +132,7 @@ impl HttpSink {
         timeout: Duration,
         headers: BTreeMap<String, String>,
     ) -> Result<HttpSink, String> {
-        let url: hyper::Uri = url
-            .parse()
-            .map_err(|e| format!("invalid url {url:?}: {e}"))?;
-        let headers = headers
-            .into_iter()
-            .map(|(k, v)| {
-                Ok((
-                    HeaderName::from_bytes(k.as_bytes())
-                        .map_err(|e| format!("header {k:?}: {e}"))?,
-                    HeaderValue::from_str(&v).map_err(|e| format!("header {k:?}: {e}"))?,
-                ))
-            })
-            .collect::<Result<Vec<_>, String>>()?;
+        let (url, headers) = parse_settings(url, &headers)?;
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(timeout));
@@ -102,7 +184,8 @@ impl HttpSink {
         for (k, v) in &self.headers {
             req.headers_mut().insert(k.clone(), v.clone());
         }
-        let resp = match tokio::time::timeout(self.timeout, self.client.request(req)).await {
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        let resp = match tokio::time::timeout_at(deadline, self.client.request(req)).await {
             Err(_) => {
                 return Err(SinkError::Retryable {
                     reason: format!("no response within {} ms", self.timeout.as_millis()),
@@ -127,19 +210,9 @@ impl HttpSink {
             .headers()
             .get(RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .map(Duration::from_secs);
-        let body = tokio::time::timeout(
-            self.timeout,
-            Limited::new(resp.into_body(), 64 * 1024).collect(),
-        )
-        .await
-        .ok()
-        .and_then(|r| r.ok())
-        .map(|c| c.to_bytes())
-        .unwrap_or_default();
-        let reason =
-            String::from_utf8_lossy(&body[..body.len().min(REASON_BYTES_MAX)]).into_owned();
+            .and_then(|v| parse_retry_after(v, std::time::SystemTime::now()));
+        // A 2xx is delivered whatever its body holds; it is read only to reuse the connection.
+        let reason = read_reason(resp.into_body(), deadline, self.timeout).await;
         match status {
             200..=299 => Ok(()),
             // Only a 4xx says the batch itself is refused. A redirect says where the sink
@@ -172,5 +245,135 @@ impl Sink for HttpSink {
 
     fn deliver<'a>(&'a self, batch: &'a [SharedRecord]) -> DeliverFuture<'a> {
         Box::pin(self.post(batch))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::SystemTime;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// Answers one request on a fresh port with `head` and then `body` (written in pieces, so a
+    /// long body arrives as several frames), and closes. Returns the sink's URL.
+    async fn answer_once(head: String, body: Vec<u8>) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut conn, _) = listener.accept().await.unwrap();
+            // The request is small (an empty batch); read until its head and body are in.
+            let mut request = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !request.ends_with(b"[]") {
+                let n = conn.read(&mut buf).await.unwrap();
+                if n == 0 {
+                    break;
+                }
+                request.extend_from_slice(&buf[..n]);
+            }
+            conn.write_all(head.as_bytes()).await.unwrap();
+            for piece in body.chunks(8192) {
+                if conn.write_all(piece).await.is_err() {
+                    return;
+                }
+            }
+            let _ = conn.shutdown().await;
+        });
+        format!("http://{addr}/in")
+    }
+
+    fn sink(url: &str) -> HttpSink {
+        HttpSink::new(
+            "t",
+            url,
+            WireFormat::Json,
+            Duration::from_secs(10),
+            BTreeMap::new(),
+        )
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_rejection_whose_body_is_over_the_read_bound_keeps_its_first_bytes_as_the_reason() {
+        let mut body = b"bad field x: ".to_vec();
+        body.extend(std::iter::repeat_n(b'p', 100 * 1024));
+        let head = format!(
+            "HTTP/1.1 400 Bad Request\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+            body.len()
+        );
+        let url = answer_once(head, body).await;
+        match sink(&url).deliver(&[]).await {
+            Err(SinkError::Rejected { status, reason }) => {
+                assert_eq!(status, 400);
+                assert!(reason.starts_with("bad field x: ppp"), "{reason:.40}");
+                assert!(
+                    reason.ends_with(&format!(
+                        "[body over {BODY_READ_BYTES_MAX} bytes, not read further]"
+                    )),
+                    "{}",
+                    &reason[reason.len() - 60..]
+                );
+                assert!(reason.len() <= REASON_BYTES_MAX + 80);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_rejection_whose_body_is_cut_off_keeps_what_arrived_and_says_so() {
+        // Content-Length promises more than is sent before the connection closes.
+        let head = "HTTP/1.1 422 Unprocessable\r\ncontent-length: 5000\r\n\r\n".to_string();
+        let url = answer_once(head, b"missing source".to_vec()).await;
+        match sink(&url).deliver(&[]).await {
+            Err(SinkError::Rejected { status, reason }) => {
+                assert_eq!(status, 422);
+                assert!(
+                    reason.starts_with("missing source [body cut off"),
+                    "{reason}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_retry_after_given_as_an_http_date_is_honoured() {
+        let at = SystemTime::now() + Duration::from_secs(120);
+        let head = format!(
+            "HTTP/1.1 503 Service Unavailable\r\nretry-after: {}\r\ncontent-length: 4\r\n\r\n",
+            httpdate::fmt_http_date(at)
+        );
+        let url = answer_once(head, b"busy".to_vec()).await;
+        match sink(&url).deliver(&[]).await {
+            Err(SinkError::Retryable {
+                retry_after: Some(d),
+                reason,
+            }) => {
+                // The date has a resolution of a second, and the request took a moment.
+                assert!(
+                    (Duration::from_secs(115)..=Duration::from_secs(120)).contains(&d),
+                    "{d:?}"
+                );
+                assert_eq!(reason, "status 503: busy");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn retry_after_is_seconds_or_a_date_and_anything_else_is_ignored() {
+        let now = httpdate::parse_http_date("Wed, 21 Oct 2026 07:28:00 GMT").unwrap();
+        assert_eq!(parse_retry_after(" 7 ", now), Some(Duration::from_secs(7)));
+        assert_eq!(
+            parse_retry_after("Wed, 21 Oct 2026 07:28:30 GMT", now),
+            Some(Duration::from_secs(30))
+        );
+        // A date already past means now.
+        assert_eq!(
+            parse_retry_after("Wed, 21 Oct 2026 07:27:00 GMT", now),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(parse_retry_after("-1", now), None);
+        assert_eq!(parse_retry_after("soon", now), None);
     }
 }

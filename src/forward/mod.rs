@@ -6,7 +6,7 @@
 //! - [`ledger`]: what is pending, sealed and complete, rebuilt at start-up by one scan;
 //! - [`sink`], [`file_sink`], [`http_sink`]: where records go; sinks do no metrics or retries,
 //!   the worker owns both; [`json`] writes their JSON (serde_json's bytes, faster);
-//! - [`retry`]: exponential backoff with full jitter, honouring `Retry-After`;
+//! - [`retry`]: exponential backoff with jitter, honouring `Retry-After` up to a bound;
 //! - [`dead_letter`]: batches a sink permanently rejected, kept on disk with the reason;
 //! - [`dir_bound`]: the byte bound on the directories spoolgate fills and others empty (the
 //!   file sink's output, the dead letters).
@@ -21,3 +21,15 @@ pub mod pipeline;
 pub mod retry;
 pub mod sink;
 pub mod worker;
+
+/// Runs blocking file work (dead letters) from async code: on a multi-threaded runtime through
+/// `block_in_place`, so the runtime moves its other tasks (ingest among them) to another
+/// thread meanwhile; elsewhere (a current-thread runtime in tests) directly.
+pub fn run_blocking<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(handle) if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(f)
+        }
+        _ => f(),
+    }
+}

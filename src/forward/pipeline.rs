@@ -740,10 +740,10 @@ impl Dispatcher {
         let mut backoff = Backoff::new(self.retry_initial, self.retry_max, fastrand::u64(..));
         let mut waiting = false;
         loop {
-            match self
-                .dead_letter
-                .write_raw(record.position, why, &record.payload)
-            {
+            match crate::forward::run_blocking(|| {
+                self.dead_letter
+                    .write_raw(record.position, why, &record.payload)
+            }) {
                 Ok(_) => break,
                 Err(e) => {
                     let kind = match e {

@@ -481,7 +481,9 @@ impl Worker {
         let mut stop = self.stop.clone();
         let mut logged = false;
         loop {
-            match ctx.dead_letter.write_unsealable(position, reason, envelope) {
+            match crate::forward::run_blocking(|| {
+                ctx.dead_letter.write_unsealable(position, reason, envelope)
+            }) {
                 Ok(path) => {
                     ctx.metrics
                         .gate_envelopes_total
@@ -662,7 +664,9 @@ impl Worker {
                     m.forward_errors_total
                         .with_label_values(&[name, "rejected"])
                         .inc();
-                    match ctx.dead_letter.write(name, status, &reason, records) {
+                    match crate::forward::run_blocking(|| {
+                        ctx.dead_letter.write(name, status, &reason, records)
+                    }) {
                         Ok(path) => {
                             m.forward_dead_lettered_records_total
                                 .with_label_values(&[name])
