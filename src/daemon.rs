@@ -192,11 +192,15 @@ pub async fn run(config: Config) -> Result<Exit, DaemonError> {
         ))
     };
 
-    let ring = Arc::new(Ring::new(
-        config.ring.capacity_records,
-        config.ring.capacity_bytes,
-        metrics.clone(),
-    ));
+    let ring = Arc::new(if config.forward.enabled {
+        Ring::new(
+            config.ring.capacity_records,
+            config.ring.capacity_bytes,
+            metrics.clone(),
+        )
+    } else {
+        Ring::counting_only(metrics.clone())
+    });
     // The chain heads and the dedup checkpoints are loaded before the spool is opened: the
     // start-up scan runs inside recovery (one read of the spool, not two) and advances the
     // heads past every seal it finds and indexes the ids still in the spool, which must win
@@ -309,6 +313,13 @@ pub async fn run(config: Config) -> Result<Exit, DaemonError> {
         for stream in chains.streams() {
             state.streams.insert_recovered(stream);
         }
+        // The workers set it as they seal; until the first seal it must not read 0.
+        metrics.chain_streams.set(chains.len() as i64);
+    }
+    // Every envelope the scan found pending is fed to the consumers again: counted here, from
+    // the scan, so that the count does not depend on how many epochs the replay takes.
+    if config.forward.enabled {
+        metrics.replay_recovered_total.inc_by(summary.pending);
     }
     if state.streams.len() > config.ingest.streams_max {
         tracing::warn!(
@@ -361,7 +372,6 @@ pub async fn run(config: Config) -> Result<Exit, DaemonError> {
             config: config.forward.clone(),
             metrics: metrics.clone(),
             compaction: compaction_wake.clone(),
-            replay_end: summary.end,
             reserve: Some(reserve.clone()),
         })
     });

@@ -20,9 +20,12 @@ const DURATION_BUCKETS_SECONDS: &[f64] = &[
     2.5, 5.0, 10.0,
 ];
 
-/// Group-commit batch sizes, in records.
+/// Group-commit batch sizes, in records: up to `spool.commit_batch_records_max` (4096 by
+/// default) for a group of requests, but one request is committed whole, however many
+/// envelopes it holds (`ingest.batch_items_max`, 10,000 by default), hence the buckets above.
 const BATCH_RECORDS_BUCKETS: &[f64] = &[
-    1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 4096.0,
+    1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 16384.0,
+    65536.0,
 ];
 
 /// What [`Metrics::render`] runs before encoding (see `Metrics::refresh_before_render`).
@@ -231,7 +234,7 @@ impl Metrics {
             spool_reserve_bytes: gauge(&r, "spoolgate_spool_reserve_bytes", "Bytes held in <data_dir>/reserve for forwarding and compaction to spend on a full filesystem; 0 while spent, not yet made, or off (spool.reserve_bytes = 0)."),
             spool_reserve_spent_total: counter(&r, "spoolgate_spool_reserve_spent_total", "Times the disk reserve was emptied for room: by a seal or tombstone append or a compaction pass that found the filesystem full, or by a start with no room for its address file."),
 
-            replay_recovered_total: counter(&r, "spoolgate_replay_recovered_total", "Acknowledged, untombstoned records replayed to the consumers at the last start."),
+            replay_recovered_total: counter(&r, "spoolgate_replay_recovered_total", "Acknowledged, untombstoned envelopes the last start found in the spool, all of which are fed to the consumers again (none while forward.enabled is false)."),
             recovery_corrupt_records_dropped_total: counter(&r, "spoolgate_recovery_corrupt_records_dropped_total", "Records dropped as corrupt by recovery at the last start (damaged frames counted once each)."),
             recovery_corrupt_bytes_dropped_total: counter(&r, "spoolgate_recovery_corrupt_bytes_dropped_total", "Bytes skipped as corrupt by recovery at the last start."),
             recovery_torn_tail_bytes_truncated_total: counter(&r, "spoolgate_recovery_torn_tail_bytes_truncated_total", "Bytes of an unacknowledged torn tail cut from the last segment at the last start."),

@@ -11,6 +11,12 @@
 //! records back from the segments until it meets the ring again.
 //!
 //! Bounds: `ring.capacity_records` records and `ring.capacity_bytes` payload bytes.
+//!
+//! The ring also keeps what the pending gauges need about envelopes committed but not yet read
+//! by the dispatcher (which the ledger cannot know of): how many, their payload bytes, and
+//! when the oldest of them was committed, from a [`Timeline`] of commit windows. With
+//! forwarding disabled nothing reads the ring, so it buffers nothing
+//! ([`Ring::counting_only`]) and only keeps that count.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -34,13 +40,103 @@ struct Inner {
     bytes: usize,
 }
 
+/// Length of one window of the commit timeline.
+pub const TIMELINE_WINDOW_MS: u64 = 100;
+/// Bound on the timeline's windows; past it, neighbouring windows are merged in pairs.
+pub const TIMELINE_WINDOWS_MAX: usize = 4096;
+
+/// Envelopes committed since start-up, and when, in windows of at least
+/// [`TIMELINE_WINDOW_MS`]: for each window, the envelopes and payload bytes committed before it
+/// and the time it began. The oldest envelope not yet read lies in the last window beginning at
+/// or before it, so that window's start is a lower bound on its commit time: the age reported
+/// is never less than the true one, and at most one window more. Memory is bounded by
+/// [`TIMELINE_WINDOWS_MAX`]; merging keeps each pair's first start, so the bound stays a lower
+/// one while the windows (and the overstatement) grow with the unread backlog's age.
+#[derive(Debug, Default)]
+pub struct Timeline {
+    windows: VecDeque<Window>,
+    envelopes: u64,
+    bytes: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Window {
+    envelopes_before: u64,
+    bytes_before: u64,
+    began_ms: u64,
+}
+
+/// Envelopes committed and not yet read by the dispatcher.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Unread {
+    pub envelopes: u64,
+    pub bytes: u64,
+    /// No later than the oldest one's commit time (ms since the Unix epoch); `None` when none.
+    pub oldest_ms: Option<u64>,
+}
+
+impl Timeline {
+    pub fn committed(&mut self, envelopes: u64, bytes: u64, now_ms: u64) {
+        if envelopes == 0 {
+            return;
+        }
+        let open = self
+            .windows
+            .back()
+            .is_some_and(|w| now_ms < w.began_ms.saturating_add(TIMELINE_WINDOW_MS));
+        if !open {
+            if self.windows.len() >= TIMELINE_WINDOWS_MAX {
+                // Keep every other window: each kept one now also covers the one after it.
+                let mut i = 0;
+                self.windows.retain(|_| {
+                    i += 1;
+                    i % 2 == 1
+                });
+            }
+            self.windows.push_back(Window {
+                envelopes_before: self.envelopes,
+                bytes_before: self.bytes,
+                began_ms: now_ms,
+            });
+        }
+        self.envelopes += envelopes;
+        self.bytes += bytes;
+    }
+
+    /// What is unread once the first `read_envelopes` envelopes (`read_bytes` of payload)
+    /// committed since start-up have been read. Forgets the windows wholly read.
+    pub fn unread(&mut self, read_envelopes: u64, read_bytes: u64) -> Unread {
+        while self
+            .windows
+            .get(1)
+            .is_some_and(|next| next.envelopes_before <= read_envelopes)
+        {
+            self.windows.pop_front();
+        }
+        if read_envelopes >= self.envelopes {
+            return Unread::default();
+        }
+        Unread {
+            envelopes: self.envelopes - read_envelopes,
+            bytes: self.bytes.saturating_sub(read_bytes),
+            oldest_ms: self.windows.front().map(|w| w.began_ms),
+        }
+    }
+
+    pub fn envelopes(&self) -> u64 {
+        self.envelopes
+    }
+}
+
 pub struct Ring {
     inner: Mutex<Inner>,
-    /// Envelope records committed since start-up (pushed or not), for the pending gauge.
-    envelopes_committed: std::sync::atomic::AtomicU64,
+    /// Envelope records committed since start-up (pushed or not), for the pending gauges.
+    timeline: Mutex<Timeline>,
     notify: tokio::sync::Notify,
     capacity_records: usize,
     capacity_bytes: usize,
+    /// False when nothing reads the ring (forwarding disabled): it then holds no records.
+    buffering: bool,
     metrics: Arc<Metrics>,
 }
 
@@ -57,10 +153,21 @@ impl Ring {
                 bytes: 0,
             }),
             notify: tokio::sync::Notify::new(),
-            envelopes_committed: std::sync::atomic::AtomicU64::new(0),
+            timeline: Mutex::new(Timeline::default()),
             capacity_records,
             capacity_bytes,
+            buffering: true,
             metrics,
+        }
+    }
+
+    /// A ring for a daemon that does not forward: it keeps the commit timeline for the pending
+    /// gauges and no records (nothing would take them, and it would sit full, counting
+    /// overflows that no consumer reads back).
+    pub fn counting_only(metrics: Arc<Metrics>) -> Ring {
+        Ring {
+            buffering: false,
+            ..Ring::new(1, 1, metrics)
         }
     }
 
@@ -74,9 +181,9 @@ impl Ring {
     /// already read those from the segments).
     pub fn take_at(&self, cursor: Position) -> RingRead {
         let mut inner = self.lock();
-        loop {
+        let read = loop {
             let Some(front) = inner.queue.front() else {
-                return RingRead::Empty;
+                break RingRead::Empty;
             };
             if front.position < cursor {
                 let dropped = inner.queue.pop_front().expect("front exists");
@@ -87,15 +194,26 @@ impl Ring {
                 // Something between the cursor and the front was not pushed (overflow), or the
                 // cursor sits at the end of a segment and the front starts the next one; only
                 // the segments can tell, so the consumer reads them.
-                return RingRead::Gap;
+                break RingRead::Gap;
             }
             let record = inner.queue.pop_front().expect("front exists");
             inner.bytes -= record.payload.len();
-            self.metrics
-                .ring_depth_records
-                .set(inner.queue.len() as i64);
-            return RingRead::Record(record);
-        }
+            break RingRead::Record(record);
+        };
+        // Stale records dropped on the way count too, whatever was found.
+        self.metrics
+            .ring_depth_records
+            .set(inner.queue.len() as i64);
+        read
+    }
+
+    /// What was committed and not yet read, given what the dispatcher has read live (see
+    /// [`Timeline::unread`]).
+    pub fn unread(&self, read_envelopes: u64, read_bytes: u64) -> Unread {
+        self.timeline
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .unread(read_envelopes, read_bytes)
     }
 
     /// Waits until something was pushed after the last wake-up.
@@ -104,8 +222,10 @@ impl Ring {
     }
 
     pub fn envelopes_committed(&self) -> u64 {
-        self.envelopes_committed
-            .load(std::sync::atomic::Ordering::Relaxed)
+        self.timeline
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .envelopes()
     }
 
     pub fn len(&self) -> usize {
@@ -119,14 +239,21 @@ impl Ring {
 
 impl CommitObserver for Ring {
     fn on_commit(&self, records: Vec<Record>) {
-        let mut inner = self.lock();
-        let mut overflowed = 0u64;
-        let envelopes = records
+        let (envelopes, bytes) = records
             .iter()
             .filter(|r| r.kind == RecordKind::ENVELOPE)
-            .count();
-        self.envelopes_committed
-            .fetch_add(envelopes as u64, std::sync::atomic::Ordering::Relaxed);
+            .fold((0u64, 0u64), |(n, b), r| {
+                (n + 1, b + r.payload.len() as u64)
+            });
+        self.timeline
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .committed(envelopes, bytes, crate::ingest::now_ms());
+        if !self.buffering {
+            return;
+        }
+        let mut inner = self.lock();
+        let mut overflowed = 0u64;
         for r in records {
             let record = if r.kind == RecordKind::ENVELOPE {
                 r
@@ -226,6 +353,86 @@ mod tests {
             panic!("expected a record")
         };
         assert_eq!(r.position.offset, 30);
+    }
+
+    #[test]
+    fn stale_records_dropped_before_a_gap_or_empty_leave_the_depth_gauge_at_what_is_held() {
+        let metrics = Arc::new(Metrics::new());
+        let ring = Ring::new(8, 1024, metrics.clone());
+        ring.on_commit(vec![rec(0, 1), rec(10, 1), rec(20, 1)]);
+        assert_eq!(metrics.ring_depth_records.get(), 3);
+        // The consumer read all three from the segments and asks for what follows.
+        assert!(matches!(
+            ring.take_at(Position {
+                segment: 1,
+                offset: 30
+            }),
+            RingRead::Empty
+        ));
+        assert_eq!(metrics.ring_depth_records.get(), 0);
+    }
+
+    #[test]
+    fn a_counting_only_ring_holds_nothing_and_counts_no_overflow_but_counts_commits() {
+        let metrics = Arc::new(Metrics::new());
+        let ring = Ring::counting_only(metrics.clone());
+        ring.on_commit(vec![rec(0, 5), rec(10, 7)]);
+        assert!(ring.is_empty());
+        assert_eq!(metrics.ring_overflows_total.get(), 0);
+        let unread = ring.unread(0, 0);
+        assert_eq!((unread.envelopes, unread.bytes), (2, 12));
+        assert!(unread.oldest_ms.is_some());
+    }
+
+    #[test]
+    fn the_timeline_dates_the_oldest_unread_envelope_by_the_window_it_was_committed_in() {
+        let mut t = Timeline::default();
+        t.committed(3, 30, 1_000);
+        t.committed(2, 20, 1_050); // same window
+        t.committed(4, 40, 1_200);
+        t.committed(1, 10, 1_400);
+        assert_eq!(
+            t.unread(0, 0),
+            Unread {
+                envelopes: 10,
+                bytes: 100,
+                oldest_ms: Some(1_000)
+            }
+        );
+        // Four read: the fifth was committed in the first window still.
+        assert_eq!(t.unread(4, 40).oldest_ms, Some(1_000));
+        // Five read: the oldest unread is the first of the window that began at 1,200.
+        assert_eq!(
+            t.unread(5, 50),
+            Unread {
+                envelopes: 5,
+                bytes: 50,
+                oldest_ms: Some(1_200)
+            }
+        );
+        assert_eq!(t.unread(10, 100), Unread::default());
+        // Windows wholly read are forgotten.
+        assert_eq!(t.windows.len(), 1);
+    }
+
+    #[test]
+    fn the_timeline_stays_bounded_and_never_dates_an_envelope_later_than_its_commit() {
+        let mut t = Timeline::default();
+        let windows = TIMELINE_WINDOWS_MAX as u64 * 3;
+        for w in 0..windows {
+            t.committed(1, 1, w * TIMELINE_WINDOW_MS);
+        }
+        assert!(t.windows.len() <= TIMELINE_WINDOWS_MAX);
+        // Envelope k was committed at k windows; its date must be at or before that.
+        for k in [0, 1, 777, 4_095, 4_096, 9_000, windows - 1] {
+            let mut probe = Timeline {
+                windows: t.windows.clone(),
+                envelopes: t.envelopes,
+                bytes: t.bytes,
+            };
+            let oldest = probe.unread(k, k).oldest_ms.unwrap();
+            assert!(oldest <= k * TIMELINE_WINDOW_MS, "envelope {k}: {oldest}");
+        }
     }
 
     #[test]

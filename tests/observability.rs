@@ -91,6 +91,40 @@ fn a_known_workload_produces_exact_counter_values_across_a_restart_with_a_corrup
     }
 }
 
+#[test]
+fn with_forwarding_disabled_the_backlog_gauges_count_every_envelope_its_bytes_and_its_age() {
+    let d = Daemon::start(&["--set", "forward.enabled=false"]);
+    for batch in 0..2 {
+        let items: Vec<_> = (0..5).map(|i| envelope(batch * 5 + i)).collect();
+        assert_eq!(d.post_json(&json!(items)).status, 202);
+    }
+    assert_eq!(d.metric("spoolgate_spool_pending_records"), 10.0);
+    // Ten msgpack envelopes of some 60 bytes each, none of which any consumer has read.
+    let bytes = d.metric("spoolgate_spool_pending_bytes");
+    assert!((400.0..2_000.0).contains(&bytes), "{bytes}");
+    // Their age grows from their commit, though nothing put them in the ledger.
+    d.wait_metric("spoolgate_spool_oldest_pending_age_seconds", |v| v > 0.0);
+    // Nothing reads the ring, so it holds nothing rather than sitting full.
+    assert_eq!(d.metric("spoolgate_ring_depth_records"), 0.0);
+    assert_eq!(d.metric("spoolgate_ring_overflows_total"), 0.0);
+}
+
+#[test]
+fn after_a_restart_the_chain_streams_gauge_counts_the_restored_heads_before_any_seal() {
+    let mut d = Daemon::start(&[]);
+    for tenant in ["a", "b", "c"] {
+        let r = d.post_json(&json!({"source": "svc", "tenant": tenant, "text": "hello"}));
+        assert_eq!(r.status, 202);
+    }
+    d.wait_metric("spoolgate_tombstones_written_total", |v| v >= 3.0);
+    assert_eq!(d.metric("spoolgate_chain_streams"), 3.0);
+    assert_eq!(d.terminate().code(), Some(0));
+    // Without forwarding nothing is sealed in this process; the heads are still there.
+    d.args = vec!["--set".into(), "forward.enabled=false".into()];
+    d.restart();
+    assert_eq!(d.metric("spoolgate_chain_streams"), 3.0);
+}
+
 fn write_rules(path: &std::path::Path, body: &str) {
     // Editors replace files by rename; do the same.
     let tmp = path.with_extension("tmp");

@@ -268,13 +268,21 @@ pub struct PendingGauges {
 
 impl PendingGauges {
     pub fn refresh(&self, m: &Metrics) {
-        let (pending, bytes, oldest) = self.ledger.pending_stats();
+        // Envelopes the dispatcher has not read yet (all of them with forwarding disabled, or
+        // while it waits for room) are pending too, though not in the ledger; the ring knows
+        // them. The read counters are taken before the pending stats so that an envelope read
+        // in between is counted twice rather than not at all.
         let unread = self
             .ring
-            .envelopes_committed()
-            .saturating_sub(self.ledger.live_added());
-        m.spool_pending_records.set((pending + unread) as i64);
-        m.spool_pending_bytes.set(bytes as i64);
+            .unread(self.ledger.live_added(), self.ledger.live_added_bytes());
+        let (pending, bytes, oldest) = self.ledger.pending_stats();
+        m.spool_pending_records
+            .set((pending + unread.envelopes) as i64);
+        m.spool_pending_bytes.set((bytes + unread.bytes) as i64);
+        let oldest = match (oldest, unread.oldest_ms) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         let age = oldest.map_or(0.0, |since| {
             crate::ingest::now_ms().saturating_sub(since) as f64 / 1000.0
         });

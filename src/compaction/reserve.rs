@@ -74,6 +74,11 @@ pub struct Reserve {
     gauge: IntGauge,
     /// `spoolgate_spool_reserve_spent_total`.
     spent_total: IntCounter,
+    /// Held by [`Reserve::keep`] and [`Reserve::spend`] for their whole run: each looks at the
+    /// file and then acts on what it saw, so one must not change the file in between (a keep
+    /// that saw the file whole would otherwise mark a reserve held that a spend had just
+    /// emptied).
+    ops: std::sync::Mutex<()>,
 }
 
 impl Reserve {
@@ -96,7 +101,12 @@ impl Reserve {
             spent: AtomicBool::new(false),
             gauge,
             spent_total,
+            ops: std::sync::Mutex::new(()),
         }
+    }
+
+    fn exclusive(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.ops.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub fn path(&self) -> PathBuf {
@@ -133,6 +143,7 @@ impl Reserve {
     /// Holds the reserve if it is not held yet and there is room (see the module doc's table).
     /// Blocking; returns whether it is held afterwards.
     pub fn keep(&self, free_bytes: u64) -> io::Result<bool> {
+        let _exclusive = self.exclusive();
         let path = self.path();
         let found = match std::fs::metadata(&path) {
             Ok(m) => Some(m.len()),
@@ -186,6 +197,7 @@ impl Reserve {
     /// which ran out of room. Blocking; false when it was not held (or another caller spent
     /// it first).
     pub fn spend(&self, who: &str) -> io::Result<bool> {
+        let _exclusive = self.exclusive();
         if self
             .held
             .compare_exchange(true, false, Ordering::AcqRel, Ordering::Acquire)
@@ -196,7 +208,14 @@ impl Reserve {
         self.spent.store(true, Ordering::Release);
         self.set_held(false);
         let path = self.path();
-        self.empty(&path)?;
+        if !self.empty(&path)? {
+            // Deleted by an operator since the last keep: its space is free already, and
+            // nothing was spent by the daemon, so nothing is refused for it (as keep decides
+            // when it finds it gone).
+            self.spent.store(false, Ordering::Release);
+            tracing::warn!(path = %path.display(), "the disk reserve was removed by someone else");
+            return Ok(false);
+        }
         self.spent_total.inc();
         tracing::warn!(
             bytes = self.bytes,
@@ -212,6 +231,7 @@ impl Reserve {
     /// what it needs to start on a full filesystem. Blocking; false when there was none, or it
     /// was already empty.
     pub fn spend_to_start(&self) -> io::Result<bool> {
+        let _exclusive = self.exclusive();
         let path = self.path();
         match std::fs::metadata(&path) {
             Ok(m) if m.len() > 0 => {}
@@ -219,7 +239,9 @@ impl Reserve {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
             Err(e) => return Err(e),
         }
-        self.empty(&path)?;
+        if !self.empty(&path)? {
+            return Ok(false);
+        }
         self.set_held(false);
         self.spent.store(true, Ordering::Release);
         self.spent_total.inc();
@@ -250,13 +272,15 @@ impl Reserve {
 
     /// Truncates the file to zero length and makes that durable: its blocks are free, and a
     /// restart finds the reserve spent. A missing file (deleted by hand) is left missing.
-    fn empty(&self, path: &Path) -> io::Result<()> {
+    /// Truncates the reserve file; false when there was none.
+    fn empty(&self, path: &Path) -> io::Result<bool> {
         match std::fs::OpenOptions::new().write(true).open(path) {
             Ok(file) => {
                 file.set_len(0)?;
-                file.sync_all()
+                file.sync_all()?;
+                Ok(true)
             }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
             Err(e) => Err(e),
         }
     }
@@ -414,6 +438,21 @@ mod tests {
         std::fs::write(r.path(), vec![7u8; 3000]).unwrap();
         assert!(r.keep(2000).unwrap());
         assert_eq!(std::fs::read(r.path()).unwrap(), vec![0u8; 4096]);
+    }
+
+    #[test]
+    fn a_reserve_deleted_by_hand_before_a_spend_is_not_counted_as_spent_and_refuses_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = reserve(dir.path(), 4096, 100, 1000);
+        assert!(r.keep(u64::MAX).unwrap());
+        std::fs::remove_file(r.path()).unwrap();
+        // The spend finds nothing to free: the caller must wait as with no reserve.
+        assert!(!r.spend("test").unwrap());
+        assert_eq!(r.spent_total.get(), 0);
+        assert!(!r.refuses_ingest(0));
+        // And the next keep makes it again when there is room.
+        assert!(r.keep(u64::MAX).unwrap());
+        assert_eq!(len(&r), Some(4096));
     }
 
     #[test]

@@ -89,8 +89,10 @@ struct Inner {
 #[derive(Default)]
 pub struct Ledger {
     inner: Mutex<Inner>,
-    /// Envelopes added after the start-up scan (read live by the dispatcher).
+    /// Envelopes added after the start-up scan (read live by the dispatcher), and their
+    /// payload bytes: what the ring's timeline counts as read.
     live_added: std::sync::atomic::AtomicU64,
+    live_added_bytes: std::sync::atomic::AtomicU64,
 }
 
 /// What the start-up scan found besides the ledger.
@@ -114,12 +116,15 @@ impl Ledger {
     /// Counts a newly read envelope as pending (idempotent: a rewind re-reads envelopes).
     pub fn add_pending(&self, position: Position, info: PendingInfo) {
         let mut inner = self.lock();
-        Self::add_pending_locked(&mut inner, &self.live_added, position, info);
+        Self::add_pending_locked(&mut inner, self.live_counters(), position, info);
     }
 
     fn add_pending_locked(
         inner: &mut Inner,
-        live_added: &std::sync::atomic::AtomicU64,
+        (live_added, live_added_bytes): (
+            &std::sync::atomic::AtomicU64,
+            &std::sync::atomic::AtomicU64,
+        ),
         position: Position,
         info: PendingInfo,
     ) {
@@ -156,6 +161,7 @@ impl Ledger {
             _ => segment.entries.push(entry),
         }
         if inner.counted_up_to != Position::default() {
+            live_added_bytes.fetch_add(u64::from(info.bytes), std::sync::atomic::Ordering::Relaxed);
             live_added.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
         inner.pending_count += 1;
@@ -166,7 +172,7 @@ impl Ledger {
     /// dispatcher does for every live envelope.
     pub fn add_live(&self, position: Position, info: PendingInfo, next: Position) {
         let mut inner = self.lock();
-        Self::add_pending_locked(&mut inner, &self.live_added, position, info);
+        Self::add_pending_locked(&mut inner, self.live_counters(), position, info);
         if next > inner.counted_up_to {
             inner.counted_up_to = next;
         }
@@ -315,6 +321,15 @@ impl Ledger {
 
     pub fn live_added(&self) -> u64 {
         self.live_added.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    pub fn live_added_bytes(&self) -> u64 {
+        self.live_added_bytes
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn live_counters(&self) -> (&std::sync::atomic::AtomicU64, &std::sync::atomic::AtomicU64) {
+        (&self.live_added, &self.live_added_bytes)
     }
 
     pub fn sealed_len(&self) -> usize {

@@ -97,8 +97,6 @@ pub struct PipelineParts {
     pub config: ForwardConfig,
     pub metrics: Arc<Metrics>,
     pub compaction: Arc<tokio::sync::Notify>,
-    /// Where the start-up scan ended: envelopes before it are replayed.
-    pub replay_end: Position,
     /// The disk reserve, spent when a seal or tombstone finds the spool full (`None` in tests
     /// that run without one).
     pub reserve: Option<Arc<crate::compaction::reserve::Reserve>>,
@@ -181,7 +179,6 @@ async fn supervise(parts: PipelineParts, mut stop: watch::Receiver<bool>) {
     // The last restart delay of each worker and when it was restarted, for `restart_delay`.
     let mut restart_backoff: Vec<Option<Duration>> = vec![None; workers];
     let mut restarted_at: Vec<Option<tokio::time::Instant>> = vec![None; workers];
-    let mut first_epoch = true;
     loop {
         if parts.spool.poison_reason().is_some() {
             tracing::error!("spool is poisoned; forwarding stops until restart");
@@ -226,17 +223,11 @@ async fn supervise(parts: PipelineParts, mut stop: watch::Receiver<bool>) {
             room: room.clone(),
             cursor: parts.spool.first_position(),
             reader: None,
-            replay_end: if first_epoch {
-                Some(parts.replay_end)
-            } else {
-                None
-            },
             retry_initial: Duration::from_millis(parts.config.retry_initial_ms),
             retry_max: Duration::from_millis(parts.config.retry_max_ms),
             reserve: parts.reserve.clone(),
             stop: epoch_rx.clone(),
         };
-        first_epoch = false;
         // Every epoch reads from the first record: the segments from there on keep their
         // cached pages until this reading is past them (see Page cache in `spool`).
         parts.spool.note_read_segment(dispatcher.cursor.segment);
@@ -348,8 +339,6 @@ struct Dispatcher {
     room: Arc<tokio::sync::Notify>,
     cursor: Position,
     reader: Option<Reader>,
-    /// In the first epoch, envelopes before this position count as replayed.
-    replay_end: Option<Position>,
     /// The sinks' retry backoff, which the dispatcher's own waits (an undecodable record
     /// waiting for dead-letter room or for space for its tombstone) use too.
     retry_initial: Duration,
@@ -507,11 +496,6 @@ impl Dispatcher {
                 },
                 record.next,
             );
-        }
-        if let Some(end) = self.replay_end {
-            if record.position < end {
-                self.metrics.replay_recovered_total.inc();
-            }
         }
         self.envelopes_ok.inc();
         let item = self.work_item(&record, envelope, seal);
@@ -793,6 +777,7 @@ impl Dispatcher {
             {
                 Ok(_) => {
                     self.ledger.complete(&[record.position]);
+                    self.metrics.tombstones_written_total.inc();
                     return true;
                 }
                 Err(SpoolError::Full(_)) => {

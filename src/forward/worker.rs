@@ -289,6 +289,16 @@ impl Worker {
             .metrics
             .forward_lag_records
             .with_label_values(&[&label]);
+        // However this worker ends (stopped, failed, panicked), its inbox goes with its epoch
+        // and the records are dispatched again to whoever owns them next: it holds none.
+        struct ZeroOnDrop(prometheus::IntGauge);
+        impl Drop for ZeroOnDrop {
+            fn drop(&mut self) {
+                self.0.set(0);
+            }
+        }
+        let lag = ZeroOnDrop(lag);
+        let lag = &lag.0;
         loop {
             let Some(batch) = self.next_batch().await else {
                 return Ok(());

@@ -58,7 +58,7 @@ pub fn start_sharing(
     ledger: Arc<Ledger>,
     reserve: Option<Arc<spoolgate::compaction::reserve::Reserve>>,
 ) -> Pipeline {
-    let scanned = ledger::scan(spool, &ledger, 0, |_, _| {}, |_| {}).unwrap();
+    ledger::scan(spool, &ledger, 0, |_, _| {}, |_| {}).unwrap();
     let mut sinks: BTreeMap<String, Arc<dyn Sink>> = BTreeMap::new();
     sinks.insert("default".into(), sink);
     Pipeline::start(PipelineParts {
@@ -72,7 +72,6 @@ pub fn start_sharing(
         config,
         metrics: metrics.clone(),
         compaction: Arc::new(tokio::sync::Notify::new()),
-        replay_end: scanned.end,
         reserve,
     })
 }
