@@ -235,6 +235,23 @@ pub enum SinkConfig {
     },
 }
 
+impl SinkConfig {
+    /// The directory a file sink writes to: its `dir`, else `<data_dir>/out` for the sink named
+    /// `default` and `<data_dir>/out-<name>` for the others. `None` for other sink types.
+    pub fn file_dir(&self, name: &str, data_dir: &Path) -> Option<PathBuf> {
+        let SinkConfig::File { dir, .. } = self else {
+            return None;
+        };
+        Some(dir.clone().unwrap_or_else(|| {
+            if name == "default" {
+                data_dir.join("out")
+            } else {
+                data_dir.join(format!("out-{name}"))
+            }
+        }))
+    }
+}
+
 fn default_sink_file_bytes_max() -> u64 {
     64 * MIB
 }
@@ -696,6 +713,24 @@ impl Config {
                 ),
             ));
         }
+        // Two file sinks writing one directory would number their files over each other, and
+        // each would cut lines the other is writing as partial (at start, after a failure).
+        let mut file_dirs: BTreeMap<PathBuf, &str> = BTreeMap::new();
+        for (name, sink) in &self.sinks {
+            let Some(dir) = sink.file_dir(name, &self.data_dir) else {
+                continue;
+            };
+            let dir = std::path::absolute(&dir).unwrap_or(dir);
+            if let Some(other) = file_dirs.insert(dir.clone(), name) {
+                return Err(invalid(
+                    &format!("sinks.{name}.dir"),
+                    format!(
+                        "{} is also the directory of sinks.{other}; each file sink needs its own",
+                        dir.display()
+                    ),
+                ));
+            }
+        }
         if !self.sinks.contains_key("default") {
             return Err(invalid("sinks", "a sink named \"default\" is required"));
         }
@@ -1025,6 +1060,26 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn two_file_sinks_writing_one_directory_are_refused() {
+        let err = load(
+            "data_dir = \"/srv/sg\"\n[sinks.audit]\ntype = \"file\"\ndir = \"/srv/sg/out\"\n",
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert_eq!(
+            err,
+            "invalid value for sinks.default.dir: /srv/sg/out is also the directory of \
+             sinks.audit; each file sink needs its own"
+        );
+        assert!(load(
+            "data_dir = \"/srv/sg\"\n[sinks.audit]\ntype = \"file\"\n",
+            &[]
+        )
+        .is_ok());
     }
 
     #[test]

@@ -16,22 +16,21 @@
 //! (`.dl-….json.tmp`), fdatasync'd, renamed to its `dl-….json` name, and the directory is
 //! fsync'd, all before the batch is tombstoned. A kill before the rename leaves only a
 //! temporary file, whose batch is still pending and is dead-lettered again by the next run;
-//! [`DeadLetter::new`] removes such leftovers. The directory itself (and its ancestors, which
-//! `create_dir_all` may have made) is fsync'd once per process, before the first letter, and
-//! again until that succeeds: a letter fsync'd into a directory whose own entry a power loss
-//! could take would vanish with it after its records were tombstoned.
+//! [`DeadLetter::new`] removes such leftovers. The directory is made to exist durably before
+//! the first letter ([`DurableDir`]).
 //!
 //! Writes block (a write, two fsyncs, a rename, sometimes a directory scan); callers on the
 //! async runtime run them through [`super::run_blocking`].
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use prometheus::IntGauge;
 
 use super::dir_bound::{BoundError, DirBound};
+use super::durable_dir::DurableDir;
 use crate::chain::SharedRecord;
 use crate::spool::Position;
 
@@ -56,12 +55,17 @@ pub struct DeadLetter {
     dir: PathBuf,
     counter: Arc<AtomicU64>,
     bound: Arc<DirBound>,
-    /// Set once the directory and its ancestors were fsync'd in this process (see the module
-    /// doc); until then every letter tries again.
-    dir_durable: Arc<AtomicBool>,
-    /// The directories whose fsync makes the directory's entry durable, fixed at the first
-    /// letter (see `make_dir_durable`).
-    dirs_to_sync: Arc<std::sync::Mutex<Option<Vec<PathBuf>>>>,
+    /// Made to exist durably before the first letter (see `forward::durable_dir`).
+    durable_dir: Arc<DurableDir>,
+}
+
+/// Gives the whole letter at `temporary` its name `path`. A link, not a rename: a rename would
+/// replace a letter of the same name (a restarted container is pid 1 again, and the clock may
+/// have stepped back), which may hold records already tombstoned. A clash fails the write
+/// (`AlreadyExists`); the retry takes the next number.
+fn publish(temporary: &Path, path: &Path) -> std::io::Result<()> {
+    std::fs::hard_link(temporary, path)?;
+    std::fs::remove_file(temporary)
 }
 
 /// The name a letter has until it is whole.
@@ -91,8 +95,7 @@ impl DeadLetter {
             dir: dir.to_path_buf(),
             counter: Arc::new(AtomicU64::new(0)),
             bound: Arc::new(DirBound::new(dir, bytes_max, |_| true)),
-            dir_durable: Arc::new(AtomicBool::new(false)),
-            dirs_to_sync: Arc::new(std::sync::Mutex::new(None)),
+            durable_dir: Arc::new(DurableDir::new(dir)),
         }
     }
 
@@ -128,43 +131,8 @@ impl DeadLetter {
             })
     }
 
-    /// Creates the directory if need be, and fsyncs the parent of each directory this process
-    /// created and the directory's own parent (an earlier run may have been killed between
-    /// creating it and that fsync), once per process. The list is fixed before anything is
-    /// created, so a retry after a failed fsync syncs what the first attempt created.
-    fn make_dir_durable(&self) -> std::io::Result<()> {
-        if self.dir_durable.load(Ordering::Acquire) {
-            return Ok(());
-        }
-        let mut to_sync = self
-            .dirs_to_sync
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if to_sync.is_none() {
-            let absolute = std::path::absolute(&self.dir)?;
-            let mut parents: Vec<PathBuf> = Vec::new();
-            let mut missing = Some(absolute.as_path());
-            while let Some(dir) = missing.filter(|d| !d.is_dir()) {
-                parents.extend(dir.parent().map(Path::to_path_buf));
-                missing = dir.parent();
-            }
-            if let Some(parent) = absolute.parent() {
-                if !parents.iter().any(|p| p == parent) {
-                    parents.push(parent.to_path_buf());
-                }
-            }
-            *to_sync = Some(parents);
-        }
-        std::fs::create_dir_all(&self.dir)?;
-        for dir in to_sync.iter().flatten() {
-            std::fs::File::open(dir)?.sync_all()?;
-        }
-        self.dir_durable.store(true, Ordering::Release);
-        Ok(())
-    }
-
     fn create(&self, text: &str) -> std::io::Result<PathBuf> {
-        self.make_dir_durable()?;
+        self.durable_dir.ensure()?;
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
         let name = format!(
             "dl-{}-{}-{n}.json",
@@ -178,7 +146,7 @@ impl DeadLetter {
             .write(true)
             .open(&temporary)
             .and_then(|mut f| f.write_all(text.as_bytes()).and_then(|()| f.sync_data()))
-            .and_then(|()| std::fs::rename(&temporary, &path));
+            .and_then(|()| publish(&temporary, &path));
         if let Err(e) = written {
             // A file cut short by a full disk would count against the bound for nothing, and
             // each retry would leave another; the batch is still pending, so nothing is lost
@@ -311,19 +279,40 @@ mod tests {
     }
 
     #[test]
+    fn a_letter_never_replaces_one_of_the_same_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let earlier = dir.path().join("dl-1-1-0.json");
+        std::fs::write(&earlier, b"{\"reason\":\"first\"}").unwrap();
+        let temporary = dir.path().join(".dl-1-1-0.json.tmp");
+        std::fs::write(&temporary, b"{\"reason\":\"second\"}").unwrap();
+        let err = publish(&temporary, &earlier).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::AlreadyExists);
+        assert_eq!(std::fs::read(&earlier).unwrap(), b"{\"reason\":\"first\"}");
+        // Under a free name it is published, and the temporary name is gone.
+        let free = dir.path().join("dl-1-1-1.json");
+        publish(&temporary, &free).unwrap();
+        assert!(!temporary.exists());
+        assert_eq!(std::fs::read(&free).unwrap(), b"{\"reason\":\"second\"}");
+    }
+
+    #[test]
+    fn a_directory_removed_while_running_is_made_again_for_the_next_letter() {
+        let dir = tempfile::tempdir().unwrap();
+        let dl_dir = dir.path().join("dl");
+        let dl = DeadLetter::new(&dl_dir, 1 << 20);
+        dl.write_raw(position(0), "bad", &[1]).unwrap();
+        std::fs::remove_dir_all(&dl_dir).unwrap();
+        let path = dl.write_raw(position(1), "bad", &[2]).unwrap();
+        assert_eq!(path.parent(), Some(dl_dir.as_path()));
+    }
+
+    #[test]
     fn a_directory_that_does_not_exist_yet_is_made_with_its_ancestors() {
         let dir = tempfile::tempdir().unwrap();
         let nested = dir.path().join("a/b/dl");
         let dl = DeadLetter::new(&nested, 1 << 20);
         let path = dl.write_raw(position(0), "bad", &[7]).unwrap();
         assert_eq!(path.parent(), Some(nested.as_path()));
-        assert!(dl.dir_durable.load(Ordering::Acquire));
-        // The parents of the three directories it made, which hold their entries.
-        let root = std::path::absolute(dir.path()).unwrap();
-        assert_eq!(
-            dl.dirs_to_sync.lock().unwrap().clone(),
-            Some(vec![root.join("a/b"), root.join("a"), root.clone()])
-        );
     }
 
     #[test]

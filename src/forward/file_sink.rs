@@ -18,6 +18,21 @@
 //! A crash (or a failed write) can leave a partial last line. Nothing in it was confirmed, so
 //! before appending to a file the sink cuts it back to its last newline; otherwise the next
 //! batch would be glued to the fragment and the file would hold a line no reader can parse.
+//! Only the newest file can hold one: a file is fdatasync'd whole before the next one is
+//! created, and at start the sink also cuts the file before the newest (as runs before that
+//! rule could leave it). After a failed fdatasync the sink goes on in a new file rather than
+//! the failed one, whose unsynced pages Linux may have dropped (a hole of stale bytes that
+//! later appends would sit behind); its tail is cut at the next start.
+//!
+//! Removed under it: a file (or the directory) an operator or consumer deletes while the sink
+//! writes to it would take confirmed lines with it, as the open handle keeps writing and
+//! syncing an unlinked file. The sink looks at the file's link count after each fdatasync and
+//! fails the batch if it is 0; the retry writes it to a new file (recreating the directory if
+//! need be), so nothing confirmed is lost.
+//!
+//! Blocking: writes and fdatasyncs run on the worker's thread through `block_in_place`, so a
+//! hung filesystem hangs the worker without its deadline firing (the deadline is a timer on
+//! the same task). That is left as is: a secondary worker would hang on the same filesystem.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -26,6 +41,7 @@ use std::sync::Arc;
 use tokio::sync::Mutex;
 
 use super::dir_bound::{BoundError, DirBound};
+use super::durable_dir::DurableDir;
 use super::sink::{DeliverFuture, Sink, SinkError};
 use crate::chain::SharedRecord;
 
@@ -46,6 +62,9 @@ struct OutFile {
     /// Bytes whose write has returned; stored under the sink's lock after each write.
     written_bytes: std::sync::atomic::AtomicU64,
     failed: std::sync::atomic::AtomicBool,
+    /// Set with `failed` when it was an fdatasync that failed (or found the file removed): the
+    /// file is then left for a new one (see the module doc).
+    sync_failed: std::sync::atomic::AtomicBool,
     sync: std::sync::Mutex<SyncState>,
 }
 
@@ -75,6 +94,7 @@ pub struct FileSink {
     dir: PathBuf,
     file_bytes_max: u64,
     bound: DirBound,
+    durable_dir: DurableDir,
     /// The file being appended to; `None` before the first batch and after a failure.
     current: Mutex<Option<Arc<OutFile>>>,
 }
@@ -99,8 +119,10 @@ impl FileSink {
         file_bytes_max: u64,
         dir_bytes_max: u64,
     ) -> std::io::Result<FileSink> {
-        std::fs::create_dir_all(dir)?;
+        let durable_dir = DurableDir::new(dir);
+        durable_dir.ensure()?;
         Ok(FileSink {
+            durable_dir,
             name: name.to_string(),
             dir: dir.to_path_buf(),
             file_bytes_max: file_bytes_max.max(1),
@@ -119,12 +141,40 @@ impl FileSink {
         Ok(newest)
     }
 
+    /// Makes the output directory exist durably; if it was removed while running, it is made
+    /// again, so that the retried batch has somewhere to go.
+    fn ensure_dir(&self) -> std::io::Result<()> {
+        if !self.dir.is_dir() {
+            tracing::warn!(dir = %self.dir.display(), "file sink: the output directory is missing; making it");
+        }
+        self.durable_dir.ensure()
+    }
+
+    /// Cuts a partial last line from output file `index` if it exists: the file before the
+    /// newest, at start, as a run before files were synced whole at rotation could leave it.
+    fn trim_before_newest(&self, index: u64) -> std::io::Result<()> {
+        let path = self.dir.join(file_name(index));
+        if !path.exists() {
+            return Ok(());
+        }
+        let trimmed = trim_partial_line(&path)?;
+        if trimmed > 0 {
+            tracing::warn!(
+                file = %path.display(),
+                bytes = trimmed,
+                "file sink: cut a partial last line from the file before the newest (an unconfirmed write before a crash)"
+            );
+        }
+        Ok(())
+    }
+
     /// Opens output file `index` for appending, first cutting a partial last line. A cut after
     /// a write of this process failed (`after_failure`) is that write's own remains and is
     /// logged at debug: the worker has already said the sink is failing, and a full disk would
     /// otherwise log one warning per retry. A cut at first open is news: it is what an earlier
     /// run left when it crashed mid-write.
     fn open_index(&self, index: u64, after_failure: bool) -> std::io::Result<Arc<OutFile>> {
+        self.ensure_dir()?;
         let path = self.dir.join(file_name(index));
         if path.exists() {
             let trimmed = trim_partial_line(&path)?;
@@ -153,6 +203,7 @@ impl FileSink {
             file,
             written_bytes: std::sync::atomic::AtomicU64::new(bytes),
             failed: std::sync::atomic::AtomicBool::new(false),
+            sync_failed: std::sync::atomic::AtomicBool::new(false),
             // What the file held when opened was made durable by the trim or by the run that
             // wrote it; only this handle's writes need syncing.
             sync: std::sync::Mutex::new(SyncState {
@@ -198,20 +249,36 @@ impl FileSink {
     ) -> std::io::Result<(Arc<OutFile>, u64)> {
         let failed = current
             .as_ref()
-            .is_some_and(|c| c.failed.load(std::sync::atomic::Ordering::Acquire));
-        if current.is_none() || failed {
+            .filter(|c| c.failed.load(std::sync::atomic::Ordering::Acquire))
+            .cloned();
+        if current.is_none() || failed.is_some() {
             // A fresh handle after a failure: the old one may be in an unknown state, and
-            // reopening cuts a partial last line.
+            // reopening cuts a partial last line. After a failed fdatasync (not a failed write,
+            // which a full disk causes once per retry) the sink moves on to a new file.
+            let first_open = current.is_none();
             *current = None;
-            let index = self.newest_index()?.max(1);
-            *current = Some(self.open_index(index, failed)?);
+            self.ensure_dir()?;
+            let newest = self.newest_index()?;
+            let index = match &failed {
+                Some(f) if f.sync_failed.load(std::sync::atomic::Ordering::Acquire) => {
+                    newest.max(f.index) + 1
+                }
+                _ => newest.max(1),
+            };
+            if first_open && index > 1 {
+                self.trim_before_newest(index - 1)?;
+            }
+            *current = Some(self.open_index(index, failed.is_some())?);
         }
         let needs_rotation = current.as_ref().is_some_and(|c| {
             c.written() > 0 && c.written() + buf.len() as u64 > self.file_bytes_max
         });
         if needs_rotation {
-            let next = current.as_ref().map_or(1, |c| c.index + 1);
-            *current = Some(self.open_index(next, false)?);
+            // The file is made durable whole before the next one exists, so that a crash can
+            // leave a partial line only in the newest file, where the next start cuts it.
+            let old = current.take().expect("checked above");
+            sync_up_to(&old, old.written())?;
+            *current = Some(self.open_index(old.index + 1, false)?);
         }
         let c = current.as_ref().expect("opened above");
         if let Err(e) = (&c.file).write_all(buf) {
@@ -244,7 +311,22 @@ fn sync_up_to(out: &OutFile, end: u64) -> std::io::Result<()> {
         written >= end,
         "a writer's bytes are counted before it syncs"
     );
-    match out.file.sync_data() {
+    // A file removed since it was opened is synced as happily as any, and its lines would go
+    // with it once the handle closes: that is a failed batch, not a confirmed one.
+    let synced = out.file.sync_data().and_then(|()| {
+        use std::os::unix::fs::MetadataExt;
+        if out.file.metadata()?.nlink() == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!(
+                    "output file {} was removed while being written",
+                    file_name(out.index)
+                ),
+            ));
+        }
+        Ok(())
+    });
+    match synced {
         Ok(()) => {
             state.synced_bytes = written;
             release_pages(out, &mut state);
@@ -252,6 +334,8 @@ fn sync_up_to(out: &OutFile, end: u64) -> std::io::Result<()> {
         }
         Err(e) => {
             // Set while holding `sync`: a writer waiting for it sees the failure.
+            out.sync_failed
+                .store(true, std::sync::atomic::Ordering::Release);
             out.failed.store(true, std::sync::atomic::Ordering::Release);
             Err(e)
         }
@@ -336,10 +420,9 @@ impl Sink for FileSink {
             // are bounded, so block_in_place keeps it simple without a copy of the batch.
             let (out, end) = {
                 let mut current = self.current.lock().await;
-                tokio::task::block_in_place(|| self.write_lines(&mut current, &buf))
-                    .map_err(failure)?
+                super::run_blocking(|| self.write_lines(&mut current, &buf)).map_err(failure)?
             };
-            tokio::task::block_in_place(|| sync_up_to(&out, end)).map_err(failure)
+            super::run_blocking(|| sync_up_to(&out, end)).map_err(failure)
         })
     }
 }
@@ -463,6 +546,71 @@ mod tests {
             "a fresh handle after the failure"
         );
         sync_up_to(&third, third_end).unwrap();
+    }
+
+    #[test]
+    fn a_file_is_synced_whole_before_the_next_one_is_created() {
+        let dir = tempfile::tempdir().unwrap();
+        let sink = FileSink::open("default", dir.path(), 16, 1 << 30).unwrap();
+        let mut current = None;
+        let (first, first_end) = sink.write_lines(&mut current, b"{\"a\":1}\n").unwrap();
+        // The next batch does not fit: rotation syncs what the first file holds, although
+        // its writer has not synced yet.
+        let (second, _) = sink.write_lines(&mut current, b"{\"b\":22}\n").unwrap();
+        assert_eq!((first.index, second.index), (1, 2));
+        assert_eq!(first.sync.lock().unwrap().synced_bytes, first_end);
+    }
+
+    #[test]
+    fn at_start_a_partial_line_in_the_file_before_the_newest_is_cut_too() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(file_name(1)), b"{\"a\":1}\n{\"torn\":").unwrap();
+        std::fs::write(dir.path().join(file_name(2)), b"{\"b\":2}\n").unwrap();
+        let sink = FileSink::open("default", dir.path(), 1 << 20, 1 << 30).unwrap();
+        let mut current = None;
+        let (out, _) = sink.write_lines(&mut current, b"{\"c\":3}\n").unwrap();
+        assert_eq!(out.index, 2);
+        assert_eq!(
+            std::fs::read(dir.path().join(file_name(1))).unwrap(),
+            b"{\"a\":1}\n"
+        );
+    }
+
+    #[test]
+    fn lines_synced_into_a_removed_file_are_not_confirmed_and_the_retry_lands_in_a_new_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let out_dir = dir.path().join("out");
+        let sink = FileSink::open("default", &out_dir, 1 << 20, 1 << 30).unwrap();
+        let mut current = None;
+        let (first, end) = sink.write_lines(&mut current, b"{\"a\":1}\n").unwrap();
+        sync_up_to(&first, end).unwrap();
+        // A consumer removes the whole directory while the file is open.
+        std::fs::remove_dir_all(&out_dir).unwrap();
+        let (second, end) = sink.write_lines(&mut current, b"{\"b\":2}\n").unwrap();
+        assert!(
+            Arc::ptr_eq(&first, &second),
+            "still the open, unlinked file"
+        );
+        let err = sync_up_to(&second, end).unwrap_err();
+        assert!(err.to_string().contains("was removed"), "{err}");
+        // The retry goes to a new file in a directory made again, and is confirmed there.
+        let (third, end) = sink.write_lines(&mut current, b"{\"b\":2}\n").unwrap();
+        sync_up_to(&third, end).unwrap();
+        assert_eq!(third.index, 2, "after a failed sync, a new file");
+        assert_eq!(
+            std::fs::read(out_dir.join(file_name(2))).unwrap(),
+            b"{\"b\":2}\n"
+        );
+    }
+
+    #[test]
+    fn a_delivery_on_a_current_thread_runtime_does_not_panic() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let sink = FileSink::open("default", dir.path(), 1 << 20, 1 << 30).unwrap();
+        rt.block_on(sink.deliver(&records("s", 2))).unwrap();
     }
 
     #[test]

@@ -9,10 +9,11 @@
 //! - [`retry`]: exponential backoff with jitter, honouring `Retry-After` up to a bound;
 //! - [`dead_letter`]: batches a sink permanently rejected, kept on disk with the reason;
 //! - [`dir_bound`]: the byte bound on the directories spoolgate fills and others empty (the
-//!   file sink's output, the dead letters).
+//!   file sink's output, the dead letters); [`durable_dir`]: making them exist durably.
 
 pub mod dead_letter;
 pub mod dir_bound;
+pub mod durable_dir;
 pub mod file_sink;
 pub mod http_sink;
 pub mod json;

@@ -48,17 +48,13 @@ pub fn build_sinks(
     for (name, cfg) in configs {
         let sink: Arc<dyn Sink> = match cfg {
             SinkConfig::File {
-                dir,
                 file_bytes_max,
                 dir_bytes_max,
+                ..
             } => {
-                let dir = dir.clone().unwrap_or_else(|| {
-                    if name == "default" {
-                        data_dir.join("out")
-                    } else {
-                        data_dir.join(format!("out-{name}"))
-                    }
-                });
+                let dir = cfg
+                    .file_dir(name, data_dir)
+                    .expect("a file sink has a directory");
                 Arc::new(
                     super::file_sink::FileSink::open(name, &dir, *file_bytes_max, *dir_bytes_max)
                         .map_err(|e| SinkBuildError::Invalid {
