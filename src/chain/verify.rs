@@ -328,6 +328,13 @@ fn line_holds_only(line: &str, rec: &ForwardRecord) -> Result<(), String> {
     if written == line.as_bytes() {
         return Ok(());
     }
+    // serde keeps the last of a repeated key, in the record and in the value alike, so the
+    // comparison below would not see the first; a reader that keeps the first would.
+    if let Some(path) = repeated_key(line) {
+        return Err(format!(
+            "the line holds other than the record its hash covers: {path} appears twice"
+        ));
+    }
     let read: serde_json::Value = serde_json::from_str(line).map_err(|e| e.to_string())?;
     let expected: serde_json::Value =
         serde_json::from_slice(&written).map_err(|e| e.to_string())?;
@@ -336,6 +343,87 @@ fn line_holds_only(line: &str, rec: &ForwardRecord) -> Result<(), String> {
         Some(difference) => Err(format!(
             "the line holds other than the record its hash covers: {difference}"
         )),
+    }
+}
+
+/// The key path of the first key that an object in the JSON text `line` holds twice.
+fn repeated_key(line: &str) -> Option<String> {
+    use serde::de::{DeserializeSeed, Error, MapAccess, SeqAccess, Visitor};
+
+    /// Walks a JSON value, failing with the path of the first repeated key.
+    struct Walk(String);
+    const REPEATED: &str = "repeated key: ";
+
+    impl<'de> DeserializeSeed<'de> for Walk {
+        type Value = ();
+        fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+            d.deserialize_any(self)
+        }
+    }
+
+    impl<'de> Visitor<'de> for Walk {
+        type Value = ();
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a JSON value")
+        }
+        fn visit_bool<E>(self, _: bool) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_i64<E>(self, _: i64) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_u64<E>(self, _: u64) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_f64<E>(self, _: f64) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_str<E>(self, _: &str) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_unit<E>(self) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+            let mut i = 0usize;
+            while seq
+                .next_element_seed(Walk(format!("{}[{i}]", self.0)))?
+                .is_some()
+            {
+                i += 1;
+            }
+            Ok(())
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+            let mut seen = std::collections::HashSet::new();
+            while let Some(key) = map.next_key::<String>()? {
+                let path = if self.0.is_empty() {
+                    key.clone()
+                } else {
+                    format!("{}.{key}", self.0)
+                };
+                if !seen.insert(key) {
+                    return Err(A::Error::custom(format!("{REPEATED}{path}")));
+                }
+                map.next_value_seed(Walk(path))?;
+            }
+            Ok(())
+        }
+    }
+
+    let mut de = serde_json::Deserializer::from_str(line);
+    match Walk(String::new()).deserialize(&mut de) {
+        Ok(()) => None,
+        Err(e) => {
+            let message = e.to_string();
+            let path = message.strip_prefix(REPEATED)?;
+            // serde_json adds " at line L column C" to a custom error.
+            Some(
+                path.rsplit_once(" at line ")
+                    .map_or(path, |(p, _)| p)
+                    .to_string(),
+            )
+        }
     }
 }
 
@@ -555,6 +643,63 @@ mod tests {
                 one.len() - 1
             )
         );
+    }
+
+    #[test]
+    fn a_line_holding_a_key_twice_is_refused_whichever_copy_a_reader_would_keep() {
+        let mut chains = crate::chain::Chains::new();
+        let envelope = crate::envelope::Envelope {
+            version: 1,
+            id: "m".into(),
+            source: "s".into(),
+            meta: [("k".to_string(), serde_json::Value::from("real"))].into(),
+            slot: crate::slots::slot_of("s"),
+            ..Default::default()
+        };
+        let record = chains.seal(envelope).unwrap();
+        let mut line = Vec::new();
+        crate::forward::json::write_record(&mut line, &record).unwrap();
+        let line = String::from_utf8(line).unwrap();
+        assert_eq!(verify_jsonl(line.as_bytes()).unwrap().records, 1);
+        let forged = line.replacen("{\"k\":\"real\"}", "{\"k\":\"forged\",\"k\":\"real\"}", 1);
+        assert_ne!(forged, line, "the case changes the line");
+        let err = verify_jsonl(forged.as_bytes()).unwrap_err().to_string();
+        assert!(err.contains("envelope.meta.k appears twice"), "{err}");
+        // A field of the record itself: its decoding refuses that already.
+        let (one, _) = two_lines();
+        let err = verify_jsonl(
+            one.replacen("{\"stream\"", "{\"seq\":9,\"stream\"", 1)
+                .as_bytes(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("duplicate field `seq`"), "{err}");
+        assert_eq!(
+            repeated_key(r#"{"a":[{"b":1,"c":{"d":2,"d":3}}]}"#).as_deref(),
+            Some("a[0].c.d")
+        );
+        assert_eq!(repeated_key(r#"{"a":{"b":1},"c":{"b":1}}"#), None);
+    }
+
+    #[test]
+    fn a_float_in_meta_reads_back_as_the_float_written_so_its_line_verifies() {
+        // Floats whose shortest form serde_json's default parser reads back one step off
+        // (serde-rs/json #1336, #937); with `float_roundtrip` they read back exactly.
+        for x in [1.5777777777770001_f64, 0.09144338512092887] {
+            let mut chains = crate::chain::Chains::new();
+            let envelope = crate::envelope::Envelope {
+                version: 1,
+                id: "f".into(),
+                source: "s".into(),
+                meta: [("x".to_string(), serde_json::Value::from(x))].into(),
+                slot: crate::slots::slot_of("s"),
+                ..Default::default()
+            };
+            let record = chains.seal(envelope).unwrap();
+            let mut line = Vec::new();
+            crate::forward::json::write_record(&mut line, &record).unwrap();
+            assert_eq!(verify_jsonl(line.as_slice()).unwrap().records, 1, "{x}");
+        }
     }
 
     #[test]
