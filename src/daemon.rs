@@ -373,6 +373,7 @@ pub async fn run(config: Config) -> Result<Exit, DaemonError> {
             metrics: metrics.clone(),
             compaction: compaction_wake.clone(),
             reserve: Some(reserve.clone()),
+            restart_backoff: Default::default(),
         })
     });
     let (compactor_stop_tx, compactor_stop_rx) = watch::channel(false);

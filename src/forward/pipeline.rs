@@ -62,17 +62,34 @@ pub const READ_CHUNK_RECORDS_MAX: usize = 256;
 pub const RESTART_BACKOFF_INITIAL: Duration = Duration::from_millis(200);
 pub const RESTART_BACKOFF_MAX: Duration = Duration::from_secs(30);
 
-/// The delay before a failed worker is restarted: twice the last one, up to
-/// [`RESTART_BACKOFF_MAX`], unless the worker had run without failing for longer than that
-/// since its last restart (`ran_for`), in which case its failures start over from
-/// [`RESTART_BACKOFF_INITIAL`]: one failure a day must not find the backoff of last week's
-/// outage.
-fn restart_delay(last: Option<Duration>, ran_for: Option<Duration>) -> Duration {
-    match (last, ran_for) {
-        (Some(last), Some(ran)) if ran <= RESTART_BACKOFF_MAX => {
-            (last * 2).min(RESTART_BACKOFF_MAX)
+/// How long a failed worker stays down before it is restarted. The daemon uses the default
+/// ([`RESTART_BACKOFF_INITIAL`], [`RESTART_BACKOFF_MAX`]); tests that must see what happens
+/// while workers are down set it longer than they run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RestartBackoff {
+    pub initial: Duration,
+    pub max: Duration,
+}
+
+impl Default for RestartBackoff {
+    fn default() -> RestartBackoff {
+        RestartBackoff {
+            initial: RESTART_BACKOFF_INITIAL,
+            max: RESTART_BACKOFF_MAX,
         }
-        _ => RESTART_BACKOFF_INITIAL,
+    }
+}
+
+impl RestartBackoff {
+    /// The delay before a failed worker is restarted: twice the last one, up to `max`, unless
+    /// the worker had run without failing for longer than that since its last restart
+    /// (`ran_for`), in which case its failures start over from `initial`: one failure a day
+    /// must not find the backoff of last week's outage.
+    fn delay(&self, last: Option<Duration>, ran_for: Option<Duration>) -> Duration {
+        match (last, ran_for) {
+            (Some(last), Some(ran)) if ran <= self.max => (last * 2).min(self.max),
+            _ => self.initial,
+        }
     }
 }
 /// How long the dispatcher waits for room in a full inbox before it leaves that worker
@@ -100,6 +117,7 @@ pub struct PipelineParts {
     /// The disk reserve, spent when a seal or tombstone finds the spool full (`None` in tests
     /// that run without one).
     pub reserve: Option<Arc<crate::compaction::reserve::Reserve>>,
+    pub restart_backoff: RestartBackoff,
 }
 
 pub struct Pipeline {
@@ -292,7 +310,7 @@ async fn supervise(parts: PipelineParts, mut stop: watch::Receiver<bool>) {
                 parts.metrics.worker_takeovers_total.inc();
                 let moved = ownership.mark_down(w);
                 let ran_for = restarted_at[w].map(|t| t.elapsed());
-                let delay = restart_delay(restart_backoff[w], ran_for);
+                let delay = parts.restart_backoff.delay(restart_backoff[w], ran_for);
                 restart_backoff[w] = Some(delay);
                 restart_at[w] = Some(tokio::time::Instant::now() + delay);
                 tracing::warn!(worker = w, reason = %why, slots_moved = moved.len(), restart_in_ms = delay.as_millis() as u64, "worker failed; secondaries take over its slots");
@@ -307,7 +325,7 @@ async fn supervise(parts: PipelineParts, mut stop: watch::Receiver<bool>) {
                 tracing::error!(reason = %why, "dispatcher stopped; restarting the epoch");
                 tokio::select! {
                     _ = stopped(&mut stop) => return,
-                    _ = tokio::time::sleep(RESTART_BACKOFF_INITIAL) => {}
+                    _ = tokio::time::sleep(parts.restart_backoff.initial) => {}
                 }
             }
         }
@@ -829,18 +847,19 @@ mod tests {
 
     #[test]
     fn a_worker_restart_backs_off_while_it_keeps_failing_and_starts_over_once_it_ran_a_while() {
+        let backoff = RestartBackoff::default();
         let initial = RESTART_BACKOFF_INITIAL;
         // The first failure, and one after a worker that never failed since the start.
-        assert_eq!(restart_delay(None, None), initial);
+        assert_eq!(backoff.delay(None, None), initial);
         // Failing again soon after each restart doubles the delay, up to the bound.
         let mut delay = initial;
         for _ in 0..20 {
-            delay = restart_delay(Some(delay), Some(Duration::from_millis(10)));
+            delay = backoff.delay(Some(delay), Some(Duration::from_millis(10)));
         }
         assert_eq!(delay, RESTART_BACKOFF_MAX);
         // After running longer than the bound without failing, it starts over.
         let ran = RESTART_BACKOFF_MAX + Duration::from_secs(1);
-        assert_eq!(restart_delay(Some(RESTART_BACKOFF_MAX), Some(ran)), initial);
+        assert_eq!(backoff.delay(Some(RESTART_BACKOFF_MAX), Some(ran)), initial);
     }
 
     #[test]

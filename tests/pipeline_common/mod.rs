@@ -58,10 +58,28 @@ pub fn start_sharing(
     ledger: Arc<Ledger>,
     reserve: Option<Arc<spoolgate::compaction::reserve::Reserve>>,
 ) -> Pipeline {
+    Pipeline::start(parts(
+        spool, ring, metrics, sink, config, scratch, chains, ledger, reserve,
+    ))
+}
+
+/// What [`start_sharing`] starts, for tests that change a part first.
+#[allow(clippy::too_many_arguments)]
+pub fn parts(
+    spool: &Spool,
+    ring: Arc<Ring>,
+    metrics: &Arc<Metrics>,
+    sink: Arc<dyn Sink>,
+    config: ForwardConfig,
+    scratch: &Path,
+    chains: Arc<Mutex<Chains>>,
+    ledger: Arc<Ledger>,
+    reserve: Option<Arc<spoolgate::compaction::reserve::Reserve>>,
+) -> PipelineParts {
     ledger::scan(spool, &ledger, 0, |_, _| {}, |_| {}).unwrap();
     let mut sinks: BTreeMap<String, Arc<dyn Sink>> = BTreeMap::new();
     sinks.insert("default".into(), sink);
-    Pipeline::start(PipelineParts {
+    PipelineParts {
         spool: spool.clone(),
         ring,
         gate: Arc::new(Gate::new(&GateConfig::default(), metrics.clone()).unwrap()),
@@ -73,7 +91,8 @@ pub fn start_sharing(
         metrics: metrics.clone(),
         compaction: Arc::new(tokio::sync::Notify::new()),
         reserve,
-    })
+        restart_backoff: Default::default(),
+    }
 }
 
 /// Opens a spool under `dir` with 1 MiB segments and 64 KiB records, durability `always`,
