@@ -220,9 +220,11 @@ impl Detector {
             r"(?-u)\b\d(?:[ -]?\d){12,18}\b",
             r"(?-u)\b\d{3}-\d{2}-\d{4}\b",
             // Eight groups; or groups, `::`, groups, where the groups after `::` may end in a
-            // dotted IPv4 address. A leading `::` has no `\b` before it: `span` checks what
-            // precedes it (not `Vec::add`).
-            r"(?-u)(?i)\b(?:[0-9a-f]{1,4}(?::[0-9a-f]{1,4}){7}|[0-9a-f]{1,4}(?::[0-9a-f]{1,4}){5}:\d{1,3}(?:\.\d{1,3}){3})\b|(?:\b[0-9a-f]{1,4}(?::[0-9a-f]{1,4}){0,6})?::(?:(?:[0-9a-f]{1,4}:){0,5}\d{1,3}(?:\.\d{1,3}){3}|[0-9a-f]{1,4}(?::[0-9a-f]{1,4}){0,6})\b",
+            // dotted IPv4 address; or, last (so that a longer form wins where one matches),
+            // groups ending in `::` (`fe80::`). A leading `::` has no `\b` before it, nor a
+            // trailing one after it: `span` checks what precedes and follows them (not
+            // `Vec::add`, `b2::foo`).
+            r"(?-u)(?i)\b(?:[0-9a-f]{1,4}(?::[0-9a-f]{1,4}){7}|[0-9a-f]{1,4}(?::[0-9a-f]{1,4}){5}:\d{1,3}(?:\.\d{1,3}){3})\b|(?:\b[0-9a-f]{1,4}(?::[0-9a-f]{1,4}){0,6})?::(?:(?:[0-9a-f]{1,4}:){0,5}\d{1,3}(?:\.\d{1,3}){3}|[0-9a-f]{1,4}(?::[0-9a-f]{1,4}){0,6})\b|\b[0-9a-f]{1,4}(?::[0-9a-f]{1,4}){0,6}::",
             r"(?-u)\b(?:\d{1,3}\.){3}\d{1,3}\b",
             r"(?-u)(?:\+\d{1,3}[ .-]?)?(?:\(\d{2,4}\)[ .-]?|\b\d{2,4}[ .-])\d{3,4}[ .-]\d{3,4}\b|\+\d{8,15}\b",
         ];
@@ -272,15 +274,20 @@ impl Detector {
                 whole.filter(|_| ok)
             }
             "ipv6" => {
-                // A leading `::` right after a name or a colon is a path (`Vec::add`), and an
-                // address followed by `:` and a hex digit is a piece of a longer colon run.
-                let after_name = m.starts_with(':')
-                    && start > 0
-                    && (b[start - 1].is_ascii_alphanumeric()
-                        || matches!(b[start - 1], b'_' | b':'));
+                // A leading `::` right after a name or a colon is a path (`Vec::add`), and so is
+                // a trailing `::` right before one (`b2::foo`); an address followed by `:` and a
+                // hex digit is a piece of a longer colon run. Without a decimal digit it is a
+                // path of hex-letter names (`Face::add`, `dead::beef`), not an address.
+                let name_byte = |c: &u8| c.is_ascii_alphanumeric() || matches!(c, b'_' | b':');
+                let after_name = m.starts_with(':') && start > 0 && name_byte(&b[start - 1]);
+                let before_name = m.ends_with("::") && b.get(end).is_some_and(name_byte);
                 let continues =
                     b.get(end) == Some(&b':') && b.get(end + 1).is_some_and(u8::is_ascii_hexdigit);
-                let ok = !after_name && !continues && m.parse::<std::net::Ipv6Addr>().is_ok();
+                let ok = !after_name
+                    && !before_name
+                    && !continues
+                    && m.bytes().any(|c| c.is_ascii_digit())
+                    && m.parse::<std::net::Ipv6Addr>().is_ok();
                 whole.filter(|_| ok)
             }
             "phone" => {
@@ -453,6 +460,35 @@ mod tests {
             ("a :: b, x:::1", 0, "a :: b, x:::1"),
             ("1:2:3:4:5:6:7:8:9", 0, "1:2:3:4:5:6:7:8:9"),
         ]);
+    }
+
+    #[test]
+    fn an_address_ending_in_a_double_colon_is_matched_and_a_path_of_hex_names_is_not() {
+        check(&[
+            ("link fe80:: up", 1, "link [IPV6] up"),
+            ("prefix 2001:db8::/32", 1, "prefix [IPV6]/32"),
+            ("2001:db8::.", 1, "[IPV6]."),
+            (
+                "Face::add(x) dead::beef Bad::Cafe",
+                0,
+                "Face::add(x) dead::beef Bad::Cafe",
+            ),
+            ("b2::foo and c3::Bar", 0, "b2::foo and c3::Bar"),
+            (
+                "dead:beef:cafe:babe:dead:beef:cafe:babe",
+                0,
+                "dead:beef:cafe:babe:dead:beef:cafe:babe",
+            ),
+            // The longer forms still win over a trailing `::`.
+            ("fe80::1 and ::ffff:192.0.2.1", 2, "[IPV6] and [IPV6]"),
+        ]);
+    }
+
+    #[test]
+    fn sixteen_luhn_digits_after_a_country_code_are_a_card_as_no_phone_number_is_that_long() {
+        // E.164 numbers have at most 15 digits, so "+1" and 16 more cannot all be a phone's:
+        // the 16 that pass Luhn are masked as the card they look like.
+        check(&[("call +1 4111 1111 1111 1111", 1, "call +1 [CARD]")]);
     }
 
     #[test]
