@@ -165,10 +165,12 @@ impl Ring {
     /// gauges and no records (nothing would take them, and it would sit full, counting
     /// overflows that no consumer reads back).
     pub fn counting_only(metrics: Arc<Metrics>) -> Ring {
-        Ring {
+        let ring = Ring {
             buffering: false,
             ..Ring::new(1, 1, metrics)
-        }
+        };
+        ring.metrics.ring_capacity_records.set(0);
+        ring
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -210,10 +212,17 @@ impl Ring {
     /// What was committed and not yet read, given what the dispatcher has read live (see
     /// [`Timeline::unread`]).
     pub fn unread(&self, read_envelopes: u64, read_bytes: u64) -> Unread {
-        self.timeline
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .unread(read_envelopes, read_bytes)
+        self.unread_with(|| (read_envelopes, read_bytes))
+    }
+
+    /// [`Ring::unread`] with what was read taken by `read` while the timeline is locked, so
+    /// that concurrent callers (a scrape and the compaction loop) see the read count only grow:
+    /// the timeline forgets the windows read, and a caller with an older, smaller count would
+    /// otherwise date its oldest unread envelope by a later window.
+    pub fn unread_with(&self, read: impl FnOnce() -> (u64, u64)) -> Unread {
+        let mut timeline = self.timeline.lock().unwrap_or_else(|p| p.into_inner());
+        let (read_envelopes, read_bytes) = read();
+        timeline.unread(read_envelopes, read_bytes)
     }
 
     /// Waits until something was pushed after the last wake-up.
@@ -376,6 +385,7 @@ mod tests {
     fn a_counting_only_ring_holds_nothing_and_counts_no_overflow_but_counts_commits() {
         let metrics = Arc::new(Metrics::new());
         let ring = Ring::counting_only(metrics.clone());
+        assert_eq!(metrics.ring_capacity_records.get(), 0);
         ring.on_commit(vec![rec(0, 5), rec(10, 7)]);
         assert!(ring.is_empty());
         assert_eq!(metrics.ring_overflows_total.get(), 0);
@@ -423,7 +433,8 @@ mod tests {
             t.committed(1, 1, w * TIMELINE_WINDOW_MS);
         }
         assert!(t.windows.len() <= TIMELINE_WINDOWS_MAX);
-        // Envelope k was committed at k windows; its date must be at or before that.
+        // Envelope k was committed at k windows; its date must be at or before that, and
+        // not by more than the few windows that merging joined.
         for k in [0, 1, 777, 4_095, 4_096, 9_000, windows - 1] {
             let mut probe = Timeline {
                 windows: t.windows.clone(),
@@ -432,6 +443,10 @@ mod tests {
             };
             let oldest = probe.unread(k, k).oldest_ms.unwrap();
             assert!(oldest <= k * TIMELINE_WINDOW_MS, "envelope {k}: {oldest}");
+            assert!(
+                oldest + 16 * TIMELINE_WINDOW_MS >= k * TIMELINE_WINDOW_MS,
+                "envelope {k}: {oldest}"
+            );
         }
     }
 

@@ -96,8 +96,9 @@ fn the_daemon_refuses_to_start_with_a_rule_routing_to_a_sink_the_config_does_not
         dir.path(),
         "[[rule]]\nname = \"a\"\nkeywords = [\"audit\"]\nsink = \"audti\"\n",
     );
-    let out = config_cli(
-        &[
+    let log = dir.path().join("serve.log");
+    let child = Command::new(common::bin())
+        .args([
             "serve",
             "--config",
             config.to_str().unwrap(),
@@ -105,11 +106,24 @@ fn the_daemon_refuses_to_start_with_a_rule_routing_to_a_sink_the_config_does_not
             "127.0.0.1:0",
             "--metrics-listen",
             "127.0.0.1:0",
-        ],
-        &[],
-    );
-    let text = all_output(&out);
-    assert!(!out.status.success(), "{text}");
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    // A daemon that wrongly starts would run until killed: wait for an exit, bounded, and
+    // kill it if the wait fails.
+    struct KillOnDrop(std::process::Child);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut child = KillOnDrop(child);
+    let status = common::wait_for("the daemon to exit", || child.0.try_wait().unwrap());
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(!status.success(), "{text}");
     assert!(text.contains("sink \"audti\" is not configured"), "{text}");
 }
 

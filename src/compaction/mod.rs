@@ -270,12 +270,15 @@ impl PendingGauges {
     pub fn refresh(&self, m: &Metrics) {
         // Envelopes the dispatcher has not read yet (all of them with forwarding disabled, or
         // while it waits for room) are pending too, though not in the ledger; the ring knows
-        // them. The read counters are taken before the pending stats so that an envelope read
-        // in between is counted twice rather than not at all.
-        let unread = self
-            .ring
-            .unread(self.ledger.live_added(), self.ledger.live_added_bytes());
-        let (pending, bytes, oldest) = self.ledger.pending_stats();
+        // them. The ledger's figures and its count of what was read come from one snapshot,
+        // so that no envelope is counted both in the ledger and as unread.
+        let mut stats = (0, 0, None);
+        let unread = self.ring.unread_with(|| {
+            let (pending, read_envelopes, read_bytes) = self.ledger.pending_snapshot();
+            stats = pending;
+            (read_envelopes, read_bytes)
+        });
+        let (pending, bytes, oldest) = stats;
         m.spool_pending_records
             .set((pending + unread.envelopes) as i64);
         m.spool_pending_bytes.set((bytes + unread.bytes) as i64);

@@ -258,7 +258,19 @@ impl Ledger {
 
     /// Pending count, pending bytes, and the oldest pending record's `since_ms`.
     pub fn pending_stats(&self) -> (u64, u64, Option<u64>) {
+        Self::pending_stats_locked(&mut self.lock())
+    }
+
+    /// [`Ledger::pending_stats`] with [`Ledger::live_added`] and [`Ledger::live_added_bytes`]
+    /// as of the same moment (they change only under the same lock): what the pending gauges
+    /// need to add the envelopes not read yet without counting one twice.
+    pub fn pending_snapshot(&self) -> ((u64, u64, Option<u64>), u64, u64) {
         let mut inner = self.lock();
+        let stats = Self::pending_stats_locked(&mut inner);
+        (stats, self.live_added(), self.live_added_bytes())
+    }
+
+    fn pending_stats_locked(inner: &mut Inner) -> (u64, u64, Option<u64>) {
         let mut oldest = None;
         for segment in inner.segments.values_mut() {
             while segment.first_open < segment.entries.len()
