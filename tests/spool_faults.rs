@@ -77,6 +77,44 @@ fn enospc_while_creating_a_preallocated_segment_fails_the_batch_and_a_later_rota
     assert_eq!(*after.last().unwrap(), 500);
 }
 
+#[test]
+fn no_file_descriptor_for_a_new_segment_refuses_the_batch_without_poisoning_and_a_later_one_rotates(
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = options(dir.path());
+    let faults = Faults::new();
+    let (s, _) = open_fs(&opts, Arc::new(FaultFs::new(StdFs, faults.clone())));
+    // Out of descriptors from now on: the first append that needs a new segment is refused.
+    faults.emfile_creates.store(true, Ordering::SeqCst);
+    let mut busy = None;
+    let mut accepted = Vec::new();
+    for n in 0..200 {
+        match s.append_blocking(vec![(RecordKind::ENVELOPE, payload(n))], false) {
+            Ok(_) => accepted.push(n),
+            Err(e) => {
+                busy = Some(e);
+                break;
+            }
+        }
+    }
+    assert!(matches!(busy, Some(SpoolError::Busy(_))), "{busy:?}");
+    assert!(
+        s.poison_reason().is_none(),
+        "nothing was lost, so no poison"
+    );
+    assert_eq!(read_all(&s), accepted);
+    // Descriptors free again: the next append rotates and is written.
+    faults.emfile_creates.store(false, Ordering::SeqCst);
+    append(&s, 500);
+    assert_eq!(s.segments().len(), 2);
+    accepted.push(500);
+    assert_eq!(read_all(&s), accepted);
+    s.close().unwrap();
+    let (s, report, _) = open(&opts);
+    assert_eq!(read_all(&s), accepted);
+    assert!(report.damaged.is_empty());
+}
+
 /// Record `n` with a payload of `len` bytes.
 fn sized(n: u64, len: usize) -> bytes::Bytes {
     let mut p = payload(n).to_vec();

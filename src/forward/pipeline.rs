@@ -808,6 +808,11 @@ impl Dispatcher {
                         return false;
                     }
                 }
+                Err(SpoolError::Busy(_)) => {
+                    if !self.wait(backoff.next_delay(None)).await {
+                        return false;
+                    }
+                }
                 // A poisoned or closed spool: forwarding is about to stop; the record stays
                 // pending and a restart dead-letters it again.
                 Err(e) => {

@@ -155,6 +155,19 @@ async fn append_when_space(
                     _ = tokio::time::sleep(wait) => {}
                 }
             }
+            Err(SpoolError::Busy(why)) => {
+                // No descriptor for a new segment: nothing was written, and the next attempt
+                // may find one. Waited out like a full disk, without spending the reserve.
+                if waiting_since.is_none() {
+                    waiting_since = Some(Instant::now());
+                    tracing::warn!(record = what, %why, "spool cannot open a segment; forwarding waits");
+                }
+                let wait = backoff.next_delay(None);
+                tokio::select! {
+                    _ = stopped(&mut stop) => return Ok(Appended::Stopped),
+                    _ = tokio::time::sleep(wait) => {}
+                }
+            }
             Err(SpoolError::Poisoned(why)) => {
                 // Nothing more can be appended until a restart, by this worker or any other:
                 // a takeover would only churn the slots (and page as a stuck worker). Park

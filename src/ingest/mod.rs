@@ -632,6 +632,17 @@ fn append_error(state: &IngestState, e: SpoolError) -> HttpResponse {
         SpoolError::Poisoned(reason) => {
             unavailable(state, "poisoned", format!("spool refuses writes: {reason}"))
         }
+        SpoolError::Busy(reason) => {
+            tracing::warn!(%reason, "append refused: no file descriptor for a new segment");
+            let mut resp = unavailable(
+                state,
+                "busy",
+                format!("spool cannot take writes now: {reason}"),
+            );
+            resp.headers_mut()
+                .insert(hyper::header::RETRY_AFTER, HeaderValue::from_static("1"));
+            resp
+        }
         other => unavailable(state, "poisoned", format!("spool write failed: {other}")),
     }
 }

@@ -509,6 +509,8 @@ pub struct Faults {
     pub enospc_from_offset: AtomicU64,
     /// While set, files created fail every write with ENOSPC (a full disk seen at rotation).
     pub enospc_new_files: AtomicBool,
+    /// While set, creating a file fails with EMFILE and creates nothing (no descriptor free).
+    pub emfile_creates: AtomicBool,
     /// While set, removing a file fails with EIO and leaves it.
     pub fail_removes: AtomicBool,
     /// While set, an fdatasync waits until it is cleared (a slow disk), after counting itself
@@ -612,6 +614,11 @@ impl<F: FileSystem> FileSystem for FaultFs<F> {
         }))
     }
     fn create(&self, path: &Path) -> io::Result<Arc<dyn SegmentFile>> {
+        if self.faults.emfile_creates.load(Ordering::SeqCst) {
+            return Err(io::Error::from_raw_os_error(
+                rustix::io::Errno::MFILE.raw_os_error(),
+            ));
+        }
         Ok(Arc::new(FaultFile {
             inner: self.inner.create(path)?,
             faults: self.faults.clone(),

@@ -201,6 +201,10 @@ pub trait CommitObserver: Send + Sync {
 pub enum SpoolError {
     #[error("spool is full: {0}")]
     Full(String),
+    /// A new segment could not be opened for want of a file descriptor; nothing was written,
+    /// and a later append may succeed. Not a poison: no data can have been lost.
+    #[error("spool cannot open a new segment now: {0}")]
+    Busy(String),
     #[error("spool is poisoned and refuses writes: {0}")]
     Poisoned(String),
     #[error("I/O error during {op} on {path}: {source}")]

@@ -660,6 +660,7 @@ pub(crate) fn recover(
         let file = match create_segment(opts, fs, metrics, id) {
             Ok(f) => f,
             Err(CreateError::Full(why)) => return Err(SpoolError::Full(why)),
+            Err(CreateError::Busy(why)) => return Err(SpoolError::Busy(why)),
             Err(CreateError::Io(why)) => return Err(SpoolError::Invalid(why)),
         };
         let file_bytes = file.len().unwrap_or(HEADER_LEN);

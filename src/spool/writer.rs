@@ -735,6 +735,7 @@ impl Writer {
         let file = match created {
             Ok(f) => f,
             Err(CreateError::Full(why)) => return Err(SpoolError::Full(why)),
+            Err(CreateError::Busy(why)) => return Err(SpoolError::Busy(why)),
             Err(CreateError::Io(why)) => {
                 self.shared.set_poison(why);
                 return Err(SpoolError::Poisoned(
@@ -848,8 +849,20 @@ impl Writer {
 pub(crate) enum CreateError {
     /// The filesystem is full; the partial file was removed.
     Full(String),
+    /// The process or the system has no file descriptor to spare (EMFILE, ENFILE): the file
+    /// was never opened, so nothing of it exists; a later attempt may succeed.
+    Busy(String),
     /// Anything else.
     Io(String),
+}
+
+/// Whether `e` says no file descriptor was free, before anything was created.
+fn is_out_of_descriptors(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(code) if code == rustix::io::Errno::MFILE.raw_os_error()
+            || code == rustix::io::Errno::NFILE.raw_os_error()
+    )
 }
 
 /// Creates segment `id` ready for appends: allocate (if preallocating), header, fdatasync,
@@ -871,7 +884,15 @@ pub(crate) fn create_segment(
             CreateError::Io(format!("{what} {} failed: {e}", path.display()))
         }
     };
-    let file = fs.create(&path).map_err(|e| fail("creating", e))?;
+    // Out of descriptors (a burst of connections, say) is no failure of the disk: the open
+    // failed before it created anything, so no write was lost and nothing needs poisoning.
+    let file = fs.create(&path).map_err(|e| {
+        if is_out_of_descriptors(&e) {
+            CreateError::Busy(format!("creating {}: {e}", path.display()))
+        } else {
+            fail("creating", e)
+        }
+    })?;
     if opts.preallocate {
         let allocated = if opts.preallocate_zeros {
             super::fs::write_zeros(file.as_ref(), opts.segment_bytes_max)
@@ -922,6 +943,7 @@ fn segments_to_release(
 fn clone_err(e: &SpoolError) -> SpoolError {
     match e {
         SpoolError::Full(s) => SpoolError::Full(s.clone()),
+        SpoolError::Busy(s) => SpoolError::Busy(s.clone()),
         SpoolError::Poisoned(s) => SpoolError::Poisoned(s.clone()),
         SpoolError::TooLarge { len, max } => SpoolError::TooLarge {
             len: *len,
