@@ -349,19 +349,23 @@ fn line_holds_only(line: &str, rec: &ForwardRecord) -> Result<(), String> {
 /// The key path of the first key that an object in the JSON text `line` holds twice.
 fn repeated_key(line: &str) -> Option<String> {
     use serde::de::{DeserializeSeed, Error, MapAccess, SeqAccess, Visitor};
+    use std::cell::RefCell;
 
-    /// Walks a JSON value, failing with the path of the first repeated key.
-    struct Walk(String);
+    /// Walks a JSON value, failing at the first repeated key. The path to where it is, one
+    /// segment per level, is kept on one shared stack and only formatted then: a line is
+    /// untrusted and may be hundreds of MiB, and a path copied into every element of a long
+    /// array (under a long key) would cost its length per element.
+    struct Walk<'s>(&'s RefCell<Vec<String>>);
     const REPEATED: &str = "repeated key: ";
 
-    impl<'de> DeserializeSeed<'de> for Walk {
+    impl<'de> DeserializeSeed<'de> for Walk<'_> {
         type Value = ();
         fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
             d.deserialize_any(self)
         }
     }
 
-    impl<'de> Visitor<'de> for Walk {
+    impl<'de> Visitor<'de> for Walk<'_> {
         type Value = ();
         fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
             f.write_str("a JSON value")
@@ -386,33 +390,39 @@ fn repeated_key(line: &str) -> Option<String> {
         }
         fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
             let mut i = 0usize;
-            while seq
-                .next_element_seed(Walk(format!("{}[{i}]", self.0)))?
-                .is_some()
-            {
+            loop {
+                self.0.borrow_mut().push(format!("[{i}]"));
+                let more = seq.next_element_seed(Walk(self.0))?.is_some();
+                self.0.borrow_mut().pop();
+                if !more {
+                    return Ok(());
+                }
                 i += 1;
             }
-            Ok(())
         }
         fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
             let mut seen = std::collections::HashSet::new();
             while let Some(key) = map.next_key::<String>()? {
-                let path = if self.0.is_empty() {
+                let segment = if self.0.borrow().is_empty() {
                     key.clone()
                 } else {
-                    format!("{}.{key}", self.0)
+                    format!(".{key}")
                 };
                 if !seen.insert(key) {
-                    return Err(A::Error::custom(format!("{REPEATED}{path}")));
+                    let path: String = self.0.borrow().concat();
+                    return Err(A::Error::custom(format!("{REPEATED}{path}{segment}")));
                 }
-                map.next_value_seed(Walk(path))?;
+                self.0.borrow_mut().push(segment);
+                map.next_value_seed(Walk(self.0))?;
+                self.0.borrow_mut().pop();
             }
             Ok(())
         }
     }
 
+    let path = RefCell::new(Vec::new());
     let mut de = serde_json::Deserializer::from_str(line);
-    match Walk(String::new()).deserialize(&mut de) {
+    match Walk(&path).deserialize(&mut de) {
         Ok(()) => None,
         Err(e) => {
             let message = e.to_string();

@@ -59,13 +59,51 @@ pub struct DeadLetter {
     durable_dir: Arc<DurableDir>,
 }
 
-/// Gives the whole letter at `temporary` its name `path`. A link, not a rename: a rename would
-/// replace a letter of the same name (a restarted container is pid 1 again, and the clock may
-/// have stepped back), which may hold records already tombstoned. A clash fails the write
-/// (`AlreadyExists`); the retry takes the next number.
+/// Gives the whole letter at `temporary` its name `path`, never replacing a letter of that
+/// name (a restarted container is pid 1 again, and the clock may have stepped back), which may
+/// hold records already tombstoned: a clash fails the write (`AlreadyExists`), and the retry
+/// takes the next number. A rename that refuses to replace (`renameat2` with `NOREPLACE`)
+/// where the filesystem has it; else a hard link and an unlink; where neither exists (vfat,
+/// some FUSE filesystems), a plain rename after looking that the name is free, which only a
+/// second writer in the same directory at the same moment could defeat.
 fn publish(temporary: &Path, path: &Path) -> std::io::Result<()> {
-    std::fs::hard_link(temporary, path)?;
-    std::fs::remove_file(temporary)
+    use rustix::io::Errno;
+    let cwd = rustix::fs::CWD;
+    match rustix::fs::renameat_with(
+        cwd,
+        temporary,
+        cwd,
+        path,
+        rustix::fs::RenameFlags::NOREPLACE,
+    ) {
+        Ok(()) => return Ok(()),
+        Err(Errno::EXIST) => return Err(std::io::ErrorKind::AlreadyExists.into()),
+        Err(Errno::INVAL | Errno::NOSYS | Errno::OPNOTSUPP) => {}
+        Err(e) => return Err(e.into()),
+    }
+    match std::fs::hard_link(temporary, path) {
+        Ok(()) => {
+            // Published; a temporary name left behind is removed at the next start.
+            let _ = std::fs::remove_file(temporary);
+            return Ok(());
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Err(e),
+        Err(e)
+            if !matches!(
+                e.raw_os_error(),
+                Some(code) if code == Errno::PERM.raw_os_error()
+                    || code == Errno::NOSYS.raw_os_error()
+                    || code == Errno::OPNOTSUPP.raw_os_error()
+            ) =>
+        {
+            return Err(e)
+        }
+        Err(_) => {}
+    }
+    if path.exists() {
+        return Err(std::io::ErrorKind::AlreadyExists.into());
+    }
+    std::fs::rename(temporary, path)
 }
 
 /// The name a letter has until it is whole.

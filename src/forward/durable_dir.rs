@@ -49,9 +49,19 @@ impl DurableDir {
         if state.to_sync.is_none() {
             state.to_sync = Some(parents_to_sync(&self.dir)?);
         }
+        let existed = self.dir.is_dir();
         std::fs::create_dir_all(&self.dir)?;
         for dir in state.to_sync.iter().flatten() {
-            std::fs::File::open(dir)?.sync_all()?;
+            match std::fs::File::open(dir).and_then(|d| d.sync_all()) {
+                Ok(()) => {}
+                // The parent of a directory that was there already is synced only in case an
+                // earlier run was killed before it could: a parent this process may not open
+                // (mode 0711, say) must not stop it, as it did not create anything in it.
+                Err(e) if existed && e.kind() == std::io::ErrorKind::PermissionDenied => {
+                    tracing::warn!(dir = %dir.display(), error = %e, "cannot fsync the parent of an existing output directory; going on");
+                }
+                Err(e) => return Err(e),
+            }
         }
         state.durable = true;
         Ok(())

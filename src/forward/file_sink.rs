@@ -22,7 +22,7 @@
 //! created, and at start the sink also cuts the file before the newest (as runs before that
 //! rule could leave it). After a failed fdatasync the sink goes on in a new file rather than
 //! the failed one, whose unsynced pages Linux may have dropped (a hole of stale bytes that
-//! later appends would sit behind); its tail is cut at the next start.
+//! later appends would sit behind), and cuts the failed one back to its synced bytes.
 //!
 //! Removed under it: a file (or the directory) an operator or consumer deletes while the sink
 //! writes to it would take confirmed lines with it, as the open handle keeps writing and
@@ -30,12 +30,13 @@
 //! fails the batch if it is 0; the retry writes it to a new file (recreating the directory if
 //! need be), so nothing confirmed is lost.
 //!
-//! Blocking: writes and fdatasyncs run on the worker's thread through `block_in_place`, so a
+//! Blocking: writes and fdatasyncs run on the worker's thread (through `run_blocking`), so a
 //! hung filesystem hangs the worker without its deadline firing (the deadline is a timer on
 //! the same task). That is left as is: a secondary worker would hang on the same filesystem.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use tokio::sync::Mutex;
@@ -95,6 +96,11 @@ pub struct FileSink {
     file_bytes_max: u64,
     bound: DirBound,
     durable_dir: DurableDir,
+    /// The lowest index the next file opened may have: the current one's, or past a file
+    /// left after a failed fdatasync (0 before the first file is opened). Without it, a sink
+    /// whose new file could not be created (or whose directory was removed, taking every
+    /// file with it) would go back to the failed file, or start its numbering over.
+    index_floor: AtomicU64,
     /// The file being appended to; `None` before the first batch and after a failure.
     current: Mutex<Option<Arc<OutFile>>>,
 }
@@ -123,6 +129,7 @@ impl FileSink {
         durable_dir.ensure()?;
         Ok(FileSink {
             durable_dir,
+            index_floor: AtomicU64::new(0),
             name: name.to_string(),
             dir: dir.to_path_buf(),
             file_bytes_max: file_bytes_max.max(1),
@@ -251,34 +258,42 @@ impl FileSink {
             .as_ref()
             .filter(|c| c.failed.load(std::sync::atomic::Ordering::Acquire))
             .cloned();
+        let first_open = current.is_none() && self.index_floor.load(Ordering::Acquire) == 0;
         if current.is_none() || failed.is_some() {
             // A fresh handle after a failure: the old one may be in an unknown state, and
             // reopening cuts a partial last line. After a failed fdatasync (not a failed write,
-            // which a full disk causes once per retry) the sink moves on to a new file.
-            let first_open = current.is_none();
+            // which a full disk causes once per retry) the sink moves on to a new file, and
+            // never back to that one, whatever fails next (the floor below).
+            if let Some(f) = failed
+                .as_ref()
+                .filter(|f| f.sync_failed.load(Ordering::Acquire))
+            {
+                leave_failed_file(f);
+                self.index_floor.fetch_max(f.index + 1, Ordering::AcqRel);
+            }
             *current = None;
             self.ensure_dir()?;
-            let newest = self.newest_index()?;
-            let index = match &failed {
-                Some(f) if f.sync_failed.load(std::sync::atomic::Ordering::Acquire) => {
-                    newest.max(f.index) + 1
-                }
-                _ => newest.max(1),
-            };
+            let index = self
+                .newest_index()?
+                .max(1)
+                .max(self.index_floor.load(Ordering::Acquire));
             if first_open && index > 1 {
                 self.trim_before_newest(index - 1)?;
             }
             *current = Some(self.open_index(index, failed.is_some())?);
+            self.index_floor.fetch_max(index, Ordering::AcqRel);
         }
         let needs_rotation = current.as_ref().is_some_and(|c| {
             c.written() > 0 && c.written() + buf.len() as u64 > self.file_bytes_max
         });
         if needs_rotation {
             // The file is made durable whole before the next one exists, so that a crash can
-            // leave a partial line only in the newest file, where the next start cuts it.
-            let old = current.take().expect("checked above");
+            // leave a partial line only in the newest file, where the next start cuts it. If
+            // that fails, the file stays current, failed, and the next batch leaves it.
+            let old = current.clone().expect("checked above");
             sync_up_to(&old, old.written())?;
             *current = Some(self.open_index(old.index + 1, false)?);
+            self.index_floor.fetch_max(old.index + 1, Ordering::AcqRel);
         }
         let c = current.as_ref().expect("opened above");
         if let Err(e) = (&c.file).write_all(buf) {
@@ -290,6 +305,23 @@ impl FileSink {
         c.written_bytes
             .store(end, std::sync::atomic::Ordering::Release);
         Ok((c.clone(), end))
+    }
+}
+
+/// Cuts a file whose fdatasync failed back to what was synced before, as the sink leaves it:
+/// its later pages may have been dropped by the kernel, and whatever they read as after a
+/// reboot must not sit in the middle of the output. Every writer of those bytes has failed
+/// (the file is marked failed under its `sync` lock), so nothing confirmed is cut. Best effort:
+/// if even that fails, the next start cuts a partial line of it if it is the file before the
+/// newest.
+fn leave_failed_file(out: &OutFile) {
+    let synced = out
+        .sync
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .synced_bytes;
+    if let Err(e) = out.file.set_len(synced).and_then(|()| out.file.sync_data()) {
+        tracing::warn!(file = file_name(out.index), error = %e, "file sink: could not cut a failed file back to its synced bytes");
     }
 }
 
@@ -417,7 +449,8 @@ impl Sink for FileSink {
                 buf.push(b'\n');
             }
             // The write and fdatasync block; this sink is the embedded default and its batches
-            // are bounded, so block_in_place keeps it simple without a copy of the batch.
+            // are bounded, so running them in place keeps it simple without a copy of the
+            // batch.
             let (out, end) = {
                 let mut current = self.current.lock().await;
                 super::run_blocking(|| self.write_lines(&mut current, &buf)).map_err(failure)?
@@ -601,6 +634,25 @@ mod tests {
             std::fs::read(out_dir.join(file_name(2))).unwrap(),
             b"{\"b\":2}\n"
         );
+    }
+
+    #[test]
+    fn a_rotation_whose_sync_fails_never_sends_the_next_batch_back_to_the_failed_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let sink = FileSink::open("default", dir.path(), 16, 1 << 30).unwrap();
+        let mut current = None;
+        sink.write_lines(&mut current, b"{\"a\":1}\n").unwrap();
+        // The file is removed, so the rotation's fdatasync finds it unlinked and fails.
+        std::fs::remove_file(dir.path().join(file_name(1))).unwrap();
+        let err = sink
+            .write_lines(&mut current, b"{\"b\":22}\n")
+            .err()
+            .expect("the rotation's sync fails");
+        assert!(err.to_string().contains("was removed"), "{err}");
+        // No file is left in the directory, yet the numbering goes on past the failed one.
+        let (out, end) = sink.write_lines(&mut current, b"{\"b\":22}\n").unwrap();
+        sync_up_to(&out, end).unwrap();
+        assert_eq!(out.index, 2);
     }
 
     #[test]
