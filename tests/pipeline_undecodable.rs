@@ -6,6 +6,8 @@
 //! envelope too large to seal once gated gets no sequence number either, and its tombstone is
 //! durable before anything behind it is sealed. An envelope whose slot is not its stream's is
 //! dead-lettered like an undecodable one, not sequenced by a worker that does not own its stream.
+//! An envelope the gate panics on is dead-lettered as spooled and tombstoned, without failing
+//! its worker.
 
 mod pipeline_common;
 
@@ -404,4 +406,69 @@ async fn an_envelope_whose_slot_is_not_its_streams_is_dead_lettered_not_sequence
     assert_eq!(letters[0]["position"]["offset"], positions[1].offset);
     let reason = letters[0]["reason"].as_str().unwrap_or_default();
     assert!(reason.contains("is not its stream's slot"), "{letters:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_envelope_the_gate_panics_on_is_dead_lettered_as_spooled_and_its_worker_goes_on() {
+    use spoolgate::config::GateConfig;
+    use spoolgate::forward::pipeline::Pipeline;
+    use spoolgate::gate::Gate;
+
+    let dir = tempfile::tempdir().unwrap();
+    let metrics = Arc::new(Metrics::new());
+    let ring = Arc::new(Ring::new(1024, 1 << 20, metrics.clone()));
+    let spool = pipeline_common::open_spool(dir.path(), &ring, &metrics);
+    let sink = Arc::new(RecordingSink::default());
+    let mut parts = pipeline_common::parts(
+        &spool,
+        ring,
+        &metrics,
+        sink.clone(),
+        quick_retries(),
+        dir.path(),
+        Arc::new(std::sync::Mutex::new(spoolgate::chain::Chains::new())),
+        Arc::new(Ledger::default()),
+        None,
+    );
+    parts.gate = Arc::new(
+        Gate::new(&GateConfig::default(), metrics.clone())
+            .unwrap()
+            .panicking_on(|e| e.id == "poison"),
+    );
+    let pipeline = Pipeline::start(parts);
+
+    append(&spool, "t", "before".into(), "First.".into()).await;
+    let poison = append(&spool, "t", "poison".into(), "Boom.".into()).await;
+    append(&spool, "t", "after".into(), "Last.".into()).await;
+
+    wait_until("both good records delivered", || {
+        sink.delivered.lock().unwrap().len() == 2
+    })
+    .await;
+    // The poison record took no sequence number: the stream stays gapless.
+    assert_eq!(
+        delivered(&sink),
+        vec![("before".to_string(), 1), ("after".to_string(), 2)]
+    );
+    assert_eq!(
+        metrics
+            .gate_envelopes_total
+            .with_label_values(&["unclassifiable"])
+            .get(),
+        1
+    );
+    assert_eq!(metrics.worker_takeovers_total.get(), 0, "no worker failed");
+    let letters = dead_letters(dir.path());
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert_eq!(letters[0]["position"]["offset"], poison.offset);
+    let reason = letters[0]["reason"].as_str().unwrap();
+    assert!(
+        reason.starts_with("the gate panicked on this envelope: injected gate fault"),
+        "{reason}"
+    );
+    // As spooled: the raw envelope record, which decodes to the envelope appended.
+    let raw = hex::decode(letters[0]["payload_hex"].as_str().unwrap()).unwrap();
+    let envelope: Envelope = rmp_serde::from_slice(&raw).unwrap();
+    assert_eq!(envelope.id, "poison");
+    pipeline.shutdown().await;
 }

@@ -36,6 +36,14 @@
 //! sink would see 5, 7, 6. While the dead-letter directory has no room it waits, with its
 //! batch, as a sink's rejected batch does.
 //!
+//! Unclassifiable: an envelope the gate panics on (a bug in a detector or a rule) would, like
+//! one too large to seal, fail every worker that tried it. The panic is caught per envelope,
+//! and the envelope is dead-lettered as spooled (what the gate left of it is neither the
+//! original nor classified) and tombstoned before the batch's seal, taking no sequence number.
+//! A panic in a sink is not caught: it comes after the seal, where a record can no longer be
+//! left out without a gap in its stream; the worker fails, and its secondary retries the
+//! batch from its seal.
+//!
 //! Tombstones: once a sink confirms a batch, its tombstone append runs in the background while
 //! the worker gates and seals the next batch, so a batch costs two fdatasync waits on the
 //! worker's path (seal, sink) instead of three. At most [`TOMBSTONES_IN_FLIGHT_MAX`] appends run
@@ -367,13 +375,28 @@ impl Worker {
         // Classification is the expensive part and depends only on the envelope and the rules,
         // not on any chain state.
         let mut gated = Vec::with_capacity(batch.len());
+        // Records the gate panicked on (a bug in a detector or a rule): each would fail every
+        // worker that tried it, as a record too large to seal would, and is dead-lettered the
+        // same way (below), as it was spooled, since the gate left it half done.
+        let mut unclassifiable: Vec<(usize, String)> = Vec::new();
         for (i, item) in batch.iter_mut().enumerate() {
             if item.sealed.is_some() {
                 continue;
             }
             let started = Instant::now();
             let mut env = std::mem::take(&mut item.envelope);
-            ctx.gate.classify(&mut env);
+            let classified = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                ctx.gate.classify(&mut env)
+            }));
+            if let Err(panic) = classified {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "a panic".into());
+                unclassifiable.push((i, format!("the gate panicked on this envelope: {what}")));
+                continue;
+            }
             ctx.metrics
                 .gate_duration_seconds
                 .observe(started.elapsed().as_secs_f64());
@@ -415,12 +438,24 @@ impl Worker {
                 Err(SealError::Chain(e)) => return Err(invalid(e)),
             }
         }
-        let unsealable_count = unsealable.len();
-        // The verdict "too large to seal" depends on the rules: it is made durable (dead
-        // letter, then tombstone) before anything behind it is sealed (see the module doc).
-        if !unsealable.is_empty() {
-            let positions: Vec<Position> =
-                unsealable.iter().map(|(i, _)| batch[*i].position).collect();
+        let unsealable_count = unsealable.len() + unclassifiable.len();
+        // The verdicts "too large to seal" and "the gate panicked" depend on the rules: each is
+        // made durable (dead letter, then tombstone) before anything behind it is sealed (see
+        // the module doc).
+        if unsealable_count > 0 {
+            let positions: Vec<Position> = unsealable
+                .iter()
+                .map(|(i, _)| batch[*i].position)
+                .chain(unclassifiable.iter().map(|(i, _)| batch[*i].position))
+                .collect();
+            for (i, reason) in unclassifiable {
+                if !self
+                    .dead_letter_unclassifiable(batch[i].position, &reason)
+                    .await?
+                {
+                    return Ok(None);
+                }
+            }
             for (i, e) in unsealable {
                 let reason = e.to_string();
                 if let Some(envelope) = e.into_envelope() {
@@ -537,6 +572,61 @@ impl Worker {
                     if !logged {
                         logged = true;
                         tracing::error!(id = %envelope.id, reason, error = %failed, "envelope cannot be sealed and the dead-letter directory cannot take it; its batch waits and is retried with backoff");
+                    }
+                    tokio::select! {
+                        _ = stopped(&mut stop) => return Ok(false),
+                        _ = tokio::time::sleep(backoff.next_delay(None)) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// Dead-letters the envelope record at `position` as it was spooled (raw bytes, as the
+    /// dispatcher keeps a record that does not decode): the gate panicked on it, and what the
+    /// gate left of it is neither the original nor classified. Waits while the dead-letter
+    /// directory has no room, as [`Worker::dead_letter_unsealable`] does; `Ok(false)` when
+    /// stopped meanwhile.
+    async fn dead_letter_unclassifiable(
+        &self,
+        position: Position,
+        reason: &str,
+    ) -> Result<bool, WorkerError> {
+        let ctx = &self.ctx;
+        let spool = ctx.spool.clone();
+        let record = tokio::task::spawn_blocking(move || spool.reader(position).next_record())
+            .await
+            .map_err(|e| WorkerError::Spool(SpoolError::Invalid(e.to_string())))??;
+        let Some(record) = record.filter(|r| r.position == position) else {
+            return Err(WorkerError::Spool(SpoolError::Invalid(format!(
+                "the envelope at {position:?} the gate panicked on cannot be read back"
+            ))));
+        };
+        let mut backoff = ctx.retry_backoff();
+        let mut stop = self.stop.clone();
+        let mut logged = false;
+        loop {
+            match crate::forward::run_blocking(|| {
+                ctx.dead_letter.write_raw(position, reason, &record.payload)
+            }) {
+                Ok(path) => {
+                    ctx.metrics
+                        .gate_envelopes_total
+                        .with_label_values(&["unclassifiable"])
+                        .inc();
+                    tracing::error!(
+                        segment = position.segment,
+                        offset = position.offset,
+                        reason,
+                        file = %path.display(),
+                        "the gate panicked on an envelope; dead-lettered as spooled"
+                    );
+                    return Ok(true);
+                }
+                Err(failed) => {
+                    if !logged {
+                        logged = true;
+                        tracing::error!(reason, error = %failed, "the gate panicked on an envelope and the dead-letter directory cannot take it; its batch waits and is retried with backoff");
                     }
                     tokio::select! {
                         _ = stopped(&mut stop) => return Ok(false),

@@ -68,6 +68,8 @@ pub struct Gate {
     /// The configured sinks' names, when a rules file must route only to them (the daemon's
     /// gate); `None` accepts any sink name (tests and benches without sinks).
     sinks: Option<BTreeSet<String>>,
+    /// Fault injection for tests ([`Gate::panicking_on`]); `None` in the daemon.
+    panics_on: Option<fn(&Envelope) -> bool>,
 }
 
 /// Keeps the rules file watched; dropping it stops the watching.
@@ -215,7 +217,16 @@ impl Gate {
             actions,
             pii_found,
             sinks,
+            panics_on: None,
         })
+    }
+
+    /// Fault injection, as `spool::fs::FaultFs` is for the disk: [`Gate::classify`] panics on
+    /// the envelopes `selects` picks, as a bug in a detector or a rule would, so that tests can
+    /// show what the worker does with a record the gate cannot classify.
+    pub fn panicking_on(mut self, selects: fn(&Envelope) -> bool) -> Gate {
+        self.panics_on = Some(selects);
+        self
     }
 
     /// Increments on every successful reload.
@@ -302,6 +313,9 @@ impl Gate {
 
     /// Classifies `env` in place (see the module doc).
     pub fn classify(&self, env: &mut Envelope) {
+        if self.panics_on.is_some_and(|selects| selects(env)) {
+            panic!("injected gate fault on envelope {}", env.id);
+        }
         let rules = self.rules.read().unwrap_or_else(|p| p.into_inner()).clone();
         let Some(text) = env.text.take() else {
             let d = rules.decide(&env.source, "");

@@ -283,9 +283,15 @@ impl Detector {
                 let before_name = m.ends_with("::") && b.get(end).is_some_and(name_byte);
                 let continues =
                     b.get(end) == Some(&b':') && b.get(end + 1).is_some_and(u8::is_ascii_hexdigit);
+                // A trailing `::` after one short group is a slice (`arr[1::]`), not `fe80::`.
+                let lone_short_group = !m.starts_with(':')
+                    && m.ends_with("::")
+                    && !m[..m.len() - 2].contains(':')
+                    && m.len() - 2 < 3;
                 let ok = !after_name
                     && !before_name
                     && !continues
+                    && !lone_short_group
                     && m.bytes().any(|c| c.is_ascii_digit())
                     && m.parse::<std::net::Ipv6Addr>().is_ok();
                 whole.filter(|_| ok)
@@ -474,6 +480,7 @@ mod tests {
                 "Face::add(x) dead::beef Bad::Cafe",
             ),
             ("b2::foo and c3::Bar", 0, "b2::foo and c3::Bar"),
+            ("arr[1::] and a[12::]", 0, "arr[1::] and a[12::]"),
             (
                 "dead:beef:cafe:babe:dead:beef:cafe:babe",
                 0,
