@@ -115,6 +115,34 @@ fn no_file_descriptor_for_a_new_segment_refuses_the_batch_without_poisoning_and_
     assert!(report.damaged.is_empty());
 }
 
+#[test]
+fn no_descriptor_to_fsync_the_directory_of_a_new_segment_removes_it_and_refuses_without_poison() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = options(dir.path());
+    let faults = Faults::new();
+    let (s, _) = open_fs(&opts, Arc::new(FaultFs::new(StdFs, faults.clone())));
+    faults.emfile_dir_syncs.store(true, Ordering::SeqCst);
+    let mut busy = None;
+    for n in 0..200 {
+        if let Err(e) = s.append_blocking(vec![(RecordKind::ENVELOPE, payload(n))], false) {
+            busy = Some(e);
+            break;
+        }
+    }
+    assert!(matches!(busy, Some(SpoolError::Busy(_))), "{busy:?}");
+    assert!(s.poison_reason().is_none());
+    // The segment it made and could not make durable is gone again.
+    let files: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter_map(|e| e.unwrap().file_name().into_string().ok())
+        .filter(|n| n.ends_with(".seg"))
+        .collect();
+    assert_eq!(files.len(), 1, "{files:?}");
+    faults.emfile_dir_syncs.store(false, Ordering::SeqCst);
+    append(&s, 500);
+    assert_eq!(s.segments().len(), 2);
+}
+
 /// Record `n` with a payload of `len` bytes.
 fn sized(n: u64, len: usize) -> bytes::Bytes {
     let mut p = payload(n).to_vec();

@@ -511,6 +511,8 @@ pub struct Faults {
     pub enospc_new_files: AtomicBool,
     /// While set, creating a file fails with EMFILE and creates nothing (no descriptor free).
     pub emfile_creates: AtomicBool,
+    /// While set, opening a directory to fsync it fails with EMFILE.
+    pub emfile_dir_syncs: AtomicBool,
     /// While set, removing a file fails with EIO and leaves it.
     pub fail_removes: AtomicBool,
     /// While set, an fdatasync waits until it is cleared (a slow disk), after counting itself
@@ -632,6 +634,11 @@ impl<F: FileSystem> FileSystem for FaultFs<F> {
         self.inner.remove(path)
     }
     fn sync_dir(&self, dir: &Path) -> io::Result<()> {
+        if self.faults.emfile_dir_syncs.load(Ordering::SeqCst) {
+            return Err(io::Error::from_raw_os_error(
+                rustix::io::Errno::MFILE.raw_os_error(),
+            ));
+        }
         self.inner.sync_dir(dir)
     }
     fn lock(&self, path: &Path) -> io::Result<Box<dyn Send + Sync>> {

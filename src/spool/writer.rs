@@ -716,10 +716,18 @@ impl Writer {
             return Err(SpoolError::Poisoned(reason));
         }
         let id = self.active + 1;
+        let create_here = |w: &Writer| {
+            create_segment(&w.shared.opts, w.shared.fs.as_ref(), &w.shared.metrics, id)
+        };
         let created = match self.prepared.take() {
-            Some(p) if p.id == id => p.handle.join().unwrap_or_else(|_| {
-                Err(CreateError::Io(format!("preparing segment {id} panicked")))
-            }),
+            Some(p) if p.id == id => match p.handle.join() {
+                // The helper ran when the segment was half full: a full disk or a shortage of
+                // descriptors it met then may be over now, so it is tried again here rather
+                // than refusing this batch for a past condition (both left nothing behind).
+                Ok(Err(CreateError::Full(_) | CreateError::Busy(_))) => create_here(self),
+                Ok(result) => result,
+                Err(_) => Err(CreateError::Io(format!("preparing segment {id} panicked"))),
+            },
             other => {
                 if let Some(p) = other {
                     let _ = p.handle.join();
@@ -913,8 +921,19 @@ pub(crate) fn create_segment(
     file.write_all_at(&header.encode(), 0)
         .map_err(|e| fail("writing the header of", e))?;
     file.sync_data().map_err(|e| fail("fdatasync of", e))?;
-    fs.sync_dir(&opts.dir)
-        .map_err(|e| fail("fsync of the directory holding", e))?;
+    fs.sync_dir(&opts.dir).map_err(|e| {
+        if is_out_of_descriptors(&e) {
+            // Opening the directory to fsync it needs a descriptor of its own, and the new
+            // file may have taken the last one. Nothing names the file yet, so it goes again.
+            let _ = fs.remove(&path);
+            CreateError::Busy(format!(
+                "fsync of the directory holding {}: {e}",
+                path.display()
+            ))
+        } else {
+            fail("fsync of the directory holding", e)
+        }
+    })?;
     Ok(file)
 }
 
