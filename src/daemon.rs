@@ -337,6 +337,7 @@ pub async fn run(config: Config) -> Result<Exit, DaemonError> {
         "spool scanned; pending envelopes will be replayed"
     );
 
+    crate::gate::quiet_classify_panics();
     let gate = Arc::new(
         Gate::with_sinks(
             &config.gate,

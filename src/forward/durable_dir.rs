@@ -22,6 +22,9 @@ struct State {
     durable: bool,
     /// The directories whose fsync makes the entry durable, fixed at the first attempt.
     to_sync: Option<Vec<PathBuf>>,
+    /// Whether the directory was there at the first attempt (nothing to create): only then
+    /// may its parent's fsync be skipped for want of permission.
+    existed: bool,
 }
 
 impl DurableDir {
@@ -47,9 +50,10 @@ impl DurableDir {
             *state = State::default();
         }
         if state.to_sync.is_none() {
+            state.existed = self.dir.is_dir();
             state.to_sync = Some(parents_to_sync(&self.dir)?);
         }
-        let existed = self.dir.is_dir();
+        let existed = state.existed;
         std::fs::create_dir_all(&self.dir)?;
         for dir in state.to_sync.iter().flatten() {
             match std::fs::File::open(dir).and_then(|d| d.sync_all()) {

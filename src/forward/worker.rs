@@ -388,13 +388,11 @@ impl Worker {
             let classified = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 ctx.gate.classify(&mut env)
             }));
-            if let Err(panic) = classified {
-                let what = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "a panic".into());
-                unclassifiable.push((i, format!("the gate panicked on this envelope: {what}")));
+            if classified.is_err() {
+                // Only where: the message may quote the text (see `gate::quiet_classify_panics`).
+                let at = crate::gate::take_panic_location()
+                    .map_or_else(String::new, |at| format!(" at {at}"));
+                unclassifiable.push((i, format!("the gate panicked on this envelope{at}")));
                 continue;
             }
             ctx.metrics
@@ -594,20 +592,34 @@ impl Worker {
     ) -> Result<bool, WorkerError> {
         let ctx = &self.ctx;
         let spool = ctx.spool.clone();
-        let record = tokio::task::spawn_blocking(move || spool.reader(position).next_record())
+        let read = tokio::task::spawn_blocking(move || spool.reader(position).next_record())
             .await
-            .map_err(|e| WorkerError::Spool(SpoolError::Invalid(e.to_string())))??;
-        let Some(record) = record.filter(|r| r.position == position) else {
-            return Err(WorkerError::Spool(SpoolError::Invalid(format!(
-                "the envelope at {position:?} the gate panicked on cannot be read back"
-            ))));
+            .map_err(|e| e.to_string())
+            .and_then(|r| r.map_err(|e| e.to_string()));
+        // Its segment is kept (the record is pending), but it may have become unreadable since
+        // it was dispatched; failing the worker for that would stall the slot on it for good,
+        // so the letter then says so and holds no bytes.
+        let (record_payload, reason) = match read {
+            Ok(Some(record)) if record.position == position => (record.payload, reason.to_string()),
+            Ok(_) => (
+                bytes::Bytes::new(),
+                format!(
+                    "{reason}; its spooled bytes could not be read back (the record there is \
+                     another)"
+                ),
+            ),
+            Err(e) => (
+                bytes::Bytes::new(),
+                format!("{reason}; its spooled bytes could not be read back: {e}"),
+            ),
         };
+        let reason = reason.as_str();
         let mut backoff = ctx.retry_backoff();
         let mut stop = self.stop.clone();
         let mut logged = false;
         loop {
             match crate::forward::run_blocking(|| {
-                ctx.dead_letter.write_raw(position, reason, &record.payload)
+                ctx.dead_letter.write_raw(position, reason, &record_payload)
             }) {
                 Ok(path) => {
                     ctx.metrics

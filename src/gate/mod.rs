@@ -72,6 +72,58 @@ pub struct Gate {
     panics_on: Option<fn(&Envelope) -> bool>,
 }
 
+thread_local! {
+    /// True while this thread is in [`Gate::classify`].
+    static CLASSIFYING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// Where the last panic inside [`Gate::classify`] on this thread happened.
+    static PANICKED_AT: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Marks the thread as classifying until dropped (on return or unwind).
+struct Classifying;
+
+impl Classifying {
+    fn enter() -> Classifying {
+        CLASSIFYING.with(|c| c.set(true));
+        Classifying
+    }
+}
+
+impl Drop for Classifying {
+    fn drop(&mut self) {
+        CLASSIFYING.with(|c| c.set(false));
+    }
+}
+
+/// Installs, once per process, a panic hook that reports a panic inside [`Gate::classify`] by
+/// its location only, and remembers it for [`take_panic_location`]: the message of a panic on
+/// a text (a string sliced off a character boundary, say) quotes up to 256 bytes of that text,
+/// which the PII policy exists to keep out of logs. Every other panic goes to the hook that was
+/// there before.
+pub fn quiet_classify_panics() {
+    static INSTALLED: std::sync::Once = std::sync::Once::new();
+    INSTALLED.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if CLASSIFYING.with(|c| c.get()) {
+                let at = info
+                    .location()
+                    .map_or_else(|| "an unknown place".to_string(), |l| l.to_string());
+                tracing::error!(at = %at, "the gate panicked (its message is withheld: it may quote the text)");
+                PANICKED_AT.with(|p| *p.borrow_mut() = Some(at));
+            } else {
+                previous(info);
+            }
+        }));
+    });
+}
+
+/// Where the last panic inside [`Gate::classify`] on this thread happened, if the hook of
+/// [`quiet_classify_panics`] saw it.
+pub fn take_panic_location() -> Option<String> {
+    PANICKED_AT.with(|p| p.borrow_mut().take())
+}
+
 /// Keeps the rules file watched; dropping it stops the watching.
 pub struct RulesWatcher {
     _watcher: notify::RecommendedWatcher,
@@ -313,6 +365,7 @@ impl Gate {
 
     /// Classifies `env` in place (see the module doc).
     pub fn classify(&self, env: &mut Envelope) {
+        let _classifying = Classifying::enter();
         if self.panics_on.is_some_and(|selects| selects(env)) {
             panic!("injected gate fault on envelope {}", env.id);
         }
