@@ -591,31 +591,41 @@ impl Worker {
         reason: &str,
     ) -> Result<bool, WorkerError> {
         let ctx = &self.ctx;
-        let spool = ctx.spool.clone();
-        let read = tokio::task::spawn_blocking(move || spool.reader(position).next_record())
-            .await
-            .map_err(|e| e.to_string())
-            .and_then(|r| r.map_err(|e| e.to_string()));
-        // Its segment is kept (the record is pending), but it may have become unreadable since
-        // it was dispatched; failing the worker for that would stall the slot on it for good,
-        // so the letter then says so and holds no bytes.
-        let (record_payload, reason) = match read {
-            Ok(Some(record)) if record.position == position => (record.payload, reason.to_string()),
-            Ok(_) => (
-                bytes::Bytes::new(),
-                format!(
-                    "{reason}; its spooled bytes could not be read back (the record there is \
-                     another)"
-                ),
-            ),
-            Err(e) => (
-                bytes::Bytes::new(),
-                format!("{reason}; its spooled bytes could not be read back: {e}"),
-            ),
-        };
-        let reason = reason.as_str();
         let mut backoff = ctx.retry_backoff();
         let mut stop = self.stop.clone();
+        // Its segment is kept (the record is pending). A read that fails is retried with
+        // backoff, as it may be passing; a record that reads as another (damage found since it
+        // was dispatched) never will, and failing the worker for it would stall its slot for
+        // good, so that letter says so and holds no bytes.
+        let (record_payload, reason) = loop {
+            let spool = ctx.spool.clone();
+            let read = tokio::task::spawn_blocking(move || spool.reader(position).next_record())
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|r| r.map_err(|e| e.to_string()));
+            match read {
+                Ok(Some(record)) if record.position == position => {
+                    break (record.payload, reason.to_string());
+                }
+                Ok(_) => {
+                    break (
+                        bytes::Bytes::new(),
+                        format!(
+                            "{reason}; its spooled bytes are no longer readable at its \
+                             position (damaged since it was dispatched)"
+                        ),
+                    )
+                }
+                Err(e) => {
+                    tracing::warn!(segment = position.segment, offset = position.offset, error = %e, "cannot read back an envelope the gate panicked on; retrying");
+                    tokio::select! {
+                        _ = stopped(&mut stop) => return Ok(false),
+                        _ = tokio::time::sleep(backoff.next_delay(None)) => {}
+                    }
+                }
+            }
+        };
+        let reason = reason.as_str();
         let mut logged = false;
         loop {
             match crate::forward::run_blocking(|| {

@@ -201,7 +201,8 @@ pub trait CommitObserver: Send + Sync {
 pub enum SpoolError {
     #[error("spool is full: {0}")]
     Full(String),
-    /// A new segment could not be opened for want of a file descriptor; nothing was written,
+    /// A new segment could not be made for want of a file descriptor (to create it, or to
+    /// fsync its directory, in which case it was removed again); nothing was written to it,
     /// and a later append may succeed. Not a poison: no data can have been lost.
     #[error("spool cannot open a new segment now: {0}")]
     Busy(String),

@@ -857,8 +857,9 @@ impl Writer {
 pub(crate) enum CreateError {
     /// The filesystem is full; the partial file was removed.
     Full(String),
-    /// The process or the system has no file descriptor to spare (EMFILE, ENFILE): the file
-    /// was never opened, so nothing of it exists; a later attempt may succeed.
+    /// The process or the system has no file descriptor to spare (EMFILE, ENFILE): to create
+    /// the file (so nothing of it exists) or to fsync its directory (it was removed again);
+    /// a later attempt may succeed.
     Busy(String),
     /// Anything else.
     Io(String),
