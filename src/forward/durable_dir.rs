@@ -45,8 +45,9 @@ impl DurableDir {
         if state.durable && self.dir.is_dir() {
             return Ok(());
         }
-        if state.durable {
-            // Removed since: what to sync is worked out again for what must be created now.
+        if state.durable || (state.existed && !self.dir.is_dir()) {
+            // Removed since it was made durable, or since a first attempt found it there: what
+            // to sync is worked out again for what must be created now.
             *state = State::default();
         }
         if state.to_sync.is_none() {
