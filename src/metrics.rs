@@ -187,7 +187,7 @@ impl Metrics {
             spool_pending_bytes: gauge(&r, "spoolgate_spool_pending_bytes", "Payload bytes of envelopes acknowledged and not yet tombstoned."),
             spool_segments_active: gauge(&r, "spoolgate_spool_segments", "Segment files currently in the spool directory."),
             spool_oldest_pending_age_seconds: float_gauge(&r, "spoolgate_spool_oldest_pending_age_seconds", "Age of the oldest acknowledged, not yet tombstoned envelope (0 when none)."),
-            spool_disk_bytes: gauge(&r, "spoolgate_spool_disk_bytes", "Bytes the spool's segment files occupy (their allocated length)."),
+            spool_disk_bytes: gauge(&r, "spoolgate_spool_disk_bytes", "Bytes the spool's segment files occupy (their allocated length), the next segment prepared ahead of rotation included."),
             spool_filesystem_free_bytes: gauge(&r, "spoolgate_spool_filesystem_free_bytes", "Free bytes available to spoolgate on the data directory's filesystem."),
             spool_appends_total: counter(&r, "spoolgate_spool_appends_total", "Records appended to the spool and made durable."),
             spool_append_bytes_total: counter(&r, "spoolgate_spool_append_bytes_total", "Framed bytes appended to the spool."),

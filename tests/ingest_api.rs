@@ -368,17 +368,24 @@ fn a_body_dense_with_values_is_charged_for_what_decoding_would_build_and_refused
     );
 }
 
-/// Posts 50 KB envelopes until the spool has rotated into a second 1 MiB segment.
-fn fill_first_segment(d: &Daemon) {
+/// Posts 50 KB envelopes until the spool occupies two 1 MiB segments on disk: the second one
+/// is prepared (preallocated) once the first is half full, and counts from then on. A quota
+/// under two segments may refuse a post of the fill itself (the sampler saw the second segment
+/// between two posts): that ends the fill too. Returns how many posts the quota refused.
+fn fill_first_segment(d: &Daemon) -> u32 {
     let text = "y".repeat(50_000);
     for n in 0..40 {
         let r = d.post_json(&json!({"source": "fill", "id": format!("fill-{n}"), "text": text}));
+        if r.status == 429 && r.json()["reason"] == "quota" {
+            return 1;
+        }
         assert_eq!(r.status, 202, "{}", r.text());
-        if d.metric("spoolgate_spool_segments") >= 2.0 {
-            break;
+        if d.metric("spoolgate_spool_disk_bytes") >= 2.0 * 1048576.0 {
+            return 0;
         }
     }
     d.wait_metric("spoolgate_spool_disk_bytes", |v| v >= 2.0 * 1048576.0);
+    0
 }
 
 /// A sink that never confirms, so nothing is compacted away while a test fills the spool.
@@ -414,7 +421,7 @@ fn above_the_spool_quota_ingest_answers_429_with_retry_after_and_the_limit() {
     let scratch = tempfile::tempdir().unwrap();
     let (_sink, d) = start_with_quotas(scratch.path(), 1_572_864, 1_572_864);
     assert_eq!(d.metric("spoolgate_ready"), 1.0);
-    fill_first_segment(&d);
+    let refused_while_filling = fill_first_segment(&d);
     let r = d.post_json(&envelope(2));
     assert_eq!(r.status, 429, "{}", r.text());
     let body = r.json();
@@ -428,7 +435,7 @@ fn above_the_spool_quota_ingest_answers_429_with_retry_after_and_the_limit() {
     assert!((1..=60).contains(&retry));
     assert_eq!(
         d.metric("spoolgate_ingest_rejected_total{reason=\"quota\"}"),
-        1.0
+        f64::from(1 + refused_while_filling)
     );
     // Readiness reports the hard watermark too, and so does its gauge, for alerting.
     assert_eq!(d.get("/readyz").status, 503);
@@ -439,7 +446,7 @@ fn above_the_spool_quota_ingest_answers_429_with_retry_after_and_the_limit() {
 fn above_the_soft_quota_only_low_priority_is_refused() {
     let scratch = tempfile::tempdir().unwrap();
     let (_sink, d) = start_with_quotas(scratch.path(), 1_572_864, 1_073_741_824);
-    fill_first_segment(&d);
+    assert_eq!(fill_first_segment(&d), 0, "no hard quota to trip");
     let low = d.post_json(&json!({"source": "s", "priority": "low"}));
     assert_eq!(low.status, 429);
     assert_eq!(low.json()["reason"], "priority");

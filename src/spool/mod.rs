@@ -307,6 +307,9 @@ pub(crate) struct Shared {
     /// were never cached by this process: the writer's `released_below`, mirrored here when it
     /// moves (on the writer thread, before the append that caused it is answered).
     pub cache_released_below: std::sync::atomic::AtomicU64,
+    /// Bytes of the next segment prepared ahead of rotation (0 when none): on disk, but in
+    /// the segment map only from the rotation on.
+    pub prepared_bytes: std::sync::atomic::AtomicU64,
 }
 
 impl Shared {
@@ -425,6 +428,7 @@ impl Spool {
             read_segment: std::sync::atomic::AtomicU64::new(u64::MAX),
             payload_max: recovered.payload_max,
             cache_released_below: std::sync::atomic::AtomicU64::new(0),
+            prepared_bytes: std::sync::atomic::AtomicU64::new(0),
         });
         let writer = writer::start(shared.clone(), recovered.lock, recovered.end)?;
         shared
@@ -586,12 +590,20 @@ impl Spool {
     }
 
     /// Allocated bytes of all segment files.
+    /// Bytes the spool's segment files occupy (allocated length), the next segment prepared
+    /// ahead of rotation included.
     pub fn disk_bytes(&self) -> u64 {
-        self.shared
+        let segments: u64 = self
+            .shared
             .segments_read()
             .values()
             .map(|m| m.file_bytes)
-            .sum()
+            .sum();
+        segments
+            + self
+                .shared
+                .prepared_bytes
+                .load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// `Some(reason)` once a write or fsync failed; appends then fail with `Poisoned`.

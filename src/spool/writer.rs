@@ -652,7 +652,18 @@ impl Writer {
         let shared = self.shared.clone();
         let spawned = std::thread::Builder::new()
             .name("spool-prepare".into())
-            .spawn(move || create_segment(&shared.opts, shared.fs.as_ref(), &shared.metrics, id));
+            .spawn(move || {
+                let created = create_segment(&shared.opts, shared.fs.as_ref(), &shared.metrics, id);
+                if let Ok(file) = &created {
+                    // It occupies the disk from now on, not from the rotation: the quota and
+                    // `spoolgate_spool_disk_bytes` count it (`Spool::disk_bytes`).
+                    let bytes = file.len().unwrap_or(shared.opts.segment_bytes_max);
+                    shared
+                        .prepared_bytes
+                        .store(bytes, std::sync::atomic::Ordering::SeqCst);
+                }
+                created
+            });
         // If no thread can be started, rotation simply creates the segment itself.
         if let Ok(handle) = spawned {
             self.prepared = Some(Prepared { id, handle });
@@ -740,6 +751,10 @@ impl Writer {
                 )
             }
         };
+        // Joined: a prepared segment is in the segment map from here on, or gone.
+        self.shared
+            .prepared_bytes
+            .store(0, std::sync::atomic::Ordering::SeqCst);
         let file = match created {
             Ok(f) => f,
             Err(CreateError::Full(why)) => return Err(SpoolError::Full(why)),
