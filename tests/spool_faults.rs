@@ -143,6 +143,48 @@ fn no_descriptor_to_fsync_the_directory_of_a_new_segment_removes_it_and_refuses_
     assert_eq!(s.segments().len(), 2);
 }
 
+#[test]
+fn a_segment_a_failed_create_could_not_remove_is_replaced_at_the_next_attempt_without_poison() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = options(dir.path());
+    let faults = Faults::new();
+    let (s, _) = open_fs(&opts, Arc::new(FaultFs::new(StdFs, faults.clone())));
+    // The disk is full for new files, and removing the partial one fails too: it stays.
+    faults.enospc_new_files.store(true, Ordering::SeqCst);
+    faults.fail_removes.store(true, Ordering::SeqCst);
+    let mut accepted = Vec::new();
+    let mut full = None;
+    for n in 0..200 {
+        match s.append_blocking(vec![(RecordKind::ENVELOPE, payload(n))], false) {
+            Ok(_) => accepted.push(n),
+            Err(e) => {
+                full = Some(e);
+                break;
+            }
+        }
+    }
+    assert!(matches!(full, Some(SpoolError::Full(_))), "{full:?}");
+    let leftovers = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .ends_with(".seg")
+        })
+        .count();
+    assert_eq!(leftovers, 2, "the partial segment could not be removed");
+    // Room again: the next rotation replaces the leftover instead of poisoning on it.
+    faults.enospc_new_files.store(false, Ordering::SeqCst);
+    faults.fail_removes.store(false, Ordering::SeqCst);
+    append(&s, 500);
+    accepted.push(500);
+    assert!(s.poison_reason().is_none());
+    assert_eq!(s.segments().len(), 2);
+    assert_eq!(read_all(&s), accepted);
+}
+
 /// Record `n` with a payload of `len` bytes.
 fn sized(n: u64, len: usize) -> bytes::Bytes {
     let mut p = payload(n).to_vec();

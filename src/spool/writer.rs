@@ -910,7 +910,18 @@ pub(crate) fn create_segment(
     };
     // Out of descriptors (a burst of connections, say) is no failure of the disk: the open
     // failed before it created anything, so no write was lost and nothing needs poisoning.
-    let file = fs.create(&path).map_err(|e| {
+    // A file of this id can only be what an earlier failed attempt of this process left when
+    // it could not remove it (a start adopts every segment file it finds, and no one else
+    // creates them while the spool's lock is held): nothing names it and nothing in it was
+    // acknowledged, so it goes, once, rather than poisoning the spool.
+    let created = match fs.create(&path) {
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            tracing::warn!(path = %path.display(), "removing what an earlier failed attempt to create this segment left");
+            fs.remove(&path).and_then(|()| fs.create(&path))
+        }
+        other => other,
+    };
+    let file = created.map_err(|e| {
         if is_out_of_descriptors(&e) {
             CreateError::Busy(format!("creating {}: {e}", path.display()))
         } else {
