@@ -15,11 +15,34 @@ use spoolgate::forward::sink::{DeliverFuture, Sink};
 use spoolgate::metrics::Metrics;
 use spoolgate::ring::Ring;
 
-/// Panics the first time a batch holds a record of `victim`'s stream; records everything else.
+/// Panics on a batch holding a record of `victim`'s stream, the first time only or every
+/// time (`always`); records everything else.
 struct PanickySink {
     victim: String,
+    always: bool,
     panicked: AtomicBool,
     delivered: Mutex<Vec<ForwardRecord>>,
+}
+
+impl PanickySink {
+    fn new(victim: &str, always: bool) -> PanickySink {
+        PanickySink {
+            victim: victim.into(),
+            always,
+            panicked: AtomicBool::new(false),
+            delivered: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// The ids of every record delivered.
+    fn delivered_ids(&self) -> std::collections::HashSet<String> {
+        self.delivered
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|r| r.envelope.id.clone())
+            .collect()
+    }
 }
 
 impl Sink for PanickySink {
@@ -30,7 +53,7 @@ impl Sink for PanickySink {
     fn deliver<'a>(&'a self, batch: &'a [SharedRecord]) -> DeliverFuture<'a> {
         Box::pin(async move {
             if batch.iter().any(|r| r.stream == self.victim)
-                && !self.panicked.swap(true, Ordering::SeqCst)
+                && (!self.panicked.swap(true, Ordering::SeqCst) || self.always)
             {
                 panic!("simulated sink bug on stream {}", self.victim);
             }
@@ -50,11 +73,7 @@ async fn a_panicking_worker_is_replaced_by_its_secondary_and_every_record_is_del
     let metrics = Arc::new(Metrics::new());
     let ring = Arc::new(Ring::new(1024, 1 << 20, metrics.clone()));
     let spool = pipeline_common::open_spool(dir.path(), &ring, &metrics);
-    let sink = Arc::new(PanickySink {
-        victim: "tenant-3".into(),
-        panicked: AtomicBool::new(false),
-        delivered: Mutex::new(Vec::new()),
-    });
+    let sink = Arc::new(PanickySink::new("tenant-3", false));
     let pipeline = pipeline_common::start(
         &spool,
         ring,
@@ -74,15 +93,10 @@ async fn a_panicking_worker_is_replaced_by_its_secondary_and_every_record_is_del
         append(&spool, &tenant, format!("id-{n}"), format!("record {n}")).await;
     }
 
-    let delivered_ids = || -> std::collections::HashSet<String> {
-        sink.delivered
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|r| r.envelope.id.clone())
-            .collect()
-    };
-    wait_until("every record delivered", || delivered_ids().len() == total).await;
+    wait_until("every record delivered", || {
+        sink.delivered_ids().len() == total
+    })
+    .await;
     assert!(
         sink.panicked.load(Ordering::SeqCst),
         "the sink must have panicked once"
@@ -104,31 +118,6 @@ async fn a_panicking_worker_is_replaced_by_its_secondary_and_every_record_is_del
     let summary = spoolgate::chain::verify_jsonl(std::io::Cursor::new(lines.join("\n"))).unwrap();
     assert_eq!(summary.records as usize, delivered.len());
     pipeline.shutdown().await;
-}
-
-/// Panics on every batch that holds a record of `victim`'s stream, whichever worker sends it.
-struct AlwaysPanickySink {
-    victim: String,
-    delivered: Mutex<Vec<ForwardRecord>>,
-}
-
-impl Sink for AlwaysPanickySink {
-    fn name(&self) -> &str {
-        "default"
-    }
-
-    fn deliver<'a>(&'a self, batch: &'a [SharedRecord]) -> DeliverFuture<'a> {
-        Box::pin(async move {
-            if batch.iter().any(|r| r.stream == self.victim) {
-                panic!("simulated sink bug on stream {}", self.victim);
-            }
-            self.delivered
-                .lock()
-                .unwrap()
-                .extend(batch.iter().map(|r| (**r).clone()));
-            Ok(())
-        })
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -158,10 +147,7 @@ async fn a_record_that_fails_its_primary_and_its_secondary_holds_back_only_the_s
     let metrics = Arc::new(Metrics::new());
     let ring = Arc::new(Ring::new(1024, 1 << 20, metrics.clone()));
     let spool = pipeline_common::open_spool(dir.path(), &ring, &metrics);
-    let sink = Arc::new(AlwaysPanickySink {
-        victim: victim.clone(),
-        delivered: Mutex::new(Vec::new()),
-    });
+    let sink = Arc::new(PanickySink::new(&victim, true));
     let mut parts = pipeline_common::parts(
         &spool,
         ring,
@@ -205,16 +191,8 @@ async fn a_record_that_fails_its_primary_and_its_secondary_holds_back_only_the_s
         append(&spool, tenant, id, format!("record {n}")).await;
     }
 
-    let delivered_ids = || -> std::collections::HashSet<String> {
-        sink.delivered
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|r| r.envelope.id.clone())
-            .collect()
-    };
     wait_until("every record of a slot with an owner delivered", || {
-        live_ids.is_subset(&delivered_ids())
+        live_ids.is_subset(&sink.delivered_ids())
     })
     .await;
     assert_eq!(
@@ -223,7 +201,7 @@ async fn a_record_that_fails_its_primary_and_its_secondary_holds_back_only_the_s
         "no worker failed again, and none was restarted"
     );
     // Nothing of the slots without an owner went out: they wait, pending, for a restart.
-    let delivered = delivered_ids();
+    let delivered = sink.delivered_ids();
     assert!(
         delivered.iter().all(|id| live_ids.contains(id)),
         "{delivered:?}"

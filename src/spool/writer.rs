@@ -908,8 +908,6 @@ pub(crate) fn create_segment(
             CreateError::Io(format!("{what} {} failed: {e}", path.display()))
         }
     };
-    // Out of descriptors (a burst of connections, say) is no failure of the disk: the open
-    // failed before it created anything, so no write was lost and nothing needs poisoning.
     // A file of this id can only be what an earlier failed attempt of this process left when
     // it could not remove it (a start adopts every segment file it finds, and no one else
     // creates them while the spool's lock is held): nothing names it and nothing in it was
@@ -921,6 +919,8 @@ pub(crate) fn create_segment(
         }
         other => other,
     };
+    // Out of descriptors (a burst of connections, say) is no failure of the disk: the open
+    // failed before it created anything, so no write was lost and nothing needs poisoning.
     let file = created.map_err(|e| {
         if is_out_of_descriptors(&e) {
             CreateError::Busy(format!("creating {}: {e}", path.display()))
