@@ -577,3 +577,43 @@ fn a_segment_compaction_fails_to_remove_stays_in_the_spool_so_no_later_pass_leav
         report.missing_segments
     );
 }
+
+#[test]
+fn a_full_disk_the_preparing_helper_met_is_tried_again_when_the_segment_is_needed() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts = options(dir.path());
+    opts.preallocate = true;
+    let faults = Faults::new();
+    let metrics = Arc::new(spoolgate::metrics::Metrics::new());
+    let (s, _) = open_checked(
+        &opts,
+        Arc::new(FaultFs::new(StdFs, faults.clone())),
+        metrics.clone(),
+    );
+    // Full while the helper prepares the next segment, which it starts once the active one
+    // is half full; it meets the full disk and removes what it made.
+    faults.enospc_new_files.store(true, Ordering::SeqCst);
+    let mut n = 0;
+    while s.durable_end().offset < opts.segment_bytes_max / 2 {
+        append(&s, n);
+        n += 1;
+    }
+    let started = std::time::Instant::now();
+    while metrics.spool_full_errors_total.get() == 0 {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(60),
+            "the helper never met the full disk"
+        );
+        std::thread::yield_now();
+    }
+    // Room again before the rotation: it must not refuse the batch for the helper's past.
+    faults.enospc_new_files.store(false, Ordering::SeqCst);
+    let mut m = 100;
+    while s.segments().len() == 1 {
+        s.append_blocking(vec![(RecordKind::ENVELOPE, payload(m))], false)
+            .unwrap_or_else(|e| panic!("refused after room came back: {e}"));
+        m += 1;
+        assert!(m < 1_000, "no rotation happened");
+    }
+    assert!(s.poison_reason().is_none());
+}

@@ -57,7 +57,7 @@ pub fn read_records(spool: &Spool) -> Vec<SeenRecord> {
 /// records a reader returns afterwards (the daemon's start-up scan relies on it). Every test
 /// that opens a spool through these helpers, after crashes, torn tails and corruption of every
 /// kind, checks it.
-fn open_checked(
+pub fn open_checked(
     opts: &SpoolOptions,
     fs: Arc<dyn FileSystem>,
     metrics: Arc<Metrics>,
