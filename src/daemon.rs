@@ -570,6 +570,9 @@ async fn sample_loop(state: Arc<IngestState>, spool: Spool, mut stop: watch::Rec
     let mut last = Instant::now();
     let mut last_reclaimed = state.metrics.compaction_bytes_reclaimed_total.get();
     let mut tick = tokio::time::interval(SAMPLE_INTERVAL);
+    // After a stall, one late sample covers the gap: catching up with a burst of samples
+    // microseconds apart would only add noise.
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = stopped(&mut stop) => return,

@@ -210,6 +210,30 @@ fn a_retried_id_is_answered_with_its_original_position_even_after_a_restart() {
 }
 
 #[test]
+fn an_id_spoolgate_generated_sent_back_by_a_client_is_not_deduplicated_before_or_after_a_restart() {
+    // A restart cannot tell such an id from one spoolgate generated (which is never indexed),
+    // so it is not indexed while running either: the same answer before and after.
+    let mut d = Daemon::start(&[]);
+    let generated = spoolgate::ingest::ids::generate();
+    let post = |d: &Daemon| {
+        let r = d.post_json(&json!({"source": "s", "id": generated}));
+        assert_eq!(r.status, 202, "{}", r.text());
+        let item = r.json()["envelopes"][0].clone();
+        (item["duplicate"].clone(), item["position"].clone())
+    };
+    let (dup1, at1) = post(&d);
+    let (dup2, at2) = post(&d);
+    assert_eq!((dup1, dup2), (json!(false), json!(false)));
+    assert_ne!(at1, at2);
+    d.kill9();
+    d.restart();
+    let (dup3, at3) = post(&d);
+    assert_eq!(dup3, json!(false));
+    assert_ne!(at3, at2);
+    assert_eq!(d.metric("spoolgate_ingest_dedup_hits_total"), 0.0);
+}
+
+#[test]
 fn envelopes_without_an_id_do_not_take_the_places_of_client_ids_in_the_dedup_index() {
     // Room for two ids. Generated ids cannot be retried (a retry gets a new one), so the ten
     // id-less envelopes must not evict the client's ids.

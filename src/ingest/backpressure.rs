@@ -11,8 +11,13 @@
 //!
 //! `Retry-After` is the time the measured drain rate (bytes reclaimed by compaction per
 //! second, smoothed) needs to bring the tripped quantity back under its mark, clamped to
-//! 1..=60 s; with no drain measured yet it is 10 s. The sampler refreshes the inputs every
-//! 100 ms, so the hot path only reads atomics.
+//! 1..=60 s; with no drain measured yet it is 10 s, and once the drain has stalled (the rate
+//! has decayed below a byte a second) it is 60 s. The rate is an exponentially weighted
+//! average over time, not over samples: each sample weighs by the time it covers
+//! ([`DRAIN_RATE_TAU`]), so a segment freed in a sample of a few microseconds (the sampler
+//! catching up after a stall) counts as what it is, a segment in the last few seconds, not as
+//! terabytes per second. The sampler refreshes the inputs every 100 ms, so the hot path only
+//! reads atomics.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -25,6 +30,9 @@ pub const RETRY_AFTER_MIN_SECS: u64 = 1;
 pub const RETRY_AFTER_MAX_SECS: u64 = 60;
 pub const RETRY_AFTER_UNKNOWN_SECS: u64 = 10;
 pub const SAMPLE_INTERVAL: Duration = Duration::from_millis(100);
+/// Time constant of the drain rate's average: bytes reclaimed this long ago weigh 1/e of
+/// bytes reclaimed now.
+pub const DRAIN_RATE_TAU: Duration = Duration::from_secs(5);
 
 /// Why a request was refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -46,6 +54,9 @@ pub struct Backpressure {
     free_bytes: AtomicU64,
     /// f64 bits: smoothed bytes per second reclaimed.
     drain_rate: AtomicU64,
+    /// Set once anything was reclaimed: from then on a rate near 0 means a stalled drain, not
+    /// an unknown one.
+    drain_measured: std::sync::atomic::AtomicBool,
 }
 
 impl Backpressure {
@@ -58,6 +69,7 @@ impl Backpressure {
             spool_bytes: AtomicU64::new(0),
             free_bytes: AtomicU64::new(u64::MAX),
             drain_rate: AtomicU64::new(0f64.to_bits()),
+            drain_measured: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -71,16 +83,17 @@ impl Backpressure {
     ) {
         self.spool_bytes.store(spool_bytes, Ordering::Relaxed);
         self.free_bytes.store(free_bytes, Ordering::Relaxed);
+        if reclaimed_bytes > 0 {
+            self.drain_measured.store(true, Ordering::Relaxed);
+        }
         let secs = elapsed.as_secs_f64();
         if secs > 0.0 {
+            // The weight of this sample is the share of the time constant it covers, so its
+            // contribution is about reclaimed / tau however short it was.
+            let weight = 1.0 - (-secs / DRAIN_RATE_TAU.as_secs_f64()).exp();
             let instant = reclaimed_bytes as f64 / secs;
             let old = f64::from_bits(self.drain_rate.load(Ordering::Relaxed));
-            // An EWMA over roughly the last 5 s at the 100 ms sampling interval.
-            let new = if old == 0.0 {
-                instant
-            } else {
-                old * 0.98 + instant * 0.02
-            };
+            let new = old + weight * (instant - old);
             self.drain_rate.store(new.to_bits(), Ordering::Relaxed);
         }
     }
@@ -92,7 +105,11 @@ impl Backpressure {
     pub fn retry_after_secs(&self, excess_bytes: u64) -> u64 {
         let rate = self.drain_rate_bytes_per_sec();
         if rate < 1.0 {
-            return RETRY_AFTER_UNKNOWN_SECS;
+            return if self.drain_measured.load(Ordering::Relaxed) {
+                RETRY_AFTER_MAX_SECS
+            } else {
+                RETRY_AFTER_UNKNOWN_SECS
+            };
         }
         ((excess_bytes as f64 / rate).ceil() as u64)
             .clamp(RETRY_AFTER_MIN_SECS, RETRY_AFTER_MAX_SECS)
@@ -252,10 +269,36 @@ mod tests {
     fn retry_after_follows_the_drain_rate() {
         let b = bp();
         assert_eq!(b.retry_after_secs(1000), RETRY_AFTER_UNKNOWN_SECS);
-        b.sample(0, 1000, 1000, Duration::from_secs(1));
-        assert_eq!(b.retry_after_secs(5000), 5);
+        // A steady 1,000 bytes a second for a minute.
+        for _ in 0..600 {
+            b.sample(0, 1000, 100, Duration::from_millis(100));
+        }
+        assert_eq!(b.retry_after_secs(4990), 5);
         assert_eq!(b.retry_after_secs(1_000_000), RETRY_AFTER_MAX_SECS);
         assert_eq!(b.retry_after_secs(1), RETRY_AFTER_MIN_SECS);
+    }
+
+    #[test]
+    fn a_segment_freed_in_a_microsecond_sample_is_a_segment_not_terabytes_a_second() {
+        let b = bp();
+        for _ in 0..50 {
+            b.sample(0, 1000, 100_000, Duration::from_millis(100));
+        }
+        // The sampler catching up after a stall: 64 MiB in a 10 µs sample.
+        b.sample(0, 1000, 64 << 20, Duration::from_micros(10));
+        // About 1 MB/s plus 64 MiB over the 5 s time constant: a GiB takes over a minute.
+        assert_eq!(b.retry_after_secs(1 << 30), RETRY_AFTER_MAX_SECS);
+    }
+
+    #[test]
+    fn a_drain_that_stalled_gets_the_longest_retry_after_not_the_unknown_one() {
+        let b = bp();
+        b.sample(0, 1000, 1000, Duration::from_secs(1));
+        for _ in 0..600 {
+            b.sample(0, 1000, 0, Duration::from_millis(100));
+        }
+        assert!(b.drain_rate_bytes_per_sec() < 1.0);
+        assert_eq!(b.retry_after_secs(1 << 30), RETRY_AFTER_MAX_SECS);
     }
 
     #[test]

@@ -10,9 +10,9 @@
 //! and start-up skips the ids whose check holds.
 //!
 //! The check guards against accident, not against a client: a client UUID passes it with a
-//! chance of 2^-32, and such an id is then deduplicated only until the next restart. A client
-//! that sends back an id spoolgate generated is treated as it is while running (not
-//! deduplicated), before and after a restart alike. Spools written before generated ids had
+//! chance of 2^-32, and such an id is then not deduplicated. Nor is an id spoolgate generated
+//! that a client sends back: ingest skips every id that passes the check, so that the answer
+//! is the same before and after a restart. Spools written before generated ids had
 //! the check are indexed as before. The id format is spoolgate's own, not part of the spool
 //! format: readers of segments see ordinary UUID strings.
 

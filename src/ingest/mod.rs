@@ -420,10 +420,14 @@ async fn ingest(state: &IngestState, req: Request<Incoming>) -> HttpResponse {
     // Only ids the client chose are looked up and remembered. A generated id is new by
     // construction and a retry of its request would get another one, so indexing it would buy
     // nothing and would let id-less traffic evict the ids of clients that rely on dedup.
+    // A client that sends back an id spoolgate generated is treated alike: a restart cannot
+    // tell it from a generated one (`ids`), so indexing it now would deduplicate it only until
+    // then.
     let keys: Vec<Option<String>> = parsed
         .iter()
         .map(|p| {
-            (!p.id_generated).then(|| dedup::key(p.envelope.tenant.as_deref(), &p.envelope.id))
+            (!p.id_generated && !crate::ingest::ids::is_generated(&p.envelope.id))
+                .then(|| dedup::key(p.envelope.tenant.as_deref(), &p.envelope.id))
         })
         .collect();
     let client_keys: Vec<String> = keys.iter().flatten().cloned().collect();
