@@ -405,6 +405,42 @@ fn invalid(key: &str, reason: impl Into<String>) -> ConfigError {
     }
 }
 
+/// The directory `dir` names, for comparing two of them: the longest part of it that exists
+/// resolved by the filesystem (symbolic links and `..` as the kernel follows them), the rest,
+/// which the sink will create, with `.` and `..` taken out. So `out`, `./x/../out` and a link
+/// to `out` compare equal.
+fn resolved_dir(dir: &Path) -> PathBuf {
+    use std::path::Component;
+    let absolute = std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf());
+    let mut missing = Vec::new();
+    let mut existing = absolute.as_path();
+    let mut resolved = loop {
+        if let Ok(real) = existing.canonicalize() {
+            break real;
+        }
+        match existing.parent() {
+            Some(parent) => {
+                missing.extend(existing.components().next_back());
+                existing = parent;
+            }
+            None => break PathBuf::new(),
+        }
+    };
+    for part in missing.into_iter().rev() {
+        match part {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                resolved.pop();
+            }
+            other => resolved.push(other),
+        }
+    }
+    resolved
+}
+
+/// The longest dedup window: 30 days.
+const DEDUP_WINDOW_SECS_MAX: u64 = 30 * 86_400;
+
 fn check_range(key: &str, value: u64, min: u64, max: u64) -> Result<(), ConfigError> {
     if value < min || value > max {
         return Err(invalid(key, format!("{value} is outside {min}..={max}")));
@@ -609,6 +645,14 @@ impl Config {
             600_000,
         )?;
         check_range("ingest.idle_timeout_ms", i.idle_timeout_ms, 10, 3_600_000)?;
+        // A window is remembered in memory and in compaction's checkpoints until it ends, so
+        // one of years would keep every id ever sent (up to dedup_entries_max) for good.
+        check_range(
+            "ingest.dedup_window_secs",
+            i.dedup_window_secs,
+            0,
+            DEDUP_WINDOW_SECS_MAX,
+        )?;
         check_range(
             "ingest.dedup_entries_max",
             i.dedup_entries_max as u64,
@@ -720,7 +764,7 @@ impl Config {
             let Some(dir) = sink.file_dir(name, &self.data_dir) else {
                 continue;
             };
-            let dir = std::path::absolute(&dir).unwrap_or(dir);
+            let dir = resolved_dir(&dir);
             if let Some(other) = file_dirs.insert(dir.clone(), name) {
                 return Err(invalid(
                     &format!("sinks.{name}.dir"),
@@ -949,6 +993,16 @@ mod tests {
     }
 
     #[test]
+    fn a_dedup_window_over_thirty_days_is_refused() {
+        let err = load("[ingest]\ndedup_window_secs = 2592001\n", &[]).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "invalid value for ingest.dedup_window_secs: 2592001 is outside 0..=2592000"
+        );
+        load("[ingest]\ndedup_window_secs = 2592000\n", &[]).unwrap();
+    }
+
+    #[test]
     fn a_misspelt_pii_kind_is_refused_naming_the_key_and_the_kinds() {
         let err = load("[gate.pii]\nssn = \"drop_text\"\n", &[])
             .unwrap_err()
@@ -1080,6 +1134,41 @@ mod tests {
             &[]
         )
         .is_ok());
+    }
+
+    #[test]
+    fn two_file_sinks_naming_one_directory_through_dots_or_a_link_are_refused() {
+        let root = tempfile::tempdir().unwrap();
+        let data = root.path().join("sg");
+        std::fs::create_dir_all(data.join("out")).unwrap();
+        std::os::unix::fs::symlink(data.join("out"), root.path().join("link")).unwrap();
+        let config = |audit_dir: &Path| {
+            format!(
+                "data_dir = \"{}\"\n[sinks.audit]\ntype = \"file\"\ndir = \"{}\"\n",
+                data.display(),
+                audit_dir.display()
+            )
+        };
+        for same in [
+            data.join("x/../out"),
+            data.join("./out/"),
+            root.path().join("link"),
+        ] {
+            let err = load(&config(&same), &[]).unwrap_err().to_string();
+            assert!(
+                err.contains("is also the directory of sinks.audit"),
+                "{}: {err}",
+                same.display()
+            );
+        }
+        // `..` after a link leads to the link target's parent, as the kernel follows it, not
+        // back to the link's own directory.
+        let err = load(&config(&root.path().join("link/../out")), &[]).unwrap_err();
+        assert!(err.to_string().contains("is also the directory"), "{err}");
+        assert!(load(&config(&root.path().join("out")), &[]).is_ok());
+        // Directories that do not exist yet compare by their names.
+        assert!(load(&config(&data.join("new/../out")), &[]).is_err());
+        assert!(load(&config(&root.path().join("link/sub")), &[]).is_ok());
     }
 
     #[test]
