@@ -579,6 +579,45 @@ fn a_segment_compaction_fails_to_remove_stays_in_the_spool_so_no_later_pass_leav
 }
 
 #[test]
+fn a_deletion_that_fails_part_way_counts_and_fsyncs_what_it_deleted() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = options(dir.path());
+    let faults = Faults::new();
+    let metrics = Arc::new(spoolgate::metrics::Metrics::new());
+    let (s, _) = open_checked(
+        &opts,
+        Arc::new(FaultFs::new(StdFs, faults.clone())),
+        metrics.clone(),
+    );
+    for n in 0..300 {
+        append(&s, n);
+    }
+    assert!(s.durable_end().segment >= 4);
+    let first = s.segments()[0].clone();
+    // Segment 1 goes, segment 2 does not.
+    faults.removes_until_failure.store(2, Ordering::SeqCst);
+    let syncs_before = faults.dir_syncs.load(Ordering::SeqCst);
+    let err = s.remove_segments_below(3).unwrap_err();
+    assert!(err.to_string().contains("remove segment"), "{err}");
+    assert_eq!(s.segments()[0].id, 2);
+    assert!(!first.path.exists());
+    assert_eq!(metrics.compaction_segments_deleted_total.get(), 1);
+    assert_eq!(
+        metrics.compaction_bytes_reclaimed_total.get(),
+        first.file_bytes
+    );
+    assert_eq!(
+        faults.dir_syncs.load(Ordering::SeqCst),
+        syncs_before + 1,
+        "the deletion that happened is made durable"
+    );
+    assert_eq!(
+        metrics.spool_segments_active.get(),
+        s.segments().len() as i64
+    );
+}
+
+#[test]
 fn a_full_disk_the_preparing_helper_met_is_tried_again_when_the_segment_is_needed() {
     let dir = tempfile::tempdir().unwrap();
     let mut opts = options(dir.path());

@@ -238,10 +238,6 @@ impl Compactor {
             .fetch_max(below, Ordering::SeqCst);
         self.ledger.forget_below(below);
         let deleted = ids.iter().filter(|&&id| id < below).count() as u64;
-        self.metrics
-            .compaction_segments_deleted_total
-            .inc_by(deleted);
-        self.metrics.compaction_bytes_reclaimed_total.inc_by(freed);
         tracing::info!(
             segments = deleted,
             bytes = freed,

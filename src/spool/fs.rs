@@ -515,6 +515,11 @@ pub struct Faults {
     pub emfile_dir_syncs: AtomicBool,
     /// While set, removing a file fails with EIO and leaves it.
     pub fail_removes: AtomicBool,
+    /// Counts removals down: the one that brings it from 1 to 0 fails with EIO and leaves the
+    /// file. 0 = off.
+    pub removes_until_failure: AtomicU64,
+    /// Directory fsyncs that succeeded.
+    pub dir_syncs: AtomicU64,
     /// While set, an fdatasync waits until it is cleared (a slow disk), after counting itself
     /// in `syncs_held`: a test can then queue requests behind the writer.
     pub hold_syncs: AtomicBool,
@@ -628,7 +633,12 @@ impl<F: FileSystem> FileSystem for FaultFs<F> {
         }))
     }
     fn remove(&self, path: &Path) -> io::Result<()> {
-        if self.faults.fail_removes.load(Ordering::SeqCst) {
+        let countdown = self.faults.removes_until_failure.fetch_update(
+            Ordering::SeqCst,
+            Ordering::SeqCst,
+            |n| n.checked_sub(1),
+        );
+        if self.faults.fail_removes.load(Ordering::SeqCst) || countdown == Ok(1) {
             return Err(io::Error::from_raw_os_error(5));
         }
         self.inner.remove(path)
@@ -639,7 +649,9 @@ impl<F: FileSystem> FileSystem for FaultFs<F> {
                 rustix::io::Errno::MFILE.raw_os_error(),
             ));
         }
-        self.inner.sync_dir(dir)
+        self.inner.sync_dir(dir)?;
+        self.faults.dir_syncs.fetch_add(1, Ordering::SeqCst);
+        Ok(())
     }
     fn lock(&self, path: &Path) -> io::Result<Box<dyn Send + Sync>> {
         self.inner.lock(path)

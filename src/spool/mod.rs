@@ -529,7 +529,10 @@ impl Spool {
     }
 
     /// Deletes every segment with id < `segment` (never the active one), then fsyncs the
-    /// directory. Returns the bytes freed.
+    /// directory. Returns the bytes freed. Each deletion is counted as it happens
+    /// (`spoolgate_compaction_segments_deleted_total`, `..._bytes_reclaimed_total`), and the
+    /// directory is fsync'd after a deletion that failed part-way too, so that what was
+    /// deleted is counted and stays deleted whether or not the rest followed.
     pub fn remove_segments_below(&self, segment: u64) -> Result<u64, SpoolError> {
         let active = self.durable_end().segment;
         let limit = segment.min(active);
@@ -556,15 +559,33 @@ impl Spool {
                     if let Some(meta) = forgotten {
                         self.shared.segments_write().insert(*id, meta);
                     }
-                    return Err(SpoolError::Io {
+                    let failed = SpoolError::Io {
                         op: "remove segment",
                         path: path.clone(),
                         source,
-                    });
+                    };
+                    if freed > 0 {
+                        if let Err(e) = self.sync_after_removal() {
+                            tracing::warn!(error = %e, "after a segment deletion that failed part-way, the directory could not be fsync'd either");
+                        }
+                    }
+                    return Err(failed);
                 }
             }
             freed += bytes;
+            let m = &self.shared.metrics;
+            m.compaction_segments_deleted_total.inc();
+            m.compaction_bytes_reclaimed_total.inc_by(*bytes);
         }
+        self.sync_after_removal()?;
+        Ok(freed)
+    }
+
+    fn sync_after_removal(&self) -> Result<(), SpoolError> {
+        self.shared
+            .metrics
+            .spool_segments_active
+            .set(self.shared.segments_read().len() as i64);
         self.shared
             .fs
             .sync_dir(&self.shared.opts.dir)
@@ -572,12 +593,7 @@ impl Spool {
                 op: "fsync directory",
                 path: self.shared.opts.dir.clone(),
                 source,
-            })?;
-        self.shared
-            .metrics
-            .spool_segments_active
-            .set(self.shared.segments_read().len() as i64);
-        Ok(freed)
+            })
     }
 
     pub fn segment_bytes_max(&self) -> u64 {
