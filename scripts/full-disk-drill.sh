@@ -13,9 +13,11 @@
 # and the daemon refuses ingest and stays unready, as it should on a disk that full.
 #
 # Writes the report to benches/results/drill-<time>-http-fulldisk-seed<SEED>.json and exits
-# non-zero on any loss, any non-identical duplicate or any broken chain (keeping the data
-# directory); then prints what the daemon logged about the reserve, ENOSPC and torn tails,
-# and fails if it logged a panic, a damaged range or a missing segment.
+# non-zero when the drill fails (any loss, non-identical duplicate, broken chain, 5xx answer,
+# envelope left untombstoned; or no 429 enospc/reserve at all: the disk never filled), keeping
+# the data directory; then prints what the daemon logged about the reserve, ENOSPC and torn
+# tails, and fails if it logged a panic, a damaged range or a missing segment. The daemons log
+# outside the tmpfs: on the full filesystem their lines would be lost exactly when it matters.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 KILLS=${1:-60}
@@ -25,13 +27,14 @@ mkdir -p "$OUT"
 cargo build --release --quiet
 MNT=$(mktemp -d "${TMPDIR:-/tmp}/full-disk-drill.XXXXXX")
 mount -t tmpfs -o size=48m tmpfs "$MNT"
-trap 'cp "$MNT/data.log" "${TMPDIR:-/tmp}/full-disk-drill-last.log" 2>/dev/null || true; umount "$MNT"; rmdir "$MNT"' EXIT
+LOG="${TMPDIR:-/tmp}/full-disk-drill-$(date -u +%Y-%m-%dT%H%M%SZ).log"
+trap 'umount "$MNT"; rmdir "$MNT"' EXIT
 # The filler: another process's 40 MiB, written (tmpfs has no fallocate of unwritten blocks).
 head -c $((40 * 1024 * 1024)) /dev/zero > "$MNT/filler"
 REPORT="$OUT/drill-$(date -u +%Y-%m-%dT%H%MZ)-http-fulldisk-seed$SEED.json"
 set +e
 time ./target/release/spoolgate drill --kills "$KILLS" --seed "$SEED" --sink http \
-    --flaky-stream --flip-rules --clients 4 --data-dir "$MNT/data" \
+    --flaky-stream --flip-rules --clients 4 --data-dir "$MNT/data" --log "$LOG" --full-disk \
     --set spool.segment_bytes_max=1048576 --set spool.record_bytes_max=65536 \
     --set ingest.envelope_bytes_max=60000 --set spool.commit_batch_bytes_max=65536 \
     --set spool.disk_free_soft_bytes=0 --set spool.disk_free_hard_bytes=0 \
@@ -45,8 +48,7 @@ if [ "$rc" -ne 0 ]; then
     KEPT="${TMPDIR:-/tmp}/full-disk-drill-data-$(date -u +%H%M%S)"
     cp -a "$MNT/data" "$KEPT" && echo "the data directory is kept in $KEPT" >&2
 fi
-# The drill's daemons log next to the data directory: on the full filesystem too.
-LOG="$MNT/data.log"
+echo "the daemons' log: $LOG"
 if [ -f "$LOG" ]; then
     echo "reserve spent: $(grep -c 'spent the disk reserve' "$LOG" || true)," \
         "made again: $(grep -c 'holding the disk reserve' "$LOG" || true)," \

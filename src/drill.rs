@@ -8,12 +8,23 @@
 //! the time until `/readyz` answers 200. Before each restart it verifies the spool as the kill
 //! left it (`spoolgate verify DATA_DIR`: every seal links, and the `chain-heads` checkpoint
 //! never runs ahead of the seals). When the last round is done it waits for the pipeline to
-//! deliver everything, and checks three things against what the sink received:
+//! deliver everything, stops it with SIGTERM, and checks against what the sink received and
+//! what the spool holds:
 //!
-//! - **no loss**: every acknowledged id was delivered at least once;
-//! - **identical duplicates**: an id delivered more than once was delivered byte-identically
-//!   (same sequence number, hashes and gate output);
-//! - **chains verify**: every stream is gapless from 1 and every link is valid.
+//! - **no loss**: every acknowledged id was delivered at least once, with the source, tenant
+//!   and text that were sent;
+//! - **identical duplicates**: an id delivered more than once was delivered identically (the
+//!   same JSON value: sequence number, hashes, gate output and envelope);
+//! - **chains verify**: every stream is gapless from 1 and every link is valid;
+//! - **everything tombstoned**: once the daemon has drained and stopped cleanly (exit 0), no
+//!   envelope in the spool is without its tombstone, so a restart would replay nothing;
+//! - **no failure went unseen**: the daemon never exited by itself (a kill that finds it dead
+//!   fails the drill), ingest never answered 5xx, and every round reached its target (unless
+//!   the drill runs on a full disk on purpose, where it must instead have seen the disk fill).
+//!
+//! Clients re-send a batch whose answer a kill cut off, to the restarted daemon, as an ingest
+//! service would: the dedup index must answer it with the original positions if it was
+//! written, so an id sealed twice shows up as a non-identical duplicate.
 //!
 //! The sink is the daemon's file sink (JSON lines under `<data>/out`) or, with `--sink http`,
 //! a recording HTTP server inside the drill process, which outlives the daemon's deaths.
@@ -56,6 +67,13 @@ pub struct DrillOptions {
     /// Rewrite the rules file while the daemon is down, before every restart, so replayed
     /// records would be classified differently if anything were recomputed.
     pub flip_rules: bool,
+    /// The daemon's log (default: next to the data directory, `<data_dir>.log`). The
+    /// full-disk drill puts it off the full filesystem, where lines would be lost.
+    pub log: Option<PathBuf>,
+    /// The data directory is on a filesystem the drill fills on purpose: rounds may fall short
+    /// of their target (ingest refuses while the disk is full), and the drill must see the
+    /// refusals that say the disk filled (429 `enospc` or `reserve`).
+    pub full_disk: bool,
     /// HTTP sink only: the recorder answers 503 to every batch holding a record of
     /// [`FLAKY_STREAM`] during alternate [`FLAKY_PERIOD`]s, so the worker owning that stream
     /// retries while the others deliver (the dispatcher leaves it behind when its inbox fills).
@@ -95,16 +113,100 @@ pub struct DrillReport {
     /// Rounds killed without their acknowledgement target, after waiting [`WAIT_MAX`]: the
     /// daemon was not taking envelopes (a full disk does that on purpose; otherwise a fault).
     pub rounds_short: u64,
+    /// The drill ran on a disk it fills on purpose ([`DrillOptions::full_disk`]).
+    pub full_disk: bool,
+    /// Rounds in which the daemon had exited before the drill killed it, with its status.
+    pub daemon_exits: Vec<String>,
+    /// Ingest answers other than 202, by status and the body's `error` (and `reason`).
+    pub answers: BTreeMap<String, u64>,
+    /// Requests that got no answer (the kills cut them off).
+    pub unanswered_requests: u64,
+    /// Batches re-sent to the restarted daemon because a kill cut off their answer.
+    pub resent_batches: u64,
+    /// Kills that left acknowledged envelopes without a tombstone for the restart to replay.
+    pub kills_leaving_pending: u64,
+    /// Delivered records whose envelope differs from what was sent (source, tenant or text),
+    /// and the first of them.
+    pub content_mismatches: u64,
+    pub first_content_mismatch: Option<String>,
+    /// How the last daemon ended after SIGTERM, if not with exit 0 in time.
+    pub final_exit_error: Option<String>,
+    /// Envelopes without a tombstone in the spool after the drained daemon stopped.
+    pub pending_after_shutdown: Option<u64>,
 }
 
 impl DrillReport {
     pub fn passed(&self) -> bool {
-        self.lost == 0
-            && self.non_identical_duplicates == 0
-            && self.chain_error.is_none()
-            && self.spool_chain_error.is_none()
-            && self.spool_damage.is_none()
-            && self.acknowledged > 0
+        self.failures().is_empty()
+    }
+
+    /// What failed, one line each; empty when the drill passed.
+    pub fn failures(&self) -> Vec<String> {
+        let mut f = Vec::new();
+        if self.acknowledged == 0 {
+            f.push("no envelope was acknowledged".to_string());
+        }
+        if self.lost > 0 {
+            f.push(format!(
+                "{} acknowledged envelopes were not delivered",
+                self.lost
+            ));
+        }
+        if self.non_identical_duplicates > 0 {
+            f.push(format!(
+                "{} ids were delivered in different forms",
+                self.non_identical_duplicates
+            ));
+        }
+        if let Some(e) = &self.first_content_mismatch {
+            f.push(format!(
+                "{} records differ from what was sent, first: {e}",
+                self.content_mismatches
+            ));
+        }
+        for e in [
+            &self.chain_error,
+            &self.spool_chain_error,
+            &self.spool_damage,
+            &self.final_exit_error,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            f.push(e.clone());
+        }
+        if let Some(first) = self.daemon_exits.first() {
+            f.push(format!("the daemon exited by itself: {first}"));
+        }
+        let server_errors: u64 = self
+            .answers
+            .iter()
+            .filter(|(k, _)| k.starts_with('5'))
+            .map(|(_, n)| n)
+            .sum();
+        if server_errors > 0 {
+            f.push(format!("ingest answered 5xx {server_errors} times"));
+        }
+        match self.pending_after_shutdown {
+            Some(0) => {}
+            Some(n) => f.push(format!(
+                "{n} envelopes were left without a tombstone after a clean stop"
+            )),
+            None => f.push("the spool was not inspected after the stop".to_string()),
+        }
+        if self.full_disk {
+            if !self.answers.keys().any(|k| {
+                k.starts_with("429 ") && (k.ends_with("/enospc") || k.ends_with("/reserve"))
+            }) {
+                f.push("the disk never filled (no 429 enospc or reserve)".to_string());
+            }
+        } else if self.rounds_short > 0 {
+            f.push(format!(
+                "{} rounds fell short of their acknowledgements",
+                self.rounds_short
+            ));
+        }
+        f
     }
 }
 
@@ -142,6 +244,36 @@ impl std::fmt::Display for DrillReport {
             self.duplicates, self.non_identical_duplicates
         )?;
         writeln!(f, "  lost                     {}", self.lost)?;
+        writeln!(
+            f,
+            "  content                  {}",
+            self.first_content_mismatch
+                .as_deref()
+                .unwrap_or("every delivered envelope as it was sent")
+        )?;
+        writeln!(
+            f,
+            "  unanswered requests      {} (batches re-sent after a restart: {})",
+            self.unanswered_requests, self.resent_batches
+        )?;
+        writeln!(
+            f,
+            "  kills leaving replay     {} of {}",
+            self.kills_leaving_pending, self.kills
+        )?;
+        for (answer, n) in &self.answers {
+            writeln!(f, "  answered {answer:<15} {n}")?;
+        }
+        writeln!(
+            f,
+            "  after the last stop      {}",
+            match (&self.final_exit_error, self.pending_after_shutdown) {
+                (Some(e), _) => e.clone(),
+                (None, Some(0)) => "exit 0, every envelope tombstoned".to_string(),
+                (None, Some(n)) => format!("exit 0, {n} envelopes without a tombstone"),
+                (None, None) => "not inspected".to_string(),
+            }
+        )?;
         if self.refused_batches > 0 {
             writeln!(
                 f,
@@ -180,6 +312,9 @@ impl std::fmt::Display for DrillReport {
         )?;
         for id in self.lost_ids.iter().take(20) {
             writeln!(f, "  LOST {id}")?;
+        }
+        for failure in self.failures() {
+            writeln!(f, "  FAILED: {failure}")?;
         }
         Ok(())
     }
@@ -244,6 +379,13 @@ fn addresses_from_log(log: &std::path::Path, from: u64) -> Option<(String, Strin
     Some((field("ingest=")?, field("metrics=")?))
 }
 
+/// Where the drill's daemons log.
+fn log_path(opts: &DrillOptions) -> PathBuf {
+    opts.log
+        .clone()
+        .unwrap_or_else(|| opts.data_dir.with_extension("log"))
+}
+
 struct Running {
     child: Child,
     ingest: String,
@@ -260,7 +402,7 @@ fn start_daemon(
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
-        .open(opts.data_dir.with_extension("log"))?;
+        .open(log_path(opts))?;
     let mut cmd = Command::new(&opts.binary);
     cmd.arg("serve")
         .arg("--data-dir")
@@ -291,7 +433,7 @@ fn start_daemon(
         )?;
         cmd.args(["--set", &format!("gate.rules_path=\"{}\"", rules.display())]);
     }
-    let log_path = opts.data_dir.with_extension("log");
+    let log_path = log_path(opts);
     let log_start = std::fs::metadata(&log_path).map_or(0, |m| m.len());
     let started = Instant::now();
     let mut child = cmd.spawn()?;
@@ -300,7 +442,7 @@ fn start_daemon(
         if let Some(status) = child.try_wait()? {
             return Err(DrillError::Daemon(format!(
                 "daemon exited during start-up with {status}; see {}",
-                opts.data_dir.with_extension("log").display()
+                log_path.display()
             )));
         }
         if started.elapsed() > WAIT_MAX {
@@ -471,35 +613,68 @@ fn read_file_sink(dir: &Path) -> std::io::Result<Vec<String>> {
     Ok(out)
 }
 
-/// One client: sends batches until `stop` is set or the daemon stops answering.
-fn client(
-    ingest: &str,
-    seed: u64,
-    next_id: &AtomicU64,
-    acked: &Mutex<Vec<String>>,
-    got: &AtomicU64,
-    stop: &AtomicBool,
-) {
+/// What the clients share: ids handed out, what was acknowledged, and the answers.
+struct Ledger {
+    next_id: AtomicU64,
+    /// Acknowledged id -> (tenant, text) as sent, to check what is delivered against.
+    acked: Mutex<HashMap<String, (String, String)>>,
+    /// Batches whose answer a kill cut off, to be sent again after the restart. Each client
+    /// leaves at most one per round (it stops at its first unanswered request), so this holds
+    /// at most `clients` batches.
+    unanswered: Mutex<Vec<Vec<serde_json::Value>>>,
+    answers: Mutex<BTreeMap<String, u64>>,
+    unanswered_requests: AtomicU64,
+    resent_batches: AtomicU64,
+}
+
+fn new_batch(rng: &mut fastrand::Rng, next_id: &AtomicU64) -> Vec<serde_json::Value> {
+    (0..rng.usize(1..=8))
+        .map(|_| {
+            let n = next_id.fetch_add(1, Ordering::Relaxed);
+            let pii = if n % 3 == 0 {
+                " contact me at drill@example.com"
+            } else {
+                ""
+            };
+            serde_json::json!({
+                "id": format!("drill-{n}"),
+                "source": "drill",
+                "tenant": format!("tenant-{}", n % 7),
+                "text": format!("drill envelope {n}.{pii} Some more words to classify."),
+            })
+        })
+        .collect()
+}
+
+/// How an answer other than 202 is counted: status, then the body's `error` and `reason`.
+fn answer_key(status: u16, body: &[u8]) -> String {
+    let v: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+    let mut key = status.to_string();
+    if let Some(e) = v["error"].as_str() {
+        key = format!("{key} {e}");
+        if let Some(r) = v["reason"].as_str() {
+            key = format!("{key}/{r}");
+        }
+    }
+    key
+}
+
+/// One client: sends batches (first any a kill left unanswered) until `stop` is set or the
+/// daemon stops answering.
+fn client(ingest: &str, seed: u64, ledger: &Ledger, got: &AtomicU64, stop: &AtomicBool) {
     let mut rng = fastrand::Rng::with_seed(seed);
     while !stop.load(Ordering::Relaxed) {
-        let batch = rng.usize(1..=8);
-        let items: Vec<serde_json::Value> = (0..batch)
-            .map(|_| {
-                let n = next_id.fetch_add(1, Ordering::Relaxed);
-                let pii = if n % 3 == 0 {
-                    " contact me at drill@example.com"
-                } else {
-                    ""
-                };
-                serde_json::json!({
-                    "id": format!("drill-{n}"),
-                    "source": "drill",
-                    "tenant": format!("tenant-{}", n % 7),
-                    "text": format!("drill envelope {n}.{pii} Some more words to classify."),
-                })
-            })
-            .collect();
+        let resent = ledger
+            .unanswered
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop();
+        let is_resend = resent.is_some();
+        let items = resent.unwrap_or_else(|| new_batch(&mut rng, &ledger.next_id));
         let body = serde_json::Value::Array(items.clone()).to_string();
+        if is_resend {
+            ledger.resent_batches.fetch_add(1, Ordering::Relaxed);
+        }
         match http(
             ingest,
             "POST",
@@ -508,16 +683,32 @@ fn client(
             body.as_bytes(),
         ) {
             Ok((202, _)) => {
-                let mut a = acked.lock().unwrap_or_else(|p| p.into_inner());
-                a.extend(
-                    items
-                        .iter()
-                        .map(|i| i["id"].as_str().unwrap_or_default().to_string()),
-                );
-                got.fetch_add(batch as u64, Ordering::Relaxed);
+                let mut a = ledger.acked.lock().unwrap_or_else(|p| p.into_inner());
+                for i in &items {
+                    let field = |k: &str| i[k].as_str().unwrap_or_default().to_string();
+                    a.insert(field("id"), (field("tenant"), field("text")));
+                }
+                got.fetch_add(items.len() as u64, Ordering::Relaxed);
             }
-            Ok(_) => {}
-            Err(_) => return,
+            Ok((status, body)) => {
+                *ledger
+                    .answers
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .entry(answer_key(status, &body))
+                    .or_default() += 1;
+            }
+            Err(_) => {
+                // The request may or may not have been written: an ingest service would send
+                // it again, and so does the drill, to the next daemon.
+                ledger.unanswered_requests.fetch_add(1, Ordering::Relaxed);
+                ledger
+                    .unanswered
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(items);
+                return;
+            }
         }
     }
 }
@@ -534,9 +725,16 @@ pub fn run(opts: &DrillOptions) -> Result<DrillReport, DrillError> {
     let sink_url = recorder
         .as_ref()
         .map(|r| format!("http://{}/ingest", r.addr));
+    report.full_disk = opts.full_disk;
     let mut rng = fastrand::Rng::with_seed(opts.seed);
-    let next_id = AtomicU64::new(0);
-    let acked = Mutex::new(Vec::new());
+    let ledger = Ledger {
+        next_id: AtomicU64::new(0),
+        acked: Mutex::new(HashMap::new()),
+        unanswered: Mutex::new(Vec::new()),
+        answers: Mutex::new(BTreeMap::new()),
+        unanswered_requests: AtomicU64::new(0),
+        resent_batches: AtomicU64::new(0),
+    };
     let (mut running, _) = start_daemon(opts, sink_url.as_deref())?;
     for round in 0..opts.kills {
         let target = rng.u64(1..=opts.acks_per_round_max.max(1));
@@ -549,14 +747,23 @@ pub fn run(opts: &DrillOptions) -> Result<DrillReport, DrillError> {
         std::thread::scope(|scope| {
             for c in 0..opts.clients {
                 let seed = rng.u64(..) ^ c as u64;
-                let (ingest, next_id, acked, got, stop) = (&ingest, &next_id, &acked, &got, &stop);
-                scope.spawn(move || client(ingest, seed, next_id, acked, got, stop));
+                let (ingest, ledger, got, stop) = (&ingest, &ledger, &got, &stop);
+                scope.spawn(move || client(ingest, seed, ledger, got, stop));
             }
             let waited = Instant::now();
+            let mut exited = None;
             while got.load(Ordering::Relaxed) < target && waited.elapsed() < WAIT_MAX {
+                // A daemon that died by itself would otherwise be "killed" and restarted like
+                // any other round, its death unreported.
+                if let Ok(Some(status)) = running.child.try_wait() {
+                    exited = Some(status);
+                    break;
+                }
                 std::thread::sleep(Duration::from_millis(1));
             }
-            if got.load(Ordering::Relaxed) < target {
+            if let Some(status) = exited.or_else(|| running.child.try_wait().ok().flatten()) {
+                report.daemon_exits.push(format!("round {round}: {status}"));
+            } else if got.load(Ordering::Relaxed) < target {
                 short = true;
                 tracing::warn!(
                     round,
@@ -580,13 +787,22 @@ pub fn run(opts: &DrillOptions) -> Result<DrillReport, DrillError> {
             report.spool_damage = spool_damage(&opts.data_dir.join("spool"))
                 .map(|e| format!("after kill {}: {e}", report.kills));
         }
+        if pending_envelopes(&opts.data_dir.join("spool")).is_ok_and(|n| n > 0) {
+            report.kills_leaving_pending += 1;
+        }
         let (r, ready) = start_daemon(opts, sink_url.as_deref())?;
         report.ready_after_restart_ms.push(ready.as_millis() as u64);
         running = r;
         tracing::info!(round, target, "drill round done");
     }
-    let acked: Vec<String> = acked.into_inner().unwrap_or_else(|p| p.into_inner());
+    let acked = ledger.acked.into_inner().unwrap_or_else(|p| p.into_inner());
     report.acknowledged = acked.len() as u64;
+    report.answers = ledger
+        .answers
+        .into_inner()
+        .unwrap_or_else(|p| p.into_inner());
+    report.unanswered_requests = ledger.unanswered_requests.into_inner();
+    report.resent_batches = ledger.resent_batches.into_inner();
 
     let collect = |recorder: &Option<Recorder>| -> Result<Vec<String>, DrillError> {
         Ok(match recorder {
@@ -599,26 +815,49 @@ pub fn run(opts: &DrillOptions) -> Result<DrillReport, DrillError> {
     loop {
         let ids: std::collections::HashSet<String> =
             delivered.iter().filter_map(|l| record_id(l)).collect();
-        if acked.iter().all(|a| ids.contains(a)) || started.elapsed() > WAIT_MAX {
+        if acked.keys().all(|a| ids.contains(a)) || started.elapsed() > WAIT_MAX {
             break;
         }
         std::thread::sleep(Duration::from_millis(50));
         delivered = collect(&recorder)?;
     }
-    if let Ok((200, body)) = http(&running.metrics, "GET", "/metrics", "text/plain", b"") {
-        report.workers_left_behind_last_run = String::from_utf8_lossy(&body)
-            .lines()
-            .find_map(|l| l.strip_prefix("spoolgate_forward_workers_left_behind_total "))
-            .and_then(|v| v.trim().parse::<f64>().ok())
-            .unwrap_or(0.0) as u64;
-    }
+    report.workers_left_behind_last_run = metric(
+        &running.metrics,
+        "spoolgate_forward_workers_left_behind_total",
+    )
+    .unwrap_or(0.0) as u64;
     if let Some(r) = &recorder {
         report.refused_batches = r.refused.load(Ordering::Relaxed);
+    }
+    // Written but unacknowledged envelopes (a kill cut off their answer, and their re-send was
+    // a duplicate or never came) are delivered too; wait for the daemon's own count of what is
+    // pending to reach 0, so that everything in the spool should be tombstoned at the stop.
+    let drained = Instant::now();
+    while metric(&running.metrics, "spoolgate_spool_pending_records").is_none_or(|v| v > 0.0)
+        && drained.elapsed() < WAIT_MAX
+    {
+        std::thread::sleep(Duration::from_millis(50));
     }
     let _ = Command::new("kill")
         .args(["-TERM", &running.child.id().to_string()])
         .status();
-    let _ = running.child.wait();
+    let stopping = Instant::now();
+    report.final_exit_error = loop {
+        match running.child.try_wait()? {
+            Some(status) if status.success() => break None,
+            Some(status) => break Some(format!("the last daemon stopped with {status}")),
+            None if stopping.elapsed() > WAIT_MAX => {
+                let _ = running.child.kill();
+                let _ = running.child.wait();
+                break Some(format!(
+                    "the last daemon did not stop within {} s of SIGTERM",
+                    WAIT_MAX.as_secs()
+                ));
+            }
+            None => std::thread::sleep(Duration::from_millis(20)),
+        }
+    };
+    report.pending_after_shutdown = pending_envelopes(&opts.data_dir.join("spool")).ok();
     let delivered = collect(&recorder)?;
 
     let mut by_id: HashMap<String, Vec<&String>> = HashMap::new();
@@ -638,10 +877,20 @@ pub fn run(opts: &DrillOptions) -> Result<DrillReport, DrillError> {
             report.non_identical_duplicates += 1;
         }
     }
-    for a in &acked {
-        if !by_id.contains_key(a) {
+    for (id, (tenant, text)) in &acked {
+        let Some(copies) = by_id.get(id) else {
             report.lost += 1;
-            report.lost_ids.push(a.clone());
+            report.lost_ids.push(id.clone());
+            continue;
+        };
+        // The drill's rules and the default PII policy (`tag`) leave the text as it was sent.
+        let v: serde_json::Value = serde_json::from_str(copies[0]).unwrap_or_default();
+        let e = &v["envelope"];
+        if e["source"] != "drill" || e["tenant"] != tenant.as_str() || e["text"] != text.as_str() {
+            report.content_mismatches += 1;
+            report.first_content_mismatch.get_or_insert_with(|| {
+                format!("{id}: sent tenant {tenant:?} text {text:?}, delivered {e}")
+            });
         }
     }
     let joined = delivered.join("\n");
@@ -652,8 +901,28 @@ pub fn run(opts: &DrillOptions) -> Result<DrillReport, DrillError> {
     Ok(report)
 }
 
+/// One metric of the daemon at `addr`, read from `/metrics`.
+fn metric(addr: &str, name: &str) -> Option<f64> {
+    let (status, body) = http(addr, "GET", "/metrics", "text/plain", b"").ok()?;
+    if status != 200 {
+        return None;
+    }
+    String::from_utf8_lossy(&body)
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// Envelopes in the spool in `dir` that no tombstone names, as `spoolgate inspect` counts them.
+fn pending_envelopes(dir: &Path) -> Result<u64, crate::spool::SpoolError> {
+    Ok(crate::forward::ledger::pending_by_segment(dir)?
+        .values()
+        .sum())
+}
+
 /// What `spoolgate inspect` finds wrong with the spool in `dir`: a damaged range or a missing
-/// segment (a torn tail is not counted; the next start zeroes it).
+/// segment; a header that does not read, or bytes after the data that are not a torn tail,
+/// in a segment other than the newest (and the active one before a prepared newest): a kill
+/// can leave those only at the end of the spool.
 fn spool_damage(dir: &Path) -> Option<String> {
     let report = match crate::spool::inspect(dir) {
         Ok(r) => r,
@@ -662,13 +931,23 @@ fn spool_damage(dir: &Path) -> Option<String> {
     if let Some([first, last]) = report.missing_segments.first() {
         return Some(format!("segments {first}..={last} are missing"));
     }
-    report.segments.iter().find_map(|s| {
-        s.damaged.first().map(|d| {
-            format!(
-                "segment {} is damaged at offset {} ({} bytes)",
-                d.segment, d.offset, d.len_bytes
-            )
-        })
+    if let Some(d) = report.segments.iter().find_map(|s| s.damaged.first()) {
+        return Some(format!(
+            "segment {} is damaged at offset {} ({} bytes)",
+            d.segment, d.offset, d.len_bytes
+        ));
+    }
+    let count = report.segments.len();
+    report.segments.iter().enumerate().find_map(|(n, s)| {
+        let older_than_active = n + 2 < count;
+        match &s.header {
+            Err(e) if n + 1 < count => Some(format!("segment {}: header: {e}", s.id)),
+            _ if older_than_active && s.tail_garbage_bytes > 0 => Some(format!(
+                "segment {}: {} bytes that are not records after offset {}",
+                s.id, s.tail_garbage_bytes, s.data_end
+            )),
+            _ => None,
+        }
     })
 }
 
@@ -687,6 +966,47 @@ fn canonical_json(line: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn clean_report() -> DrillReport {
+        DrillReport {
+            acknowledged: 10,
+            pending_after_shutdown: Some(0),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_drill_fails_on_a_self_exit_a_server_error_an_untombstoned_envelope_or_a_short_round() {
+        assert_eq!(clean_report().failures(), Vec::<String>::new());
+        let mut r = clean_report();
+        r.daemon_exits.push("round 3: signal: 6 (SIGABRT)".into());
+        assert!(!r.passed());
+        let mut r = clean_report();
+        r.answers.insert("503 poisoned".into(), 1);
+        assert!(!r.passed());
+        r.answers.clear();
+        r.answers.insert("429 backpressure/quota".into(), 5);
+        assert!(r.passed(), "{:?}", r.failures());
+        for pending in [None, Some(3)] {
+            let mut r = clean_report();
+            r.pending_after_shutdown = pending;
+            assert!(!r.passed());
+        }
+        let mut r = clean_report();
+        r.rounds_short = 1;
+        assert!(!r.passed());
+    }
+
+    #[test]
+    fn on_a_full_disk_short_rounds_pass_but_a_disk_that_never_filled_fails() {
+        let mut r = clean_report();
+        r.full_disk = true;
+        r.rounds_short = 4;
+        r.answers.insert("429 backpressure/quota".into(), 5);
+        assert!(!r.passed(), "no refusal says the disk filled");
+        r.answers.insert("429 backpressure/enospc".into(), 2);
+        assert!(r.passed(), "{:?}", r.failures());
+    }
 
     #[test]
     fn a_start_without_an_address_file_is_found_in_its_own_lines_of_the_log() {

@@ -145,6 +145,13 @@ struct DrillArgs {
     /// one worker retries while the others deliver.
     #[arg(long)]
     flaky_stream: bool,
+    /// The daemon's log file (default: `<data-dir>.log`, next to the data directory).
+    #[arg(long)]
+    log: Option<PathBuf>,
+    /// The data directory is on a filesystem the drill fills: rounds may fall short, and the
+    /// drill fails unless ingest refused for a full disk (429 enospc or reserve).
+    #[arg(long)]
+    full_disk: bool,
     /// Also write the report as JSON to this file.
     #[arg(long)]
     report_json: Option<PathBuf>,
@@ -444,6 +451,8 @@ fn drill(args: DrillArgs) -> anyhow::Result<ExitCode> {
         sets: args.sets,
         flip_rules: args.flip_rules,
         flaky_stream: args.flaky_stream,
+        log: args.log,
+        full_disk: args.full_disk,
     };
     let report = spoolgate::drill::run(&opts)?;
     print!("{report}");

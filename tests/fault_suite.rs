@@ -43,6 +43,8 @@ fn drill_with(
         .collect(),
         flip_rules,
         flaky_stream,
+        log: None,
+        full_disk: false,
     })
     .unwrap();
     assert!(report.passed(), "{report}");
