@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # Interleaved A/B of two spoolgate binaries on one ingest workload, for changes too small for
-# scripts/bench-ingest.sh to resolve: each pair runs A then B on fresh data directories, and the
-# script prints every pair and the median of the per-pair ratios (B/A) of envelopes/s and of
-# daemon CPU per envelope. Usage:
+# scripts/bench-ingest.sh to resolve: each pair runs both on fresh data directories, A first in
+# odd pairs and B first in even ones (A B, B A, A B, ...), so neither always runs on a disk the
+# other has just written to, and the script prints every pair and the median of the per-pair
+# ratios (B/A) of envelopes/s and of daemon CPU per envelope. Both daemons run with durability
+# `always`, set explicitly so that a default changed between the two builds cannot make the
+# comparison. Usage:
 #   scripts/ab-ingest.sh OLD_BIN NEW_BIN [PAIRS] [-- bench flags]
 # Default workload: 100-envelope msgpack batches of 1 KiB texts at 16 connections, ingest only
 # (forward.enabled = false), 5 s measured per run. Example, for another workload:
@@ -31,14 +34,31 @@ SCRATCH=$(mktemp -d "$PWD/target/ab-ingest.XXXXXX")
 trap 'rm -rf "$SCRATCH"' EXIT
 
 run() { # BIN -> "envelopes_per_s cpu_us_per_envelope"
-    local bin=$1 dir
+    local bin=$1 dir ready=""
     dir=$(mktemp -d "$SCRATCH/run.XXXX")
     "$bin" serve --set data_dir="$dir/data" --set ingest.listen=127.0.0.1:0 \
-        --set metrics.listen=127.0.0.1:0 ${SERVE[@]+"${SERVE[@]}"} \
+        --set metrics.listen=127.0.0.1:0 --set spool.durability=always \
+        ${SERVE[@]+"${SERVE[@]}"} \
         --set spool.quota_soft_bytes=30000000000 --set spool.quota_hard_bytes=32000000000 \
         >"$dir/log" 2>&1 &
     local pid=$!
-    for _ in $(seq 200); do [ -f "$dir/data/spoolgate.addr" ] && break; sleep 0.05; done
+    # Ready, not merely listening: the CPU of the start-up (recovery, the first segment) is not
+    # the workload's, and a load sent before /readyz would meet 503s.
+    for _ in $(seq 200); do
+        if [ -f "$dir/data/spoolgate.addr" ] && "$bin" health \
+            "http://$(python3 -c "import json;print(json.load(open('$dir/data/spoolgate.addr'))['metrics'])")/readyz" \
+            >/dev/null 2>&1; then
+            ready=1
+            break
+        fi
+        sleep 0.05
+    done
+    if [ -z "$ready" ]; then
+        echo "$bin did not become ready" >&2
+        cat "$dir/log" >&2
+        kill "$pid"
+        exit 1
+    fi
     local t0 t1
     t0=$(awk '{print $14+$15}' "/proc/$pid/stat")
     "$bin" bench --data-dir "$dir/data" --duration-s 5 --warmup-s 1 --json "${FLAGS[@]}" >"$dir/out.json"
@@ -49,19 +69,27 @@ run() { # BIN -> "envelopes_per_s cpu_us_per_envelope"
 import json, sys
 r = json.load(open(sys.argv[1]))
 ticks, hz = int(sys.argv[2]), int(sys.argv[3])
-# The CPU ticks span the warm-up second too; count its envelopes at the measured rate.
-envelopes = r["envelopes_acknowledged_total"] * (1 + 1 / r["duration_s"])
+# The CPU ticks span the warm-up second and the last answers after the measured window, and so
+# does the load generator's total of acknowledged envelopes: no correction is needed.
+envelopes = r["envelopes_acknowledged_total"]
 print(round(r[sys.argv[4]]), round(ticks / hz / envelopes * 1e6, 3))
 PY
     rm -rf "$dir"
 }
 
-echo "pair  A env/s  B env/s  B/A   A us/env  B us/env  B/A"
+echo "pair order  A env/s  B env/s  B/A   A us/env  B us/env  B/A"
 ratios=()
 for i in $(seq 1 "$PAIRS"); do
-    read -r ra ca < <(run "$A")
-    read -r rb cb < <(run "$B")
-    line=$(python3 -c "print('%4d %8d %8d %5.3f %9.3f %9.3f %5.3f' % ($i, $ra, $rb, $rb/$ra, $ca, $cb, $cb/$ca))")
+    if [ $((i % 2)) -eq 1 ]; then
+        order=AB
+        out=$(run "$A"); read -r ra ca <<<"$out"
+        out=$(run "$B"); read -r rb cb <<<"$out"
+    else
+        order=BA
+        out=$(run "$B"); read -r rb cb <<<"$out"
+        out=$(run "$A"); read -r ra ca <<<"$out"
+    fi
+    line=$(python3 -c "print('%4d %5s %8d %8d %5.3f %9.3f %9.3f %5.3f' % ($i, '$order', $ra, $rb, $rb/$ra, $ca, $cb, $cb/$ca))")
     echo "$line"
     ratios+=("$(python3 -c "print($rb/$ra, $cb/$ca)")")
 done

@@ -11,11 +11,16 @@
 //! show whether the backlog stays flat) and, after the load stops, waits for the backlog to
 //! drain, which turns "acknowledged per second" into "delivered and tombstoned per second".
 //!
+//! Latency is recorded for 202 answers only: a 429 or an error is answered without the fsync a
+//! 202 waits for, so counting it would make a run that met backpressure look faster. Every other
+//! status is counted by code, and transport errors apart from them, so a report can flag the run.
+//!
 //! Bounds: latency samples are kept up to `SAMPLES_MAX` per run (later ones are counted but not
 //! kept), bodies are pre-built (`BODIES` of them) so generating load costs little CPU, and every
 //! request has a timeout.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -70,11 +75,22 @@ pub struct LoadReport {
     /// Envelopes acknowledged over the whole run, warm-up included: what the daemon's CPU
     /// time over the run (and, with `wait_drained`, its drain) was spent on.
     pub envelopes_acknowledged_total: u64,
+    /// Answers other than 202 in the measured window: 429s, then every other status (the sum of
+    /// `other_statuses`). None of them is in the latency percentiles.
     pub requests_429: u64,
     pub requests_other: u64,
+    /// The statuses counted in `requests_other`, by code.
+    pub other_statuses: BTreeMap<u16, u64>,
+    /// Requests in the measured window that got no answer (connection refused, reset or closed,
+    /// a malformed response, or no answer within the request timeout).
     pub transport_errors: u64,
     pub requests_per_s: f64,
     pub envelopes_per_s: f64,
+    /// The paced rate asked for (`rate`), to compare with `envelopes_per_s`: a closed loop that
+    /// cannot keep up with its schedule sends less than asked, and the backlog it shows is then
+    /// that of a lower rate.
+    pub rate_target_envelopes_per_s: Option<f64>,
+    /// Percentiles of the latency of 202 answers in the measured window.
     pub latency_p50_ms: f64,
     pub latency_p99_ms: f64,
     pub latency_p999_ms: f64,
@@ -198,15 +214,72 @@ fn bodies(opts: &LoadOptions) -> (Vec<Bytes>, &'static str) {
     }
 }
 
-struct Counters {
-    ok: AtomicU64,
-    /// Every 202, warm-up and the last answers after the measured window included.
-    ok_all: AtomicU64,
-    too_many: AtomicU64,
-    other: AtomicU64,
-    transport: AtomicU64,
+/// What every connection checks after each answer: whether answers count yet, and whether to
+/// stop.
+struct Flags {
     measuring: AtomicBool,
     stop: AtomicBool,
+}
+
+/// What one connection saw; the run adds up those of every connection.
+#[derive(Debug, Default)]
+struct ConnStats {
+    /// Latencies of the 202s in the measured window, up to `keep` of them.
+    latencies: Vec<Duration>,
+    keep: usize,
+    /// 202s in the measured window.
+    ok: u64,
+    /// Every 202, warm-up and the last answers after the measured window included.
+    ok_all: u64,
+    too_many: u64,
+    other: BTreeMap<u16, u64>,
+    transport: u64,
+}
+
+impl ConnStats {
+    fn new(keep: usize) -> ConnStats {
+        ConnStats {
+            keep,
+            ..ConnStats::default()
+        }
+    }
+
+    /// Counts one answer; only a 202 in the measured window adds a latency sample.
+    fn answered(&mut self, status: u16, elapsed: Duration, measuring: bool) {
+        if status == 202 {
+            self.ok_all += 1;
+        }
+        if !measuring {
+            return;
+        }
+        match status {
+            202 => {
+                self.ok += 1;
+                if self.latencies.len() < self.keep {
+                    self.latencies.push(elapsed);
+                }
+            }
+            429 => self.too_many += 1,
+            other => *self.other.entry(other).or_default() += 1,
+        }
+    }
+
+    fn failed(&mut self, measuring: bool) {
+        if measuring {
+            self.transport += 1;
+        }
+    }
+
+    fn add(&mut self, other: ConnStats) {
+        self.latencies.extend(other.latencies);
+        self.ok += other.ok;
+        self.ok_all += other.ok_all;
+        self.too_many += other.too_many;
+        for (status, n) in other.other {
+            *self.other.entry(status).or_default() += n;
+        }
+        self.transport += other.transport;
+    }
 }
 
 /// Every pre-built body as a complete HTTP/1.1 request, head included.
@@ -312,10 +385,10 @@ impl Conn {
 async fn connection(
     opts: Arc<LoadOptions>,
     requests: Arc<Vec<Bytes>>,
-    counters: Arc<Counters>,
+    flags: Arc<Flags>,
     first: usize,
-) -> Result<Vec<Duration>, LoadError> {
-    let mut latencies = Vec::new();
+) -> Result<ConnStats, LoadError> {
+    let mut stats = ConnStats::new(SAMPLES_MAX / opts.connections.max(1));
     let mut conn: Option<Conn> = None;
     let mut i = first;
     // With a rate, each connection sends on its own schedule and never catches up a backlog
@@ -325,7 +398,7 @@ async fn connection(
         .filter(|r| *r > 0.0)
         .map(|r| Duration::from_secs_f64(opts.connections as f64 * opts.batch.max(1) as f64 / r));
     let mut next_send = tokio::time::Instant::now();
-    while !counters.stop.load(Ordering::Relaxed) {
+    while !flags.stop.load(Ordering::Relaxed) {
         if let Some(every) = interval {
             tokio::time::sleep_until(next_send).await;
             next_send = (next_send + every).max(tokio::time::Instant::now());
@@ -347,35 +420,21 @@ async fn connection(
         let started = Instant::now();
         let outcome = tokio::time::timeout(REQUEST_TIMEOUT, c.exchange(request)).await;
         let elapsed = started.elapsed();
-        let measuring = counters.measuring.load(Ordering::Relaxed);
+        let measuring = flags.measuring.load(Ordering::Relaxed);
         match outcome {
             Ok(Ok((status, keep_alive))) => {
                 if !keep_alive {
                     conn = None;
                 }
-                if status == 202 {
-                    counters.ok_all.fetch_add(1, Ordering::Relaxed);
-                }
-                if measuring {
-                    match status {
-                        202 => counters.ok.fetch_add(1, Ordering::Relaxed),
-                        429 => counters.too_many.fetch_add(1, Ordering::Relaxed),
-                        _ => counters.other.fetch_add(1, Ordering::Relaxed),
-                    };
-                    if latencies.len() < SAMPLES_MAX / opts.connections.max(1) {
-                        latencies.push(elapsed);
-                    }
-                }
+                stats.answered(status, elapsed, measuring);
             }
             _ => {
-                if measuring {
-                    counters.transport.fetch_add(1, Ordering::Relaxed);
-                }
+                stats.failed(measuring);
                 conn = None;
             }
         }
     }
-    Ok(latencies)
+    Ok(stats)
 }
 
 /// Reads one unlabelled sample from the `/metrics` of the listener at `addr` (`host:port`).
@@ -414,12 +473,7 @@ pub async fn run(opts: LoadOptions) -> Result<LoadReport, LoadError> {
     let (bodies, content_type) = bodies(&opts);
     let requests = Arc::new(requests(&bodies, content_type, &opts.ingest));
     let opts = Arc::new(opts);
-    let counters = Arc::new(Counters {
-        ok: AtomicU64::new(0),
-        ok_all: AtomicU64::new(0),
-        too_many: AtomicU64::new(0),
-        other: AtomicU64::new(0),
-        transport: AtomicU64::new(0),
+    let flags = Arc::new(Flags {
         measuring: AtomicBool::new(false),
         stop: AtomicBool::new(false),
     });
@@ -428,13 +482,13 @@ pub async fn run(opts: LoadOptions) -> Result<LoadReport, LoadError> {
             tokio::spawn(connection(
                 opts.clone(),
                 requests.clone(),
-                counters.clone(),
+                flags.clone(),
                 c * 7,
             ))
         })
         .collect();
     tokio::time::sleep(opts.warmup).await;
-    counters.measuring.store(true, Ordering::Relaxed);
+    flags.measuring.store(true, Ordering::Relaxed);
     let started = Instant::now();
     let mut pending_samples = Vec::new();
     while started.elapsed() < opts.duration {
@@ -444,19 +498,20 @@ pub async fn run(opts: LoadOptions) -> Result<LoadReport, LoadError> {
             pending_samples.push(scrape(url, "spoolgate_spool_pending_records").await?);
         }
     }
-    counters.measuring.store(false, Ordering::Relaxed);
+    flags.measuring.store(false, Ordering::Relaxed);
     let measured = started.elapsed().as_secs_f64();
-    counters.stop.store(true, Ordering::Relaxed);
-    let mut latencies = Vec::new();
+    flags.stop.store(true, Ordering::Relaxed);
+    let mut stats = ConnStats::default();
     for t in tasks {
         match t.await {
-            Ok(Ok(l)) => latencies.extend(l),
+            Ok(Ok(s)) => stats.add(s),
             Ok(Err(e)) => return Err(e),
             Err(e) => return Err(LoadError::Http(e.to_string())),
         }
     }
+    let mut latencies = stats.latencies;
     latencies.sort();
-    let ok = counters.ok.load(Ordering::Relaxed);
+    let ok = stats.ok;
     let envelopes_per_s = ok as f64 * opts.batch.max(1) as f64 / measured;
 
     let mut drain_s = None;
@@ -486,13 +541,14 @@ pub async fn run(opts: LoadOptions) -> Result<LoadReport, LoadError> {
         text_bytes: opts.text_bytes,
         duration_s: measured,
         requests_ok: ok,
-        envelopes_acknowledged_total: counters.ok_all.load(Ordering::Relaxed)
-            * opts.batch.max(1) as u64,
-        requests_429: counters.too_many.load(Ordering::Relaxed),
-        requests_other: counters.other.load(Ordering::Relaxed),
-        transport_errors: counters.transport.load(Ordering::Relaxed),
+        envelopes_acknowledged_total: stats.ok_all * opts.batch.max(1) as u64,
+        requests_429: stats.too_many,
+        requests_other: stats.other.values().sum(),
+        other_statuses: stats.other,
+        transport_errors: stats.transport,
         requests_per_s: ok as f64 / measured,
         envelopes_per_s,
+        rate_target_envelopes_per_s: opts.rate.filter(|r| *r > 0.0),
         latency_p50_ms: percentile_ms(&latencies, 0.50),
         latency_p99_ms: percentile_ms(&latencies, 0.99),
         latency_p999_ms: percentile_ms(&latencies, 0.999),
@@ -543,6 +599,32 @@ mod tests {
             .headers
             .iter()
             .any(|h| h.name == "content-length" && h.value == b"2"));
+    }
+
+    #[test]
+    fn only_202s_in_the_measured_window_give_latency_samples_and_other_answers_are_counted_by_status(
+    ) {
+        let ms = Duration::from_millis;
+        let mut a = ConnStats::new(10);
+        a.answered(202, ms(9), false);
+        a.answered(429, ms(9), false);
+        a.failed(false);
+        a.answered(202, ms(3), true);
+        a.answered(429, ms(1), true);
+        a.answered(503, ms(1), true);
+        a.failed(true);
+        let mut b = ConnStats::new(1);
+        b.answered(202, ms(4), true);
+        b.answered(202, ms(5), true);
+        b.answered(503, ms(1), true);
+        b.answered(400, ms(1), true);
+        let mut total = ConnStats::default();
+        total.add(a);
+        total.add(b);
+        assert_eq!(total.latencies, vec![ms(3), ms(4)]);
+        assert_eq!((total.ok, total.ok_all), (3, 4));
+        assert_eq!((total.too_many, total.transport), (1, 1));
+        assert_eq!(total.other, BTreeMap::from([(400, 1), (503, 2)]));
     }
 
     #[test]
