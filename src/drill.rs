@@ -32,6 +32,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::io::{BufRead, Read, Write};
 use std::net::{TcpListener, TcpStream};
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -99,9 +100,10 @@ pub struct DrillReport {
     /// The first break `verify_spool` found in the spool's seals and checkpoint, which is
     /// checked after every kill, before the restart.
     pub spool_chain_error: Option<String>,
-    /// The first damaged range or missing segment `spoolgate inspect` found in the spool after
-    /// a kill (a torn tail of the newest segment is what a kill may leave, and is not counted):
-    /// a SIGKILL leaves the page cache whole, so any is a bug.
+    /// The first damage `spoolgate inspect` found in the spool after a kill: a damaged range, a
+    /// missing segment, or, in a segment older than the newest ones, a header that does not
+    /// read or bytes after the data (a torn tail of the newest segment is what a kill may
+    /// leave, and is not counted). A SIGKILL leaves the page cache whole, so any is a bug.
     pub spool_damage: Option<String>,
     pub streams: u64,
     pub ready_after_restart_ms: Vec<u64>,
@@ -119,20 +121,28 @@ pub struct DrillReport {
     pub daemon_exits: Vec<String>,
     /// Ingest answers other than 202, by status and the body's `error` (and `reason`).
     pub answers: BTreeMap<String, u64>,
-    /// Requests that got no answer (the kills cut them off).
-    pub unanswered_requests: u64,
-    /// Batches re-sent to the restarted daemon because a kill cut off their answer.
+    /// Requests sent whole whose answer never came (a kill cut them off; their outcome is
+    /// unknown to the client). Requests that found no daemon to connect to are not counted.
+    pub cut_off_requests: u64,
+    /// Cut-off batches sent again (normally to the restarted daemon).
     pub resent_batches: u64,
-    /// Kills that left acknowledged envelopes without a tombstone for the restart to replay.
+    /// Envelopes of re-sent batches answered `"duplicate": true`: the first send had been
+    /// written before the kill, and dedup answered with its position across the restart.
+    pub resent_duplicates: u64,
+    /// Kills that left envelopes without a tombstone, which the restart then replays.
     pub kills_leaving_pending: u64,
     /// Delivered records whose envelope differs from what was sent (source, tenant or text),
     /// and the first of them.
     pub content_mismatches: u64,
     pub first_content_mismatch: Option<String>,
+    /// Why the last daemon did not drain (its pending count did not reach 0 in time).
+    pub drain_error: Option<String>,
     /// How the last daemon ended after SIGTERM, if not with exit 0 in time.
     pub final_exit_error: Option<String>,
     /// Envelopes without a tombstone in the spool after the drained daemon stopped.
     pub pending_after_shutdown: Option<u64>,
+    /// Why the spool could not be inspected after the stop.
+    pub pending_inspect_error: Option<String>,
 }
 
 impl DrillReport {
@@ -168,6 +178,7 @@ impl DrillReport {
             &self.chain_error,
             &self.spool_chain_error,
             &self.spool_damage,
+            &self.drain_error,
             &self.final_exit_error,
         ]
         .into_iter()
@@ -192,7 +203,10 @@ impl DrillReport {
             Some(n) => f.push(format!(
                 "{n} envelopes were left without a tombstone after a clean stop"
             )),
-            None => f.push("the spool was not inspected after the stop".to_string()),
+            None => f.push(format!(
+                "the spool was not inspected after the stop: {}",
+                self.pending_inspect_error.as_deref().unwrap_or("no reason")
+            )),
         }
         if self.full_disk {
             if !self.answers.keys().any(|k| {
@@ -253,8 +267,8 @@ impl std::fmt::Display for DrillReport {
         )?;
         writeln!(
             f,
-            "  unanswered requests      {} (batches re-sent after a restart: {})",
-            self.unanswered_requests, self.resent_batches
+            "  cut-off requests         {} (re-sent: {}, envelopes of them answered as duplicates: {})",
+            self.cut_off_requests, self.resent_batches, self.resent_duplicates
         )?;
         writeln!(
             f,
@@ -336,22 +350,47 @@ pub fn http(
     content_type: &str,
     body: &[u8],
 ) -> std::io::Result<(u16, Vec<u8>)> {
-    let mut s = TcpStream::connect(addr)?;
-    s.set_read_timeout(Some(Duration::from_secs(30)))?;
-    s.set_write_timeout(Some(Duration::from_secs(30)))?;
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\r\n",
-        body.len()
-    )?;
-    s.write_all(body)?;
+    send(addr, method, path, content_type, body).map_err(|e| match e {
+        SendError::NotSent(e) | SendError::CutOff(e) => e,
+    })
+}
+
+/// How a request failed: before it was sent whole (the server cannot have acted on it), or
+/// after (it may have).
+enum SendError {
+    NotSent(std::io::Error),
+    CutOff(std::io::Error),
+}
+
+fn send(
+    addr: &str,
+    method: &str,
+    path: &str,
+    content_type: &str,
+    body: &[u8],
+) -> Result<(u16, Vec<u8>), SendError> {
+    let mut s = TcpStream::connect(addr).map_err(SendError::NotSent)?;
+    let sent = (|| {
+        s.set_read_timeout(Some(Duration::from_secs(30)))?;
+        s.set_write_timeout(Some(Duration::from_secs(30)))?;
+        write!(
+            s,
+            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        )?;
+        s.write_all(body)
+    })();
+    sent.map_err(SendError::NotSent)?;
     let mut raw = Vec::new();
-    s.read_to_end(&mut raw)?;
+    s.read_to_end(&mut raw).map_err(SendError::CutOff)?;
     let split = raw
         .windows(4)
         .position(|w| w == b"\r\n\r\n")
         .ok_or_else(|| {
-            std::io::Error::new(std::io::ErrorKind::InvalidData, "truncated response")
+            SendError::CutOff(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "truncated response",
+            ))
         })?;
     let status = std::str::from_utf8(&raw[..split])
         .ok()
@@ -379,6 +418,11 @@ fn addresses_from_log(log: &std::path::Path, from: u64) -> Option<(String, Strin
     Some((field("ingest=")?, field("metrics=")?))
 }
 
+/// SIGKILL's number, which `ExitStatus::signal` reports for a process it ended.
+fn libc_sigkill() -> i32 {
+    rustix::process::Signal::Kill as i32
+}
+
 /// Where the drill's daemons log.
 fn log_path(opts: &DrillOptions) -> PathBuf {
     opts.log
@@ -390,6 +434,18 @@ struct Running {
     child: Child,
     ingest: String,
     metrics: String,
+}
+
+/// A drill that stops on an error must not leave its daemon running (on the full-disk drill's
+/// tmpfs that would also keep the unmount from succeeding). A daemon already waited for is
+/// not killed again: `kill` then fails harmlessly.
+impl Drop for Running {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
 }
 
 fn start_daemon(
@@ -618,13 +674,14 @@ struct Ledger {
     next_id: AtomicU64,
     /// Acknowledged id -> (tenant, text) as sent, to check what is delivered against.
     acked: Mutex<HashMap<String, (String, String)>>,
-    /// Batches whose answer a kill cut off, to be sent again after the restart. Each client
-    /// leaves at most one per round (it stops at its first unanswered request), so this holds
-    /// at most `clients` batches.
-    unanswered: Mutex<Vec<Vec<serde_json::Value>>>,
+    /// Batches without an answer, to be sent again (normally to the restarted daemon), with
+    /// whether they were sent whole (cut off) or found no daemon. Each client leaves at most
+    /// one per round (it stops at its first failed request), so this holds at most `clients`.
+    unanswered: Mutex<Vec<(Vec<serde_json::Value>, bool)>>,
     answers: Mutex<BTreeMap<String, u64>>,
-    unanswered_requests: AtomicU64,
+    cut_off_requests: AtomicU64,
     resent_batches: AtomicU64,
+    resent_duplicates: AtomicU64,
 }
 
 fn new_batch(rng: &mut fastrand::Rng, next_id: &AtomicU64) -> Vec<serde_json::Value> {
@@ -664,31 +721,45 @@ fn answer_key(status: u16, body: &[u8]) -> String {
 fn client(ingest: &str, seed: u64, ledger: &Ledger, got: &AtomicU64, stop: &AtomicBool) {
     let mut rng = fastrand::Rng::with_seed(seed);
     while !stop.load(Ordering::Relaxed) {
-        let resent = ledger
+        let unanswered = ledger
             .unanswered
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .pop();
-        let is_resend = resent.is_some();
-        let items = resent.unwrap_or_else(|| new_batch(&mut rng, &ledger.next_id));
+        let resend = unanswered.as_ref().is_some_and(|(_, cut_off)| *cut_off);
+        let items = match unanswered {
+            Some((items, _)) => items,
+            None => new_batch(&mut rng, &ledger.next_id),
+        };
         let body = serde_json::Value::Array(items.clone()).to_string();
-        if is_resend {
+        if resend {
             ledger.resent_batches.fetch_add(1, Ordering::Relaxed);
         }
-        match http(
+        match send(
             ingest,
             "POST",
             "/v1/envelopes",
             "application/json",
             body.as_bytes(),
         ) {
-            Ok((202, _)) => {
+            Ok((202, answer)) => {
                 let mut a = ledger.acked.lock().unwrap_or_else(|p| p.into_inner());
                 for i in &items {
                     let field = |k: &str| i[k].as_str().unwrap_or_default().to_string();
                     a.insert(field("id"), (field("tenant"), field("text")));
                 }
+                drop(a);
                 got.fetch_add(items.len() as u64, Ordering::Relaxed);
+                if resend {
+                    let answer: serde_json::Value =
+                        serde_json::from_slice(&answer).unwrap_or_default();
+                    let duplicates = answer["envelopes"].as_array().map_or(0, |e| {
+                        e.iter().filter(|e| e["duplicate"] == true).count() as u64
+                    });
+                    ledger
+                        .resent_duplicates
+                        .fetch_add(duplicates, Ordering::Relaxed);
+                }
             }
             Ok((status, body)) => {
                 *ledger
@@ -697,16 +768,26 @@ fn client(ingest: &str, seed: u64, ledger: &Ledger, got: &AtomicU64, stop: &Atom
                     .unwrap_or_else(|p| p.into_inner())
                     .entry(answer_key(status, &body))
                     .or_default() += 1;
+                // A refusal (a full disk answers thousands a second) is not retried at once:
+                // a tight loop would take the CPU the daemon needs to recover.
+                if status == 429 || status == 503 {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
             }
-            Err(_) => {
-                // The request may or may not have been written: an ingest service would send
-                // it again, and so does the drill, to the next daemon.
-                ledger.unanswered_requests.fetch_add(1, Ordering::Relaxed);
+            Err(failed) => {
+                // A request sent whole may or may not have been written: an ingest service
+                // would send it again, and so does the drill (normally to the next daemon;
+                // after a read timeout, to this one, which may answer 409 while the first
+                // send is still in flight).
+                let cut_off = matches!(failed, SendError::CutOff(_));
+                if cut_off {
+                    ledger.cut_off_requests.fetch_add(1, Ordering::Relaxed);
+                }
                 ledger
                     .unanswered
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
-                    .push(items);
+                    .push((items, cut_off || resend));
                 return;
             }
         }
@@ -732,8 +813,9 @@ pub fn run(opts: &DrillOptions) -> Result<DrillReport, DrillError> {
         acked: Mutex::new(HashMap::new()),
         unanswered: Mutex::new(Vec::new()),
         answers: Mutex::new(BTreeMap::new()),
-        unanswered_requests: AtomicU64::new(0),
+        cut_off_requests: AtomicU64::new(0),
         resent_batches: AtomicU64::new(0),
+        resent_duplicates: AtomicU64::new(0),
     };
     let (mut running, _) = start_daemon(opts, sink_url.as_deref())?;
     for round in 0..opts.kills {
@@ -751,29 +833,34 @@ pub fn run(opts: &DrillOptions) -> Result<DrillReport, DrillError> {
                 scope.spawn(move || client(ingest, seed, ledger, got, stop));
             }
             let waited = Instant::now();
-            let mut exited = None;
             while got.load(Ordering::Relaxed) < target && waited.elapsed() < WAIT_MAX {
-                // A daemon that died by itself would otherwise be "killed" and restarted like
-                // any other round, its death unreported.
-                if let Ok(Some(status)) = running.child.try_wait() {
-                    exited = Some(status);
+                // A daemon that died by itself will not bring the round to its target.
+                if matches!(running.child.try_wait(), Ok(Some(_))) {
                     break;
                 }
                 std::thread::sleep(Duration::from_millis(1));
             }
-            if let Some(status) = exited.or_else(|| running.child.try_wait().ok().flatten()) {
-                report.daemon_exits.push(format!("round {round}: {status}"));
-            } else if got.load(Ordering::Relaxed) < target {
-                short = true;
-                tracing::warn!(
-                    round,
-                    target,
-                    acknowledged = got.load(Ordering::Relaxed),
-                    "the round's acknowledgements did not come in time; killing anyway"
-                );
-            }
             let _ = running.child.kill();
-            let _ = running.child.wait();
+            // The status says who ended the daemon: anything but our SIGKILL (an exit, an
+            // abort, a kill from elsewhere) is a death the drill would otherwise count as one
+            // of its kills, restarting it like any other round.
+            match running.child.wait() {
+                Ok(status) if status.signal() == Some(libc_sigkill()) => {
+                    if got.load(Ordering::Relaxed) < target {
+                        short = true;
+                        tracing::warn!(
+                            round,
+                            target,
+                            acknowledged = got.load(Ordering::Relaxed),
+                            "the round's acknowledgements did not come in time; killed anyway"
+                        );
+                    }
+                }
+                Ok(status) => report.daemon_exits.push(format!("round {round}: {status}")),
+                Err(e) => report
+                    .daemon_exits
+                    .push(format!("round {round}: cannot wait for the daemon: {e}")),
+            }
             stop.store(true, Ordering::Relaxed);
         });
         report.kills += 1;
@@ -801,8 +888,9 @@ pub fn run(opts: &DrillOptions) -> Result<DrillReport, DrillError> {
         .answers
         .into_inner()
         .unwrap_or_else(|p| p.into_inner());
-    report.unanswered_requests = ledger.unanswered_requests.into_inner();
+    report.cut_off_requests = ledger.cut_off_requests.into_inner();
     report.resent_batches = ledger.resent_batches.into_inner();
+    report.resent_duplicates = ledger.resent_duplicates.into_inner();
 
     let collect = |recorder: &Option<Recorder>| -> Result<Vec<String>, DrillError> {
         Ok(match recorder {
@@ -833,9 +921,19 @@ pub fn run(opts: &DrillOptions) -> Result<DrillReport, DrillError> {
     // a duplicate or never came) are delivered too; wait for the daemon's own count of what is
     // pending to reach 0, so that everything in the spool should be tombstoned at the stop.
     let drained = Instant::now();
-    while metric(&running.metrics, "spoolgate_spool_pending_records").is_none_or(|v| v > 0.0)
-        && drained.elapsed() < WAIT_MAX
-    {
+    loop {
+        let pending = metric(&running.metrics, "spoolgate_spool_pending_records");
+        if pending == Some(0.0) {
+            break;
+        }
+        if drained.elapsed() > WAIT_MAX {
+            report.drain_error = Some(format!(
+                "the last daemon did not drain within {} s: spoolgate_spool_pending_records \
+                 read {pending:?}",
+                WAIT_MAX.as_secs()
+            ));
+            break;
+        }
         std::thread::sleep(Duration::from_millis(50));
     }
     let _ = Command::new("kill")
@@ -857,7 +955,10 @@ pub fn run(opts: &DrillOptions) -> Result<DrillReport, DrillError> {
             None => std::thread::sleep(Duration::from_millis(20)),
         }
     };
-    report.pending_after_shutdown = pending_envelopes(&opts.data_dir.join("spool")).ok();
+    match pending_envelopes(&opts.data_dir.join("spool")) {
+        Ok(n) => report.pending_after_shutdown = Some(n),
+        Err(e) => report.pending_inspect_error = Some(e.to_string()),
+    }
     let delivered = collect(&recorder)?;
 
     let mut by_id: HashMap<String, Vec<&String>> = HashMap::new();

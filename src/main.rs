@@ -135,7 +135,9 @@ struct DrillArgs {
     /// The spoolgate binary to drill (default: this one).
     #[arg(long)]
     binary: Option<PathBuf>,
-    /// Extra daemon settings, `KEY=VALUE` (repeatable).
+    /// Extra daemon settings, `KEY=VALUE` (repeatable). The drill compares every delivered
+    /// text with the one sent, so a PII policy that changes texts (`gate.pii.KIND="mask"`,
+    /// `"hash"`, `"drop_text"`) fails it.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     sets: Vec<String>,
     /// Rewrite the rules file before every restart (tests that replays are not re-classified).
@@ -457,7 +459,10 @@ fn drill(args: DrillArgs) -> anyhow::Result<ExitCode> {
     let report = spoolgate::drill::run(&opts)?;
     print!("{report}");
     if let Some(path) = args.report_json {
-        std::fs::write(&path, serde_json::to_string_pretty(&report)?)
+        // The checks that failed go into the JSON too, so a kept report says why it failed.
+        let mut json = serde_json::to_value(&report)?;
+        json["failures"] = serde_json::json!(report.failures());
+        std::fs::write(&path, serde_json::to_string_pretty(&json)?)
             .with_context(|| format!("cannot write {}", path.display()))?;
     }
     Ok(if report.passed() {
