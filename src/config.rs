@@ -408,8 +408,15 @@ fn invalid(key: &str, reason: impl Into<String>) -> ConfigError {
 /// The directory `dir` names, for comparing two of them: the longest part of it that exists
 /// resolved by the filesystem (symbolic links and `..` as the kernel follows them), the rest,
 /// which the sink will create, with `.` and `..` taken out. So `out`, `./x/../out` and a link
-/// to `out` compare equal.
+/// to `out` compare equal, and so does a link to an `out` that does not exist yet.
 fn resolved_dir(dir: &Path) -> PathBuf {
+    resolve_dir(dir, 0)
+}
+
+/// As many links as Linux follows in one path lookup before it gives up with ELOOP.
+const SYMLINKS_FOLLOWED_MAX: u32 = 40;
+
+fn resolve_dir(dir: &Path, links_followed: u32) -> PathBuf {
     use std::path::Component;
     let absolute = std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf());
     let mut missing = Vec::new();
@@ -417,6 +424,15 @@ fn resolved_dir(dir: &Path) -> PathBuf {
     let mut resolved = loop {
         if let Ok(real) = existing.canonicalize() {
             break real;
+        }
+        // A link whose target does not exist yet (a sink creates its directory at start):
+        // what matters is where it points.
+        let dangling = std::fs::symlink_metadata(existing).is_ok_and(|m| m.is_symlink());
+        if dangling && links_followed < SYMLINKS_FOLLOWED_MAX {
+            if let (Ok(target), Some(parent)) = (std::fs::read_link(existing), existing.parent()) {
+                let rest: PathBuf = missing.iter().rev().collect();
+                return resolve_dir(&parent.join(target).join(rest), links_followed + 1);
+            }
         }
         match existing.parent() {
             Some(parent) => {
@@ -759,17 +775,27 @@ impl Config {
         }
         // Two file sinks writing one directory would number their files over each other, and
         // each would cut lines the other is writing as partial (at start, after a failure).
-        let mut file_dirs: BTreeMap<PathBuf, &str> = BTreeMap::new();
+        let mut file_dirs: BTreeMap<PathBuf, (&str, PathBuf)> = BTreeMap::new();
         for (name, sink) in &self.sinks {
             let Some(dir) = sink.file_dir(name, &self.data_dir) else {
                 continue;
             };
-            let dir = resolved_dir(&dir);
-            if let Some(other) = file_dirs.insert(dir.clone(), name) {
+            let resolved = resolved_dir(&dir);
+            if let Some((other, other_dir)) =
+                file_dirs.insert(resolved.clone(), (name, dir.clone()))
+            {
+                // Name the directory as both sinks' settings give it, so the user can see why
+                // two different-looking paths are one.
+                let other_named = if other_dir == dir {
+                    String::new()
+                } else {
+                    format!(" (as {})", other_dir.display())
+                };
                 return Err(invalid(
                     &format!("sinks.{name}.dir"),
                     format!(
-                        "{} is also the directory of sinks.{other}; each file sink needs its own",
+                        "{} is also the directory of sinks.{other}{other_named}; each file sink \
+                         needs its own",
                         dir.display()
                     ),
                 ));
@@ -1169,6 +1195,18 @@ mod tests {
         // Directories that do not exist yet compare by their names.
         assert!(load(&config(&data.join("new/../out")), &[]).is_err());
         assert!(load(&config(&root.path().join("link/sub")), &[]).is_ok());
+        // A link to the default's directory before the sink has created it.
+        std::fs::remove_dir(data.join("out")).unwrap();
+        let err = load(&config(&root.path().join("link")), &[]).unwrap_err();
+        assert!(
+            err.to_string().contains(&format!(
+                "is also the directory of sinks.audit (as {})",
+                root.path().join("link").display()
+            )),
+            "{err}"
+        );
+        std::os::unix::fs::symlink("sg/out", root.path().join("relative-link")).unwrap();
+        assert!(load(&config(&root.path().join("relative-link")), &[]).is_err());
     }
 
     #[test]
