@@ -545,7 +545,7 @@ impl Spool {
         if victims.is_empty() {
             return Ok(0);
         }
-        let mut freed = 0;
+        let (mut freed, mut removed_any) = (0, false);
         for (id, path, bytes) in &victims {
             // Forget it first: readers then skip to the next segment instead of opening it.
             let forgotten = self.shared.segments_write().remove(id);
@@ -564,7 +564,7 @@ impl Spool {
                         path: path.clone(),
                         source,
                     };
-                    if freed > 0 {
+                    if removed_any {
                         if let Err(e) = self.sync_after_removal() {
                             tracing::warn!(error = %e, "after a segment deletion that failed part-way, the directory could not be fsync'd either");
                         }
@@ -573,6 +573,7 @@ impl Spool {
                 }
             }
             freed += bytes;
+            removed_any = true;
             let m = &self.shared.metrics;
             m.compaction_segments_deleted_total.inc();
             m.compaction_bytes_reclaimed_total.inc_by(*bytes);
