@@ -390,6 +390,66 @@ fn interval_and_never_modes_acknowledge_without_waiting_for_fdatasync_and_close_
     }
 }
 
+/// Waits until `cond` holds, failing the test after a minute (a hang, not a timing check).
+fn wait_until(what: &str, cond: impl Fn() -> bool) {
+    let started = std::time::Instant::now();
+    while !cond() {
+        assert!(
+            started.elapsed().as_secs() < 60,
+            "timed out waiting for {what}"
+        );
+        std::thread::yield_now();
+    }
+}
+
+#[test]
+fn in_interval_mode_the_ticker_fdatasyncs_what_was_acknowledged_unsynced() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts = options(dir.path());
+    opts.durability = spoolgate::spool::Durability::Interval(std::time::Duration::from_millis(1));
+    let metrics = Arc::new(spoolgate::metrics::Metrics::new());
+    let faults = Faults::new();
+    let (s, _) = open_checked(
+        &opts,
+        Arc::new(FaultFs::new(StdFs, faults.clone())),
+        metrics.clone(),
+    );
+    let syncs = || metrics.spool_fsync_duration_seconds.get_sample_count();
+    // Held fdatasyncs show that the acknowledgement did not wait for one.
+    faults.hold_syncs.store(true, Ordering::SeqCst);
+    let held_before = faults.syncs_held.load(Ordering::SeqCst);
+    append(&s, 0);
+    // Nobody asks for a sync (a fresh spool has nothing unsynced before this append): interval
+    // mode starts this one by itself, at the ticker's request or finding the interval past.
+    wait_until("the ticker's fdatasync", || {
+        faults.syncs_held.load(Ordering::SeqCst) > held_before
+    });
+    let before = syncs();
+    faults.hold_syncs.store(false, Ordering::SeqCst);
+    wait_until("the ticker's fdatasync to finish", || syncs() > before);
+    assert!(s.poison_reason().is_none());
+}
+
+#[test]
+fn in_interval_mode_a_failed_fdatasync_of_the_ticker_poisons_and_refuses_further_appends() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts = options(dir.path());
+    opts.durability = spoolgate::spool::Durability::Interval(std::time::Duration::from_millis(1));
+    let faults = Faults::new();
+    let (s, _) = open_fs(&opts, Arc::new(FaultFs::new(StdFs, faults.clone())));
+    // A fresh spool has nothing unsynced, so the first fdatasync from here is the one interval
+    // mode makes for this append, after acknowledging it (after write(2), as the mode
+    // promises). It fails, and the spool must not go on as if the record were safe.
+    faults.syncs_until_failure.store(1, Ordering::SeqCst);
+    append(&s, 0);
+    wait_until("the poison", || s.poison_reason().is_some());
+    assert!(s.poison_reason().unwrap().contains("fdatasync"));
+    let err = s
+        .append_blocking(vec![(RecordKind::ENVELOPE, payload(1))], false)
+        .unwrap_err();
+    assert!(matches!(err, SpoolError::Poisoned(_)), "{err}");
+}
+
 #[test]
 fn dropping_an_interval_mode_spool_without_close_releases_it() {
     let dir = tempfile::tempdir().unwrap();
