@@ -76,14 +76,26 @@ FIELD=$(head -c 512 /dev/zero | tr '\0' 'x')
 # One redis-benchmark run of XADD: prints rps, p50 ms and p99 ms, read from its CSV by column
 # name (Redis 7.0: "test","rps","avg_latency_ms","min_latency_ms","p50_latency_ms",
 # "p95_latency_ms","p99_latency_ms","max_latency_ms"), so a version that renames them fails
-# the run instead of reporting another column. Outside cluster mode redis-benchmark exits 1 at
-# the first error reply, which stops this script too, so no Redis row holds failed XADDs.
+# the run instead of reporting another column. redis-benchmark counts an error reply (a full
+# disk's MISCONF, say) as a finished request, so the server's own count of error replies is
+# compared before and after, and a run with any fails the script: no Redis row holds failed
+# XADDs.
+redis_errors() {
+    redis-cli -p "$REDIS_PORT" info stats | tr -d '\r' | awk -F: '$1 == "total_error_replies" { print $2 }'
+}
 redis_xadd() { # clients pipeline requests
+    local before after
+    before=$(redis_errors)
     redis-benchmark -p "$REDIS_PORT" -c "$1" -P "$2" -n "$3" --csv XADD bench '*' f "$FIELD" \
         | python3 -c '
 import csv, sys
 r = list(csv.DictReader(sys.stdin))[-1]
 print(r["rps"], r["p50_latency_ms"], r["p99_latency_ms"])'
+    after=$(redis_errors)
+    if [ -z "$before" ] || [ "$after" != "$before" ]; then
+        echo "Redis answered errors during XADD -c $1 -P $2 (total_error_replies $before -> $after)" >&2
+        exit 1
+    fi
 }
 
 start_daemon() { # extra --set arguments
@@ -125,11 +137,12 @@ redis_row() { # label clients pipeline; appends a JSON line to results
     local warm n out rps p50 p99
     redis-cli -p "$REDIS_PORT" del bench >/dev/null
     # The unrecorded run: the counterpart of the load generator's warm-up second (connections
-    # open, the stream and the AOF already growing), long enough to give a usable rate.
-    warm=$(($2 * $3 * 200 > 5000 ? $2 * $3 * 200 : 5000))
+    # open, the stream and the AOF already growing), long enough to give a usable rate (50
+    # pipelines per connection; a fraction of a second at the rates seen here).
+    warm=$(($2 * $3 * 50 > 5000 ? $2 * $3 * 50 : 5000))
     out=$(redis_xadd "$2" "$3" "$warm")
     read -r rps _ <<<"$out"
-    n=$(python3 -c "print(max($warm, round($rps * $DURATION)))")
+    n=$(python3 -c "print(max($2 * $3 * 10, round($rps * $DURATION)))")
     out=$(redis_xadd "$2" "$3" "$n")
     read -r rps p50 p99 <<<"$out"
     python3 -c "
