@@ -545,6 +545,14 @@ impl Config {
             .copied()
             .filter(|kind| g.pii.get(*kind).copied().unwrap_or(g.pii_default) == PiiAction::Hash)
             .collect();
+        if self.spool.durability == DurabilityMode::Never {
+            warnings.push(
+                "spool.durability = \"never\": a 202 means written, never fdatasync'd by \
+                 itself; a power loss or a kernel crash can lose any acknowledged envelope \
+                 (meant for tests and benchmarks)"
+                    .to_string(),
+            );
+        }
         if !hashed.is_empty() && g.pii_hash_key == GateConfig::default().pii_hash_key {
             warnings.push(format!(
                 "gate.pii hashes {} with the default gate.pii_hash_key, which is public: anyone \
@@ -1016,6 +1024,18 @@ mod tests {
             err.to_string(),
             "invalid value for forward.workers: 0 is outside 1..=256"
         );
+    }
+
+    #[test]
+    fn durability_never_is_warned_of() {
+        let c = load("[spool]\ndurability = \"never\"\n", &[]).unwrap();
+        assert!(
+            c.warnings().iter().any(|w| w.contains("spool.durability")),
+            "{:?}",
+            c.warnings()
+        );
+        let c = load("[spool]\ndurability = \"interval\"\n", &[]).unwrap();
+        assert!(c.warnings().is_empty(), "{:?}", c.warnings());
     }
 
     #[test]

@@ -110,10 +110,15 @@ pub async fn run(config: Config) -> Result<Exit, DaemonError> {
         .start_time_seconds
         .set(ingest::now_ms() as f64 / 1000.0);
 
-    std::fs::create_dir_all(&config.data_dir).map_err(|source| DaemonError::DataDir {
-        path: config.data_dir.clone(),
-        source,
-    })?;
+    // The segments are fdatasync'd and their directory fsync'd, but a power loss could still
+    // take the spool directory's own entry, or the data directory's, with every acknowledged
+    // segment in them: both are created (if need be) durably, their parents fsync'd.
+    crate::forward::durable_dir::DurableDir::new(&config.spool_dir())
+        .ensure()
+        .map_err(|source| DaemonError::DataDir {
+            path: config.spool_dir(),
+            source,
+        })?;
     // Held for the life of the process, before anything in the data directory is touched: a
     // second daemon started on it by mistake would otherwise overwrite the address file and,
     // on a full disk, spend the running one's reserve before failing on the spool's lock.
@@ -461,27 +466,41 @@ pub async fn run(config: Config) -> Result<Exit, DaemonError> {
 /// fdatasync of the spool (counting from 1) fails with EIO, as a dying disk would.
 pub const FAILPOINT_FSYNC_ENV: &str = "SPOOLGATE_FAILPOINT_FSYNC_FAILS_AT";
 
+/// Environment variable naming a failpoint for tests: while the file it names exists, every
+/// fdatasync of the spool waits (a disk that has stalled), so requests queue behind it.
+pub const FAILPOINT_HOLD_FSYNC_ENV: &str = "SPOOLGATE_FAILPOINT_HOLD_FSYNC_WHILE";
+
 /// The real filesystem, wrapped in the fault-injecting one when a failpoint is set.
 fn filesystem_with_failpoints() -> Arc<dyn crate::spool::fs::FileSystem> {
     use crate::spool::fs::{FaultFs, Faults, StdFs};
-    match std::env::var(FAILPOINT_FSYNC_ENV)
+    let fails_at = std::env::var(FAILPOINT_FSYNC_ENV)
         .ok()
         .and_then(|v| v.parse::<u64>().ok())
-    {
-        Some(n) if n > 0 => {
-            tracing::warn!(
-                failpoint = FAILPOINT_FSYNC_ENV,
-                at = n,
-                "fault injection enabled: fdatasync number {n} will fail"
-            );
-            let faults = Faults::new();
-            faults
-                .syncs_until_failure
-                .store(n, std::sync::atomic::Ordering::SeqCst);
-            Arc::new(FaultFs::new(StdFs, faults))
-        }
-        _ => Arc::new(StdFs),
+        .filter(|&n| n > 0);
+    let hold_while = std::env::var_os(FAILPOINT_HOLD_FSYNC_ENV).map(std::path::PathBuf::from);
+    if fails_at.is_none() && hold_while.is_none() {
+        return Arc::new(StdFs);
     }
+    let faults = Faults::new();
+    if let Some(n) = fails_at {
+        tracing::warn!(
+            failpoint = FAILPOINT_FSYNC_ENV,
+            at = n,
+            "fault injection enabled: fdatasync number {n} will fail"
+        );
+        faults
+            .syncs_until_failure
+            .store(n, std::sync::atomic::Ordering::SeqCst);
+    }
+    if let Some(path) = hold_while {
+        tracing::warn!(
+            failpoint = FAILPOINT_HOLD_FSYNC_ENV,
+            path = %path.display(),
+            "fault injection enabled: fdatasyncs wait while this file exists"
+        );
+        let _ = faults.hold_while_exists.set(path);
+    }
+    Arc::new(FaultFs::new(StdFs, faults))
 }
 
 /// Name of the file, in the data directory, that holds the bound listen addresses.

@@ -730,3 +730,38 @@ fn a_connection_in_the_middle_of_a_request_is_never_evicted() {
     assert_eq!(post_keep_alive(&mut slow, 4), 202);
     assert_eq!(d.metric("spoolgate_ingest_connections_evicted_total"), 1.0);
 }
+
+#[test]
+fn a_request_whose_client_hung_up_keeps_its_bytes_counted_until_the_writer_is_done_with_it() {
+    let scratch = tempfile::tempdir().unwrap();
+    let data = scratch.path().join("data");
+    let hold = scratch.path().join("hold-fsync");
+    let d = Daemon::start_in(
+        &data,
+        &[],
+        &[(
+            spoolgate::daemon::FAILPOINT_HOLD_FSYNC_ENV,
+            hold.to_str().unwrap(),
+        )],
+    );
+    // The disk stalls: the request's fdatasync waits, and the client gives up on it.
+    std::fs::write(&hold, b"").unwrap();
+    let body = serde_json::to_vec(&envelope(1)).unwrap();
+    let mut s = TcpStream::connect(&d.ingest).unwrap();
+    write!(
+        s,
+        "POST /v1/envelopes HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .unwrap();
+    s.write_all(&body).unwrap();
+    d.wait_metric("spoolgate_ingest_inflight_bytes", |v| v > 0.0);
+    drop(s);
+    // The handler is gone with its connection; its frames are still queued for the writer,
+    // and the body's bytes still count against ingest.inflight_bytes_max.
+    d.wait_metric("spoolgate_ingest_connections_open", |v| v == 0.0);
+    let counted = d.metric("spoolgate_ingest_inflight_bytes");
+    assert!(counted >= body.len() as f64, "{counted}");
+    std::fs::remove_file(&hold).unwrap();
+    d.wait_metric("spoolgate_ingest_inflight_bytes", |v| v == 0.0);
+}

@@ -268,6 +268,11 @@ async fn a_panic_on_the_writer_thread_poisons_the_spool_instead_of_leaving_it_re
         .await
         .unwrap_err();
     assert!(matches!(err, SpoolError::Poisoned(_)), "{err}");
+    // Nor is closing it a clean close (the daemon would exit 0 with a poisoned spool).
+    let closed = tokio::task::spawn_blocking(move || s.close())
+        .await
+        .unwrap();
+    assert!(matches!(closed, Err(SpoolError::Poisoned(_))), "{closed:?}");
 }
 
 #[test]
@@ -636,6 +641,32 @@ fn a_segment_compaction_fails_to_remove_stays_in_the_spool_so_no_later_pass_leav
         "{:?}",
         report.missing_segments
     );
+}
+
+#[test]
+fn a_start_makes_the_active_segment_durable_and_refuses_to_open_if_it_cannot() {
+    // Whether the bytes a start finds were synced cannot be seen from here (a killed process's
+    // unsynced writes read back like synced ones), so the start must fdatasync the active
+    // segment in any case: this one's fails, and the spool must not open.
+    let dir = tempfile::tempdir().unwrap();
+    let opts = options(dir.path());
+    {
+        let (s, _, _) = open(&opts);
+        append(&s, 0);
+    }
+    let faults = Faults::new();
+    faults.syncs_until_failure.store(1, Ordering::SeqCst);
+    let opened = spoolgate::spool::Spool::open_with_fs(
+        opts.clone(),
+        Arc::new(FaultFs::new(StdFs, faults.clone())),
+        Arc::new(spoolgate::metrics::Metrics::new()),
+        None,
+    );
+    match opened {
+        Err(SpoolError::Io { op, .. }) => assert_eq!(op, "fdatasync"),
+        Err(e) => panic!("unexpected error {e}"),
+        Ok(_) => panic!("a start whose fdatasync of the active segment failed opened the spool"),
+    }
 }
 
 #[test]

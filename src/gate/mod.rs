@@ -160,24 +160,29 @@ fn load_rules(
     refuse_empty: bool,
     sinks: Option<&BTreeSet<String>>,
 ) -> Result<Rules, GateError> {
-    let meta = std::fs::metadata(path).map_err(|source| GateError::Read {
+    let read_error = |source| GateError::Read {
         path: path.to_path_buf(),
         source,
-    })?;
-    if meta.len() > rules::RULES_FILE_BYTES_MAX {
+    };
+    // The bound is applied to what is read, not to the size a stat saw: a file rewritten in
+    // place between the two could otherwise be read whole, however large.
+    let mut bytes = Vec::new();
+    std::io::Read::read_to_end(
+        &mut std::io::Read::take(
+            std::fs::File::open(path).map_err(read_error)?,
+            rules::RULES_FILE_BYTES_MAX + 1,
+        ),
+        &mut bytes,
+    )
+    .map_err(read_error)?;
+    if bytes.len() as u64 > rules::RULES_FILE_BYTES_MAX {
         return Err(GateError::Invalid {
             path: path.to_path_buf(),
-            reason: format!(
-                "{} bytes, over the limit of {}",
-                meta.len(),
-                rules::RULES_FILE_BYTES_MAX
-            ),
+            reason: format!("over the limit of {} bytes", rules::RULES_FILE_BYTES_MAX),
         });
     }
-    let text = std::fs::read_to_string(path).map_err(|source| GateError::Read {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let text = String::from_utf8(bytes)
+        .map_err(|e| read_error(std::io::Error::new(std::io::ErrorKind::InvalidData, e)))?;
     if refuse_empty && text.trim().is_empty() {
         return Err(GateError::Invalid {
             path: path.to_path_buf(),
@@ -456,6 +461,19 @@ impl Gate {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_rules_file_over_its_bound_is_refused_without_reading_it_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("rules.toml");
+        let mut text = "rule = []\n".to_string();
+        text.push_str(&"#".repeat(rules::RULES_FILE_BYTES_MAX as usize));
+        std::fs::write(&path, &text).unwrap();
+        let err = load_rules(&path, true, None).unwrap_err().to_string();
+        assert!(err.contains("over the limit of 8388608 bytes"), "{err}");
+        std::fs::write(&path, "rule = []\n").unwrap();
+        assert_eq!(load_rules(&path, true, None).unwrap().len(), 0);
+    }
 
     fn gate(pii: &[(&str, PiiAction)]) -> Gate {
         let cfg = GateConfig {

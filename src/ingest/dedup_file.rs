@@ -127,9 +127,12 @@ pub fn write(
     std::io::Write::write_all(&mut tmp, &bytes).map_err(io)?;
     tmp.as_file().sync_data().map_err(io)?;
     tmp.persist(&path).map_err(|e| io(e.error))?;
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io)?;
+    if let Err(e) = std::fs::File::open(dir).and_then(|d| d.sync_all()) {
+        // The caller fails its pass and tries again under another name: a file left here
+        // would be one more the next start loads and nothing counts or removes until then.
+        let _ = std::fs::remove_file(&path);
+        return Err(io(e));
+    }
     Ok(path)
 }
 

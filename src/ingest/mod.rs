@@ -313,11 +313,15 @@ async fn ingest(state: &IngestState, req: Request<Incoming>) -> HttpResponse {
         }
     }
     // Held until the response is ready: the body, the parsed envelopes and their frames live
-    // until then.
-    let _inflight = match state.inflight.take(declared.unwrap_or(cfg.body_bytes_max)) {
-        Ok(bytes) => bytes,
-        Err(refusal) => return refuse(state, &refusal),
-    };
+    // until then. The spool request holds it too (in its commit hook), because the frames stay
+    // queued for the writer when a client that hangs up drops this handler: the bound then
+    // still covers them, until the writer has taken or refused them.
+    let inflight = Arc::new(
+        match state.inflight.take(declared.unwrap_or(cfg.body_bytes_max)) {
+            Ok(bytes) => bytes,
+            Err(refusal) => return refuse(state, &refusal),
+        },
+    );
     let limited = Limited::new(req.into_body(), cfg.body_bytes_max as usize);
     let body = match tokio::time::timeout(
         Duration::from_millis(cfg.body_read_timeout_ms),
@@ -514,8 +518,12 @@ async fn ingest(state: &IngestState, req: Request<Incoming>) -> HttpResponse {
         // delivered and its segment deleted first, and its id would miss the dedup checkpoint.
         // Failing or dropped half-way, the completion releases the keys instead.
         let completion = dedup::Completion::new(state.dedup.clone(), reserved);
+        let queued = inflight.clone();
         let hook: crate::spool::CommitHook =
-            Box::new(move |positions: &[crate::spool::Position]| completion.complete(positions));
+            Box::new(move |positions: &[crate::spool::Position]| {
+                completion.complete(positions);
+                drop(queued);
+            });
         match spool.append_then(to_write, hook).await {
             Ok(positions) => {
                 // A plain load keeps the common case free of a read-modify-write.
@@ -647,7 +655,9 @@ fn append_error(state: &IngestState, e: SpoolError) -> HttpResponse {
                 .insert(hyper::header::RETRY_AFTER, HeaderValue::from_static("1"));
             resp
         }
-        other => unavailable(state, "poisoned", format!("spool write failed: {other}")),
+        // Closing (shutdown) or an error the writer did not poison for: not the poison
+        // `/readyz` reports, so not called that.
+        other => unavailable(state, "unavailable", format!("spool write failed: {other}")),
     }
 }
 

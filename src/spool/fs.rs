@@ -524,6 +524,9 @@ pub struct Faults {
     /// in `syncs_held`: a test can then queue requests behind the writer.
     pub hold_syncs: AtomicBool,
     pub syncs_held: AtomicU64,
+    /// Once set, an fdatasync also waits while this file exists: the same hold, for a test
+    /// that drives a daemon from outside (the daemon's `SPOOLGATE_FAILPOINT_HOLD_FSYNC_WHILE`).
+    pub hold_while_exists: std::sync::OnceLock<PathBuf>,
 }
 
 impl Faults {
@@ -569,9 +572,15 @@ impl SegmentFile for FaultFile {
         self.inner.write_all_at(buf, offset)
     }
     fn sync_data(&self) -> io::Result<()> {
-        if self.faults.hold_syncs.load(Ordering::SeqCst) {
+        let held_by_file = || {
+            self.faults
+                .hold_while_exists
+                .get()
+                .is_some_and(|p| p.exists())
+        };
+        if self.faults.hold_syncs.load(Ordering::SeqCst) || held_by_file() {
             self.faults.syncs_held.fetch_add(1, Ordering::SeqCst);
-            while self.faults.hold_syncs.load(Ordering::SeqCst) {
+            while self.faults.hold_syncs.load(Ordering::SeqCst) || held_by_file() {
                 std::thread::sleep(std::time::Duration::from_millis(1));
             }
         }

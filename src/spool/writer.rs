@@ -163,7 +163,12 @@ impl WriterHandle {
         self.shared
             .closed
             .store(true, std::sync::atomic::Ordering::SeqCst);
-        result
+        // A writer that died (its panic poisons the spool) answered nothing, or was gone
+        // before the request: that is no clean close.
+        match (result, self.shared.poison_reason()) {
+            (Ok(()), Some(reason)) => Err(SpoolError::Poisoned(reason)),
+            (result, _) => result,
+        }
     }
 }
 
@@ -630,8 +635,21 @@ impl Writer {
     fn void(&self, offset: u64) {
         let dir = &self.shared.opts.dir;
         let marker = dir.join(format!("void-{:020}-{:020}", self.active, offset));
-        if self.shared.fs.create(&marker).is_ok() {
-            let _ = self.shared.fs.sync_dir(dir);
+        // The spool is poisoned either way; without a durable marker the next start may find
+        // the refused batch in the page cache and keep it, so say so where an operator looks.
+        let made = self
+            .shared
+            .fs
+            .create(&marker)
+            .and_then(|_| self.shared.fs.sync_dir(dir));
+        if let Err(e) = made {
+            tracing::error!(
+                segment = self.active,
+                offset,
+                error = %e,
+                "could not record that the batch from here was refused: a restart keeps it \
+                 (and makes it durable) if the page cache still holds it"
+            );
         }
     }
 
