@@ -66,7 +66,7 @@ pub struct IngestState {
     /// Shared with the spool's commit hooks, which complete reservations (`dedup::Completion`).
     pub dedup: Arc<Dedup>,
     /// Streams admitted so far, bounded by `ingest.streams_max`.
-    pub streams: KnownStreams,
+    pub streams: Arc<KnownStreams>,
     pub backpressure: Backpressure,
     /// Request bodies held in memory, bounded by `ingest.inflight_bytes_max`.
     pub inflight: Arc<inflight::InflightBudget>,
@@ -89,7 +89,7 @@ impl IngestState {
             config.ingest.dedup_entries_max,
         ));
         let backpressure = Backpressure::new(&config.spool);
-        let streams = KnownStreams::new(config.ingest.streams_max);
+        let streams = Arc::new(KnownStreams::new(config.ingest.streams_max));
         let inflight = inflight::InflightBudget::new(
             config.ingest.inflight_bytes_max,
             metrics.ingest_inflight_bytes.clone(),
@@ -468,34 +468,37 @@ async fn ingest(state: &IngestState, req: Request<Incoming>) -> HttpResponse {
     let to_admit: Vec<usize> = (0..parsed.len())
         .filter(|&i| reservations[i] == Reservation::Reserved)
         .collect();
-    if let Err(limit) = state
+    let admission = match state
         .streams
         .admit(to_admit.iter().map(|&i| parsed[i].envelope.stream()))
     {
-        state.dedup.abort(
-            keys.iter()
-                .zip(&reservations)
-                .filter(|(_, r)| **r == Reservation::Reserved)
-                .filter_map(|(k, _)| k.clone()),
-        );
-        state
-            .metrics
-            .ingest_rejected_total
-            .with_label_values(&["streams"])
-            .inc();
-        let index = to_admit[limit.index];
-        return json_response(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            json!({
-                "error": "stream_limit",
-                "index": index,
-                "message": format!(
-                    "envelope at index {}: stream {:?} would be a new stream, and ingest.streams_max ({}) streams exist already",
-                    index, limit.stream, limit.streams_max
-                ),
-            }),
-        );
-    }
+        Ok(admission) => admission,
+        Err(limit) => {
+            state.dedup.abort(
+                keys.iter()
+                    .zip(&reservations)
+                    .filter(|(_, r)| **r == Reservation::Reserved)
+                    .filter_map(|(k, _)| k.clone()),
+            );
+            state
+                .metrics
+                .ingest_rejected_total
+                .with_label_values(&["streams"])
+                .inc();
+            let index = to_admit[limit.index];
+            return json_response(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                json!({
+                    "error": "stream_limit",
+                    "index": index,
+                    "message": format!(
+                        "envelope at index {}: stream {:?} would be a new stream, and ingest.streams_max ({}) streams exist already",
+                        index, limit.stream, limit.streams_max
+                    ),
+                }),
+            );
+        }
+    };
     // The encoded bytes move into the records (nothing below needs them): no copy per envelope.
     let to_write: Vec<(RecordKind, Bytes)> = parsed
         .iter_mut()
@@ -519,9 +522,13 @@ async fn ingest(state: &IngestState, req: Request<Incoming>) -> HttpResponse {
         // Failing or dropped half-way, the completion releases the keys instead.
         let completion = dedup::Completion::new(state.dedup.clone(), reserved);
         let queued = inflight.clone();
+        // The request's new streams are kept once its records are durable; a request the
+        // spool refuses, or that is dropped with its connection, drops the hook unrun and
+        // gives them back (see `streams`).
         let hook: crate::spool::CommitHook =
             Box::new(move |positions: &[crate::spool::Position]| {
                 completion.complete(positions);
+                admission.commit();
                 drop(queued);
             });
         match spool.append_then(to_write, hook).await {
