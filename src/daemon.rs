@@ -51,7 +51,7 @@ pub enum DaemonError {
         #[source]
         source: std::io::Error,
     },
-    #[error("cannot create data directory {path}: {source}")]
+    #[error("cannot create or make durable the data directory {path}: {source}")]
     DataDir {
         path: std::path::PathBuf,
         #[source]
@@ -112,17 +112,19 @@ pub async fn run(config: Config) -> Result<Exit, DaemonError> {
 
     // The segments are fdatasync'd and their directory fsync'd, but a power loss could still
     // take the spool directory's own entry, or the data directory's, with every acknowledged
-    // segment in them: both are created (if need be) durably, their parents fsync'd.
-    crate::forward::durable_dir::DurableDir::new(&config.spool_dir())
-        .ensure()
-        .map_err(|source| DaemonError::DataDir {
-            path: config.spool_dir(),
-            source,
-        })?;
+    // segment in them: each is made to exist durably (created if need be, its parent fsync'd).
+    // Blocking, once, before anything is served.
+    let durable = |dir: std::path::PathBuf| {
+        crate::forward::durable_dir::DurableDir::new(&dir)
+            .ensure()
+            .map_err(|source| DaemonError::DataDir { path: dir, source })
+    };
+    durable(config.data_dir.clone())?;
     // Held for the life of the process, before anything in the data directory is touched: a
     // second daemon started on it by mistake would otherwise overwrite the address file and,
     // on a full disk, spend the running one's reserve before failing on the spool's lock.
     let _data_dir_lock = lock_data_dir(&config.data_dir)?;
+    durable(config.spool_dir())?;
     let mut signals = ShutdownSignals::install();
     let ingest_listener = TcpListener::bind(config.ingest.listen)
         .await
@@ -463,7 +465,8 @@ pub async fn run(config: Config) -> Result<Exit, DaemonError> {
 }
 
 /// Environment variable naming a failpoint for fault-injection drills and tests: the N-th
-/// fdatasync of the spool (counting from 1) fails with EIO, as a dying disk would.
+/// fdatasync of the spool (counting from 1) fails with EIO, as a dying disk would. Recovery's
+/// own fdatasyncs of the newest segments count too, on a spool that holds data.
 pub const FAILPOINT_FSYNC_ENV: &str = "SPOOLGATE_FAILPOINT_FSYNC_FAILS_AT";
 
 /// Environment variable naming a failpoint for tests: while the file it names exists, every

@@ -755,7 +755,11 @@ fn a_request_whose_client_hung_up_keeps_its_bytes_counted_until_the_writer_is_do
     )
     .unwrap();
     s.write_all(&body).unwrap();
-    d.wait_metric("spoolgate_ingest_inflight_bytes", |v| v > 0.0);
+    // The writer has the request in hand once its fdatasync is held.
+    let held = scratch.path().join("hold-fsync.held");
+    common::wait_for("the request's fdatasync to be held", || {
+        held.exists().then_some(())
+    });
     drop(s);
     // The handler is gone with its connection; its frames are still queued for the writer,
     // and the body's bytes still count against ingest.inflight_bytes_max.

@@ -130,7 +130,9 @@ pub fn write(
     if let Err(e) = std::fs::File::open(dir).and_then(|d| d.sync_all()) {
         // The caller fails its pass and tries again under another name: a file left here
         // would be one more the next start loads and nothing counts or removes until then.
-        let _ = std::fs::remove_file(&path);
+        if let Err(removal) = std::fs::remove_file(&path) {
+            tracing::warn!(path = %path.display(), error = %removal, "could not remove a dedup checkpoint whose directory fsync failed; the next start loads it");
+        }
         return Err(io(e));
     }
     Ok(path)

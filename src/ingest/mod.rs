@@ -19,7 +19,7 @@
 //! | backpressure watermarks                 | 429    | `backpressure` with `reason` |
 //! | streams known or below `streams_max`    | 422    | `stream_limit` with `index` |
 //! | no concurrent request with the same id  | 409    | `id_in_flight` with `index` |
-//! | spool append (fdatasync'd per `spool.durability`) | 429 on ENOSPC, 503 on I/O failure |
+//! | spool append (fdatasync'd per `spool.durability`) | 429 on ENOSPC, 503 `poisoned` on I/O failure, `busy` without a file descriptor, `unavailable` while closing |
 //!
 //! Only then `202 Accepted`, with each envelope's `id`, `slot` and spool `position`. A batch is
 //! all-or-nothing and judged by its lowest priority. Nothing of a refused request is written.
@@ -523,8 +523,7 @@ async fn ingest(state: &IngestState, req: Request<Incoming>) -> HttpResponse {
         let completion = dedup::Completion::new(state.dedup.clone(), reserved);
         let queued = inflight.clone();
         // The request's new streams are kept once its records are durable; a request the
-        // spool refuses, or that is dropped with its connection, drops the hook unrun and
-        // gives them back (see `streams`).
+        // spool refuses drops the hook unrun and gives them back (see `streams`).
         let hook: crate::spool::CommitHook =
             Box::new(move |positions: &[crate::spool::Position]| {
                 completion.complete(positions);

@@ -8,9 +8,10 @@
 //! forget a stream. A request naming a stream beyond the bound is refused with 422 before
 //! anything of it is written; requests for known streams are unaffected. A name a request adds
 //! is pending until its records are durable ([`Admission::commit`], from the spool's commit
-//! hook); a request that fails or is dropped before that takes back the names it added, unless
-//! another pending request named them too, so refused requests (a full disk, a poisoned spool,
-//! a client that hung up) cannot use up the bound. Pending names count against the bound, so
+//! hook); a request the spool refuses, or that is dropped before the spool took it, takes back
+//! the names it added, unless another pending request named them too, so refused requests (a
+//! full disk, a poisoned spool) cannot use up the bound. (A request the spool has queued is
+//! written whether or not its client is still there, and keeps its names.) Pending names count against the bound, so
 //! the set never misses a stream that has, or is about to have, a chain head.
 
 use std::collections::HashMap;
@@ -48,6 +49,10 @@ pub struct Admission {
 
 impl Admission {
     pub fn commit(mut self) {
+        // The common request names only known streams: no lock on the writer thread for it.
+        if self.pending.is_empty() {
+            return;
+        }
         let mut names = self.streams.lock();
         for stream in self.pending.drain(..) {
             if let Some(n) = names.get_mut(&stream) {

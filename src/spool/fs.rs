@@ -526,6 +526,7 @@ pub struct Faults {
     pub syncs_held: AtomicU64,
     /// Once set, an fdatasync also waits while this file exists: the same hold, for a test
     /// that drives a daemon from outside (the daemon's `SPOOLGATE_FAILPOINT_HOLD_FSYNC_WHILE`).
+    /// A held fdatasync says so by creating the file's name with `.held` appended.
     pub hold_while_exists: std::sync::OnceLock<PathBuf>,
 }
 
@@ -580,6 +581,12 @@ impl SegmentFile for FaultFile {
         };
         if self.faults.hold_syncs.load(Ordering::SeqCst) || held_by_file() {
             self.faults.syncs_held.fetch_add(1, Ordering::SeqCst);
+            if let Some(path) = self.faults.hold_while_exists.get() {
+                let mut held = path.clone().into_os_string();
+                held.push(".held");
+                // Only a signal for the test; failing to make it fails the test, not the sync.
+                let _ = std::fs::write(held, b"");
+            }
             while self.faults.hold_syncs.load(Ordering::SeqCst) || held_by_file() {
                 std::thread::sleep(std::time::Duration::from_millis(1));
             }

@@ -561,17 +561,19 @@ pub(crate) fn recover(
                 });
             }
         }
-        if let Err(e) = forget_zeros(file.as_ref(), scanned.data_end, file_len) {
-            tracing::debug!(segment = id, error = %e, "could not drop cached pages past the data");
-        }
         // A process killed between a write and its fdatasync leaves valid frames in the page
         // cache, which read back here like durable ones. Their ids go into the dedup index,
         // so a client retrying that unanswered request would be told 202 (duplicate) about
-        // bytes a power loss could still take. So what a segment without a rotation frame
-        // holds (the active one; a rotation fdatasyncs a segment before its successor is
-        // used) is made durable before anything is answered from it.
-        if !has_rotation {
+        // bytes a power loss could still take. So the segments such writes can be in are made
+        // durable before anything is answered from them: one without a rotation frame (the
+        // active one), and the one before the newest (a kill between writing a rotation frame
+        // and its fdatasync leaves the records before it unsynced in the weaker modes).
+        // Synced before the cached pages past the data are dropped: dirty pages are not.
+        if !has_rotation || newest_kept.is_some_and(|n| id + 1 >= n) {
             file.sync_data().map_err(io("fdatasync", &path))?;
+        }
+        if let Err(e) = forget_zeros(file.as_ref(), scanned.data_end, file_len) {
+            tracing::debug!(segment = id, error = %e, "could not drop cached pages past the data");
         }
         // The segment is settled: hand its records over in order. They are what a reader
         // will return from this segment: every valid frame before `data_end`, none of the

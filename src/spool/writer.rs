@@ -97,7 +97,7 @@ impl WriterHandle {
                 reply,
             })
             .await
-            .map_err(|_| SpoolError::Closed)?;
+            .map_err(|_| self.reply_lost())?;
         rx.await.map_err(|_| self.reply_lost())?
     }
 
@@ -147,7 +147,11 @@ impl WriterHandle {
 
     pub fn close(&self) -> Result<(), SpoolError> {
         let Some(tx) = self.tx.lock().unwrap_or_else(|p| p.into_inner()).take() else {
-            return Ok(());
+            // Closed already: the answer is the same as the first close's.
+            return match self.shared.poison_reason() {
+                Some(reason) => Err(SpoolError::Poisoned(reason)),
+                None => Ok(()),
+            };
         };
         let (reply, rx) = oneshot::channel();
         let sent = tx.blocking_send(Request::Close(reply)).is_ok();
