@@ -215,23 +215,13 @@ fn a_request_queued_behind_one_whose_fdatasync_failed_is_refused_even_when_it_ro
     faults.syncs_until_failure.store(2, Ordering::SeqCst);
     std::thread::scope(|scope| {
         let held = scope.spawn(|| append_sized(&s, 3, 100));
-        let wait = |what: &str, cond: &dyn Fn() -> bool| {
-            let started = std::time::Instant::now();
-            while !cond() {
-                assert!(
-                    started.elapsed().as_secs() < 60,
-                    "timed out waiting for {what}"
-                );
-                std::thread::yield_now();
-            }
-        };
-        wait("the writer to hold request 3's fdatasync", &|| {
+        wait_until("the writer to hold request 3's fdatasync", || {
             faults.syncs_held.load(Ordering::SeqCst) == 1
         });
         let fits = scope.spawn(|| append_sized(&s, 4, 900));
-        wait("request 4 queued", &|| s.queued_requests() == 1);
+        wait_until("request 4 queued", || s.queued_requests() == 1);
         let rotates = scope.spawn(|| append_sized(&s, 5, 900));
-        wait("request 5 queued", &|| s.queued_requests() == 2);
+        wait_until("request 5 queued", || s.queued_requests() == 2);
         faults.hold_syncs.store(false, Ordering::SeqCst);
         let held = held.join().unwrap().unwrap();
         assert_eq!((held[0].segment, held[0].offset), (1, 2824));
