@@ -131,6 +131,13 @@ pub struct DrillReport {
     pub resent_duplicates: u64,
     /// Kills that left envelopes without a tombstone, which the restart then replays.
     pub kills_leaving_pending: u64,
+    /// Where the kills landed, as the spool they left shows it: kills that left records sealed
+    /// (their chain output durable, perhaps forwarded) and not tombstoned, whose replay must
+    /// forward them identically; kills that left envelopes not yet sealed; kills that left a
+    /// torn tail (the kill cut a write).
+    pub kills_after_seal_before_tombstone: u64,
+    pub kills_before_seal: u64,
+    pub kills_mid_write: u64,
     /// Delivered records whose envelope differs from what was sent (source, tenant or text),
     /// and the first of them.
     pub content_mismatches: u64,
@@ -272,8 +279,12 @@ impl std::fmt::Display for DrillReport {
         )?;
         writeln!(
             f,
-            "  kills leaving replay     {} of {}",
-            self.kills_leaving_pending, self.kills
+            "  kills leaving replay     {} of {} (sealed, not tombstoned: {}; not yet sealed: {}; mid-write: {})",
+            self.kills_leaving_pending,
+            self.kills,
+            self.kills_after_seal_before_tombstone,
+            self.kills_before_seal,
+            self.kills_mid_write
         )?;
         for (answer, n) in &self.answers {
             writeln!(f, "  answered {answer:<15} {n}")?;
@@ -877,6 +888,11 @@ pub fn run(opts: &DrillOptions) -> Result<DrillReport, DrillError> {
         if pending_envelopes(&opts.data_dir.join("spool")).is_ok_and(|n| n > 0) {
             report.kills_leaving_pending += 1;
         }
+        if let Ok(left) = kill_window(&opts.data_dir.join("spool")) {
+            report.kills_after_seal_before_tombstone += u64::from(left.sealed_untombstoned > 0);
+            report.kills_before_seal += u64::from(left.unsealed > 0);
+            report.kills_mid_write += u64::from(left.torn_tail);
+        }
         let (r, ready) = start_daemon(opts, sink_url.as_deref())?;
         report.ready_after_restart_ms.push(ready.as_millis() as u64);
         running = r;
@@ -1011,6 +1027,58 @@ fn metric(addr: &str, name: &str) -> Option<f64> {
     String::from_utf8_lossy(&body)
         .lines()
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// What a kill left in the spool in `dir`: envelopes sealed and not tombstoned, envelopes not
+/// yet sealed (neither counts tombstoned ones), and whether the newest segment with data ends
+/// in a torn write. Memory: three sets of positions, for a drill's small spool.
+struct KillWindow {
+    sealed_untombstoned: usize,
+    unsealed: usize,
+    torn_tail: bool,
+}
+
+fn kill_window(dir: &Path) -> Result<KillWindow, crate::spool::SpoolError> {
+    use crate::spool::{Position, RecordKind};
+    use std::collections::HashSet;
+    let (mut envelopes, mut sealed, mut done) = (
+        HashSet::<Position>::new(),
+        HashSet::<Position>::new(),
+        HashSet::<Position>::new(),
+    );
+    crate::spool::for_each_frame(dir, |position, kind, payload| {
+        match RecordKind(kind) {
+            RecordKind::ENVELOPE => {
+                envelopes.insert(position);
+            }
+            RecordKind::SEALED => {
+                if let Ok(batch) = crate::chain::SealedBatch::decode(payload) {
+                    sealed.extend(batch.entries.iter().map(|e| e.position));
+                }
+            }
+            RecordKind::TOMBSTONE => {
+                if let Ok(t) = crate::chain::Tombstone::decode(payload) {
+                    done.extend(t.positions);
+                }
+            }
+            _ => {}
+        }
+        Ok::<(), crate::spool::SpoolError>(())
+    })?;
+    let torn_tail = crate::spool::inspect(dir)?
+        .segments
+        .iter()
+        .rev()
+        .find(|s| s.data_end > crate::spool::format::HEADER_LEN)
+        .is_some_and(|s| s.tail_garbage_bytes > 0);
+    Ok(KillWindow {
+        sealed_untombstoned: sealed.difference(&done).count(),
+        unsealed: envelopes
+            .iter()
+            .filter(|p| !sealed.contains(p) && !done.contains(p))
+            .count(),
+        torn_tail,
+    })
 }
 
 /// Envelopes in the spool in `dir` that no tombstone names, as `spoolgate inspect` counts them.
