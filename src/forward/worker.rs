@@ -675,12 +675,16 @@ impl Worker {
         let ctx = self.ctx.clone();
         let mut by_sink: BTreeMap<&str, Vec<SharedRecord>> = BTreeMap::new();
         for r in records {
-            let name = r
-                .envelope
-                .routing_hints
-                .get("sink")
+            let hinted = r.envelope.routing_hints.get("sink");
+            let name = hinted
                 .and_then(|n| ctx.sinks.get_key_value(n.as_str()))
                 .map_or("default", |(name, _)| name.as_str());
+            // The rules that routed a sealed record may name a sink the configuration no
+            // longer has (removed while the record waited): it goes to the default one, which
+            // an operator must be able to see.
+            if let Some(hinted) = hinted.filter(|h| h.as_str() != name) {
+                tracing::warn!(sink = %hinted, stream = %r.stream, seq = r.seq, "a sealed record names a sink that is not configured; delivering it to the default sink");
+            }
             by_sink.entry(name).or_default().push(r);
         }
         for (name, records) in &by_sink {
