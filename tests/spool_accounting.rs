@@ -30,10 +30,14 @@ fn the_segment_prepared_ahead_of_rotation_counts_from_when_it_is_on_disk() {
         append(&s, n);
         n += 1;
     }
+    // The prepared file appears at length zero and is then allocated, so the wait is for the
+    // allocated file: two files at two segments' length, and the spool counting what they hold.
+    // Waiting only for the count to match the files would stop at the empty new file, before
+    // the spool could count it.
     let started = Instant::now();
     loop {
         let (bytes, files) = segment_files(dir.path());
-        if files == 2 && s.disk_bytes() == bytes {
+        if files == 2 && bytes == 2 * opts.segment_bytes_max && s.disk_bytes() == bytes {
             break;
         }
         assert!(

@@ -606,7 +606,6 @@ impl Spool {
         self.shared.opts.record_bytes_max
     }
 
-    /// Allocated bytes of all segment files.
     /// Bytes the spool's segment files occupy (allocated length), the next segment prepared
     /// ahead of rotation included.
     pub fn disk_bytes(&self) -> u64 {
