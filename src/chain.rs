@@ -25,7 +25,7 @@
 //! durable, so the shared heads (and every checkpoint of them) never run ahead of the seals on
 //! disk.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
@@ -60,6 +60,18 @@ pub struct ForwardRecord {
     pub hash: String,
     pub slot: u16,
     pub envelope: Envelope,
+}
+
+impl ForwardRecord {
+    /// The head this record leaves its stream at; `None` if its hash is not 64 hex digits.
+    pub fn chain_head(&self) -> Option<ChainHead> {
+        let mut hash = [0u8; 32];
+        hex::decode_to_slice(&self.hash, &mut hash).ok()?;
+        Some(ChainHead {
+            seq: self.seq,
+            hash,
+        })
+    }
 }
 
 /// The canonical record as a serde struct: the specification's field order, kept as the
@@ -266,17 +278,9 @@ impl Chains {
 
     /// Advances a head past a record sealed earlier (found in the spool at start-up).
     pub fn observe(&mut self, record: &ForwardRecord) {
-        let mut hash = [0u8; 32];
-        if hex::decode_to_slice(&record.hash, &mut hash).is_err() {
-            return;
+        if let Some(head) = record.chain_head() {
+            self.advance(&record.stream, head);
         }
-        self.advance(
-            &record.stream,
-            ChainHead {
-                seq: record.seq,
-                hash,
-            },
-        );
     }
 
     /// Moves a stream's head to `head` unless it is already at or past it.
@@ -631,10 +635,66 @@ impl SealedBatch {
     }
 }
 
-/// Payload of a TOMBSTONE spool record: envelope positions whose delivery is complete.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// Payload of a TOMBSTONE spool record: envelope positions whose delivery is complete, and
+/// the head each stream of the records they name reached with them.
+///
+/// The heads are a second copy of what the seals already say, for the one case where the
+/// seals cannot say it: a damaged seal frame that held its stream's latest records. Restoring
+/// heads from the remaining seals alone would then move that stream back, and its next record
+/// would take a sequence number the sink already has, with another record behind it. A
+/// tombstone is written only after its seal was durable, so its heads never run ahead of the
+/// chain; restoring takes, per stream, the highest of checkpoint, seals and tombstone heads.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Tombstone {
     pub positions: Vec<Position>,
+    /// Absent (not an empty array) when there are none, as in tombstones written before
+    /// 2026-12-04 and those of records that took no sequence number.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub heads: Vec<TombstoneHead>,
+}
+
+/// A stream's head as a tombstone records it: the highest `seq` among the records the
+/// tombstone's batch sealed for that stream, and that record's hash (lowercase hex, as in a
+/// sealed entry).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TombstoneHead {
+    pub stream: String,
+    pub seq: u64,
+    pub hash: String,
+}
+
+impl TombstoneHead {
+    /// The head of each stream among `records`: its highest `seq`, sorted by stream name.
+    pub fn of_records<'a>(
+        records: impl IntoIterator<Item = &'a ForwardRecord>,
+    ) -> Vec<TombstoneHead> {
+        let mut heads: BTreeMap<&str, &ForwardRecord> = BTreeMap::new();
+        for r in records {
+            let entry = heads.entry(r.stream.as_str()).or_insert(r);
+            if r.seq > entry.seq {
+                *entry = r;
+            }
+        }
+        heads
+            .into_values()
+            .map(|r| TombstoneHead {
+                stream: r.stream.clone(),
+                seq: r.seq,
+                hash: r.hash.clone(),
+            })
+            .collect()
+    }
+
+    /// As a [`ChainHead`]; `None` for a hash that is not 64 hex digits or a `seq` of 0,
+    /// which restoring ignores (the seals and the checkpoint still count).
+    pub fn chain_head(&self) -> Option<ChainHead> {
+        let mut hash = [0u8; 32];
+        hex::decode_to_slice(&self.hash, &mut hash).ok()?;
+        (self.seq > 0).then_some(ChainHead {
+            seq: self.seq,
+            hash,
+        })
+    }
 }
 
 impl Tombstone {
@@ -942,7 +1002,16 @@ mod tests {
                 segment: 2,
                 offset: 8,
             }],
+            heads: vec![],
         };
         assert_eq!(Tombstone::decode(&t.encode().unwrap()).unwrap(), t);
+        let with_heads = Tombstone {
+            heads: TombstoneHead::of_records([&b.entries[0].record]),
+            ..t
+        };
+        assert_eq!(
+            Tombstone::decode(&with_heads.encode().unwrap()).unwrap(),
+            with_heads
+        );
     }
 }

@@ -245,10 +245,10 @@ pub async fn run(config: Config) -> Result<Exit, DaemonError> {
                         )
                     }
                 };
-                let mut on_seal = |record: &crate::chain::ForwardRecord| chains.observe(record);
+                let mut on_head = |stream: &str, head| chains.advance(stream, head);
                 let (spool, report) =
                     Spool::open_visiting(opts, fs, metrics, Some(observer), &mut |record| {
-                        scan.record(record, &mut on_envelope, &mut on_seal)
+                        scan.record(record, &mut on_envelope, &mut on_head)
                     })?;
                 let summary = scan.finish(spool.first_position());
                 Ok((spool, report, summary))

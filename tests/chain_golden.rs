@@ -146,10 +146,37 @@ fn the_documented_tombstone_payload_is_what_the_worker_writes() {
         .map(|(segment, offset)| spoolgate::spool::Position { segment, offset });
     let bytes = spoolgate::chain::Tombstone {
         positions: positions.to_vec(),
+        heads: Vec::new(),
     }
     .encode()
     .unwrap();
     assert_documented("tombstone-1", &bytes);
+}
+
+#[test]
+fn the_documented_tombstone_with_a_head_is_what_the_worker_writes_after_the_vectors_batch() {
+    let [first, second] = documented_envelopes();
+    let mut chains = Chains::new();
+    let records = [chains.seal(first).unwrap(), chains.seal(second).unwrap()];
+    let positions =
+        [(1, 64), (1, 512)].map(|(segment, offset)| spoolgate::spool::Position { segment, offset });
+    let tombstone = spoolgate::chain::Tombstone {
+        positions: positions.to_vec(),
+        heads: spoolgate::chain::TombstoneHead::of_records(&records),
+    };
+    assert_eq!(
+        tombstone.heads.len(),
+        1,
+        "one stream, one head: its highest seq"
+    );
+    assert_eq!(tombstone.heads[0].seq, 2);
+    assert_eq!(tombstone.heads[0].hash, documented("hash-2"));
+    let bytes = tombstone.encode().unwrap();
+    assert_documented("tombstone-2", &bytes);
+    assert_eq!(
+        spoolgate::chain::Tombstone::decode(&bytes).unwrap(),
+        tombstone
+    );
 }
 
 #[test]

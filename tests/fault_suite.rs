@@ -476,6 +476,66 @@ fn import_heads_from_output(data_dir: &std::path::Path, scratch: &std::path::Pat
 }
 
 /// The record the file sink wrote for envelope id `id`.
+/// The offset and kind of every frame in a segment file written without preallocation
+/// (spool-format.md §3: an 8-byte-aligned frame of 16 header bytes and its payload).
+fn frames_of(segment: &[u8]) -> Vec<(usize, u8)> {
+    let mut frames = Vec::new();
+    let mut at = 64;
+    while at + 16 <= segment.len() && segment[at..at + 4] == [0xF7, 0x53, 0x47, 0x46] {
+        let len = u32::from_le_bytes(segment[at + 4..at + 8].try_into().unwrap()) as usize;
+        frames.push((at, segment[at + 8]));
+        at += (16 + len).div_ceil(8) * 8;
+    }
+    frames
+}
+
+#[test]
+fn a_damaged_seal_of_delivered_records_does_not_move_its_streams_head_back() {
+    let scratch = tempfile::tempdir().unwrap();
+    let data = scratch.path().join("data");
+    let args = ["--set", "spool.preallocate=false"];
+    let mut d = Daemon::start_in(&data, &args, &[]);
+    let batch: Vec<serde_json::Value> = (0..3).map(envelope).collect();
+    assert_eq!(d.post_json(&json!(batch)).status, 202);
+    d.wait_metric("spoolgate_spool_pending_records", |v| v == 0.0);
+    assert_eq!(d.terminate().code(), Some(0));
+    let before = file_sink_records(&data);
+    assert_eq!(before.len(), 3);
+    assert_eq!(before[2]["seq"], 3);
+    // The stream's only seal is in the active segment, which compaction keeps, so no
+    // checkpoint holds its head: the seal, and the tombstone after it, are all there is.
+    assert!(!data.join("chain-heads").exists());
+    let seg = data.join("spool").join(format!("{:020}.seg", 1));
+    let mut bytes = std::fs::read(&seg).unwrap();
+    let frames = frames_of(&bytes);
+    let seals: Vec<usize> = frames.iter().filter(|f| f.1 == 2).map(|f| f.0).collect();
+    assert_eq!(seals.len(), 1, "{frames:?}");
+    assert!(
+        frames.iter().any(|f| f.1 == 3 && f.0 > seals[0]),
+        "{frames:?}"
+    );
+    bytes[seals[0] + 40] ^= 0x55;
+    std::fs::write(&seg, bytes).unwrap();
+
+    d.restart();
+    assert_eq!(
+        d.metric("spoolgate_recovery_corrupt_records_dropped_total"),
+        1.0
+    );
+    assert_eq!(d.post_json(&envelope(3)).status, 202);
+    let next = delivered_record(&d, "e-3");
+    assert_eq!(
+        next["seq"], 4,
+        "the head comes back from the tombstone: {next}"
+    );
+    assert_eq!(next["prev_hash"], before[2]["hash"]);
+    assert_eq!(
+        file_sink_records(&data).len(),
+        4,
+        "the delivered, tombstoned records are not sent again"
+    );
+}
+
 fn delivered_record(d: &Daemon, id: &str) -> serde_json::Value {
     common::wait_for(&format!("delivery of {id}"), || {
         file_sink_records(&d.data_dir)

@@ -7,7 +7,7 @@
 //! durable before anything behind it is sealed. An envelope whose slot is not its stream's is
 //! dead-lettered like an undecodable one, not sequenced by a worker that does not own its stream.
 //! An envelope the gate panics on is dead-lettered as spooled and tombstoned, without failing
-//! its worker.
+//! its worker. An envelope that no longer decodes but was sealed is re-sent from its seal.
 
 mod pipeline_common;
 
@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use pipeline_common::{append, envelope_record, wait_until, RecordingSink};
-use spoolgate::chain::{SealedBatch, Tombstone};
+use spoolgate::chain::{Chains, SealedBatch, SealedEntry, Tombstone};
 use spoolgate::config::ForwardConfig;
 use spoolgate::envelope::Envelope;
 use spoolgate::forward::ledger::Ledger;
@@ -473,5 +473,75 @@ async fn an_envelope_the_gate_panics_on_is_dead_lettered_as_spooled_and_its_work
     let raw = hex::decode(letters[0]["payload_hex"].as_str().unwrap()).unwrap();
     let envelope: Envelope = rmp_serde::from_slice(&raw).unwrap();
     assert_eq!(envelope.id, "poison");
+    pipeline.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sealed_envelope_record_that_does_not_decode_is_re_sent_from_its_seal_not_dead_lettered()
+{
+    let dir = tempfile::tempdir().unwrap();
+    let metrics = Arc::new(Metrics::new());
+    let ring = Arc::new(Ring::new(1024, 1 << 20, metrics.clone()));
+    let spool = pipeline_common::open_spool(dir.path(), &ring, &metrics);
+    // A record sealed by an earlier run (its seal holds the gated envelope) whose envelope
+    // record, CRC intact, no longer decodes: a stricter decoder in a later build, say.
+    let bad = spool
+        .append(vec![(
+            RecordKind::ENVELOPE,
+            Bytes::from_static(&[0xc1, 0x2a]),
+        )])
+        .await
+        .unwrap()[0];
+    let sealed = Chains::new()
+        .seal(pipeline_common::envelope(
+            "t",
+            "sealed".into(),
+            "Sealed.".into(),
+        ))
+        .unwrap();
+    let batch = SealedBatch {
+        entries: vec![SealedEntry {
+            position: bad,
+            record: sealed.clone(),
+        }],
+    };
+    spool
+        .append(vec![(
+            RecordKind::SEALED,
+            Bytes::from(batch.encode().unwrap()),
+        )])
+        .await
+        .unwrap();
+    let sink = Arc::new(RecordingSink::default());
+    // The stream's head, as the daemon's start-up scan restores it from the seal.
+    let mut chains = Chains::new();
+    chains.observe(&sealed);
+    let pipeline = pipeline_common::start_sharing(
+        &spool,
+        ring,
+        &metrics,
+        sink.clone(),
+        quick_retries(),
+        dir.path(),
+        Arc::new(std::sync::Mutex::new(chains)),
+        Arc::new(Ledger::default()),
+        None,
+    );
+    append(&spool, "t", "after".into(), "Last.".into()).await;
+
+    wait_until("both records delivered", || {
+        sink.delivered.lock().unwrap().len() == 2
+    })
+    .await;
+    let got = sink.delivered.lock().unwrap().clone();
+    assert_eq!(got[0], sealed, "re-sent as sealed, byte for byte");
+    assert_eq!(
+        delivered(&sink),
+        vec![("sealed".to_string(), 1), ("after".to_string(), 2)]
+    );
+    assert!(
+        !dir.path().join("dl").exists() || dead_letters(dir.path()).is_empty(),
+        "nothing dead-lettered"
+    );
     pipeline.shutdown().await;
 }

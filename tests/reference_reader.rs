@@ -98,11 +98,16 @@ fn the_reference_reader_decodes_the_specs_sealed_tombstone_and_dedup_vectors() {
         &spec_bytes("golden-chain:tombstone-1"),
         &mut segment,
     );
+    spoolgate::spool::format::encode_frame(
+        3,
+        &spec_bytes("golden-chain:tombstone-2"),
+        &mut segment,
+    );
     std::fs::write(dir.path().join("00000000000000000001.seg"), &segment).unwrap();
     let (ok, out) = spoolread("dump", dir.path());
     assert!(ok, "{out}");
     let records = out["records"].as_array().unwrap();
-    assert_eq!(records.len(), 4, "{out}");
+    assert_eq!(records.len(), 5, "{out}");
     assert_eq!(records[2]["kind"], "sealed");
     let entry = &records[2]["payload"]["entries"][0];
     assert_eq!(entry["position"], json!({"segment": 1, "offset": 64}));
@@ -113,6 +118,11 @@ fn the_reference_reader_decodes_the_specs_sealed_tombstone_and_dedup_vectors() {
     assert_eq!(
         records[3]["payload"],
         json!({"positions": [{"segment": 1, "offset": 64}, {"segment": 1, "offset": 1_048_512}]})
+    );
+    assert_eq!(
+        records[4]["payload"],
+        json!({"positions": [{"segment": 1, "offset": 64}, {"segment": 1, "offset": 512}],
+               "heads": [{"stream": "acme", "seq": 2, "hash": spec_hex("golden-chain:hash-2")}]})
     );
 
     std::fs::write(

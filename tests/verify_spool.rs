@@ -352,6 +352,7 @@ fn inspect_counts_in_each_segment_the_envelopes_no_tombstone_names() {
                 offset: 8,
             },
         ],
+        heads: vec![],
     };
     d.spool
         .append_blocking(

@@ -21,7 +21,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 
-use crate::chain::{ForwardRecord, SealedBatch, SharedRecord, Tombstone};
+use crate::chain::{ChainHead, SealedBatch, SharedRecord, Tombstone};
 use crate::envelope::Envelope;
 use crate::spool::{Position, RecordKind, RecordView, Spool, SpoolError};
 
@@ -362,15 +362,16 @@ pub fn acknowledged_since(ts_ms: u64, segment_created_ms: Option<u64>, now_ms: u
 }
 
 /// Rebuilds the ledger from the spool in one pass, calling `on_envelope` for every envelope
-/// record that decodes (the dedup index is rebuilt from the same pass) and `on_seal` for every
-/// sealed record (to advance chain heads). The daemon does the same during recovery
+/// record that decodes (the dedup index is rebuilt from the same pass) and `on_head` for every
+/// sealed entry and every head a tombstone records (to advance chain heads: the caller keeps
+/// the highest per stream). The daemon does the same during recovery
 /// (`Spool::open_visiting` with a [`Scan`]), without reading the spool a second time.
 pub fn scan(
     spool: &Spool,
     ledger: &Ledger,
     now_ms: u64,
     mut on_envelope: impl FnMut(&Envelope, Position),
-    mut on_seal: impl FnMut(&ForwardRecord),
+    mut on_head: impl FnMut(&str, ChainHead),
 ) -> Result<ScanSummary, SpoolError> {
     let mut scan = Scan::new(ledger, now_ms);
     let mut reader = spool.reader(spool.first_position());
@@ -384,7 +385,7 @@ pub fn scan(
                 segment_created_ms: None,
             },
             &mut on_envelope,
-            &mut on_seal,
+            &mut on_head,
         );
     }
     Ok(scan.finish(spool.first_position()))
@@ -445,7 +446,7 @@ impl<'l> Scan<'l> {
         &mut self,
         record: RecordView<'_>,
         on_envelope: &mut impl FnMut(&Envelope, Position),
-        on_seal: &mut impl FnMut(&ForwardRecord),
+        on_head: &mut impl FnMut(&str, ChainHead),
     ) {
         let (ledger, summary) = (self.ledger, &mut self.summary);
         summary.end = record.next;
@@ -475,7 +476,9 @@ impl<'l> Scan<'l> {
             RecordKind::SEALED => match SealedBatch::decode(record.payload) {
                 Ok(batch) => {
                     for entry in batch.entries {
-                        on_seal(&entry.record);
+                        if let Some(head) = entry.record.chain_head() {
+                            on_head(&entry.record.stream, head);
+                        }
                         if ledger.is_pending(entry.position) {
                             ledger.record_sealed([(
                                 entry.position,
@@ -495,6 +498,11 @@ impl<'l> Scan<'l> {
                 Ok(t) => {
                     summary.tombstoned += t.positions.len() as u64;
                     ledger.complete(&t.positions);
+                    for head in &t.heads {
+                        if let Some(chain_head) = head.chain_head() {
+                            on_head(&head.stream, chain_head);
+                        }
+                    }
                 }
                 Err(e) => {
                     summary.undecodable += 1;

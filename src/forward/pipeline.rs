@@ -491,9 +491,21 @@ impl Dispatcher {
                 Some(seal) => seal,
             }
         };
-        let envelope = match Envelope::decode(&record.payload) {
-            Ok(env) => env,
-            Err(e) => return self.undecodable(&record, live, &e.to_string()).await,
+        let envelope = match (Envelope::decode(&record.payload), &seal) {
+            (Ok(env), _) => env,
+            // The seal holds the gated envelope, everything the record is forwarded as: it is
+            // re-sent from there like any sealed record. Dead-lettering it would leave a gap
+            // at its sequence number, and the sink may already have it.
+            (Err(e), Some(sealed)) => {
+                tracing::warn!(
+                    segment = record.position.segment,
+                    offset = record.position.offset,
+                    error = %e,
+                    "envelope record does not decode; re-sending it from its seal"
+                );
+                sealed.envelope.clone()
+            }
+            (Err(e), None) => return self.undecodable(&record, live, &e.to_string()).await,
         };
         // A record already sealed (by an earlier build, or a spool written by anything else) is
         // re-sent from its seal as it is, like any other: dead-lettering it now would leave a
@@ -777,6 +789,7 @@ impl Dispatcher {
             .inc();
         let payload = match (crate::chain::Tombstone {
             positions: vec![record.position],
+            heads: Vec::new(),
         })
         .encode()
         {

@@ -61,7 +61,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tokio::sync::{mpsc, watch};
 
-use crate::chain::{Chains, SealError, SealWriter, SharedRecord, Tombstone};
+use crate::chain::{Chains, SealError, SealWriter, SharedRecord, Tombstone, TombstoneHead};
 use crate::config::ForwardConfig;
 use crate::envelope::Envelope;
 use crate::forward::dead_letter::{DeadLetter, DeadLetterError};
@@ -189,21 +189,48 @@ async fn append_when_space(
     }
 }
 
-/// The tombstone records naming `positions`: about 30 bytes per position, chunked so that
-/// each record fits `record_bytes_max`.
+/// The tombstone records naming `positions` and the streams' `heads`, in as few records as
+/// fit `record_bytes_max`: a position takes at most 30 bytes (counted as 40), a head at most
+/// its stream name and 100 bytes, and a record's map and array headers under 16.
 fn tombstone_records(
     positions: &[Position],
+    heads: Vec<TombstoneHead>,
     record_bytes_max: u32,
 ) -> Result<Vec<(RecordKind, Bytes)>, WorkerError> {
-    let per_record = (record_bytes_max as usize / 40).max(1);
-    positions
-        .chunks(per_record)
-        .map(|chunk| {
-            let payload = Tombstone {
-                positions: chunk.to_vec(),
-            }
-            .encode()
-            .map_err(|e| WorkerError::Spool(SpoolError::Invalid(e.to_string())))?;
+    const POSITION_BYTES_MAX: usize = 40;
+    const HEAD_BYTES_MAX_BESIDE_NAME: usize = 100;
+    let room = record_bytes_max as usize;
+    let mut tombstones = Vec::new();
+    let mut current = Tombstone::default();
+    let mut current_bytes = 16;
+    let mut flush = |t: &mut Tombstone, bytes: &mut usize| {
+        if !t.positions.is_empty() || !t.heads.is_empty() {
+            tombstones.push(std::mem::take(t));
+        }
+        *bytes = 16;
+    };
+    for &position in positions {
+        if current_bytes + POSITION_BYTES_MAX > room {
+            flush(&mut current, &mut current_bytes);
+        }
+        current.positions.push(position);
+        current_bytes += POSITION_BYTES_MAX;
+    }
+    for head in heads {
+        let bytes = head.stream.len() + HEAD_BYTES_MAX_BESIDE_NAME;
+        if current_bytes + bytes > room {
+            flush(&mut current, &mut current_bytes);
+        }
+        current.heads.push(head);
+        current_bytes += bytes;
+    }
+    flush(&mut current, &mut current_bytes);
+    tombstones
+        .into_iter()
+        .map(|t| {
+            let payload = t
+                .encode()
+                .map_err(|e| WorkerError::Spool(SpoolError::Invalid(e.to_string())))?;
             Ok((RecordKind::TOMBSTONE, Bytes::from(payload)))
         })
         .collect()
@@ -467,7 +494,9 @@ impl Worker {
                     }
                 }
             }
-            let tombstone = tombstone_records(&positions, ctx.spool.record_bytes_max())?;
+            // These records took no sequence number: no stream's head moved.
+            let tombstone =
+                tombstone_records(&positions, Vec::new(), ctx.spool.record_bytes_max())?;
             let appended = append_when_space(
                 ctx,
                 tombstone,
@@ -671,6 +700,8 @@ impl Worker {
             .filter(|i| i.sealed.is_some())
             .map(|i| i.position)
             .collect();
+        // Where the batch leaves its streams, for the tombstone (see `Tombstone`).
+        let heads = TombstoneHead::of_records(records.iter().map(|r| r.as_ref()));
         // Sink names are borrowed from the configuration, not copied per record.
         let ctx = self.ctx.clone();
         let mut by_sink: BTreeMap<&str, Vec<SharedRecord>> = BTreeMap::new();
@@ -695,7 +726,7 @@ impl Worker {
         if positions.is_empty() {
             return Ok(true);
         }
-        let tombstones = tombstone_records(&positions, self.ctx.spool.record_bytes_max())?;
+        let tombstones = tombstone_records(&positions, heads, self.ctx.spool.record_bytes_max())?;
         self.wait_tombstones(TOMBSTONES_IN_FLIGHT_MAX - 1).await?;
         let ctx = self.ctx.clone();
         let stop = self.stop.clone();

@@ -3,7 +3,9 @@
 //! A reader never reads past the durable end published by the writer, so it never sees a
 //! frame being written. Within a sealed segment it stops at the data end recovery or the writer
 //! recorded, and it jumps over ranges recovery reported damaged. Memory is one window of
-//! [`WINDOW_BYTES`] (or one frame, if a frame is larger).
+//! [`WINDOW_BYTES`] (or one frame, if a frame is larger; or two longest frames while it looks
+//! for the next valid frame after damage that appeared since recovery, which it counts in
+//! `spoolgate_spool_read_damaged_*` and logs).
 
 use std::sync::Arc;
 
@@ -89,6 +91,45 @@ impl Reader {
         self.window.truncate(at);
         self.window_at = offset;
         Ok(())
+    }
+
+    /// The offset of the first valid frame after the damaged frame at `at`, before `seg_end`.
+    /// Reads the segment a window at a time (at least two longest frames, so that a candidate
+    /// accepted in the first half lies wholly inside it), not the rest of the segment at once.
+    fn resync_after(
+        &mut self,
+        at: u64,
+        seg_end: u64,
+        payload_max: u32,
+    ) -> Result<Option<u64>, SpoolError> {
+        let frame_max = format::frame_len(payload_max as usize);
+        let span = (WINDOW_BYTES as u64).max(2 * frame_max);
+        let mut from = at + format::FRAME_ALIGN;
+        while from < seg_end {
+            // Frames start at multiples of 8, and `resync` counts them from the window's start.
+            from = from.div_ceil(format::FRAME_ALIGN) * format::FRAME_ALIGN;
+            self.fill(from, span as usize, seg_end)?;
+            let window_end = self.window_at + self.window.len() as u64;
+            // The window reaches the segment's end (or the file ended early): a frame that
+            // runs past it runs past the data, and is not valid.
+            let whole = window_end >= seg_end || window_end - from < span;
+            let rel = (from - self.window_at) as usize;
+            match format::resync(&self.window, rel, payload_max) {
+                Some(found) => {
+                    let found = self.window_at + found as u64;
+                    if whole || found + frame_max <= window_end {
+                        return Ok(Some(found));
+                    }
+                    // Valid in this window, but a frame starting there could run past it:
+                    // read again from there, where the longest frame fits.
+                    from = found;
+                }
+                None if whole => return Ok(None),
+                // Candidates in the last longest frame were judged on a cut-off window.
+                None => from = window_end - frame_max,
+            }
+        }
+        Ok(None)
     }
 
     /// The next committed record, or `None` at the durable end (call again later).
@@ -183,25 +224,24 @@ impl Reader {
                     }));
                 }
                 _ => {
-                    // Damage that appeared after recovery (or a reader started mid-frame):
-                    // resynchronise on the next valid frame of this segment.
-                    self.fill(at, (seg_end - at) as usize, seg_end)?;
-                    let rel = (at - self.window_at) as usize;
-                    match format::resync(&self.window, rel + 1, payload_max) {
-                        Some(next) => {
-                            let skipped = next - rel;
-                            tracing::warn!(
-                                segment = self.pos.segment,
-                                offset = at,
-                                bytes = skipped,
-                                "reader skipped bytes that are not a valid frame"
-                            );
-                            self.pos.offset = self.window_at + next as u64;
-                        }
-                        None => {
-                            self.pos.offset = seg_end;
-                        }
-                    }
+                    // Damage that appeared after recovery (recovery's damaged ranges are
+                    // jumped over above): resynchronise on the next valid frame of this
+                    // segment, and say what was skipped, as recovery would.
+                    let next = self.resync_after(at, seg_end, payload_max)?;
+                    let skipped = next.unwrap_or(seg_end) - at;
+                    self.shared.metrics.spool_read_damaged_ranges_total.inc();
+                    self.shared
+                        .metrics
+                        .spool_read_damaged_bytes_total
+                        .inc_by(skipped);
+                    tracing::warn!(
+                        segment = self.pos.segment,
+                        offset = at,
+                        bytes = skipped,
+                        resumed = next.is_some(),
+                        "reader skipped bytes that are not a valid frame (damage since recovery); records in them are not forwarded"
+                    );
+                    self.pos.offset = next.unwrap_or(seg_end);
                 }
             }
         }

@@ -76,7 +76,7 @@ pub fn parts(
     ledger: Arc<Ledger>,
     reserve: Option<Arc<spoolgate::compaction::reserve::Reserve>>,
 ) -> PipelineParts {
-    ledger::scan(spool, &ledger, 0, |_, _| {}, |_| {}).unwrap();
+    ledger::scan(spool, &ledger, 0, |_, _| {}, |_, _| {}).unwrap();
     let mut sinks: BTreeMap<String, Arc<dyn Sink>> = BTreeMap::new();
     sinks.insert("default".into(), sink);
     PipelineParts {

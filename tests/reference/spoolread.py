@@ -428,12 +428,18 @@ def cmd_verify_spool(data_dir):
             heads[stream] = (head["seq"], bytes(head["hash"]).hex())
     last = {}  # stream -> (seq, hash hex) of the latest entry read
     envelopes, sealed, tombstoned = set(), {}, set()
+    tomb_heads = {}  # stream -> highest seq a tombstone's heads name
     errors = []
     for seg, offset, kind, payload in records(spool_dir):
         if kind == 1:
             envelopes.add((seg, offset))
         elif kind == 3:
-            tombstoned.update(position(p) for p in unpack(payload)["positions"])
+            t = unpack(payload)
+            tombstoned.update(position(p) for p in t["positions"])
+            # §8: the optional heads, a floor for the stream heads a restart continues from.
+            for h in t.get("heads", []):
+                if h["seq"] > tomb_heads.get(h["stream"], 0):
+                    tomb_heads[h["stream"]] = h["seq"]
         elif kind == 2:
             for entry in unpack(payload)["entries"]:
                 r = entry["record"]
@@ -461,8 +467,13 @@ def cmd_verify_spool(data_dir):
     for stream, (c, _) in heads.items():
         if stream in last and last[stream][0] < c:
             errors.append(f"{stream}: entries end at seq {last[stream][0]}, before the checkpoint head {c}")
+    # Where each stream continues after a restart: the highest of checkpoint, seals and
+    # tombstone heads (§8, "Replay rule").
     streams = {s: v[0] for s, v in heads.items()}
-    streams.update({s: v[0] for s, v in last.items()})
+    for s, v in last.items():
+        streams[s] = max(streams.get(s, 0), v[0])
+    for s, seq in tomb_heads.items():
+        streams[s] = max(streams.get(s, 0), seq)
     pending = envelopes - tombstoned
     out = {
         "envelopes": len(envelopes),
