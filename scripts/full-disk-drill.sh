@@ -56,7 +56,7 @@ if [ -f "$LOG" ]; then
         "torn tails truncated at a restart: $(grep -c 'truncating a torn tail' "$LOG" || true)"
     # A torn tail is what a kill during an unacknowledged write leaves; a damaged range
     # inside a segment, a missing segment, or a panic, is a failure.
-    if grep -E 'panicked|WARN.*damaged|segments are missing|segment is missing' "$LOG"; then
+    if grep -E 'panicked|WARN.*damaged|reader skipped bytes|segments are missing|segment is missing' "$LOG"; then
         echo "the daemon logged a panic, a damaged segment or a missing one" >&2
         exit 1
     fi

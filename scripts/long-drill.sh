@@ -35,8 +35,9 @@ echo "compaction: first segment left ${first:-none}; chain-heads $( [ -f "$SCRAT
 if [ "$SINK" = file ]; then
     echo "file sink output files: $(ls "$SCRATCH/data/out" | grep -c '\.jsonl$' || true)"
 fi
-# A torn tail is what a kill leaves; a panic, a damaged range or a missing segment is a failure.
-if grep -E 'panicked|WARN.*damaged|segments are missing|segment is missing' "$SCRATCH/data.log"; then
+# A torn tail is what a kill leaves; a panic, a damaged range (at a start or met by a reader
+# while running) or a missing segment is a failure.
+if grep -E 'panicked|WARN.*damaged|reader skipped bytes|segments are missing|segment is missing' "$SCRATCH/data.log"; then
     echo "the daemons logged a panic, a damaged segment or a missing one" >&2
     KEEP=1
     exit 1
