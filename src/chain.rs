@@ -205,6 +205,11 @@ pub struct Chains {
     /// Hashed with foldhash, seeded per process: stream names are chosen by clients, and
     /// SipHash cost more than the lookup it guards for a map of at most `ingest.streams_max`.
     heads: HashMap<String, ChainHead, foldhash::fast::RandomState>,
+    /// Set in a checkpoint compaction writes: the oldest segment it keeps, deleting the ones
+    /// below right after the checkpoint is durable. A start that finds the oldest segment
+    /// above it knows that segments were removed by something else (spool-format.md §8).
+    /// `None` in checkpoints written before 2026-12-04 and in heads not read from one.
+    pub first_kept: Option<u64>,
 }
 
 impl Chains {
@@ -331,11 +336,16 @@ impl Chains {
     }
 
     /// The bytes [`Chains::save`] writes: magic, CRC-32 of the body, and the body, a msgpack
-    /// array of `[stream, {"seq", "hash"}]` sorted by stream name.
+    /// array of `[stream, {"seq", "hash"}]` sorted by stream name, followed by
+    /// [`Chains::first_kept`] as a msgpack uint when it is set.
     pub fn checkpoint_bytes(&self) -> Result<Vec<u8>, ChainError> {
         let mut heads: Vec<(&String, &ChainHead)> = self.heads.iter().collect();
         heads.sort_by(|a, b| a.0.cmp(b.0));
-        let body = rmp_serde::to_vec_named(&heads)?;
+        let mut body = rmp_serde::to_vec_named(&heads)?;
+        if let Some(first_kept) = self.first_kept {
+            rmp::encode::write_uint(&mut body, first_kept)
+                .map_err(|e| ChainError::Encode(rmp_serde::encode::Error::InvalidValueWrite(e)))?;
+        }
         let mut out = Vec::with_capacity(12 + body.len());
         out.extend_from_slice(CHAIN_HEADS_MAGIC);
         out.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
@@ -363,8 +373,24 @@ impl Chains {
             }
             None => bytes,
         };
-        let heads: Vec<(String, ChainHead)> =
-            rmp_serde::from_slice(body).map_err(|e| format!("its body does not decode: {e}"))?;
+        let mut rest = body;
+        let heads: Vec<(String, ChainHead)> = rmp_serde::decode::from_read(&mut rest)
+            .map_err(|e| format!("its body does not decode: {e}"))?;
+        // After the heads, nothing (a checkpoint from before 2026-12-04, or one written by
+        // `chain-heads import`) or exactly one uint: the oldest segment compaction kept.
+        let first_kept = if rest.is_empty() {
+            None
+        } else {
+            let value = rmp::decode::read_int::<u64, _>(&mut rest)
+                .map_err(|e| format!("what follows its heads is not a segment id: {e:?}"))?;
+            if !rest.is_empty() {
+                return Err(format!(
+                    "{} bytes follow its heads and segment id",
+                    rest.len()
+                ));
+            }
+            Some(value)
+        };
         for pair in heads.windows(2) {
             if pair[0].0 >= pair[1].0 {
                 return Err(format!(
@@ -384,6 +410,7 @@ impl Chains {
         }
         Ok(Chains {
             heads: heads.into_iter().collect(),
+            first_kept,
         })
     }
 }
@@ -967,6 +994,41 @@ mod tests {
             let err = Chains::from_checkpoint_bytes(&bytes).unwrap_err();
             assert!(err.contains(want), "{err}");
         }
+    }
+
+    #[test]
+    fn a_checkpoint_carries_the_oldest_segment_compaction_kept_and_reads_without_it() {
+        let mut c = two_heads();
+        let without = c.checkpoint_bytes().unwrap();
+        assert_eq!(
+            Chains::from_checkpoint_bytes(&without).unwrap().first_kept,
+            None
+        );
+        c.first_kept = Some(300);
+        let with = c.checkpoint_bytes().unwrap();
+        // The heads, then the id as a msgpack uint (0xcd: uint16).
+        assert_eq!(with[12..with.len() - 3], without[12..]);
+        assert_eq!(with[with.len() - 3..], [0xcd, 0x01, 0x2c]);
+        let loaded = Chains::from_checkpoint_bytes(&with).unwrap();
+        assert_eq!(loaded.first_kept, Some(300));
+        // A build from before `first_kept` decodes the body with `from_slice`, which stops
+        // after the heads: it reads the new form too.
+        let older: Vec<(String, ChainHead)> = rmp_serde::from_slice(&with[12..]).unwrap();
+        assert_eq!(older.len(), 2);
+        assert_eq!(loaded.head("a"), c.head("a"));
+        // Anything else after the heads is damage, CRC or not.
+        let mut body = without[12..].to_vec();
+        body.extend_from_slice(&[0xa1, b'x']);
+        let mut bad = CHAIN_HEADS_MAGIC.to_vec();
+        bad.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
+        bad.extend_from_slice(&body);
+        assert!(Chains::from_checkpoint_bytes(&bad).is_err());
+        body.truncate(without.len() - 12);
+        body.extend_from_slice(&[0x05, 0x06]);
+        let mut bad = CHAIN_HEADS_MAGIC.to_vec();
+        bad.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
+        bad.extend_from_slice(&body);
+        assert!(Chains::from_checkpoint_bytes(&bad).is_err());
     }
 
     #[test]

@@ -216,6 +216,7 @@ pub async fn run(config: Config) -> Result<Exit, DaemonError> {
     // the lock in any case.
     let heads_path = config.data_dir.join(CHAIN_HEADS_FILE);
     let chains = Chains::load(&heads_path).map_err(|e| DaemonError::Pipeline(e.to_string()))?;
+    let checkpoint_first_kept = chains.first_kept;
     let chains = Arc::new(Mutex::new(chains));
     let ledger = Arc::new(Ledger::default());
     let dedup_checkpoints = {
@@ -286,6 +287,23 @@ pub async fn run(config: Config) -> Result<Exit, DaemonError> {
             }
             .to_string(),
         ));
+    }
+    // The segments below the one compaction last kept are its own work; any between that one
+    // and the oldest left were removed by something else, with the envelopes they held.
+    if let Some(kept) = checkpoint_first_kept.filter(|&kept| first_segment > kept) {
+        let last = first_segment - 1;
+        tracing::error!(
+            first_missing = kept,
+            last_missing = last,
+            "the oldest segments are missing: compaction last kept segment {kept} and those \
+             after it ({}), but the spool now starts at segment {first_segment}; segments \
+             {kept} to {last} were removed by something other than compaction, and the \
+             envelopes they held were acknowledged and are lost",
+            heads_path.display()
+        );
+        metrics
+            .recovery_segments_missing_total
+            .inc_by(last - kept + 1);
     }
     // Only now, with the directory lock held, is every temp file in the data directory a
     // leftover of a process that was killed while writing a checkpoint.

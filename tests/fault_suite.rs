@@ -649,6 +649,23 @@ fn a_chain_heads_checkpoint_lost_after_compaction_stops_the_start_until_heads_ar
     assert_eq!(d.terminate().code(), Some(0));
 
     let heads_path = data_dir.join(spoolgate::daemon::CHAIN_HEADS_FILE);
+    // Compaction's checkpoint names the oldest segment it kept: the oldest one there is.
+    let oldest = std::fs::read_dir(data_dir.join("spool"))
+        .unwrap()
+        .filter_map(|e| {
+            let name = e.unwrap().file_name().into_string().unwrap();
+            name.strip_suffix(".seg")
+                .map(|id| id.parse::<u64>().unwrap())
+        })
+        .min()
+        .unwrap();
+    assert!(oldest > 1);
+    assert_eq!(
+        spoolgate::chain::Chains::load(&heads_path)
+            .unwrap()
+            .first_kept,
+        Some(oldest)
+    );
     std::fs::remove_file(&heads_path).unwrap();
     refused_start(
         &data_dir,
@@ -667,6 +684,44 @@ fn a_chain_heads_checkpoint_lost_after_compaction_stops_the_start_until_heads_ar
     let next = delivered_record(&d, "e-1");
     assert_eq!(next["seq"], n + 1, "{next}");
     assert_eq!(next["prev_hash"], last["hash"], "{next}");
+}
+
+#[test]
+fn the_oldest_segments_removed_by_something_other_than_compaction_are_reported_missing() {
+    // A sink that never takes anything: the segments stay, as a backlog's would.
+    let hold = common::TestSink::start(|_| (503, "hold".into()));
+    let scratch = tempfile::tempdir().unwrap();
+    let cfg = hold.config_file(scratch.path(), "");
+    let data_dir = scratch.path().join("data");
+    let mut args = vec!["--config", cfg.to_str().unwrap()];
+    args.extend(common::SMALL_SEGMENTS);
+    let mut d = Daemon::start_in(&data_dir, &args, &[]);
+    let text = "x".repeat(50_000);
+    for i in 0..50 {
+        let r = d.post_json(&json!({"source": "test", "id": format!("big-{i}"), "text": text}));
+        assert_eq!(r.status, 202, "{}", r.text());
+    }
+    assert_eq!(d.terminate().code(), Some(0));
+    let spool = data_dir.join("spool");
+    let segment = |id: u64| spool.join(format!("{id:020}.seg"));
+    assert!(segment(3).exists());
+    // The checkpoint a compaction pass that kept segment 1 and after would have written;
+    // then segments 1 and 2 are removed by hand, the way an operator short of disk might.
+    let mut heads = spoolgate::chain::Chains::new();
+    heads.first_kept = Some(1);
+    heads
+        .save(&data_dir.join(spoolgate::daemon::CHAIN_HEADS_FILE))
+        .unwrap();
+    std::fs::remove_file(segment(1)).unwrap();
+    std::fs::remove_file(segment(2)).unwrap();
+
+    d.restart();
+    assert_eq!(d.metric("spoolgate_recovery_segments_missing_total"), 2.0);
+    let log = d.log();
+    assert!(
+        log.contains("the oldest segments are missing") && log.contains("segments 1 to 2"),
+        "{log}"
+    );
 }
 
 /// Sends one POST on a keep-alive connection and reads its whole response; returns the status.

@@ -507,3 +507,29 @@ fn the_reference_reader_finds_the_records_and_damage_that_spoolgate_inspect_find
     std::fs::write(copy.join(format!("{active:020}.seg")), vec![0u8; 4096]).unwrap();
     both_readers_name_missing(&copy, active);
 }
+
+#[test]
+fn the_reference_reader_names_the_oldest_segments_missing_below_the_checkpoints_first_kept() {
+    let data = tempfile::tempdir().unwrap();
+    let spool = data.path().join("spool");
+    std::fs::create_dir(&spool).unwrap();
+    // The golden segment (two envelopes, no seals) as segment 3, and a checkpoint saying that
+    // compaction kept segment 1 and after: segments 1 and 2 were removed by something else.
+    std::fs::write(
+        spool.join("00000000000000000003.seg"),
+        spec_bytes("golden-segment"),
+    )
+    .unwrap();
+    let mut heads = spoolgate::chain::Chains::new();
+    heads.first_kept = Some(1);
+    heads.save(&data.path().join("chain-heads")).unwrap();
+    let (_, out) = spoolread("verify-spool", data.path());
+    assert_eq!(out["missing_oldest_segments"], json!([1, 2]), "{out}");
+    assert_eq!(out["envelopes"], 2, "{out}");
+
+    heads.first_kept = Some(3);
+    heads.save(&data.path().join("chain-heads")).unwrap();
+    let (ok, out) = spoolread("verify-spool", data.path());
+    assert!(ok, "{out}");
+    assert_eq!(out["missing_oldest_segments"], json!([]), "{out}");
+}

@@ -141,6 +141,27 @@ pub enum ImportError {
     },
 }
 
+/// The lowest id among the segment files (`<20 digits>.seg`) in `spool_dir`.
+fn oldest_segment(spool_dir: &Path) -> Result<Option<u64>, ImportError> {
+    let io = |source| ImportError::Io {
+        path: spool_dir.to_path_buf(),
+        source,
+    };
+    let mut oldest = None;
+    for entry in std::fs::read_dir(spool_dir).map_err(io)? {
+        let name = entry.map_err(io)?.file_name();
+        let id = name
+            .to_str()
+            .and_then(|n| n.strip_suffix(".seg"))
+            .filter(|n| n.len() == 20)
+            .and_then(|n| n.parse::<u64>().ok());
+        if let Some(id) = id {
+            oldest = Some(oldest.map_or(id, |o: u64| o.min(id)));
+        }
+    }
+    Ok(oldest)
+}
+
 /// Writes `heads` as `<data_dir>/chain-heads`, holding the spool's lock. An intact checkpoint
 /// already there is merged in, taking the higher `seq` per stream: an import can add streams
 /// and move heads forward, never back. A damaged one is replaced.
@@ -172,6 +193,9 @@ pub fn import(data_dir: &Path, mut heads: Chains) -> Result<ImportSummary, Impor
         }
         heads.advance(stream, *head);
     }
+    // The spool as it is now is what the operator vouches for: a start checks its oldest
+    // segment against this, as against compaction's.
+    heads.first_kept = oldest_segment(&spool_dir)?.or(previous.first_kept);
     heads.save(&path)?;
     Ok(ImportSummary {
         streams: heads.len(),

@@ -182,11 +182,13 @@ impl Compactor {
         if one_segment {
             below = below.min(ids[0] + 1);
         }
-        let snapshot = self
+        let mut snapshot = self
             .chains
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
+        // What the next start checks the oldest segment against (see `Chains::first_kept`).
+        snapshot.first_kept = Some(below);
         let path = self.heads_path.clone();
         let spool = self.spool.clone();
         let ingest = self.ingest.clone();

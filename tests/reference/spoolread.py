@@ -414,6 +414,7 @@ def cmd_verify_spool(data_dir):
     each hash recomputed, starting from the chain-heads checkpoint."""
     spool_dir = os.path.join(data_dir, "spool")
     heads = {}
+    first_kept = None
     heads_path = os.path.join(data_dir, "chain-heads")
     if os.path.exists(heads_path):
         with open(heads_path, "rb") as f:
@@ -424,9 +425,18 @@ def cmd_verify_spool(data_dir):
                 return {"errors": [f"{heads_path}: damaged (CRC mismatch)"]}, False
         else:
             body = data  # the form written before 2026-12-03: the body alone
-        for stream, head in unpack(body):
+        r = Reader(body)
+        for stream, head in r.value():
             heads[stream] = (head["seq"], bytes(head["hash"]).hex())
+        # §8: optionally followed by one uint, the oldest segment compaction kept.
+        first_kept = r.value() if r.at < len(body) else None
+        if r.at != len(body) or not (first_kept is None or (type(first_kept) is int and first_kept >= 0)):
+            return {"errors": [f"{heads_path}: damaged (bytes after its heads)"]}, False
     last = {}  # stream -> (seq, hash hex) of the latest entry read
+    present = segment_ids(spool_dir)
+    missing_oldest = []
+    if first_kept is not None and present and present[0] > first_kept:
+        missing_oldest = [first_kept, present[0] - 1]
     envelopes, sealed, tombstoned = set(), {}, set()
     tomb_heads = {}  # stream -> highest seq a tombstone's heads name
     errors = []
@@ -482,6 +492,9 @@ def cmd_verify_spool(data_dir):
         "pending": len(pending),
         "pending_sealed": len(pending & set(sealed)),
         "streams": streams,
+        # Segments below the oldest present one and not below the one compaction last kept:
+        # removed by something else (§8, "The chain-heads checkpoint").
+        "missing_oldest_segments": missing_oldest,
         "errors": errors[:10],
     }
     return out, not errors
