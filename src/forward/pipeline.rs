@@ -197,7 +197,12 @@ async fn supervise(parts: PipelineParts, mut stop: watch::Receiver<bool>) {
     // The last restart delay of each worker and when it was restarted, for `restart_delay`.
     let mut restart_backoff: Vec<Option<Duration>> = vec![None; workers];
     let mut restarted_at: Vec<Option<tokio::time::Instant>> = vec![None; workers];
+    // The dispatcher's last restart delay, for the same doubling as a worker's: a read error
+    // that stays (a failing device) must not restart the epoch, and re-read the spool from
+    // its first record, five times a second for as long as it lasts.
+    let mut dispatcher_backoff: Option<Duration> = None;
     loop {
+        let epoch_started = tokio::time::Instant::now();
         if parts.spool.poison_reason().is_some() {
             tracing::error!("spool is poisoned; forwarding stops until restart");
             stopped(&mut stop).await;
@@ -322,10 +327,15 @@ async fn supervise(parts: PipelineParts, mut stop: watch::Receiver<bool>) {
                 tracing::info!(worker = w, "worker restarted; it owns its slots again");
             }
             EpochEnd::DispatcherFailed(why, _) => {
-                tracing::error!(reason = %why, "dispatcher stopped; restarting the epoch");
+                parts.metrics.forward_dispatcher_failures_total.inc();
+                let delay = parts
+                    .restart_backoff
+                    .delay(dispatcher_backoff, Some(epoch_started.elapsed()));
+                dispatcher_backoff = Some(delay);
+                tracing::error!(reason = %why, restart_in_ms = delay.as_millis() as u64, "dispatcher stopped; forwarding starts over from the oldest pending record after the delay");
                 tokio::select! {
                     _ = stopped(&mut stop) => return,
-                    _ = tokio::time::sleep(parts.restart_backoff.initial) => {}
+                    _ = tokio::time::sleep(delay) => {}
                 }
             }
         }

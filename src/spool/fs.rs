@@ -515,6 +515,10 @@ pub struct Faults {
     pub emfile_dir_syncs: AtomicBool,
     /// While set, removing a file fails with EIO and leaves it.
     pub fail_removes: AtomicBool,
+    /// While set, every read of a segment fails with EIO (a device failing under a running
+    /// daemon); `reads_failed` counts them.
+    pub fail_reads: AtomicBool,
+    pub reads_failed: AtomicU64,
     /// Counts removals down: the one that brings it from 1 to 0 fails with EIO and leaves the
     /// file. 0 = off.
     pub removes_until_failure: AtomicU64,
@@ -558,6 +562,10 @@ fn enospc() -> io::Error {
 
 impl SegmentFile for FaultFile {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        if self.faults.fail_reads.load(Ordering::SeqCst) {
+            self.faults.reads_failed.fetch_add(1, Ordering::SeqCst);
+            return Err(io::Error::from_raw_os_error(5));
+        }
         self.inner.read_at(buf, offset)
     }
     fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
