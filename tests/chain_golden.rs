@@ -217,3 +217,25 @@ fn the_documented_dedup_checkpoint_is_what_compaction_writes() {
         vec![entry]
     );
 }
+
+#[test]
+fn the_documented_checkpoint_with_first_kept_is_what_compaction_writes() {
+    let [first, second] = documented_envelopes();
+    let mut chains = Chains::new();
+    chains.seal(first).unwrap();
+    chains.seal(second).unwrap();
+    chains.first_kept = Some(7);
+    let bytes = chains.checkpoint_bytes().unwrap();
+    assert_documented("heads-2", &bytes);
+    // The same heads as the checkpoint without it: only the trailing uint differs.
+    let without = hex::decode(documented("heads-1")).unwrap();
+    assert_eq!(bytes[12..bytes.len() - 1], without[12..]);
+    let loaded = Chains::from_checkpoint_bytes(&bytes).unwrap();
+    assert_eq!(loaded.first_kept, Some(7));
+    assert_eq!(loaded.head("acme").unwrap().seq, 2);
+    // A checkpoint without it (the form before 2026-12-04) reads as None.
+    assert_eq!(
+        Chains::from_checkpoint_bytes(&without).unwrap().first_kept,
+        None
+    );
+}

@@ -475,7 +475,6 @@ fn import_heads_from_output(data_dir: &std::path::Path, scratch: &std::path::Pat
     heads_json
 }
 
-/// The record the file sink wrote for envelope id `id`.
 /// The offset and kind of every frame in a segment file written without preallocation
 /// (spool-format.md §3: an 8-byte-aligned frame of 16 header bytes and its payload).
 fn frames_of(segment: &[u8]) -> Vec<(usize, u8)> {
@@ -536,6 +535,7 @@ fn a_damaged_seal_of_delivered_records_does_not_move_its_streams_head_back() {
     );
 }
 
+/// The record the file sink wrote for envelope id `id`.
 fn delivered_record(d: &Daemon, id: &str) -> serde_json::Value {
     common::wait_for(&format!("delivery of {id}"), || {
         file_sink_records(&d.data_dir)

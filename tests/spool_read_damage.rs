@@ -83,3 +83,66 @@ fn a_damaged_range_longer_than_the_read_window_is_crossed_window_by_window() {
     assert_eq!(metrics.spool_read_damaged_ranges_total.get(), 1);
     assert_eq!(metrics.spool_read_damaged_bytes_total.get(), to - from);
 }
+
+/// A payload of `len` bytes that names its number.
+fn sized(n: u64, len: usize) -> Vec<u8> {
+    let mut p = format!("record-{n:06}-").into_bytes();
+    p.resize(len, b'x');
+    p
+}
+
+#[test]
+fn a_frame_planted_in_a_record_that_crosses_the_read_window_does_not_hide_the_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts = options(dir.path());
+    opts.segment_bytes_max = 1 << 20;
+    opts.record_bytes_max = 64 * 1024;
+    opts.commit_batch_bytes_max = 128 * 1024;
+    let (s, _, metrics) = open(&opts);
+    let one = |p: Vec<u8>| {
+        s.append_blocking(vec![(RecordKind::ENVELOPE, Bytes::from(p))], false)
+            .expect("append")[0]
+    };
+    one(sized(0, 100));
+    // The damage starts at record 1. A reader that meets it reads from 8 bytes past it, one
+    // window of 256 KiB at a time; `window_end` is where its first window ends.
+    let at = one(sized(1, 4000));
+    let window_end = at.offset + 8 + 256 * 1024;
+    let mut n = 2;
+    let mut next = at.offset + spoolgate::spool::format::frame_len(4000);
+    while next < window_end - 40_000 {
+        let p = one(sized(n, 4000));
+        next = p.offset + spoolgate::spool::format::frame_len(4000);
+        n += 1;
+    }
+    // The record the reader must find again: it starts inside the first window and ends past
+    // it, and its payload holds a whole valid frame (of a record numbered 999999), which lies
+    // wholly inside the window.
+    let mut big = sized(n, 16);
+    spoolgate::spool::format::encode_frame(RecordKind::ENVELOPE.0, &sized(999_999, 100), &mut big);
+    big.resize(60_000, b'x');
+    let big_at = one(big);
+    assert_eq!(big_at.segment, 1);
+    assert!(big_at.offset < window_end);
+    assert!(big_at.offset + spoolgate::spool::format::frame_len(60_000) > window_end);
+    one(sized(n + 1, 100));
+    one(sized(n + 2, 100));
+
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(segment_path(dir.path(), 1))
+        .unwrap();
+    file.write_at(&vec![0u8; (big_at.offset - at.offset) as usize], at.offset)
+        .unwrap();
+
+    let expected = vec![0, n, n + 1, n + 2];
+    assert_eq!(read_all(&s), expected, "the running reader");
+    assert_eq!(metrics.spool_read_damaged_ranges_total.get(), 1);
+    assert_eq!(
+        metrics.spool_read_damaged_bytes_total.get(),
+        big_at.offset - at.offset
+    );
+    drop(s);
+    let (s, _, _) = open(&opts);
+    assert_eq!(read_all(&s), expected, "recovery");
+}

@@ -180,7 +180,10 @@ impl Compactor {
             return Ok(0);
         };
         if one_segment {
-            below = below.min(ids[0] + 1);
+            // Up to the next present segment, not `ids[0] + 1`: after a gap (a segment
+            // removed by something else) that id names no file, and `first_kept` must name the
+            // oldest segment kept.
+            below = below.min(ids.get(1).copied().unwrap_or(below));
         }
         let mut snapshot = self
             .chains

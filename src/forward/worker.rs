@@ -190,8 +190,11 @@ async fn append_when_space(
 }
 
 /// The tombstone records naming `positions` and the streams' `heads`, in as few records as
-/// fit `record_bytes_max`: a position takes at most 30 bytes (counted as 40), a head at most
-/// its stream name and 100 bytes, and a record's map and array headers under 16.
+/// fit `record_bytes_max`. The heads go first, in the first record, so that no position is
+/// durable without the heads of its batch (a crash can leave the first records of one append
+/// on disk and not the last). In msgpack a position takes at most 34 bytes (a map of two
+/// named u64), a head at most 97 bytes besides its stream name, and a record's own map and
+/// array headers at most 27; the estimates below round each up.
 fn tombstone_records(
     positions: &[Position],
     heads: Vec<TombstoneHead>,
@@ -199,23 +202,24 @@ fn tombstone_records(
 ) -> Result<Vec<(RecordKind, Bytes)>, WorkerError> {
     const POSITION_BYTES_MAX: usize = 40;
     const HEAD_BYTES_MAX_BESIDE_NAME: usize = 100;
+    const HEADERS_BYTES_MAX: usize = 32;
     let room = record_bytes_max as usize;
     let mut tombstones = Vec::new();
     let mut current = Tombstone::default();
-    let mut current_bytes = 16;
+    let mut current_bytes = HEADERS_BYTES_MAX;
     let mut flush = |t: &mut Tombstone, bytes: &mut usize| {
         if !t.positions.is_empty() || !t.heads.is_empty() {
             tombstones.push(std::mem::take(t));
         }
-        *bytes = 16;
+        *bytes = HEADERS_BYTES_MAX;
     };
-    for &position in positions {
-        if current_bytes + POSITION_BYTES_MAX > room {
-            flush(&mut current, &mut current_bytes);
-        }
-        current.positions.push(position);
-        current_bytes += POSITION_BYTES_MAX;
-    }
+    // A head a start would ignore (see `TombstoneHead::chain_head`) is not written, and
+    // neither is one whose stream name alone would not fit a record: heads are a second
+    // source of what the seals already hold, so leaving one out costs nothing but that.
+    let heads = heads.into_iter().filter(|h| {
+        h.chain_head().is_some()
+            && HEADERS_BYTES_MAX + h.stream.len() + HEAD_BYTES_MAX_BESIDE_NAME <= room
+    });
     for head in heads {
         let bytes = head.stream.len() + HEAD_BYTES_MAX_BESIDE_NAME;
         if current_bytes + bytes > room {
@@ -224,6 +228,13 @@ fn tombstone_records(
         current.heads.push(head);
         current_bytes += bytes;
     }
+    for &position in positions {
+        if current_bytes + POSITION_BYTES_MAX > room {
+            flush(&mut current, &mut current_bytes);
+        }
+        current.positions.push(position);
+        current_bytes += POSITION_BYTES_MAX;
+    }
     flush(&mut current, &mut current_bytes);
     tombstones
         .into_iter()
@@ -231,6 +242,12 @@ fn tombstone_records(
             let payload = t
                 .encode()
                 .map_err(|e| WorkerError::Spool(SpoolError::Invalid(e.to_string())))?;
+            // The estimates above are upper bounds: a record they admitted fits.
+            assert!(
+                payload.len() <= room,
+                "a tombstone record of {} bytes exceeds record_bytes_max {room}",
+                payload.len()
+            );
             Ok((RecordKind::TOMBSTONE, Bytes::from(payload)))
         })
         .collect()
@@ -901,3 +918,70 @@ enum Delivery {
 
 /// The status a sink answers when a request body is over its limit.
 const PAYLOAD_TOO_LARGE: u16 = 413;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn head(stream: &str, seq: u64) -> TombstoneHead {
+        TombstoneHead {
+            stream: stream.to_string(),
+            seq,
+            hash: "ab".repeat(32),
+        }
+    }
+
+    fn decoded(records: &[(RecordKind, Bytes)]) -> Vec<Tombstone> {
+        records
+            .iter()
+            .map(|(kind, payload)| {
+                assert_eq!(*kind, RecordKind::TOMBSTONE);
+                Tombstone::decode(payload).expect("decodes")
+            })
+            .collect()
+    }
+
+    #[test]
+    fn tombstones_split_to_fit_a_record_and_carry_the_heads_in_the_first() {
+        let positions: Vec<Position> = (0..200)
+            .map(|i| Position {
+                segment: u64::MAX - i,
+                offset: u64::MAX - 7 * i,
+            })
+            .collect();
+        let heads = vec![head("tenant-a", 17), head(&"s".repeat(300), 4)];
+        let room = 1024;
+        let records = tombstone_records(&positions, heads.clone(), room).unwrap();
+        assert!(records.len() > 1, "200 positions do not fit one KiB");
+        assert!(records.iter().all(|(_, p)| p.len() <= room as usize));
+        let tombstones = decoded(&records);
+        assert_eq!(tombstones[0].heads, heads);
+        assert!(tombstones[1..].iter().all(|t| t.heads.is_empty()));
+        let written: Vec<Position> = tombstones
+            .iter()
+            .flat_map(|t| t.positions.iter().copied())
+            .collect();
+        assert_eq!(written, positions);
+    }
+
+    #[test]
+    fn heads_a_start_would_ignore_or_that_cannot_fit_a_record_are_left_out() {
+        let mut bad_hash = head("b", 3);
+        bad_hash.hash = "not hex".into();
+        let heads = vec![
+            head("a", 0),
+            bad_hash,
+            head(&"x".repeat(2000), 5),
+            head("c", 9),
+        ];
+        let positions = [Position {
+            segment: 1,
+            offset: 64,
+        }];
+        let records = tombstone_records(&positions, heads, 1024).unwrap();
+        let tombstones = decoded(&records);
+        assert_eq!(tombstones.len(), 1);
+        assert_eq!(tombstones[0].heads, vec![head("c", 9)]);
+        assert_eq!(tombstones[0].positions, positions);
+    }
+}

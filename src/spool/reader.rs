@@ -120,9 +120,13 @@ impl Reader {
                     if whole || found + frame_max <= window_end {
                         return Ok(Some(found));
                     }
-                    // Valid in this window, but a frame starting there could run past it:
-                    // read again from there, where the longest frame fits.
-                    from = found;
+                    // Valid in this window, but a frame starting before it in the window's
+                    // last longest frame was judged on cut-off bytes (a record that crosses
+                    // the window's end can hold a whole valid frame in its payload): read
+                    // again from where that last longest frame begins.
+                    // Not `whole`, so the window is `span` >= two longest frames: progress.
+                    debug_assert!(window_end - frame_max > from);
+                    from = window_end - frame_max;
                 }
                 None if whole => return Ok(None),
                 // Candidates in the last longest frame were judged on a cut-off window.
