@@ -463,7 +463,10 @@ const SEAL_HEADER_BYTES: usize = 64;
 /// Payloads are split so that each fits `record_bytes_max`, as separate SEALED records that
 /// are appended together; an entry that cannot fit a record on its own is refused.
 pub struct SealWriter {
+    /// Bounds each payload's stored length (`spool::format::stored_len`), as the spool does.
     record_bytes_max: usize,
+    /// Bytes 0xF7 in `current`'s entries: each takes one more byte stored.
+    current_stuffing: usize,
     /// Payloads already full, in order; each starts with its header.
     done: Vec<bytes::Bytes>,
     /// The payload being filled: [`SEAL_HEADER_ROOM`] bytes, then its entries.
@@ -481,6 +484,7 @@ impl SealWriter {
         let record_bytes_max = record_bytes_max as usize;
         let mut writer = SealWriter {
             record_bytes_max,
+            current_stuffing: 0,
             done: Vec::new(),
             current: Vec::new(),
             entries: 0,
@@ -545,7 +549,9 @@ impl SealWriter {
         let hash = chain_hash(&prev.hash, &stream, seq, slot, &out[envelope_at..]);
         let hash_hex = hex32(&hash);
         out[hash_at..hash_at + 64].copy_from_slice(hash_hex.as_bytes());
-        let entry_bytes = out.len() - start;
+        // Stored, each 0xF7 of the entry takes two bytes (spool-format.md §3).
+        let entry_stuffing = memchr::memchr_iter(0xF7, &out[start..]).count();
+        let entry_bytes = out.len() - start + entry_stuffing;
         if entry_bytes + SEAL_HEADER_BYTES > self.record_bytes_max {
             out.truncate(start);
             return Err(SealError::TooLarge {
@@ -555,7 +561,11 @@ impl SealWriter {
             });
         }
         if self.entries > 0
-            && out.len() - SEAL_HEADER_ROOM + SEAL_HEADER_BYTES > self.record_bytes_max
+            && out.len() - SEAL_HEADER_ROOM
+                + self.current_stuffing
+                + entry_stuffing
+                + SEAL_HEADER_BYTES
+                > self.record_bytes_max
         {
             // This entry starts the next payload (once per `record_bytes_max` of entries).
             let entry = out.split_off(start);
@@ -563,6 +573,7 @@ impl SealWriter {
             self.current.extend_from_slice(&entry);
         }
         self.entries += 1;
+        self.current_stuffing += entry_stuffing;
         // Updated in place when the stream has a head: no key to allocate per record.
         match chains.heads.get_mut(stream.as_str()) {
             Some(head) => *head = ChainHead { seq, hash },
@@ -611,6 +622,7 @@ impl SealWriter {
         let full = std::mem::replace(&mut self.current, next);
         self.done.push(bytes::Bytes::from(full).slice(from..));
         self.entries = 0;
+        self.current_stuffing = 0;
     }
 }
 

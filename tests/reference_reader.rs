@@ -70,7 +70,7 @@ fn the_reference_reader_decodes_the_golden_segment_of_the_spec() {
     assert!(ok, "{out}");
     assert_eq!(
         out["segments"],
-        json!([{"id": 1, "records": 2, "damaged": [], "header": {
+        json!([{"id": 1, "records": 3, "damaged": [], "header": {
             "valid": true, "id": 1, "created_ms": 1_700_000_000_000u64, "segment_bytes_max": 1_048_576,
             "record_bytes_max": 1_114_112}}])
     );
@@ -81,17 +81,20 @@ fn the_reference_reader_decodes_the_golden_segment_of_the_spec() {
              "source": "svc", "text": "hi", "ts_ms": 1_700_000_000_000u64, "slot": 1005, "priority": "normal"}},
             {"segment": 1, "offset": 160, "kind": "envelope", "payload": {"version": 1, "id": "a2",
              "source": "svc", "tenant": "acme", "ts_ms": 1_700_000_000_000u64, "slot": 527, "priority": "high"}},
+            // Stored stuffed: its `meta` value -9 is the byte 0xF7.
+            {"segment": 1, "offset": 256, "kind": "envelope", "payload": {"version": 1, "id": "a3",
+             "source": "svc", "ts_ms": 1_700_000_000_000u64, "meta": {"n": -9}, "slot": 1005, "priority": "normal"}},
         ])
     );
 }
 
 #[test]
 fn the_reference_reader_decodes_the_specs_sealed_tombstone_and_dedup_vectors() {
-    // The golden segment with the sealed and tombstone payloads of §8 framed after its two
-    // envelopes (at 256), and the dedup checkpoint of §10 in the data directory.
+    // The golden segment with the sealed and tombstone payloads of §8 framed after its three
+    // envelopes (at 352), and the dedup checkpoint of §10 in the data directory.
     let dir = tempfile::tempdir().unwrap();
     let mut segment = spec_bytes("golden-segment");
-    assert_eq!(segment.len(), 256);
+    assert_eq!(segment.len(), 352);
     spoolgate::spool::format::encode_frame(2, &spec_bytes("golden-chain:sealed-1"), &mut segment);
     spoolgate::spool::format::encode_frame(
         3,
@@ -107,20 +110,20 @@ fn the_reference_reader_decodes_the_specs_sealed_tombstone_and_dedup_vectors() {
     let (ok, out) = spoolread("dump", dir.path());
     assert!(ok, "{out}");
     let records = out["records"].as_array().unwrap();
-    assert_eq!(records.len(), 5, "{out}");
-    assert_eq!(records[2]["kind"], "sealed");
-    let entry = &records[2]["payload"]["entries"][0];
+    assert_eq!(records.len(), 6, "{out}");
+    assert_eq!(records[3]["kind"], "sealed");
+    let entry = &records[3]["payload"]["entries"][0];
     assert_eq!(entry["position"], json!({"segment": 1, "offset": 64}));
     assert_eq!(entry["record"]["seq"], 1);
     assert_eq!(entry["record"]["hash"], spec_hex("golden-chain:hash-1"));
     assert_eq!(entry["record"]["envelope"]["tags"], json!(["greeting"]));
-    assert_eq!(records[3]["kind"], "tombstone");
+    assert_eq!(records[4]["kind"], "tombstone");
     assert_eq!(
-        records[3]["payload"],
+        records[4]["payload"],
         json!({"positions": [{"segment": 1, "offset": 64}, {"segment": 1, "offset": 1_048_512}]})
     );
     assert_eq!(
-        records[4]["payload"],
+        records[5]["payload"],
         json!({"positions": [{"segment": 1, "offset": 64}, {"segment": 1, "offset": 512}],
                "heads": [{"stream": "acme", "seq": 2, "hash": spec_hex("golden-chain:hash-2")}]})
     );
@@ -513,7 +516,7 @@ fn the_reference_reader_names_the_oldest_segments_missing_below_the_checkpoints_
     let data = tempfile::tempdir().unwrap();
     let spool = data.path().join("spool");
     std::fs::create_dir(&spool).unwrap();
-    // The golden segment (two envelopes, no seals) as segment 3, and a checkpoint saying that
+    // The golden segment (three envelopes, no seals) as segment 3, and a checkpoint saying that
     // compaction kept segment 1 and after: segments 1 and 2 were removed by something else.
     std::fs::write(
         spool.join("00000000000000000003.seg"),
@@ -525,7 +528,7 @@ fn the_reference_reader_names_the_oldest_segments_missing_below_the_checkpoints_
     heads.save(&data.path().join("chain-heads")).unwrap();
     let (_, out) = spoolread("verify-spool", data.path());
     assert_eq!(out["missing_oldest_segments"], json!([1, 2]), "{out}");
-    assert_eq!(out["envelopes"], 2, "{out}");
+    assert_eq!(out["envelopes"], 3, "{out}");
 
     heads.first_kept = Some(3);
     heads.save(&data.path().join("chain-heads")).unwrap();

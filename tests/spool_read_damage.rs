@@ -146,3 +146,40 @@ fn a_frame_planted_in_a_record_that_crosses_the_read_window_does_not_hide_the_re
     let (s, _, _) = open(&opts);
     assert_eq!(read_all(&s), expected, "recovery");
 }
+
+#[test]
+fn a_frame_planted_in_a_payload_is_not_taken_for_a_record_when_the_damage_is_its_carrier() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts = options(dir.path());
+    opts.segment_bytes_max = 1 << 20;
+    let (s, _, metrics) = open(&opts);
+    let one = |p: Vec<u8>| {
+        s.append_blocking(vec![(RecordKind::ENVELOPE, Bytes::from(p))], false)
+            .expect("append")[0]
+    };
+    one(sized(0, 100));
+    // Record 1 carries, at an aligned offset of the segment, a whole valid frame of a record
+    // numbered 999999 (as a client's `meta` could, in numbers or binary values).
+    let mut carrier = sized(1, 16);
+    spoolgate::spool::format::encode_frame(
+        RecordKind::ENVELOPE.0,
+        &sized(999_999, 100),
+        &mut carrier,
+    );
+    carrier.resize(400, b'x');
+    let at = one(carrier);
+    one(sized(2, 100));
+    // Its header damaged: readers must skip to record 2, not to the frame inside it.
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(segment_path(dir.path(), 1))
+        .unwrap();
+    file.write_at(&[0xff], at.offset + 5).unwrap();
+
+    assert_eq!(read_all(&s), vec![0, 2], "the running reader");
+    assert_eq!(metrics.spool_read_damaged_ranges_total.get(), 1);
+    drop(s);
+    let (s, report, _) = open(&opts);
+    assert_eq!(read_all(&s), vec![0, 2], "recovery");
+    assert_eq!(report.damaged.len(), 1);
+}

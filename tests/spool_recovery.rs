@@ -447,7 +447,7 @@ fn unknown_record_kinds_survive_recovery_and_are_returned_to_readers_to_skip() {
 #[test]
 fn row_12_a_segment_from_a_format_version_this_build_does_not_know_is_refused_untouched() {
     // A newer version, and 0, which no version of spoolgate wrote.
-    for version in [2u16, 0] {
+    for version in [3u16, 0] {
         let dir = tempfile::tempdir().unwrap();
         let opts = options(dir.path());
         write_and_close(&opts, 3);
@@ -568,7 +568,7 @@ fn row_12_a_newer_segment_anywhere_refuses_the_spool_before_any_other_segment_is
     std::fs::write(&marker, b"").unwrap();
     let path = seg(dir.path(), last);
     let mut bytes = std::fs::read(&path).unwrap();
-    bytes[8..10].copy_from_slice(&2u16.to_le_bytes());
+    bytes[8..10].copy_from_slice(&3u16.to_le_bytes());
     let crc = crc32fast::hash(&bytes[0..60]);
     bytes[60..64].copy_from_slice(&crc.to_le_bytes());
     std::fs::write(&path, &bytes).unwrap();
@@ -607,4 +607,46 @@ fn row_4_a_torn_tail_before_a_prepared_next_segment_is_still_a_torn_tail() {
     // Appends continue, in the prepared segment.
     let p = append(&s, n);
     assert_eq!(p.segment, 2);
+}
+
+/// Rewrites segment `id`'s header as format version `version`, with a matching CRC.
+fn set_version(dir: &std::path::Path, id: u64, version: u16) {
+    let path = seg(dir, id);
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[8..10].copy_from_slice(&version.to_le_bytes());
+    let crc = crc32fast::hash(&bytes[0..60]);
+    bytes[60..64].copy_from_slice(&crc.to_le_bytes());
+    std::fs::write(&path, &bytes).unwrap();
+}
+
+#[test]
+fn row_13_a_spool_of_format_version_1_is_read_and_appends_go_on_in_a_new_version_2_segment() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = options(dir.path());
+    let positions = write_and_close(&opts, 5);
+    assert!(positions.iter().all(|p| p.segment == 1));
+    // What a build from before 2026-12-04 left: a version 1 segment, the newest.
+    set_version(dir.path(), 1, 1);
+    let (s, report, _) = open(&opts);
+    assert_eq!(report.records, 5);
+    assert_eq!(read_all(&s), (0..5).collect::<Vec<u64>>());
+    // A payload that is stored stuffed goes to a new segment, not after version 1 frames.
+    let stuffed = bytes::Bytes::from_static(b"record-000005-\xf7SGF");
+    let at = s
+        .append_blocking(vec![(RecordKind::ENVELOPE, stuffed.clone())], false)
+        .unwrap()[0];
+    assert_eq!(at.segment, 2);
+    s.close().unwrap();
+    let header = |id| {
+        spoolgate::spool::format::SegmentHeader::decode(
+            &std::fs::read(seg(dir.path(), id)).unwrap(),
+        )
+        .unwrap()
+    };
+    assert_eq!(header(1).version, 1);
+    assert_eq!(header(2).version, spoolgate::spool::format::FORMAT_VERSION);
+    let (s, _, _) = open(&opts);
+    let records = read_records(&s);
+    assert_eq!(records.len(), 6);
+    assert_eq!(records[5].2, stuffed.to_vec());
 }

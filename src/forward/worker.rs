@@ -192,17 +192,19 @@ async fn append_when_space(
 /// The tombstone records naming `positions` and the streams' `heads`, in as few records as
 /// fit `record_bytes_max`. The heads go first, in the first record, so that no position is
 /// durable without the heads of its batch (a crash can leave the first records of one append
-/// on disk and not the last). In msgpack a position takes at most 34 bytes (a map of two
-/// named u64), a head at most 97 bytes besides its stream name, and a record's own map and
-/// array headers at most 27; the estimates below round each up.
+/// on disk and not the last). Stored in a frame (each byte 0xF7 taking two, spool-format.md
+/// §3), a position takes at most 50 bytes (a map of two named u64: 34, and up to 16 bytes
+/// 0xF7 in the numbers), a head at most 105 besides its stream name (97, and 8 in its `seq`;
+/// names are UTF-8, which has no 0xF7), and a record's own map and array headers at most 35;
+/// the estimates below round each up.
 fn tombstone_records(
     positions: &[Position],
     heads: Vec<TombstoneHead>,
     record_bytes_max: u32,
 ) -> Result<Vec<(RecordKind, Bytes)>, WorkerError> {
-    const POSITION_BYTES_MAX: usize = 40;
-    const HEAD_BYTES_MAX_BESIDE_NAME: usize = 100;
-    const HEADERS_BYTES_MAX: usize = 32;
+    const POSITION_BYTES_MAX: usize = 52;
+    const HEAD_BYTES_MAX_BESIDE_NAME: usize = 110;
+    const HEADERS_BYTES_MAX: usize = 40;
     let room = record_bytes_max as usize;
     let mut tombstones = Vec::new();
     let mut current = Tombstone::default();
@@ -243,10 +245,10 @@ fn tombstone_records(
                 .encode()
                 .map_err(|e| WorkerError::Spool(SpoolError::Invalid(e.to_string())))?;
             // The estimates above are upper bounds: a record they admitted fits.
+            let stored = crate::spool::format::stored_len(&payload);
             assert!(
-                payload.len() <= room,
-                "a tombstone record of {} bytes exceeds record_bytes_max {room}",
-                payload.len()
+                stored <= room,
+                "a tombstone record of {stored} bytes stored exceeds record_bytes_max {room}"
             );
             Ok((RecordKind::TOMBSTONE, Bytes::from(payload)))
         })
@@ -931,6 +933,10 @@ mod tests {
         }
     }
 
+    fn stored_len(payload: &[u8]) -> usize {
+        crate::spool::format::stored_len(payload)
+    }
+
     fn decoded(records: &[(RecordKind, Bytes)]) -> Vec<Tombstone> {
         records
             .iter()
@@ -945,15 +951,16 @@ mod tests {
     fn tombstones_split_to_fit_a_record_and_carry_the_heads_in_the_first() {
         let positions: Vec<Position> = (0..200)
             .map(|i| Position {
-                segment: u64::MAX - i,
-                offset: u64::MAX - 7 * i,
+                // Numbers made of bytes 0xF7, each stored as two (spool-format.md §3).
+                segment: u64::from_le_bytes([0xF7; 8]) - 256 * i,
+                offset: u64::from_le_bytes([0xF7; 8]) - 7 * 256 * i,
             })
             .collect();
         let heads = vec![head("tenant-a", 17), head(&"s".repeat(300), 4)];
         let room = 1024;
         let records = tombstone_records(&positions, heads.clone(), room).unwrap();
         assert!(records.len() > 1, "200 positions do not fit one KiB");
-        assert!(records.iter().all(|(_, p)| p.len() <= room as usize));
+        assert!(records.iter().all(|(_, p)| stored_len(p) <= room as usize));
         let tombstones = decoded(&records);
         assert_eq!(tombstones[0].heads, heads);
         assert!(tombstones[1..].iter().all(|t| t.heads.is_empty()));

@@ -395,7 +395,7 @@ async fn ingest(state: &IngestState, req: Request<Incoming>) -> HttpResponse {
     // past the segment's bound.
     let request_bytes: u64 = parsed
         .iter()
-        .map(|p| crate::spool::format::frame_len(p.encoded.len()))
+        .map(|p| crate::spool::format::frame_len_of(&p.encoded))
         .sum();
     let request_bytes_max = spool.request_bytes_max();
     if request_bytes > request_bytes_max {
@@ -645,7 +645,7 @@ fn append_error(state: &IngestState, e: SpoolError) -> HttpResponse {
         SpoolError::TooLarge { len, max } => error(
             StatusCode::PAYLOAD_TOO_LARGE,
             "envelope_too_large",
-            format!("record of {len} bytes exceeds spool.record_bytes_max {max}"),
+            format!("an envelope takes {len} bytes stored in the spool (each byte 0xF7 of its encoding, which only numbers or binary values in `meta` produce, takes two), more than spool.record_bytes_max {max}"),
         ),
         SpoolError::Poisoned(reason) => {
             unavailable(state, "poisoned", format!("spool refuses writes: {reason}"))

@@ -7,13 +7,26 @@
 
 /// Segment header magic.
 pub const SEGMENT_MAGIC: [u8; 8] = *b"SPOOLSEG";
-/// The format version this build writes and reads.
-pub const FORMAT_VERSION: u16 = 1;
+/// The format version this build writes. Version 2 (2026-12-04) added stuffed frames (flag bit
+/// 0, see [`encode_frame`]); a version 1 segment holds none, and this build reads both.
+pub const FORMAT_VERSION: u16 = 2;
+/// The oldest format version this build reads.
+pub const FORMAT_VERSION_OLDEST: u16 = 1;
+
+/// Whether this build reads segments of format `version`.
+pub fn version_known(version: u16) -> bool {
+    (FORMAT_VERSION_OLDEST..=FORMAT_VERSION).contains(&version)
+}
 /// Bytes of the segment header; the first frame starts here.
 pub const HEADER_LEN: u64 = 64;
-/// Every frame starts with these bytes. 0xF7 never occurs in UTF-8 text, so text payloads
-/// cannot fake a frame start, and resynchronisation has few candidates to try.
+/// Every frame starts with these bytes. 0xF7 never occurs in UTF-8 text, and in a stored
+/// payload it is always followed by 0x00 (see [`encode_frame`]), so no payload can fake a
+/// frame start, and resynchronisation has few candidates to try.
 pub const FRAME_MARKER: [u8; 4] = [0xF7, b'S', b'G', b'F'];
+/// The byte every stored payload escapes (the marker's first byte).
+pub const STUFFED_BYTE: u8 = 0xF7;
+/// Frame flag bit 0: the payload is stored stuffed, each 0xF7 followed by an inserted 0x00.
+pub const FLAG_STUFFED: u8 = 1;
 /// Bytes of a frame header: marker, length, kind, flags, reserved, CRC.
 pub const FRAME_HEADER_LEN: u64 = 16;
 /// Frames start at multiples of this, so resynchronisation only looks at aligned offsets.
@@ -21,6 +34,8 @@ pub const FRAME_ALIGN: u64 = 8;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SegmentHeader {
+    /// [`FORMAT_VERSION`] in a header this build writes; 1 or 2 in one it reads.
+    pub version: u16,
     pub segment_id: u64,
     pub created_ms: u64,
     pub segment_bytes_max: u64,
@@ -33,7 +48,7 @@ impl SegmentHeader {
     pub fn encode(&self) -> [u8; HEADER_LEN as usize] {
         let mut h = [0u8; HEADER_LEN as usize];
         h[0..8].copy_from_slice(&SEGMENT_MAGIC);
-        h[8..10].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+        h[8..10].copy_from_slice(&self.version.to_le_bytes());
         h[10..12].copy_from_slice(&(HEADER_LEN as u16).to_le_bytes());
         // 12..16 flags, zero.
         h[16..24].copy_from_slice(&self.segment_id.to_le_bytes());
@@ -55,7 +70,7 @@ impl SegmentHeader {
         }
         let crc = u32::from_le_bytes(bytes[60..64].try_into().expect("4 bytes"));
         let version = u16::from_le_bytes([bytes[8], bytes[9]]);
-        (crc32fast::hash(&bytes[0..60]) == crc && version != FORMAT_VERSION).then_some(version)
+        (crc32fast::hash(&bytes[0..60]) == crc && !version_known(version)).then_some(version)
     }
 
     /// Decodes and checks a header; the error says what is wrong with it.
@@ -74,7 +89,7 @@ impl SegmentHeader {
             return Err("segment header CRC mismatch".into());
         }
         let version = u16::from_le_bytes([bytes[8], bytes[9]]);
-        if version != FORMAT_VERSION {
+        if !version_known(version) {
             return Err(format!("unsupported format version {version}"));
         }
         let header_len = u16::from_le_bytes([bytes[10], bytes[11]]);
@@ -82,6 +97,7 @@ impl SegmentHeader {
             return Err(format!("unexpected header length {header_len}"));
         }
         Ok(SegmentHeader {
+            version,
             segment_id: u64::from_le_bytes(bytes[16..24].try_into().expect("8 bytes")),
             created_ms: u64::from_le_bytes(bytes[24..32].try_into().expect("8 bytes")),
             segment_bytes_max: u64::from_le_bytes(bytes[32..40].try_into().expect("8 bytes")),
@@ -96,23 +112,89 @@ pub fn frame_len(payload_len: usize) -> u64 {
     raw.div_ceil(FRAME_ALIGN) * FRAME_ALIGN
 }
 
+/// Bytes `payload` takes stored in a frame: one more for each 0xF7 in it (see
+/// [`encode_frame`]). The spool's `record_bytes_max` bounds this length, not the payload's.
+pub fn stored_len(payload: &[u8]) -> usize {
+    payload.len() + memchr::memchr_iter(STUFFED_BYTE, payload).count()
+}
+
+/// Total bytes the frame of `payload` occupies: [`frame_len`] of its [`stored_len`].
+pub fn frame_len_of(payload: &[u8]) -> u64 {
+    frame_len(stored_len(payload))
+}
+
 /// Appends one frame (header, payload, zero padding) to `out`.
+///
+/// A payload that holds the byte 0xF7 is stored **stuffed** (flag bit 0): each 0xF7 followed by
+/// an inserted 0x00, the length field and the CRC covering the stored bytes. So the marker
+/// `F7 53 47 46` can occur in a segment only where a frame starts, never inside a payload,
+/// and resynchronising after damage cannot take bytes a client chose (numbers or binary values
+/// in its `meta`) for a frame. A payload without 0xF7 (any UTF-8 text) is stored as it is.
 pub fn encode_frame(kind: u8, payload: &[u8], out: &mut Vec<u8>) {
+    encode_frame_as(kind, payload, true, out)
+}
+
+fn encode_frame_as(kind: u8, payload: &[u8], stuff_allowed: bool, out: &mut Vec<u8>) {
     assert!(kind != 0, "kind 0 is reserved for the zeroed tail");
-    let len = u32::try_from(payload.len()).expect("payload length fits u32");
+    // A kind of 0xF7 would put the marker's first byte at an aligned offset inside a frame.
+    assert!(kind != STUFFED_BYTE, "kind 0xF7 is reserved");
+    let stuffed = stuff_allowed && memchr::memchr(STUFFED_BYTE, payload).is_some();
+    let stored = if stuffed {
+        stored_len(payload)
+    } else {
+        payload.len()
+    };
+    let len = u32::try_from(stored).expect("payload length fits u32");
     let start = out.len();
+    out.reserve(frame_len(stored) as usize);
     out.extend_from_slice(&FRAME_MARKER);
     out.extend_from_slice(&len.to_le_bytes());
     out.push(kind);
-    out.push(0); // flags
+    out.push(if stuffed { FLAG_STUFFED } else { 0 });
     out.extend_from_slice(&[0, 0]); // reserved
+    out.extend_from_slice(&[0; 4]); // the CRC, once the payload is in place
+    let payload_at = out.len();
+    if stuffed {
+        let mut from = 0;
+        for at in memchr::memchr_iter(STUFFED_BYTE, payload) {
+            out.extend_from_slice(&payload[from..=at]);
+            out.push(0);
+            from = at + 1;
+        }
+        out.extend_from_slice(&payload[from..]);
+    } else {
+        out.extend_from_slice(payload);
+    }
+    debug_assert_eq!(out.len() - payload_at, stored);
     let mut crc = crc32fast::Hasher::new();
     crc.update(&out[start + 4..start + 12]);
-    crc.update(payload);
-    out.extend_from_slice(&crc.finalize().to_le_bytes());
-    out.extend_from_slice(payload);
-    let padded = start + frame_len(payload.len()) as usize;
+    crc.update(&out[payload_at..]);
+    let crc = crc.finalize().to_le_bytes();
+    out[start + 12..start + 16].copy_from_slice(&crc);
+    let padded = start + frame_len(stored) as usize;
     out.resize(padded, 0);
+}
+
+/// Whether `stored` is a well-formed stuffed payload: every 0xF7 followed by 0x00.
+fn stuffing_holds(stored: &[u8]) -> bool {
+    memchr::memchr_iter(STUFFED_BYTE, stored).all(|at| stored.get(at + 1) == Some(&0))
+}
+
+/// The payload a frame holds, from its stored bytes: as stored, or with the 0x00 after each
+/// 0xF7 removed when the frame is stuffed.
+pub fn unstuffed(stored: &[u8], stuffed: bool) -> std::borrow::Cow<'_, [u8]> {
+    if !stuffed {
+        return std::borrow::Cow::Borrowed(stored);
+    }
+    let mut out = Vec::with_capacity(stored.len());
+    let mut from = 0;
+    for at in memchr::memchr_iter(STUFFED_BYTE, stored) {
+        // `frame_at` checked that a 0x00 follows; `at + 2` skips it.
+        out.extend_from_slice(&stored[from..=at]);
+        from = at + 2;
+    }
+    out.extend_from_slice(&stored[from.min(stored.len())..]);
+    std::borrow::Cow::Owned(out)
 }
 
 /// The payload of a rotation frame (kind 4, spool-format.md §3): written at the end of a
@@ -126,7 +208,8 @@ pub struct Rotation {
 
 /// Frame bytes a rotation frame takes for any segment id: the header, a payload of at most 23
 /// bytes (a one-entry map, the 12-byte key and a uint64) and the padding. The writer keeps
-/// this much of every segment free for it.
+/// this much of every segment free for it. A rotation frame is never stuffed: its payload is
+/// spoolgate's own, and it may end a version 1 segment, which holds no stuffed frame.
 pub const ROTATION_FRAME_BYTES_MAX: u64 = 40;
 
 /// The kind byte of a rotation frame (`spool::RecordKind::ROTATION`).
@@ -144,7 +227,7 @@ impl Rotation {
     /// The whole frame (kind 4) that ends a segment whose successor is `next_segment`.
     pub fn frame(&self) -> Vec<u8> {
         let mut frame = Vec::with_capacity(ROTATION_FRAME_BYTES_MAX as usize);
-        encode_frame(ROTATION_KIND, &self.encode(), &mut frame);
+        encode_frame_as(ROTATION_KIND, &self.encode(), false, &mut frame);
         frame
     }
 
@@ -163,11 +246,13 @@ impl Rotation {
 /// What is at a given offset of a segment's bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FrameAt {
-    /// A valid frame: kind, payload range within the slice, and total length with padding.
+    /// A valid frame: kind, stored payload range within the slice (see [`unstuffed`]), and
+    /// total length with padding.
     Valid {
         kind: u8,
         payload_start: usize,
         payload_len: usize,
+        stuffed: bool,
         total: u64,
     },
     /// Sixteen zero bytes (or fewer, up to the end): where a pre-zeroed segment's data ends.
@@ -199,7 +284,8 @@ pub fn frame_at(bytes: &[u8], pos: usize, payload_max: u32) -> FrameAt {
     }
     let len = u32::from_le_bytes(head[4..8].try_into().expect("4 bytes"));
     let kind = head[8];
-    if kind == 0 || len > payload_max || head[9] != 0 || head[10..12] != [0, 0] {
+    let stuffed = head[9] == FLAG_STUFFED;
+    if kind == 0 || len > payload_max || (head[9] != 0 && !stuffed) || head[10..12] != [0, 0] {
         return FrameAt::Invalid;
     }
     let payload_start = pos + FRAME_HEADER_LEN as usize;
@@ -214,10 +300,14 @@ pub fn frame_at(bytes: &[u8], pos: usize, payload_max: u32) -> FrameAt {
     if h.finalize() != crc {
         return FrameAt::Invalid;
     }
+    if stuffed && !stuffing_holds(&bytes[payload_start..payload_end]) {
+        return FrameAt::Invalid;
+    }
     FrameAt::Valid {
         kind,
         payload_start,
         payload_len: len as usize,
+        stuffed,
         total: frame_len(len as usize),
     }
 }
@@ -240,11 +330,13 @@ pub fn resync(bytes: &[u8], from: usize, payload_max: u32) -> Option<usize> {
 /// One item found by [`scan`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Scanned {
+    /// A valid frame; its stored payload is `payload_start..+payload_len` (see [`unstuffed`]).
     Frame {
         offset: u64,
         kind: u8,
         payload_start: usize,
         payload_len: usize,
+        stuffed: bool,
     },
     /// Bytes that held no valid frame, followed by a valid frame.
     Damaged { offset: u64, len: u64 },
@@ -271,6 +363,7 @@ pub fn scan(bytes: &[u8], payload_max: u32) -> ScanResult {
                 kind,
                 payload_start,
                 payload_len,
+                stuffed,
                 total,
             } => {
                 items.push(Scanned::Frame {
@@ -278,6 +371,7 @@ pub fn scan(bytes: &[u8], payload_max: u32) -> ScanResult {
                     kind,
                     payload_start,
                     payload_len,
+                    stuffed,
                 });
                 pos += total as usize;
             }
@@ -316,6 +410,7 @@ mod tests {
 
     fn segment(frames: &[(u8, &[u8])]) -> Vec<u8> {
         let mut b = SegmentHeader {
+            version: FORMAT_VERSION,
             segment_id: 1,
             created_ms: 0,
             segment_bytes_max: 4096,
@@ -380,8 +475,10 @@ mod tests {
                 kind,
                 payload_start,
                 payload_len,
+                stuffed,
                 total,
             } => {
+                assert!(!stuffed);
                 assert_eq!((kind, payload_len, total), (1, 3, 24));
                 assert_eq!(&out[payload_start..payload_start + payload_len], b"abc");
             }
@@ -392,6 +489,7 @@ mod tests {
     #[test]
     fn a_header_round_trips_and_a_flipped_bit_is_caught() {
         let h = SegmentHeader {
+            version: FORMAT_VERSION,
             segment_id: 9,
             created_ms: 5,
             segment_bytes_max: 77,
@@ -414,6 +512,7 @@ mod tests {
                 kind: 0,
                 payload_start: 0,
                 payload_len: 0,
+                stuffed: false,
                 total: 0
             })
         );
@@ -457,5 +556,118 @@ mod tests {
         assert_eq!(r.items.len(), 1);
         assert_eq!(r.data_end, 88);
         assert!(r.tail_garbage_bytes > 0);
+    }
+
+    /// The stored payload of the one frame in `frame`, and whether it is stuffed.
+    fn stored(frame: &[u8]) -> (Vec<u8>, bool) {
+        match frame_at(frame, 0, 1024) {
+            FrameAt::Valid {
+                payload_start,
+                payload_len,
+                stuffed,
+                ..
+            } => (
+                frame[payload_start..payload_start + payload_len].to_vec(),
+                stuffed,
+            ),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_payload_holding_0xf7_is_stored_stuffed_and_reads_back_as_written() {
+        let payload = [0xF7, b'S', b'G', b'F', 1, 0xF7, 0xF7, 0, 9, 0xF7];
+        let mut out = Vec::new();
+        encode_frame(1, &payload, &mut out);
+        let (stored, stuffed) = stored(&out);
+        assert!(stuffed);
+        assert_eq!(out[9], FLAG_STUFFED);
+        assert_eq!(
+            stored,
+            [0xF7, 0, b'S', b'G', b'F', 1, 0xF7, 0, 0xF7, 0, 0, 9, 0xF7, 0]
+        );
+        assert_eq!(stored.len(), stored_len(&payload));
+        assert_eq!(out.len() as u64, frame_len_of(&payload));
+        assert_eq!(&*unstuffed(&stored, true), &payload[..]);
+    }
+
+    #[test]
+    fn no_stored_payload_holds_the_marker_at_any_offset() {
+        // A client's `meta` can encode to any bytes, a whole valid frame among them.
+        let mut planted = Vec::new();
+        encode_frame(3, b"forged tombstone", &mut planted);
+        let mut payload = b"12345678".to_vec();
+        payload.extend_from_slice(&planted);
+        let mut out = Vec::new();
+        encode_frame(1, &payload, &mut out);
+        let marker_at: Vec<usize> = out
+            .windows(4)
+            .enumerate()
+            .filter(|(_, w)| *w == FRAME_MARKER)
+            .map(|(i, _)| i)
+            .collect();
+        assert_eq!(marker_at, vec![0]);
+        assert_eq!(resync(&out, 1, 1024), None);
+        assert_eq!(&*unstuffed(&stored(&out).0, true), &payload[..]);
+    }
+
+    #[test]
+    fn a_stuffed_frame_whose_stuffing_is_broken_is_invalid_even_with_a_matching_crc() {
+        // 0xF7 not followed by 0x00, under a CRC computed over those bytes.
+        let stored = [b'a', 0xF7, b'b'];
+        let mut out = Vec::new();
+        out.extend_from_slice(&FRAME_MARKER);
+        out.extend_from_slice(&(stored.len() as u32).to_le_bytes());
+        out.extend_from_slice(&[1, FLAG_STUFFED, 0, 0]);
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(&out[4..12]);
+        crc.update(&stored);
+        out.extend_from_slice(&crc.finalize().to_le_bytes());
+        out.extend_from_slice(&stored);
+        out.resize(frame_len(stored.len()) as usize, 0);
+        assert_eq!(frame_at(&out, 0, 1024), FrameAt::Invalid);
+        // The same bytes with the stuffing intact are valid.
+        let mut good = Vec::new();
+        encode_frame(1, &[b'a', 0xF7, b'b'], &mut good);
+        assert!(matches!(frame_at(&good, 0, 1024), FrameAt::Valid { .. }));
+    }
+
+    #[test]
+    fn a_payload_without_0xf7_is_stored_as_it_is_and_rotation_frames_never_stuff() {
+        let mut out = Vec::new();
+        encode_frame(1, b"plain text \xe2\x82\xac", &mut out);
+        assert_eq!(stored(&out), (b"plain text \xe2\x82\xac".to_vec(), false));
+        // Segment 247 encodes as `cc f7`: still stored as it is, for version 1 segments.
+        let frame = Rotation { next_segment: 247 }.frame();
+        assert_eq!(frame[9], 0);
+        let (payload, stuffed) = stored(&frame);
+        assert!(!stuffed);
+        assert_eq!(Rotation::decode(&payload).unwrap().next_segment, 247);
+    }
+
+    #[test]
+    fn version_1_and_2_headers_are_read_and_others_refused() {
+        for version in [1u16, 2] {
+            let h = SegmentHeader {
+                version,
+                segment_id: 3,
+                created_ms: 0,
+                segment_bytes_max: 4096,
+                record_bytes_max: 1024,
+            };
+            assert_eq!(SegmentHeader::decode(&h.encode()).unwrap(), h);
+            assert_eq!(SegmentHeader::unknown_version(&h.encode()), None);
+        }
+        for version in [0u16, 3] {
+            let h = SegmentHeader {
+                version,
+                segment_id: 3,
+                created_ms: 0,
+                segment_bytes_max: 4096,
+                record_bytes_max: 1024,
+            };
+            assert!(SegmentHeader::decode(&h.encode()).is_err());
+            assert_eq!(SegmentHeader::unknown_version(&h.encode()), Some(version));
+        }
     }
 }

@@ -95,13 +95,14 @@ pub fn for_each_frame<E: From<SpoolError>>(
                     kind,
                     payload_start,
                     payload_len,
+                    stuffed,
                 } => f(
                     super::Position {
                         segment: id,
                         offset,
                     },
                     kind,
-                    &bytes[payload_start..payload_start + payload_len],
+                    &format::unstuffed(&bytes[payload_start..payload_start + payload_len], stuffed),
                 )?,
                 Scanned::Damaged { offset, len } => {
                     damaged.push(damaged_range(id, &bytes, offset, len))
@@ -175,12 +176,16 @@ pub fn inspect(dir: &Path) -> Result<InspectReport, SpoolError> {
                     kind,
                     payload_start,
                     payload_len,
+                    stuffed,
                     ..
                 } => {
                     *records.entry(kind_name(*kind)).or_insert(0) += 1;
                     if *kind == super::RecordKind::ROTATION.0 {
-                        let payload = &bytes[*payload_start..*payload_start + *payload_len];
-                        rotated_to = format::Rotation::decode(payload).map(|r| r.next_segment);
+                        let payload = format::unstuffed(
+                            &bytes[*payload_start..*payload_start + *payload_len],
+                            *stuffed,
+                        );
+                        rotated_to = format::Rotation::decode(&payload).map(|r| r.next_segment);
                     }
                 }
                 Scanned::Damaged { offset, len } => {

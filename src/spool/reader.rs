@@ -208,6 +208,7 @@ impl Reader {
                     kind,
                     payload_start,
                     payload_len,
+                    stuffed,
                     total,
                 } => {
                     if kind == RecordKind::ROTATION.0 {
@@ -215,9 +216,10 @@ impl Reader {
                         self.pos.offset += total;
                         continue;
                     }
-                    let payload = bytes::Bytes::copy_from_slice(
+                    let payload = bytes::Bytes::copy_from_slice(&format::unstuffed(
                         &self.window[payload_start..payload_start + payload_len],
-                    );
+                        stuffed,
+                    ));
                     let position = self.pos;
                     self.pos.offset += total;
                     return Ok(Some(Record {

@@ -316,6 +316,9 @@ pub(crate) fn recover(
     // Segments with no rotation frame whose data ends cleanly (no damaged tail left in place):
     // the one before the active segment may be given its frame at the end (see below).
     let mut unclosed: std::collections::BTreeSet<u64> = std::collections::BTreeSet::new();
+    // Segments of an older format version (a spool written before an upgrade): appends do
+    // not go on in one, so that an older build can still read every segment it wrote.
+    let mut older_format: std::collections::BTreeSet<u64> = std::collections::BTreeSet::new();
     // Whether row 7 removed the newest file, whose id is then free again.
     let mut removed_last = false;
     let last = ids.last().copied();
@@ -339,8 +342,9 @@ pub(crate) fn recover(
         let read = read_prefix(file.as_ref(), &mut header).map_err(io("read segment", &path))?;
         if let Some(version) = SegmentHeader::unknown_version(&header[..read]) {
             return Err(SpoolError::Invalid(format!(
-                "{} was written by spool format version {version}; this build reads version {}",
+                "{} was written by spool format version {version}; this build reads versions {} to {}",
                 path.display(),
+                format::FORMAT_VERSION_OLDEST,
                 format::FORMAT_VERSION
             )));
         }
@@ -444,8 +448,12 @@ pub(crate) fn recover(
             }
         }
 
-        let created_ms = SegmentHeader::decode(&bytes).ok().map(|h| h.created_ms);
-        match SegmentHeader::decode(&bytes) {
+        let header = SegmentHeader::decode(&bytes);
+        let created_ms = header.as_ref().ok().map(|h| h.created_ms);
+        if matches!(&header, Ok(h) if h.version < format::FORMAT_VERSION) {
+            older_format.insert(id);
+        }
+        match header {
             Ok(h) if h.segment_id == id => {}
             Ok(h) => {
                 tracing::warn!(
@@ -491,12 +499,14 @@ pub(crate) fn recover(
                     kind,
                     payload_start,
                     payload_len,
+                    stuffed,
                     ..
                 } if *kind == super::RecordKind::ROTATION.0 => {
                     has_rotation = true;
-                    rotated_to = format::Rotation::decode(
+                    rotated_to = format::Rotation::decode(&format::unstuffed(
                         &bytes[*payload_start..*payload_start + *payload_len],
-                    )
+                        *stuffed,
+                    ))
                     .map(|r| r.next_segment);
                 }
                 Scanned::Frame { .. } => report.records += 1,
@@ -584,12 +594,14 @@ pub(crate) fn recover(
                 kind,
                 payload_start,
                 payload_len,
+                stuffed,
             } = *item
             {
                 if kind == super::RecordKind::ROTATION.0 {
                     continue;
                 }
-                let payload = &bytes[payload_start..payload_start + payload_len];
+                let payload =
+                    format::unstuffed(&bytes[payload_start..payload_start + payload_len], stuffed);
                 // The whole frame, padding included, as a reader steps over it (a file cut
                 // inside the last frame's padding still holds that frame).
                 let total = format::frame_len(payload_len);
@@ -599,7 +611,7 @@ pub(crate) fn recover(
                         offset,
                     },
                     kind: super::RecordKind(kind),
-                    payload,
+                    payload: &payload,
                     next: Position {
                         segment: id,
                         offset: offset + total,
@@ -664,6 +676,15 @@ pub(crate) fn recover(
         // reports again (row 9) until compaction deletes past it; appends never follow a
         // rotation frame.
         fresh_id = fresh_id.max(missing + 1);
+        fresh_segment_needed = true;
+    }
+    if let Some(newest) = newest.filter(|n| older_format.contains(n)) {
+        tracing::info!(
+            segment = newest,
+            version = format::FORMAT_VERSION,
+            "the newest segment is of an older format version (row 13); appends continue in a new segment of this build's version"
+        );
+        fresh_id = fresh_id.max(newest + 1);
         fresh_segment_needed = true;
     }
     if segments.is_empty() || fresh_segment_needed {

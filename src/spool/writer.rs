@@ -39,6 +39,9 @@ pub type CommitHook = Box<dyn FnOnce(&[Position]) + Send>;
 enum Request {
     Append {
         records: Vec<(RecordKind, Bytes)>,
+        /// Bytes their frames take, from `precheck`: the writer thread does not scan the
+        /// payloads again to size them.
+        bytes: u64,
         synced: bool,
         hook: Option<CommitHook>,
         reply: Reply,
@@ -62,20 +65,22 @@ fn sender(h: &WriterHandle) -> Result<mpsc::Sender<Request>, SpoolError> {
 }
 
 impl WriterHandle {
-    fn precheck(&self, records: &[(RecordKind, Bytes)]) -> Result<(), SpoolError> {
+    /// Refuses what must not be written; the bytes the records' frames take.
+    fn precheck(&self, records: &[(RecordKind, Bytes)]) -> Result<u64, SpoolError> {
         if let Some(reason) = self.shared.poison_reason() {
             return Err(SpoolError::Poisoned(reason));
         }
         let max = self.shared.opts.record_bytes_max;
+        let mut bytes = 0;
         for (_, payload) in records {
-            if payload.len() > max as usize {
-                return Err(SpoolError::TooLarge {
-                    len: payload.len(),
-                    max,
-                });
+            // The bound is on the bytes a frame stores (a stuffed payload is longer).
+            let len = format::stored_len(payload);
+            if len > max as usize {
+                return Err(SpoolError::TooLarge { len, max });
             }
+            bytes += format::frame_len(len);
         }
-        Ok(())
+        Ok(bytes)
     }
 
     pub async fn append(
@@ -84,7 +89,7 @@ impl WriterHandle {
         synced: bool,
         hook: Option<CommitHook>,
     ) -> Result<Vec<Position>, SpoolError> {
-        self.precheck(&records)?;
+        let bytes = self.precheck(&records)?;
         if records.is_empty() {
             return Ok(Vec::new());
         }
@@ -92,6 +97,7 @@ impl WriterHandle {
         sender(self)?
             .send(Request::Append {
                 records,
+                bytes,
                 synced,
                 hook,
                 reply,
@@ -120,7 +126,7 @@ impl WriterHandle {
         records: Vec<(RecordKind, Bytes)>,
         synced: bool,
     ) -> Result<Vec<Position>, SpoolError> {
-        self.precheck(&records)?;
+        let bytes = self.precheck(&records)?;
         if records.is_empty() {
             return Ok(Vec::new());
         }
@@ -128,6 +134,7 @@ impl WriterHandle {
         sender(self)?
             .blocking_send(Request::Append {
                 records,
+                bytes,
                 synced,
                 hook: None,
                 reply,
@@ -343,11 +350,11 @@ impl Writer {
                 match req {
                     Request::Append {
                         records: r,
+                        bytes: b,
                         synced,
                         hook,
                         reply,
                     } => {
-                        let b: u64 = r.iter().map(|(_, p)| format::frame_len(p.len())).sum();
                         records += r.len();
                         bytes += b;
                         batch.push(Pending {
@@ -959,6 +966,7 @@ pub(crate) fn create_segment(
         allocated.map_err(|e| fail("preallocating", e))?;
     }
     let header = SegmentHeader {
+        version: super::format::FORMAT_VERSION,
         segment_id: id,
         created_ms: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)

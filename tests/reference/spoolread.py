@@ -298,12 +298,13 @@ def payload_max(spool_dir):
 
 
 def frame_at(data, at, bound):
-    """(kind, payload, total) when a valid frame with a payload of at most `bound` bytes
-    starts at `at` (§3), else None."""
+    """(kind, payload, total) when a valid frame with a stored payload of at most `bound`
+    bytes starts at `at` (§3), else None. A stuffed payload (flags bit 0) is returned
+    unstuffed."""
     if at + 16 > len(data) or data[at : at + 4] != MARKER:
         return None
     length, kind, flags, reserved, crc = struct.unpack_from("<IBBHI", data, at + 4)
-    if kind == 0 or flags != 0 or reserved != 0 or length > bound:
+    if kind == 0 or flags not in (0, 1) or reserved != 0 or length > bound:
         return None
     end = at + 16 + length
     if end > len(data):
@@ -311,6 +312,11 @@ def frame_at(data, at, bound):
     payload = data[at + 16 : end]
     if zlib.crc32(data[at + 4 : at + 12] + payload) != crc:
         return None
+    if flags == 1:
+        # Every 0xF7 is followed by 0x00 in a stuffed payload; remove those.
+        if payload.count(b"\xf7") != payload.count(b"\xf7\x00"):
+            return None
+        payload = payload.replace(b"\xf7\x00", b"\xf7")
     total = (16 + length + 7) // 8 * 8
     return kind, payload, total
 
@@ -321,8 +327,8 @@ def read_segment(data, bound):
     header = {"valid": False}
     if len(data) >= HEADER_LEN and data[:8] == b"SPOOLSEG" and zlib.crc32(data[:60]) == struct.unpack_from("<I", data, 60)[0]:
         version, header_len, _flags, seg_id, created_ms, seg_max, rec_max = struct.unpack_from("<HHIQQQI", data, 8)
-        if version != 1:
-            raise SystemExit(f"segment format version {version}: this reader knows 1 (§2)")
+        if version not in (1, 2):
+            raise SystemExit(f"segment format version {version}: this reader knows 1 and 2 (§2)")
         header = {"valid": True, "id": seg_id, "created_ms": created_ms, "segment_bytes_max": seg_max, "record_bytes_max": rec_max}
     frames, damaged = [], []
     at = HEADER_LEN
