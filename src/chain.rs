@@ -859,6 +859,40 @@ mod tests {
     }
 
     #[test]
+    fn sealed_payloads_count_each_0xf7_twice_against_the_record_bound() {
+        // Each entry's `meta` holds 150 values -9, each the byte 0xF7, each stored as two.
+        let max = 2_000u32;
+        let stored = crate::spool::format::stored_len;
+        let mut chains = Chains::new();
+        let mut writer = SealWriter::new(max, 0);
+        let mut entries = Vec::new();
+        for j in 0..12u64 {
+            let mut e = env("a", "text");
+            e.meta.insert("n".into(), serde_json::json!(vec![-9; 150]));
+            let position = Position {
+                segment: 1,
+                offset: 64 + j * 512,
+            };
+            let record = writer.seal(&mut chains, position, e).unwrap();
+            entries.push(SealedEntry { position, record });
+        }
+        let payloads = writer.finish();
+        let mut decoded = Vec::new();
+        for payload in &payloads {
+            assert!(stored(payload) <= max as usize, "{}", stored(payload));
+            let batch = SealedBatch::decode(payload).unwrap();
+            if let Some(next) = entries.get(decoded.len() + batch.entries.len()) {
+                let next = encode_sealed_entry(next.position, &next.record).unwrap();
+                assert!(stored(payload) + stored(&next) + SEAL_HEADER_BYTES > max as usize);
+            }
+            decoded.extend(batch.entries);
+        }
+        assert_eq!(decoded, entries);
+        // Counted by their plain length, the same entries would have packed tighter.
+        assert!(payloads.iter().any(|p| p.len() + 300 < stored(p)));
+    }
+
+    #[test]
     fn an_entry_too_large_for_a_record_is_refused_and_leaves_the_chain_as_it_was() {
         let mut chains = Chains::new();
         let mut writer = SealWriter::new(600, 0);

@@ -361,6 +361,22 @@ pub async fn run(config: Config) -> Result<Exit, DaemonError> {
         undecodable = summary.undecodable,
         "spool scanned; pending envelopes will be replayed"
     );
+    if summary.orphans > 0 {
+        tracing::warn!(
+            envelopes = summary.orphans,
+            "envelope records lost to damage or a removed segment were sealed before: they are forwarded again from their seals, identically"
+        );
+        metrics
+            .recovery_envelopes_resent_from_seals_total
+            .inc_by(summary.orphans);
+    }
+    if summary.orphans_dropped > 0 {
+        tracing::error!(
+            envelopes = summary.orphans_dropped,
+            kept = crate::forward::ledger::ORPHANS_MAX,
+            "more sealed envelopes lost their records than a start keeps to re-send from their seals; these are lost with the damage"
+        );
+    }
 
     crate::gate::quiet_classify_panics();
     let gate = Arc::new(

@@ -101,6 +101,7 @@ pub struct Metrics {
     pub recovery_duration_seconds: prometheus::Gauge,
     pub recovery_dedup_files_skipped_total: IntCounter,
     pub recovery_segments_missing_total: IntCounter,
+    pub recovery_envelopes_resent_from_seals_total: IntCounter,
 
     // Process.
     pub build_info: IntGaugeVec,
@@ -244,6 +245,7 @@ impl Metrics {
             spool_read_damaged_ranges_total: counter(&r, "spoolgate_spool_read_damaged_ranges_total", "Times a reader met a range of a segment that was damaged after recovery (damage that appeared while running) and skipped it, with the records in it; each is also a WARN log line. A range is counted again each time a reader meets it (forwarding that restarts from an older record reads it again), so this counts meetings, not distinct ranges; a restart's recovery counts each range once."),
             spool_read_damaged_bytes_total: counter(&r, "spoolgate_spool_read_damaged_bytes_total", "Bytes skipped at the meetings counted in spoolgate_spool_read_damaged_ranges_total."),
             recovery_torn_tail_bytes_truncated_total: counter(&r, "spoolgate_recovery_torn_tail_bytes_truncated_total", "Bytes of an unacknowledged torn tail cut from the last segment at the last start."),
+            recovery_envelopes_resent_from_seals_total: counter(&r, "spoolgate_recovery_envelopes_resent_from_seals_total", "Envelopes whose own record a start did not find (a damaged frame, or a segment removed by something other than compaction) but whose seal it found, not tombstoned: forwarded again from the seal, identically (same sequence number, hashes and gate output), where the record was in log order. Beyond 65,536 at one start the rest are lost with the damage and logged as an ERROR."),
             recovery_segments_missing_total: counter(&r, "spoolgate_recovery_segments_missing_total", "Segments missing at the last start, between two present ones, after the newest (named by its rotation frame), or before the oldest (from the oldest segment compaction kept, named in the chain-heads checkpoint as first_kept): removed by something other than compaction, with the acknowledged envelopes they held."),
             recovery_dedup_files_skipped_total: counter(&r, "spoolgate_recovery_dedup_files_skipped_total", "Dedup checkpoints that could not be read at the last start (their ids are not deduplicated)."),
             recovery_duration_seconds: float_gauge(&r, "spoolgate_recovery_duration_seconds", "How long recovery took at the last start, the scan of the records it kept included."),

@@ -884,3 +884,81 @@ fn a_request_whose_client_hung_up_keeps_its_bytes_counted_until_the_writer_is_do
     std::fs::remove_file(&hold).unwrap();
     d.wait_metric("spoolgate_ingest_inflight_bytes", |v| v == 0.0);
 }
+
+#[test]
+fn an_envelope_frame_damaged_after_its_seal_is_delivered_from_the_seal_after_a_restart() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    // The sink refuses everything at first and keeps what it was offered: the records were
+    // sealed (durable) before they were sent.
+    let accept = Arc::new(AtomicBool::new(false));
+    let offered: Arc<Mutex<Vec<serde_json::Value>>> = Arc::default();
+    let sink = {
+        let (accept, offered) = (accept.clone(), offered.clone());
+        common::TestSink::start_by_batch(move |_, batch| {
+            if accept.load(Ordering::SeqCst) {
+                (200, String::new())
+            } else {
+                offered.lock().unwrap().extend_from_slice(batch);
+                (503, "down".into())
+            }
+        })
+    };
+    let scratch = tempfile::tempdir().unwrap();
+    let data = scratch.path().join("data");
+    let cfg = sink.config_file(scratch.path(), "");
+    let args = [
+        "--config",
+        cfg.to_str().unwrap(),
+        "--set",
+        "spool.preallocate=false",
+    ];
+    let mut d = Daemon::start_in(&data, &args, &[]);
+    let batch: Vec<serde_json::Value> = (0..3).map(envelope).collect();
+    assert_eq!(d.post_json(&json!(batch)).status, 202);
+    common::wait_for("the sink to be offered all three", || {
+        (ids(&offered.lock().unwrap()).len() == 3).then_some(())
+    });
+    d.kill9();
+
+    // The disk damages the second envelope's frame.
+    let seg = data.join("spool").join(format!("{:020}.seg", 1));
+    let mut bytes = std::fs::read(&seg).unwrap();
+    let envelopes: Vec<usize> = frames_of(&bytes)
+        .into_iter()
+        .filter(|&(_, kind)| kind == 1)
+        .map(|(at, _)| at)
+        .collect();
+    assert_eq!(envelopes.len(), 3);
+    bytes[envelopes[1]..envelopes[1] + 4].copy_from_slice(&[0xff; 4]);
+    std::fs::write(&seg, bytes).unwrap();
+
+    accept.store(true, Ordering::SeqCst);
+    d.restart();
+    common::wait_for("all three delivered", || {
+        (ids(&sink.delivered()).len() == 3).then_some(())
+    });
+    let by_id = |records: &[serde_json::Value], id: &str| {
+        records
+            .iter()
+            .find(|r| r["envelope"]["id"] == id)
+            .cloned()
+            .unwrap()
+    };
+    let offered = offered.lock().unwrap().clone();
+    for id in ["e-0", "e-1", "e-2"] {
+        assert_eq!(
+            by_id(&sink.delivered(), id),
+            by_id(&offered, id),
+            "{id} is delivered as it was sealed"
+        );
+    }
+    assert_eq!(
+        d.metric("spoolgate_recovery_envelopes_resent_from_seals_total"),
+        1.0
+    );
+    assert_eq!(
+        d.metric("spoolgate_recovery_corrupt_records_dropped_total"),
+        1.0
+    );
+}

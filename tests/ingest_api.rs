@@ -111,6 +111,18 @@ fn every_client_error_has_its_status_and_a_reason() {
             413,
             "envelope_too_large",
         ),
+        (
+            // About 650 bytes encoded, but each -9 is the byte 0xF7, stored as two: over 1024
+            // as the spool stores it (spool-format.md §3).
+            "application/json",
+            format!(
+                r#"{{"source":"s","meta":{{"n":[{}]}}}}"#,
+                ["-9"; 600].join(",")
+            )
+            .into_bytes(),
+            413,
+            "envelope_too_large",
+        ),
     ];
     for (ct, body, status, code) in cases {
         let r = d.post(ct, &body);

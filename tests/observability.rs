@@ -2,20 +2,20 @@
 
 mod common;
 
-use common::{envelope, file_sink_records, Daemon, TestSink};
+use common::{envelope, file_sink_records, Daemon};
 use serde_json::json;
 
 #[test]
 fn a_known_workload_produces_exact_counter_values_across_a_restart_with_a_corrupt_record() {
-    let hold = TestSink::start(|_| (503, "hold".into()));
+    // Nothing is forwarded (so nothing sealed) before the restart: the corrupt record is then
+    // lost with its frame. (A sealed one would be re-sent from its seal; fault_suite tests it.)
     let scratch = tempfile::tempdir().unwrap();
-    let cfg = hold.config_file(scratch.path(), "");
     let data = scratch.path().join("data");
     let mut d = Daemon::start_in(
         &data,
         &[
-            "--config",
-            cfg.to_str().unwrap(),
+            "--set",
+            "forward.enabled=false",
             "--set",
             "spool.preallocate=false",
         ],

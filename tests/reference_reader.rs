@@ -536,3 +536,61 @@ fn the_reference_reader_names_the_oldest_segments_missing_below_the_checkpoints_
     assert!(ok, "{out}");
     assert_eq!(out["missing_oldest_segments"], json!([]), "{out}");
 }
+
+#[test]
+fn the_reference_reader_reads_a_version_1_segment_and_refuses_broken_stuffing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut segment = spec_bytes("golden-segment");
+    // A version 1 header (as a build from before 2026-12-04 wrote), its CRC made again.
+    segment[8..10].copy_from_slice(&1u16.to_le_bytes());
+    let crc = crc32fast::hash(&segment[0..60]);
+    segment[60..64].copy_from_slice(&crc.to_le_bytes());
+    // After the three envelopes, a frame flagged stuffed whose 0xF7 is not followed by 0x00,
+    // under a matching CRC, and then a good frame.
+    let stored = b"ab\xf7c";
+    let at = segment.len();
+    segment.extend_from_slice(&[0xF7, b'S', b'G', b'F']);
+    segment.extend_from_slice(&(stored.len() as u32).to_le_bytes());
+    segment.extend_from_slice(&[1, 1, 0, 0]);
+    let mut h = crc32fast::Hasher::new();
+    h.update(&segment[at + 4..at + 12]);
+    h.update(stored);
+    segment.extend_from_slice(&h.finalize().to_le_bytes());
+    segment.extend_from_slice(stored);
+    segment.resize(at + 24, 0);
+    spoolgate::spool::format::encode_frame(
+        3,
+        &spec_bytes("golden-chain:tombstone-1"),
+        &mut segment,
+    );
+    std::fs::write(dir.path().join("00000000000000000001.seg"), &segment).unwrap();
+    let (ok, out) = spoolread("dump", dir.path());
+    assert!(ok, "{out}");
+    assert_eq!(out["segments"][0]["records"], 4, "{out}");
+    assert_eq!(
+        out["segments"][0]["damaged"],
+        json!([{"offset": at, "bytes": 24}]),
+        "{out}"
+    );
+    assert_eq!(out["records"][2]["payload"]["meta"], json!({"n": -9}));
+    assert_eq!(out["records"][3]["kind"], "tombstone");
+}
+
+#[test]
+fn the_reference_reader_counts_a_sealed_envelope_whose_record_is_damaged_as_pending() {
+    // The golden segment and the sealed entry of §8 naming its first envelope, at (1, 64),
+    // whose frame marker is then damaged: an orphan, pending and re-sent from the entry.
+    let data = tempfile::tempdir().unwrap();
+    let spool = data.path().join("spool");
+    std::fs::create_dir(&spool).unwrap();
+    let mut segment = spec_bytes("golden-segment");
+    spoolgate::spool::format::encode_frame(2, &spec_bytes("golden-chain:sealed-1"), &mut segment);
+    segment[64..68].copy_from_slice(&[0xff; 4]);
+    std::fs::write(spool.join("00000000000000000001.seg"), &segment).unwrap();
+    let (ok, out) = spoolread("verify-spool", data.path());
+    assert!(ok, "{out}");
+    assert_eq!(out["envelopes"], 2, "{out}");
+    assert_eq!(out["orphans"], 1, "{out}");
+    assert_eq!(out["pending"], 3, "{out}");
+    assert_eq!(out["pending_sealed"], 1, "{out}");
+}

@@ -345,6 +345,44 @@ fn records_over_the_bound_are_refused_before_anything_is_written() {
 }
 
 #[test]
+fn a_record_whose_stored_length_is_over_the_bound_is_refused_though_its_payload_is_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = options(dir.path());
+    let (s, _, _) = open(&opts);
+    // 600 bytes, 500 of them 0xF7: stored stuffed as 1100 bytes (spool-format.md §3).
+    let mut p = payload(1).to_vec();
+    p.resize(100, b'x');
+    p.resize(600, 0xF7);
+    let err = s
+        .append_blocking(
+            vec![
+                (RecordKind::ENVELOPE, payload(0)),
+                (RecordKind::ENVELOPE, bytes::Bytes::from(p.clone())),
+            ],
+            false,
+        )
+        .unwrap_err();
+    assert!(matches!(
+        err,
+        SpoolError::TooLarge {
+            len: 1100,
+            max: 1024
+        }
+    ));
+    assert!(read_all(&s).is_empty());
+    // At 400 bytes 0xF7 it fits stored (1000), and reads back as it was appended.
+    p.truncate(500);
+    s.append_blocking(
+        vec![(RecordKind::ENVELOPE, bytes::Bytes::from(p.clone()))],
+        false,
+    )
+    .unwrap();
+    let records = read_records(&s);
+    assert_eq!(records.len(), 1);
+    assert_eq!(records[0].2, p);
+}
+
+#[test]
 fn interval_and_never_modes_acknowledge_without_waiting_for_fdatasync_and_close_flushes() {
     // An interval of an hour: no tick comes during the test, so every fdatasync counted is
     // one the test asked for.

@@ -650,3 +650,32 @@ fn row_13_a_spool_of_format_version_1_is_read_and_appends_go_on_in_a_new_version
     assert_eq!(records.len(), 6);
     assert_eq!(records[5].2, stuffed.to_vec());
 }
+
+#[test]
+fn row_13_an_empty_prepared_segment_of_format_version_1_becomes_version_2_in_place() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts = options(dir.path());
+    opts.preallocate = true;
+    let (s, _, _) = open(&opts);
+    let n = append_until_segment_two_is_prepared(&s);
+    s.close().unwrap();
+    set_version(dir.path(), 1, 1);
+    set_version(dir.path(), 2, 1);
+    let (s, _, _) = open(&opts);
+    let at = append(&s, n);
+    assert_eq!(at.segment, 2, "appends go on in the prepared segment");
+    s.close().unwrap();
+    assert!(!seg(dir.path(), 3).exists(), "no segment was created");
+    let version = |id| {
+        spoolgate::spool::format::SegmentHeader::decode(
+            &std::fs::read(seg(dir.path(), id)).unwrap(),
+        )
+        .unwrap()
+        .version
+    };
+    assert_eq!(version(1), 1);
+    assert_eq!(version(2), spoolgate::spool::format::FORMAT_VERSION);
+    let (s, report, _) = open(&opts);
+    assert!(report.missing_segments.is_empty());
+    assert_eq!(read_all(&s), (0..=n).collect::<Vec<u64>>());
+}

@@ -7,8 +7,16 @@
 //! until tombstoned. Tombstones always follow the envelope they complete in log order (they are
 //! written after it was read back), so a single forward pass is enough.
 //!
+//! An **orphan** is a sealed, untombstoned envelope whose own record the scan did not find: its
+//! frame was damaged, or its segment removed by something other than compaction, after its
+//! seal was durable. The seal holds everything it is forwarded as, so it is counted pending at
+//! its position and the dispatcher re-sends it from the seal where its record was, in log
+//! order (see [`Ledger::orphans_between`]): the damage costs it nothing. Orphans are found at
+//! the end of the scan (a seal may name an envelope of a segment compaction deleted, whose
+//! tombstone comes later in the log) and kept to [`ORPHANS_MAX`].
+//!
 //! Bounds: the ledger holds one small entry per pending envelope plus one forward record per
-//! sealed-but-unconfirmed envelope. Pending entries are bounded by the spool's quota
+//! sealed-but-unconfirmed envelope (orphans included). Pending entries are bounded by the spool's quota
 //! (`spool.quota_hard_bytes` over the smallest record), which is why each is kept small: 24
 //! bytes in a per-segment array in log order (offset, payload bytes, since when, done), where
 //! a map keyed by position cost about 100 bytes per envelope (measured with
@@ -22,6 +30,12 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 
 use crate::chain::{ChainHead, SealedBatch, SharedRecord, Tombstone};
+
+/// Orphans (see the module doc) a start keeps, and seals naming unknown positions the scan
+/// holds until their tombstones show up: damage would have to reach this many sealed,
+/// undelivered envelopes at once, which the sealed bound above keeps far off. Past it, the
+/// rest are lost with the damage, as before orphans were re-sent, and said so.
+pub const ORPHANS_MAX: usize = 65_536;
 use crate::envelope::Envelope;
 use crate::spool::{Position, RecordKind, RecordView, Spool, SpoolError};
 
@@ -84,6 +98,8 @@ struct Inner {
     sealed: HashMap<Position, SharedRecord, foldhash::fast::RandomState>,
     /// Every envelope before this position has been counted into `segments`.
     counted_up_to: Position,
+    /// Pending orphans (see the module doc), until their tombstone is written.
+    orphans: std::collections::BTreeSet<Position>,
 }
 
 #[derive(Default)]
@@ -104,6 +120,10 @@ pub struct ScanSummary {
     pub tombstoned: u64,
     /// Envelope or control records whose payload did not decode although their CRC held.
     pub undecodable: u64,
+    /// Orphans found (see the module doc), re-sent from their seals.
+    pub orphans: u64,
+    /// Orphans past [`ORPHANS_MAX`], lost with the damage.
+    pub orphans_dropped: u64,
     pub end: Position,
 }
 
@@ -190,6 +210,48 @@ impl Ledger {
         self.lock().counted_up_to
     }
 
+    /// Whether the envelope at `position` was counted at all, pending or done.
+    pub fn is_known(&self, position: Position) -> bool {
+        let inner = self.lock();
+        inner
+            .segments
+            .get(&position.segment)
+            .is_some_and(|s| s.find(position.offset).is_some())
+    }
+
+    /// Counts an orphan (see the module doc) pending at its position, with its seal.
+    pub fn add_orphan(&self, position: Position, info: PendingInfo, seal: SharedRecord) {
+        let mut inner = self.lock();
+        let segment = inner.segments.entry(position.segment).or_default();
+        let i = match segment.search(position.offset) {
+            Ok(_) => return,
+            Err(i) => i,
+        };
+        segment.entries.insert(
+            i,
+            Entry {
+                offset: position.offset,
+                since_ms: info.since_ms,
+                bytes: info.bytes,
+                done: false,
+            },
+        );
+        segment.first_open = segment.first_open.min(i);
+        inner.pending_count += 1;
+        inner.pending_bytes += u64::from(info.bytes);
+        inner.sealed.insert(position, seal);
+        inner.orphans.insert(position);
+    }
+
+    /// The pending orphans at positions in `[from, to)`, in log order: the dispatcher sends
+    /// each where its record would have been read.
+    pub fn orphans_between(&self, from: Position, to: Position) -> Vec<Position> {
+        if from >= to {
+            return Vec::new();
+        }
+        self.lock().orphans.range(from..to).copied().collect()
+    }
+
     pub fn is_pending(&self, position: Position) -> bool {
         let inner = self.lock();
         let Some(segment) = inner.segments.get(&position.segment) else {
@@ -236,6 +298,7 @@ impl Ledger {
             let inner = &mut *guard;
             for p in positions {
                 released.extend(inner.sealed.remove(p));
+                inner.orphans.remove(p);
                 // A tombstone may name an envelope already complete (written twice after a
                 // rewind) or in a segment compaction deleted: nothing to count then.
                 let Some(segment) = inner.segments.get_mut(&p.segment) else {
@@ -290,13 +353,21 @@ impl Ledger {
     /// which the consumer has read past. Returns the first id that must be kept.
     pub fn compactable_below(&self, segments: &[u64], active: u64) -> Option<u64> {
         let inner = self.lock();
+        // An orphan's envelope may be in a segment that is not there any more (removed by
+        // something else): its seal, in that segment or a later one, must stay all the same.
+        let lowest_open = inner
+            .segments
+            .iter()
+            .find(|(_, s)| !s.is_complete())
+            .map(|(&id, _)| id);
         let mut keep_from = None;
         for &id in segments {
             let read_past = id < inner.counted_up_to.segment;
             let complete = inner
                 .segments
                 .get(&id)
-                .is_none_or(SegmentLedger::is_complete);
+                .is_none_or(SegmentLedger::is_complete)
+                && lowest_open.is_none_or(|open| id < open);
             if id >= active || !read_past || !complete {
                 keep_from = Some(id);
                 break;
@@ -431,6 +502,9 @@ pub struct Scan<'l> {
     ledger: &'l Ledger,
     now_ms: u64,
     summary: ScanSummary,
+    /// Seal entries, not tombstoned so far, of envelopes the scan has not counted: orphans,
+    /// unless a tombstone later in the log names them (see the module doc).
+    orphans: BTreeMap<Position, SharedRecord>,
 }
 
 impl<'l> Scan<'l> {
@@ -439,6 +513,7 @@ impl<'l> Scan<'l> {
             ledger,
             now_ms,
             summary: ScanSummary::default(),
+            orphans: BTreeMap::new(),
         }
     }
 
@@ -484,6 +559,13 @@ impl<'l> Scan<'l> {
                                 entry.position,
                                 std::sync::Arc::new(entry.record),
                             )]);
+                        } else if !ledger.is_known(entry.position) {
+                            if self.orphans.len() < ORPHANS_MAX {
+                                self.orphans
+                                    .insert(entry.position, std::sync::Arc::new(entry.record));
+                            } else {
+                                summary.orphans_dropped += 1;
+                            }
                         }
                     }
                 }
@@ -498,6 +580,9 @@ impl<'l> Scan<'l> {
                 Ok(t) => {
                     summary.tombstoned += t.positions.len() as u64;
                     ledger.complete(&t.positions);
+                    for p in &t.positions {
+                        self.orphans.remove(p);
+                    }
                     for head in &t.heads {
                         if let Some(chain_head) = head.chain_head() {
                             on_head(&head.stream, chain_head);
@@ -519,6 +604,21 @@ impl<'l> Scan<'l> {
             self.summary.end = first_position;
         }
         self.ledger.counted_up_to(self.summary.end);
+        // What is left was sealed, never tombstoned, and its record not found. Below the first
+        // segment present, compaction deleted it, which it does only once every envelope in
+        // it is tombstoned: that tombstone was lost to damage, and the record delivered.
+        let first_segment = first_position.segment;
+        for (position, seal) in std::mem::take(&mut self.orphans) {
+            if position.segment < first_segment {
+                continue;
+            }
+            let info = PendingInfo {
+                since_ms: acknowledged_since(seal.envelope.ts_ms, None, self.now_ms),
+                bytes: 0,
+            };
+            self.ledger.add_orphan(position, info, seal);
+            self.summary.orphans += 1;
+        }
         let (pending, _, _) = self.ledger.pending_stats();
         self.summary.pending = pending;
         self.summary.sealed = self.ledger.sealed_len() as u64;
@@ -795,5 +895,43 @@ mod tests {
         l.add_live(p(1, 100), info(), p(1, 150));
         assert_eq!(l.counted_position(), p(1, 150));
         assert_eq!(l.pending_stats().0, 2);
+    }
+
+    #[test]
+    fn an_orphan_in_a_missing_segment_keeps_the_segments_after_it_from_compaction() {
+        use crate::chain::Chains;
+        let ledger = Ledger::default();
+        // Segments 4, 6 and 7 are present, every envelope in them complete; segment 5 was
+        // removed, and one of its envelopes is an orphan whose seal is in segment 6.
+        for segment in [4, 6] {
+            ledger.add_pending(p(segment, 64), info());
+            ledger.complete(&[p(segment, 64)]);
+        }
+        ledger.counted_up_to(p(7, 64));
+        assert_eq!(ledger.compactable_below(&[4, 6, 7], 7), Some(7));
+        let seal = std::sync::Arc::new(
+            Chains::new()
+                .seal(crate::envelope::Envelope {
+                    source: "s".into(),
+                    slot: crate::slots::slot_of("s"),
+                    ..Default::default()
+                })
+                .unwrap(),
+        );
+        ledger.add_orphan(p(5, 64), info(), seal.clone());
+        assert!(ledger.is_pending(p(5, 64)));
+        assert_eq!(ledger.pending_seal(p(5, 64)), Some(Some(seal)));
+        assert_eq!(ledger.orphans_between(p(4, 64), p(6, 64)), vec![p(5, 64)]);
+        assert_eq!(
+            ledger.orphans_between(p(5, 72), p(7, 64)),
+            Vec::<Position>::new()
+        );
+        assert_eq!(ledger.compactable_below(&[4, 6, 7], 7), Some(6));
+        ledger.complete(&[p(5, 64)]);
+        assert_eq!(
+            ledger.orphans_between(p(4, 64), p(7, 64)),
+            Vec::<Position>::new()
+        );
+        assert_eq!(ledger.compactable_below(&[4, 6, 7], 7), Some(7));
     }
 }

@@ -398,6 +398,43 @@ async fn read_chunk(
     .map_err(|e| DispatchError::Task(e.to_string()))
 }
 
+/// `chunk`, read from `from`, with the pending orphans (see `ledger`) between `from` and its
+/// end put in log order among its records, each as an envelope record with no payload that
+/// ends 8 bytes after its position (its lost frame took at least 24, so the next record read
+/// starts after that). The dispatcher sends them from their seals. An orphan always lies
+/// before its own seal record, which is read, so every orphan falls in some chunk's range.
+fn with_orphans(ledger: &Ledger, from: Position, chunk: Vec<Record>) -> Vec<Record> {
+    let Some(end) = chunk.last().map(|r| r.next) else {
+        return chunk;
+    };
+    let orphans = ledger.orphans_between(from, end);
+    if orphans.is_empty() {
+        return chunk;
+    }
+    let mut merged = Vec::with_capacity(chunk.len() + orphans.len());
+    let mut orphans = orphans.into_iter().peekable();
+    for record in chunk {
+        while let Some(p) = orphans.next_if(|p| *p < record.position) {
+            merged.push(orphan_record(p));
+        }
+        merged.push(record);
+    }
+    merged.extend(orphans.map(orphan_record));
+    merged
+}
+
+fn orphan_record(position: Position) -> Record {
+    Record {
+        position,
+        kind: RecordKind::ENVELOPE,
+        payload: bytes::Bytes::new(),
+        next: Position {
+            segment: position.segment,
+            offset: position.offset + crate::spool::format::FRAME_ALIGN,
+        },
+    }
+}
+
 /// The first segment some reading still has to read: the main cursor's, or an earlier one
 /// where a worker left behind resumes.
 fn lowest_unread_segment(cursor: Position, detached: &[Option<Detached>]) -> u64 {
@@ -458,6 +495,7 @@ impl Dispatcher {
             Some(r) if r.position() == self.cursor => r,
             _ => self.spool.reader(self.cursor),
         };
+        let from = reader.position();
         let (reader, chunk) = read_chunk(reader, None).await?;
         self.reader = Some(reader);
         let chunk = chunk?;
@@ -467,6 +505,7 @@ impl Dispatcher {
         if chunk.is_empty() {
             return Ok(false);
         }
+        let chunk = with_orphans(&self.ledger, from, chunk);
         for record in chunk {
             if !self.dispatch(record).await {
                 return Ok(false);
@@ -507,12 +546,16 @@ impl Dispatcher {
             // re-sent from there like any sealed record. Dead-lettering it would leave a gap
             // at its sequence number, and the sink may already have it.
             (Err(e), Some(sealed)) => {
-                tracing::warn!(
-                    segment = record.position.segment,
-                    offset = record.position.offset,
-                    error = %e,
-                    "envelope record does not decode; re-sending it from its seal"
-                );
+                // An orphan (no payload: its record was lost, see `ledger`) was reported by
+                // the start-up scan already.
+                if !record.payload.is_empty() {
+                    tracing::warn!(
+                        segment = record.position.segment,
+                        offset = record.position.offset,
+                        error = %e,
+                        "envelope record does not decode; re-sending it from its seal"
+                    );
+                }
                 sealed.envelope.clone()
             }
             (Err(e), None) => return self.undecodable(&record, live, &e.to_string()).await,
@@ -665,6 +708,7 @@ impl Dispatcher {
                 Some(r) if r.position() == detached.from => r,
                 _ => self.spool.reader(detached.from),
             };
+            let from = reader.position();
             let (reader, chunk) = read_chunk(reader, Some(self.cursor)).await?;
             let chunk = chunk?;
             self.metrics
@@ -675,6 +719,7 @@ impl Dispatcher {
                 self.detached[w] = None;
                 return Ok(true);
             }
+            let chunk = with_orphans(&self.ledger, from, chunk);
             let mut resume = reader.position();
             let mut full = false;
             for record in chunk {
@@ -713,7 +758,13 @@ impl Dispatcher {
             return None;
         }
         let seal = self.ledger.pending_seal(record.position)?;
-        let envelope = Envelope::decode(&record.payload).ok()?;
+        // As in `dispatch`: a sealed record is sent from its seal whether or not its own
+        // record decodes (an orphan has none).
+        let envelope = match (Envelope::decode(&record.payload), &seal) {
+            (Ok(envelope), _) => envelope,
+            (Err(_), Some(sealed)) => sealed.envelope.clone(),
+            (Err(_), None) => return None,
+        };
         if (seal.is_none() && slot_mismatch(&envelope).is_some())
             || self.ownership.owner(envelope.slot % crate::slots::SLOTS) != Some(w)
         {

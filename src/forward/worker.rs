@@ -194,8 +194,9 @@ async fn append_when_space(
 /// durable without the heads of its batch (a crash can leave the first records of one append
 /// on disk and not the last). Stored in a frame (each byte 0xF7 taking two, spool-format.md
 /// §3), a position takes at most 50 bytes (a map of two named u64: 34, and up to 16 bytes
-/// 0xF7 in the numbers), a head at most 105 besides its stream name (97, and 8 in its `seq`;
-/// names are UTF-8, which has no 0xF7), and a record's own map and array headers at most 35;
+/// 0xF7 in the numbers), a head at most 109 besides its stream name (97, 8 in its `seq` and 4
+/// in the name's length prefix; the name itself is UTF-8, which has no 0xF7), and a record's
+/// own map and array headers at most 35;
 /// the estimates below round each up.
 fn tombstone_records(
     positions: &[Position],

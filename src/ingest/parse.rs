@@ -70,7 +70,7 @@ pub enum ParseError {
     TooManyItems { count: usize, max: usize },
     /// 413: one item is too large once encoded.
     #[error(
-        "envelope at index {index} is {len} bytes encoded, over ingest.envelope_bytes_max {max}"
+        "envelope at index {index} is {len} bytes encoded as stored (each byte 0xF7 counted twice), over ingest.envelope_bytes_max {max}"
     )]
     ItemTooLarge { index: usize, len: usize, max: u64 },
     /// 400: the request has no envelopes.
@@ -479,7 +479,10 @@ pub fn parse_request(
                 index,
                 reason: e.to_string(),
             })?;
-        let len = all.len() - start;
+        // As stored in the spool (each byte 0xF7, which only numbers or binary values in
+        // `meta` produce, takes two; spool-format.md §3): the bound leaves room under
+        // spool.record_bytes_max for the sealed form, and must hold for the stored length.
+        let len = crate::spool::format::stored_len(&all[start..]);
         if len as u64 > limits.envelope_bytes_max {
             return Err(ParseError::ItemTooLarge {
                 index,

@@ -136,8 +136,6 @@ pub fn encode_frame(kind: u8, payload: &[u8], out: &mut Vec<u8>) {
 
 fn encode_frame_as(kind: u8, payload: &[u8], stuff_allowed: bool, out: &mut Vec<u8>) {
     assert!(kind != 0, "kind 0 is reserved for the zeroed tail");
-    // A kind of 0xF7 would put the marker's first byte at an aligned offset inside a frame.
-    assert!(kind != STUFFED_BYTE, "kind 0xF7 is reserved");
     let stuffed = stuff_allowed && memchr::memchr(STUFFED_BYTE, payload).is_some();
     let stored = if stuffed {
         stored_len(payload)
@@ -669,5 +667,42 @@ mod tests {
             assert!(SegmentHeader::decode(&h.encode()).is_err());
             assert_eq!(SegmentHeader::unknown_version(&h.encode()), Some(version));
         }
+    }
+
+    #[test]
+    fn a_stuffed_payload_ending_in_a_lone_0xf7_is_invalid_and_a_flag_without_0xf7_is_valid() {
+        let frame = |stored: &[u8]| {
+            let mut out = Vec::new();
+            out.extend_from_slice(&FRAME_MARKER);
+            out.extend_from_slice(&(stored.len() as u32).to_le_bytes());
+            out.extend_from_slice(&[1, FLAG_STUFFED, 0, 0]);
+            let mut crc = crc32fast::Hasher::new();
+            crc.update(&out[4..12]);
+            crc.update(stored);
+            out.extend_from_slice(&crc.finalize().to_le_bytes());
+            out.extend_from_slice(stored);
+            // The padding's zero must not count as the stuffed 0x00.
+            out.resize(frame_len(stored.len()) as usize, 0);
+            out
+        };
+        assert_eq!(frame_at(&frame(b"ab\xf7"), 0, 1024), FrameAt::Invalid);
+        assert!(matches!(
+            frame_at(&frame(b"ab\xf7\x00"), 0, 1024),
+            FrameAt::Valid {
+                payload_len: 4,
+                stuffed: true,
+                ..
+            }
+        ));
+        assert_eq!(&*unstuffed(b"ab\xf7\x00", true), b"ab\xf7");
+        assert!(matches!(
+            frame_at(&frame(b"plain"), 0, 1024),
+            FrameAt::Valid {
+                payload_len: 5,
+                stuffed: true,
+                ..
+            }
+        ));
+        assert_eq!(&*unstuffed(b"plain", true), b"plain");
     }
 }

@@ -678,14 +678,34 @@ pub(crate) fn recover(
         fresh_id = fresh_id.max(missing + 1);
         fresh_segment_needed = true;
     }
-    if let Some(newest) = newest.filter(|n| older_format.contains(n)) {
-        tracing::info!(
-            segment = newest,
-            version = format::FORMAT_VERSION,
-            "the newest segment is of an older format version (row 13); appends continue in a new segment of this build's version"
-        );
-        fresh_id = fresh_id.max(newest + 1);
-        fresh_segment_needed = true;
+    if let Some(newest) = newest.filter(|n| older_format.contains(n) && !fresh_segment_needed) {
+        let meta = &segments[&newest];
+        if meta.data_end == HEADER_LEN {
+            // Nothing in it yet (prepared by the older build): it becomes a segment of this
+            // version in place, rather than an empty segment left behind a new one.
+            let mut header = [0u8; HEADER_LEN as usize];
+            let read = read_prefix(meta.file.as_ref(), &mut header)
+                .map_err(io("read segment", &meta.path))?;
+            let mut h = SegmentHeader::decode(&header[..read]).map_err(SpoolError::Invalid)?;
+            h.version = format::FORMAT_VERSION;
+            meta.file
+                .write_all_at(&h.encode(), 0)
+                .map_err(io("rewrite segment header", &meta.path))?;
+            meta.file.sync_data().map_err(io("fdatasync", &meta.path))?;
+            tracing::info!(
+                segment = newest,
+                version = format::FORMAT_VERSION,
+                "the newest segment, empty, was of an older format version (row 13); its header now says this build's"
+            );
+        } else {
+            tracing::info!(
+                segment = newest,
+                version = format::FORMAT_VERSION,
+                "the newest segment is of an older format version (row 13); appends continue in a new segment of this build's version"
+            );
+            fresh_id = fresh_id.max(newest + 1);
+            fresh_segment_needed = true;
+        }
     }
     if segments.is_empty() || fresh_segment_needed {
         let id = fresh_id;

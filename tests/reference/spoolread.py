@@ -490,13 +490,19 @@ def cmd_verify_spool(data_dir):
         streams[s] = max(streams.get(s, 0), v[0])
     for s, seq in tomb_heads.items():
         streams[s] = max(streams.get(s, 0), seq)
-    pending = envelopes - tombstoned
+    # §8, "Replay rule": a sealed entry naming no envelope record that could be read, and no
+    # tombstone, is pending as well (re-sent from the entry), unless its segment is below the
+    # oldest present one (compaction's: delivered).
+    first_present = present[0] if present else 0
+    orphans = {p for p in sealed if p not in envelopes and p not in tombstoned and p[0] >= first_present}
+    pending = (envelopes - tombstoned) | orphans
     out = {
         "envelopes": len(envelopes),
         "sealed_entries": len(sealed),
         "tombstoned": len(envelopes & tombstoned),
         "pending": len(pending),
         "pending_sealed": len(pending & set(sealed)),
+        "orphans": len(orphans),
         "streams": streams,
         # Segments below the oldest present one and not below the one compaction last kept:
         # removed by something else (§8, "The chain-heads checkpoint").
