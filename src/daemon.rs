@@ -251,7 +251,8 @@ pub async fn run(config: Config) -> Result<Exit, DaemonError> {
                     Spool::open_visiting(opts, fs, metrics, Some(observer), &mut |record| {
                         scan.record(record, &mut on_envelope, &mut on_head)
                     })?;
-                let summary = scan.finish(spool.first_position());
+                let segments: Vec<u64> = spool.segments().iter().map(|s| s.id).collect();
+                let summary = scan.finish(spool.first_position(), &segments);
                 Ok((spool, report, summary))
             },
         );

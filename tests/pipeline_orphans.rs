@@ -33,17 +33,16 @@ async fn append_record(spool: &Spool, kind: RecordKind, payload: Vec<u8>) -> Pos
         .unwrap()[0]
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_sealed_envelope_whose_record_was_damaged_is_re_sent_from_its_seal_in_order() {
-    let dir = tempfile::tempdir().unwrap();
+/// What a previous run left in `dir`: three envelopes of stream t, sealed as 1, 2 and 3; the
+/// first delivered and tombstoned, the other two sealed but not yet confirmed; then the disk
+/// damaged the frame of the second ("lost"). Returns the three sealed entries.
+async fn left_with_a_damaged_sealed_record(dir: &std::path::Path) -> Vec<SealedEntry> {
     let (metrics, ring) = {
         let metrics = Arc::new(Metrics::new());
         let ring = Arc::new(Ring::new(1024, 1 << 20, metrics.clone()));
         (metrics, ring)
     };
-    // What a previous run left: three envelopes of stream t, sealed as 1, 2 and 3; the first
-    // delivered and tombstoned, the other two sealed but not yet confirmed.
-    let spool = pipeline_common::open_spool(dir.path(), &ring, &metrics);
+    let spool = pipeline_common::open_spool(dir, &ring, &metrics);
     let mut chains = Chains::new();
     let mut entries = Vec::new();
     for id in ["first", "lost", "kept"] {
@@ -65,9 +64,7 @@ async fn a_sealed_envelope_whose_record_was_damaged_is_re_sent_from_its_seal_in_
     tokio::task::block_in_place(|| spool.close()).unwrap();
     drop(spool);
 
-    // The disk damages the frame of "lost" (its marker), and the process restarts.
     let segment = dir
-        .path()
         .join("spool")
         .join(format!("{:020}.seg", entries[1].position.segment));
     let file = std::fs::OpenOptions::new()
@@ -77,7 +74,13 @@ async fn a_sealed_envelope_whose_record_was_damaged_is_re_sent_from_its_seal_in_
     file.write_at(&[0xff; 4], entries[1].position.offset)
         .unwrap();
     drop(file);
+    entries
+}
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sealed_envelope_whose_record_was_damaged_is_re_sent_from_its_seal_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let entries = left_with_a_damaged_sealed_record(dir.path()).await;
     let metrics = Arc::new(Metrics::new());
     let ring = Arc::new(Ring::new(1024, 1 << 20, metrics.clone()));
     let spool = pipeline_common::open_spool(dir.path(), &ring, &metrics);
@@ -115,6 +118,86 @@ async fn a_sealed_envelope_whose_record_was_damaged_is_re_sent_from_its_seal_in_
     pipeline.shutdown().await;
 
     // Its tombstone is written: a later start finds nothing to re-send.
+    let again = Ledger::default();
+    let summary = ledger::scan(&spool, &again, 0, |_, _| {}, |_, _| {}).unwrap();
+    assert_eq!((summary.orphans, summary.pending), (0, 0), "{summary:?}");
+}
+
+/// Panics the first time it is given the record of envelope `victim`; keeps everything else.
+struct PanicOnce {
+    victim: &'static str,
+    panicked: std::sync::atomic::AtomicBool,
+    delivered: std::sync::Mutex<Vec<spoolgate::chain::ForwardRecord>>,
+}
+
+impl spoolgate::forward::sink::Sink for PanicOnce {
+    fn name(&self) -> &str {
+        "default"
+    }
+
+    fn deliver<'a>(
+        &'a self,
+        batch: &'a [spoolgate::chain::SharedRecord],
+    ) -> spoolgate::forward::sink::DeliverFuture<'a> {
+        Box::pin(async move {
+            if batch.iter().any(|r| r.envelope.id == self.victim)
+                && !self
+                    .panicked
+                    .swap(true, std::sync::atomic::Ordering::SeqCst)
+            {
+                panic!("simulated sink bug on {}", self.victim);
+            }
+            self.delivered
+                .lock()
+                .unwrap()
+                .extend(batch.iter().map(|r| (**r).clone()));
+            Ok(())
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_failing_on_an_orphan_ends_the_epoch_and_the_rewind_sends_it_again_identically() {
+    let dir = tempfile::tempdir().unwrap();
+    let entries = left_with_a_damaged_sealed_record(dir.path()).await;
+    let metrics = Arc::new(Metrics::new());
+    let ring = Arc::new(Ring::new(1024, 1 << 20, metrics.clone()));
+    let spool = pipeline_common::open_spool(dir.path(), &ring, &metrics);
+    let mut heads = Chains::new();
+    heads.observe(&entries[2].record);
+    let sink = Arc::new(PanicOnce {
+        victim: "lost",
+        panicked: Default::default(),
+        delivered: Default::default(),
+    });
+    let pipeline = pipeline_common::start_sharing(
+        &spool,
+        ring,
+        &metrics,
+        sink.clone(),
+        quick_retries(),
+        dir.path(),
+        Arc::new(std::sync::Mutex::new(heads)),
+        Arc::new(Ledger::default()),
+        None,
+    );
+    wait_until("both pending records delivered", || {
+        let got = sink.delivered.lock().unwrap();
+        got.iter().any(|r| r.envelope.id == "lost") && got.iter().any(|r| r.envelope.id == "kept")
+    })
+    .await;
+    assert!(sink.panicked.load(std::sync::atomic::Ordering::SeqCst));
+    let got = sink.delivered.lock().unwrap().clone();
+    let lost: Vec<_> = got.iter().filter(|r| r.envelope.id == "lost").collect();
+    assert_eq!(
+        *lost[0], entries[1].record,
+        "re-sent from its seal after the rewind"
+    );
+    // Order within the stream: "lost" (2) before "kept" (3), every time each was delivered.
+    let seqs: Vec<u64> = got.iter().map(|r| r.seq).collect();
+    let first_kept = seqs.iter().position(|&s| s == 3).unwrap();
+    assert!(seqs[..first_kept].contains(&2), "{seqs:?}");
+    pipeline.shutdown().await;
     let again = Ledger::default();
     let summary = ledger::scan(&spool, &again, 0, |_, _| {}, |_, _| {}).unwrap();
     assert_eq!((summary.orphans, summary.pending), (0, 0), "{summary:?}");

@@ -7,13 +7,16 @@
 //! until tombstoned. Tombstones always follow the envelope they complete in log order (they are
 //! written after it was read back), so a single forward pass is enough.
 //!
-//! An **orphan** is a sealed, untombstoned envelope whose own record the scan did not find: its
-//! frame was damaged, or its segment removed by something other than compaction, after its
-//! seal was durable. The seal holds everything it is forwarded as, so it is counted pending at
-//! its position and the dispatcher re-sends it from the seal where its record was, in log
-//! order (see [`Ledger::orphans_between`]): the damage costs it nothing. Orphans are found at
-//! the end of the scan (a seal may name an envelope of a segment compaction deleted, whose
-//! tombstone comes later in the log) and kept to [`ORPHANS_MAX`].
+//! An **orphan** is a sealed, untombstoned envelope whose own record the scan did not find in
+//! a segment that is there: its frame was damaged after its seal was durable. The seal holds
+//! everything it is forwarded as, so it is counted pending at its position and the dispatcher
+//! re-sends it from the seal where its record was, in log order (see
+//! [`Ledger::orphans_between`]): the damage costs it nothing. Being pending in a segment that is
+//! there, it keeps that segment and every later one (its seal's among them) from compaction,
+//! and every rewind, which starts at the first segment, comes back to it. Envelopes of a
+//! segment that is missing (removed by something other than compaction) are not orphans: they
+//! are lost with their segment, which recovery reports. Orphans are found at the end of the
+//! scan (a tombstone later in the log may still name them) and kept to [`ORPHANS_MAX`].
 //!
 //! Bounds: the ledger holds one small entry per pending envelope plus one forward record per
 //! sealed-but-unconfirmed envelope (orphans included). Pending entries are bounded by the spool's quota
@@ -353,21 +356,13 @@ impl Ledger {
     /// which the consumer has read past. Returns the first id that must be kept.
     pub fn compactable_below(&self, segments: &[u64], active: u64) -> Option<u64> {
         let inner = self.lock();
-        // An orphan's envelope may be in a segment that is not there any more (removed by
-        // something else): its seal, in that segment or a later one, must stay all the same.
-        let lowest_open = inner
-            .segments
-            .iter()
-            .find(|(_, s)| !s.is_complete())
-            .map(|(&id, _)| id);
         let mut keep_from = None;
         for &id in segments {
             let read_past = id < inner.counted_up_to.segment;
             let complete = inner
                 .segments
                 .get(&id)
-                .is_none_or(SegmentLedger::is_complete)
-                && lowest_open.is_none_or(|open| id < open);
+                .is_none_or(SegmentLedger::is_complete);
             if id >= active || !read_past || !complete {
                 keep_from = Some(id);
                 break;
@@ -459,7 +454,8 @@ pub fn scan(
             &mut on_head,
         );
     }
-    Ok(scan.finish(spool.first_position()))
+    let segments: Vec<u64> = spool.segments().iter().map(|s| s.id).collect();
+    Ok(scan.finish(spool.first_position(), &segments))
 }
 
 /// For `spoolgate inspect`: the envelopes of each segment in the spool directory `dir` that no
@@ -505,6 +501,9 @@ pub struct Scan<'l> {
     /// Seal entries, not tombstoned so far, of envelopes the scan has not counted: orphans,
     /// unless a tombstone later in the log names them (see the module doc).
     orphans: BTreeMap<Position, SharedRecord>,
+    /// The segment of the first record the scan saw: seals naming envelopes of an earlier one
+    /// name what compaction deleted, all tombstoned, and are not orphans.
+    first_segment: Option<u64>,
 }
 
 impl<'l> Scan<'l> {
@@ -514,6 +513,7 @@ impl<'l> Scan<'l> {
             now_ms,
             summary: ScanSummary::default(),
             orphans: BTreeMap::new(),
+            first_segment: None,
         }
     }
 
@@ -525,6 +525,7 @@ impl<'l> Scan<'l> {
     ) {
         let (ledger, summary) = (self.ledger, &mut self.summary);
         summary.end = record.next;
+        let first_segment = *self.first_segment.get_or_insert(record.position.segment);
         match record.kind {
             RecordKind::ENVELOPE => {
                 summary.envelopes += 1;
@@ -559,7 +560,9 @@ impl<'l> Scan<'l> {
                                 entry.position,
                                 std::sync::Arc::new(entry.record),
                             )]);
-                        } else if !ledger.is_known(entry.position) {
+                        } else if entry.position.segment >= first_segment
+                            && !ledger.is_known(entry.position)
+                        {
                             if self.orphans.len() < ORPHANS_MAX {
                                 self.orphans
                                     .insert(entry.position, std::sync::Arc::new(entry.record));
@@ -598,22 +601,23 @@ impl<'l> Scan<'l> {
         }
     }
 
-    /// Ends the scan; `first_position` is the open spool's, where an empty scan ends.
-    pub fn finish(mut self, first_position: Position) -> ScanSummary {
+    /// Ends the scan; `first_position` is the open spool's, where an empty scan ends, and
+    /// `segments` the ids of its segments.
+    pub fn finish(mut self, first_position: Position, segments: &[u64]) -> ScanSummary {
         if self.summary.end == Position::default() {
             self.summary.end = first_position;
         }
         self.ledger.counted_up_to(self.summary.end);
-        // What is left was sealed, never tombstoned, and its record not found. Below the first
-        // segment present, compaction deleted it, which it does only once every envelope in
-        // it is tombstoned: that tombstone was lost to damage, and the record delivered.
-        let first_segment = first_position.segment;
+        // What is left was sealed, never tombstoned, and its record not found. In a segment
+        // that is not there it is lost with the segment (see the module doc).
         for (position, seal) in std::mem::take(&mut self.orphans) {
-            if position.segment < first_segment {
+            if segments.binary_search(&position.segment).is_err() {
                 continue;
             }
+            // Pending since this start, as far as the age of the backlog goes: its segment's
+            // creation time, which bounds a client's `ts_ms`, is not at hand here.
             let info = PendingInfo {
-                since_ms: acknowledged_since(seal.envelope.ts_ms, None, self.now_ms),
+                since_ms: self.now_ms,
                 bytes: 0,
             };
             self.ledger.add_orphan(position, info, seal);
@@ -898,17 +902,17 @@ mod tests {
     }
 
     #[test]
-    fn an_orphan_in_a_missing_segment_keeps_the_segments_after_it_from_compaction() {
+    fn an_orphan_keeps_its_segment_and_the_ones_after_it_from_compaction_until_tombstoned() {
         use crate::chain::Chains;
         let ledger = Ledger::default();
-        // Segments 4, 6 and 7 are present, every envelope in them complete; segment 5 was
-        // removed, and one of its envelopes is an orphan whose seal is in segment 6.
-        for segment in [4, 6] {
+        // Segments 4 to 7, every envelope counted complete; one envelope of segment 5 was
+        // damaged after it was sealed (its seal is in segment 6): an orphan.
+        for segment in [4, 5, 6] {
             ledger.add_pending(p(segment, 64), info());
             ledger.complete(&[p(segment, 64)]);
         }
         ledger.counted_up_to(p(7, 64));
-        assert_eq!(ledger.compactable_below(&[4, 6, 7], 7), Some(7));
+        assert_eq!(ledger.compactable_below(&[4, 5, 6, 7], 7), Some(7));
         let seal = std::sync::Arc::new(
             Chains::new()
                 .seal(crate::envelope::Envelope {
@@ -918,20 +922,24 @@ mod tests {
                 })
                 .unwrap(),
         );
-        ledger.add_orphan(p(5, 64), info(), seal.clone());
-        assert!(ledger.is_pending(p(5, 64)));
-        assert_eq!(ledger.pending_seal(p(5, 64)), Some(Some(seal)));
-        assert_eq!(ledger.orphans_between(p(4, 64), p(6, 64)), vec![p(5, 64)]);
+        ledger.add_orphan(p(5, 512), info(), seal.clone());
+        assert!(ledger.is_pending(p(5, 512)));
+        assert_eq!(ledger.pending_seal(p(5, 512)), Some(Some(seal)));
+        assert_eq!(ledger.pending_stats().0, 1);
+        assert_eq!(ledger.orphans_between(p(4, 64), p(6, 64)), vec![p(5, 512)]);
         assert_eq!(
-            ledger.orphans_between(p(5, 72), p(7, 64)),
+            ledger.orphans_between(p(5, 520), p(7, 64)),
             Vec::<Position>::new()
         );
-        assert_eq!(ledger.compactable_below(&[4, 6, 7], 7), Some(6));
-        ledger.complete(&[p(5, 64)]);
+        assert_eq!(ledger.compactable_below(&[4, 5, 6, 7], 7), Some(5));
+        ledger.forget_below(5);
+        assert!(ledger.is_pending(p(5, 512)), "compaction kept it");
+        ledger.complete(&[p(5, 512)]);
+        assert_eq!(ledger.pending_stats().0, 0);
         assert_eq!(
             ledger.orphans_between(p(4, 64), p(7, 64)),
             Vec::<Position>::new()
         );
-        assert_eq!(ledger.compactable_below(&[4, 6, 7], 7), Some(7));
+        assert_eq!(ledger.compactable_below(&[5, 6, 7], 7), Some(7));
     }
 }

@@ -395,7 +395,7 @@ async fn ingest(state: &IngestState, req: Request<Incoming>) -> HttpResponse {
     // past the segment's bound.
     let request_bytes: u64 = parsed
         .iter()
-        .map(|p| crate::spool::format::frame_len_of(&p.encoded))
+        .map(|p| crate::spool::format::frame_len(p.stored_len))
         .sum();
     let request_bytes_max = spool.request_bytes_max();
     if request_bytes > request_bytes_max {

@@ -117,6 +117,8 @@ pub struct Parsed {
     pub envelope: Envelope,
     /// A slice of one buffer holding the whole request's encodings (see [`parse_request`]).
     pub encoded: Bytes,
+    /// Bytes `encoded` takes stored in a spool frame (`spool::format::stored_len`).
+    pub stored_len: usize,
     /// The request carried no `id` and spoolgate generated one: a retry of the request would
     /// get a new id, so there is nothing to deduplicate it against.
     pub id_generated: bool,
@@ -471,6 +473,7 @@ pub fn parse_request(
             .sum::<usize>(),
     );
     let mut ends = Vec::with_capacity(checked.len());
+    let mut stored_lens = Vec::with_capacity(checked.len());
     for (index, (envelope, _)) in checked.iter().enumerate() {
         let start = all.len();
         envelope
@@ -491,14 +494,18 @@ pub fn parse_request(
             });
         }
         ends.push(all.len());
+        stored_lens.push(len);
     }
     let all = Bytes::from(all);
     let mut out = Vec::with_capacity(checked.len());
     let mut start = 0;
-    for ((envelope, id_generated), end) in checked.into_iter().zip(ends) {
+    for (((envelope, id_generated), end), stored_len) in
+        checked.into_iter().zip(ends).zip(stored_lens)
+    {
         out.push(Parsed {
             envelope,
             encoded: all.slice(start..end),
+            stored_len,
             id_generated,
         });
         start = end;

@@ -131,17 +131,21 @@ pub fn frame_len_of(payload: &[u8]) -> u64 {
 /// and resynchronising after damage cannot take bytes a client chose (numbers or binary values
 /// in its `meta`) for a frame. A payload without 0xF7 (any UTF-8 text) is stored as it is.
 pub fn encode_frame(kind: u8, payload: &[u8], out: &mut Vec<u8>) {
-    encode_frame_as(kind, payload, true, out)
+    encode_frame_stored(kind, payload, stored_len(payload), out)
 }
 
-fn encode_frame_as(kind: u8, payload: &[u8], stuff_allowed: bool, out: &mut Vec<u8>) {
+/// [`encode_frame`] for a caller that has its [`stored_len`] already (the writer gets it from
+/// the appender's size check), so the payload is not scanned for 0xF7 again.
+pub fn encode_frame_stored(kind: u8, payload: &[u8], stored: usize, out: &mut Vec<u8>) {
+    debug_assert_eq!(stored, stored_len(payload));
+    encode_frame_as(kind, payload, stored, out)
+}
+
+/// Writes the frame; `stored` is the payload's length stored, stuffed when it differs from the
+/// payload's length.
+fn encode_frame_as(kind: u8, payload: &[u8], stored: usize, out: &mut Vec<u8>) {
     assert!(kind != 0, "kind 0 is reserved for the zeroed tail");
-    let stuffed = stuff_allowed && memchr::memchr(STUFFED_BYTE, payload).is_some();
-    let stored = if stuffed {
-        stored_len(payload)
-    } else {
-        payload.len()
-    };
+    let stuffed = stored != payload.len();
     let len = u32::try_from(stored).expect("payload length fits u32");
     let start = out.len();
     out.reserve(frame_len(stored) as usize);
@@ -225,7 +229,8 @@ impl Rotation {
     /// The whole frame (kind 4) that ends a segment whose successor is `next_segment`.
     pub fn frame(&self) -> Vec<u8> {
         let mut frame = Vec::with_capacity(ROTATION_FRAME_BYTES_MAX as usize);
-        encode_frame_as(ROTATION_KIND, &self.encode(), false, &mut frame);
+        let payload = self.encode();
+        encode_frame_as(ROTATION_KIND, &payload, payload.len(), &mut frame);
         frame
     }
 

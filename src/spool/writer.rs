@@ -39,9 +39,9 @@ pub type CommitHook = Box<dyn FnOnce(&[Position]) + Send>;
 enum Request {
     Append {
         records: Vec<(RecordKind, Bytes)>,
-        /// Bytes their frames take, from `precheck`: the writer thread does not scan the
-        /// payloads again to size them.
-        bytes: u64,
+        /// Each payload's stored length (`format::stored_len`), from `precheck`: the writer
+        /// thread neither scans the payloads again to size their frames nor to stuff them.
+        stored: Vec<u32>,
         synced: bool,
         hook: Option<CommitHook>,
         reply: Reply,
@@ -65,22 +65,22 @@ fn sender(h: &WriterHandle) -> Result<mpsc::Sender<Request>, SpoolError> {
 }
 
 impl WriterHandle {
-    /// Refuses what must not be written; the bytes the records' frames take.
-    fn precheck(&self, records: &[(RecordKind, Bytes)]) -> Result<u64, SpoolError> {
+    /// Refuses what must not be written; each payload's stored length.
+    fn precheck(&self, records: &[(RecordKind, Bytes)]) -> Result<Vec<u32>, SpoolError> {
         if let Some(reason) = self.shared.poison_reason() {
             return Err(SpoolError::Poisoned(reason));
         }
         let max = self.shared.opts.record_bytes_max;
-        let mut bytes = 0;
+        let mut stored = Vec::with_capacity(records.len());
         for (_, payload) in records {
             // The bound is on the bytes a frame stores (a stuffed payload is longer).
             let len = format::stored_len(payload);
             if len > max as usize {
                 return Err(SpoolError::TooLarge { len, max });
             }
-            bytes += format::frame_len(len);
+            stored.push(len as u32);
         }
-        Ok(bytes)
+        Ok(stored)
     }
 
     pub async fn append(
@@ -89,7 +89,7 @@ impl WriterHandle {
         synced: bool,
         hook: Option<CommitHook>,
     ) -> Result<Vec<Position>, SpoolError> {
-        let bytes = self.precheck(&records)?;
+        let stored = self.precheck(&records)?;
         if records.is_empty() {
             return Ok(Vec::new());
         }
@@ -97,7 +97,7 @@ impl WriterHandle {
         sender(self)?
             .send(Request::Append {
                 records,
-                bytes,
+                stored,
                 synced,
                 hook,
                 reply,
@@ -126,7 +126,7 @@ impl WriterHandle {
         records: Vec<(RecordKind, Bytes)>,
         synced: bool,
     ) -> Result<Vec<Position>, SpoolError> {
-        let bytes = self.precheck(&records)?;
+        let stored = self.precheck(&records)?;
         if records.is_empty() {
             return Ok(Vec::new());
         }
@@ -134,7 +134,7 @@ impl WriterHandle {
         sender(self)?
             .blocking_send(Request::Append {
                 records,
-                bytes,
+                stored,
                 synced,
                 hook: None,
                 reply,
@@ -321,6 +321,8 @@ struct Pending {
     synced: bool,
     hook: Option<CommitHook>,
     reply: Reply,
+    /// Each record's payload length as stored (see `Request::Append`).
+    stored: Vec<u32>,
     bytes: u64,
 }
 
@@ -350,11 +352,12 @@ impl Writer {
                 match req {
                     Request::Append {
                         records: r,
-                        bytes: b,
+                        stored,
                         synced,
                         hook,
                         reply,
                     } => {
+                        let b: u64 = stored.iter().map(|&s| format::frame_len(s as usize)).sum();
                         records += r.len();
                         bytes += b;
                         batch.push(Pending {
@@ -362,6 +365,7 @@ impl Writer {
                             synced,
                             hook,
                             reply,
+                            stored,
                             bytes: b,
                         });
                     }
@@ -478,9 +482,11 @@ impl Writer {
             let mut mine = Vec::with_capacity(p.records.len());
             // The payloads move on to the observer: nothing of a request needs them once they
             // are framed, whether the commit succeeds or fails.
-            for (kind, payload) in std::mem::take(&mut p.records) {
+            for ((kind, payload), &stored) in
+                std::mem::take(&mut p.records).into_iter().zip(&p.stored)
+            {
                 let at = start + buf.len() as u64;
-                format::encode_frame(kind.0, &payload, &mut buf);
+                format::encode_frame_stored(kind.0, &payload, stored as usize, &mut buf);
                 let position = Position {
                     segment: self.active,
                     offset: at,
