@@ -71,7 +71,7 @@ fn the_reference_reader_decodes_the_golden_segment_of_the_spec() {
     assert_eq!(
         out["segments"],
         json!([{"id": 1, "records": 3, "damaged": [], "header": {
-            "valid": true, "id": 1, "created_ms": 1_700_000_000_000u64, "segment_bytes_max": 1_048_576,
+            "valid": true, "version": 2, "id": 1, "created_ms": 1_700_000_000_000u64, "segment_bytes_max": 1_048_576,
             "record_bytes_max": 1_114_112}}])
     );
     assert_eq!(

@@ -36,6 +36,8 @@ pub struct SegmentReport {
 
 #[derive(Debug, Serialize)]
 pub struct SegmentHeaderView {
+    /// The format version (spool-format.md §2): 2 since 2026-12-04, 1 before.
+    pub version: u16,
     pub segment_id: u64,
     pub created_ms: u64,
     pub segment_bytes_max: u64,
@@ -160,6 +162,7 @@ pub fn inspect(dir: &Path) -> Result<InspectReport, SpoolError> {
         let (bytes, file) = read_segment(dir, id)?;
         let len = bytes.len() as u64;
         let header = SegmentHeader::decode(&bytes).map(|h| SegmentHeaderView {
+            version: h.version,
             segment_id: h.segment_id,
             created_ms: h.created_ms,
             segment_bytes_max: h.segment_bytes_max,

@@ -329,7 +329,7 @@ def read_segment(data, bound):
         version, header_len, _flags, seg_id, created_ms, seg_max, rec_max = struct.unpack_from("<HHIQQQI", data, 8)
         if version not in (1, 2):
             raise SystemExit(f"segment format version {version}: this reader knows 1 and 2 (§2)")
-        header = {"valid": True, "id": seg_id, "created_ms": created_ms, "segment_bytes_max": seg_max, "record_bytes_max": rec_max}
+        header = {"valid": True, "version": version, "id": seg_id, "created_ms": created_ms, "segment_bytes_max": seg_max, "record_bytes_max": rec_max}
     frames, damaged = [], []
     at = HEADER_LEN
     while at < len(data):
