@@ -252,7 +252,7 @@ pub async fn run(config: Config) -> Result<Exit, DaemonError> {
                         scan.record(record, &mut on_envelope, &mut on_head)
                     })?;
                 let segments: Vec<u64> = spool.segments().iter().map(|s| s.id).collect();
-                let summary = scan.finish(spool.first_position(), &segments);
+                let summary = scan.finish(spool.first_position(), &segments, on_envelope);
                 Ok((spool, report, summary))
             },
         );

@@ -961,4 +961,14 @@ fn an_envelope_frame_damaged_after_its_seal_is_delivered_from_the_seal_after_a_r
         d.metric("spoolgate_recovery_corrupt_records_dropped_total"),
         1.0
     );
+    // Its id is still known: a client retrying it is answered as a duplicate, at the
+    // position it was first written to, rather than sealed again under a new sequence number.
+    let retry = d.post_json(&envelope(1));
+    assert_eq!(retry.status, 202, "{}", retry.text());
+    let answer = &retry.json()["envelopes"][0];
+    assert_eq!(answer["duplicate"], true, "{answer}");
+    assert_eq!(
+        answer["position"]["offset"], envelopes[1] as u64,
+        "{answer}"
+    );
 }

@@ -455,7 +455,7 @@ pub fn scan(
         );
     }
     let segments: Vec<u64> = spool.segments().iter().map(|s| s.id).collect();
-    Ok(scan.finish(spool.first_position(), &segments))
+    Ok(scan.finish(spool.first_position(), &segments, on_envelope))
 }
 
 /// For `spoolgate inspect`: the envelopes of each segment in the spool directory `dir` that no
@@ -602,8 +602,14 @@ impl<'l> Scan<'l> {
     }
 
     /// Ends the scan; `first_position` is the open spool's, where an empty scan ends, and
-    /// `segments` the ids of its segments.
-    pub fn finish(mut self, first_position: Position, segments: &[u64]) -> ScanSummary {
+    /// `segments` the ids of its segments. `on_envelope` sees each orphan's envelope, from its
+    /// seal, as `record` showed it the envelopes it read (for the dedup index and the streams).
+    pub fn finish(
+        mut self,
+        first_position: Position,
+        segments: &[u64],
+        mut on_envelope: impl FnMut(&Envelope, Position),
+    ) -> ScanSummary {
         if self.summary.end == Position::default() {
             self.summary.end = first_position;
         }
@@ -620,6 +626,7 @@ impl<'l> Scan<'l> {
                 since_ms: self.now_ms,
                 bytes: 0,
             };
+            on_envelope(&seal.envelope, position);
             self.ledger.add_orphan(position, info, seal);
             self.summary.orphans += 1;
         }
