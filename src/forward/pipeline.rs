@@ -924,6 +924,72 @@ fn slot_mismatch(envelope: &Envelope) -> Option<String> {
 mod tests {
     use super::*;
 
+    fn at(segment: u64, offset: u64) -> Position {
+        Position { segment, offset }
+    }
+
+    fn record(position: Position, next: Position) -> Record {
+        Record {
+            position,
+            kind: RecordKind::ENVELOPE,
+            payload: bytes::Bytes::from_static(b"x"),
+            next,
+        }
+    }
+
+    #[test]
+    fn orphans_go_among_the_records_of_the_chunk_whose_range_holds_them_in_log_order() {
+        let ledger = Ledger::default();
+        let seal = std::sync::Arc::new(
+            crate::chain::Chains::new()
+                .seal(Envelope {
+                    source: "s".into(),
+                    slot: crate::slots::slot_of("s"),
+                    ..Default::default()
+                })
+                .unwrap(),
+        );
+        let info = PendingInfo {
+            since_ms: 0,
+            bytes: 0,
+        };
+        // One before the chunk, one between its records, one after its last record but
+        // before where it ends, one in the next chunk's range.
+        for p in [at(1, 64), at(1, 200), at(2, 64), at(2, 400)] {
+            ledger.add_orphan(p, info, seal.clone());
+        }
+        let chunk = vec![
+            record(at(1, 104), at(1, 160)),
+            record(at(1, 320), at(1, 400)),
+            record(at(2, 72), at(2, 128)),
+        ];
+        let merged = with_orphans(&ledger, at(1, 104), chunk);
+        let got: Vec<(Position, bool)> = merged
+            .iter()
+            .map(|r| (r.position, r.payload.is_empty()))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (at(1, 104), false),
+                (at(1, 200), true),
+                (at(1, 320), false),
+                (at(2, 64), true),
+                (at(2, 72), false),
+            ]
+        );
+        // Each orphan ends before the record after it starts.
+        assert_eq!(merged[1].next, at(1, 208));
+        // The next chunk, from where this one ended, holds the last one.
+        let next = with_orphans(&ledger, at(2, 128), vec![record(at(2, 456), at(2, 512))]);
+        assert_eq!(next[0].position, at(2, 400));
+        assert!(next[0].payload.is_empty());
+        // Tombstoned, an orphan is no longer merged.
+        ledger.complete(&[at(2, 400)]);
+        let again = with_orphans(&ledger, at(2, 128), vec![record(at(2, 456), at(2, 512))]);
+        assert_eq!(again.len(), 1);
+    }
+
     #[test]
     fn a_worker_restart_backs_off_while_it_keeps_failing_and_starts_over_once_it_ran_a_while() {
         let backoff = RestartBackoff::default();
