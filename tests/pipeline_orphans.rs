@@ -77,6 +77,31 @@ async fn left_with_a_damaged_sealed_record(dir: &std::path::Path) -> Vec<SealedE
     entries
 }
 
+/// Starts the pipeline on the reopened `spool` as the daemon's restart would: the start-up scan
+/// (in `start_sharing`), and each stream's head restored from the seals (`entries`' last).
+fn restart(
+    dir: &std::path::Path,
+    spool: &Spool,
+    ring: Arc<Ring>,
+    metrics: &Arc<Metrics>,
+    entries: &[SealedEntry],
+    sink: Arc<dyn spoolgate::forward::sink::Sink>,
+) -> spoolgate::forward::pipeline::Pipeline {
+    let mut heads = Chains::new();
+    heads.observe(&entries[2].record);
+    pipeline_common::start_sharing(
+        spool,
+        ring,
+        metrics,
+        sink,
+        quick_retries(),
+        dir,
+        Arc::new(std::sync::Mutex::new(heads)),
+        Arc::new(Ledger::default()),
+        None,
+    )
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sealed_envelope_whose_record_was_damaged_is_re_sent_from_its_seal_in_order() {
     let dir = tempfile::tempdir().unwrap();
@@ -88,21 +113,8 @@ async fn a_sealed_envelope_whose_record_was_damaged_is_re_sent_from_its_seal_in_
     let summary = ledger::scan(&spool, &check, 0, |_, _| {}, |_, _| {}).unwrap();
     assert_eq!(summary.orphans, 1, "{summary:?}");
     assert_eq!(summary.pending, 2, "{summary:?}");
-    // The heads as the daemon's scan restores them from the seal.
-    let mut heads = Chains::new();
-    heads.observe(&entries[2].record);
     let sink = Arc::new(RecordingSink::default());
-    let pipeline = pipeline_common::start_sharing(
-        &spool,
-        ring,
-        &metrics,
-        sink.clone(),
-        quick_retries(),
-        dir.path(),
-        Arc::new(std::sync::Mutex::new(heads)),
-        Arc::new(Ledger::default()),
-        None,
-    );
+    let pipeline = restart(dir.path(), &spool, ring, &metrics, &entries, sink.clone());
     append(&spool, "t", "after".into(), "Text of after.".into()).await;
     wait_until("three records delivered", || {
         sink.delivered.lock().unwrap().len() == 3
@@ -163,24 +175,12 @@ async fn a_worker_failing_on_an_orphan_ends_the_epoch_and_the_rewind_sends_it_ag
     let metrics = Arc::new(Metrics::new());
     let ring = Arc::new(Ring::new(1024, 1 << 20, metrics.clone()));
     let spool = pipeline_common::open_spool(dir.path(), &ring, &metrics);
-    let mut heads = Chains::new();
-    heads.observe(&entries[2].record);
     let sink = Arc::new(PanicOnce {
         victim: "lost",
         panicked: Default::default(),
         delivered: Default::default(),
     });
-    let pipeline = pipeline_common::start_sharing(
-        &spool,
-        ring,
-        &metrics,
-        sink.clone(),
-        quick_retries(),
-        dir.path(),
-        Arc::new(std::sync::Mutex::new(heads)),
-        Arc::new(Ledger::default()),
-        None,
-    );
+    let pipeline = restart(dir.path(), &spool, ring, &metrics, &entries, sink.clone());
     wait_until("both pending records delivered", || {
         let got = sink.delivered.lock().unwrap();
         got.iter().any(|r| r.envelope.id == "lost") && got.iter().any(|r| r.envelope.id == "kept")
