@@ -9,22 +9,12 @@ use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use pipeline_common::{append, envelope, wait_until, RecordingSink};
+use pipeline_common::{append, envelope, quick_retries, wait_until, RecordingSink};
 use spoolgate::chain::{Chains, SealedBatch, SealedEntry, Tombstone};
-use spoolgate::config::ForwardConfig;
 use spoolgate::forward::ledger::{self, Ledger};
 use spoolgate::metrics::Metrics;
 use spoolgate::ring::Ring;
 use spoolgate::spool::{Position, RecordKind, Spool};
-
-fn quick_retries() -> ForwardConfig {
-    ForwardConfig {
-        linger_ms: 1,
-        retry_initial_ms: 1,
-        retry_max_ms: 10,
-        ..ForwardConfig::default()
-    }
-}
 
 async fn append_record(spool: &Spool, kind: RecordKind, payload: Vec<u8>) -> Position {
     spool

@@ -14,7 +14,7 @@ mod pipeline_common;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use pipeline_common::{append, envelope_record, wait_until, RecordingSink};
+use pipeline_common::{append, envelope_record, quick_retries, wait_until, RecordingSink};
 use spoolgate::chain::{Chains, SealedBatch, SealedEntry, Tombstone};
 use spoolgate::config::ForwardConfig;
 use spoolgate::envelope::Envelope;
@@ -42,16 +42,6 @@ fn dead_letters(scratch: &std::path::Path) -> Vec<serde_json::Value> {
             serde_json::from_str(&std::fs::read_to_string(e.unwrap().path()).unwrap()).unwrap()
         })
         .collect()
-}
-
-/// A config whose retries come after 1-10 ms, so a test need not wait for them.
-fn quick_retries() -> ForwardConfig {
-    ForwardConfig {
-        linger_ms: 1,
-        retry_initial_ms: 1,
-        retry_max_ms: 10,
-        ..ForwardConfig::default()
-    }
 }
 
 /// Appends envelope `before` of stream `t`, an undecodable envelope record, then envelope

@@ -190,3 +190,13 @@ impl Sink for RecordingSink {
         })
     }
 }
+
+/// A config whose retries come after 1-10 ms, so a test need not wait for them.
+pub fn quick_retries() -> ForwardConfig {
+    ForwardConfig {
+        linger_ms: 1,
+        retry_initial_ms: 1,
+        retry_max_ms: 10,
+        ..ForwardConfig::default()
+    }
+}
