@@ -534,9 +534,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 dir
             };
             let mut report = spoolgate::spool::inspect(&dir)?;
-            let pending = spoolgate::forward::ledger::pending_by_segment(&dir)?;
+            let pending = spoolgate::forward::ledger::pending_in_spool(&dir)?;
             for s in &mut report.segments {
-                s.pending_envelopes = Some(pending.get(&s.id).copied().unwrap_or(0));
+                let counts = pending.get(&s.id).copied().unwrap_or_default();
+                s.pending_envelopes = Some(counts.pending);
+                s.orphan_envelopes = Some(counts.orphans);
             }
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);

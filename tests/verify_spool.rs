@@ -24,16 +24,20 @@ struct DataDir {
     chains: Chains,
 }
 
+/// The options of a `DataDir`'s spool, in the data directory `dir`.
+fn spool_options(dir: &Path) -> SpoolOptions {
+    SpoolOptions {
+        segment_bytes_max: 64 * 1024,
+        record_bytes_max: 16 * 1024,
+        commit_batch_bytes_max: 64 * 1024,
+        ..spool_common::options(&dir.join("spool"))
+    }
+}
+
 impl DataDir {
     fn new() -> DataDir {
         let dir = tempfile::tempdir().unwrap();
-        let opts = SpoolOptions {
-            segment_bytes_max: 64 * 1024,
-            record_bytes_max: 16 * 1024,
-            commit_batch_bytes_max: 64 * 1024,
-            ..spool_common::options(&dir.path().join("spool"))
-        };
-        let (spool, _, _) = spool_common::open(&opts);
+        let (spool, _, _) = spool_common::open(&spool_options(dir.path()));
         DataDir {
             dir,
             spool,
@@ -387,4 +391,74 @@ fn inspect_counts_in_each_segment_the_envelopes_no_tombstone_names() {
         "{}",
         String::from_utf8_lossy(&text.stdout)
     );
+}
+
+#[test]
+fn inspect_counts_a_sealed_envelope_whose_frame_is_damaged_as_pending_as_a_start_does() {
+    let mut d = DataDir::new();
+    let lost = d.seal("acme", &["a1"]);
+    d.seal("acme", &["a2"]);
+    let delivered = d.seal("acme", &["a3"]);
+    let tombstone = spoolgate::chain::Tombstone {
+        positions: vec![delivered],
+        heads: vec![],
+    };
+    d.spool
+        .append_blocking(
+            vec![(
+                RecordKind::TOMBSTONE,
+                Bytes::from(tombstone.encode().unwrap()),
+            )],
+            true,
+        )
+        .unwrap();
+    // One byte inside the payloads of a1 (sealed, not tombstoned: an orphan, which the next
+    // start re-sends from its seal) and of a3 (tombstoned: delivered, pending no more). The
+    // seals after them hold.
+    let segment = d
+        .path()
+        .join("spool")
+        .join(format!("{:020}.seg", lost.segment));
+    let mut bytes = std::fs::read(&segment).unwrap();
+    for at in [lost, delivered] {
+        bytes[at.offset as usize + 20] ^= 0xff;
+    }
+    std::fs::write(&segment, &bytes).unwrap();
+
+    let out = Command::new(env!("CARGO_BIN_EXE_spoolgate"))
+        .arg("inspect")
+        .arg(d.path())
+        .arg("--json")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "damaged ranges are listed");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let total = |key: &str| -> u64 {
+        report["segments"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s[key].as_u64().unwrap())
+            .sum()
+    };
+    // a1 (the orphan) and a2 (sealed, intact); a3 is tombstoned.
+    assert_eq!(total("pending_envelopes"), 2, "{report}");
+    assert_eq!(total("orphan_envelopes"), 1, "{report}");
+    let text = Command::new(env!("CARGO_BIN_EXE_spoolgate"))
+        .arg("inspect")
+        .arg(d.path())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.contains("pending=2 orphans=1"), "{text}");
+
+    // The daemon's start-up scan, on the spool reopened as a restart would, decides the same.
+    let DataDir { dir, spool, .. } = d;
+    spool.close().unwrap();
+    drop(spool);
+    let (spool, _, _) = spool_common::open(&spool_options(dir.path()));
+    let ledger = spoolgate::forward::ledger::Ledger::default();
+    let summary =
+        spoolgate::forward::ledger::scan(&spool, &ledger, 0, |_, _| {}, |_, _| {}).unwrap();
+    assert_eq!((summary.pending, summary.orphans), (2, 1), "{summary:?}");
 }

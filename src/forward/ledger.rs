@@ -458,36 +458,72 @@ pub fn scan(
     Ok(scan.finish(spool.first_position(), &segments, on_envelope))
 }
 
-/// For `spoolgate inspect`: the envelopes of each segment in the spool directory `dir` that no
-/// tombstone names, read offline (no lock taken, nothing changed) with the start-up scan's
-/// rules for envelopes and tombstones (an envelope is pending until a tombstone names it; a
-/// tombstone that does not decode completes nothing). Envelopes are counted, not decoded.
-/// Memory is the ledger's 24 bytes per envelope plus one segment.
-pub fn pending_by_segment(dir: &std::path::Path) -> Result<BTreeMap<u64, u64>, SpoolError> {
+/// Pending envelopes of one segment, as the start-up scan counts them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SegmentPending {
+    /// Envelopes no tombstone names, orphans included: what compaction waits for.
+    pub pending: u64,
+    /// Of those, orphans (see the module doc): sealed envelopes whose own frame is damaged,
+    /// which the next start re-sends from their seals.
+    pub orphans: u64,
+}
+
+/// For `spoolgate inspect`: the pending envelopes of each segment in the spool directory `dir`,
+/// read offline (no lock taken, nothing changed). The frames go through the start-up [`Scan`]
+/// itself, not a copy of its rules, so inspect counts what a start would replay, orphans
+/// included: an envelope is pending until a tombstone names it, a tombstone that does not
+/// decode completes nothing, and a sealed, untombstoned entry whose envelope frame was not
+/// found in a segment that is there is pending at its position. Memory is the ledger's 24
+/// bytes per envelope, the sealed records of the pending envelopes, and one segment.
+pub fn pending_in_spool(
+    dir: &std::path::Path,
+) -> Result<BTreeMap<u64, SegmentPending>, SpoolError> {
+    let segments = crate::spool::segment_ids(dir)?;
     let ledger = Ledger::default();
+    let mut scan = Scan::new(&ledger, 0);
+    let (mut on_envelope, mut on_head) = (|_: &Envelope, _: Position| {}, |_: &str, _| {});
     crate::spool::for_each_frame(dir, |position, kind, payload| {
-        match RecordKind(kind) {
-            RecordKind::ENVELOPE => ledger.add_pending(
+        scan.record(
+            RecordView {
                 position,
-                PendingInfo {
-                    since_ms: 0,
-                    bytes: payload.len() as u32,
-                },
-            ),
-            RecordKind::TOMBSTONE => {
-                if let Ok(t) = Tombstone::decode(payload) {
-                    ledger.complete(&t.positions);
-                }
-            }
-            _ => {}
-        }
+                kind: RecordKind(kind),
+                payload,
+                // The scan reads `next` only to know where it ended, which inspect does not
+                // use; the frame's stored length, which would give it, is not at hand here.
+                next: position,
+                segment_created_ms: None,
+            },
+            &mut on_envelope,
+            &mut on_head,
+        );
         Ok::<(), SpoolError>(())
     })?;
+    // Where an empty scan ends does not matter either: nothing is read after it.
+    scan.finish(Position::default(), &segments, on_envelope);
     let inner = ledger.lock();
-    Ok(inner
+    let mut pending: BTreeMap<u64, SegmentPending> = inner
         .segments
         .iter()
-        .map(|(&id, s)| (id, (s.entries.len() - s.done_count) as u64))
+        .map(|(&id, s)| {
+            let counts = SegmentPending {
+                pending: (s.entries.len() - s.done_count) as u64,
+                orphans: 0,
+            };
+            (id, counts)
+        })
+        .collect();
+    for position in &inner.orphans {
+        pending.entry(position.segment).or_default().orphans += 1;
+    }
+    Ok(pending)
+}
+
+/// The pending envelopes of each segment in `dir`, orphans included, as
+/// [`pending_in_spool`] counts them.
+pub fn pending_by_segment(dir: &std::path::Path) -> Result<BTreeMap<u64, u64>, SpoolError> {
+    Ok(pending_in_spool(dir)?
+        .into_iter()
+        .map(|(id, counts)| (id, counts.pending))
         .collect())
 }
 

@@ -27,11 +27,15 @@ pub struct SegmentReport {
     pub records: BTreeMap<String, u64>,
     pub damaged: Vec<DamagedRange>,
     pub tail_garbage_bytes: u64,
-    /// Envelopes in this segment that no tombstone in the spool names: what compaction waits
-    /// for before it can delete the segment. Reading tombstones is the forwarding layer's
-    /// business, so [`inspect`] leaves this `None` and `spoolgate inspect` fills it in
-    /// (`forward::ledger::pending_by_segment`).
+    /// Envelopes in this segment that no tombstone in the spool names, orphans included: what
+    /// compaction waits for before it can delete the segment, and what the next start
+    /// replays. Reading seals and tombstones is the forwarding layer's business, so
+    /// [`inspect`] leaves this `None` and `spoolgate inspect` fills it in
+    /// (`forward::ledger::pending_in_spool`, which runs the start-up scan).
     pub pending_envelopes: Option<u64>,
+    /// Of the pending envelopes, the orphans: sealed envelopes whose own frame is damaged,
+    /// which the next start re-sends from their seals. Filled in with `pending_envelopes`.
+    pub orphan_envelopes: Option<u64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -113,6 +117,12 @@ pub fn for_each_frame<E: From<SpoolError>>(
         }
     }
     Ok(damaged)
+}
+
+/// The ids of the segments in `dir`, in ascending order: the segments that are there, which
+/// the start-up scan needs to tell an orphan from an envelope lost with its segment.
+pub(crate) fn segment_ids(dir: &Path) -> Result<Vec<u64>, SpoolError> {
+    Ok(list_segments(dir)?.1)
 }
 
 /// The file names in `dir`, and the ids of its segments in ascending order.
@@ -205,6 +215,7 @@ pub fn inspect(dir: &Path) -> Result<InspectReport, SpoolError> {
             damaged,
             tail_garbage_bytes: scanned.tail_garbage_bytes,
             pending_envelopes: None,
+            orphan_envelopes: None,
         });
         rotations.push(rotated_to);
     }
@@ -252,6 +263,11 @@ impl std::fmt::Display for InspectReport {
                 s.records.iter().map(|(k, n)| format!("{k}={n}")).collect();
             if let Some(n) = s.pending_envelopes {
                 counts.push(format!("pending={n}"));
+            }
+            // Shown only when there are some, so the line of an undamaged segment reads as
+            // before; an orphan is one of the pending envelopes, not one more.
+            if let Some(n) = s.orphan_envelopes.filter(|&n| n > 0) {
+                counts.push(format!("orphans={n}"));
             }
             let header = match &s.header {
                 Ok(h) if h.segment_id == s.id => "header ok".to_string(),

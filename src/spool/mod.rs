@@ -86,6 +86,7 @@ mod reader;
 mod recovery;
 mod writer;
 
+pub(crate) use inspect::segment_ids;
 pub use inspect::{for_each_frame, holds_segments, inspect, InspectReport};
 pub use reader::Reader;
 pub use writer::CommitHook;
