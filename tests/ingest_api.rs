@@ -226,7 +226,7 @@ fn an_id_spoolgate_generated_sent_back_by_a_client_is_not_deduplicated_before_or
     // A restart cannot tell such an id from one spoolgate generated (which is never indexed),
     // so it is not indexed while running either: the same answer before and after.
     let mut d = Daemon::start(&[]);
-    let generated = spoolgate::ingest::ids::generate();
+    let generated = spoolgate::ingest::ids::generate(spoolgate::ingest::now_ms());
     let post = |d: &Daemon| {
         let r = d.post_json(&json!({"source": "s", "id": generated}));
         assert_eq!(r.status, 202, "{}", r.text());

@@ -41,10 +41,11 @@ fuzz_target!(|data: &[u8]| {
     let auth = (selector & 0x40 != 0).then_some("acme");
     if let Ok(parsed) = parse_request(content_type, body, &limits, auth, 1_700_000_000_000) {
         for p in parsed {
-            assert_eq!(
-                Envelope::decode(&p.encoded).expect("encoded envelopes decode"),
-                p.envelope
-            );
+            // The parsed envelope leaves its text to the encoding.
+            assert_eq!(p.envelope.text, None);
+            let mut decoded = Envelope::decode(&p.encoded).expect("encoded envelopes decode");
+            decoded.text = None;
+            assert_eq!(decoded, p.envelope);
         }
     }
 });

@@ -17,48 +17,62 @@ use serde::de::{self, Deserialize, Deserializer, MapAccess, Visitor};
 use serde_json::Value;
 
 use super::parse::{
-    assemble, bind_tenant, check_meta_depth, check_name, meta_map, priority_of, ContentType,
-    Fields, ParseLimits,
+    assemble, bind_tenant, check_meta_depth, check_name, meta_map, priority_of, Checked,
+    ContentType, Fields, ParseLimits,
 };
-use crate::envelope::{Envelope, Priority};
+use crate::envelope::Priority;
 
 /// One item as the client sent it: only the known fields, each of its one accepted type.
+/// Strings are borrowed from the body where the decoder can (always on the direct msgpack
+/// road; in JSON, a string without escapes).
 #[derive(Default, Debug, PartialEq)]
-pub(super) struct Item {
-    pub(super) source: Option<Str>,
-    pub(super) id: Option<Str>,
-    pub(super) tenant: Option<Str>,
-    pub(super) text: Option<Str>,
+pub(super) struct Item<'de> {
+    pub(super) source: Option<Str<'de>>,
+    pub(super) id: Option<Str<'de>>,
+    pub(super) tenant: Option<Str<'de>>,
+    pub(super) text: Option<Str<'de>>,
     pub(super) ts_ms: Option<u64>,
-    pub(super) priority: Option<Str>,
+    pub(super) priority: Option<Str<'de>>,
     /// Decoded as a `Value`, exactly as the `Value` road decodes it.
     pub(super) meta: Option<Value>,
 }
 
 /// A string that was a string in the body. serde's own `String` also takes msgpack `bin`
-/// data that happens to be UTF-8, which the `Value` road refuses.
+/// data that happens to be UTF-8, which the `Value` road refuses. Borrowed from the body when
+/// the decoder allows: the text, most of a request's bytes, is then copied only once, into
+/// the envelope's encoding, instead of first into a `String` of its own.
 #[derive(Debug, PartialEq)]
-pub(super) struct Str(pub(super) String);
+pub(super) struct Str<'de>(pub(super) Cow<'de, str>);
 
-impl<'de> Deserialize<'de> for Str {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Str, D::Error> {
-        deserializer.deserialize_string(StrVisitor)
+impl Str<'_> {
+    /// The string as an owned `String` (a copy when it is borrowed).
+    fn owned(self) -> String {
+        self.0.into_owned()
+    }
+}
+
+impl<'de> Deserialize<'de> for Str<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Str<'de>, D::Error> {
+        deserializer.deserialize_str(StrVisitor)
     }
 }
 
 struct StrVisitor;
 
-impl Visitor<'_> for StrVisitor {
-    type Value = Str;
+impl<'de> Visitor<'de> for StrVisitor {
+    type Value = Str<'de>;
 
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
         f.write_str("a string")
     }
-    fn visit_str<E: de::Error>(self, v: &str) -> Result<Str, E> {
-        Ok(Str(v.to_string()))
+    fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Str<'de>, E> {
+        Ok(Str(Cow::Borrowed(v)))
     }
-    fn visit_string<E: de::Error>(self, v: String) -> Result<Str, E> {
-        Ok(Str(v))
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Str<'de>, E> {
+        Ok(Str(Cow::Owned(v.to_string())))
+    }
+    fn visit_string<E: de::Error>(self, v: String) -> Result<Str<'de>, E> {
+        Ok(Str(Cow::Owned(v)))
     }
 }
 
@@ -90,8 +104,8 @@ impl<'de> Visitor<'de> for KeyVisitor {
     }
 }
 
-impl<'de> Deserialize<'de> for Item {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Item, D::Error> {
+impl<'de> Deserialize<'de> for Item<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Item<'de>, D::Error> {
         // `deserialize_map`, not a derived `deserialize_struct`: rmp-serde would accept a
         // msgpack array as a struct (fields by position), which the `Value` road refuses.
         deserializer.deserialize_map(ItemVisitor)
@@ -101,13 +115,13 @@ impl<'de> Deserialize<'de> for Item {
 struct ItemVisitor;
 
 impl<'de> Visitor<'de> for ItemVisitor {
-    type Value = Item;
+    type Value = Item<'de>;
 
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
         f.write_str("an envelope map")
     }
 
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Item, A::Error> {
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Item<'de>, A::Error> {
         let mut item = Item::default();
         // A null field is as good as an absent one on both roads, except that a null `source`
         // is refused there: it leaves `source` unset here, and `checked` gives the item up.
@@ -143,14 +157,16 @@ impl<'de> Visitor<'de> for ItemVisitor {
 }
 
 /// The item's checked fields, or `None` where the `Value` road would refuse it (or might).
-fn checked(item: Item, auth_tenant: Option<&str>, now_ms: u64) -> Option<(Envelope, bool)> {
-    let source = item.source?.0;
+/// The envelope comes without its text, which stays as the item had it (borrowed from the
+/// body where it could be) until it is encoded.
+fn checked<'de>(item: Item<'de>, auth_tenant: Option<&str>, now_ms: u64) -> Option<Checked<'de>> {
+    let source = item.source?.owned();
     check_name("source", &source).ok()?;
-    let id = item.id.map(|s| s.0);
+    let id = item.id.map(Str::owned);
     if let Some(id) = &id {
         check_name("id", id).ok()?;
     }
-    let tenant = item.tenant.map(|s| s.0);
+    let tenant = item.tenant.map(Str::owned);
     if let Some(t) = &tenant {
         check_name("tenant", t).ok()?;
     }
@@ -161,19 +177,31 @@ fn checked(item: Item, auth_tenant: Option<&str>, now_ms: u64) -> Option<(Envelo
     };
     let meta = meta_map(item.meta).ok()?;
     check_meta_depth(&meta).ok()?;
-    Some(assemble(Fields {
-        source,
-        id,
-        tenant,
+    let (envelope, id_generated) = assemble(
+        Fields {
+            source,
+            id,
+            tenant,
+            text: None,
+            ts_ms: item.ts_ms.unwrap_or(now_ms),
+            priority,
+            meta,
+        },
+        now_ms,
+    );
+    Some(Checked {
+        envelope,
+        id_generated,
         text: item.text.map(|s| s.0),
-        ts_ms: item.ts_ms.unwrap_or(now_ms),
-        priority,
-        meta,
-    }))
+    })
 }
 
 /// The body's items, decoded without a detour through `Value`; `None` on any surprise.
-fn items(content_type: ContentType, body: &[u8], limits: &ParseLimits) -> Option<Vec<Item>> {
+fn items<'de>(
+    content_type: ContentType,
+    body: &'de [u8],
+    limits: &ParseLimits,
+) -> Option<Vec<Item<'de>>> {
     let items = match content_type {
         ContentType::Json => match body.iter().find(|b| !b.is_ascii_whitespace())? {
             b'[' => serde_json::from_slice::<Vec<Item>>(body).ok()?,
@@ -201,7 +229,7 @@ fn items(content_type: ContentType, body: &[u8], limits: &ParseLimits) -> Option
 }
 
 /// A msgpack body's items through rmp-serde: the road for what `msgpack_items` declines.
-pub(super) fn serde_msgpack_items(body: &[u8]) -> Option<Vec<Item>> {
+pub(super) fn serde_msgpack_items(body: &[u8]) -> Option<Vec<Item<'_>>> {
     let many = match body.first()? {
         0x90..=0x9f | 0xdc | 0xdd => true,
         0x80..=0x8f | 0xde | 0xdf => false,
@@ -226,15 +254,15 @@ pub(super) fn serde_msgpack_items(body: &[u8]) -> Option<Vec<Item>> {
     Some(items)
 }
 
-/// Every item's envelope (and whether its id was generated) if the whole request is
+/// Every item's envelope, whether its id was generated, and its text, if the whole request is
 /// well-formed and valid; `None` sends it down the `Value` road.
-pub(super) fn envelopes(
+pub(super) fn envelopes<'de>(
     content_type: ContentType,
-    body: &[u8],
+    body: &'de [u8],
     limits: &ParseLimits,
     auth_tenant: Option<&str>,
     now_ms: u64,
-) -> Option<Vec<(Envelope, bool)>> {
+) -> Option<Vec<Checked<'de>>> {
     let items = items(content_type, body, limits)?;
     // Sized up front: collecting into an `Option<Vec<_>>` cannot use the iterator's length, and
     // growing by doubling moved every envelope struct several times.
@@ -249,6 +277,7 @@ pub(super) fn envelopes(
 mod tests {
     use super::*;
     use crate::config::UnknownFields;
+    use crate::envelope::Envelope;
     use crate::ingest::parse::value_envelopes;
 
     const LIMITS: ParseLimits = ParseLimits {
@@ -270,7 +299,19 @@ mod tests {
     /// Runs both roads; returns whether the fast one accepted. Fails if the fast road accepts
     /// what the `Value` road refuses, or builds different envelopes.
     fn both(content_type: ContentType, body: &[u8], auth: Option<&str>) -> bool {
-        let fast = envelopes(content_type, body, &LIMITS, auth, 77);
+        // The fast road keeps each text apart from its envelope; put back, it must give the
+        // envelope the `Value` road builds.
+        let fast = envelopes(content_type, body, &LIMITS, auth, 77).map(|checked| {
+            checked
+                .into_iter()
+                .map(|c| {
+                    assert_eq!(c.envelope.text, None);
+                    let mut envelope = c.envelope;
+                    envelope.text = c.text.map(Cow::into_owned);
+                    (envelope, c.id_generated)
+                })
+                .collect::<Vec<_>>()
+        });
         let slow = value_envelopes(content_type, body, &LIMITS, auth, 77);
         match (fast, slow) {
             (Some(f), Ok(s)) => {

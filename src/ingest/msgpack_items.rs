@@ -11,6 +11,8 @@
 //! the nesting depth it has in the body, as the serde road decodes it. A test compares the two roads on generated and
 //! on damaged bodies.
 
+use std::borrow::Cow;
+
 use super::fast_parse::{Item, Str};
 use crate::msgpack::Cursor;
 
@@ -25,7 +27,7 @@ const ITEMS_RESERVED_MAX: usize = 1024;
 /// road. A body of more than `items_max` items is declined before any is read (the `Value`
 /// road refuses it with its message); the caller checks the count again, as for the other
 /// roads.
-pub(super) fn items(body: &[u8], items_max: usize) -> Option<Vec<Item>> {
+pub(super) fn items(body: &[u8], items_max: usize) -> Option<Vec<Item<'_>>> {
     let mut cur = Cursor::new(body);
     let items = match body.first()? {
         0x90..=0x9f | 0xdc | 0xdd => {
@@ -47,7 +49,7 @@ pub(super) fn items(body: &[u8], items_max: usize) -> Option<Vec<Item>> {
 }
 
 /// One item: a map of the known keys, each at most once; a nil value is an absent one.
-fn item(cur: &mut Cursor, field_depth: usize) -> Option<Item> {
+fn item<'a>(cur: &mut Cursor<'a>, field_depth: usize) -> Option<Item<'a>> {
     let fields = cur.map_len()?;
     let mut item = Item::default();
     let mut seen: u8 = 0;
@@ -69,7 +71,8 @@ fn item(cur: &mut Cursor, field_depth: usize) -> Option<Item> {
         if cur.nil() {
             continue;
         }
-        let text = |cur: &mut Cursor| cur.string().map(Str);
+        // Borrowed from the body: copied once, when the envelope is encoded.
+        let text = |cur: &mut Cursor<'a>| cur.str().map(|s| Str(Cow::Borrowed(s)));
         match bit {
             1 => item.source = Some(text(cur)?),
             2 => item.id = Some(text(cur)?),
@@ -264,7 +267,7 @@ mod tests {
     }
 
     /// With a limit some generated bodies exceed, so declining them is exercised too.
-    fn items_of(body: &[u8]) -> Option<Vec<Item>> {
+    fn items_of(body: &[u8]) -> Option<Vec<Item<'_>>> {
         items(body, 4)
     }
 }

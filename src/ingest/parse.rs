@@ -9,6 +9,7 @@
 //! takes a faster road to the same result (`fast_parse`); anything that road does not accept
 //! comes here, and the answer, a refusal included, is this path's.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use bytes::Bytes;
@@ -114,6 +115,8 @@ pub struct ParseLimits {
 /// A validated envelope and its encoded bytes, ready for the spool.
 #[derive(Debug)]
 pub struct Parsed {
+    /// The envelope without its text: only `encoded` holds that (nothing after the parse
+    /// reads it, and moving it out spared a copy of most of the request's bytes).
     pub envelope: Envelope,
     /// A slice of one buffer holding the whole request's encodings (see [`parse_request`]).
     pub encoded: Bytes,
@@ -122,6 +125,15 @@ pub struct Parsed {
     /// The request carried no `id` and spoolgate generated one: a retry of the request would
     /// get a new id, so there is nothing to deduplicate it against.
     pub id_generated: bool,
+}
+
+/// A valid item on its way to the spool: its envelope without the text, whether its id was
+/// generated, and its text, kept apart (borrowed from the body where the fast road could) so
+/// that it is copied once, into the encoding, rather than first into the envelope.
+pub(super) struct Checked<'a> {
+    pub envelope: Envelope,
+    pub id_generated: bool,
+    pub text: Option<Cow<'a, str>>,
 }
 
 /// Decodes the body into a list of items (an object/map alone is a batch of one).
@@ -318,11 +330,12 @@ pub(super) struct Fields {
 }
 
 /// Builds the envelope of a checked item: the generated `id` when it has none (and whether it
-/// was generated), its stream's slot, the envelope version.
-pub(super) fn assemble(f: Fields) -> (Envelope, bool) {
+/// was generated; stamped with `now_ms`, when the request was read), its stream's slot, the
+/// envelope version.
+pub(super) fn assemble(f: Fields, now_ms: u64) -> (Envelope, bool) {
     let (id, id_generated) = match f.id {
         Some(id) => (id, false),
-        None => (super::ids::generate(), true),
+        None => (super::ids::generate(now_ms), true),
     };
     let slot = slot_of(f.tenant.as_deref().unwrap_or(&f.source));
     let envelope = Envelope {
@@ -408,15 +421,18 @@ fn item_to_envelope(
         }
     }
     check_meta_depth(&meta)?;
-    Ok(assemble(Fields {
-        source,
-        id,
-        tenant,
-        text,
-        ts_ms,
-        priority,
-        meta,
-    }))
+    Ok(assemble(
+        Fields {
+            source,
+            id,
+            tenant,
+            text,
+            ts_ms,
+            priority,
+            meta,
+        },
+        now_ms,
+    ))
 }
 
 /// The `Value` road: every item's envelope (and whether its id was generated), or the refusal
@@ -460,7 +476,14 @@ pub fn parse_request(
     let checked =
         match super::fast_parse::envelopes(content_type, body, limits, auth_tenant, now_ms) {
             Some(checked) => checked,
-            None => value_envelopes(content_type, body, limits, auth_tenant, now_ms)?,
+            None => value_envelopes(content_type, body, limits, auth_tenant, now_ms)?
+                .into_iter()
+                .map(|(mut envelope, id_generated)| Checked {
+                    text: envelope.text.take().map(Cow::Owned),
+                    envelope,
+                    id_generated,
+                })
+                .collect(),
         };
     // Every envelope of the request is encoded into one buffer, and each record takes a slice
     // of it: one allocation per request instead of a vector and a `Bytes` header per envelope,
@@ -469,15 +492,15 @@ pub fn parse_request(
     let mut all = Vec::with_capacity(
         checked
             .iter()
-            .map(|(e, _)| e.encoded_len_hint())
+            .map(|c| c.envelope.encoded_len_hint() + c.text.as_ref().map_or(0, |t| t.len()))
             .sum::<usize>(),
     );
     let mut ends = Vec::with_capacity(checked.len());
     let mut stored_lens = Vec::with_capacity(checked.len());
-    for (index, (envelope, _)) in checked.iter().enumerate() {
+    for (index, c) in checked.iter().enumerate() {
         let start = all.len();
-        envelope
-            .encode_into(&mut all)
+        c.envelope
+            .encode_with_text_into(c.text.as_deref(), &mut all)
             .map_err(|e| ParseError::Item {
                 index,
                 reason: e.to_string(),
@@ -499,14 +522,12 @@ pub fn parse_request(
     let all = Bytes::from(all);
     let mut out = Vec::with_capacity(checked.len());
     let mut start = 0;
-    for (((envelope, id_generated), end), stored_len) in
-        checked.into_iter().zip(ends).zip(stored_lens)
-    {
+    for ((c, end), stored_len) in checked.into_iter().zip(ends).zip(stored_lens) {
         out.push(Parsed {
-            envelope,
+            envelope: c.envelope,
             encoded: all.slice(start..end),
             stored_len,
-            id_generated,
+            id_generated: c.id_generated,
         });
         start = end;
     }
@@ -546,7 +567,11 @@ mod tests {
         assert_eq!(e.version, ENVELOPE_VERSION);
         assert_eq!(e.slot, slot_of("svc"));
         assert_eq!(e.id.len(), 36, "generated ids are UUIDv7 strings");
-        assert_eq!(Envelope::decode(&p[0].encoded).unwrap(), *e);
+        // The text is in the encoding only.
+        assert_eq!(e.text, None);
+        let mut decoded = Envelope::decode(&p[0].encoded).unwrap();
+        assert_eq!(decoded.text.take().as_deref(), Some("hi"));
+        assert_eq!(decoded, *e);
     }
 
     #[test]
