@@ -29,9 +29,16 @@ const CHECK_SALT: &[u8] = b"spoolgate generated id v1";
 /// context): the 12 bits of `rand_a` and the first 30 of `rand_b`.
 const COUNTER_BITS: u32 = 42;
 
-fn check(head: &[u8]) -> [u8; 4] {
+/// The CRC-32 of the salt, which the check of every id starts from.
+static SALT_CRC: std::sync::LazyLock<u32> = std::sync::LazyLock::new(|| {
     let mut crc = crc32fast::Hasher::new();
     crc.update(CHECK_SALT);
+    crc.finalize()
+});
+
+fn check(head: &[u8]) -> [u8; 4] {
+    // Resumed from the salt's CRC: the CRC of the salt followed by `head`.
+    let mut crc = crc32fast::Hasher::new_with_initial(*SALT_CRC);
     crc.update(head);
     crc.finalize().to_be_bytes()
 }
@@ -133,6 +140,15 @@ mod tests {
         sorted.sort();
         sorted.dedup();
         assert_eq!(sorted, ids, "distinct and in generation order");
+    }
+
+    #[test]
+    fn the_check_resumed_from_the_salt_is_the_crc_of_salt_and_head() {
+        let head = b"twelve bytes";
+        let mut whole = crc32fast::Hasher::new();
+        whole.update(CHECK_SALT);
+        whole.update(head);
+        assert_eq!(check(head), whole.finalize().to_be_bytes());
     }
 
     #[test]

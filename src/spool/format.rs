@@ -115,7 +115,14 @@ pub fn frame_len(payload_len: usize) -> u64 {
 /// Bytes `payload` takes stored in a frame: one more for each 0xF7 in it (see
 /// [`encode_frame`]). The spool's `record_bytes_max` bounds this length, not the payload's.
 pub fn stored_len(payload: &[u8]) -> usize {
-    payload.len() + memchr::memchr_iter(STUFFED_BYTE, payload).count()
+    // Most payloads (any text) hold no 0xF7: a vectorised search settles those, where
+    // counting went byte by byte and was about 5% of the CPU of 1 KiB batch ingest.
+    match memchr::memchr(STUFFED_BYTE, payload) {
+        None => payload.len(),
+        Some(first) => {
+            payload.len() + 1 + memchr::memchr_iter(STUFFED_BYTE, &payload[first + 1..]).count()
+        }
+    }
 }
 
 /// Total bytes the frame of `payload` occupies: [`frame_len`] of its [`stored_len`].
@@ -592,6 +599,28 @@ mod tests {
         assert_eq!(stored.len(), stored_len(&payload));
         assert_eq!(out.len() as u64, frame_len_of(&payload));
         assert_eq!(&*unstuffed(&stored, true), &payload[..]);
+    }
+
+    #[test]
+    fn the_stored_length_counts_one_more_byte_for_each_0xf7_wherever_it_is() {
+        let cases: [&[u8]; 7] = [
+            b"",
+            b"plain text",
+            &[0xF7],
+            &[0xF7, 0xF7],
+            &[b'a', 0xF7],
+            &[0xF7, b'a', b'b', 0xF7, b'c'],
+            &[0xF6, 0xF8, 0x7F],
+        ];
+        for payload in cases {
+            let count = payload.iter().filter(|&&b| b == 0xF7).count();
+            assert_eq!(stored_len(payload), payload.len() + count, "{payload:?}");
+        }
+        // Past the width of one vector, with 0xF7 only at the end.
+        let mut long = vec![b'x'; 100];
+        assert_eq!(stored_len(&long), 100);
+        long.push(0xF7);
+        assert_eq!(stored_len(&long), 102);
     }
 
     #[test]
