@@ -17,7 +17,7 @@ use bytes::Bytes;
 use serde_json::Value;
 
 use crate::config::UnknownFields;
-use crate::envelope::{Envelope, Priority, ENVELOPE_VERSION};
+use crate::envelope::{NewEnvelope, Priority};
 use crate::slots::slot_of;
 
 /// Longest `source`, `tenant` or `id`, in bytes.
@@ -117,7 +117,7 @@ pub struct ParseLimits {
 pub struct Parsed {
     /// The envelope without its text: only `encoded` holds that (nothing after the parse
     /// reads it, and moving it out spared a copy of most of the request's bytes).
-    pub envelope: Envelope,
+    pub envelope: NewEnvelope,
     /// A slice of one buffer holding the whole request's encodings (see [`parse_request`]).
     pub encoded: Bytes,
     /// Bytes `encoded` takes stored in a spool frame (`spool::format::stored_len`).
@@ -130,8 +130,9 @@ pub struct Parsed {
 /// A valid item on its way to the spool: its envelope without the text, whether its id was
 /// generated, and its text, kept apart (borrowed from the body where the fast road could) so
 /// that it is copied once, into the encoding, rather than first into the envelope.
+#[derive(Debug, PartialEq)]
 pub(super) struct Checked<'a> {
-    pub envelope: Envelope,
+    pub envelope: NewEnvelope,
     pub id_generated: bool,
     pub text: Option<Cow<'a, str>>,
 }
@@ -318,12 +319,11 @@ pub(super) fn check_meta_depth(meta: &BTreeMap<String, Value>) -> Result<(), Str
     Ok(())
 }
 
-/// The fields of a valid item, checked; `assemble` fills in the rest.
+/// The fields of a valid item but its text, checked; `assemble` fills in the rest.
 pub(super) struct Fields {
     pub source: String,
     pub id: Option<String>,
     pub tenant: Option<String>,
-    pub text: Option<String>,
     pub ts_ms: u64,
     pub priority: Priority,
     pub meta: BTreeMap<String, Value>,
@@ -332,23 +332,20 @@ pub(super) struct Fields {
 /// Builds the envelope of a checked item: the generated `id` when it has none (and whether it
 /// was generated; stamped with `now_ms`, when the request was read), its stream's slot, the
 /// envelope version.
-pub(super) fn assemble(f: Fields, now_ms: u64) -> (Envelope, bool) {
+pub(super) fn assemble(f: Fields, now_ms: u64) -> (NewEnvelope, bool) {
     let (id, id_generated) = match f.id {
         Some(id) => (id, false),
         None => (super::ids::generate(now_ms), true),
     };
     let slot = slot_of(f.tenant.as_deref().unwrap_or(&f.source));
-    let envelope = Envelope {
-        version: ENVELOPE_VERSION,
+    let envelope = NewEnvelope {
         id,
         slot,
         source: f.source,
         tenant: f.tenant,
-        text: f.text,
         ts_ms: f.ts_ms,
         meta: f.meta,
         priority: f.priority,
-        ..Default::default()
     };
     (envelope, id_generated)
 }
@@ -357,14 +354,14 @@ const KNOWN_FIELDS: &[&str] = &[
     "source", "text", "id", "tenant", "ts_ms", "priority", "meta",
 ];
 
-/// Validates one item and turns it into an Envelope with spoolgate's defaults filled in.
+/// Validates one item and turns it into an envelope with spoolgate's defaults filled in.
 /// `auth_tenant` is the tenant bound to the request's token, if auth is on.
 fn item_to_envelope(
     value: Value,
     unknown: UnknownFields,
     auth_tenant: Option<&str>,
     now_ms: u64,
-) -> Result<(Envelope, bool), String> {
+) -> Result<Checked<'static>, String> {
     let Value::Object(mut obj) = value else {
         return Err(format!("must be an object, found {}", kind_of(&value)));
     };
@@ -421,21 +418,25 @@ fn item_to_envelope(
         }
     }
     check_meta_depth(&meta)?;
-    Ok(assemble(
+    let (envelope, id_generated) = assemble(
         Fields {
             source,
             id,
             tenant,
-            text,
             ts_ms,
             priority,
             meta,
         },
         now_ms,
-    ))
+    );
+    Ok(Checked {
+        envelope,
+        id_generated,
+        text: text.map(Cow::Owned),
+    })
 }
 
-/// The `Value` road: every item's envelope (and whether its id was generated), or the refusal
+/// The `Value` road: every item's envelope (whether its id was generated, its text), or the refusal
 /// of the first item or body fault found.
 pub(super) fn value_envelopes(
     content_type: ContentType,
@@ -443,7 +444,7 @@ pub(super) fn value_envelopes(
     limits: &ParseLimits,
     auth_tenant: Option<&str>,
     now_ms: u64,
-) -> Result<Vec<(Envelope, bool)>, ParseError> {
+) -> Result<Vec<Checked<'static>>, ParseError> {
     let items = decode_items(content_type, body, limits)?;
     let mut checked = Vec::with_capacity(items.len());
     for (index, item) in items.into_iter().enumerate() {
@@ -476,14 +477,7 @@ pub fn parse_request(
     let checked =
         match super::fast_parse::envelopes(content_type, body, limits, auth_tenant, now_ms) {
             Some(checked) => checked,
-            None => value_envelopes(content_type, body, limits, auth_tenant, now_ms)?
-                .into_iter()
-                .map(|(mut envelope, id_generated)| Checked {
-                    text: envelope.text.take().map(Cow::Owned),
-                    envelope,
-                    id_generated,
-                })
-                .collect(),
+            None => value_envelopes(content_type, body, limits, auth_tenant, now_ms)?,
         };
     // Every envelope of the request is encoded into one buffer, and each record takes a slice
     // of it: one allocation per request instead of a vector and a `Bytes` header per envelope,
@@ -546,6 +540,7 @@ pub fn parse_request(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::envelope::{Envelope, ENVELOPE_VERSION};
 
     const LIMITS: ParseLimits = ParseLimits {
         batch_items_max: 100,
@@ -564,14 +559,12 @@ mod tests {
         let e = &p[0].envelope;
         assert_eq!(e.source, "svc");
         assert_eq!(e.ts_ms, 1000);
-        assert_eq!(e.version, ENVELOPE_VERSION);
         assert_eq!(e.slot, slot_of("svc"));
         assert_eq!(e.id.len(), 36, "generated ids are UUIDv7 strings");
         // The text is in the encoding only.
-        assert_eq!(e.text, None);
-        let mut decoded = Envelope::decode(&p[0].encoded).unwrap();
-        assert_eq!(decoded.text.take().as_deref(), Some("hi"));
-        assert_eq!(decoded, *e);
+        let decoded = Envelope::decode(&p[0].encoded).unwrap();
+        assert_eq!(decoded.version, ENVELOPE_VERSION);
+        assert_eq!(decoded, e.clone().into_envelope(Some("hi".into())));
     }
 
     #[test]
