@@ -550,7 +550,7 @@ impl SealWriter {
         let hash_hex = hex32(&hash);
         out[hash_at..hash_at + 64].copy_from_slice(hash_hex.as_bytes());
         // Stored, each 0xF7 of the entry takes two bytes (spool-format.md §3).
-        let entry_stuffing = memchr::memchr_iter(0xF7, &out[start..]).count();
+        let entry_stuffing = crate::spool::format::stuffing(&out[start..]);
         let entry_bytes = out.len() - start + entry_stuffing;
         if entry_bytes + SEAL_HEADER_BYTES > self.record_bytes_max {
             out.truncate(start);
