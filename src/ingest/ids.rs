@@ -44,8 +44,10 @@ fn check(head: &[u8]) -> [u8; 4] {
 }
 
 /// The millisecond of the last id generated and its counter. Each new millisecond starts the
-/// counter at a random value below half its range, so that ids of two processes in the same
-/// millisecond are unlikely to collide and the counter has room to count up.
+/// counter at a random value below half its range, drawn from the operating system's
+/// generator, so that ids of two processes in the same millisecond are unlikely to collide
+/// (even processes cloned from one snapshot, whose user-space generators would draw alike) and
+/// the counter has room to count up.
 struct Clock {
     ms: u64,
     counter: u64,
@@ -56,13 +58,17 @@ static CLOCK: Mutex<Clock> = Mutex::new(Clock { ms: 0, counter: 0 });
 /// The next (millisecond, counter) pair, after every pair handed out before: `now_ms` when it
 /// is later than the last id's millisecond, else the last millisecond with the counter one up
 /// (a clock that steps back, or a request that read the clock before another, does not
-/// reorder ids); a counter that runs out moves on to the next millisecond, as the uuid crate
-/// does.
+/// reorder ids); a counter that runs out (2^41 ids in a millisecond) moves on to the next
+/// millisecond with the counter at 0.
 fn next(now_ms: u64) -> (u64, u64) {
     let mut clock = CLOCK.lock().unwrap_or_else(|p| p.into_inner());
     if now_ms > clock.ms {
         clock.ms = now_ms;
-        clock.counter = fastrand::u64(..(1 << (COUNTER_BITS - 1)));
+        // One getrandom call per millisecond that has ids, at most a thousand a second. Should
+        // the system's generator fail, the thread's own still separates ids within this
+        // process; only the cross-process guard is weaker for that millisecond.
+        let seed = getrandom::u64().unwrap_or_else(|_| fastrand::u64(..));
+        clock.counter = seed & ((1 << (COUNTER_BITS - 1)) - 1);
     } else {
         clock.counter += 1;
         if clock.counter >> COUNTER_BITS != 0 {
@@ -74,9 +80,10 @@ fn next(now_ms: u64) -> (u64, u64) {
 }
 
 /// A new time-ordered id (UUID v7, lowercase hyphenated) with the check in its last bytes,
-/// stamped with `now_ms`, the Unix milliseconds the request was read at (ingest reads the
-/// clock once per request; `Uuid::now_v7` read it and divided a 128-bit duration per id, with
-/// the formatting about 3% of the CPU of batch ingest). Layout (RFC 9562 §5.7, counter
+/// stamped with `now_ms`, the Unix milliseconds the request was read at, or with the last id's
+/// millisecond when `now_ms` is not later (see `next`). Ingest reads the clock once per
+/// request: `Uuid::now_v7` read it and divided a 128-bit duration per id, which with the
+/// formatting was about 3% of the CPU of batch ingest. Layout (RFC 9562 §5.7, counter
 /// method): the 48-bit millisecond, version 7, the counter's top 12 bits (`rand_a`), variant
 /// 0b10, its other 30 bits, then the check in place of `rand_b`'s last 32 random bits.
 pub fn generate(now_ms: u64) -> String {

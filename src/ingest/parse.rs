@@ -115,8 +115,9 @@ pub struct ParseLimits {
 /// A validated envelope and its encoded bytes, ready for the spool.
 #[derive(Debug)]
 pub struct Parsed {
-    /// The envelope without its text: only `encoded` holds that (nothing after the parse
-    /// reads it, and moving it out spared a copy of most of the request's bytes).
+    /// The envelope as ingest built it, which has no text: only `encoded` holds that (nothing
+    /// after the parse reads it, and keeping it borrowed from the body until it was encoded
+    /// spared a copy of most of the request's bytes).
     pub envelope: NewEnvelope,
     /// A slice of one buffer holding the whole request's encodings (see [`parse_request`]).
     pub encoded: Bytes,
@@ -454,6 +455,25 @@ pub(super) fn value_envelopes(
         );
     }
     Ok(checked)
+}
+
+/// The `Value` road alone: each item's envelope, whether its id was generated, and its text.
+/// For the fuzz target, whose oracle is that [`parse_request`], which takes the fast roads
+/// where it can, builds the same envelopes and texts (ids it generated aside).
+#[doc(hidden)]
+pub fn value_road_envelopes(
+    content_type: ContentType,
+    body: &[u8],
+    limits: &ParseLimits,
+    auth_tenant: Option<&str>,
+    now_ms: u64,
+) -> Result<Vec<(NewEnvelope, bool, Option<String>)>, ParseError> {
+    Ok(
+        value_envelopes(content_type, body, limits, auth_tenant, now_ms)?
+            .into_iter()
+            .map(|c| (c.envelope, c.id_generated, c.text.map(Cow::into_owned)))
+            .collect(),
+    )
 }
 
 /// Decodes and validates a whole request. Either every envelope is valid or none is returned.
