@@ -159,6 +159,36 @@ pub(crate) fn count_values(bytes: &[u8]) -> u64 {
     }
 }
 
+/// The length in bytes of the first msgpack value in `bytes` (for a map or array, with
+/// everything inside it), or `None` when the input ends before that value does or is not
+/// msgpack. Walks headers as [`count_values`] does, decoding and allocating nothing but the
+/// stack of open containers.
+pub(crate) fn first_value_len(bytes: &[u8]) -> Option<usize> {
+    let mut cur = Cursor::new(bytes);
+    // Values still to read in each open container, innermost last.
+    let mut open: Vec<u64> = Vec::new();
+    loop {
+        let items = value_header(&mut cur)?;
+        if items > 0 {
+            open.push(items);
+            continue;
+        }
+        // A scalar, or an empty container: it completes values up the stack.
+        loop {
+            match open.last_mut() {
+                None => return Some(bytes.len() - cur.remaining()),
+                Some(left) => {
+                    *left -= 1;
+                    if *left > 0 {
+                        break;
+                    }
+                    open.pop();
+                }
+            }
+        }
+    }
+}
+
 /// Reads one value's header and skips its scalar bytes; returns how many values a container
 /// holds (0 for a scalar), or `None` where the input ends or is not msgpack.
 fn value_header(cur: &mut Cursor<'_>) -> Option<u64> {
@@ -293,6 +323,21 @@ mod value_tests {
         let mut b = vec![0xcb];
         b.extend_from_slice(&v.to_bits().to_be_bytes());
         b
+    }
+
+    #[test]
+    fn the_first_value_ends_where_its_last_nested_value_does() {
+        let fine = item(&f64_bytes(2.5));
+        assert_eq!(first_value_len(&fine), Some(fine.len()));
+        let mut trailing = fine.clone();
+        trailing.extend_from_slice(&[0x01, 0x02]);
+        assert_eq!(first_value_len(&trailing), Some(fine.len()));
+        // A truncated value, at any cut, has no end.
+        for cut in 0..fine.len() {
+            assert_eq!(first_value_len(&fine[..cut]), None, "cut at {cut}");
+        }
+        assert_eq!(first_value_len(&[0x90]), Some(1));
+        assert_eq!(first_value_len(&[0xc1]), None);
     }
 
     #[test]

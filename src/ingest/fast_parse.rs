@@ -242,15 +242,12 @@ pub(super) fn serde_msgpack_items(body: &[u8]) -> Option<Vec<Item<'_>>> {
     } else {
         vec![Item::deserialize(&mut de).ok()?]
     };
-    // This deserializer does not say how much it consumed, so trailing bytes are found by
-    // trying to read one more value: only an end of input where its marker would be
-    // means there are none.
-    match de::IgnoredAny::deserialize(&mut de) {
-        Err(rmp_serde::decode::Error::InvalidMarkerRead(e))
-            if e.kind() == std::io::ErrorKind::UnexpectedEof => {}
-        _ => return None,
-    }
-    Some(items)
+    // This deserializer does not say how much it consumed, so the body's first value is
+    // measured by walking its headers: anything after it gives the request up. (Trying to
+    // read one more value and taking an end of input for "nothing more" accepted trailing
+    // bytes that began a truncated value, which the `Value` road refuses; the fuzz target's
+    // oracle found it.)
+    (crate::msgpack::first_value_len(body)? == body.len()).then_some(items)
 }
 
 /// Every item's envelope, whether its id was generated, and its text, if the whole request is
@@ -390,6 +387,22 @@ mod tests {
                 b.push(0xd9);
                 b
             }),
+            // Trailing bytes that begin a container cut short where a value's marker would be
+            // (found by the fuzz target): reading one more value ends at the end of the input
+            // there, as it does after a complete body.
+            (ContentType::Msgpack, {
+                let mut b = msgpack(&serde_json::json!({"source": "s"}));
+                b.extend_from_slice(&[0xdf, 0, 0, 0, 2, 0x01]);
+                b
+            }),
+            (
+                ContentType::Msgpack,
+                hex::decode(
+                    "84a6736f75726365a3737663a674656e616e74a56f74686572a26964a26331a574735f6d73\
+                     cfa4613b2f63a67465dfc56d6e26ce744167a57473f96d",
+                )
+                .expect("hex"),
+            ),
             // `text` as msgpack bin (0xc4): UTF-8 bytes, but not a string.
             (ContentType::Msgpack, {
                 let mut b = vec![0x82, 0xa6];
