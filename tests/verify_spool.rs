@@ -34,6 +34,31 @@ fn spool_options(dir: &Path) -> SpoolOptions {
     }
 }
 
+/// `spoolgate inspect` on the data directory `dir`: its exit code and its output, as text or
+/// (with `json`) as JSON text.
+fn inspect(dir: &Path, json: bool) -> (Option<i32>, String) {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_spoolgate"));
+    command.arg("inspect").arg(dir);
+    if json {
+        command.arg("--json");
+    }
+    let out = command.output().unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+/// The sum over the segments of an `inspect --json` report of the count named `key`.
+fn segments_total(report: &serde_json::Value, key: &str) -> u64 {
+    report["segments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s[key].as_u64().unwrap())
+        .sum()
+}
+
 impl DataDir {
     fn new() -> DataDir {
         let dir = tempfile::tempdir().unwrap();
@@ -47,6 +72,23 @@ impl DataDir {
 
     fn path(&self) -> &Path {
         self.dir.path()
+    }
+
+    /// Appends a durable tombstone naming `positions`.
+    fn tombstone(&mut self, positions: Vec<Position>) {
+        let tombstone = spoolgate::chain::Tombstone {
+            positions,
+            heads: vec![],
+        };
+        self.spool
+            .append_blocking(
+                vec![(
+                    RecordKind::TOMBSTONE,
+                    Bytes::from(tombstone.encode().unwrap()),
+                )],
+                true,
+            )
+            .unwrap();
     }
 
     /// Appends one envelope per id of `stream` and one seal holding them all, continuing the
@@ -328,13 +370,8 @@ fn a_damaged_envelope_frame_is_listed_by_inspect_and_left_unchecked_by_verify() 
 
     let summary = verify_spool(d.path()).unwrap();
     assert_eq!((summary.sealed_records, summary.damaged_ranges), (2, 1));
-    let out = Command::new(env!("CARGO_BIN_EXE_spoolgate"))
-        .arg("inspect")
-        .arg(d.path())
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(1), "{text}");
+    let (code, text) = inspect(d.path(), false);
+    assert_eq!(code, Some(1), "{text}");
     assert!(
         text.contains(&format!("DAMAGED offset {}", first.offset)),
         "{text}"
@@ -348,49 +385,18 @@ fn inspect_counts_in_each_segment_the_envelopes_no_tombstone_names() {
     d.seal("beta", &["b1", "b2"]);
     // One of acme's envelopes is confirmed; a tombstone naming a position that holds no
     // envelope completes nothing.
-    let tombstone = spoolgate::chain::Tombstone {
-        positions: vec![
-            acme,
-            Position {
-                segment: acme.segment,
-                offset: 8,
-            },
-        ],
-        heads: vec![],
-    };
-    d.spool
-        .append_blocking(
-            vec![(
-                RecordKind::TOMBSTONE,
-                Bytes::from(tombstone.encode().unwrap()),
-            )],
-            true,
-        )
-        .unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_spoolgate"))
-        .arg("inspect")
-        .arg(d.path())
-        .arg("--json")
-        .output()
-        .unwrap();
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let pending: u64 = report["segments"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s["pending_envelopes"].as_u64().unwrap())
-        .sum();
-    assert_eq!(pending, 4, "{report}");
-    let text = Command::new(env!("CARGO_BIN_EXE_spoolgate"))
-        .arg("inspect")
-        .arg(d.path())
-        .output()
-        .unwrap();
-    assert!(
-        String::from_utf8_lossy(&text.stdout).contains("pending=4"),
-        "{}",
-        String::from_utf8_lossy(&text.stdout)
-    );
+    d.tombstone(vec![
+        acme,
+        Position {
+            segment: acme.segment,
+            offset: 8,
+        },
+    ]);
+    let (_, json) = inspect(d.path(), true);
+    let report: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(segments_total(&report, "pending_envelopes"), 4, "{report}");
+    let (_, text) = inspect(d.path(), false);
+    assert!(text.contains("pending=4"), "{text}");
 }
 
 #[test]
@@ -399,19 +405,7 @@ fn inspect_counts_a_sealed_envelope_whose_frame_is_damaged_as_pending_as_a_start
     let lost = d.seal("acme", &["a1"]);
     d.seal("acme", &["a2"]);
     let delivered = d.seal("acme", &["a3"]);
-    let tombstone = spoolgate::chain::Tombstone {
-        positions: vec![delivered],
-        heads: vec![],
-    };
-    d.spool
-        .append_blocking(
-            vec![(
-                RecordKind::TOMBSTONE,
-                Bytes::from(tombstone.encode().unwrap()),
-            )],
-            true,
-        )
-        .unwrap();
+    d.tombstone(vec![delivered]);
     // One byte inside the payloads of a1 (sealed, not tombstoned: an orphan, which the next
     // start re-sends from its seal) and of a3 (tombstoned: delivered, pending no more). The
     // seals after them hold.
@@ -425,31 +419,13 @@ fn inspect_counts_a_sealed_envelope_whose_frame_is_damaged_as_pending_as_a_start
     }
     std::fs::write(&segment, &bytes).unwrap();
 
-    let out = Command::new(env!("CARGO_BIN_EXE_spoolgate"))
-        .arg("inspect")
-        .arg(d.path())
-        .arg("--json")
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(1), "damaged ranges are listed");
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let total = |key: &str| -> u64 {
-        report["segments"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|s| s[key].as_u64().unwrap())
-            .sum()
-    };
+    let (code, json) = inspect(d.path(), true);
+    assert_eq!(code, Some(1), "damaged ranges are listed");
+    let report: serde_json::Value = serde_json::from_str(&json).unwrap();
     // a1 (the orphan) and a2 (sealed, intact); a3 is tombstoned.
-    assert_eq!(total("pending_envelopes"), 2, "{report}");
-    assert_eq!(total("orphan_envelopes"), 1, "{report}");
-    let text = Command::new(env!("CARGO_BIN_EXE_spoolgate"))
-        .arg("inspect")
-        .arg(d.path())
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&text.stdout);
+    assert_eq!(segments_total(&report, "pending_envelopes"), 2, "{report}");
+    assert_eq!(segments_total(&report, "orphan_envelopes"), 1, "{report}");
+    let (_, text) = inspect(d.path(), false);
     assert!(text.contains("pending=2 orphans=1"), "{text}");
 
     // The daemon's start-up scan, on the spool reopened as a restart would, decides the same.
