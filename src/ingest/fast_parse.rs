@@ -76,34 +76,6 @@ impl<'de> Visitor<'de> for StrVisitor {
     }
 }
 
-/// A map key, borrowed from the body where it can be.
-struct Key<'de>(Cow<'de, str>);
-
-impl<'de> Deserialize<'de> for Key<'de> {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Key<'de>, D::Error> {
-        deserializer.deserialize_str(KeyVisitor)
-    }
-}
-
-struct KeyVisitor;
-
-impl<'de> Visitor<'de> for KeyVisitor {
-    type Value = Key<'de>;
-
-    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.write_str("a string key")
-    }
-    fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Key<'de>, E> {
-        Ok(Key(Cow::Borrowed(v)))
-    }
-    fn visit_str<E: de::Error>(self, v: &str) -> Result<Key<'de>, E> {
-        Ok(Key(Cow::Owned(v.to_string())))
-    }
-    fn visit_string<E: de::Error>(self, v: String) -> Result<Key<'de>, E> {
-        Ok(Key(Cow::Owned(v)))
-    }
-}
-
 impl<'de> Deserialize<'de> for Item<'de> {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Item<'de>, D::Error> {
         // `deserialize_map`, not a derived `deserialize_struct`: rmp-serde would accept a
@@ -127,7 +99,8 @@ impl<'de> Visitor<'de> for ItemVisitor {
         // is refused there: it leaves `source` unset here, and `checked` gives the item up.
         // A key seen twice gives the request up (the `Value` road keeps the last).
         let mut seen: u8 = 0;
-        while let Some(Key(key)) = map.next_key::<Key<'de>>()? {
+        // Keys are `Str`s too: borrowed from the body where the decoder can.
+        while let Some(Str(key)) = map.next_key::<Str<'de>>()? {
             let bit = match key.as_ref() {
                 "source" => 1,
                 "id" => 2,
