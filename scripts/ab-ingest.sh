@@ -12,7 +12,10 @@
 #   scripts/ab-ingest.sh /tmp/old /tmp/new 7 -- --connections 64 --batch 1 --text-bytes 512
 # With E2E=1 the daemons forward to the file sink and each run waits until everything it
 # acknowledged is delivered and tombstoned: the rate is then the end-to-end one, and the CPU
-# per envelope covers forwarding too.
+# per envelope covers forwarding too. Each pair also shows both runs' ack p99 (ms) and the
+# summary its median ratio, for changes aimed at latency. A_SETS and B_SETS add `--set` flags
+# to one side's daemon, so that one binary can be compared with itself under two settings:
+#   A_SETS="" B_SETS="--set forward.workers=2" E2E=1 scripts/ab-ingest.sh BIN BIN 5
 set -euo pipefail
 A=${1:?old binary}
 B=${2:?new binary}
@@ -33,12 +36,14 @@ mkdir -p target
 SCRATCH=$(mktemp -d "$PWD/target/ab-ingest.XXXXXX")
 trap 'rm -rf "$SCRATCH"' EXIT
 
-run() { # BIN -> "envelopes_per_s cpu_us_per_envelope"
+run() { # BIN SETS -> "envelopes_per_s cpu_us_per_envelope ack_p99_ms"
     local bin=$1 dir ready=""
+    local -a sets
+    read -r -a sets <<<"${2:-}"
     dir=$(mktemp -d "$SCRATCH/run.XXXX")
     "$bin" serve --set data_dir="$dir/data" --set ingest.listen=127.0.0.1:0 \
         --set metrics.listen=127.0.0.1:0 --set spool.durability=always \
-        ${SERVE[@]+"${SERVE[@]}"} \
+        ${SERVE[@]+"${SERVE[@]}"} ${sets[@]+"${sets[@]}"} \
         --set spool.quota_soft_bytes=30000000000 --set spool.quota_hard_bytes=32000000000 \
         >"$dir/log" 2>&1 &
     local pid=$!
@@ -72,30 +77,30 @@ ticks, hz = int(sys.argv[2]), int(sys.argv[3])
 # The CPU ticks span the warm-up second and the last answers after the measured window, and so
 # does the load generator's total of acknowledged envelopes: no correction is needed.
 envelopes = r["envelopes_acknowledged_total"]
-print(round(r[sys.argv[4]]), round(ticks / hz / envelopes * 1e6, 3))
+print(round(r[sys.argv[4]]), round(ticks / hz / envelopes * 1e6, 3), r["latency_p99_ms"])
 PY
     rm -rf "$dir"
 }
 
-echo "pair order  A env/s  B env/s  B/A   A us/env  B us/env  B/A"
+echo "pair order  A env/s  B env/s  B/A   A us/env  B us/env  B/A   A p99 ms  B p99 ms  B/A"
 ratios=()
 for i in $(seq 1 "$PAIRS"); do
     if [ $((i % 2)) -eq 1 ]; then
         order=AB
-        out=$(run "$A"); read -r ra ca <<<"$out"
-        out=$(run "$B"); read -r rb cb <<<"$out"
+        out=$(run "$A" "${A_SETS:-}"); read -r ra ca pa <<<"$out"
+        out=$(run "$B" "${B_SETS:-}"); read -r rb cb pb <<<"$out"
     else
         order=BA
-        out=$(run "$B"); read -r rb cb <<<"$out"
-        out=$(run "$A"); read -r ra ca <<<"$out"
+        out=$(run "$B" "${B_SETS:-}"); read -r rb cb pb <<<"$out"
+        out=$(run "$A" "${A_SETS:-}"); read -r ra ca pa <<<"$out"
     fi
-    line=$(python3 -c "print('%4d %5s %8d %8d %5.3f %9.3f %9.3f %5.3f' % ($i, '$order', $ra, $rb, $rb/$ra, $ca, $cb, $cb/$ca))")
+    line=$(python3 -c "print('%4d %5s %8d %8d %5.3f %9.3f %9.3f %5.3f %9.2f %9.2f %5.3f' % ($i, '$order', $ra, $rb, $rb/$ra, $ca, $cb, $cb/$ca, $pa, $pb, $pb/$pa))")
     echo "$line"
-    ratios+=("$(python3 -c "print($rb/$ra, $cb/$ca)")")
+    ratios+=("$(python3 -c "print($rb/$ra, $cb/$ca, $pb/$pa)")")
 done
 printf '%s\n' "${ratios[@]}" | python3 -c '
 import statistics, sys
 rows = [tuple(map(float, l.split())) for l in sys.stdin if l.strip()]
-print("median B/A: envelopes/s %.3f, CPU per envelope %.3f (%d of %d pairs B faster)" % (
+print("median B/A: envelopes/s %.3f, CPU per envelope %.3f, ack p99 %.3f (%d of %d pairs B faster)" % (
     statistics.median(r[0] for r in rows), statistics.median(r[1] for r in rows),
-    sum(r[0] > 1 for r in rows), len(rows)))'
+    statistics.median(r[2] for r in rows), sum(r[0] > 1 for r in rows), len(rows)))'
