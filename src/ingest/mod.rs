@@ -34,7 +34,7 @@ mod msgpack_items;
 pub mod parse;
 pub mod server;
 pub mod streams;
-mod values;
+pub mod values;
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock};
@@ -347,17 +347,17 @@ async fn ingest(state: &IngestState, req: Request<Incoming>) -> HttpResponse {
         Ok(Ok(collected)) => collected.to_bytes(),
     };
 
-    // What decoding builds is charged too, by its values, before anything is decoded
-    // (see `values`).
-    let decoded_bytes =
-        values::decoded_values(content_type, &body).saturating_mul(values::DECODED_BYTES_PER_VALUE);
+    // What decoding builds is charged too, by its values and items, before anything is
+    // decoded (see `values`).
+    let decoded_bytes = values::decoded_bytes(content_type, &body);
     if decoded_bytes.saturating_add(body.len() as u64) > cfg.inflight_bytes_max {
         return error(
             StatusCode::PAYLOAD_TOO_LARGE,
             "too_many_values",
             format!(
-                "the body holds so many values that decoding it would take about {decoded_bytes} \
-                 bytes, over ingest.inflight_bytes_max {}; send fewer or larger values per request",
+                "the body holds so many values or envelopes that decoding it would take about \
+                 {decoded_bytes} bytes, over ingest.inflight_bytes_max {}; send fewer or larger \
+                 values or envelopes per request",
                 cfg.inflight_bytes_max
             ),
         );

@@ -21,7 +21,7 @@ use crate::msgpack::Cursor;
 const SINGLE_ITEM_FIELD_DEPTH: usize = 1023;
 
 /// Items reserved for up front; a larger batch grows the vector as its items are read.
-const ITEMS_RESERVED_MAX: usize = 1024;
+pub(super) const ITEMS_RESERVED_MAX: usize = 1024;
 
 /// The items of a msgpack body (one map, or an array of maps), or `None` to take the serde
 /// road. A body of more than `items_max` items is declined before any is read (the `Value`
@@ -183,7 +183,7 @@ mod tests {
         ) {
             let body = body(&items, as_array);
             if let Some(direct) = items_of(&body) {
-                prop_assert_eq!(Some(direct), serde_msgpack_items(&body));
+                prop_assert_eq!(Some(direct), serde_msgpack_items(&body, usize::MAX));
             }
         }
 
@@ -204,7 +204,7 @@ mod tests {
                 _ => body.push(byte),
             }
             if let Some(direct) = items_of(&body) {
-                prop_assert_eq!(Some(direct), serde_msgpack_items(&body));
+                prop_assert_eq!(Some(direct), serde_msgpack_items(&body, usize::MAX));
             }
         }
 
@@ -228,7 +228,7 @@ mod tests {
             let body = body(&items, true);
             let direct = super::items(&body, 64);
             prop_assert!(direct.is_some());
-            prop_assert_eq!(direct, serde_msgpack_items(&body));
+            prop_assert_eq!(direct, serde_msgpack_items(&body, usize::MAX));
         }
     }
 
@@ -254,7 +254,7 @@ mod tests {
                         body.extend([0x81, 0xa1, b'k']);
                         body.extend(std::iter::repeat_n(0x91, levels));
                         body.push(0x01);
-                        let serde = serde_msgpack_items(&body);
+                        let serde = serde_msgpack_items(&body, usize::MAX);
                         assert_eq!(items(&body, 4), serde, "{levels} levels, array {as_array}");
                         accepted += usize::from(serde.is_some());
                     }
