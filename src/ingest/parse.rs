@@ -447,8 +447,20 @@ pub(super) fn value_envelopes(
     now_ms: u64,
 ) -> Result<Vec<Checked<'static>>, ParseError> {
     let items = decode_items(content_type, body, limits)?;
+    // Decoded into a `Value`, a NaN or infinite float has become null: its item is found in
+    // the body, and refused in its turn, after the items before it were checked.
+    let non_finite = match content_type {
+        ContentType::Msgpack => crate::msgpack::first_non_finite_float(body),
+        ContentType::Json | ContentType::NdJson => None,
+    };
     let mut checked = Vec::with_capacity(items.len());
     for (index, item) in items.into_iter().enumerate() {
+        if non_finite == Some(index) {
+            return Err(ParseError::Item {
+                index,
+                reason: "holds a float that is NaN or infinite, which has no JSON form".into(),
+            });
+        }
         checked.push(
             item_to_envelope(item, limits.unknown_fields, auth_tenant, now_ms)
                 .map_err(|reason| ParseError::Item { index, reason })?,
@@ -476,6 +488,11 @@ pub fn value_road_envelopes(
     )
 }
 
+/// Whether a msgpack body holds a NaN or infinite float anywhere (JSON has no such numbers).
+fn has_non_finite_float(content_type: ContentType, body: &[u8]) -> bool {
+    content_type == ContentType::Msgpack && crate::msgpack::first_non_finite_float(body).is_some()
+}
+
 /// Decodes and validates a whole request. Either every envelope is valid or none is returned.
 pub fn parse_request(
     content_type: ContentType,
@@ -484,20 +501,12 @@ pub fn parse_request(
     auth_tenant: Option<&str>,
     now_ms: u64,
 ) -> Result<Vec<Parsed>, ParseError> {
-    if content_type == ContentType::Msgpack {
-        if let Some(index) = crate::msgpack::first_non_finite_float(body) {
-            return Err(ParseError::Item {
-                index,
-                reason: "holds a float that is NaN or infinite, which has no JSON form (`meta` \
-                         would keep it as null)"
-                    .into(),
-            });
-        }
-    }
     let checked =
         match super::fast_parse::envelopes(content_type, body, limits, auth_tenant, now_ms) {
-            Some(checked) => checked,
-            None => value_envelopes(content_type, body, limits, auth_tenant, now_ms)?,
+            // The fast roads would take a NaN or infinite float in `meta` for null, as the
+            // `Value` road would, so a request holding one is refused by `value_envelopes`.
+            Some(checked) if !has_non_finite_float(content_type, body) => checked,
+            _ => value_envelopes(content_type, body, limits, auth_tenant, now_ms)?,
         };
     // Every envelope of the request is encoded into one buffer, and each record takes a slice
     // of it: one allocation per request instead of a vector and a `Bytes` header per envelope,
@@ -585,6 +594,52 @@ mod tests {
         let decoded = Envelope::decode(&p[0].encoded).unwrap();
         assert_eq!(decoded.version, ENVELOPE_VERSION);
         assert_eq!(decoded, e.clone().into_envelope(Some("hi".into())));
+    }
+
+    /// A msgpack batch of items, each a map of `source` and one more field.
+    fn msgpack_batch(items: &[(&str, &[u8])]) -> Vec<u8> {
+        let mut body = vec![0x90 | items.len() as u8];
+        for (key, value) in items {
+            body.extend(b"\x82\xa6source\xa1s");
+            body.push(0xa0 | key.len() as u8);
+            body.extend(key.as_bytes());
+            body.extend(*value);
+        }
+        body
+    }
+
+    #[test]
+    fn a_non_finite_float_is_refused_in_its_turn_after_the_batch_size_and_earlier_items() {
+        let mut nan = vec![0xcb];
+        nan.extend(f64::NAN.to_bits().to_be_bytes());
+        let msgpack = |body: &[u8], limits: &ParseLimits| {
+            parse_request(ContentType::Msgpack, body, limits, None, 1000).unwrap_err()
+        };
+        // Where the float is, not only in `meta`: a `ts_ms` of NaN is refused, not dropped.
+        let e = msgpack(&msgpack_batch(&[("ts_ms", &nan)]), &LIMITS);
+        assert_eq!((e.code(), e.index()), ("invalid_envelope", Some(0)));
+        assert!(e.to_string().contains("NaN or infinite"), "{e}");
+        // An invalid item before it is named first.
+        let e = msgpack(
+            &msgpack_batch(&[
+                ("priority", b"\xa4huge"),
+                ("text", b"\xa1x"),
+                ("meta", &nan),
+            ]),
+            &LIMITS,
+        );
+        assert_eq!(e.index(), Some(0), "{e}");
+        assert!(e.to_string().contains("priority"), "{e}");
+        // A batch over the limit is refused as such.
+        let two = ParseLimits {
+            batch_items_max: 2,
+            ..LIMITS
+        };
+        let e = msgpack(
+            &msgpack_batch(&[("text", b"\xa1x"), ("text", b"\xa1y"), ("meta", &nan)]),
+            &two,
+        );
+        assert_eq!(e.code(), "too_many_envelopes", "{e}");
     }
 
     #[test]
