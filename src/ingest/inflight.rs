@@ -6,8 +6,8 @@
 //! therefore takes its body's bytes from a budget of `ingest.inflight_bytes_max` before reading
 //! the body, and gives them back when its response is ready; the body, the parsed envelopes and
 //! their encoded frames live within that window. Once the body is read, the request also takes
-//! what decoding it may build, by the number of values in it (`values`), since a body dense
-//! with small values decodes to many times its size.
+//! what parsing it may build, by the number of values and envelopes in it (`values`), since a
+//! body dense with small values or small envelopes decodes to many times its size.
 //!
 //! A request that finds the budget spent is answered 429 at once, with `Retry-After` and the
 //! same body as the disk watermarks' refusals, before any of its body is read: waiting instead

@@ -13,7 +13,7 @@
 //! | Content-Length / body size              | 413    | `body_too_large`      |
 //! | room in `ingest.inflight_bytes_max`      | 429    | `backpressure`, reason `inflight_bytes` |
 //! | body arrives within the timeout         | 408    | `body_timeout`        |
-//! | its values' decoded size fits the budget | 413/429| `too_many_values`, or `backpressure` reason `inflight_bytes` |
+//! | what parsing it builds fits the budget  | 413/429| `too_many_values`, or `backpressure` reason `inflight_bytes` |
 //! | every item valid (see `parse`)          | 400/413| `invalid_envelope`, ... with `index` |
 //! | the request's records fit one segment   | 413    | `request_too_large`   |
 //! | backpressure watermarks                 | 429    | `backpressure` with `reason` |
