@@ -38,11 +38,17 @@ pub const COUNTED_ABOVE_BYTES: usize = 4096;
 /// What parsing `body` may build, taken from the in-flight budget before it is decoded: its
 /// values and its items (see the module doc).
 pub fn decoded_bytes(content_type: ContentType, body: &[u8]) -> u64 {
-    decoded_values(content_type, body)
+    let (values, items) = match content_type {
+        // A JSON array over the counting threshold is walked once for both counts.
+        ContentType::Json if body.len() > COUNTED_ABOVE_BYTES => json_counts(body),
+        _ => (
+            decoded_values(content_type, body),
+            decoded_items(content_type, body),
+        ),
+    };
+    values
         .saturating_mul(DECODED_BYTES_PER_VALUE)
-        .saturating_add(
-            decoded_items(content_type, body).saturating_mul(DECODED_BYTES_PER_ENVELOPE),
-        )
+        .saturating_add(items.saturating_mul(DECODED_BYTES_PER_ENVELOPE))
 }
 
 /// How many envelopes `body` may hold, at most: a claimed count where the encoding states one
@@ -70,15 +76,23 @@ fn json_items(text: &[u8]) -> u64 {
     if text.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'[') {
         return 1;
     }
+    json_counts(text).1
+}
+
+/// The values of one JSON document and its items: the elements of a top-level array, else one.
+fn json_counts(text: &[u8]) -> (u64, u64) {
     let mut count = 0u64;
     let mut items = 0u64;
     let mut de = serde_json::Deserializer::from_slice(text);
+    // A malformed document stops the walk; what was counted up to there is what the decoder
+    // would build before it fails at the same point.
     let _ = Counter {
         count: &mut count,
         items: Some(&mut items),
     }
     .deserialize(&mut de);
-    items
+    let is_array = text.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[');
+    (count, if is_array { items } else { 1 })
 }
 
 /// How many values decoding `body` may build, at most: every value, key and container in it
@@ -100,16 +114,7 @@ pub fn decoded_values(content_type: ContentType, body: &[u8]) -> u64 {
 
 /// The values of one JSON document, counted as serde_json walks it.
 fn json_values(text: &[u8]) -> u64 {
-    let mut count = 0u64;
-    let mut de = serde_json::Deserializer::from_slice(text);
-    // A malformed document stops the walk; what was counted up to there is what the decoder
-    // would build before it fails at the same point.
-    let _ = Counter {
-        count: &mut count,
-        items: None,
-    }
-    .deserialize(&mut de);
-    count
+    json_counts(text).0
 }
 
 /// Counts one value and, for a container, everything in it; given `items`, a top-level
@@ -268,6 +273,17 @@ mod tests {
         assert_eq!(
             decoded_bytes(ContentType::Json, body),
             body.len() as u64 * DECODED_BYTES_PER_VALUE + 2 * DECODED_BYTES_PER_ENVELOPE
+        );
+        // Counted, in the one walk: the array, two objects, two keys, two values.
+        let body = padded(r#"[{"source":"s"},{"source":"t"}]"#);
+        assert_eq!(
+            decoded_bytes(ContentType::Json, &body),
+            7 * DECODED_BYTES_PER_VALUE + 2 * DECODED_BYTES_PER_ENVELOPE
+        );
+        let body = padded(r#"{"source":"s"}"#);
+        assert_eq!(
+            decoded_bytes(ContentType::Json, &body),
+            3 * DECODED_BYTES_PER_VALUE + DECODED_BYTES_PER_ENVELOPE
         );
     }
 
