@@ -111,8 +111,11 @@ fn checkpoint(bytes: &[u8]) {
     assert_eq!(written, again.checkpoint_bytes().unwrap());
 }
 
+/// Every stream's `(seq, hash)` and the kept segment, as [`heads_of`] gives them.
+type Heads = (BTreeMap<String, (u64, [u8; 32])>, Option<u64>);
+
 /// Every head and the kept segment, in an order that does not depend on the map's hasher.
-fn heads_of(chains: &Chains) -> (BTreeMap<String, (u64, [u8; 32])>, Option<u64>) {
+fn heads_of(chains: &Chains) -> Heads {
     let heads = chains
         .iter()
         .map(|(stream, head)| (stream.to_string(), (head.seq, head.hash)))
