@@ -456,17 +456,26 @@ pub(super) fn value_envelopes(
     let mut checked = Vec::with_capacity(items.len());
     for (index, item) in items.into_iter().enumerate() {
         if non_finite == Some(index) {
-            return Err(ParseError::Item {
-                index,
-                reason: "holds a float that is NaN or infinite, which has no JSON form".into(),
-            });
+            return Err(non_finite_float(index));
         }
         checked.push(
             item_to_envelope(item, limits.unknown_fields, auth_tenant, now_ms)
                 .map_err(|reason| ParseError::Item { index, reason })?,
         );
     }
+    // Never accepted as null: an index past the items (which the walk that found it would
+    // have to have miscounted) refuses the request all the same.
+    if let Some(index) = non_finite {
+        return Err(non_finite_float(index));
+    }
     Ok(checked)
+}
+
+fn non_finite_float(index: usize) -> ParseError {
+    ParseError::Item {
+        index,
+        reason: "holds a float that is NaN or infinite, which has no JSON form".into(),
+    }
 }
 
 /// The `Value` road alone: each item's envelope, whether its id was generated, and its text.
