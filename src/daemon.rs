@@ -234,7 +234,8 @@ pub async fn run(config: Config) -> Result<Exit, DaemonError> {
         let recovery = tokio::task::spawn_blocking(
             move || -> Result<(Spool, crate::spool::RecoveryReport, ScanSummary), SpoolError> {
                 let mut chains = chains.lock().unwrap_or_else(|p| p.into_inner());
-                let mut scan = ledger::Scan::new(&ledger, ingest::now_ms());
+                let oldest = crate::spool::oldest_segment(fs.as_ref(), &opts.dir)?;
+                let mut scan = ledger::Scan::new(&ledger, ingest::now_ms(), oldest);
                 let mut on_envelope = |env: &crate::envelope::Envelope, position| {
                     state.streams.insert_recovered(env.stream());
                     // Ids spoolgate generated are never retried; only client ids are indexed.

@@ -192,3 +192,99 @@ async fn a_worker_failing_on_an_orphan_ends_the_epoch_and_the_rewind_sends_it_ag
     let summary = ledger::scan(&spool, &again, 0, |_, _| {}, |_, _| {}).unwrap();
     assert_eq!((summary.orphans, summary.pending), (0, 0), "{summary:?}");
 }
+
+/// What a previous run left in `dir`: envelope "lost" of stream t in segment 1, with fillers of
+/// another stream up to segment 2, where its seal (seq 1) is, never tombstoned; then the disk
+/// damaged every frame of segment 1, so the start-up scan reads no record of it.
+async fn left_with_an_unreadable_oldest_segment(dir: &std::path::Path) -> SealedEntry {
+    let metrics = Arc::new(Metrics::new());
+    let ring = Arc::new(Ring::new(1024, 1 << 20, metrics.clone()));
+    let spool = pipeline_common::open_spool(dir, &ring, &metrics);
+    let position = append(&spool, "t", "lost".into(), "Text of lost.".into()).await;
+    assert_eq!(position.segment, 1);
+    let mut filler = 0;
+    while append(&spool, "f", format!("fill{filler}"), "x".repeat(60_000))
+        .await
+        .segment
+        == 1
+    {
+        filler += 1;
+    }
+    let record = Chains::new()
+        .seal(envelope("t", "lost".into(), "Text of lost.".into()))
+        .unwrap();
+    let entry = SealedEntry { position, record };
+    let sealed = SealedBatch {
+        entries: vec![entry.clone()],
+    };
+    let at = append_record(&spool, RecordKind::SEALED, sealed.encode().unwrap()).await;
+    assert_eq!(at.segment, 2);
+    tokio::task::block_in_place(|| spool.close()).unwrap();
+    drop(spool);
+
+    let segment = dir.join("spool").join(format!("{:020}.seg", 1));
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&segment)
+        .unwrap();
+    let len = file.metadata().unwrap().len();
+    // Everything after the segment header: no frame of it can be read.
+    file.write_at(&vec![0xff; (len - 64) as usize], 64).unwrap();
+    drop(file);
+    entry
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sealed_envelope_of_an_oldest_segment_with_no_readable_frame_is_re_sent_and_its_segment_kept(
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let entry = left_with_an_unreadable_oldest_segment(dir.path()).await;
+    let metrics = Arc::new(Metrics::new());
+    let ring = Arc::new(Ring::new(1024, 1 << 20, metrics.clone()));
+    let spool = pipeline_common::open_spool(dir.path(), &ring, &metrics);
+    let ids: Vec<u64> = spool.segments().iter().map(|s| s.id).collect();
+    assert_eq!(ids[0], 1, "the damaged segment is still there: {ids:?}");
+    // The scan took the first segment it read a record of (2) for the oldest, and so the seal
+    // for one naming an envelope compaction had deleted: no orphan, and segment 1 free to go.
+    let check = Ledger::default();
+    let summary = ledger::scan(&spool, &check, 0, |_, _| {}, |_, _| {}).unwrap();
+    assert_eq!(summary.orphans, 1, "{summary:?}");
+    assert_eq!(
+        check.compactable_below(&ids, *ids.last().unwrap()),
+        None,
+        "segment 1 holds a pending orphan"
+    );
+    // The same scan through `spoolgate inspect`'s reading of the directory.
+    let pending = ledger::pending_in_spool(&dir.path().join("spool")).unwrap();
+    assert_eq!(pending.get(&1).map(|p| p.orphans), Some(1), "{pending:?}");
+
+    let mut heads = Chains::new();
+    heads.observe(&entry.record);
+    let sink = Arc::new(RecordingSink::default());
+    let pipeline = pipeline_common::start_sharing(
+        &spool,
+        ring,
+        &metrics,
+        sink.clone(),
+        quick_retries(),
+        dir.path(),
+        Arc::new(std::sync::Mutex::new(heads)),
+        Arc::new(Ledger::default()),
+        None,
+    );
+    wait_until("the orphan delivered", || {
+        sink.delivered
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|r| r.envelope.id == "lost")
+    })
+    .await;
+    let got = sink.delivered.lock().unwrap().clone();
+    let lost: Vec<_> = got.iter().filter(|r| r.envelope.id == "lost").collect();
+    assert_eq!(
+        *lost[0], entry.record,
+        "re-sent from its seal, byte for byte"
+    );
+    pipeline.shutdown().await;
+}

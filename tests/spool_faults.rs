@@ -775,3 +775,36 @@ fn a_full_disk_the_preparing_helper_met_is_tried_again_when_the_segment_is_neede
     }
     assert!(s.poison_reason().is_none());
 }
+
+#[test]
+fn each_segment_deletion_is_made_durable_before_the_next_so_only_a_prefix_can_be_gone() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = options(dir.path());
+    let faults = Faults::new();
+    let (s, _) = open_fs(&opts, Arc::new(FaultFs::new(StdFs, faults.clone())));
+    for n in 0..300 {
+        append(&s, n);
+    }
+    assert!(s.durable_end().segment >= 5);
+    let syncs_before = faults.dir_syncs.load(Ordering::SeqCst);
+    s.remove_segments_below(3).unwrap();
+    assert_eq!(
+        faults.dir_syncs.load(Ordering::SeqCst),
+        syncs_before + 2,
+        "one directory fsync per segment deleted"
+    );
+    // The directory cannot be fsync'd: the first deletion is attempted, the next is not, so
+    // a crash can never keep a later segment's unlink without an earlier one's.
+    let third = s.segments()[0].clone();
+    let fourth = s.segments()[1].clone();
+    assert_eq!((third.id, fourth.id), (3, 4));
+    faults.emfile_dir_syncs.store(true, Ordering::SeqCst);
+    let err = s.remove_segments_below(5).unwrap_err();
+    assert!(err.to_string().contains("fsync directory"), "{err}");
+    assert!(!third.path.exists());
+    assert!(
+        fourth.path.exists(),
+        "not removed before the first was durable"
+    );
+    assert_eq!(s.segments()[0].id, 4);
+}

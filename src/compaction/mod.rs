@@ -1,7 +1,8 @@
 //! Compaction: deleting segments whose envelopes are all complete.
 //!
 //! Segments are deleted oldest first, as a prefix, never the active one and never one the
-//! dispatcher has not read past. Prefix order is what makes deletion safe without rewriting
+//! dispatcher has not read past, each unlink made durable (directory fsync) before the next, so
+//! that after a power loss too what is gone is a prefix. Prefix order is what makes deletion safe without rewriting
 //! anything: a tombstone always sits in the same or a later segment than the envelope it
 //! completes, so when segment N goes, every envelope its tombstones name is in N or older and
 //! is gone too — no tombstone that still matters is ever deleted, and tombstones never pile up

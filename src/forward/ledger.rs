@@ -439,7 +439,8 @@ pub fn scan(
     mut on_envelope: impl FnMut(&Envelope, Position),
     mut on_head: impl FnMut(&str, ChainHead),
 ) -> Result<ScanSummary, SpoolError> {
-    let mut scan = Scan::new(ledger, now_ms);
+    let oldest = spool.segments().first().map(|s| s.id);
+    let mut scan = Scan::new(ledger, now_ms, oldest);
     let mut reader = spool.reader(spool.first_position());
     while let Some(record) = reader.next_record()? {
         scan.record(
@@ -480,7 +481,7 @@ pub fn pending_in_spool(
 ) -> Result<BTreeMap<u64, SegmentPending>, SpoolError> {
     let segments = crate::spool::segment_ids(dir)?;
     let ledger = Ledger::default();
-    let mut scan = Scan::new(&ledger, 0);
+    let mut scan = Scan::new(&ledger, 0, segments.first().copied());
     let (mut on_envelope, mut on_head) = (|_: &Envelope, _: Position| {}, |_: &str, _| {});
     crate::spool::for_each_frame(dir, |position, kind, payload| {
         scan.record(
@@ -537,19 +538,25 @@ pub struct Scan<'l> {
     /// Seal entries, not tombstoned so far, of envelopes the scan has not counted: orphans,
     /// unless a tombstone later in the log names them (see the module doc).
     orphans: BTreeMap<Position, SharedRecord>,
-    /// The segment of the first record the scan saw: seals naming envelopes of an earlier one
-    /// name what compaction deleted, all tombstoned, and are not orphans.
-    first_segment: Option<u64>,
+    /// The oldest segment in the spool directory: seals naming envelopes of an earlier one
+    /// name what compaction deleted, all tombstoned, and are not orphans. Not the segment of
+    /// the first record the scan reads: when no record of the oldest segment can be read (its
+    /// frames all damaged, or the file cut short), a sealed, undelivered envelope of it would
+    /// be taken for one compaction deleted, not re-sent, and its segment let go.
+    oldest_segment: u64,
 }
 
 impl<'l> Scan<'l> {
-    pub fn new(ledger: &'l Ledger, now_ms: u64) -> Scan<'l> {
+    /// `oldest_segment`: the oldest segment present (see [`crate::spool::oldest_segment`]),
+    /// `None` when there is none.
+    pub fn new(ledger: &'l Ledger, now_ms: u64, oldest_segment: Option<u64>) -> Scan<'l> {
         Scan {
             ledger,
             now_ms,
             summary: ScanSummary::default(),
             orphans: BTreeMap::new(),
-            first_segment: None,
+            // With no segment there is no record to scan either.
+            oldest_segment: oldest_segment.unwrap_or(0),
         }
     }
 
@@ -561,7 +568,6 @@ impl<'l> Scan<'l> {
     ) {
         let (ledger, summary) = (self.ledger, &mut self.summary);
         summary.end = record.next;
-        let first_segment = *self.first_segment.get_or_insert(record.position.segment);
         match record.kind {
             RecordKind::ENVELOPE => {
                 summary.envelopes += 1;
@@ -596,7 +602,7 @@ impl<'l> Scan<'l> {
                                 entry.position,
                                 std::sync::Arc::new(entry.record),
                             )]);
-                        } else if entry.position.segment >= first_segment
+                        } else if entry.position.segment >= self.oldest_segment
                             && !ledger.is_known(entry.position)
                         {
                             if self.orphans.len() < ORPHANS_MAX {

@@ -361,6 +361,29 @@ pub(crate) fn parse_segment_name(name: &str) -> Option<u64> {
     digits.parse().ok()
 }
 
+/// The id of the oldest segment in `dir`, before recovery has run: what the start-up scan
+/// ([`crate::forward::ledger::Scan`]) needs to tell a seal naming an envelope compaction
+/// deleted from one naming an envelope whose frame is damaged, even when no record of the
+/// oldest segment can be read.
+pub fn oldest_segment(
+    fs: &dyn fs::FileSystem,
+    dir: &std::path::Path,
+) -> Result<Option<u64>, SpoolError> {
+    let names = match fs.list(dir) {
+        Ok(names) => names,
+        // A first start: recovery creates the directory.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => {
+            return Err(SpoolError::Io {
+                op: "list directory",
+                path: dir.to_path_buf(),
+                source,
+            })
+        }
+    };
+    Ok(names.iter().filter_map(|n| parse_segment_name(n)).min())
+}
+
 /// Handle to an open spool. Cheap to clone; all clones share one writer thread.
 #[derive(Clone)]
 pub struct Spool {
@@ -546,7 +569,7 @@ impl Spool {
         if victims.is_empty() {
             return Ok(0);
         }
-        let (mut freed, mut removed_any) = (0, false);
+        let mut freed = 0;
         for (id, path, bytes) in &victims {
             // Forget it first: readers then skip to the next segment instead of opening it.
             let forgotten = self.shared.segments_write().remove(id);
@@ -565,21 +588,21 @@ impl Spool {
                         path: path.clone(),
                         source,
                     };
-                    if removed_any {
-                        if let Err(e) = self.sync_after_removal() {
-                            tracing::warn!(error = %e, "after a segment deletion that failed part-way, the directory could not be fsync'd either");
-                        }
-                    }
+                    // The removals before this one are durable already (below).
                     return Err(failed);
                 }
             }
+            // Each removal is made durable before the next, oldest first: a filesystem that
+            // persisted a later unlink without an earlier one would bring back, after a power
+            // loss, an old segment without the seals and tombstones of the ones after it, and
+            // its envelopes would be gated and sequenced again. One directory fsync per
+            // segment deleted (segments are tens of MiB) costs nothing that shows.
+            self.sync_after_removal()?;
             freed += bytes;
-            removed_any = true;
             let m = &self.shared.metrics;
             m.compaction_segments_deleted_total.inc();
             m.compaction_bytes_reclaimed_total.inc_by(*bytes);
         }
-        self.sync_after_removal()?;
         Ok(freed)
     }
 
@@ -657,5 +680,25 @@ impl Spool {
     /// Flushes and fsyncs what is queued, stops the writer and releases the lock.
     pub fn close(&self) -> Result<(), SpoolError> {
         self.writer.close()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_oldest_segment_is_the_lowest_segment_file_whatever_else_the_directory_holds() {
+        let fs = std::sync::Arc::new(fs::MemFs::new());
+        let dir = std::path::Path::new("/data/spool");
+        assert_eq!(oldest_segment(&fs, dir).unwrap(), None);
+        for name in ["LOCK", "00000000000000000003.seg", "void-1-2", "7.seg"] {
+            fs.set_bytes(&dir.join(name), Vec::new());
+        }
+        fs.set_bytes(&dir.join("00000000000000000002.seg"), Vec::new());
+        assert_eq!(oldest_segment(&fs, dir).unwrap(), Some(2));
+        // A first start, before recovery has made the directory: no segment.
+        let missing = tempfile::tempdir().unwrap().path().join("not-yet");
+        assert_eq!(oldest_segment(&fs::StdFs, &missing).unwrap(), None);
     }
 }
