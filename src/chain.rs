@@ -461,7 +461,8 @@ const SEAL_HEADER_BYTES: usize = 64;
 /// equal).
 ///
 /// Payloads are split so that each fits `record_bytes_max`, as separate SEALED records that
-/// are appended together; an entry that cannot fit a record on its own is refused.
+/// the worker appends one after another ([`SealWriter::finish_parts`]); an entry that cannot
+/// fit a record on its own is refused.
 pub struct SealWriter {
     /// Bounds each payload's stored length (`spool::format::stored_len`), as the spool does.
     record_bytes_max: usize,
@@ -469,6 +470,8 @@ pub struct SealWriter {
     current_stuffing: usize,
     /// Payloads already full, in order; each starts with its header.
     done: Vec<bytes::Bytes>,
+    /// Entries in each payload of `done`.
+    done_entries: Vec<usize>,
     /// The payload being filled: [`SEAL_HEADER_ROOM`] bytes, then its entries.
     current: Vec<u8>,
     /// Entries in `current`.
@@ -486,6 +489,7 @@ impl SealWriter {
             record_bytes_max,
             current_stuffing: 0,
             done: Vec::new(),
+            done_entries: Vec::new(),
             current: Vec::new(),
             entries: 0,
             hint_left_bytes: capacity_bytes,
@@ -597,13 +601,22 @@ impl SealWriter {
     }
 
     /// The payloads of the SEALED records, in order.
-    pub fn finish(mut self) -> Vec<bytes::Bytes> {
+    pub fn finish(self) -> Vec<bytes::Bytes> {
+        self.finish_parts()
+            .into_iter()
+            .map(|(payload, _)| payload)
+            .collect()
+    }
+
+    /// The payloads of the SEALED records, in order, each with how many entries it holds:
+    /// the first payload holds the first entries sealed, and so on.
+    pub fn finish_parts(mut self) -> Vec<(bytes::Bytes, usize)> {
         if self.entries > 0 {
             // No payload follows: the empty one finish_current starts stays small.
             self.hint_left_bytes = 0;
             self.finish_current();
         }
-        self.done
+        self.done.into_iter().zip(self.done_entries).collect()
     }
 
     /// Writes the header of `current` right-aligned in its room, moves it to `done` and
@@ -621,6 +634,7 @@ impl SealWriter {
         let next = self.empty_payload();
         let full = std::mem::replace(&mut self.current, next);
         self.done.push(bytes::Bytes::from(full).slice(from..));
+        self.done_entries.push(self.entries);
         self.entries = 0;
         self.current_stuffing = 0;
     }
@@ -876,11 +890,17 @@ mod tests {
             let record = writer.seal(&mut chains, position, e).unwrap();
             entries.push(SealedEntry { position, record });
         }
-        let payloads = writer.finish();
+        let parts = writer.finish_parts();
+        let payloads: Vec<_> = parts.iter().map(|(p, _)| p.clone()).collect();
         let mut decoded = Vec::new();
-        for payload in &payloads {
+        for (payload, count) in &parts {
             assert!(stored(payload) <= max as usize, "{}", stored(payload));
             let batch = SealedBatch::decode(payload).unwrap();
+            assert_eq!(
+                batch.entries.len(),
+                *count,
+                "each part says how many entries it holds"
+            );
             if let Some(next) = entries.get(decoded.len() + batch.entries.len()) {
                 let next = encode_sealed_entry(next.position, &next.record).unwrap();
                 assert!(stored(payload) + stored(&next) + SEAL_HEADER_BYTES > max as usize);

@@ -175,7 +175,8 @@ impl EpochEnd {
 async fn supervise(parts: PipelineParts, mut stop: watch::Receiver<bool>) {
     let workers = parts.config.workers;
     let room = Arc::new(tokio::sync::Notify::new());
-    // A batch's seal records are appended as one unit, which must fit a segment comfortably.
+    // A batch, and so its seal, stays within a quarter of a segment: its seal records (appended
+    // one after another, each durable first) then never crowd a segment out.
     let mut forward_config = parts.config.clone();
     let segment_quarter = (parts.spool.segment_bytes_max() / 4) as usize;
     forward_config.batch_bytes_max = forward_config.batch_bytes_max.min(segment_quarter.max(1));

@@ -530,17 +530,29 @@ impl Worker {
             ctx.tombstoned(&positions);
         }
         if !writer.is_empty() {
-            let records = writer
-                .finish()
-                .into_iter()
-                .map(|payload| (RecordKind::SEALED, payload))
-                .collect();
-            let appended =
-                append_when_space(ctx, records, OwnRecord::Seal, self.stop.clone()).await?;
-            if appended == Appended::Stopped {
-                return Ok(None);
+            // A seal split over several records goes to the spool one record at a time, each
+            // durable before the next is written. Written together, they would share one
+            // fdatasync, and a power loss before it could keep a later record without an
+            // earlier one (pages reach the disk in any order): the restart would take the
+            // later entries as sealed, the earlier ones as not, and seal those afresh after
+            // them, leaving a gap and a reordering in their stream's chain. One at a time, only
+            // the last record written can be lost, and what is durable is always the first
+            // entries of the batch, each stream's in sequence order.
+            let mut sealed_here = sealed_here.into_iter();
+            let mut durable = Vec::new();
+            let mut outcome = Ok(Appended::Done);
+            for (payload, entries) in writer.finish_parts() {
+                let record = vec![(RecordKind::SEALED, payload)];
+                outcome = append_when_space(ctx, record, OwnRecord::Seal, self.stop.clone()).await;
+                if !matches!(outcome, Ok(Appended::Done)) {
+                    break;
+                }
+                durable.extend(sealed_here.by_ref().take(entries));
             }
-            for (i, record) in sealed_here {
+            // What is durable is sealed, whether or not the rest of the seal followed: a
+            // later attempt re-sends those entries from their seal, as a restart would, and
+            // seals the others after them.
+            for (i, record) in durable {
                 batch[i].sealed = Some(record);
             }
             ctx.ledger.record_sealed(
@@ -548,11 +560,18 @@ impl Worker {
                     .iter()
                     .filter_map(|i| i.sealed.clone().map(|r| (i.position, r))),
             );
-            let mut shared = ctx.chains.lock().unwrap_or_else(|p| p.into_inner());
-            for (stream, head) in heads.iter() {
-                shared.advance(stream, head);
+            {
+                let mut shared = ctx.chains.lock().unwrap_or_else(|p| p.into_inner());
+                for record in batch.iter().filter_map(|i| i.sealed.as_ref()) {
+                    if let Some(head) = record.chain_head() {
+                        shared.advance(&record.stream, head);
+                    }
+                }
+                ctx.metrics.chain_streams.set(shared.len() as i64);
             }
-            ctx.metrics.chain_streams.set(shared.len() as i64);
+            if outcome? == Appended::Stopped {
+                return Ok(None);
+            }
         }
         let records: Vec<SharedRecord> = batch.iter().filter_map(|i| i.sealed.clone()).collect();
         assert_eq!(

@@ -1,0 +1,100 @@
+//! A batch whose seal is larger than one spool record is sealed in several SEALED records.
+//! They are written one at a time, each durable before the next: written together under one
+//! fdatasync, a power loss before it could keep a later record without an earlier one, and
+//! the restart would then seal the earlier envelopes afresh after the later ones, leaving a
+//! gap and a reordering in their stream's chain.
+
+mod pipeline_common;
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use pipeline_common::{append, quick_retries, wait_until, RecordingSink};
+use spoolgate::metrics::Metrics;
+use spoolgate::ring::Ring;
+use spoolgate::spool::fs::{FaultFs, Faults, StdFs};
+use spoolgate::spool::RecordKind;
+
+/// SEALED frames in the spool directory as the disk's page cache holds them now.
+fn sealed_frames(dir: &std::path::Path) -> usize {
+    let mut sealed = 0;
+    spoolgate::spool::for_each_frame(&dir.join("spool"), |_, kind, _| {
+        if kind == RecordKind::SEALED.0 {
+            sealed += 1;
+        }
+        Ok::<(), spoolgate::spool::SpoolError>(())
+    })
+    .unwrap();
+    sealed
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_seal_of_several_records_is_written_one_record_at_a_time_each_durable_before_the_next() {
+    let dir = tempfile::tempdir().unwrap();
+    let metrics = Arc::new(Metrics::new());
+    let ring = Arc::new(Ring::new(1024, 1 << 20, metrics.clone()));
+    let faults = Faults::new();
+    let spool = pipeline_common::open_spool_fs(
+        dir.path(),
+        &ring,
+        &metrics,
+        Arc::new(FaultFs::new(StdFs, faults.clone())),
+    );
+    // 300 envelopes of one stream, about 1.2 KB each sealed: a seal of some 400 KB, six or
+    // more records of at most 64 KiB.
+    let n = 300;
+    for i in 0..n {
+        append(
+            &spool,
+            "t",
+            format!("e{i}"),
+            format!("{i}: {}", "text ".repeat(200)),
+        )
+        .await;
+    }
+    // Every fdatasync from here on waits until released: the first is the first seal
+    // record's.
+    faults.hold_syncs.store(true, Ordering::SeqCst);
+    let sink = Arc::new(RecordingSink::default());
+    let pipeline = pipeline_common::start(
+        &spool,
+        ring,
+        &metrics,
+        sink.clone(),
+        quick_retries(),
+        dir.path(),
+    );
+    wait_until("the first seal record's fdatasync", || {
+        faults.syncs_held.load(Ordering::SeqCst) > 0
+    })
+    .await;
+    let sealed_while_held = sealed_frames(dir.path());
+    // Released before any assertion: a failing test must not leave the writer held.
+    faults.hold_syncs.store(false, Ordering::SeqCst);
+    assert_eq!(
+        sealed_while_held, 1,
+        "the next seal record is not written before this one is durable"
+    );
+    wait_until("every record delivered", || {
+        sink.delivered.lock().unwrap().len() >= n
+    })
+    .await;
+    pipeline.shutdown().await;
+    assert!(
+        sealed_frames(dir.path()) > 1,
+        "the batches' seals took several records"
+    );
+    let delivered = sink.delivered.lock().unwrap().clone();
+    let seqs: Vec<u64> = delivered.iter().map(|r| r.seq).collect();
+    assert_eq!(
+        seqs,
+        (1..=n as u64).collect::<Vec<_>>(),
+        "gapless, in order"
+    );
+    for pair in delivered.windows(2) {
+        assert_eq!(
+            pair[1].prev_hash, pair[0].hash,
+            "each record links to the one before"
+        );
+    }
+}
