@@ -68,17 +68,17 @@ async fn left_with_a_damaged_sealed_record(dir: &std::path::Path) -> Vec<SealedE
 }
 
 /// Starts the pipeline on the reopened `spool` as the daemon's restart would: the start-up scan
-/// (in `start_sharing`), and each stream's head restored from the seals (`entries`' last).
+/// (in `start_sharing`), and the stream's head restored from its last seal (`last_sealed`).
 fn restart(
     dir: &std::path::Path,
     spool: &Spool,
     ring: Arc<Ring>,
     metrics: &Arc<Metrics>,
-    entries: &[SealedEntry],
+    last_sealed: &SealedEntry,
     sink: Arc<dyn spoolgate::forward::sink::Sink>,
 ) -> spoolgate::forward::pipeline::Pipeline {
     let mut heads = Chains::new();
-    heads.observe(&entries[2].record);
+    heads.observe(&last_sealed.record);
     pipeline_common::start_sharing(
         spool,
         ring,
@@ -104,7 +104,14 @@ async fn a_sealed_envelope_whose_record_was_damaged_is_re_sent_from_its_seal_in_
     assert_eq!(summary.orphans, 1, "{summary:?}");
     assert_eq!(summary.pending, 2, "{summary:?}");
     let sink = Arc::new(RecordingSink::default());
-    let pipeline = restart(dir.path(), &spool, ring, &metrics, &entries, sink.clone());
+    let pipeline = restart(
+        dir.path(),
+        &spool,
+        ring,
+        &metrics,
+        &entries[2],
+        sink.clone(),
+    );
     append(&spool, "t", "after".into(), "Text of after.".into()).await;
     wait_until("three records delivered", || {
         sink.delivered.lock().unwrap().len() == 3
@@ -170,7 +177,14 @@ async fn a_worker_failing_on_an_orphan_ends_the_epoch_and_the_rewind_sends_it_ag
         panicked: Default::default(),
         delivered: Default::default(),
     });
-    let pipeline = restart(dir.path(), &spool, ring, &metrics, &entries, sink.clone());
+    let pipeline = restart(
+        dir.path(),
+        &spool,
+        ring,
+        &metrics,
+        &entries[2],
+        sink.clone(),
+    );
     wait_until("both pending records delivered", || {
         let got = sink.delivered.lock().unwrap();
         got.iter().any(|r| r.envelope.id == "lost") && got.iter().any(|r| r.envelope.id == "kept")
@@ -258,20 +272,8 @@ async fn a_sealed_envelope_of_an_oldest_segment_with_no_readable_frame_is_re_sen
     let pending = ledger::pending_in_spool(&dir.path().join("spool")).unwrap();
     assert_eq!(pending.get(&1).map(|p| p.orphans), Some(1), "{pending:?}");
 
-    let mut heads = Chains::new();
-    heads.observe(&entry.record);
     let sink = Arc::new(RecordingSink::default());
-    let pipeline = pipeline_common::start_sharing(
-        &spool,
-        ring,
-        &metrics,
-        sink.clone(),
-        quick_retries(),
-        dir.path(),
-        Arc::new(std::sync::Mutex::new(heads)),
-        Arc::new(Ledger::default()),
-        None,
-    );
+    let pipeline = restart(dir.path(), &spool, ring, &metrics, &entry, sink.clone());
     wait_until("the orphan delivered", || {
         sink.delivered
             .lock()

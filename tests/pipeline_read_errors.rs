@@ -12,22 +12,12 @@ use spoolgate::chain::Chains;
 use spoolgate::config::ForwardConfig;
 use spoolgate::forward::ledger::Ledger;
 use spoolgate::forward::pipeline::Pipeline;
-use spoolgate::metrics::Metrics;
 use spoolgate::ring::Ring;
-use spoolgate::spool::fs::{FaultFs, Faults, StdFs};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn read_errors_stop_forwarding_without_skipping_anything_until_reads_work_again() {
     let dir = tempfile::tempdir().unwrap();
-    let metrics = Arc::new(Metrics::new());
-    let ring = Arc::new(Ring::new(1024, 1 << 20, metrics.clone()));
-    let faults = Faults::new();
-    let spool = pipeline_common::open_spool_fs(
-        dir.path(),
-        &ring,
-        &metrics,
-        Arc::new(FaultFs::new(StdFs, faults.clone())),
-    );
+    let (spool, ring, metrics, faults) = pipeline_common::open_faulty_spool(dir.path());
     // A backlog from before the start: the pipeline reads it from the segments.
     for n in 0..3 {
         append(&spool, "t", format!("e-{n}"), format!("Record {n}.")).await;

@@ -10,9 +10,6 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use pipeline_common::{append, quick_retries, wait_until, RecordingSink};
-use spoolgate::metrics::Metrics;
-use spoolgate::ring::Ring;
-use spoolgate::spool::fs::{FaultFs, Faults, StdFs};
 use spoolgate::spool::RecordKind;
 
 /// SEALED frames in the spool directory as the disk's page cache holds them now.
@@ -31,15 +28,7 @@ fn sealed_frames(dir: &std::path::Path) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_seal_of_several_records_is_written_one_record_at_a_time_each_durable_before_the_next() {
     let dir = tempfile::tempdir().unwrap();
-    let metrics = Arc::new(Metrics::new());
-    let ring = Arc::new(Ring::new(1024, 1 << 20, metrics.clone()));
-    let faults = Faults::new();
-    let spool = pipeline_common::open_spool_fs(
-        dir.path(),
-        &ring,
-        &metrics,
-        Arc::new(FaultFs::new(StdFs, faults.clone())),
-    );
+    let (spool, ring, metrics, faults) = pipeline_common::open_faulty_spool(dir.path());
     // 300 envelopes of one stream, about 1.2 KB each sealed: a seal of some 400 KB, six or
     // more records of at most 64 KiB.
     let n = 300;

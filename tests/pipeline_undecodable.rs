@@ -189,19 +189,10 @@ async fn an_undecodable_record_whose_dead_letter_write_fails_stays_pending_and_i
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_undecodable_record_whose_tombstone_finds_the_spool_full_spends_the_disk_reserve() {
     use spoolgate::compaction::reserve::Reserve;
-    use spoolgate::spool::fs::{FaultFs, Faults, StdFs};
     use std::sync::atomic::Ordering;
 
     let dir = tempfile::tempdir().unwrap();
-    let metrics = Arc::new(Metrics::new());
-    let ring = Arc::new(Ring::new(1024, 1 << 20, metrics.clone()));
-    let faults = Faults::new();
-    let spool = pipeline_common::open_spool_fs(
-        dir.path(),
-        &ring,
-        &metrics,
-        Arc::new(FaultFs::new(StdFs, faults.clone())),
-    );
+    let (spool, ring, metrics, faults) = pipeline_common::open_faulty_spool(dir.path());
     let sink = Arc::new(RecordingSink::default());
     let ledger = Arc::new(Ledger::default());
     let reserve = Arc::new(Reserve::new(

@@ -101,6 +101,29 @@ pub fn open_spool(dir: &Path, ring: &Arc<Ring>, metrics: &Arc<Metrics>) -> Spool
     open_spool_fs(dir, ring, metrics, Arc::new(spoolgate::spool::fs::StdFs))
 }
 
+/// A spool as [`open_spool`] opens it, on a filesystem that fails on command: the spool, the
+/// ring it feeds, its metrics and the switches of its faults.
+pub fn open_faulty_spool(
+    dir: &Path,
+) -> (
+    Spool,
+    Arc<Ring>,
+    Arc<Metrics>,
+    Arc<spoolgate::spool::fs::Faults>,
+) {
+    use spoolgate::spool::fs::{FaultFs, Faults, StdFs};
+    let metrics = Arc::new(Metrics::new());
+    let ring = Arc::new(Ring::new(1024, 1 << 20, metrics.clone()));
+    let faults = Faults::new();
+    let spool = open_spool_fs(
+        dir,
+        &ring,
+        &metrics,
+        Arc::new(FaultFs::new(StdFs, faults.clone())),
+    );
+    (spool, ring, metrics, faults)
+}
+
 /// [`open_spool`] on the filesystem `fs` (for fault injection).
 pub fn open_spool_fs(
     dir: &Path,
