@@ -540,6 +540,7 @@ impl Worker {
             // entries of the batch, each stream's in sequence order.
             let mut sealed_here = sealed_here.into_iter();
             let mut durable = Vec::new();
+            let mut durable_heads = Chains::new();
             let mut outcome = Ok(Appended::Done);
             for (payload, entries) in writer.finish_parts() {
                 let record = vec![(RecordKind::SEALED, payload)];
@@ -548,6 +549,16 @@ impl Worker {
                     break;
                 }
                 durable.extend(sealed_here.by_ref().take(entries));
+            }
+            let whole = matches!(outcome, Ok(Appended::Done));
+            if !whole {
+                // Where the durable part leaves each stream (the local heads are where the
+                // whole seal would have).
+                for (_, record) in &durable {
+                    if let Some(head) = record.chain_head() {
+                        durable_heads.advance(&record.stream, head);
+                    }
+                }
             }
             // What is durable is sealed, whether or not the rest of the seal followed: a
             // later attempt re-sends those entries from their seal, as a restart would, and
@@ -562,10 +573,8 @@ impl Worker {
             );
             {
                 let mut shared = ctx.chains.lock().unwrap_or_else(|p| p.into_inner());
-                for record in batch.iter().filter_map(|i| i.sealed.as_ref()) {
-                    if let Some(head) = record.chain_head() {
-                        shared.advance(&record.stream, head);
-                    }
+                for (stream, head) in if whole { &heads } else { &durable_heads }.iter() {
+                    shared.advance(stream, head);
                 }
                 ctx.metrics.chain_streams.set(shared.len() as i64);
             }
