@@ -87,3 +87,106 @@ async fn a_seal_of_several_records_is_written_one_record_at_a_time_each_durable_
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_a_stop_leaves_of_a_seal_is_its_first_entries_sealed_and_a_restart_goes_on_from_them()
+{
+    let dir = tempfile::tempdir().unwrap();
+    let (spool, ring, metrics, faults) = pipeline_common::open_faulty_spool(dir.path());
+    let n = 300;
+    let mut positions = Vec::new();
+    for i in 0..n {
+        positions.push(
+            append(
+                &spool,
+                "t",
+                format!("e{i}"),
+                format!("{i}: {}", "text ".repeat(200)),
+            )
+            .await,
+        );
+    }
+    // Room for the first seal record (at most 64 KiB) and not for the second: the worker
+    // waits for room there until it is stopped.
+    let end = spool.durable_end();
+    assert_eq!(end.segment, 1);
+    faults
+        .enospc_from_offset
+        .store(end.offset + 100_000, Ordering::SeqCst);
+    let chains = Arc::new(std::sync::Mutex::new(spoolgate::chain::Chains::new()));
+    let ledger = Arc::new(spoolgate::forward::ledger::Ledger::default());
+    let sink = Arc::new(RecordingSink::default());
+    let pipeline = pipeline_common::start_sharing(
+        &spool,
+        ring.clone(),
+        &metrics,
+        sink.clone(),
+        quick_retries(),
+        dir.path(),
+        chains.clone(),
+        ledger.clone(),
+        None,
+    );
+    wait_until("the second seal record refused for want of room", || {
+        metrics.spool_full_errors_total.get() > 0
+    })
+    .await;
+    pipeline.shutdown().await;
+    assert!(
+        sink.delivered.lock().unwrap().is_empty(),
+        "nothing leaves before its whole seal"
+    );
+    assert_eq!(sealed_frames(dir.path()), 1);
+    // The first record's entries are sealed, in order from the batch's first, and the
+    // stream's head is the last of them; the rest are not sealed.
+    let sealed: Vec<_> = positions.iter().map_while(|p| ledger.sealed(*p)).collect();
+    assert!(
+        !sealed.is_empty() && sealed.len() < n,
+        "{} sealed",
+        sealed.len()
+    );
+    assert!(positions[sealed.len()..]
+        .iter()
+        .all(|p| ledger.sealed(*p).is_none()));
+    let head = chains.lock().unwrap().head("t").unwrap();
+    assert_eq!(head.seq, sealed.len() as u64);
+    assert_eq!(Some(head), sealed.last().unwrap().chain_head());
+
+    // Room again, and a restart: the sealed entries are re-sent from their seal, the others
+    // sealed after them, and the stream's chain is whole.
+    faults.enospc_from_offset.store(u64::MAX, Ordering::SeqCst);
+    let mut heads = spoolgate::chain::Chains::new();
+    let restarted = spoolgate::forward::ledger::Ledger::default();
+    spoolgate::forward::ledger::scan(&spool, &restarted, 0, |_, _| {}, |s, h| heads.advance(s, h))
+        .unwrap();
+    let sink = Arc::new(RecordingSink::default());
+    let pipeline = pipeline_common::start_sharing(
+        &spool,
+        ring,
+        &metrics,
+        sink.clone(),
+        quick_retries(),
+        dir.path(),
+        Arc::new(std::sync::Mutex::new(heads)),
+        Arc::new(spoolgate::forward::ledger::Ledger::default()),
+        None,
+    );
+    wait_until("every record delivered", || {
+        sink.delivered.lock().unwrap().len() >= n
+    })
+    .await;
+    pipeline.shutdown().await;
+    let delivered = sink.delivered.lock().unwrap().clone();
+    let seqs: Vec<u64> = delivered.iter().map(|r| r.seq).collect();
+    assert_eq!(
+        seqs,
+        (1..=n as u64).collect::<Vec<_>>(),
+        "gapless, in order"
+    );
+    for (first, again) in sealed.iter().zip(&delivered) {
+        assert_eq!(**first, *again, "re-sent from its seal, byte for byte");
+    }
+    for pair in delivered.windows(2) {
+        assert_eq!(pair[1].prev_hash, pair[0].hash);
+    }
+}
