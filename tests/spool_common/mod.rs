@@ -62,11 +62,27 @@ pub fn open_checked(
     fs: Arc<dyn FileSystem>,
     metrics: Arc<Metrics>,
 ) -> (Spool, RecoveryReport) {
-    let mut visited: Vec<SeenRecord> = Vec::new();
-    let (spool, report) = Spool::open_visiting(opts.clone(), fs, metrics, None, &mut |r| {
-        visited.push((r.position, r.kind.0, r.payload.to_vec(), r.next))
-    })
-    .expect("open spool");
+    // A spool closed a moment ago may still read as locked: its lock is an flock, which a
+    // process forked meanwhile by a test running in parallel (one that spawns the binary)
+    // shares through its copy of the descriptor until that child execs. So a `Locked` is
+    // waited out, up to a bound; a lock that is really still held fails the test there.
+    let started = std::time::Instant::now();
+    let (spool, report, visited) = loop {
+        let mut visited: Vec<SeenRecord> = Vec::new();
+        match Spool::open_visiting(opts.clone(), fs.clone(), metrics.clone(), None, &mut |r| {
+            visited.push((r.position, r.kind.0, r.payload.to_vec(), r.next))
+        }) {
+            Err(spoolgate::spool::SpoolError::Locked(_))
+                if started.elapsed() < std::time::Duration::from_secs(10) =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            opened => {
+                let (spool, report) = opened.expect("open spool");
+                break (spool, report, visited);
+            }
+        }
+    };
     assert_eq!(
         visited,
         read_records(&spool),
