@@ -42,7 +42,7 @@ fn inspect(dir: &Path, json: bool) -> (Option<i32>, String) {
     if json {
         command.arg("--json");
     }
-    let out = command.output().unwrap();
+    let out = spool_common::output(&mut command);
     (
         out.status.code(),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -320,11 +320,11 @@ fn the_command_verifies_a_data_directory_and_exits_non_zero_naming_the_break() {
     let mut d = DataDir::new();
     d.seal("acme", &["a1", "a2"]);
     let run = |path: &Path| {
-        let out = Command::new(env!("CARGO_BIN_EXE_spoolgate"))
-            .arg("verify")
-            .arg(path)
-            .output()
-            .unwrap();
+        let out = spool_common::output(
+            Command::new(env!("CARGO_BIN_EXE_spoolgate"))
+                .arg("verify")
+                .arg(path),
+        );
         (
             out.status.code(),
             String::from_utf8_lossy(&out.stdout).into_owned(),

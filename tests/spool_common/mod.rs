@@ -40,6 +40,33 @@ pub fn open_fs(opts: &SpoolOptions, fs: Arc<dyn FileSystem>) -> (Spool, Recovery
     open_checked(opts, fs, Arc::new(Metrics::new()))
 }
 
+/// Held shared while a test of this process forks a child, and exclusively while a spool
+/// opens. A spool's lock is an flock, which a child forked while the lock was held shares
+/// through its copy of the descriptor until it execs: a spool reopened right after its close,
+/// while a test running in parallel forked, read as locked by another process. `spawn`
+/// returns once the child has exec'd, so an open that holds this exclusively never meets such
+/// a copy.
+static FORKING: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
+/// Spawns `command` (see [`FORKING`]).
+pub fn spawn(command: &mut std::process::Command) -> std::process::Child {
+    let _forking = FORKING.read().unwrap_or_else(|p| p.into_inner());
+    command.spawn().expect("spawn")
+}
+
+/// Runs `command` to its end, as `Command::output` does (no stdin, stdout and stderr
+/// captured), spawned with [`spawn`].
+pub fn output(command: &mut std::process::Command) -> std::process::Output {
+    use std::process::Stdio;
+    let child = spawn(
+        command
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped()),
+    );
+    child.wait_with_output().expect("wait for the child")
+}
+
 /// A record as a test compares it: position, kind, payload, next position.
 pub type SeenRecord = (Position, u8, Vec<u8>, Position);
 
@@ -62,27 +89,13 @@ pub fn open_checked(
     fs: Arc<dyn FileSystem>,
     metrics: Arc<Metrics>,
 ) -> (Spool, RecoveryReport) {
-    // A spool closed a moment ago may still read as locked: its lock is an flock, which a
-    // process forked meanwhile by a test running in parallel (one that spawns the binary)
-    // shares through its copy of the descriptor until that child execs. So a `Locked` is
-    // waited out, up to a bound; a lock that is really still held fails the test there.
-    let started = std::time::Instant::now();
-    let (spool, report, visited) = loop {
-        let mut visited: Vec<SeenRecord> = Vec::new();
-        match Spool::open_visiting(opts.clone(), fs.clone(), metrics.clone(), None, &mut |r| {
-            visited.push((r.position, r.kind.0, r.payload.to_vec(), r.next))
-        }) {
-            Err(spoolgate::spool::SpoolError::Locked(_))
-                if started.elapsed() < std::time::Duration::from_secs(10) =>
-            {
-                std::thread::sleep(std::time::Duration::from_millis(1));
-            }
-            opened => {
-                let (spool, report) = opened.expect("open spool");
-                break (spool, report, visited);
-            }
-        }
-    };
+    // No child is being forked while the spool opens (see [`FORKING`]).
+    let _no_fork = FORKING.write().unwrap_or_else(|p| p.into_inner());
+    let mut visited: Vec<SeenRecord> = Vec::new();
+    let (spool, report) = Spool::open_visiting(opts.clone(), fs, metrics, None, &mut |r| {
+        visited.push((r.position, r.kind.0, r.payload.to_vec(), r.next))
+    })
+    .expect("open spool");
     assert_eq!(
         visited,
         read_records(&spool),
