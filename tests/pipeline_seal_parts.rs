@@ -25,6 +25,22 @@ fn sealed_frames(dir: &std::path::Path) -> usize {
     sealed
 }
 
+/// `delivered` is one stream's records 1 to `n`, in order, each linked to the one before.
+fn assert_one_whole_chain(delivered: &[spoolgate::chain::ForwardRecord], n: usize) {
+    let seqs: Vec<u64> = delivered.iter().map(|r| r.seq).collect();
+    assert_eq!(
+        seqs,
+        (1..=n as u64).collect::<Vec<_>>(),
+        "gapless, in order"
+    );
+    for pair in delivered.windows(2) {
+        assert_eq!(
+            pair[1].prev_hash, pair[0].hash,
+            "each record links to the one before"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_seal_of_several_records_is_written_one_record_at_a_time_each_durable_before_the_next() {
     let dir = tempfile::tempdir().unwrap();
@@ -73,19 +89,7 @@ async fn a_seal_of_several_records_is_written_one_record_at_a_time_each_durable_
         sealed_frames(dir.path()) > 1,
         "the batches' seals took several records"
     );
-    let delivered = sink.delivered.lock().unwrap().clone();
-    let seqs: Vec<u64> = delivered.iter().map(|r| r.seq).collect();
-    assert_eq!(
-        seqs,
-        (1..=n as u64).collect::<Vec<_>>(),
-        "gapless, in order"
-    );
-    for pair in delivered.windows(2) {
-        assert_eq!(
-            pair[1].prev_hash, pair[0].hash,
-            "each record links to the one before"
-        );
-    }
+    assert_one_whole_chain(&sink.delivered.lock().unwrap(), n);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -177,16 +181,8 @@ async fn what_a_stop_leaves_of_a_seal_is_its_first_entries_sealed_and_a_restart_
     .await;
     pipeline.shutdown().await;
     let delivered = sink.delivered.lock().unwrap().clone();
-    let seqs: Vec<u64> = delivered.iter().map(|r| r.seq).collect();
-    assert_eq!(
-        seqs,
-        (1..=n as u64).collect::<Vec<_>>(),
-        "gapless, in order"
-    );
+    assert_one_whole_chain(&delivered, n);
     for (first, again) in sealed.iter().zip(&delivered) {
         assert_eq!(**first, *again, "re-sent from its seal, byte for byte");
-    }
-    for pair in delivered.windows(2) {
-        assert_eq!(pair[1].prev_hash, pair[0].hash);
     }
 }
