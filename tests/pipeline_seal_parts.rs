@@ -186,3 +186,145 @@ async fn what_a_stop_leaves_of_a_seal_is_its_first_entries_sealed_and_a_restart_
         assert_eq!(**first, *again, "re-sent from its seal, byte for byte");
     }
 }
+
+/// Appends `n` envelopes of stream `t`, about 1.2 KB each sealed, to `spool`.
+async fn append_stream(spool: &spoolgate::spool::Spool, n: usize) {
+    for i in 0..n {
+        append(
+            spool,
+            "t",
+            format!("e{i}"),
+            format!("{i}: {}", "text ".repeat(200)),
+        )
+        .await;
+    }
+}
+
+/// The start of every SEALED frame in the spool under `dir`, in log order.
+fn sealed_positions(dir: &std::path::Path) -> Vec<spoolgate::spool::Position> {
+    let mut at = Vec::new();
+    spoolgate::spool::for_each_frame(&dir.join("spool"), |position, kind, _| {
+        if kind == RecordKind::SEALED.0 {
+            at.push(position);
+        }
+        Ok::<(), spoolgate::spool::SpoolError>(())
+    })
+    .unwrap();
+    at
+}
+
+/// The second seal record's fdatasync fails. The spool refuses everything after it and marks
+/// the failed record void; a restart re-sends what the first run sealed exactly as it was
+/// sealed, seals the rest after it, and the stream is one whole chain. With `keep_the_void`
+/// false the marker is removed before the restart, as if the disk had lost it and kept the
+/// failed record's bytes (a failed fdatasync promises neither): the restart then takes that
+/// record's entries as sealed too, and the chain is as whole.
+async fn a_seal_cut_by_a_failed_fdatasync(keep_the_void: bool) {
+    let dir = tempfile::tempdir().unwrap();
+    let (spool, ring, metrics, faults) = pipeline_common::open_faulty_spool(dir.path());
+    let n = 300;
+    append_stream(&spool, n).await;
+    // Every envelope is durable: the next fdatasync is the first seal record's, the one after
+    // it the second's.
+    faults.syncs_until_failure.store(2, Ordering::SeqCst);
+    let chains = Arc::new(std::sync::Mutex::new(spoolgate::chain::Chains::new()));
+    let sink = Arc::new(RecordingSink::default());
+    let pipeline = pipeline_common::start_sharing(
+        &spool,
+        ring,
+        &metrics,
+        sink.clone(),
+        quick_retries(),
+        dir.path(),
+        chains.clone(),
+        Arc::new(spoolgate::forward::ledger::Ledger::default()),
+        None,
+    );
+    wait_until("the spool poisoned by the failed fdatasync", || {
+        spool.poison_reason().is_some()
+    })
+    .await;
+    pipeline.shutdown().await;
+    assert_eq!(
+        sealed_positions(dir.path()).len(),
+        1,
+        "the record whose fdatasync failed is void"
+    );
+    let head = chains
+        .lock()
+        .unwrap()
+        .head("t")
+        .expect("the first record sealed");
+    assert!(
+        head.seq > 0 && head.seq < n as u64,
+        "the stream's head is the first record's last entry, not the batch's: {}",
+        head.seq
+    );
+    // Whatever left the process before the failure came from the durable first record.
+    let first_run = sink.delivered.lock().unwrap().clone();
+    assert!(first_run.len() as u64 <= head.seq);
+    let closed = tokio::task::block_in_place(|| spool.close());
+    assert!(
+        matches!(closed, Err(spoolgate::spool::SpoolError::Poisoned(_))),
+        "{closed:?}"
+    );
+    drop(spool);
+    let spool_dir = dir.path().join("spool");
+    let voids: Vec<_> = std::fs::read_dir(&spool_dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("void-")
+        })
+        .collect();
+    assert_eq!(voids.len(), 1, "{voids:?}");
+    if !keep_the_void {
+        std::fs::remove_file(&voids[0]).unwrap();
+        assert_eq!(sealed_positions(dir.path()).len(), 2);
+    }
+
+    let metrics = Arc::new(spoolgate::metrics::Metrics::new());
+    let ring = Arc::new(spoolgate::ring::Ring::new(1024, 1 << 20, metrics.clone()));
+    let spool = pipeline_common::open_spool(dir.path(), &ring, &metrics);
+    let mut heads = spoolgate::chain::Chains::new();
+    let restarted = spoolgate::forward::ledger::Ledger::default();
+    spoolgate::forward::ledger::scan(&spool, &restarted, 0, |_, _| {}, |s, h| heads.advance(s, h))
+        .unwrap();
+    let sink = Arc::new(RecordingSink::default());
+    let pipeline = pipeline_common::start_sharing(
+        &spool,
+        ring,
+        &metrics,
+        sink.clone(),
+        quick_retries(),
+        dir.path(),
+        Arc::new(std::sync::Mutex::new(heads)),
+        Arc::new(spoolgate::forward::ledger::Ledger::default()),
+        None,
+    );
+    wait_until("every record delivered", || {
+        sink.delivered.lock().unwrap().len() >= n
+    })
+    .await;
+    pipeline.shutdown().await;
+    let delivered = sink.delivered.lock().unwrap().clone();
+    assert_one_whole_chain(&delivered, n);
+    assert_eq!(delivered[head.seq as usize - 1].chain_head(), Some(head));
+    for (first, again) in first_run.iter().zip(&delivered) {
+        assert_eq!(*first, *again, "re-sent from its seal, byte for byte");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_fdatasync_between_seal_records_leaves_a_chain_a_restart_completes_whole() {
+    a_seal_cut_by_a_failed_fdatasync(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_seal_record_whose_fdatasync_failed_and_whose_void_marker_is_lost_still_leaves_one_chain()
+{
+    a_seal_cut_by_a_failed_fdatasync(false).await;
+}
