@@ -70,6 +70,11 @@ enum Command {
         #[command(subcommand)]
         command: ChainHeadsCommand,
     },
+    /// List the dead-letter directory, or send a batch a sink rejected to it again.
+    DeadLetter {
+        #[command(subcommand)]
+        command: DeadLetterCommand,
+    },
     /// Run a crash-recovery drill: load, SIGKILL at seeded random moments, restart, check.
     Drill(DrillArgs),
     /// Drive closed-loop HTTP load against a running daemon and report throughput and latency.
@@ -99,6 +104,37 @@ enum ChainHeadsCommand {
     /// daemon stopped. An intact checkpoint's heads are never moved back; a damaged one is
     /// replaced.
     Import { data_dir: PathBuf, heads: PathBuf },
+}
+
+#[derive(Subcommand)]
+enum DeadLetterCommand {
+    /// List the letters in a dead-letter directory, oldest first: the sink that rejected each
+    /// batch, its status and reason, and each stream's sequence range in it (or, for an
+    /// envelope that never reached a sink, its spool position and why).
+    List {
+        /// The dead-letter directory (`<data_dir>/dead-letter` unless configured otherwise).
+        dir: PathBuf,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Send each letter's batch again, once, to the sink that rejected it, as the config
+    /// defines that sink, and in the body the daemon would send: the same records, sequence
+    /// numbers and hashes. Exits 1 if any letter's batch is refused or cannot be sent.
+    Resend {
+        /// Letter files (`dl-….json`).
+        #[arg(required = true)]
+        letters: Vec<PathBuf>,
+        /// The daemon's config, for the sink's url, format, timeout and headers.
+        #[arg(long, env = "SPOOLGATE_CONFIG")]
+        config: Option<PathBuf>,
+        /// Send to this sink of the config instead of the one that rejected the batch.
+        #[arg(long)]
+        sink: Option<String>,
+        /// Remove each letter whose batch the sink took (answered 2xx).
+        #[arg(long)]
+        remove: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -292,6 +328,141 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
 /// Quotes a flag value as a TOML string so paths and addresses are never parsed as numbers.
 fn toml_string(s: &str) -> String {
     toml::Value::String(s.to_string()).to_string()
+}
+
+fn dead_letter(command: DeadLetterCommand) -> anyhow::Result<ExitCode> {
+    use spoolgate::forward::dead_letter_resend as dl;
+    match command {
+        DeadLetterCommand::List { dir, json } => {
+            let mut listed = Vec::new();
+            for path in dl::letters_in(&dir)? {
+                let letter = dl::read_letter(&path)?;
+                let file = path.file_name().unwrap_or_default().to_string_lossy();
+                let ranges = letter.stream_ranges();
+                if json {
+                    listed.push(serde_json::json!({
+                        "file": file,
+                        "sink": letter.sink,
+                        "status": letter.status,
+                        "reason": letter.reason,
+                        "at_ms": letter.at_ms,
+                        "records": letter.records.len(),
+                        "streams": ranges.iter().map(|(stream, first, last)| serde_json::json!({
+                            "stream": stream, "first_seq": first, "last_seq": last,
+                        })).collect::<Vec<_>>(),
+                        "position": letter.position,
+                        "resendable": letter.resendable(),
+                    }));
+                    continue;
+                }
+                let reason = one_line(&letter.reason, 160);
+                match (&letter.sink, letter.position) {
+                    (Some(sink), _) => {
+                        let streams: Vec<String> = ranges
+                            .iter()
+                            .map(|(s, first, last)| format!("{s}:{first}-{last}"))
+                            .collect();
+                        println!(
+                            "{file}  sink={sink} status={} records={} streams={}  reason: {reason}",
+                            letter.status.map_or("-".to_string(), |s| s.to_string()),
+                            letter.records.len(),
+                            streams.join(","),
+                        );
+                    }
+                    (None, position) => println!(
+                        "{file}  never reached a sink, spool position {}  reason: {reason}",
+                        position.map_or("unknown".to_string(), |p| format!(
+                            "{}/{}",
+                            p.segment, p.offset
+                        )),
+                    ),
+                }
+            }
+            if json {
+                println!("{}", serde_json::to_string_pretty(&listed)?);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        DeadLetterCommand::Resend {
+            letters,
+            config,
+            sink,
+            remove,
+        } => {
+            let config = load_config(config.as_deref(), &[])?;
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let mut sinks: std::collections::BTreeMap<
+                String,
+                std::sync::Arc<dyn spoolgate::forward::sink::Sink>,
+            > = Default::default();
+            let mut failed = 0;
+            for path in &letters {
+                let letter = dl::read_letter(path)?;
+                let Some(name) = sink.clone().or_else(|| letter.sink.clone()) else {
+                    report(&format!(
+                        "{}: not sent: its envelope never reached a sink ({})",
+                        path.display(),
+                        one_line(&letter.reason, 160)
+                    ));
+                    failed += 1;
+                    continue;
+                };
+                if !sinks.contains_key(&name) {
+                    let Some(cfg) = config.sinks.get(&name) else {
+                        anyhow::bail!(
+                            "{}: the config has no sink {name:?} (its sinks: {})",
+                            path.display(),
+                            config.sinks.keys().cloned().collect::<Vec<_>>().join(", ")
+                        );
+                    };
+                    if !matches!(cfg, spoolgate::config::SinkConfig::Http { .. }) {
+                        anyhow::bail!(
+                            "sink {name:?} is not an HTTP sink; only HTTP sinks reject batches \
+                             and take them again (use --sink to name another)"
+                        );
+                    }
+                    let one = [(name.clone(), cfg.clone())].into_iter().collect();
+                    let built = spoolgate::forward::sink::build_sinks(&one, &config.data_dir)?;
+                    sinks.extend(built);
+                }
+                let target = sinks[&name].clone();
+                match runtime.block_on(dl::resend(&letter, target.as_ref())) {
+                    Ok(n) => {
+                        println!("{}: {n} record(s) delivered to {name}", path.display());
+                        if remove {
+                            dl::remove_letter(path).with_context(|| {
+                                format!("delivered, but cannot remove {}", path.display())
+                            })?;
+                            println!("{}: removed", path.display());
+                        }
+                    }
+                    Err(e) => {
+                        report(&format!("{}: not delivered to {name}: {e}", path.display()));
+                        failed += 1;
+                    }
+                }
+            }
+            Ok(if failed == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
+    }
+}
+
+/// `text` on one line, cut to `chars_max` characters.
+fn one_line(text: &str, chars_max: usize) -> String {
+    let flat: String = text
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    match flat.char_indices().nth(chars_max) {
+        Some((at, _)) => format!("{}…", &flat[..at]),
+        None => flat,
+    }
 }
 
 fn chain_heads(command: ChainHeadsCommand) -> anyhow::Result<ExitCode> {
@@ -527,6 +698,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             ExitCode::from(1)
         })),
         Command::ChainHeads { command } => chain_heads(command),
+        Command::DeadLetter { command } => dead_letter(command),
         Command::Inspect { dir, json } => {
             let dir = if dir.join("spool").is_dir() {
                 dir.join("spool")

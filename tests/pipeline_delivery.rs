@@ -4,6 +4,7 @@
 mod common;
 
 use std::collections::HashMap;
+use std::ffi::OsStr;
 use std::process::Command;
 
 use common::{envelope, file_sink_records, ids, Daemon, TestSink, SMALL_SEGMENTS};
@@ -220,6 +221,101 @@ fn a_sink_answering_400_sends_the_batch_to_the_dead_letter_directory_with_the_re
     assert!(all.contains("\"status\": 400"));
     assert!(all.contains("e-1") && all.contains("e-2"));
     assert!(delivered.is_empty());
+}
+
+/// `spoolgate dead-letter ARGS...`: its exit code, stdout and stderr.
+fn dead_letter_cli(args: &[&std::ffi::OsStr]) -> (Option<i32>, String, String) {
+    let out = Command::new(common::bin())
+        .arg("dead-letter")
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn a_dead_lettered_batch_is_listed_and_resent_to_its_sink_identically_once_the_sink_takes_it() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let refusing = std::sync::Arc::new(AtomicBool::new(true));
+    let r = refusing.clone();
+    let sink = TestSink::start(move |_| {
+        if r.load(Ordering::SeqCst) {
+            (400, "field envelope.text is not allowed".into())
+        } else {
+            (200, String::new())
+        }
+    });
+    let scratch = tempfile::tempdir().unwrap();
+    let cfg = sink.config_file(scratch.path(), "");
+    let d = Daemon::start(&["--config", cfg.to_str().unwrap()]);
+    assert_eq!(d.post_json(&json!([envelope(1), envelope(2)])).status, 202);
+    d.wait_metric(
+        "spoolgate_forward_dead_lettered_records_total{sink=\"default\"}",
+        |v| v >= 2.0,
+    );
+    d.wait_metric("spoolgate_tombstones_written_total", |v| v >= 2.0);
+    let dir = d.data_dir.join("dead-letter");
+    let letters: Vec<std::path::PathBuf> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    let sealed: Vec<serde_json::Value> = letters
+        .iter()
+        .flat_map(|f| {
+            let letter: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(f).unwrap()).unwrap();
+            letter["records"].as_array().unwrap().clone()
+        })
+        .collect();
+    let sealed_ids: Vec<&str> = sealed
+        .iter()
+        .map(|r| r["envelope"]["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(sealed_ids.len(), 2);
+    assert!(sealed_ids.contains(&"e-1") && sealed_ids.contains(&"e-2"));
+
+    let (code, listed, _) = dead_letter_cli(&[OsStr::new("list"), dir.as_os_str()]);
+    assert_eq!(code, Some(0));
+    assert_eq!(listed.lines().count(), letters.len(), "{listed}");
+    assert!(listed.contains("sink=default status=400"), "{listed}");
+    assert!(
+        listed.contains("reason: field envelope.text is not allowed"),
+        "{listed}"
+    );
+
+    let mut resend: Vec<&OsStr> = vec![
+        OsStr::new("resend"),
+        OsStr::new("--config"),
+        cfg.as_os_str(),
+        OsStr::new("--remove"),
+    ];
+    resend.extend(letters.iter().map(|l| l.as_os_str()));
+    // Still refused: said so, exit 1, every letter kept.
+    let (code, _, err) = dead_letter_cli(&resend);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("not delivered to default: rejected with status 400: field envelope.text is not allowed"),
+        "{err}"
+    );
+    assert!(letters.iter().all(|l| l.exists()));
+    assert!(sink.delivered().is_empty());
+
+    // Taken: the sink gets the very records that were sealed, and the letters are removed.
+    refusing.store(false, Ordering::SeqCst);
+    let (code, out, err) = dead_letter_cli(&resend);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains("delivered to default"), "{out}");
+    assert!(letters.iter().all(|l| !l.exists()));
+    let key = |r: &serde_json::Value| (r["stream"].to_string(), r["seq"].as_u64().unwrap());
+    let mut delivered = sink.delivered();
+    let mut expected = sealed;
+    delivered.sort_by_key(key);
+    expected.sort_by_key(key);
+    assert_eq!(delivered, expected, "re-sent as sealed");
 }
 
 #[test]

@@ -1,6 +1,7 @@
 //! The dead-letter directory: batches a sink rejected for good, one JSON file each, with the
 //! sink, the status, the reason and the records, written with fdatasync before the batch is
-//! tombstoned. Files are never deleted by spoolgate; an operator inspects and replays or
+//! tombstoned. Files are never deleted by the daemon; an operator inspects and re-sends
+//! (`spoolgate dead-letter resend`, [`super::dead_letter_resend`]) or
 //! removes them, and spoolgate logs every file it writes, so growth is visible.
 //!
 //! Bound: `forward.dead_letter_bytes_max`, kept by a [`DirBound`] (the directory holds at

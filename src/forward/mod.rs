@@ -8,10 +8,12 @@
 //!   the worker owns both; [`json`] writes their JSON (serde_json's bytes, faster);
 //! - [`retry`]: exponential backoff with jitter, honouring `Retry-After` up to a bound;
 //! - [`dead_letter`]: batches a sink permanently rejected, kept on disk with the reason;
+//!   [`dead_letter_resend`]: reading them back for `spoolgate dead-letter list|resend`;
 //! - [`dir_bound`]: the byte bound on the directories spoolgate fills and others empty (the
 //!   file sink's output, the dead letters); [`durable_dir`]: making them exist durably.
 
 pub mod dead_letter;
+pub mod dead_letter_resend;
 pub mod dir_bound;
 pub mod durable_dir;
 pub mod file_sink;
