@@ -60,6 +60,11 @@ pub struct Gate {
     detector: pii::Detector,
     rules: RwLock<Arc<Rules>>,
     generation: AtomicU64,
+    /// What the rules file held at the last look (start-up, or a reload the watcher started):
+    /// [`rules_fingerprint`]. The watcher reacts to any change in the file's directory (a
+    /// Kubernetes ConfigMap update renames a symlink there and never touches the file's own
+    /// name), so it reloads only when this differs.
+    rules_seen: std::sync::Mutex<Option<[u8; 32]>>,
     metrics: Arc<Metrics>,
     /// Per entry of [`PII_KINDS`]: its configured action, and its
     /// `gate_pii_found_total{kind}` counter, resolved once rather than per match.
@@ -213,6 +218,27 @@ pub fn check_rules_file(
     load_rules(path, false, Some(sinks)).map(|rules| rules.len())
 }
 
+/// SHA-256 of what reading the rules file gives now: its bytes (up to one past the bound), or
+/// the error reading it, so that a file that stays unreadable is reported once, not at every
+/// change to its neighbours.
+fn rules_fingerprint(path: &std::path::Path) -> [u8; 32] {
+    let mut bytes = Vec::new();
+    let read = std::fs::File::open(path).and_then(|f| {
+        std::io::Read::read_to_end(
+            &mut std::io::Read::take(f, rules::RULES_FILE_BYTES_MAX + 1),
+            &mut bytes,
+        )
+    });
+    match read {
+        Ok(_) => Sha256::digest(&bytes).into(),
+        Err(e) => Sha256::new()
+            .chain_update(b"unreadable: ")
+            .chain_update(e.kind().to_string())
+            .finalize()
+            .into(),
+    }
+}
+
 /// Reloads the rules once the file has had no change for [`RELOAD_QUIET`]. A file rewritten
 /// in place raises several events (truncate, then each write); reading at the first would see
 /// part of it, which may still parse (an empty file, or one cut at a rule boundary) and would
@@ -230,7 +256,7 @@ fn reload_when_quiet(changed: &std::sync::mpsc::Receiver<()>, gate: &std::sync::
             }
         }
         let Some(gate) = gate.upgrade() else { return };
-        let _ = gate.reload();
+        gate.reload_if_changed();
     }
 }
 
@@ -270,6 +296,7 @@ impl Gate {
             detector: pii::Detector::new(),
             rules: RwLock::new(Arc::new(rules)),
             generation: AtomicU64::new(1),
+            rules_seen: std::sync::Mutex::new(config.rules_path.as_deref().map(rules_fingerprint)),
             metrics,
             actions,
             pii_found,
@@ -296,6 +323,7 @@ impl Gate {
         let Some(path) = &self.config.rules_path else {
             return Ok(());
         };
+        *self.rules_seen.lock().unwrap_or_else(|p| p.into_inner()) = Some(rules_fingerprint(path));
         match load_rules(path, true, self.sinks.as_ref()) {
             Ok(rules) => {
                 let n = rules.len();
@@ -319,7 +347,30 @@ impl Gate {
         }
     }
 
-    /// Watches the rules file and reloads it on change. `None` without a rules file.
+    /// Reloads the rules if the file reads differently from the last look; what the watcher
+    /// calls after any change in the file's directory. `true` if it tried (the reload itself
+    /// may have been refused).
+    pub fn reload_if_changed(&self) -> bool {
+        let Some(path) = &self.config.rules_path else {
+            return false;
+        };
+        let seen = *self.rules_seen.lock().unwrap_or_else(|p| p.into_inner());
+        if seen == Some(rules_fingerprint(path)) {
+            tracing::debug!(path = %path.display(), "rules file unchanged");
+            return false;
+        }
+        let _ = self.reload();
+        true
+    }
+
+    /// Watches the rules file and reloads it when it changes. `None` without a rules file.
+    ///
+    /// The watch is on the file's directory, and on the directory of the file a symlink at the
+    /// path resolves to at start-up, if another; any change there makes the reloader compare
+    /// the file's contents with the last look ([`Gate::reload_if_changed`]). So an editor's
+    /// rename over the file, a write in place, and a Kubernetes ConfigMap update (a new
+    /// timestamped directory, then the `..data` symlink renamed over, which never names the
+    /// file) are all seen, and a change to a neighbouring file costs one read of the rules.
     pub fn watch(self: &Arc<Self>) -> Result<Option<RulesWatcher>, GateError> {
         use notify::Watcher;
         let Some(path) = self.config.rules_path.clone() else {
@@ -336,7 +387,10 @@ impl Gate {
             })
             .unwrap_or(std::path::Path::new("."))
             .to_path_buf();
-        let name = path.file_name().map(|n| n.to_os_string());
+        let resolved_dir = std::fs::canonicalize(&path)
+            .ok()
+            .and_then(|p| p.parent().map(std::path::Path::to_path_buf))
+            .filter(|d| std::fs::canonicalize(&dir).ok().as_ref() != Some(d));
         let gate = Arc::downgrade(self);
         // One pending change is all the reloader needs to know of, so the channel holds one.
         let (changed_tx, changed_rx) = std::sync::mpsc::sync_channel::<()>(1);
@@ -350,16 +404,12 @@ impl Gate {
                 if matches!(event.kind, notify::EventKind::Access(_)) {
                     return;
                 }
-                if !event
-                    .paths
-                    .iter()
-                    .any(|p| p.file_name().map(|n| n.to_os_string()) == name)
-                {
-                    return;
-                }
                 let _ = changed_tx.try_send(());
             })?;
         watcher.watch(&dir, notify::RecursiveMode::NonRecursive)?;
+        if let Some(resolved) = resolved_dir {
+            watcher.watch(&resolved, notify::RecursiveMode::NonRecursive)?;
+        }
         Ok(Some(RulesWatcher { _watcher: watcher }))
     }
 
@@ -461,6 +511,108 @@ impl Gate {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn rule(tag: &str) -> String {
+        format!("[[rule]]\nname = \"r\"\nkeywords = [\"alpha\"]\ntags = [\"{tag}\"]\n")
+    }
+
+    /// A gate on `rules_path`, watching it.
+    fn watched_gate(rules_path: &std::path::Path) -> (Arc<Gate>, RulesWatcher) {
+        let cfg = GateConfig {
+            rules_path: Some(rules_path.to_path_buf()),
+            ..GateConfig::default()
+        };
+        let g = Arc::new(Gate::new(&cfg, Arc::new(Metrics::new())).unwrap());
+        let watcher = g.watch().unwrap().expect("a rules file is watched");
+        (g, watcher)
+    }
+
+    /// Polls until the gate's rules carry `tag`; fails after a minute. A filesystem event has
+    /// nothing to await from here, so it is looked for every few ms.
+    fn wait_for_tag(g: &Gate, tag: &str) {
+        let started = std::time::Instant::now();
+        while classify(g, "alpha").tags != vec![tag.to_string()] {
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(60),
+                "the rules never changed to tag {tag:?} (generation {})",
+                g.rules_generation()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+
+    #[test]
+    fn a_configmap_update_that_swaps_the_data_symlink_is_reloaded() {
+        // The layout the kubelet writes: rules.toml -> ..data/rules.toml, ..data -> ..<ts>/;
+        // an update writes a new ..<ts>/ and renames a new symlink over ..data, and never
+        // touches the name rules.toml.
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        std::fs::create_dir(d.join("..ts1")).unwrap();
+        std::fs::write(d.join("..ts1/rules.toml"), rule("old")).unwrap();
+        std::os::unix::fs::symlink("..ts1", d.join("..data")).unwrap();
+        std::os::unix::fs::symlink("..data/rules.toml", d.join("rules.toml")).unwrap();
+        let (g, _watcher) = watched_gate(&d.join("rules.toml"));
+        assert_eq!(classify(&g, "alpha").tags, vec!["old"]);
+        std::fs::create_dir(d.join("..ts2")).unwrap();
+        std::fs::write(d.join("..ts2/rules.toml"), rule("new")).unwrap();
+        std::os::unix::fs::symlink("..ts2", d.join("..data_tmp")).unwrap();
+        std::fs::rename(d.join("..data_tmp"), d.join("..data")).unwrap();
+        std::fs::remove_dir_all(d.join("..ts1")).unwrap();
+        wait_for_tag(&g, "new");
+        assert_eq!(g.rules_generation(), 2);
+    }
+
+    #[test]
+    fn a_rules_path_symlinked_into_another_directory_is_reloaded_when_its_target_is_replaced() {
+        let config = tempfile::tempdir().unwrap();
+        let shared = tempfile::tempdir().unwrap();
+        std::fs::write(shared.path().join("rules.toml"), rule("old")).unwrap();
+        let link = config.path().join("rules.toml");
+        std::os::unix::fs::symlink(shared.path().join("rules.toml"), &link).unwrap();
+        let (g, _watcher) = watched_gate(&link);
+        std::fs::write(shared.path().join("rules.toml.new"), rule("new")).unwrap();
+        std::fs::rename(
+            shared.path().join("rules.toml.new"),
+            shared.path().join("rules.toml"),
+        )
+        .unwrap();
+        wait_for_tag(&g, "new");
+    }
+
+    #[test]
+    fn a_change_beside_the_rules_file_does_not_reload_rules_that_read_the_same() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("rules.toml");
+        std::fs::write(&path, rule("a")).unwrap();
+        let cfg = GateConfig {
+            rules_path: Some(path.clone()),
+            ..GateConfig::default()
+        };
+        let metrics = Arc::new(Metrics::new());
+        let g = Gate::new(&cfg, metrics.clone()).unwrap();
+        std::fs::write(dir.path().join("spoolgate.toml"), "# a neighbour\n").unwrap();
+        assert!(!g.reload_if_changed(), "same rules: nothing to do");
+        assert_eq!(g.rules_generation(), 1);
+        std::fs::write(&path, rule("b")).unwrap();
+        assert!(g.reload_if_changed());
+        assert_eq!(g.rules_generation(), 2);
+        assert!(!g.reload_if_changed());
+        // A file that cannot be read is reported once, not at every change beside it.
+        std::fs::remove_file(&path).unwrap();
+        assert!(g.reload_if_changed());
+        assert!(!g.reload_if_changed());
+        let errors = metrics
+            .gate_rules_reloads_total
+            .with_label_values(&["error"])
+            .get();
+        assert_eq!(errors, 1);
+        assert_eq!(
+            classify(&g, "alpha").tags,
+            vec!["b"],
+            "the last good rules stay"
+        );
+    }
 
     #[test]
     fn a_rules_file_over_its_bound_is_refused_without_reading_it_whole() {
