@@ -223,7 +223,7 @@ impl Metrics {
 
             forward_records_total: counter_vec(&r, "spoolgate_forward_records_total", "Records delivered and confirmed by a sink.", &["sink"]),
             forward_batch_duration_seconds: histogram_vec(&r, "spoolgate_forward_batch_duration_seconds", "Time for a sink to confirm one batch.", &["sink"], d),
-            forward_errors_total: counter_vec(&r, "spoolgate_forward_errors_total", "Failed delivery attempts by sink and kind (retryable, rejected, too_large, dead_letter_full, dead_letter_failed, io, timeout, panic).", &["sink", "kind"]),
+            forward_errors_total: counter_vec(&r, "spoolgate_forward_errors_total", "Failed delivery attempts by sink and kind (retryable, rejected, too_large, timeout, dead_letter_full, dead_letter_failed, io: a record the gate panicked on that cannot be read back for its dead letter). A sink that panics shows as spoolgate_worker_takeovers_total.", &["sink", "kind"]),
             forward_retries_total: counter_vec(&r, "spoolgate_forward_retries_total", "Delivery retries by sink.", &["sink"]),
             forward_dead_lettered_records_total: counter_vec(&r, "spoolgate_forward_dead_lettered_records_total", "Records written to the dead-letter directory after a permanent sink rejection.", &["sink"]),
             dead_letter_bytes: gauge(&r, "spoolgate_dead_letter_bytes", "Bytes in the dead-letter directory, as measured at start and kept current by spoolgate's writes (files an operator removes count until a write measures again); bounded by forward.dead_letter_bytes_max."),

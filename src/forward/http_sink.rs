@@ -115,6 +115,24 @@ async fn read_reason(
     reason
 }
 
+/// An error with its chain of causes, `outer: inner: …`: hyper-util's client error says only
+/// its kind ("client error (Connect)"), and what an operator needs (connection refused, reset,
+/// a DNS failure) is in its sources.
+fn with_causes(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let next = c.to_string();
+        // Some layers repeat their source's text in their own.
+        if !text.ends_with(&next) {
+            text.push_str(": ");
+            text.push_str(&next);
+        }
+        cause = c.source();
+    }
+    text
+}
+
 pub struct HttpSink {
     name: String,
     url: hyper::Uri,
@@ -195,7 +213,7 @@ impl HttpSink {
             }
             Ok(Err(e)) => {
                 return Err(SinkError::Retryable {
-                    reason: format!("request failed: {e}"),
+                    reason: format!("request failed: {}", with_causes(&e)),
                     retry_after: None,
                 })
             }
@@ -332,6 +350,21 @@ mod tests {
                     reason.starts_with("missing source [body cut off"),
                     "{reason}"
                 );
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_refused_connection_is_retryable_and_says_it_was_refused() {
+        // A port nobody listens on: bound, then released.
+        let url = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            format!("http://{}/in", l.local_addr().unwrap())
+        };
+        match sink(&url).deliver(&[]).await {
+            Err(SinkError::Retryable { reason, .. }) => {
+                assert!(reason.contains("Connection refused"), "{reason}");
             }
             other => panic!("{other:?}"),
         }

@@ -464,7 +464,7 @@ impl Dispatcher {
             }
             match self.ring.take_at(self.cursor) {
                 RingRead::Record(record) => {
-                    if !self.dispatch(record).await {
+                    if !self.dispatch(record).await? {
                         return Ok(());
                     }
                 }
@@ -508,15 +508,16 @@ impl Dispatcher {
         }
         let chunk = with_orphans(&self.ledger, from, chunk);
         for record in chunk {
-            if !self.dispatch(record).await {
+            if !self.dispatch(record).await? {
                 return Ok(false);
             }
         }
         Ok(true)
     }
 
-    /// Handles the record at the cursor and advances it. `false` when the epoch ended.
-    async fn dispatch(&mut self, record: Record) -> bool {
+    /// Handles the record at the cursor and advances it. `false` when the epoch ended; an error
+    /// when re-reading for a worker left behind failed (which ends it too).
+    async fn dispatch(&mut self, record: Record) -> Result<bool, DispatchError> {
         debug_assert!(
             record.position >= self.cursor,
             "records arrive in log order"
@@ -528,7 +529,7 @@ impl Dispatcher {
         }
         if record.kind != RecordKind::ENVELOPE {
             self.ledger.counted_up_to(record.next);
-            return true;
+            return Ok(true);
         }
         let live = record.position >= self.ledger.counted_position();
         // A record met for the first time has no seal; one met again (replay, a rewind) is
@@ -537,7 +538,7 @@ impl Dispatcher {
             None
         } else {
             match self.ledger.pending_seal(record.position) {
-                None => return true,
+                None => return Ok(true),
                 Some(seal) => seal,
             }
         };
@@ -559,14 +560,14 @@ impl Dispatcher {
                 }
                 sealed.envelope.clone()
             }
-            (Err(e), None) => return self.undecodable(&record, live, &e.to_string()).await,
+            (Err(e), None) => return Ok(self.undecodable(&record, live, &e.to_string()).await),
         };
         // A record already sealed (by an earlier build, or a spool written by anything else) is
         // re-sent from its seal as it is, like any other: dead-lettering it now would leave a
         // gap at its sequence number.
         if seal.is_none() {
             if let Some(why) = slot_mismatch(&envelope) {
-                return self.undecodable(&record, live, &why).await;
+                return Ok(self.undecodable(&record, live, &why).await);
             }
         }
         if live {
@@ -593,18 +594,18 @@ impl Dispatcher {
             // slot is passed over too and order holds. The other slots go on meanwhile:
             // waiting here stopped them all, for as long as the restart backoff (up to 30 s
             // per failure of a record that fails every worker).
-            return true;
+            return Ok(true);
         };
         let Some(sender) = self.senders[owner].clone() else {
-            return true;
+            return Ok(true);
         };
         if self.detached[owner].is_some() {
             // The worker's re-read will reach this record.
-            return true;
+            return Ok(true);
         }
         let item = match sender.try_send(item) {
-            Ok(()) => return true,
-            Err(mpsc::error::TrySendError::Closed(_)) => return false,
+            Ok(()) => return Ok(true),
+            Err(mpsc::error::TrySendError::Closed(_)) => return Ok(false),
             Err(mpsc::error::TrySendError::Full(item)) => item,
         };
         let others_taking = (0..self.senders.len())
@@ -614,14 +615,14 @@ impl Dispatcher {
             // leaving it behind for that would cost a re-read for nothing.
             tokio::select! {
                 biased;
-                _ = stopped(&mut self.stop) => return false,
-                permit = sender.reserve() => return match permit {
+                _ = stopped(&mut self.stop) => return Ok(false),
+                permit = sender.reserve() => return Ok(match permit {
                     Ok(permit) => {
                         permit.send(item);
                         true
                     }
                     Err(_) => false,
-                },
+                }),
                 _ = tokio::time::sleep(LEAVE_BEHIND_AFTER) => {}
             }
             self.metrics.forward_workers_left_behind_total.inc();
@@ -630,7 +631,7 @@ impl Dispatcher {
                 reader: None,
             });
             self.note_reading();
-            return true;
+            return Ok(true);
         }
         // No other worker is taking records: wait for this one, feeding the ones left behind
         // as they make room.
@@ -638,23 +639,21 @@ impl Dispatcher {
             let behind = self.detached.iter().any(Option::is_some);
             tokio::select! {
                 biased;
-                _ = stopped(&mut self.stop) => return false,
+                _ = stopped(&mut self.stop) => return Ok(false),
                 permit = sender.reserve() => match permit {
                     Ok(permit) => {
                         permit.send(item);
-                        return true;
+                        return Ok(true);
                     }
-                    Err(_) => return false,
+                    Err(_) => return Ok(false),
                 },
                 _ = self.room.notified(), if behind => {}
             }
-            match self.catch_up_all().await {
-                Ok(true) => {}
-                Ok(false) => return false,
-                Err(e) => {
-                    tracing::error!(error = %e, "re-reading for a worker left behind failed");
-                    return false;
-                }
+            // A failed re-read ends the epoch as the dispatcher's own read errors do (see
+            // `run`): returning as if stopped let the supervisor blame a worker whose inbox
+            // had merely closed, moving its slots and delaying its restart.
+            if !self.catch_up_all().await? {
+                return Ok(false);
             }
         }
     }
@@ -826,7 +825,9 @@ impl Dispatcher {
                         DeadLetterError::Full { .. } | DeadLetterError::NoSpace(_) => {
                             "dead_letter_full"
                         }
-                        DeadLetterError::Io(_) => "io",
+                        // As the workers count it, so that SpoolgateDeadLetterFull fires: this
+                        // wait holds up all forwarding, not one slot.
+                        DeadLetterError::Io(_) => "dead_letter_failed",
                     };
                     self.metrics
                         .forward_errors_total

@@ -694,6 +694,11 @@ impl Worker {
                     )
                 }
                 Err(e) => {
+                    // Counted as the dispatcher counts its read errors: the slot waits here.
+                    ctx.metrics
+                        .forward_errors_total
+                        .with_label_values(&["default", "io"])
+                        .inc();
                     tracing::warn!(segment = position.segment, offset = position.offset, error = %e, "cannot read back an envelope the gate panicked on; retrying");
                     tokio::select! {
                         _ = stopped(&mut stop) => return Ok(false),
@@ -723,6 +728,16 @@ impl Worker {
                     return Ok(true);
                 }
                 Err(failed) => {
+                    // As for an unsealable envelope, so that SpoolgateDeadLetterFull fires while
+                    // the slot waits; the gate gave no route, so the default sink's records wait.
+                    let kind = match failed {
+                        DeadLetterError::Io(_) => "dead_letter_failed",
+                        _ => "dead_letter_full",
+                    };
+                    ctx.metrics
+                        .forward_errors_total
+                        .with_label_values(&["default", kind])
+                        .inc();
                     if !logged {
                         logged = true;
                         tracing::error!(reason, error = %failed, "the gate panicked on an envelope and the dead-letter directory cannot take it; its batch waits and is retried with backoff");
