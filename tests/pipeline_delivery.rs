@@ -115,6 +115,103 @@ fn delivered_output_verifies_and_a_changed_byte_a_removed_line_or_swapped_lines_
     assert!(text.contains("no forward records found"), "{text}");
 }
 
+/// A sink with a body limit that answers 413 as soon as it has read a request's head, without
+/// reading the body, and closes the connection (what Go's net/http does past its drain limit,
+/// and many proxies): a client still writing a large body then sees the connection reset, not
+/// the 413. Bodies up to `limit_bytes` are read and taken (200). Returns the URL and the
+/// `seq`s it took, in order.
+fn early_413_sink(limit_bytes: usize) -> (String, std::sync::Arc<std::sync::Mutex<Vec<u64>>>) {
+    use std::io::{BufRead, Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/batch", listener.local_addr().unwrap());
+    let taken = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let t = taken.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(conn) = conn else { continue };
+            let t = t.clone();
+            std::thread::spawn(move || {
+                let mut reader = std::io::BufReader::new(conn.try_clone().unwrap());
+                let mut out = conn;
+                loop {
+                    let mut len = 0usize;
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    loop {
+                        let mut h = String::new();
+                        if reader.read_line(&mut h).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        let h = h.trim_end();
+                        if h.is_empty() {
+                            break;
+                        }
+                        if let Some((k, v)) = h.split_once(':') {
+                            if k.eq_ignore_ascii_case("content-length") {
+                                len = v.trim().parse().unwrap_or(0);
+                            }
+                        }
+                    }
+                    if len > limit_bytes {
+                        let _ = out.write_all(
+                            b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 9\r\nconnection: close\r\n\r\ntoo large",
+                        );
+                        // Closed with the body unread: the kernel resets the connection.
+                        return;
+                    }
+                    let mut body = vec![0u8; len];
+                    if reader.read_exact(&mut body).is_err() {
+                        return;
+                    }
+                    let batch: Vec<serde_json::Value> = serde_json::from_slice(&body).unwrap();
+                    t.lock()
+                        .unwrap()
+                        .extend(batch.iter().map(|r| r["seq"].as_u64().unwrap()));
+                    if out
+                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (url, taken)
+}
+
+#[test]
+fn a_sink_that_answers_413_before_reading_the_body_and_closes_gets_every_record_in_smaller_parts() {
+    let (url, taken) = early_413_sink(256 * 1024);
+    let scratch = tempfile::tempdir().unwrap();
+    let cfg = scratch.path().join("sink.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[forward]\nretry_initial_ms = 5\nretry_max_ms = 50\n\
+             [sinks.default]\ntype = \"http\"\nurl = \"{url}\"\n"
+        ),
+    )
+    .unwrap();
+    let d = Daemon::start(&["--config", cfg.to_str().unwrap()]);
+    // 56 envelopes of 64 KiB in one stream: a batch of some 3.7 MB of JSON, over the limit
+    // until it has been halved four times, and large enough that the client is still writing
+    // it when the sink closes.
+    let n = 56u64;
+    let batch: Vec<serde_json::Value> = (0..n)
+        .map(|i| json!({"source": "s", "id": format!("e-{i}"), "text": format!("{i} {}", "x".repeat(64 * 1024))}))
+        .collect();
+    assert_eq!(d.post_json(&json!(batch)).status, 202);
+    d.wait_metric("spoolgate_tombstones_written_total", |v| v >= n as f64);
+    assert_eq!(
+        *taken.lock().unwrap(),
+        (1..=n).collect::<Vec<_>>(),
+        "every record once, in order"
+    );
+}
+
 /// A daemon forwarding to `sink`, retrying after 5 ms and at most 50 ms apart.
 fn daemon_retrying_fast(sink: &TestSink, scratch: &std::path::Path) -> Daemon {
     let cfg = sink.config_file(

@@ -125,7 +125,13 @@ async fn what_a_stop_leaves_of_a_seal_is_its_first_entries_sealed_and_a_restart_
         ring.clone(),
         &metrics,
         sink.clone(),
-        quick_retries(),
+        // The first batch goes out full (256 KiB of envelopes, whose seal needs several
+        // records), never after a linger of 1 ms that a loaded machine could cut it short at,
+        // with a seal of one record that fits before the fault and is delivered.
+        spoolgate::config::ForwardConfig {
+            linger_ms: 60_000,
+            ..quick_retries()
+        },
         dir.path(),
         chains.clone(),
         ledger.clone(),

@@ -133,6 +133,31 @@ fn with_causes(e: &(dyn std::error::Error + 'static)) -> String {
     text
 }
 
+/// Whether a failed request's causes say the connection closed under it (reset, broken pipe,
+/// or closed before the answer was complete), once it was connected.
+fn closed_while_sending(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(c) = cause {
+        if let Some(h) = c.downcast_ref::<hyper::Error>() {
+            if h.is_incomplete_message() || h.is_closed() || h.is_body_write_aborted() {
+                return true;
+            }
+        }
+        if let Some(io) = c.downcast_ref::<std::io::Error>() {
+            if matches!(
+                io.kind(),
+                std::io::ErrorKind::BrokenPipe
+                    | std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::ConnectionAborted
+            ) {
+                return true;
+            }
+        }
+        cause = c.source();
+    }
+    false
+}
+
 pub struct HttpSink {
     name: String,
     url: hyper::Uri,
@@ -212,10 +237,15 @@ impl HttpSink {
                 })
             }
             Ok(Err(e)) => {
-                return Err(SinkError::Retryable {
-                    reason: format!("request failed: {}", with_causes(&e)),
-                    retry_after: None,
-                })
+                let reason = format!("request failed: {}", with_causes(&e));
+                return Err(if !e.is_connect() && closed_while_sending(&e) {
+                    SinkError::CutOff { reason }
+                } else {
+                    SinkError::Retryable {
+                        reason,
+                        retry_after: None,
+                    }
+                });
             }
             Ok(Ok(r)) => r,
         };
@@ -352,6 +382,64 @@ mod tests {
                 );
             }
             other => panic!("{other:?}"),
+        }
+    }
+
+    /// A batch of `n` records of `text_bytes` each, sealed in one stream.
+    fn batch(n: usize, text_bytes: usize) -> Vec<SharedRecord> {
+        let mut chains = crate::chain::Chains::new();
+        (0..n)
+            .map(|i| {
+                std::sync::Arc::new(
+                    chains
+                        .seal(crate::envelope::Envelope {
+                            id: format!("e{i}"),
+                            source: "s".into(),
+                            slot: crate::slots::slot_of("s"),
+                            text: Some("x".repeat(text_bytes)),
+                            ..Default::default()
+                        })
+                        .unwrap(),
+                )
+            })
+            .collect()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_sink_that_answers_413_and_closes_before_reading_a_large_body_is_too_large_or_a_cut_off(
+    ) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/in", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            loop {
+                let (mut conn, _) = listener.accept().await.unwrap();
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut buf = [0u8; 4096];
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match conn.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => head.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let _ = conn
+                        .write_all(b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 9\r\nconnection: close\r\n\r\ntoo large")
+                        .await;
+                });
+            }
+        });
+        // Whether the client reads the 413 before the reset is a race; either way the worker
+        // sends the batch in halves. What must not happen is a plain retryable failure, which
+        // would send the same batch again forever.
+        for _ in 0..5 {
+            match sink(&url).deliver(&batch(64, 64 * 1024)).await {
+                Err(SinkError::Rejected { status: 413, .. }) => {}
+                Err(SinkError::CutOff { reason }) => {
+                    assert!(reason.contains("Connection reset by peer"), "{reason}");
+                }
+                other => panic!("{other:?}"),
+            }
         }
     }
 

@@ -22,6 +22,13 @@ pub enum SinkError {
     /// The sink refused the batch for good (4xx other than 408/429): dead-letter it.
     #[error("rejected with status {status}: {reason}")]
     Rejected { status: u16, reason: String },
+    /// The sink closed the connection while the batch was being sent, without an answer.
+    /// Retried like [`SinkError::Retryable`]; but a server with a body limit may answer 413 as
+    /// soon as it has the request's head and close without reading the body, and the client
+    /// then sees only the closed connection, so a batch cut off several times running is
+    /// split in halves as after a 413 (see `worker`).
+    #[error("retryable: {reason}")]
+    CutOff { reason: String },
 }
 
 pub type DeliverFuture<'a> = Pin<Box<dyn Future<Output = Result<(), SinkError>> + Send + 'a>>;

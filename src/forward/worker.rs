@@ -829,7 +829,7 @@ impl Worker {
                     tracing::info!(
                         sink = name,
                         records = part.len(),
-                        "sink refused a batch as too large (413); sending it in two halves"
+                        "sink refused a batch as too large (413), or cut it off while it was sent several times running; sending it in two halves"
                     );
                     parts.push(middle..part.end);
                     parts.push(part.start..middle);
@@ -856,6 +856,8 @@ impl Worker {
         let mut backoff = ctx.retry_backoff();
         let mut failing_since: Option<Instant> = None;
         let mut dead_letter_full_logged = false;
+        // Attempts in a row that the sink cut off while the batch was being sent.
+        let mut cut_off_running = 0u32;
         loop {
             let started = Instant::now();
             let outcome = tokio::time::timeout(deadline, sink.deliver(records)).await;
@@ -929,10 +931,31 @@ impl Worker {
                         }
                     }
                 }
+                Ok(Err(SinkError::CutOff { reason })) => {
+                    m.forward_errors_total
+                        .with_label_values(&[name, "retryable"])
+                        .inc();
+                    cut_off_running += 1;
+                    if cut_off_running >= CUT_OFF_SPLIT_AFTER && records.len() > 1 {
+                        tracing::warn!(
+                            sink = name,
+                            %reason,
+                            records = records.len(),
+                            "sink closed the connection while taking this batch {CUT_OFF_SPLIT_AFTER} times running; sending it in two halves (a sink with a body limit may answer 413 and close before reading the body)"
+                        );
+                        return Ok(Delivery::TooLarge);
+                    }
+                    if failing_since.is_none() {
+                        failing_since = Some(Instant::now());
+                        tracing::warn!(sink = name, %reason, "sink failing; retrying with backoff");
+                    }
+                    backoff.next_delay(None)
+                }
                 Ok(Err(SinkError::Retryable {
                     reason,
                     retry_after,
                 })) => {
+                    cut_off_running = 0;
                     m.forward_errors_total
                         .with_label_values(&[name, "retryable"])
                         .inc();
@@ -951,6 +974,12 @@ impl Worker {
         }
     }
 }
+
+/// Attempts in a row on which the sink closed the connection while the batch was being sent
+/// after which the batch is split in halves as after a 413 ([`SinkError::CutOff`]). A sink
+/// that is merely restarting costs a batch split in two; one whose body limit answers 413
+/// before reading the body would otherwise get the same batch, with backoff, forever.
+const CUT_OFF_SPLIT_AFTER: u32 = 3;
 
 /// How one delivery attempt loop ended.
 enum Delivery {
