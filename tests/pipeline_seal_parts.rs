@@ -41,6 +41,41 @@ fn assert_one_whole_chain(delivered: &[spoolgate::chain::ForwardRecord], n: usiz
     }
 }
 
+/// What a restart on `spool` does: the stream heads taken from the spool by the start-up scan,
+/// a pipeline started with them, run until `n` records are delivered, then stopped. Returns
+/// what was delivered.
+async fn restart_and_deliver(
+    spool: &spoolgate::spool::Spool,
+    ring: Arc<spoolgate::ring::Ring>,
+    metrics: &Arc<spoolgate::metrics::Metrics>,
+    dir: &std::path::Path,
+    n: usize,
+) -> Vec<spoolgate::chain::ForwardRecord> {
+    let mut heads = spoolgate::chain::Chains::new();
+    let restarted = spoolgate::forward::ledger::Ledger::default();
+    spoolgate::forward::ledger::scan(spool, &restarted, 0, |_, _| {}, |s, h| heads.advance(s, h))
+        .unwrap();
+    let sink = Arc::new(RecordingSink::default());
+    let pipeline = pipeline_common::start_sharing(
+        spool,
+        ring,
+        metrics,
+        sink.clone(),
+        quick_retries(),
+        dir,
+        Arc::new(std::sync::Mutex::new(heads)),
+        Arc::new(spoolgate::forward::ledger::Ledger::default()),
+        None,
+    );
+    wait_until("every record delivered", || {
+        sink.delivered.lock().unwrap().len() >= n
+    })
+    .await;
+    pipeline.shutdown().await;
+    let delivered = sink.delivered.lock().unwrap().clone();
+    delivered
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_seal_of_several_records_is_written_one_record_at_a_time_each_durable_before_the_next() {
     let dir = tempfile::tempdir().unwrap();
@@ -48,15 +83,7 @@ async fn a_seal_of_several_records_is_written_one_record_at_a_time_each_durable_
     // 300 envelopes of one stream, about 1.2 KB each sealed: a seal of some 400 KB, six or
     // more records of at most 64 KiB.
     let n = 300;
-    for i in 0..n {
-        append(
-            &spool,
-            "t",
-            format!("e{i}"),
-            format!("{i}: {}", "text ".repeat(200)),
-        )
-        .await;
-    }
+    append_stream(&spool, n).await;
     // Every fdatasync from here on waits until released: the first is the first seal
     // record's.
     faults.hold_syncs.store(true, Ordering::SeqCst);
@@ -165,28 +192,7 @@ async fn what_a_stop_leaves_of_a_seal_is_its_first_entries_sealed_and_a_restart_
     // Room again, and a restart: the sealed entries are re-sent from their seal, the others
     // sealed after them, and the stream's chain is whole.
     faults.enospc_from_offset.store(u64::MAX, Ordering::SeqCst);
-    let mut heads = spoolgate::chain::Chains::new();
-    let restarted = spoolgate::forward::ledger::Ledger::default();
-    spoolgate::forward::ledger::scan(&spool, &restarted, 0, |_, _| {}, |s, h| heads.advance(s, h))
-        .unwrap();
-    let sink = Arc::new(RecordingSink::default());
-    let pipeline = pipeline_common::start_sharing(
-        &spool,
-        ring,
-        &metrics,
-        sink.clone(),
-        quick_retries(),
-        dir.path(),
-        Arc::new(std::sync::Mutex::new(heads)),
-        Arc::new(spoolgate::forward::ledger::Ledger::default()),
-        None,
-    );
-    wait_until("every record delivered", || {
-        sink.delivered.lock().unwrap().len() >= n
-    })
-    .await;
-    pipeline.shutdown().await;
-    let delivered = sink.delivered.lock().unwrap().clone();
+    let delivered = restart_and_deliver(&spool, ring, &metrics, dir.path(), n).await;
     assert_one_whole_chain(&delivered, n);
     for (first, again) in sealed.iter().zip(&delivered) {
         assert_eq!(**first, *again, "re-sent from its seal, byte for byte");
@@ -295,28 +301,7 @@ async fn a_seal_cut_by_a_failed_fdatasync(keep_the_void: bool) {
     let metrics = Arc::new(spoolgate::metrics::Metrics::new());
     let ring = Arc::new(spoolgate::ring::Ring::new(1024, 1 << 20, metrics.clone()));
     let spool = pipeline_common::open_spool(dir.path(), &ring, &metrics);
-    let mut heads = spoolgate::chain::Chains::new();
-    let restarted = spoolgate::forward::ledger::Ledger::default();
-    spoolgate::forward::ledger::scan(&spool, &restarted, 0, |_, _| {}, |s, h| heads.advance(s, h))
-        .unwrap();
-    let sink = Arc::new(RecordingSink::default());
-    let pipeline = pipeline_common::start_sharing(
-        &spool,
-        ring,
-        &metrics,
-        sink.clone(),
-        quick_retries(),
-        dir.path(),
-        Arc::new(std::sync::Mutex::new(heads)),
-        Arc::new(spoolgate::forward::ledger::Ledger::default()),
-        None,
-    );
-    wait_until("every record delivered", || {
-        sink.delivered.lock().unwrap().len() >= n
-    })
-    .await;
-    pipeline.shutdown().await;
-    let delivered = sink.delivered.lock().unwrap().clone();
+    let delivered = restart_and_deliver(&spool, ring, &metrics, dir.path(), n).await;
     assert_one_whole_chain(&delivered, n);
     assert_eq!(delivered[head.seq as usize - 1].chain_head(), Some(head));
     for (first, again) in first_run.iter().zip(&delivered) {

@@ -149,13 +149,9 @@ pub async fn resend(letter: &Letter, sink: &dyn Sink) -> Result<usize, SinkError
 /// second re-send would only duplicate, identically).
 pub fn remove_letter(path: &Path) -> std::io::Result<()> {
     std::fs::remove_file(path)?;
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let dir = if dir.as_os_str().is_empty() {
-        Path::new(".")
-    } else {
-        dir
-    };
-    std::fs::File::open(dir)?.sync_all()
+    // A bare file name has the empty path as its parent: the current directory.
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+    std::fs::File::open(dir.unwrap_or(Path::new(".")))?.sync_all()
 }
 
 #[cfg(test)]
