@@ -80,6 +80,7 @@ pub struct Metrics {
     pub dead_letter_bytes: IntGauge,
     pub forward_lag_records: IntGaugeVec,
     pub worker_takeovers_total: IntCounter,
+    pub forward_appends_waiting: IntGaugeVec,
     pub chain_streams: IntGauge,
 
     // Tombstones and compaction.
@@ -229,6 +230,7 @@ impl Metrics {
             dead_letter_bytes: gauge(&r, "spoolgate_dead_letter_bytes", "Bytes in the dead-letter directory, as measured at start and kept current by spoolgate's writes (files an operator removes count until a write measures again); bounded by forward.dead_letter_bytes_max."),
             forward_lag_records: gauge_vec(&r, "spoolgate_forward_lag_records", "Records dispatched to a consumer worker and not yet confirmed by its sink, by worker.", &["worker"]),
             worker_takeovers_total: counter(&r, "spoolgate_worker_takeovers_total", "Times a secondary worker took over a failed worker's slots."),
+            forward_appends_waiting: gauge_vec(&r, "spoolgate_forward_appends_waiting", "Consumer workers waiting to append a seal or tombstone, by reason: full (the filesystem or the spool quota has no room), busy (no file descriptor for a new segment). Their slots' forwarding is held up meanwhile.", &["reason"]),
             chain_streams: gauge(&r, "spoolgate_chain_streams", "Streams with a hash chain head."),
 
             tombstones_written_total: counter(&r, "spoolgate_tombstones_written_total", "Records marked complete by a tombstone."),

@@ -164,11 +164,14 @@ async fn what_a_stop_leaves_of_a_seal_is_its_first_entries_sealed_and_a_restart_
         ledger.clone(),
         None,
     );
-    wait_until("the second seal record refused for want of room", || {
-        metrics.spool_full_errors_total.get() > 0
-    })
+    let waiting_full = metrics.forward_appends_waiting.with_label_values(&["full"]);
+    wait_until(
+        "the worker waiting for room for its second seal record",
+        || metrics.spool_full_errors_total.get() > 0 && waiting_full.get() == 1,
+    )
     .await;
     pipeline.shutdown().await;
+    assert_eq!(waiting_full.get(), 0, "a stopped wait is no longer shown");
     assert!(
         sink.delivered.lock().unwrap().is_empty(),
         "nothing leaves before its whole seal"

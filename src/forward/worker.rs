@@ -108,6 +108,41 @@ enum Appended {
     Stopped,
 }
 
+/// One worker's wait for room to append a seal or tombstone, shown in
+/// `spoolgate_forward_appends_waiting` for as long as it lasts: the gauge is lowered when the
+/// wait is dropped, however the append ends (appended, stopped, or failed).
+struct AppendWait {
+    since: Instant,
+    reason: &'static str,
+    gauge: prometheus::IntGauge,
+}
+
+impl AppendWait {
+    /// Counts the wait under `reason`, moving it there if it was waiting for another reason
+    /// (a full disk can give way to a lack of descriptors and back). True when the wait begins
+    /// or changes reason, so that each is logged once.
+    fn begin(waiting: &mut Option<AppendWait>, metrics: &Metrics, reason: &'static str) -> bool {
+        if waiting.as_ref().is_some_and(|w| w.reason == reason) {
+            return false;
+        }
+        let since = waiting.take().map_or_else(Instant::now, |w| w.since);
+        let gauge = metrics.forward_appends_waiting.with_label_values(&[reason]);
+        gauge.inc();
+        *waiting = Some(AppendWait {
+            since,
+            reason,
+            gauge,
+        });
+        true
+    }
+}
+
+impl Drop for AppendWait {
+    fn drop(&mut self) {
+        self.gauge.dec();
+    }
+}
+
 /// Appends seals or tombstones, waiting while the filesystem is full. A full disk is not a
 /// failed worker: its secondary would find the same disk, and a takeover per retry would only
 /// churn the slots. The spool refuses a batch that hits ENOSPC whole (nothing of it stays, see
@@ -127,7 +162,7 @@ async fn append_when_space(
         OwnRecord::Tombstone | OwnRecord::UnsealableTombstone => "tombstone",
     };
     let mut backoff = ctx.retry_backoff();
-    let mut waiting_since: Option<Instant> = None;
+    let mut waiting: Option<AppendWait> = None;
     loop {
         // A vector of reference-counted payloads: the copy for a retry costs no payload bytes.
         let attempt = match kind {
@@ -138,18 +173,17 @@ async fn append_when_space(
         };
         match attempt {
             Ok(_) => {
-                if let Some(since) = waiting_since {
+                if let Some(wait) = waiting {
                     tracing::info!(
                         record = what,
-                        waited_ms = since.elapsed().as_millis() as u64,
+                        waited_ms = wait.since.elapsed().as_millis() as u64,
                         "spool has room again; appended"
                     );
                 }
                 return Ok(Appended::Done);
             }
             Err(SpoolError::Full(why)) => {
-                if waiting_since.is_none() {
-                    waiting_since = Some(Instant::now());
+                if AppendWait::begin(&mut waiting, &ctx.metrics, "full") {
                     tracing::warn!(record = what, %why, "spool full; forwarding waits for room to append");
                 }
                 // Delivering and tombstoning is what lets compaction free space, so the
@@ -166,8 +200,7 @@ async fn append_when_space(
             Err(SpoolError::Busy(why)) => {
                 // No descriptor for a new segment: nothing was written, and the next attempt
                 // may find one. Waited out like a full disk, without spending the reserve.
-                if waiting_since.is_none() {
-                    waiting_since = Some(Instant::now());
+                if AppendWait::begin(&mut waiting, &ctx.metrics, "busy") {
                     tracing::warn!(record = what, %why, "spool cannot open a segment; forwarding waits");
                 }
                 let wait = backoff.next_delay(None);
@@ -1008,6 +1041,28 @@ mod tests {
 
     fn stored_len(payload: &[u8]) -> usize {
         crate::spool::format::stored_len(payload)
+    }
+
+    #[test]
+    fn an_append_wait_is_counted_under_its_current_reason_until_it_is_dropped() {
+        let metrics = Metrics::new();
+        let count = |reason: &str| {
+            metrics
+                .forward_appends_waiting
+                .with_label_values(&[reason])
+                .get()
+        };
+        let mut waiting = None;
+        assert!(AppendWait::begin(&mut waiting, &metrics, "full"));
+        let since = waiting.as_ref().map(|w: &AppendWait| w.since);
+        assert!(!AppendWait::begin(&mut waiting, &metrics, "full"));
+        assert_eq!((count("full"), count("busy")), (1, 0));
+        // A change of reason moves the wait without restarting its clock.
+        assert!(AppendWait::begin(&mut waiting, &metrics, "busy"));
+        assert_eq!((count("full"), count("busy")), (0, 1));
+        assert_eq!(waiting.as_ref().map(|w| w.since), since);
+        drop(waiting);
+        assert_eq!((count("full"), count("busy")), (0, 0));
     }
 
     fn decoded(records: &[(RecordKind, Bytes)]) -> Vec<Tombstone> {
