@@ -6,6 +6,9 @@
 //! (route, status code, reason, sink, kind, worker); nothing is labelled by tenant, stream or id,
 //! so cardinality stays bounded however many tenants send data.
 //!
+//! README.md's metrics table is the operators' reference; a test here keeps it equal to the
+//! definitions below, help texts included.
+//!
 //! A `Metrics` value owns its own `Registry`, so tests can build as many as they like without
 //! colliding. The daemon creates one and passes it down as `Arc<Metrics>`.
 
@@ -33,6 +36,8 @@ type Refresh = Box<dyn Fn(&Metrics) + Send + Sync>;
 
 pub struct Metrics {
     pub registry: Registry,
+    /// Every metric defined below, in definition order (the process collector's excluded).
+    pub catalogue: Vec<MetricDoc>,
 
     // Spool.
     pub spool_pending_records: IntGauge,
@@ -116,57 +121,84 @@ pub struct Metrics {
     before_render: std::sync::OnceLock<Refresh>,
 }
 
-fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
+/// One exported metric as README.md's table lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetricDoc {
+    pub name: String,
+    /// `counter`, `gauge` or `histogram`.
+    pub kind: &'static str,
+    pub labels: Vec<String>,
+    pub help: String,
+}
+
+/// The registry being filled by [`Metrics::new`], with a record of what went into it: a vector
+/// metric without children is left out of `Registry::gather`, so only the record lists every
+/// metric (the test that keeps README.md's table true reads it).
+struct Catalogue {
+    registry: Registry,
+    docs: std::cell::RefCell<Vec<MetricDoc>>,
+}
+
+impl Catalogue {
+    fn add(
+        &self,
+        collector: Box<dyn prometheus::core::Collector>,
+        kind: &'static str,
+        name: &str,
+        help: &str,
+        labels: &[&str],
+    ) {
+        self.registry
+            .register(collector)
+            .expect("metric registered once");
+        self.docs.borrow_mut().push(MetricDoc {
+            name: name.to_string(),
+            kind,
+            labels: labels.iter().map(|l| l.to_string()).collect(),
+            help: help.to_string(),
+        });
+    }
+}
+
+fn counter(registry: &Catalogue, name: &str, help: &str) -> IntCounter {
     let c = IntCounter::new(name, help).expect("metric definition is valid");
-    registry
-        .register(Box::new(c.clone()))
-        .expect("metric registered once");
+    registry.add(Box::new(c.clone()), "counter", name, help, &[]);
     c
 }
 
-fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+fn counter_vec(registry: &Catalogue, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
     let c = IntCounterVec::new(Opts::new(name, help), labels).expect("metric definition is valid");
-    registry
-        .register(Box::new(c.clone()))
-        .expect("metric registered once");
+    registry.add(Box::new(c.clone()), "counter", name, help, labels);
     c
 }
 
-fn gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
+fn gauge(registry: &Catalogue, name: &str, help: &str) -> IntGauge {
     let g = IntGauge::new(name, help).expect("metric definition is valid");
-    registry
-        .register(Box::new(g.clone()))
-        .expect("metric registered once");
+    registry.add(Box::new(g.clone()), "gauge", name, help, &[]);
     g
 }
 
-fn float_gauge(registry: &Registry, name: &str, help: &str) -> prometheus::Gauge {
+fn float_gauge(registry: &Catalogue, name: &str, help: &str) -> prometheus::Gauge {
     let g = prometheus::Gauge::new(name, help).expect("metric definition is valid");
-    registry
-        .register(Box::new(g.clone()))
-        .expect("metric registered once");
+    registry.add(Box::new(g.clone()), "gauge", name, help, &[]);
     g
 }
 
-fn gauge_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+fn gauge_vec(registry: &Catalogue, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
     let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("metric definition is valid");
-    registry
-        .register(Box::new(g.clone()))
-        .expect("metric registered once");
+    registry.add(Box::new(g.clone()), "gauge", name, help, labels);
     g
 }
 
-fn histogram(registry: &Registry, name: &str, help: &str, buckets: &[f64]) -> Histogram {
+fn histogram(registry: &Catalogue, name: &str, help: &str, buckets: &[f64]) -> Histogram {
     let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets.to_vec()))
         .expect("metric definition is valid");
-    registry
-        .register(Box::new(h.clone()))
-        .expect("metric registered once");
+    registry.add(Box::new(h.clone()), "histogram", name, help, &[]);
     h
 }
 
 fn histogram_vec(
-    registry: &Registry,
+    registry: &Catalogue,
     name: &str,
     help: &str,
     labels: &[&str],
@@ -177,15 +209,16 @@ fn histogram_vec(
         labels,
     )
     .expect("metric definition is valid");
-    registry
-        .register(Box::new(h.clone()))
-        .expect("metric registered once");
+    registry.add(Box::new(h.clone()), "histogram", name, help, labels);
     h
 }
 
 impl Metrics {
     pub fn new() -> Metrics {
-        let r = Registry::new();
+        let r = Catalogue {
+            registry: Registry::new(),
+            docs: std::cell::RefCell::new(Vec::new()),
+        };
         let d = DURATION_BUCKETS_SECONDS;
         let m = Metrics {
             spool_pending_records: gauge(&r, "spoolgate_spool_pending_records", "Envelopes acknowledged and not yet tombstoned."),
@@ -200,11 +233,11 @@ impl Metrics {
             spool_commit_batch_records: histogram(&r, "spoolgate_spool_commit_batch_records", "Records per group commit (one write, one fdatasync).", BATCH_RECORDS_BUCKETS),
             spool_poisoned: gauge(&r, "spoolgate_spool_poisoned", "1 when a write or fsync failed and the spool refuses appends until restart."),
             spool_full_errors_total: counter(&r, "spoolgate_spool_full_errors_total", "Commit batches refused because the filesystem was full (ENOSPC)."),
-            forward_workers_left_behind_total: counter(&r, "spoolgate_forward_workers_left_behind_total", "Times the dispatcher went on without a worker whose inbox was full, to re-read its records for it later."),
+            forward_workers_left_behind_total: counter(&r, "spoolgate_forward_workers_left_behind_total", "Times the dispatcher went on without a worker whose inbox was full; that worker's records are re-read from the spool for it once it has room."),
 
             ingest_requests_total: counter_vec(&r, "spoolgate_ingest_requests_total", "HTTP requests by route and status code.", &["route", "code"]),
             ingest_envelopes_accepted_total: counter(&r, "spoolgate_ingest_envelopes_accepted_total", "Envelopes acknowledged with 202 (dedup hits excluded)."),
-            ingest_rejected_total: counter_vec(&r, "spoolgate_ingest_rejected_total", "Requests refused for a limit or state, by reason: 429 (disk, quota, priority, reserve, enospc, inflight_bytes), 503 (poisoned, not_ready, busy: no file descriptor for a new segment), 422 (streams).", &["reason"]),
+            ingest_rejected_total: counter_vec(&r, "spoolgate_ingest_rejected_total", "Requests refused for a limit or state, by reason: 429 (disk, quota, priority, reserve, enospc, inflight_bytes), 503 (poisoned, not_ready, busy: no file descriptor for a new segment, unavailable: the spool is closing), 422 (streams).", &["reason"]),
             ingest_inflight_bytes: gauge(&r, "spoolgate_ingest_inflight_bytes", "Request-body bytes taken by requests being handled, bounded by ingest.inflight_bytes_max."),
             ingest_request_duration_seconds: histogram_vec(&r, "spoolgate_ingest_request_duration_seconds", "Ingest request duration, from headers read to response.", &["route"], d),
             ingest_dedup_hits_total: counter(&r, "spoolgate_ingest_dedup_hits_total", "Envelopes answered from the dedup index instead of being written again."),
@@ -243,7 +276,7 @@ impl Metrics {
             replay_recovered_total: counter(&r, "spoolgate_replay_recovered_total", "Acknowledged, untombstoned envelopes the last start found in the spool, all of which are fed to the consumers again (none while forward.enabled is false)."),
             recovery_corrupt_records_dropped_total: counter(&r, "spoolgate_recovery_corrupt_records_dropped_total", "Records dropped as corrupt by recovery at the last start (damaged frames counted once each)."),
             recovery_corrupt_bytes_dropped_total: counter(&r, "spoolgate_recovery_corrupt_bytes_dropped_total", "Bytes skipped as corrupt by recovery at the last start."),
-            forward_dispatcher_failures_total: counter(&r, "spoolgate_forward_dispatcher_failures_total", "Times the dispatcher, which reads the spool in log order for the workers, failed (a read error from the device, for one): forwarding starts over from the oldest pending record after a backoff that doubles from 200 ms to 30 s while it keeps failing; the log names the error."),
+            forward_dispatcher_failures_total: counter(&r, "spoolgate_forward_dispatcher_failures_total", "Times the dispatcher, which reads the spool in log order for the workers, failed (a read error from the device, for one): forwarding starts over from the oldest pending record after a backoff that doubles from 200 ms to 30 s while it keeps failing; the log names the error. Alert SpoolgateForwardingStalledOnReadErrors."),
             spool_read_damaged_ranges_total: counter(&r, "spoolgate_spool_read_damaged_ranges_total", "Times a reader met a range of a segment that was damaged after recovery (damage that appeared while running) and skipped it, with the records in it; each is also a WARN log line. A range is counted again each time a reader meets it (forwarding that restarts from an older record reads it again), so this counts meetings, not distinct ranges; a restart's recovery counts each range once."),
             spool_read_damaged_bytes_total: counter(&r, "spoolgate_spool_read_damaged_bytes_total", "Bytes skipped at the meetings counted in spoolgate_spool_read_damaged_ranges_total."),
             recovery_torn_tail_bytes_truncated_total: counter(&r, "spoolgate_recovery_torn_tail_bytes_truncated_total", "Bytes of an unacknowledged torn tail cut from the last segment at the last start."),
@@ -256,7 +289,8 @@ impl Metrics {
             start_time_seconds: float_gauge(&r, "spoolgate_start_time_seconds", "Unix time the process started."),
             ready: gauge(&r, "spoolgate_ready", "1 when /readyz answers 200 (recovered, not poisoned, not shutting down, below the hard watermarks, disk reserve not spent), else 0; as of the scrape."),
             before_render: std::sync::OnceLock::new(),
-            registry: r,
+            catalogue: r.docs.take(),
+            registry: r.registry,
         };
         m.build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
@@ -296,5 +330,65 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Metrics::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// README.md's metrics table, row by row: name, type, labels and meaning.
+    fn readme_rows() -> Vec<MetricDoc> {
+        include_str!("../README.md")
+            .lines()
+            .filter(|line| line.starts_with("| `spoolgate_"))
+            .map(|line| {
+                let cells: Vec<&str> = line
+                    .trim_matches('|')
+                    .split(" | ")
+                    .map(|c| c.trim())
+                    .collect();
+                assert_eq!(
+                    cells.len(),
+                    4,
+                    "README metrics row with other than 4 cells: {line}"
+                );
+                let kind = match cells[1] {
+                    "counter" => "counter",
+                    "gauge" => "gauge",
+                    "histogram" => "histogram",
+                    other => panic!("README metrics row with type {other:?}: {line}"),
+                };
+                MetricDoc {
+                    name: cells[0].trim_matches('`').to_string(),
+                    kind,
+                    // An empty cell or a dash: no labels.
+                    labels: cells[2]
+                        .trim_matches('`')
+                        .split(',')
+                        .map(|l| l.trim().to_string())
+                        .filter(|l| !l.is_empty() && l != "—")
+                        .collect(),
+                    // The table sets names in code type; the help text has no backticks.
+                    help: cells[3].replace('`', ""),
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_readme_table_lists_every_metric_with_its_type_labels_and_help() {
+        let defined = Metrics::new().catalogue;
+        let documented = readme_rows();
+        let undocumented: Vec<&MetricDoc> =
+            defined.iter().filter(|d| !documented.contains(d)).collect();
+        let undefined: Vec<&MetricDoc> =
+            documented.iter().filter(|d| !defined.contains(d)).collect();
+        assert!(
+            undocumented.is_empty() && undefined.is_empty(),
+            "src/metrics.rs defines, and README.md's table does not list as such:\n{undocumented:#?}\n\
+             README.md's table lists, and src/metrics.rs does not define:\n{undefined:#?}"
+        );
+        assert_eq!(defined.len(), documented.len(), "a metric listed twice");
     }
 }

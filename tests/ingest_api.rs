@@ -640,6 +640,50 @@ fn body_of_len(n: usize, len: usize) -> Vec<u8> {
 }
 
 #[test]
+fn a_chunked_body_keeps_only_its_size_of_the_budget_once_read() {
+    use std::io::{Read, Write};
+    // The whole budget is one body's bound: a chunked body takes all of it until its size is
+    // known, and what decoding needs must then still fit.
+    let d = Daemon::start(&[
+        "--set",
+        "ingest.envelope_bytes_max=50000",
+        "--set",
+        "ingest.body_bytes_max=65536",
+        "--set",
+        "ingest.inflight_bytes_max=65536",
+    ]);
+    let body = envelope(1).to_string().into_bytes();
+    let mut chunked = std::net::TcpStream::connect(&d.ingest).unwrap();
+    chunked.set_read_timeout(Some(common::DEADLINE)).unwrap();
+    chunked
+        .write_all(
+            b"POST /v1/envelopes HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\
+              Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n",
+        )
+        .unwrap();
+    chunked
+        .write_all(format!("{:x}\r\n", body.len()).as_bytes())
+        .unwrap();
+    chunked.write_all(&body).unwrap();
+    chunked.write_all(b"\r\n").unwrap();
+    // Until the last chunk, its size is unknown: it holds the whole bound.
+    d.wait_metric("spoolgate_ingest_inflight_bytes", |v| v == 65_536.0);
+    chunked.write_all(b"0\r\n\r\n").unwrap();
+    let mut raw = Vec::new();
+    chunked.read_to_end(&mut raw).unwrap();
+    assert!(
+        raw.starts_with(b"HTTP/1.1 202"),
+        "{}",
+        String::from_utf8_lossy(&raw)
+    );
+    d.wait_metric("spoolgate_ingest_inflight_bytes", |v| v == 0.0);
+    assert_eq!(
+        d.metric("spoolgate_ingest_rejected_total{reason=\"inflight_bytes\"}"),
+        0.0
+    );
+}
+
+#[test]
 fn request_bodies_past_the_inflight_budget_get_429_until_the_held_ones_finish() {
     use std::io::{Read, Write};
     let d = Daemon::start(&[

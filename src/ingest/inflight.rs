@@ -13,7 +13,8 @@
 //! same body as the disk watermarks' refusals, before any of its body is read: waiting instead
 //! would hold its connection and its unread bytes in the kernel's buffers, and a client already
 //! handles 429 for the watermarks. The bytes taken are the declared `Content-Length`; a chunked
-//! body, whose size is unknown until it ends, takes `ingest.body_bytes_max`.
+//! body, whose size is unknown until it ends, takes `ingest.body_bytes_max` and gives back
+//! what it did not use once it has been read.
 
 use std::sync::Arc;
 
@@ -80,6 +81,21 @@ impl InflightBudget {
     }
 }
 
+impl InflightBytes {
+    /// Gives back what was taken beyond `bytes` (a chunked body's reservation, once the body
+    /// has been read and its size is known). Never takes more.
+    pub fn shrink_to(&mut self, bytes: u64) {
+        let Some(permit) = self.permit.as_mut() else {
+            return;
+        };
+        let keep = usize::try_from(bytes).unwrap_or(usize::MAX);
+        if let Some(excess) = permit.num_permits().checked_sub(keep).filter(|n| *n > 0) {
+            drop(permit.split(excess));
+            self.budget.update_gauge();
+        }
+    }
+}
+
 impl Drop for InflightBytes {
     fn drop(&mut self) {
         drop(self.permit.take());
@@ -107,6 +123,23 @@ mod tests {
         assert_eq!(gauge.get(), 400);
         let c = budget.take(500).unwrap();
         drop((b, c));
+        assert_eq!(gauge.get(), 0);
+    }
+
+    #[test]
+    fn a_reservation_shrunk_to_its_body_gives_back_the_rest_and_never_grows() {
+        let gauge = IntGauge::new("inflight", "test").unwrap();
+        let budget = InflightBudget::new(1_000, gauge.clone());
+        let mut chunked = budget.take(1_000).unwrap();
+        assert!(budget.take(1).is_err());
+        chunked.shrink_to(300);
+        assert_eq!(gauge.get(), 300);
+        let other = budget.take(700).unwrap();
+        chunked.shrink_to(900);
+        assert_eq!(gauge.get(), 1_000);
+        chunked.shrink_to(0);
+        assert_eq!(gauge.get(), 700);
+        drop((chunked, other));
         assert_eq!(gauge.get(), 0);
     }
 }

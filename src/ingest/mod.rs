@@ -17,8 +17,8 @@
 //! | every item valid (see `parse`)          | 400/413| `invalid_envelope`, ... with `index` |
 //! | the request's records fit one segment   | 413    | `request_too_large`   |
 //! | backpressure watermarks                 | 429    | `backpressure` with `reason` |
-//! | streams known or below `streams_max`    | 422    | `stream_limit` with `index` |
 //! | no concurrent request with the same id  | 409    | `id_in_flight` with `index` |
+//! | streams known or below `streams_max`    | 422    | `stream_limit` with `index` |
 //! | spool append (fdatasync'd per `spool.durability`) | 429 on ENOSPC, 503 `poisoned` on I/O failure, `busy` without a file descriptor, `unavailable` while closing |
 //!
 //! Only then `202 Accepted`, with each envelope's `id`, `slot` and spool `position`. A batch is
@@ -316,12 +316,10 @@ async fn ingest(state: &IngestState, req: Request<Incoming>) -> HttpResponse {
     // until then. The spool request holds it too (in its commit hook), because the frames stay
     // queued for the writer when a client that hangs up drops this handler: the bound then
     // still covers them, until the writer has taken or refused them.
-    let inflight = Arc::new(
-        match state.inflight.take(declared.unwrap_or(cfg.body_bytes_max)) {
-            Ok(bytes) => bytes,
-            Err(refusal) => return refuse(state, &refusal),
-        },
-    );
+    let mut inflight = match state.inflight.take(declared.unwrap_or(cfg.body_bytes_max)) {
+        Ok(bytes) => bytes,
+        Err(refusal) => return refuse(state, &refusal),
+    };
     let limited = Limited::new(req.into_body(), cfg.body_bytes_max as usize);
     let body = match tokio::time::timeout(
         Duration::from_millis(cfg.body_read_timeout_ms),
@@ -346,6 +344,11 @@ async fn ingest(state: &IngestState, req: Request<Incoming>) -> HttpResponse {
         Ok(Err(e)) => return error(StatusCode::BAD_REQUEST, "body_read_failed", e.to_string()),
         Ok(Ok(collected)) => collected.to_bytes(),
     };
+    // A chunked body took `body_bytes_max`; now that its size is known it keeps only that, or
+    // it would hold the rest until its response while other requests are refused for it, and
+    // with `inflight_bytes_max` at `body_bytes_max` it could never take what decoding needs.
+    inflight.shrink_to(body.len() as u64);
+    let inflight = Arc::new(inflight);
 
     // What decoding builds is charged too, by its values and items, before anything is
     // decoded (see `values`).
