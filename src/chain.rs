@@ -132,6 +132,25 @@ pub enum ChainError {
         path: std::path::PathBuf,
         first_segment: u64,
     },
+    /// Segments from the one compaction last kept on are gone, and with them the seals that
+    /// say how far each stream got since the checkpoint's heads.
+    #[error(
+        "the spool {dir} is missing {missing}, which compaction kept when it last wrote the \
+         chain-heads checkpoint: something other than compaction removed them, with the \
+         acknowledged envelopes and the seals they held. spoolgate will not start on it, \
+         because those seals say how far each stream's sequence got since the checkpoint: a \
+         stream would go on from an older head and send sequence numbers a sink may already \
+         have, with other records. Restore each stream's last delivered head with `spoolgate \
+         chain-heads import` (`spoolgate chain-heads from-output` reads them from file-sink \
+         output; if nothing from those segments was ever forwarded, import {{}}); the import \
+         vouches for the spool as it is now, and the next start goes on (spool-format.md, \
+         section 8)"
+    )]
+    SegmentsMissing {
+        dir: std::path::PathBuf,
+        /// "segments K to N" or "every segment from K on".
+        missing: String,
+    },
 }
 
 /// The first bytes of a `chain-heads` checkpoint (spool-format.md §8), followed by the CRC-32

@@ -225,6 +225,7 @@ pub async fn run(config: Config) -> Result<Exit, DaemonError> {
             .await
             .map_err(|e| DaemonError::Task(e.to_string()))?
     };
+    refuse_a_spool_the_heads_cannot_vouch_for(&config, &heads_path, checkpoint_first_kept)?;
     let opened = {
         let opts = config.spool_options();
         let metrics = metrics.clone();
@@ -269,44 +270,6 @@ pub async fn run(config: Config) -> Result<Exit, DaemonError> {
         }
     };
     let (spool, report, summary) = opened?;
-    // Compaction writes the chain heads before it deletes any segment, so a spool that no
-    // longer starts at segment 1 without them has lost them: refuse, as for a damaged file.
-    let first_segment = spool.segments().first().map_or(1, |s| s.id);
-    let heads_present = heads_path.try_exists().map_err(|source| {
-        DaemonError::Pipeline(
-            crate::chain::ChainError::Io {
-                path: heads_path.clone(),
-                source,
-            }
-            .to_string(),
-        )
-    })?;
-    if first_segment > 1 && !heads_present {
-        return Err(DaemonError::Pipeline(
-            crate::chain::ChainError::CheckpointMissing {
-                path: heads_path,
-                first_segment,
-            }
-            .to_string(),
-        ));
-    }
-    // The segments below the one compaction last kept are its own work; any between that one
-    // and the oldest left were removed by something else, with the envelopes they held.
-    if let Some(kept) = checkpoint_first_kept.filter(|&kept| first_segment > kept) {
-        let last = first_segment - 1;
-        tracing::error!(
-            first_missing = kept,
-            last_missing = last,
-            "the oldest segments are missing: compaction last kept segment {kept} and those \
-             after it ({}), but the spool now starts at segment {first_segment}; segments \
-             {kept} to {last} were removed by something other than compaction, and the \
-             envelopes they held were acknowledged and are lost",
-            heads_path.display()
-        );
-        metrics
-            .recovery_segments_missing_total
-            .inc_by(last - kept + 1);
-    }
     // Only now, with the directory lock held, is every temp file in the data directory a
     // leftover of a process that was killed while writing a checkpoint.
     let stale = remove_stale_temp_files(&config.data_dir);
@@ -453,6 +416,7 @@ pub async fn run(config: Config) -> Result<Exit, DaemonError> {
 
     signals.recv().await;
     let deadline = Duration::from_millis(config.shutdown.deadline_ms);
+    let stopping_since = std::time::Instant::now();
     tracing::info!(
         deadline_ms = deadline.as_millis() as u64,
         "shutdown requested; draining"
@@ -474,10 +438,13 @@ pub async fn run(config: Config) -> Result<Exit, DaemonError> {
     })
     .await;
     let _ = admin_stop_tx.send(true);
-    // Its connections get a moment to finish; a metrics client that stalls a response must
-    // not hold the exit past the deadline.
+    // Its connections get a moment to finish, up to a second and never past the deadline: a
+    // metrics client that stalls a response must not hold the exit.
     let mut admin_server = admin_server;
-    if tokio::time::timeout(Duration::from_secs(1), &mut admin_server)
+    let admin_wait = deadline
+        .saturating_sub(stopping_since.elapsed())
+        .min(Duration::from_secs(1));
+    if tokio::time::timeout(admin_wait, &mut admin_server)
         .await
         .is_err()
     {
@@ -508,6 +475,57 @@ pub const FAILPOINT_FSYNC_ENV: &str = "SPOOLGATE_FAILPOINT_FSYNC_FAILS_AT";
 /// Environment variable naming a failpoint for tests: while the file it names exists, every
 /// fdatasync of the spool waits (a disk that has stalled), so requests queue behind it.
 pub const FAILPOINT_HOLD_FSYNC_ENV: &str = "SPOOLGATE_FAILPOINT_HOLD_FSYNC_WHILE";
+
+/// The checks on the spool's segments against the `chain-heads` checkpoint, made before the
+/// spool is opened so that a refused start changes nothing in it. Both refuse a spool whose
+/// seals since the checkpoint may be gone: the heads would then be older than what the sinks
+/// have, and a stream would send a sequence number twice with different records.
+/// `spoolgate chain-heads import` restores the heads and vouches for the spool as it is.
+fn refuse_a_spool_the_heads_cannot_vouch_for(
+    config: &Config,
+    heads_path: &std::path::Path,
+    first_kept: Option<u64>,
+) -> Result<(), DaemonError> {
+    let fs = crate::spool::fs::StdFs;
+    let dir = config.spool_options().dir;
+    let oldest = crate::spool::oldest_segment(&fs, &dir)?;
+    let newest = crate::spool::newest_segment(&fs, &dir)?;
+    let pipeline = |e: crate::chain::ChainError| DaemonError::Pipeline(e.to_string());
+    // Compaction writes the chain heads before it deletes any segment, so a spool that no
+    // longer starts at segment 1 without them has lost them.
+    let heads_present = heads_path.try_exists().map_err(|source| {
+        pipeline(crate::chain::ChainError::Io {
+            path: heads_path.to_path_buf(),
+            source,
+        })
+    })?;
+    if let Some(first_segment) = oldest.filter(|&o| o > 1 && !heads_present) {
+        return Err(pipeline(crate::chain::ChainError::CheckpointMissing {
+            path: heads_path.to_path_buf(),
+            first_segment,
+        }));
+    }
+    // The segments below the one compaction last kept are its own work; it and every later
+    // one hold the seals written since, unless something else removed them.
+    let Some(kept) = first_kept else {
+        return Ok(());
+    };
+    let missing = match (oldest, newest) {
+        (Some(oldest), _) if oldest > kept => format!("segments {kept} to {}", oldest - 1),
+        (_, Some(newest)) if newest >= kept => return Ok(()),
+        _ => format!("every segment from {kept} on"),
+    };
+    tracing::error!(
+        first_kept = kept,
+        oldest_segment = oldest,
+        newest_segment = newest,
+        "segments compaction kept are missing: {missing}"
+    );
+    Err(pipeline(crate::chain::ChainError::SegmentsMissing {
+        dir,
+        missing,
+    }))
+}
 
 /// The real filesystem, wrapped in the fault-injecting one when a failpoint is set.
 fn filesystem_with_failpoints() -> Arc<dyn crate::spool::fs::FileSystem> {

@@ -687,7 +687,8 @@ fn a_chain_heads_checkpoint_lost_after_compaction_stops_the_start_until_heads_ar
 }
 
 #[test]
-fn the_oldest_segments_removed_by_something_other_than_compaction_are_reported_missing() {
+fn the_oldest_segments_removed_by_something_other_than_compaction_stop_the_start_until_heads_are_imported(
+) {
     // A sink that never takes anything: the segments stay, as a backlog's would.
     let hold = common::TestSink::start(|_| (503, "hold".into()));
     let scratch = tempfile::tempdir().unwrap();
@@ -714,14 +715,79 @@ fn the_oldest_segments_removed_by_something_other_than_compaction_are_reported_m
         .unwrap();
     std::fs::remove_file(segment(1)).unwrap();
     std::fs::remove_file(segment(2)).unwrap();
+    let third = std::fs::read(segment(3)).unwrap();
 
-    d.restart();
-    assert_eq!(d.metric("spoolgate_recovery_segments_missing_total"), 2.0);
-    let log = d.log();
-    assert!(
-        log.contains("the oldest segments are missing") && log.contains("segments 1 to 2"),
-        "{log}"
+    // Their seals may have taken each stream past the checkpoint's heads: no start on it.
+    refused_start(
+        &data_dir,
+        scratch.path(),
+        &["is missing segments 1 to 2", "spoolgate chain-heads import"],
     );
+    assert_eq!(
+        std::fs::read(segment(3)).unwrap(),
+        third,
+        "a refused start changed the spool"
+    );
+
+    // Nothing was ever delivered, so the operator vouches for the spool with no heads.
+    let empty = scratch.path().join("no-heads.json");
+    std::fs::write(&empty, "{}").unwrap();
+    chain_heads(&["import".as_ref(), data_dir.as_os_str(), empty.as_os_str()]);
+    d.restart();
+    assert_eq!(d.metric("spoolgate_recovery_segments_missing_total"), 0.0);
+    assert_eq!(d.post_json(&envelope(1)).status, 202);
+}
+
+#[test]
+fn a_spool_emptied_after_compaction_stops_the_start_until_heads_are_imported() {
+    let scratch = tempfile::tempdir().unwrap();
+    let data_dir = scratch.path().join("data");
+    let mut d = Daemon::start_in(&data_dir, &common::SMALL_SEGMENTS, &[]);
+    let text = "x".repeat(50_000);
+    let n = 50;
+    for i in 0..n {
+        let r = d.post_json(&json!({"source": "test", "id": format!("big-{i}"), "text": text}));
+        assert_eq!(r.status, 202, "{}", r.text());
+    }
+    d.wait_metric("spoolgate_tombstones_written_total", |v| v >= n as f64);
+    d.wait_metric("spoolgate_compaction_segments_deleted_total", |v| v >= 1.0);
+    let last = delivered_record(&d, &format!("big-{}", n - 1));
+    assert_eq!(last["seq"], n, "{last}");
+    assert_eq!(d.terminate().code(), Some(0));
+
+    // Every segment removed, the way an operator clearing the spool to free a disk might: the
+    // checkpoint's heads are older than the seals that went with the segments.
+    let spool = data_dir.join("spool");
+    let segments = |spool: &std::path::Path| -> Vec<String> {
+        std::fs::read_dir(spool)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|name| name.ends_with(".seg"))
+            .collect()
+    };
+    for name in segments(&spool) {
+        std::fs::remove_file(spool.join(name)).unwrap();
+    }
+    refused_start(
+        &data_dir,
+        scratch.path(),
+        &[
+            "is missing every segment from",
+            "spoolgate chain-heads import",
+        ],
+    );
+    assert!(
+        segments(&spool).is_empty(),
+        "a refused start made a segment"
+    );
+
+    // The way out the error names; the stream then goes on after its last delivered record.
+    import_heads_from_output(&data_dir, scratch.path());
+    d.restart();
+    assert_eq!(d.post_json(&envelope(1)).status, 202);
+    let next = delivered_record(&d, "e-1");
+    assert_eq!(next["seq"], n + 1, "{next}");
+    assert_eq!(next["prev_hash"], last["hash"], "{next}");
 }
 
 /// Sends one POST on a keep-alive connection and reads its whole response; returns the status.

@@ -645,6 +645,17 @@ fn row_13_a_spool_of_format_version_1_is_read_and_appends_go_on_in_a_new_version
     };
     assert_eq!(header(1).version, 1);
     assert_eq!(header(2).version, spoolgate::spool::format::FORMAT_VERSION);
+    // `inspect` names each segment's version, so an operator can tell a mixed spool.
+    let listing = spoolgate::spool::inspect(dir.path()).unwrap().to_string();
+    let line = |id: u64| {
+        listing
+            .lines()
+            .find(|l| l.trim_start().starts_with(&format!("segment {id:>6}")))
+            .unwrap_or_else(|| panic!("no line for segment {id}: {listing}"))
+            .to_string()
+    };
+    assert!(line(1).contains("header ok, version 1"), "{listing}");
+    assert!(line(2).contains("header ok, version 2"), "{listing}");
     let (s, _, _) = open(&opts);
     let records = read_records(&s);
     assert_eq!(records.len(), 6);

@@ -193,9 +193,9 @@ pub fn import(data_dir: &Path, mut heads: Chains) -> Result<ImportSummary, Impor
         }
         heads.advance(stream, *head);
     }
-    // The spool as it is now is what the operator vouches for: a start checks its oldest
-    // segment against this, as against compaction's.
-    heads.first_kept = oldest_segment(&spool_dir)?.or(previous.first_kept);
+    // The spool as it is now is what the operator vouches for: a start checks its segments
+    // against this, as against compaction's. An empty spool vouches for nothing older.
+    heads.first_kept = oldest_segment(&spool_dir)?;
     heads.save(&path)?;
     Ok(ImportSummary {
         streams: heads.len(),

@@ -270,8 +270,11 @@ impl std::fmt::Display for InspectReport {
                 counts.push(format!("orphans={n}"));
             }
             let header = match &s.header {
-                Ok(h) if h.segment_id == s.id => "header ok".to_string(),
-                Ok(h) => format!("header names segment {}", h.segment_id),
+                Ok(h) if h.segment_id == s.id => format!("header ok, version {}", h.version),
+                Ok(h) => format!(
+                    "header names segment {}, version {}",
+                    h.segment_id, h.version
+                ),
                 Err(e) => format!("header damaged: {e}"),
             };
             writeln!(

@@ -384,6 +384,22 @@ pub fn oldest_segment(
     Ok(names.iter().filter_map(|n| parse_segment_name(n)).min())
 }
 
+/// The newest segment id in `dir`, if any (None as well for a directory not made yet).
+pub fn newest_segment(
+    fs: &dyn fs::FileSystem,
+    dir: &std::path::Path,
+) -> Result<Option<u64>, SpoolError> {
+    match fs.list(dir) {
+        Ok(names) => Ok(names.iter().filter_map(|n| parse_segment_name(n)).max()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(SpoolError::Io {
+            op: "list directory",
+            path: dir.to_path_buf(),
+            source,
+        }),
+    }
+}
+
 /// Handle to an open spool. Cheap to clone; all clones share one writer thread.
 #[derive(Clone)]
 pub struct Spool {
