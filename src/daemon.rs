@@ -486,10 +486,9 @@ fn refuse_a_spool_the_heads_cannot_vouch_for(
     heads_path: &std::path::Path,
     first_kept: Option<u64>,
 ) -> Result<(), DaemonError> {
-    let fs = crate::spool::fs::StdFs;
     let dir = config.spool_options().dir;
-    let oldest = crate::spool::oldest_segment(&fs, &dir)?;
-    let newest = crate::spool::newest_segment(&fs, &dir)?;
+    let span = crate::spool::segment_id_span(&crate::spool::fs::StdFs, &dir)?;
+    let (oldest, newest) = (span.map(|(o, _)| o), span.map(|(_, n)| n));
     let pipeline = |e: crate::chain::ChainError| DaemonError::Pipeline(e.to_string());
     // Compaction writes the chain heads before it deletes any segment, so a spool that no
     // longer starts at segment 1 without them has lost them.

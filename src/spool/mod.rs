@@ -369,9 +369,17 @@ pub fn oldest_segment(
     fs: &dyn fs::FileSystem,
     dir: &std::path::Path,
 ) -> Result<Option<u64>, SpoolError> {
+    Ok(segment_id_span(fs, dir)?.map(|(oldest, _)| oldest))
+}
+
+/// The oldest and the newest segment ids in `dir`, if it holds any segment (None as well
+/// before the first start, which creates the directory).
+pub fn segment_id_span(
+    fs: &dyn fs::FileSystem,
+    dir: &std::path::Path,
+) -> Result<Option<(u64, u64)>, SpoolError> {
     let names = match fs.list(dir) {
         Ok(names) => names,
-        // A first start: recovery creates the directory.
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(source) => {
             return Err(SpoolError::Io {
@@ -381,23 +389,14 @@ pub fn oldest_segment(
             })
         }
     };
-    Ok(names.iter().filter_map(|n| parse_segment_name(n)).min())
-}
-
-/// The newest segment id in `dir`, if any (None as well for a directory not made yet).
-pub fn newest_segment(
-    fs: &dyn fs::FileSystem,
-    dir: &std::path::Path,
-) -> Result<Option<u64>, SpoolError> {
-    match fs.list(dir) {
-        Ok(names) => Ok(names.iter().filter_map(|n| parse_segment_name(n)).max()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(source) => Err(SpoolError::Io {
-            op: "list directory",
-            path: dir.to_path_buf(),
-            source,
-        }),
-    }
+    Ok(names
+        .iter()
+        .filter_map(|n| parse_segment_name(n))
+        .fold(None, |span, id| {
+            Some(span.map_or((id, id), |(oldest, newest): (u64, u64)| {
+                (oldest.min(id), newest.max(id))
+            }))
+        }))
 }
 
 /// Handle to an open spool. Cheap to clone; all clones share one writer thread.
@@ -704,15 +703,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_oldest_segment_is_the_lowest_segment_file_whatever_else_the_directory_holds() {
+    fn the_segment_span_is_the_lowest_and_highest_segment_file_whatever_else_the_directory_holds() {
         let fs = std::sync::Arc::new(fs::MemFs::new());
         let dir = std::path::Path::new("/data/spool");
         assert_eq!(oldest_segment(&fs, dir).unwrap(), None);
+        assert_eq!(segment_id_span(&fs, dir).unwrap(), None);
         for name in ["LOCK", "00000000000000000003.seg", "void-1-2", "7.seg"] {
             fs.set_bytes(&dir.join(name), Vec::new());
         }
+        assert_eq!(segment_id_span(&fs, dir).unwrap(), Some((3, 3)));
         fs.set_bytes(&dir.join("00000000000000000002.seg"), Vec::new());
         assert_eq!(oldest_segment(&fs, dir).unwrap(), Some(2));
+        assert_eq!(segment_id_span(&fs, dir).unwrap(), Some((2, 3)));
         // A first start, before recovery has made the directory: no segment.
         let missing = tempfile::tempdir().unwrap().path().join("not-yet");
         assert_eq!(oldest_segment(&fs::StdFs, &missing).unwrap(), None);
