@@ -553,11 +553,19 @@ impl Config {
                     .to_string(),
             );
         }
-        if !hashed.is_empty() && g.pii_hash_key == GateConfig::default().pii_hash_key {
+        // An empty key (an environment variable left empty, say) is as public as the default.
+        let key_public = g.pii_hash_key == GateConfig::default().pii_hash_key
+            || g.pii_hash_key.trim().is_empty();
+        if !hashed.is_empty() && key_public {
+            let which = if g.pii_hash_key.trim().is_empty() {
+                "an empty gate.pii_hash_key"
+            } else {
+                "the default gate.pii_hash_key"
+            };
             warnings.push(format!(
-                "gate.pii hashes {} with the default gate.pii_hash_key, which is public: anyone \
-                 can recompute the hash of a guessable value (a phone or card number) and so \
-                 read it back; set gate.pii_hash_key to a secret",
+                "gate.pii hashes {} with {which}, which is public: anyone can recompute the \
+                 hash of a guessable value (a phone or card number) and so read it back; set \
+                 gate.pii_hash_key to a secret",
                 hashed.join(", ")
             ));
         }
@@ -1077,6 +1085,17 @@ mod tests {
         .unwrap();
         assert!(c.warnings().is_empty());
         assert!(load("", &[]).unwrap().warnings().is_empty());
+        // An empty key, as an environment variable left empty gives, is no secret either.
+        let c = load(
+            "[gate.pii]\nphone = \"hash\"\n",
+            &[("SPOOLGATE_GATE__PII_HASH_KEY", "")],
+        )
+        .unwrap();
+        let warnings = c.warnings();
+        assert!(
+            warnings.len() == 1 && warnings[0].contains("an empty gate.pii_hash_key"),
+            "{warnings:?}"
+        );
     }
 
     #[test]

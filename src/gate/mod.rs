@@ -14,7 +14,18 @@
 //!   the spool itself keeps the text until compaction deletes its segment.
 //!
 //! Only the first `gate.scan_bytes_max` bytes are scanned for PII and rules (bounded cost per
-//! envelope); text beyond that is forwarded as is, or dropped with `drop_text`.
+//! envelope). What lies beyond cannot be vouched for, so under a policy that rewrites or drops
+//! any kind (anything but `tag` for all), a longer text is forwarded as under `drop_text`:
+//! failing closed, rather than forwarding unscanned bytes, or a match cut by the limit, in
+//! clear. Under `tag` alone, a longer text goes on whole, counted from its scanned part.
+//!
+//! Where matches of different kinds overlap, one is kept: the kind whose action is strictest
+//! (`drop_text`, then `mask` and `hash`, then `tag`), and among equals the earlier in
+//! [`PII_KINDS`]. So a lenient kind's match (an unterminated private key under `tag`, which
+//! runs to the end of the text) never shields a stricter kind's from its policy.
+//!
+//! The policy applies to `text` (and the summary taken from it) only: `meta`, `source`,
+//! `tenant` and `id` are forwarded as the client sent them.
 //!
 //! Determinism: the output depends only on the envelope, the rules and the config. It still
 //! changes when the rules change, which is why the chain seals the gate's output before
@@ -69,6 +80,12 @@ pub struct Gate {
     /// Per entry of [`PII_KINDS`]: its configured action, and its
     /// `gate_pii_found_total{kind}` counter, resolved once rather than per match.
     actions: Vec<PiiAction>,
+    /// The kinds by how strict their action is, strictest first (see the module doc): the
+    /// order in which overlapping matches are kept.
+    match_order: Vec<usize>,
+    /// Whether any kind's action is other than `tag`: then a text longer than
+    /// `scan_bytes_max` is not forwarded (see the module doc).
+    rewrites_or_drops: bool,
     pii_found: Vec<prometheus::IntCounter>,
     /// The configured sinks' names, when a rules file must route only to them (the daemon's
     /// gate); `None` accepts any sink name (tests and benches without sinks).
@@ -283,10 +300,19 @@ impl Gate {
             Some(p) => load_rules(p, false, sinks.as_ref())?,
             None => Rules::empty(),
         };
-        let actions = PII_KINDS
+        let actions: Vec<PiiAction> = PII_KINDS
             .iter()
             .map(|kind| config.pii.get(*kind).copied().unwrap_or(config.pii_default))
             .collect();
+        let strictness = |action: PiiAction| match action {
+            PiiAction::DropText => 0,
+            PiiAction::Mask | PiiAction::Hash => 1,
+            PiiAction::Tag => 2,
+        };
+        let mut match_order: Vec<usize> = (0..PII_KINDS.len()).collect();
+        // Stable: among kinds of equal strictness, PII_KINDS's priority stands.
+        match_order.sort_by_key(|&kind| strictness(actions[kind]));
+        let rewrites_or_drops = actions.iter().any(|a| *a != PiiAction::Tag);
         let pii_found = PII_KINDS
             .iter()
             .map(|kind| metrics.gate_pii_found_total.with_label_values(&[kind]))
@@ -299,6 +325,8 @@ impl Gate {
             rules_seen: std::sync::Mutex::new(config.rules_path.as_deref().map(rules_fingerprint)),
             metrics,
             actions,
+            match_order,
+            rewrites_or_drops,
             pii_found,
             sinks,
             panics_on: None,
@@ -439,20 +467,10 @@ impl Gate {
             scan_end -= 1;
         }
         let scanned = &text[..scan_end];
-        let mut matches = self.detector.find(scanned);
-        // A private key the scanned prefix cut runs on past it: rewritten, it is rewritten
-        // whole (to its END line, or to the end of the text), not up to the cut, leaving the
-        // rest of the key in clear.
-        if let Some(last) = matches.last_mut() {
-            if PII_KINDS[last.kind] == "private_key"
-                && last.end == scan_end
-                && scan_end < text.len()
-            {
-                last.end = pii::private_key_end(&text, last.start);
-            }
-        }
+        let matches = self.detector.find_in_order(scanned, &self.match_order);
         let mut found = [0u64; PII_KINDS.len()];
-        let mut drop_text = false;
+        // Unscanned bytes cannot be rewritten or vouched for (see the module doc).
+        let mut drop_text = self.rewrites_or_drops && scan_end < text.len();
         for m in &matches {
             found[m.kind] += 1;
             drop_text |= self.action(m.kind) == PiiAction::DropText;
@@ -715,23 +733,66 @@ mod tests {
     }
 
     #[test]
-    fn a_private_key_the_scanned_prefix_cuts_is_masked_whole_and_the_text_after_it_kept() {
+    fn a_private_key_is_masked_whole_and_without_an_end_line_to_the_end_of_the_text() {
         let key = format!(
             "-----BEGIN RSA PRIVATE KEY-----\n{}\n-----END RSA PRIVATE KEY-----",
             "MIIEowIBAAKCAQEA".repeat(10)
         );
-        let cfg = GateConfig {
-            pii: [("private_key".to_string(), PiiAction::Mask)].into(),
-            scan_bytes_max: 64,
-            ..GateConfig::default()
-        };
-        let g = Gate::new(&cfg, Arc::new(Metrics::new())).unwrap();
+        let g = gate(&[("private_key", PiiAction::Mask)]);
         let e = classify(&g, &format!("key: {key} and after."));
         assert_eq!(e.text.as_deref(), Some("key: [PRIVATE_KEY] and after."));
-        // With no END line, to the end of the text.
         let cut = &key[..120];
         let e = classify(&g, &format!("key: {cut}"));
         assert_eq!(e.text.as_deref(), Some("key: [PRIVATE_KEY]"));
+    }
+
+    #[test]
+    fn a_text_past_the_scan_limit_is_not_forwarded_under_a_policy_that_rewrites_or_drops() {
+        // An email the limit cuts, a private key whose BEGIN line it cuts, and an SSN wholly
+        // past it: none of them may go on in clear under `mask`.
+        let text = format!(
+            "{}jane@example.com -----BEGIN RSA PRIVATE KEY-----\nMIIEow\n ssn 123-45-6789.",
+            "x".repeat(56)
+        );
+        let limited = |pii_default| GateConfig {
+            pii_default,
+            scan_bytes_max: 64,
+            ..GateConfig::default()
+        };
+        let g = Gate::new(&limited(PiiAction::Mask), Arc::new(Metrics::new())).unwrap();
+        let e = classify(&g, &text);
+        assert_eq!((e.text, e.summary_extractive), (None, None));
+        assert!(e.text_hash.is_some());
+        // Under `tag` alone nothing is rewritten, so the text goes on whole.
+        let g = Gate::new(&limited(PiiAction::Tag), Arc::new(Metrics::new())).unwrap();
+        assert_eq!(classify(&g, &text).text.as_deref(), Some(text.as_str()));
+        // Within the limit, the same policy rewrites as usual.
+        let g = gate(&[("email", PiiAction::Mask)]);
+        assert_eq!(
+            classify(&g, "mail jane@example.com").text.as_deref(),
+            Some("mail [EMAIL]")
+        );
+    }
+
+    #[test]
+    fn an_unterminated_private_key_under_tag_does_not_shield_a_stricter_kind() {
+        let text = "See doc on -----BEGIN PRIVATE KEY----- headers. Customer jane@example.com, \
+                    card 4111 1111 1111 1111, ssn 123-45-6789.";
+        let g = gate(&[
+            ("email", PiiAction::DropText),
+            ("card", PiiAction::Mask),
+            ("us_ssn", PiiAction::Mask),
+        ]);
+        let e = classify(&g, text);
+        assert_eq!(e.text, None, "{:?}", e.pii);
+        assert_eq!(e.pii.get("email"), Some(&1));
+        // Without the drop, the masks apply inside the key's span too.
+        let g = gate(&[("card", PiiAction::Mask), ("us_ssn", PiiAction::Mask)]);
+        let out = classify(&g, text).text.unwrap();
+        assert!(
+            out.contains("[CARD]") && out.contains("[US_SSN]") && !out.contains("4111"),
+            "{out}"
+        );
     }
 
     #[test]
@@ -874,11 +935,25 @@ mod tests {
                     prop_assert!(summary.chars().count() <= summary_chars_max.max(1));
                 }
                 let found: u64 = e.pii.values().sum();
-                if found == 0 {
+                let unscanned_refused = g.rewrites_or_drops && text.len() > scan_bytes_max;
+                if found == 0 && !unscanned_refused {
                     prop_assert_eq!(e.text.as_deref(), Some(text.as_str()));
                 }
                 let drops = e.pii.keys().any(|k| g.actions[PII_KINDS.iter().position(|p| p == k).unwrap()] == PiiAction::DropText);
-                prop_assert_eq!(e.text.is_none(), drops);
+                prop_assert_eq!(e.text.is_none(), drops || unscanned_refused);
+                // A text forwarded as it came holds no match of a kind under `drop_text`, even
+                // searched for that kind first: no other kind's match shields one.
+                if e.text.as_deref() == Some(text.as_str()) {
+                    for (kind, action) in g.actions.iter().enumerate() {
+                        if *action != PiiAction::DropText {
+                            continue;
+                        }
+                        let mut order: Vec<usize> = (0..PII_KINDS.len()).filter(|&k| k != kind).collect();
+                        order.insert(0, kind);
+                        let found_first = g.detector.find_in_order(&text, &order);
+                        prop_assert!(!found_first.iter().any(|m| m.kind == kind), "{} forwarded in {:?}", PII_KINDS[kind], text);
+                    }
+                }
             }
         }
     }

@@ -312,6 +312,14 @@ impl Detector {
 
     /// Every non-overlapping PII match in `text`, in text order.
     pub fn find(&self, text: &str) -> Vec<Match> {
+        let order: Vec<usize> = (0..self.patterns.len()).collect();
+        self.find_in_order(text, &order)
+    }
+
+    /// Like [`Detector::find`], with overlaps resolved in favour of the kinds earlier in
+    /// `order` (every index of [`PII_KINDS`] once) rather than in [`PII_KINDS`]'s order.
+    pub fn find_in_order(&self, text: &str, order: &[usize]) -> Vec<Match> {
+        debug_assert_eq!(order.len(), self.patterns.len());
         let has_digit = has_ascii_digit(text.as_bytes());
         let plausible: Vec<bool> = (0..self.patterns.len())
             .map(|kind| self.plausible(kind, text.as_bytes(), has_digit))
@@ -324,7 +332,8 @@ impl Detector {
         // only one that can overlap it: one lookup per candidate, not a scan of all matches.
         let mut taken: BTreeMap<usize, Match> = BTreeMap::new();
         let present = self.set.matches(text);
-        for (kind, re) in self.patterns.iter().enumerate() {
+        for &kind in order {
+            let re = &self.patterns[kind];
             if !plausible[kind] || !present.matched(kind) {
                 continue;
             }
