@@ -283,7 +283,21 @@ fn load_config(
     file: Option<&std::path::Path>,
     sets: &[(String, String)],
 ) -> anyhow::Result<Config> {
-    Ok(Config::load(file, std::env::vars(), sets)?)
+    let config = Config::load(file, std::env::vars(), sets);
+    // A key misspelt in a variable is refused as in the file; say where else to look.
+    let overrides: Vec<String> = std::env::vars()
+        .map(|(name, _)| name)
+        .filter(|name| name.starts_with("SPOOLGATE_") && name.contains("__"))
+        .collect();
+    if config.is_err() && !overrides.is_empty() {
+        return config.with_context(|| {
+            format!(
+                "with the environment's overrides applied ({}), which may hold the key it names",
+                overrides.join(", ")
+            )
+        });
+    }
+    Ok(config?)
 }
 
 fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
@@ -335,7 +349,17 @@ fn dead_letter(command: DeadLetterCommand) -> anyhow::Result<ExitCode> {
     match command {
         DeadLetterCommand::List { dir, json } => {
             let mut listed = Vec::new();
-            for path in dl::letters_in(&dir)? {
+            // The daemon makes its dead-letter directory with the first letter it writes.
+            let letters = if dir.try_exists()? {
+                dl::letters_in(&dir)?
+            } else {
+                eprintln!(
+                    "{}: no such directory, so no letters (the daemon makes it with its first)",
+                    dir.display()
+                );
+                Vec::new()
+            };
+            for path in letters {
                 let letter = dl::read_letter(&path)?;
                 let file = path.file_name().unwrap_or_default().to_string_lossy();
                 let ranges = letter.stream_ranges();

@@ -1,4 +1,4 @@
-//! `spoolgate config check` and `config show`, run as the binary an operator runs.
+//! `spoolgate config check` and `config show` (and `dead-letter list` on a directory not made yet), run as the binary an operator runs.
 
 mod common;
 
@@ -164,4 +164,37 @@ fn config_show_redacts_tokens_the_hash_key_sink_headers_and_url_credentials() {
     assert!(!text.contains("not-for-eyes"), "{text}");
     assert!(text.contains("tenant = \"acme\""), "{text}");
     assert!(text.contains("http://<redacted>@127.0.0.1:9/in"), "{text}");
+}
+
+#[test]
+fn a_key_misspelt_in_an_environment_variable_is_refused_naming_the_variable() {
+    let scratch = tempfile::tempdir().unwrap();
+    let config = write_config(scratch.path(), "");
+    let config = config.to_str().unwrap();
+    let out = config_cli(
+        &["config", "check", config],
+        &[("SPOOLGATE_SPOOL__DURABILTY", "interval")],
+    );
+    let said = all_output(&out);
+    assert_eq!(out.status.code(), Some(2), "{said}");
+    assert!(
+        said.contains("SPOOLGATE_SPOOL__DURABILTY") && said.contains("durabilty"),
+        "{said}"
+    );
+    // Without the variable the same file passes.
+    assert!(config_cli(&["config", "check", config], &[])
+        .status
+        .success());
+}
+
+#[test]
+fn listing_a_dead_letter_directory_the_daemon_has_not_made_yet_finds_no_letters() {
+    let scratch = tempfile::tempdir().unwrap();
+    let dir = scratch.path().join("dead-letter");
+    let dir = dir.to_str().unwrap();
+    let out = config_cli(&["dead-letter", "list", "--json", dir], &[]);
+    let said = all_output(&out);
+    assert!(out.status.success(), "{said}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "[]");
+    assert!(said.contains("no such directory"), "{said}");
 }
