@@ -629,15 +629,13 @@ fn a_damaged_chain_heads_checkpoint_stops_the_start_untouched_until_the_heads_ar
     assert_eq!(third["prev_hash"], second["hash"], "{third}");
 }
 
-#[test]
-fn a_chain_heads_checkpoint_lost_after_compaction_stops_the_start_until_heads_are_imported() {
-    let scratch = tempfile::tempdir().unwrap();
-    let data_dir = scratch.path().join("data");
-    let mut d = Daemon::start_in(&data_dir, &common::SMALL_SEGMENTS, &[]);
-    // About 2.5 MB of envelopes and as much again of their seals: several 1 MiB segments,
-    // deleted by compaction once delivered.
+/// A daemon on `data_dir` with 1 MiB segments that took `n` envelopes of 50 KB in one stream,
+/// delivered and tombstoned them, and had compaction delete segments (about 2.5 MB of
+/// envelopes and as much again of their seals); stopped cleanly. Returns it and the last
+/// record it delivered, whose seq is `n`.
+fn delivered_then_compacted(data_dir: &std::path::Path, n: usize) -> (Daemon, serde_json::Value) {
+    let mut d = Daemon::start_in(data_dir, &common::SMALL_SEGMENTS, &[]);
     let text = "x".repeat(50_000);
-    let n = 50;
     for i in 0..n {
         let r = d.post_json(&json!({"source": "test", "id": format!("big-{i}"), "text": text}));
         assert_eq!(r.status, 202, "{}", r.text());
@@ -647,6 +645,15 @@ fn a_chain_heads_checkpoint_lost_after_compaction_stops_the_start_until_heads_ar
     let last = delivered_record(&d, &format!("big-{}", n - 1));
     assert_eq!(last["seq"], n, "{last}");
     assert_eq!(d.terminate().code(), Some(0));
+    (d, last)
+}
+
+#[test]
+fn a_chain_heads_checkpoint_lost_after_compaction_stops_the_start_until_heads_are_imported() {
+    let scratch = tempfile::tempdir().unwrap();
+    let data_dir = scratch.path().join("data");
+    let n = 50;
+    let (mut d, last) = delivered_then_compacted(&data_dir, n);
 
     let heads_path = data_dir.join(spoolgate::daemon::CHAIN_HEADS_FILE);
     // Compaction's checkpoint names the oldest segment it kept: the oldest one there is.
@@ -742,18 +749,8 @@ fn the_oldest_segments_removed_by_something_other_than_compaction_stop_the_start
 fn a_spool_emptied_after_compaction_stops_the_start_until_heads_are_imported() {
     let scratch = tempfile::tempdir().unwrap();
     let data_dir = scratch.path().join("data");
-    let mut d = Daemon::start_in(&data_dir, &common::SMALL_SEGMENTS, &[]);
-    let text = "x".repeat(50_000);
     let n = 50;
-    for i in 0..n {
-        let r = d.post_json(&json!({"source": "test", "id": format!("big-{i}"), "text": text}));
-        assert_eq!(r.status, 202, "{}", r.text());
-    }
-    d.wait_metric("spoolgate_tombstones_written_total", |v| v >= n as f64);
-    d.wait_metric("spoolgate_compaction_segments_deleted_total", |v| v >= 1.0);
-    let last = delivered_record(&d, &format!("big-{}", n - 1));
-    assert_eq!(last["seq"], n, "{last}");
-    assert_eq!(d.terminate().code(), Some(0));
+    let (mut d, last) = delivered_then_compacted(&data_dir, n);
 
     // Every segment removed, the way an operator clearing the spool to free a disk might: the
     // checkpoint's heads are older than the seals that went with the segments.
