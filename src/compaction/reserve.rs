@@ -92,13 +92,20 @@ impl Reserve {
         gauge: IntGauge,
         spent_total: IntCounter,
     ) -> Reserve {
+        // A reserve spent before a restart is spent from the first request on, not from the
+        // compactor's first pass: the daemon opens ingest before that pass has looked at the
+        // file, and in between new envelopes could take the room meant for the seals,
+        // tombstones and checkpoints that free space (found by a review on 2026-12-06). A
+        // file that cannot be looked at is left to `keep`, as before.
+        let found_spent = bytes > 0
+            && std::fs::metadata(dir.join(RESERVE_FILE)).is_ok_and(|m| m.is_file() && m.len() == 0);
         Reserve {
             dir: dir.to_path_buf(),
             bytes,
             spent_floor_bytes: disk_free_hard_bytes.saturating_add(bytes),
             make_floor_bytes: disk_free_soft_bytes.saturating_add(bytes),
             held: AtomicBool::new(false),
-            spent: AtomicBool::new(false),
+            spent: AtomicBool::new(found_spent),
             gauge,
             spent_total,
             ops: std::sync::Mutex::new(()),
@@ -401,6 +408,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join(RESERVE_FILE), b"").unwrap();
         let r = reserve(dir.path(), 4096, 100, 1000);
+        // Before anything has looked at it with `keep` (the compactor's first pass): the
+        // daemon answers ingest from then on.
+        assert!(r.refuses_ingest(4195));
         assert!(!r.keep(5095).unwrap());
         assert_eq!(len(&r), Some(0));
         assert!(r.refuses_ingest(4195));
