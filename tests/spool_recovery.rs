@@ -17,6 +17,26 @@ fn write_and_close(opts: &spoolgate::spool::SpoolOptions, n: u64) -> Vec<Positio
     positions
 }
 
+/// Appends `n` records and drops the spool without closing it, as a killed process leaves it:
+/// no clean close is marked (row 14).
+fn write_and_crash(opts: &spoolgate::spool::SpoolOptions, n: u64) -> Vec<Position> {
+    let (s, _, _) = open(opts);
+    let positions = (0..n).map(|i| append(&s, i)).collect();
+    drop(s);
+    positions
+}
+
+/// The names of the clean-close markers in `dir`.
+fn clean_close_markers(dir: &std::path::Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("closed-"))
+        .collect();
+    names.sort();
+    names
+}
+
 #[test]
 fn row_1_valid_frames_are_all_kept_across_a_reopen() {
     let dir = tempfile::tempdir().unwrap();
@@ -67,7 +87,8 @@ fn row_3_data_ends_at_zeros_in_a_preallocated_segment() {
 fn row_4_a_torn_tail_of_the_newest_segment_is_zeroed_and_appends_continue() {
     let dir = tempfile::tempdir().unwrap();
     let opts = options(dir.path());
-    let positions = write_and_close(&opts, 3);
+    let positions = write_and_crash(&opts, 3);
+    assert!(clean_close_markers(dir.path()).is_empty());
     let path = seg(dir.path(), 1);
     let bytes = std::fs::read(&path).unwrap();
     // Cut the last frame in half: a write that was in flight when the power went.
@@ -689,4 +710,131 @@ fn row_13_an_empty_prepared_segment_of_format_version_1_becomes_version_2_in_pla
     let (s, report, _) = open(&opts);
     assert!(report.missing_segments.is_empty());
     assert_eq!(read_all(&s), (0..=n).collect::<Vec<u64>>());
+}
+
+#[test]
+fn row_14_a_clean_close_is_marked_with_where_the_data_ends_and_the_next_start_removes_the_mark() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = options(dir.path());
+    let (s, _, _) = open(&opts);
+    append(&s, 0);
+    let end = s.durable_end();
+    s.close().unwrap();
+    assert_eq!(
+        clean_close_markers(dir.path()),
+        vec![format!("closed-{:020}-{:020}", end.segment, end.offset)]
+    );
+    let (s, report, _) = open(&opts);
+    assert!(clean_close_markers(dir.path()).is_empty());
+    assert!(report.damaged.is_empty(), "{:?}", report.damaged);
+    assert_eq!(read_all(&s), vec![0]);
+    assert_eq!(append(&s, 1).segment, end.segment, "appends go on in place");
+}
+
+#[test]
+fn row_14_damage_to_the_last_record_before_a_clean_close_is_corruption_not_a_torn_tail() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = options(dir.path());
+    let positions = write_and_close(&opts, 3);
+    let path = seg(dir.path(), 1);
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[positions[2].offset as usize + 20] ^= 0x40;
+    std::fs::write(&path, &bytes).unwrap();
+    let inspected = spoolgate::spool::inspect(dir.path()).unwrap();
+    assert_eq!(inspected.segments[0].damaged.len(), 1, "{inspected:?}");
+    assert_eq!(inspected.segments[0].tail_garbage_bytes, 0);
+    let (s, report, metrics) = open(&opts);
+    assert_eq!(read_all(&s), vec![0, 1]);
+    assert_eq!(report.torn_tail_bytes, 0);
+    assert_eq!(report.damaged.len(), 1);
+    assert_eq!(report.damaged[0].segment, 1);
+    assert_eq!(report.damaged[0].offset, positions[2].offset);
+    assert_eq!(report.damaged[0].records_lost, 1);
+    assert_eq!(metrics.recovery_corrupt_records_dropped_total.get(), 1);
+    assert_eq!(metrics.recovery_torn_tail_bytes_truncated_total.get(), 0);
+    assert_eq!(
+        std::fs::read(&path).unwrap()[..bytes.len()],
+        bytes[..],
+        "the damaged bytes are left as found"
+    );
+    // Appends do not go on over the damage: a new segment takes them.
+    assert_eq!(append(&s, 7).segment, 2);
+    s.close().unwrap();
+    // Segment 1 is an older one now: its damaged tail is row 5, reported at every start.
+    let (s, report, _) = open(&opts);
+    assert_eq!(read_all(&s), vec![0, 1, 7]);
+    assert_eq!(report.damaged.len(), 1);
+    assert_eq!(report.torn_tail_bytes, 0);
+}
+
+#[test]
+fn row_14_the_last_records_before_a_clean_close_read_as_zeros_are_reported_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = options(dir.path());
+    let positions = write_and_close(&opts, 3);
+    let path = seg(dir.path(), 1);
+    let bytes = std::fs::read(&path).unwrap();
+    // The file cut where the last record began: its blocks lost, or the file truncated.
+    std::fs::write(&path, &bytes[..positions[2].offset as usize]).unwrap();
+    let inspected = spoolgate::spool::inspect(dir.path()).unwrap();
+    assert_eq!(inspected.segments[0].damaged.len(), 1, "{inspected:?}");
+    let (s, report, metrics) = open(&opts);
+    assert_eq!(read_all(&s), vec![0, 1]);
+    assert_eq!(report.damaged.len(), 1);
+    assert_eq!(report.damaged[0].offset, positions[2].offset);
+    assert_eq!(
+        report.damaged[0].len_bytes,
+        bytes.len() as u64 - positions[2].offset
+    );
+    assert_eq!(metrics.recovery_corrupt_records_dropped_total.get(), 1);
+    assert_eq!(append(&s, 7).segment, 2);
+}
+
+#[test]
+fn row_14_the_segment_a_clean_close_appended_to_removed_is_reported_missing() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = options(dir.path());
+    write_and_close(&opts, 3);
+    std::fs::remove_file(seg(dir.path(), 1)).unwrap();
+    let inspected = spoolgate::spool::inspect(dir.path()).unwrap();
+    assert_eq!(inspected.missing_segments, vec![[1, 1]]);
+    let (s, report, metrics) = open(&opts);
+    assert_eq!(report.missing_segments, vec![[1, 1]]);
+    assert_eq!(metrics.recovery_segments_missing_total.get(), 1);
+    assert!(read_all(&s).is_empty());
+    assert_eq!(
+        append(&s, 7).segment,
+        2,
+        "the lost segment's id is not reused"
+    );
+}
+
+#[test]
+fn row_14_a_missing_newest_segment_that_a_rotation_frame_also_names_is_counted_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = options(dir.path());
+    let positions = write_and_close(&opts, 300);
+    let last = positions.last().unwrap().segment;
+    std::fs::remove_file(seg(dir.path(), last)).unwrap();
+    let (_s, report, metrics) = open(&opts);
+    assert_eq!(report.missing_segments, vec![[last, last]]);
+    assert_eq!(metrics.recovery_segments_missing_total.get(), 1);
+}
+
+#[test]
+fn row_14_a_kill_leaves_no_mark_so_a_torn_tail_stays_a_torn_tail() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = options(dir.path());
+    // A clean close, then a run that was killed: the mark is gone with the second start.
+    write_and_close(&opts, 3);
+    let positions = write_and_crash(&opts, 2);
+    assert!(clean_close_markers(dir.path()).is_empty());
+    let path = seg(dir.path(), 1);
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[positions[1].offset as usize + 20] ^= 0x40;
+    std::fs::write(&path, bytes).unwrap();
+    let (s, report, _) = open(&opts);
+    assert_eq!(read_all(&s), vec![0, 1, 2, 0]);
+    assert!(report.damaged.is_empty(), "{:?}", report.damaged);
+    assert!(report.torn_tail_bytes > 0);
 }

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
-use super::format::{self, Scanned, SegmentHeader};
+use super::format::{self, Scanned, SegmentHeader, HEADER_LEN};
 use super::fs::{FileSystem, SegmentFile, StdFs};
 use super::recovery::{forget_zeros, read_all, records_in, void_markers};
 use super::{parse_segment_name, segment_path, DamagedRange, SpoolError};
@@ -163,8 +163,11 @@ fn damaged_range(segment: u64, bytes: &[u8], offset: u64, len: u64) -> DamagedRa
 
 /// Scans every segment in `dir` and reports what it holds.
 pub fn inspect(dir: &Path) -> Result<InspectReport, SpoolError> {
-    let (_, ids) = list_segments(dir)?;
+    let (names, ids) = list_segments(dir)?;
     let mut missing_segments = super::segment_id_gaps(&ids);
+    // Where a clean close said the data ended (spool-format.md §4, row 14): what does not read
+    // before it is damage, as the next start will report it, not a torn tail.
+    let closed_at = super::clean_close_marker(&names);
     let mut segments = Vec::new();
     // What each segment's last rotation frame names, in the order of `segments`.
     let mut rotations: Vec<Option<u64>> = Vec::new();
@@ -206,6 +209,22 @@ pub fn inspect(dir: &Path) -> Result<InspectReport, SpoolError> {
                 }
             }
         }
+        let mut tail_garbage_bytes = scanned.tail_garbage_bytes;
+        let before_clean_close = closed_at.is_some_and(|c| {
+            c > super::Position {
+                segment: id,
+                offset: scanned.data_end,
+            }
+        });
+        if tail_garbage_bytes > 0 && before_clean_close {
+            damaged.push(damaged_range(
+                id,
+                &bytes,
+                scanned.data_end,
+                tail_garbage_bytes,
+            ));
+            tail_garbage_bytes = 0;
+        }
         segments.push(SegmentReport {
             id,
             file_bytes: len,
@@ -213,7 +232,7 @@ pub fn inspect(dir: &Path) -> Result<InspectReport, SpoolError> {
             header,
             records,
             damaged,
-            tail_garbage_bytes: scanned.tail_garbage_bytes,
+            tail_garbage_bytes,
             pending_envelopes: None,
             orphan_envelopes: None,
         });
@@ -246,6 +265,32 @@ pub fn inspect(dir: &Path) -> Result<InspectReport, SpoolError> {
         })
     {
         missing_segments.push(gap);
+    }
+    if let Some(c) = closed_at.filter(|c| c.offset > HEADER_LEN) {
+        match newest.map(|i| &mut segments[i]) {
+            Some(s) if s.id == c.segment => {
+                if s.tail_garbage_bytes == 0 && s.data_end < c.offset && s.damaged.is_empty() {
+                    // The last records the clean close left read as zeros now.
+                    s.damaged.push(DamagedRange {
+                        segment: s.id,
+                        offset: s.data_end,
+                        len_bytes: c.offset - s.data_end,
+                        records_lost: 1,
+                    });
+                }
+            }
+            Some(s) if s.id > c.segment => {}
+            newest => {
+                // The segment the clean close appended to is gone.
+                let first = newest.map_or(c.segment, |s| s.id + 1);
+                if !missing_segments
+                    .iter()
+                    .any(|&[a, b]| a <= c.segment && c.segment <= b)
+                {
+                    missing_segments.push([first, c.segment]);
+                }
+            }
+        }
     }
     Ok(InspectReport {
         dir: dir.display().to_string(),

@@ -45,6 +45,9 @@
 //!
 //! **Recovery** (`recovery`) runs in `open`, before anything is appended: every frame's CRC is
 //! checked, damaged ranges are skipped and reported, a torn tail of the last segment is zeroed.
+//! A clean close leaves a `closed-<segment>-<offset>` marker naming where the data ended, all of
+//! it durable: damage before that point can then be no torn write, and recovery reports it as
+//! corruption instead of zeroing it (row 14); a kill leaves no marker.
 //! The decision table is in spool-format.md. Recovery reads one segment at a time, so its
 //! memory is bounded by `segment_bytes_max`, and skips the holes the filesystem reports
 //! ([`fs::SegmentFile::seek_data`]), so the reserved zeros of a preallocated segment cost
@@ -353,6 +356,29 @@ pub(crate) fn segment_path(dir: &std::path::Path, id: u64) -> PathBuf {
 }
 
 /// Parses a segment file name back into its id.
+/// The name of the marker a clean close leaves: the spool's data ended at `end`, all of it
+/// durable (spool-format.md §4, row 14).
+pub(crate) fn clean_close_marker_name(end: Position) -> String {
+    format!("closed-{:020}-{:020}", end.segment, end.offset)
+}
+
+/// Where the newest clean close among a directory's file names said the data ended, if any
+/// marker is there. Several can only be left by a start that failed to remove them; the
+/// latest is the one that says most, and every earlier one is implied by it, since the spool
+/// only grows forward from a clean close.
+pub(crate) fn clean_close_marker(names: &[String]) -> Option<Position> {
+    names
+        .iter()
+        .filter_map(|n| {
+            let (segment, offset) = n.strip_prefix("closed-")?.split_once('-')?;
+            Some(Position {
+                segment: segment.parse().ok()?,
+                offset: offset.parse().ok()?,
+            })
+        })
+        .max()
+}
+
 pub(crate) fn parse_segment_name(name: &str) -> Option<u64> {
     let digits = name.strip_suffix(".seg")?;
     if digits.len() != 20 || !digits.bytes().all(|b| b.is_ascii_digit()) {
@@ -708,7 +734,13 @@ mod tests {
         let dir = std::path::Path::new("/data/spool");
         assert_eq!(oldest_segment(&fs, dir).unwrap(), None);
         assert_eq!(segment_id_span(&fs, dir).unwrap(), None);
-        for name in ["LOCK", "00000000000000000003.seg", "void-1-2", "7.seg"] {
+        for name in [
+            "LOCK",
+            "00000000000000000003.seg",
+            "void-1-2",
+            "closed-00000000000000000003-00000000000000000064",
+            "7.seg",
+        ] {
             fs.set_bytes(&dir.join(name), Vec::new());
         }
         assert_eq!(segment_id_span(&fs, dir).unwrap(), Some((3, 3)));
@@ -718,5 +750,18 @@ mod tests {
         // A first start, before recovery has made the directory: no segment.
         let missing = tempfile::tempdir().unwrap().path().join("not-yet");
         assert_eq!(oldest_segment(&fs::StdFs, &missing).unwrap(), None);
+    }
+
+    #[test]
+    fn a_clean_close_marker_names_a_position_and_the_latest_of_several_counts() {
+        let at = |segment, offset| Position { segment, offset };
+        let names: Vec<String> = [at(3, 4096), at(12, 64), at(12, 8)]
+            .into_iter()
+            .map(clean_close_marker_name)
+            .chain(["closed-x-1".to_string(), "void-1-2".to_string()])
+            .collect();
+        assert_eq!(names[0], "closed-00000000000000000003-00000000000000004096");
+        assert_eq!(clean_close_marker(&names), Some(at(12, 64)));
+        assert_eq!(clean_close_marker(&names[3..]), None);
     }
 }

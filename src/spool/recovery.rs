@@ -304,6 +304,9 @@ pub(crate) fn recover(
     let mut ids: Vec<u64> = names.iter().filter_map(|n| parse_segment_name(n)).collect();
     ids.sort_unstable();
     let voids = void_markers(&names);
+    // Where a clean close said the data ended (row 14): everything before it was durable, so
+    // bytes there that do not read are damage to acknowledged records, never a torn write.
+    let closed_at = super::clean_close_marker(&names);
 
     let mut report = RecoveryReport::default();
     let mut segments = BTreeMap::new();
@@ -529,15 +532,28 @@ pub(crate) fn recover(
                 }
             }
         }
-        let tail_zeroed =
-            scanned.tail_garbage_bytes == 0 || is_newest_kept || Some(id) == tail_segment;
+        // Rows 4 and 5: a tail where a crash can tear a write is zeroed, any other is damage.
+        // Row 14: not a tail that starts before where a clean close said the data ended.
+        let at_the_end = is_newest_kept || Some(id) == tail_segment;
+        let closed_after = closed_at.is_some_and(|c| {
+            c > Position {
+                segment: id,
+                offset: scanned.data_end,
+            }
+        });
+        let tail_is_torn_write = at_the_end && !closed_after;
+        let tail_zeroed = scanned.tail_garbage_bytes == 0 || tail_is_torn_write;
         if !has_rotation && tail_zeroed {
             unclosed.insert(id);
+        }
+        if at_the_end && closed_after {
+            // Appends must not go on over acknowledged bytes, damaged or lost.
+            fresh_segment_needed |= is_newest_kept;
         }
         if scanned.tail_garbage_bytes > 0 {
             let at = scanned.data_end;
             let len = scanned.tail_garbage_bytes;
-            if is_newest_kept || Some(id) == tail_segment {
+            if tail_is_torn_write {
                 // Bytes after the last valid frame of the newest segment were never
                 // acknowledged (an acknowledgement waits for the whole batch's fdatasync):
                 // a torn write. Zero them so the next append starts clean.
@@ -556,13 +572,25 @@ pub(crate) fn recover(
                 report.torn_tail_bytes += len;
             } else {
                 let lost = records_in(&bytes[at as usize..(at + len) as usize]);
-                tracing::warn!(
-                    segment = id,
-                    offset = at,
-                    bytes = len,
-                    records_lost = lost,
-                    "the tail of a sealed segment is damaged"
-                );
+                if at_the_end {
+                    tracing::warn!(
+                        segment = id,
+                        offset = at,
+                        bytes = len,
+                        records_lost = lost,
+                        "the last records before a clean close are damaged (they were \
+                         acknowledged; a torn write can only follow them); appends go on in a \
+                         new segment"
+                    );
+                } else {
+                    tracing::warn!(
+                        segment = id,
+                        offset = at,
+                        bytes = len,
+                        records_lost = lost,
+                        "the tail of a sealed segment is damaged"
+                    );
+                }
                 report.damaged.push(DamagedRange {
                     segment: id,
                     offset: at,
@@ -570,6 +598,29 @@ pub(crate) fn recover(
                     records_lost: lost,
                 });
             }
+        }
+        if let Some(c) = closed_at.filter(|c| {
+            at_the_end
+                && scanned.tail_garbage_bytes == 0
+                && c.segment == id
+                && c.offset > scanned.data_end
+        }) {
+            // Row 14 with zeros where the data was: the frames a clean close left durable up
+            // to its offset read as zeros now (blocks lost or the file cut). Their number is
+            // unknown; at least one.
+            tracing::warn!(
+                segment = id,
+                offset = scanned.data_end,
+                bytes = c.offset - scanned.data_end,
+                "the last records before a clean close read as zeros (they were acknowledged); \
+                 appends go on in a new segment"
+            );
+            report.damaged.push(DamagedRange {
+                segment: id,
+                offset: scanned.data_end,
+                len_bytes: c.offset - scanned.data_end,
+                records_lost: 1,
+            });
         }
         // A process killed between a write and its fdatasync leaves valid frames in the page
         // cache, which read back here like durable ones. Their ids go into the dedup index,
@@ -631,11 +682,17 @@ pub(crate) fn recover(
             },
         );
     }
-    for n in names.iter().filter(|n| n.starts_with("void-")) {
+    // The clean close's marker goes before this start writes anything of its own (a fresh
+    // segment, a rotation frame): it speaks of the spool as that close left it.
+    let markers: Vec<&String> = names
+        .iter()
+        .filter(|n| n.starts_with("void-") || n.starts_with("closed-"))
+        .collect();
+    for n in &markers {
         let p = opts.dir.join(n);
-        fs.remove(&p).map_err(io("remove void marker", &p))?;
+        fs.remove(&p).map_err(io("remove a marker", &p))?;
     }
-    if !voids.is_empty() {
+    if !markers.is_empty() {
         fs.sync_dir(&opts.dir)
             .map_err(io("fsync directory", &opts.dir))?;
     }
@@ -676,6 +733,32 @@ pub(crate) fn recover(
         // reports again (row 9) until compaction deletes past it; appends never follow a
         // rotation frame.
         fresh_id = fresh_id.max(missing + 1);
+        fresh_segment_needed = true;
+    }
+    if let Some(c) = closed_at.filter(|c| {
+        c.offset > HEADER_LEN && newest.is_none_or(|n| n < c.segment) && {
+            let reported = report
+                .missing_segments
+                .iter()
+                .any(|&[first, last]| first <= c.segment && c.segment <= last);
+            !reported
+        }
+    }) {
+        // Row 14 with the segment a clean close appended to gone, whatever names it: the
+        // envelopes it held were acknowledged.
+        // With no segment left, the ones before it may have been compacted: only it is known.
+        let first = newest.map_or(c.segment, |n| n + 1);
+        tracing::error!(
+            first_missing = first,
+            last_missing = c.segment,
+            "the newest segment is missing: the spool was closed cleanly with its data ending in \
+             segment {}; the envelopes it held were acknowledged and are lost; appends continue \
+             in segment {}",
+            c.segment,
+            c.segment + 1
+        );
+        report.missing_segments.push([first, c.segment]);
+        fresh_id = fresh_id.max(c.segment + 1);
         fresh_segment_needed = true;
     }
     if let Some(newest) = newest.filter(|n| older_format.contains(n) && !fresh_segment_needed) {

@@ -399,7 +399,10 @@ impl Writer {
             if let Some(reply) = close {
                 let result = match self.shared.poison_reason() {
                     Some(r) => Err(SpoolError::Poisoned(r)),
-                    None => Ok(()),
+                    None => {
+                        self.mark_clean_close();
+                        Ok(())
+                    }
                 };
                 let _ = reply.send(result);
                 return;
@@ -666,6 +669,34 @@ impl Writer {
                 error = %e,
                 "could not record that the batch from here was refused: a restart keeps it \
                  (and makes it durable) if the page cache still holds it"
+            );
+        }
+    }
+
+    /// Best effort: leaves a `closed-<segment>-<offset>` marker saying that the spool's data
+    /// ended here at a clean close, every byte before it fdatasync'd. Without it the next start
+    /// cannot tell damage to the last acknowledged frames from a write torn by a power loss,
+    /// and would zero them as a torn tail (spool-format.md §4, row 14). Called only once the
+    /// final fdatasync succeeded and nothing can be appended any more; a marker that cannot be
+    /// made costs only that detection, so the close still succeeds.
+    fn mark_clean_close(&self) {
+        let dir = &self.shared.opts.dir;
+        let marker = dir.join(super::clean_close_marker_name(Position {
+            segment: self.active,
+            offset: self.offset,
+        }));
+        let made = self
+            .shared
+            .fs
+            .create(&marker)
+            .and_then(|_| self.shared.fs.sync_dir(dir));
+        if let Err(e) = made {
+            tracing::warn!(
+                segment = self.active,
+                offset = self.offset,
+                error = %e,
+                "could not mark the clean close: damage to the last records before it would \
+                 read as a torn tail at the next start"
             );
         }
     }
