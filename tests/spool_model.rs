@@ -93,6 +93,13 @@ fn run(ops: Vec<Op>, durability: Durability, preallocate: bool) -> Result<(), Te
                     "segments reported missing after a crash: {:?}",
                     report.missing_segments
                 );
+                // A crash tears only what was being written: never damage to report, even
+                // where a clean close before it left a marker (row 14).
+                prop_assert!(
+                    report.damaged.is_empty(),
+                    "damage reported after a crash: {:?}",
+                    report.damaged
+                );
                 let got = read_all(&spool);
                 prop_assert!(
                     got.len() >= durable_prefix,
@@ -117,6 +124,9 @@ fn run(ops: Vec<Op>, durability: Durability, preallocate: bool) -> Result<(), Te
                 let (s, report) = open_fs(&opts, fs.clone());
                 spool = s;
                 prop_assert!(report.missing_segments.is_empty());
+                // The clean close's marker matches where the data ends: nothing is damage.
+                prop_assert!(report.damaged.is_empty(), "{:?}", report.damaged);
+                prop_assert_eq!(report.torn_tail_bytes, 0);
                 prop_assert_eq!(read_all(&spool), numbers(&acked));
                 durable_prefix = acked.len();
             }
