@@ -31,10 +31,14 @@ LOG="${TMPDIR:-/tmp}/full-disk-drill-$(date -u +%Y-%m-%dT%H%M%SZ).log"
 trap 'umount "$MNT"; rmdir "$MNT"' EXIT
 # The filler: another process's 40 MiB, written (tmpfs has no fallocate of unwritten blocks).
 head -c $((40 * 1024 * 1024)) /dev/zero > "$MNT/filler"
-REPORT="$OUT/drill-$(date -u +%Y-%m-%dT%H%MZ)-http-fulldisk-seed$SEED.json"
+# CLEAN_STOPS=PCT: that share of the rounds ends with SIGTERM (see scripts/long-drill.sh).
+CLEAN_STOPS=${CLEAN_STOPS:-0}
+SUFFIX=""
+[ "$CLEAN_STOPS" != 0 ] && SUFFIX="-clean$CLEAN_STOPS"
+REPORT="$OUT/drill-$(date -u +%Y-%m-%dT%H%MZ)-http-fulldisk-seed$SEED$SUFFIX.json"
 set +e
 time ./target/release/spoolgate drill --kills "$KILLS" --seed "$SEED" --sink http \
-    --flaky-stream --flip-rules --clients 4 --data-dir "$MNT/data" --log "$LOG" --full-disk \
+    --flaky-stream --flip-rules --clean-stops "$CLEAN_STOPS" --clients 4 --data-dir "$MNT/data" --log "$LOG" --full-disk \
     --set spool.segment_bytes_max=1048576 --set spool.record_bytes_max=65536 \
     --set ingest.envelope_bytes_max=60000 --set spool.commit_batch_bytes_max=65536 \
     --set spool.disk_free_soft_bytes=0 --set spool.disk_free_hard_bytes=0 \
@@ -56,7 +60,7 @@ if [ -f "$LOG" ]; then
         "torn tails truncated at a restart: $(grep -c 'truncating a torn tail' "$LOG" || true)"
     # A torn tail is what a kill during an unacknowledged write leaves; a damaged range
     # inside a segment, a missing segment, or a panic, is a failure.
-    if grep -E 'panicked|WARN.*damaged|reader skipped bytes|segments are missing|segment is missing' "$LOG"; then
+    if grep -E 'panicked|WARN.*damaged|before a clean close|reader skipped bytes|segments are missing|segment is missing' "$LOG"; then
         echo "the daemon logged a panic, a damaged segment or a missing one" >&2
         exit 1
     fi

@@ -4,7 +4,9 @@
 # Writes the report to benches/results/drill-<time>-<sink>-seed<SEED>.json and exits non-zero
 # when the drill fails (see `spoolgate drill --help` and src/drill.rs for what it checks) or
 # the daemons logged a panic, a damaged range or a missing segment; a failed run keeps its data
-# directory and log.
+# directory and log. CLEAN_STOPS=PCT ends that share of the rounds with SIGTERM instead (a
+# rolling restart among the crashes; the report's name then ends in -clean<PCT>); without it a
+# seed's schedule is the one earlier reports ran.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 KILLS=${1:-500}
@@ -22,10 +24,14 @@ trap '[ "$KEEP" = 1 ] && echo "kept $SCRATCH" >&2 || rm -rf "$SCRATCH"' EXIT
 # reason the file sink rotates its output at 1 MiB (the default is 64 MiB).
 SETS=(--set spool.segment_bytes_max=4194304)
 [ "$SINK" = file ] && SETS+=(--set sinks.default.file_bytes_max=1048576)
-REPORT="$OUT/drill-$(date -u +%Y-%m-%dT%H%MZ)-$SINK-seed$SEED.json"
+CLEAN_STOPS=${CLEAN_STOPS:-0}
+SUFFIX=""
+[ "$CLEAN_STOPS" != 0 ] && SUFFIX="-clean$CLEAN_STOPS"
+REPORT="$OUT/drill-$(date -u +%Y-%m-%dT%H%MZ)-$SINK-seed$SEED$SUFFIX.json"
 set +e
 time ./target/release/spoolgate drill --kills "$KILLS" --seed "$SEED" --sink "$SINK" \
-    --clients 4 --flip-rules --data-dir "$SCRATCH/data" "${SETS[@]}" --report-json "$REPORT"
+    --clients 4 --flip-rules --clean-stops "$CLEAN_STOPS" --data-dir "$SCRATCH/data" \
+    "${SETS[@]}" --report-json "$REPORT"
 rc=$?
 set -e
 [ "$rc" -ne 0 ] && KEEP=1
@@ -37,7 +43,7 @@ if [ "$SINK" = file ]; then
 fi
 # A torn tail is what a kill leaves; a panic, a damaged range (at a start or met by a reader
 # while running) or a missing segment is a failure.
-if grep -E 'panicked|WARN.*damaged|reader skipped bytes|segments are missing|segment is missing' "$SCRATCH/data.log"; then
+if grep -E 'panicked|WARN.*damaged|before a clean close|reader skipped bytes|segments are missing|segment is missing' "$SCRATCH/data.log"; then
     echo "the daemons logged a panic, a damaged segment or a missing one" >&2
     KEEP=1
     exit 1

@@ -79,6 +79,11 @@ pub struct DrillOptions {
     /// [`FLAKY_STREAM`] during alternate [`FLAKY_PERIOD`]s, so the worker owning that stream
     /// retries while the others deliver (the dispatcher leaves it behind when its inbox fills).
     pub flaky_stream: bool,
+    /// The share of rounds, in percent, that end with SIGTERM instead of SIGKILL, the clients
+    /// still sending: a rolling restart among the crashes. The daemon must stop by itself
+    /// (exit 0) and leave its clean-close marker, and the restart must find nothing damaged
+    /// (spool-format.md §4, row 14). 0 (the default) keeps a seed's schedule as it was.
+    pub clean_stops_percent: u8,
 }
 
 /// The stream the recorder refuses at times with `flaky_stream`.
@@ -138,6 +143,14 @@ pub struct DrillReport {
     pub kills_after_seal_before_tombstone: u64,
     pub kills_before_seal: u64,
     pub kills_mid_write: u64,
+    /// Rounds that ended with SIGTERM ([`DrillOptions::clean_stops_percent`]), not counted in
+    /// `kills`.
+    pub clean_stops: u64,
+    /// Clean stops after which the spool held no `closed-` marker (with the daemon's exit 0).
+    pub clean_stops_unmarked: u64,
+    /// 503 `not_ready` answers during clean stops: what ingest says while it shuts down,
+    /// moved out of `answers`, where a 5xx fails the drill.
+    pub refused_while_stopping: u64,
     /// Delivered records whose envelope differs from what was sent (source, tenant or text),
     /// and the first of them.
     pub content_mismatches: u64,
@@ -196,6 +209,12 @@ impl DrillReport {
         if let Some(first) = self.daemon_exits.first() {
             f.push(format!("the daemon exited by itself: {first}"));
         }
+        if self.clean_stops_unmarked > 0 && !self.full_disk {
+            f.push(format!(
+                "{} clean stops left no clean-close marker",
+                self.clean_stops_unmarked
+            ));
+        }
         let server_errors: u64 = self
             .answers
             .iter()
@@ -248,6 +267,13 @@ impl std::fmt::Display for DrillReport {
             if self.passed() { "PASSED" } else { "FAILED" }
         )?;
         writeln!(f, "  kills (SIGKILL)          {}", self.kills)?;
+        if self.clean_stops > 0 {
+            writeln!(
+                f,
+                "  clean stops (SIGTERM)    {} ({} answered 503 while stopping, {} unmarked)",
+                self.clean_stops, self.refused_while_stopping, self.clean_stops_unmarked
+            )?;
+        }
         if self.rounds_short > 0 {
             writeln!(
                 f,
@@ -727,6 +753,53 @@ fn answer_key(status: u16, body: &[u8]) -> String {
     key
 }
 
+/// How ingest's answer while it shuts down is counted in [`DrillReport::answers`].
+const NOT_READY_ANSWER: &str = "503 not_ready";
+
+fn not_ready_answers(ledger: &Ledger) -> u64 {
+    ledger
+        .answers
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(NOT_READY_ANSWER)
+        .copied()
+        .unwrap_or(0)
+}
+
+/// Sends SIGTERM and waits, at most [`WAIT_MAX`], for the daemon to exit; says what went
+/// wrong, if it did not exit 0 (it is then killed).
+fn stop_cleanly(child: &mut Child) -> Option<String> {
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let stopping = Instant::now();
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) if status.success() => return None,
+            Ok(Some(status)) => return Some(format!("a clean stop ended with {status}")),
+            Ok(None) if stopping.elapsed() > WAIT_MAX => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Some(format!(
+                    "the daemon did not stop within {} s of SIGTERM",
+                    WAIT_MAX.as_secs()
+                ));
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(20)),
+            Err(e) => return Some(format!("cannot wait for the daemon: {e}")),
+        }
+    }
+}
+
+/// Whether the spool of the data directory holds a clean-close marker.
+fn clean_close_marked(data_dir: &Path) -> bool {
+    std::fs::read_dir(data_dir.join("spool")).is_ok_and(|entries| {
+        entries
+            .flatten()
+            .any(|e| e.file_name().to_string_lossy().starts_with("closed-"))
+    })
+}
+
 /// One client: sends batches (first any a kill left unanswered) until `stop` is set or the
 /// daemon stops answering.
 fn client(ingest: &str, seed: u64, ledger: &Ledger, got: &AtomicU64, stop: &AtomicBool) {
@@ -831,6 +904,10 @@ pub fn run(opts: &DrillOptions) -> Result<DrillReport, DrillError> {
     let (mut running, _) = start_daemon(opts, sink_url.as_deref())?;
     for round in 0..opts.kills {
         let target = rng.u64(1..=opts.acks_per_round_max.max(1));
+        // Drawn only when asked for, so that a seed's schedule without clean stops is the one
+        // it always was.
+        let clean_stop = opts.clean_stops_percent > 0 && rng.u8(..100) < opts.clean_stops_percent;
+        let refused_before = not_ready_answers(&ledger);
         let ingest = running.ingest.clone();
         let got = AtomicU64::new(0);
         let stop = AtomicBool::new(false);
@@ -850,6 +927,13 @@ pub fn run(opts: &DrillOptions) -> Result<DrillReport, DrillError> {
                     break;
                 }
                 std::thread::sleep(Duration::from_millis(1));
+            }
+            if clean_stop {
+                if let Some(failed) = stop_cleanly(&mut running.child) {
+                    report.daemon_exits.push(format!("round {round}: {failed}"));
+                }
+                stop.store(true, Ordering::Relaxed);
+                return;
             }
             let _ = running.child.kill();
             // The status says who ended the daemon: anything but our SIGKILL (an exit, an
@@ -874,24 +958,55 @@ pub fn run(opts: &DrillOptions) -> Result<DrillReport, DrillError> {
             }
             stop.store(true, Ordering::Relaxed);
         });
-        report.kills += 1;
+        if clean_stop {
+            report.clean_stops += 1;
+            let refused = not_ready_answers(&ledger) - refused_before;
+            report.refused_while_stopping += refused;
+            let mut answers = ledger.answers.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(n) = answers.get_mut(NOT_READY_ANSWER) {
+                *n -= refused;
+                if *n == 0 {
+                    answers.remove(NOT_READY_ANSWER);
+                }
+            }
+            drop(answers);
+            report.clean_stops_unmarked += u64::from(!clean_close_marked(&opts.data_dir));
+        } else {
+            report.kills += 1;
+        }
         report.rounds_short += u64::from(short);
+        let after = if clean_stop {
+            format!("after clean stop {}", report.clean_stops)
+        } else {
+            format!("after kill {}", report.kills)
+        };
         if report.spool_chain_error.is_none() {
             if let Err(e) = crate::chain::verify_spool(&opts.data_dir) {
-                report.spool_chain_error = Some(format!("after kill {}: {e}", report.kills));
+                report.spool_chain_error = Some(format!("{after}: {e}"));
             }
         }
         if report.spool_damage.is_none() {
-            report.spool_damage = spool_damage(&opts.data_dir.join("spool"))
-                .map(|e| format!("after kill {}: {e}", report.kills));
+            report.spool_damage =
+                spool_damage(&opts.data_dir.join("spool")).map(|e| format!("{after}: {e}"));
         }
-        if pending_envelopes(&opts.data_dir.join("spool")).is_ok_and(|n| n > 0) {
+        if !clean_stop && pending_envelopes(&opts.data_dir.join("spool")).is_ok_and(|n| n > 0) {
             report.kills_leaving_pending += 1;
         }
-        if let Ok(left) = kill_window(&opts.data_dir.join("spool")) {
-            report.kills_after_seal_before_tombstone += u64::from(left.sealed_untombstoned > 0);
-            report.kills_before_seal += u64::from(left.unsealed > 0);
-            report.kills_mid_write += u64::from(left.torn_tail);
+        match kill_window(&opts.data_dir.join("spool")) {
+            // A clean stop writes nothing it does not finish: any bytes after the data are
+            // damage.
+            Ok(left) if clean_stop && left.torn_tail && report.spool_damage.is_none() => {
+                report.spool_damage = Some(format!(
+                    "{after}: bytes after the data of the newest segment"
+                ));
+            }
+            Ok(_) if clean_stop => {}
+            Ok(left) => {
+                report.kills_after_seal_before_tombstone += u64::from(left.sealed_untombstoned > 0);
+                report.kills_before_seal += u64::from(left.unsealed > 0);
+                report.kills_mid_write += u64::from(left.torn_tail);
+            }
+            Err(_) => {}
         }
         let (r, ready) = start_daemon(opts, sink_url.as_deref())?;
         report.ready_after_restart_ms.push(ready.as_millis() as u64);

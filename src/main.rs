@@ -190,6 +190,11 @@ struct DrillArgs {
     /// drill fails unless ingest refused for a full disk (429 enospc or reserve).
     #[arg(long)]
     full_disk: bool,
+    /// End this share of rounds (percent, 0-100) with SIGTERM instead of SIGKILL, the clients
+    /// still sending: the daemon must exit 0, leave its clean-close marker, and a restart must
+    /// find nothing damaged.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=100))]
+    clean_stops: u8,
     /// Also write the report as JSON to this file.
     #[arg(long)]
     report_json: Option<PathBuf>,
@@ -650,6 +655,7 @@ fn drill(args: DrillArgs) -> anyhow::Result<ExitCode> {
         flaky_stream: args.flaky_stream,
         log: args.log,
         full_disk: args.full_disk,
+        clean_stops_percent: args.clean_stops,
     };
     let report = spoolgate::drill::run(&opts)?;
     print!("{report}");

@@ -12,7 +12,7 @@ use serde_json::json;
 use spoolgate::drill::{DrillOptions, DrillSink};
 
 fn drill(sink: DrillSink, seed: u64, flip_rules: bool, flaky_stream: bool) {
-    drill_with(sink, seed, flip_rules, flaky_stream, &[]);
+    drill_with(sink, seed, flip_rules, flaky_stream, &[], 0);
 }
 
 fn drill_with(
@@ -21,7 +21,8 @@ fn drill_with(
     flip_rules: bool,
     flaky_stream: bool,
     extra_sets: &[&str],
-) {
+    clean_stops_percent: u8,
+) -> spoolgate::drill::DrillReport {
     let scratch = tempfile::tempdir().unwrap();
     let report = spoolgate::drill::run(&DrillOptions {
         binary: common::bin().into(),
@@ -45,6 +46,7 @@ fn drill_with(
         flaky_stream,
         log: None,
         full_disk: false,
+        clean_stops_percent,
     })
     .unwrap();
     assert!(report.passed(), "{report}");
@@ -55,6 +57,7 @@ fn drill_with(
         // The recorder did refuse, so the retries and takeovers were exercised.
         assert!(report.refused_batches > 0, "{report}");
     }
+    report
 }
 
 #[test]
@@ -77,7 +80,21 @@ fn twenty_kills_with_interval_durability_lose_nothing_since_the_page_cache_outli
         false,
         false,
         &["spool.durability=interval"],
+        0,
     );
+}
+
+#[test]
+fn twenty_rounds_of_kills_and_clean_stops_under_load_lose_nothing_and_no_clean_stop_reads_as_damage(
+) {
+    // A rolling restart among the crashes: SIGTERM while the clients keep sending. Each clean
+    // stop must exit 0 and leave its clean-close marker; the drill inspects the spool after it
+    // (no damaged range, no bytes after the data) and the restart must report no damage
+    // either (spool-format.md §4, row 14), or `passed` fails.
+    let report = drill_with(DrillSink::Http, 15, true, false, &[], 40);
+    assert!(report.clean_stops > 0, "{report}");
+    assert!(report.kills > 0, "{report}");
+    assert_eq!(report.clean_stops_unmarked, 0, "{report}");
 }
 
 #[test]
