@@ -60,7 +60,7 @@ if [ -f "$LOG" ]; then
         "torn tails truncated at a restart: $(grep -c 'truncating a torn tail' "$LOG" || true)"
     # A torn tail is what a kill during an unacknowledged write leaves; a damaged range
     # inside a segment, a missing segment, or a panic, is a failure.
-    if grep -E 'panicked|WARN.*damaged|before a clean close|reader skipped bytes|segments are missing|segment is missing' "$LOG"; then
+    if grep -E 'panicked|WARN.*damaged|before the durable end|reader skipped bytes|segments are missing|segment is missing' "$LOG"; then
         echo "the daemon logged a panic, a damaged segment or a missing one" >&2
         exit 1
     fi

@@ -43,7 +43,7 @@ if [ "$SINK" = file ]; then
 fi
 # A torn tail is what a kill leaves; a panic, a damaged range (at a start or met by a reader
 # while running) or a missing segment is a failure.
-if grep -E 'panicked|WARN.*damaged|before a clean close|reader skipped bytes|segments are missing|segment is missing' "$SCRATCH/data.log"; then
+if grep -E 'panicked|WARN.*damaged|before the durable end|reader skipped bytes|segments are missing|segment is missing' "$SCRATCH/data.log"; then
     echo "the daemons logged a panic, a damaged segment or a missing one" >&2
     KEEP=1
     exit 1

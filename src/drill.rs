@@ -81,7 +81,7 @@ pub struct DrillOptions {
     pub flaky_stream: bool,
     /// The share of rounds, in percent, that end with SIGTERM instead of SIGKILL, the clients
     /// still sending: a rolling restart among the crashes. The daemon must stop by itself
-    /// (exit 0) and leave its clean-close marker, and the restart must find nothing damaged
+    /// (exit 0) and leave its durable-end marker at the end of its data, and the restart must find nothing damaged
     /// (spool-format.md §4, row 14). 0 (the default) keeps a seed's schedule as it was.
     pub clean_stops_percent: u8,
 }
@@ -146,7 +146,8 @@ pub struct DrillReport {
     /// Rounds that ended with SIGTERM ([`DrillOptions::clean_stops_percent`]), not counted in
     /// `kills`.
     pub clean_stops: u64,
-    /// Clean stops after which the spool held no `closed-` marker (with the daemon's exit 0).
+    /// Clean stops after which the spool held no durable-end marker at the end of its data
+    /// (with the daemon's exit 0).
     pub clean_stops_unmarked: u64,
     /// 503 `not_ready` answers during clean stops: what ingest says while it shuts down,
     /// moved out of `answers`, where a 5xx fails the drill.
@@ -211,7 +212,7 @@ impl DrillReport {
         }
         if self.clean_stops_unmarked > 0 && !self.full_disk {
             f.push(format!(
-                "{} clean stops left no clean-close marker",
+                "{} clean stops left no durable-end marker at the end of the data",
                 self.clean_stops_unmarked
             ));
         }
@@ -791,13 +792,33 @@ fn stop_cleanly(child: &mut Child) -> Option<String> {
     }
 }
 
-/// Whether the spool of the data directory holds a clean-close marker.
+/// Whether the spool of the data directory holds a durable-end marker naming the end of its
+/// data, as a clean close leaves it: the marker's segment ends there, and no later segment
+/// holds anything.
 fn clean_close_marked(data_dir: &Path) -> bool {
-    std::fs::read_dir(data_dir.join("spool")).is_ok_and(|entries| {
-        entries
-            .flatten()
-            .any(|e| e.file_name().to_string_lossy().starts_with("closed-"))
-    })
+    let dir = data_dir.join("spool");
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return false;
+    };
+    let names: Vec<String> = entries
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    let (Some(end), Ok(report)) = (
+        crate::spool::durable_marker(&names),
+        crate::spool::inspect(&dir),
+    ) else {
+        return false;
+    };
+    let header = crate::spool::format::HEADER_LEN;
+    report
+        .segments
+        .iter()
+        .any(|s| s.id == end.segment && s.data_end.max(header) == end.offset)
+        && report
+            .segments
+            .iter()
+            .all(|s| s.id <= end.segment || s.data_end <= header)
 }
 
 /// One client: sends batches (first any a kill left unanswered) until `stop` is set or the

@@ -191,7 +191,7 @@ struct DrillArgs {
     #[arg(long)]
     full_disk: bool,
     /// End this share of rounds (percent, 0-100) with SIGTERM instead of SIGKILL, the clients
-    /// still sending: the daemon must exit 0, leave its clean-close marker, and a restart must
+    /// still sending: the daemon must exit 0, leave its durable-end marker at the end of its data, and a restart must
     /// find nothing damaged.
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=100))]
     clean_stops: u8,

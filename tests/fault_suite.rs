@@ -88,9 +88,9 @@ fn twenty_kills_with_interval_durability_lose_nothing_since_the_page_cache_outli
 fn twenty_rounds_of_kills_and_clean_stops_under_load_lose_nothing_and_no_clean_stop_reads_as_damage(
 ) {
     // A rolling restart among the crashes: SIGTERM while the clients keep sending. Each clean
-    // stop must exit 0 and leave its clean-close marker; the drill inspects the spool after it
-    // (no damaged range, no bytes after the data) and the restart must report no damage
-    // either (spool-format.md §4, row 14), or `passed` fails.
+    // stop must exit 0 and leave its durable-end marker at the end of the data; the drill
+    // inspects the spool after it (no damaged range, no bytes after the data), as the restart
+    // will find it (spool-format.md §4, row 14), or `passed` fails.
     let report = drill_with(DrillSink::Http, 15, true, false, &[], 40);
     assert!(report.clean_stops > 0, "{report}");
     assert!(report.kills > 0, "{report}");
@@ -221,7 +221,7 @@ fn corrupt_bytes_mid_segment_and_a_cut_last_record_after_a_clean_stop_cost_only_
     let log = d.log();
     assert!(log.contains("skipping a damaged range"), "{log}");
     assert!(
-        log.contains("the last records before a clean close are damaged"),
+        log.contains("records before the durable end are damaged"),
         "{log}"
     );
     let delivered = ids(&file_sink_records(&d.data_dir));

@@ -18,7 +18,7 @@ fn write_and_close(opts: &spoolgate::spool::SpoolOptions, n: u64) -> Vec<Positio
 }
 
 /// Appends `n` records and drops the spool without closing it, as a killed process leaves it:
-/// no clean close is marked (row 14).
+/// the durable end is where this start left it (row 14), not after the records.
 fn write_and_crash(opts: &spoolgate::spool::SpoolOptions, n: u64) -> Vec<Position> {
     let (s, _, _) = open(opts);
     let positions = (0..n).map(|i| append(&s, i)).collect();
@@ -26,15 +26,19 @@ fn write_and_crash(opts: &spoolgate::spool::SpoolOptions, n: u64) -> Vec<Positio
     positions
 }
 
-/// The names of the clean-close markers in `dir`.
-fn clean_close_markers(dir: &std::path::Path) -> Vec<String> {
+/// The names of the durable-end markers in `dir`.
+fn durable_markers(dir: &std::path::Path) -> Vec<String> {
     let mut names: Vec<String> = std::fs::read_dir(dir)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with("closed-"))
+        .filter(|n| n.starts_with("durable-"))
         .collect();
     names.sort();
     names
+}
+
+fn durable_marker(end: Position) -> String {
+    format!("durable-{:020}-{:020}", end.segment, end.offset)
 }
 
 #[test]
@@ -88,7 +92,14 @@ fn row_4_a_torn_tail_of_the_newest_segment_is_zeroed_and_appends_continue() {
     let dir = tempfile::tempdir().unwrap();
     let opts = options(dir.path());
     let positions = write_and_crash(&opts, 3);
-    assert!(clean_close_markers(dir.path()).is_empty());
+    assert_eq!(
+        durable_markers(dir.path()),
+        vec![durable_marker(Position {
+            segment: 1,
+            offset: HEADER_LEN
+        })],
+        "the start's, before any record"
+    );
     let path = seg(dir.path(), 1);
     let bytes = std::fs::read(&path).unwrap();
     // Cut the last frame in half: a write that was in flight when the power went.
@@ -713,19 +724,20 @@ fn row_13_an_empty_prepared_segment_of_format_version_1_becomes_version_2_in_pla
 }
 
 #[test]
-fn row_14_a_clean_close_is_marked_with_where_the_data_ends_and_the_next_start_removes_the_mark() {
+fn row_14_a_clean_close_and_every_start_record_the_durable_end_in_one_marker() {
     let dir = tempfile::tempdir().unwrap();
     let opts = options(dir.path());
     let (s, _, _) = open(&opts);
+    assert_eq!(
+        durable_markers(dir.path()),
+        vec![durable_marker(s.durable_end())]
+    );
     append(&s, 0);
     let end = s.durable_end();
     s.close().unwrap();
-    assert_eq!(
-        clean_close_markers(dir.path()),
-        vec![format!("closed-{:020}-{:020}", end.segment, end.offset)]
-    );
+    assert_eq!(durable_markers(dir.path()), vec![durable_marker(end)]);
     let (s, report, _) = open(&opts);
-    assert!(clean_close_markers(dir.path()).is_empty());
+    assert_eq!(durable_markers(dir.path()), vec![durable_marker(end)]);
     assert!(report.damaged.is_empty(), "{:?}", report.damaged);
     assert_eq!(read_all(&s), vec![0]);
     assert_eq!(append(&s, 1).segment, end.segment, "appends go on in place");
@@ -768,14 +780,86 @@ fn row_14_damage_to_the_last_record_before_a_clean_close_is_corruption_not_a_tor
 }
 
 #[test]
-fn row_14_the_last_records_before_a_clean_close_read_as_zeros_are_reported_lost() {
+fn row_14_damage_found_by_a_start_that_was_then_killed_is_still_reported_and_never_written_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = options(dir.path());
+    let positions = write_and_close(&opts, 3);
+    let path = seg(dir.path(), 1);
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[positions[2].offset as usize + 20] ^= 0x40;
+    std::fs::write(&path, &bytes).unwrap();
+    // The start that finds it is killed before it appends anything.
+    let (s, report, _) = open(&opts);
+    assert_eq!(report.damaged.len(), 1);
+    drop(s);
+    let (s, report, _) = open(&opts);
+    assert_eq!(report.damaged.len(), 1, "{report:?}");
+    assert_eq!(report.torn_tail_bytes, 0);
+    assert_eq!(append(&s, 7).segment, 2);
+    assert_eq!(
+        std::fs::read(&path).unwrap()[..bytes.len()],
+        bytes[..],
+        "nothing was appended over the damaged record"
+    );
+}
+
+#[test]
+fn row_14_after_a_kill_damage_before_the_starts_durable_end_is_corruption_and_after_it_a_torn_tail()
+{
+    let dir = tempfile::tempdir().unwrap();
+    let opts = options(dir.path());
+    write_and_close(&opts, 3);
+    // A run that was killed: its start recorded the durable end after the first three.
+    let second = write_and_crash(&opts, 2);
+    assert_eq!(
+        durable_markers(dir.path()),
+        vec![durable_marker(Position {
+            segment: 1,
+            offset: second[0].offset
+        })]
+    );
+    let path = seg(dir.path(), 1);
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[second[1].offset as usize + 20] ^= 0x40;
+    std::fs::write(&path, &bytes).unwrap();
+    let (s, report, _) = open(&opts);
+    assert_eq!(read_all(&s), vec![0, 1, 2, 0]);
+    assert!(report.damaged.is_empty(), "{:?}", report.damaged);
+    assert!(
+        report.torn_tail_bytes > 0,
+        "after the start's durable end: torn"
+    );
+    drop(s);
+
+    // Two killed runs, no clean close at all: the second start's durable end is after the
+    // first run's records.
+    let dir = tempfile::tempdir().unwrap();
+    let opts = options(dir.path());
+    let first = write_and_crash(&opts, 3);
+    write_and_crash(&opts, 2);
+    let path = seg(dir.path(), 1);
+    let mut bytes = std::fs::read(&path).unwrap();
+    // The third record of the first run, and the second run's two records after it: nothing
+    // valid follows the damage, but it starts before the durable end.
+    bytes[first[2].offset as usize + 20..].fill(0xAA);
+    std::fs::write(&path, &bytes).unwrap();
+    let (_s, report, _) = open(&opts);
+    assert_eq!(report.torn_tail_bytes, 0);
+    assert_eq!(report.damaged.len(), 1, "{report:?}");
+    assert_eq!(report.damaged[0].offset, first[2].offset);
+}
+
+#[test]
+fn row_14_the_last_records_before_a_clean_close_read_as_zeros_are_reported_lost_and_left_as_found()
+{
     let dir = tempfile::tempdir().unwrap();
     let opts = options(dir.path());
     let positions = write_and_close(&opts, 3);
     let path = seg(dir.path(), 1);
     let bytes = std::fs::read(&path).unwrap();
     // The file cut where the last record began: its blocks lost, or the file truncated.
-    std::fs::write(&path, &bytes[..positions[2].offset as usize]).unwrap();
+    let cut = bytes[..positions[2].offset as usize].to_vec();
+    std::fs::write(&path, &cut).unwrap();
     let inspected = spoolgate::spool::inspect(dir.path()).unwrap();
     assert_eq!(inspected.segments[0].damaged.len(), 1, "{inspected:?}");
     let (s, report, metrics) = open(&opts);
@@ -786,8 +870,83 @@ fn row_14_the_last_records_before_a_clean_close_read_as_zeros_are_reported_lost(
         report.damaged[0].len_bytes,
         bytes.len() as u64 - positions[2].offset
     );
+    assert_eq!(
+        inspected.segments[0].damaged[0].len_bytes,
+        report.damaged[0].len_bytes
+    );
     assert_eq!(metrics.recovery_corrupt_records_dropped_total.get(), 1);
     assert_eq!(append(&s, 7).segment, 2);
+    assert_eq!(
+        std::fs::read(&path).unwrap(),
+        cut,
+        "no rotation frame is written over the reported range"
+    );
+}
+
+#[test]
+fn row_14_zeros_where_the_durable_end_was_are_reported_with_a_prepared_segment_after_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts = options(dir.path());
+    opts.preallocate = true;
+    let (s, _, _) = open(&opts);
+    // Segment 1 full, segment 2 holding records and half full, segment 3 prepared.
+    let mut n = 0;
+    let mut in_first = Vec::new();
+    while s.durable_end().segment < 2 || s.durable_end().offset < 2600 {
+        if append(&s, n).segment == 1 {
+            in_first.push(n);
+        }
+        n += 1;
+    }
+    let end = s.durable_end();
+    assert_eq!(end.segment, 2);
+    s.close().unwrap();
+    assert!(seg(dir.path(), 3).exists(), "segment 3 was prepared");
+    // Every record of segment 2 reads as zeros now, as a prepared segment would.
+    let path = seg(dir.path(), 2);
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[HEADER_LEN as usize..end.offset as usize].fill(0);
+    std::fs::write(&path, &bytes).unwrap();
+    let inspected = spoolgate::spool::inspect(dir.path()).unwrap();
+    let (s, report, _) = open(&opts);
+    assert_eq!(read_all(&s), in_first);
+    assert_eq!(report.damaged.len(), 1, "{report:?}");
+    assert_eq!(report.damaged[0].segment, 2);
+    assert_eq!(report.damaged[0].offset, HEADER_LEN);
+    assert_eq!(report.damaged[0].len_bytes, end.offset - HEADER_LEN);
+    assert_eq!(
+        inspected.segments[1].damaged, report.damaged,
+        "{inspected:?}"
+    );
+    // Appends go on in the prepared segment, and segment 2 gets no rotation frame.
+    assert_eq!(append(&s, n).segment, 3);
+    assert_eq!(std::fs::read(&path).unwrap(), bytes);
+}
+
+#[test]
+fn row_14_damage_to_the_last_record_is_reported_with_a_prepared_segment_after_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts = options(dir.path());
+    opts.preallocate = true;
+    let (s, _, _) = open(&opts);
+    let n = append_until_segment_two_is_prepared(&s);
+    let last = append(&s, n);
+    s.close().unwrap();
+    let path = seg(dir.path(), 1);
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[last.offset as usize + 20] ^= 0x40;
+    std::fs::write(&path, &bytes).unwrap();
+    let inspected = spoolgate::spool::inspect(dir.path()).unwrap();
+    let (s, report, _) = open(&opts);
+    assert_eq!(read_all(&s), (0..n).collect::<Vec<_>>());
+    assert_eq!(report.torn_tail_bytes, 0);
+    assert_eq!(report.damaged.len(), 1, "{report:?}");
+    assert_eq!(report.damaged[0].offset, last.offset);
+    assert_eq!(
+        inspected.segments[0].damaged, report.damaged,
+        "{inspected:?}"
+    );
+    assert_eq!(append(&s, n + 1).segment, 2);
 }
 
 #[test]
@@ -810,6 +969,27 @@ fn row_14_the_segment_a_clean_close_appended_to_removed_is_reported_missing() {
 }
 
 #[test]
+fn row_14_the_durable_ends_segment_removed_with_a_prepared_one_after_it_is_reported_missing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts = options(dir.path());
+    opts.preallocate = true;
+    let (s, _, _) = open(&opts);
+    append_until_segment_two_is_prepared(&s);
+    s.close().unwrap();
+    std::fs::remove_file(seg(dir.path(), 1)).unwrap();
+    let inspected = spoolgate::spool::inspect(dir.path()).unwrap();
+    assert_eq!(inspected.missing_segments, vec![[1, 1]]);
+    let (s, report, _) = open(&opts);
+    assert_eq!(report.missing_segments, vec![[1, 1]]);
+    assert!(read_all(&s).is_empty());
+    assert_eq!(
+        append(&s, 7).segment,
+        2,
+        "appends go on in the prepared one"
+    );
+}
+
+#[test]
 fn row_14_a_missing_newest_segment_that_a_rotation_frame_also_names_is_counted_once() {
     let dir = tempfile::tempdir().unwrap();
     let opts = options(dir.path());
@@ -819,22 +999,4 @@ fn row_14_a_missing_newest_segment_that_a_rotation_frame_also_names_is_counted_o
     let (_s, report, metrics) = open(&opts);
     assert_eq!(report.missing_segments, vec![[last, last]]);
     assert_eq!(metrics.recovery_segments_missing_total.get(), 1);
-}
-
-#[test]
-fn row_14_a_kill_leaves_no_mark_so_a_torn_tail_stays_a_torn_tail() {
-    let dir = tempfile::tempdir().unwrap();
-    let opts = options(dir.path());
-    // A clean close, then a run that was killed: the mark is gone with the second start.
-    write_and_close(&opts, 3);
-    let positions = write_and_crash(&opts, 2);
-    assert!(clean_close_markers(dir.path()).is_empty());
-    let path = seg(dir.path(), 1);
-    let mut bytes = std::fs::read(&path).unwrap();
-    bytes[positions[1].offset as usize + 20] ^= 0x40;
-    std::fs::write(&path, bytes).unwrap();
-    let (s, report, _) = open(&opts);
-    assert_eq!(read_all(&s), vec![0, 1, 2, 0]);
-    assert!(report.damaged.is_empty(), "{:?}", report.damaged);
-    assert!(report.torn_tail_bytes > 0);
 }

@@ -165,9 +165,10 @@ fn damaged_range(segment: u64, bytes: &[u8], offset: u64, len: u64) -> DamagedRa
 pub fn inspect(dir: &Path) -> Result<InspectReport, SpoolError> {
     let (names, ids) = list_segments(dir)?;
     let mut missing_segments = super::segment_id_gaps(&ids);
-    // Where a clean close said the data ended (spool-format.md §4, row 14): what does not read
-    // before it is damage, as the next start will report it, not a torn tail.
-    let closed_at = super::clean_close_marker(&names);
+    // The durable end a clean close or the last start recorded (spool-format.md §4, row 14):
+    // what does not read before it is damage, as the next start will report it, not a torn
+    // tail.
+    let durable_at = super::durable_marker(&names);
     let mut segments = Vec::new();
     // What each segment's last rotation frame names, in the order of `segments`.
     let mut rotations: Vec<Option<u64>> = Vec::new();
@@ -210,13 +211,13 @@ pub fn inspect(dir: &Path) -> Result<InspectReport, SpoolError> {
             }
         }
         let mut tail_garbage_bytes = scanned.tail_garbage_bytes;
-        let before_clean_close = closed_at.is_some_and(|c| {
+        let before_durable_end = durable_at.is_some_and(|c| {
             c > super::Position {
                 segment: id,
                 offset: scanned.data_end,
             }
         });
-        if tail_garbage_bytes > 0 && before_clean_close {
+        if tail_garbage_bytes > 0 && before_durable_end {
             damaged.push(damaged_range(
                 id,
                 &bytes,
@@ -266,11 +267,16 @@ pub fn inspect(dir: &Path) -> Result<InspectReport, SpoolError> {
     {
         missing_segments.push(gap);
     }
-    if let Some(c) = closed_at.filter(|c| c.offset > HEADER_LEN) {
-        match newest.map(|i| &mut segments[i]) {
-            Some(s) if s.id == c.segment => {
-                if s.tail_garbage_bytes == 0 && s.data_end < c.offset && s.damaged.is_empty() {
-                    // The last records the clean close left read as zeros now.
+    if let Some(c) = durable_at.filter(|c| c.offset > HEADER_LEN) {
+        // As recovery sees them: the newest file, if recovery removes it (row 7), is not there.
+        let present = &mut segments[..newest.map_or(0, |i| i + 1)];
+        match present.iter().position(|s| s.id == c.segment) {
+            Some(i) => {
+                let s = &mut present[i];
+                // (Not when its tail was garbage, taken as damage from the data end above.)
+                let tail_taken = s.damaged.iter().any(|d| d.offset == s.data_end);
+                if s.tail_garbage_bytes == 0 && s.data_end < c.offset && !tail_taken {
+                    // The durable end's segment reads as zeros where its last records were.
                     s.damaged.push(DamagedRange {
                         segment: s.id,
                         offset: s.data_end,
@@ -279,17 +285,22 @@ pub fn inspect(dir: &Path) -> Result<InspectReport, SpoolError> {
                     });
                 }
             }
-            Some(s) if s.id > c.segment => {}
-            newest => {
-                // The segment the clean close appended to is gone.
-                let first = newest.map_or(c.segment, |s| s.id + 1);
-                if !missing_segments
+            None if present
+                .iter()
+                .filter(|s| s.id > c.segment)
+                .all(|s| s.data_end <= HEADER_LEN)
+                && !missing_segments
                     .iter()
-                    .any(|&[a, b]| a <= c.segment && c.segment <= b)
-                {
-                    missing_segments.push([first, c.segment]);
-                }
+                    .any(|&[a, b]| a <= c.segment && c.segment <= b) =>
+            {
+                // The durable end's segment is gone, and nothing was appended after it.
+                let first = present
+                    .iter()
+                    .rfind(|s| s.id < c.segment)
+                    .map_or(c.segment, |s| s.id + 1);
+                missing_segments.push([first, c.segment]);
             }
+            None => {}
         }
     }
     Ok(InspectReport {

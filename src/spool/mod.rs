@@ -45,9 +45,10 @@
 //!
 //! **Recovery** (`recovery`) runs in `open`, before anything is appended: every frame's CRC is
 //! checked, damaged ranges are skipped and reported, a torn tail of the last segment is zeroed.
-//! A clean close leaves a `closed-<segment>-<offset>` marker naming where the data ended, all of
-//! it durable: damage before that point can then be no torn write, and recovery reports it as
-//! corruption instead of zeroing it (row 14); a kill leaves no marker.
+//! A `durable-<segment>-<offset>` marker names a position before which everything is durable:
+//! made at a clean close (the writer's last position) and at the end of every start's recovery
+//! (where appends begin). A torn write can only lie after it, so recovery reports damage before
+//! it as corruption instead of zeroing it as a torn tail (row 14).
 //! The decision table is in spool-format.md. Recovery reads one segment at a time, so its
 //! memory is bounded by `segment_bytes_max`, and skips the holes the filesystem reports
 //! ([`fs::SegmentFile::seek_data`]), so the reserved zeros of a preallocated segment cost
@@ -230,7 +231,7 @@ pub enum SpoolError {
 }
 
 /// A damaged byte range found and skipped by recovery.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct DamagedRange {
     pub segment: u64,
     pub offset: u64,
@@ -356,27 +357,52 @@ pub(crate) fn segment_path(dir: &std::path::Path, id: u64) -> PathBuf {
 }
 
 /// Parses a segment file name back into its id.
-/// The name of the marker a clean close leaves: the spool's data ended at `end`, all of it
-/// durable (spool-format.md §4, row 14).
-pub(crate) fn clean_close_marker_name(end: Position) -> String {
-    format!("closed-{:020}-{:020}", end.segment, end.offset)
+/// The name of the durable-end marker for `end` (spool-format.md §1, §4 row 14).
+pub(crate) fn durable_marker_name(end: Position) -> String {
+    format!("durable-{:020}-{:020}", end.segment, end.offset)
 }
 
-/// Where the newest clean close among a directory's file names said the data ended, if any
-/// marker is there. Several can only be left by a start that failed to remove them; the
-/// latest is the one that says most, and every earlier one is implied by it, since the spool
-/// only grows forward from a clean close.
-pub(crate) fn clean_close_marker(names: &[String]) -> Option<Position> {
+/// The latest durable end among a directory's file names, if any marker is there. Several are
+/// left only by a crash between making a new one and removing the old; the latest says most,
+/// and every earlier one still holds, since the spool only grows forward from where a marker
+/// was made.
+pub(crate) fn durable_marker(names: &[String]) -> Option<Position> {
     names
         .iter()
         .filter_map(|n| {
-            let (segment, offset) = n.strip_prefix("closed-")?.split_once('-')?;
+            let (segment, offset) = n.strip_prefix("durable-")?.split_once('-')?;
             Some(Position {
                 segment: segment.parse().ok()?,
                 offset: offset.parse().ok()?,
             })
         })
         .max()
+}
+
+/// Records that every byte of the spool before `end` is durable (fdatasync'd) and that
+/// nothing will be written before it again: the writer's last position at a clean close, or
+/// where appends begin once recovery has settled a start. The new marker is made and its
+/// directory fsync'd before the older ones go; a crash in between leaves both, which still
+/// hold. So the directory holds one marker, two for a moment. Best effort for the caller:
+/// failing costs only row 14's detection for what was appended since the last marker.
+pub(crate) fn mark_durable(
+    fs: &dyn fs::FileSystem,
+    dir: &std::path::Path,
+    end: Position,
+) -> std::io::Result<()> {
+    let name = durable_marker_name(end);
+    let names = fs.list(dir)?;
+    if !names.contains(&name) {
+        fs.create(&dir.join(&name))?;
+        fs.sync_dir(dir)?;
+    }
+    let older = names
+        .into_iter()
+        .filter(|n| n.starts_with("durable-") && *n != name);
+    for n in older {
+        fs.remove(&dir.join(n))?;
+    }
+    Ok(())
 }
 
 pub(crate) fn parse_segment_name(name: &str) -> Option<u64> {
@@ -738,7 +764,7 @@ mod tests {
             "LOCK",
             "00000000000000000003.seg",
             "void-1-2",
-            "closed-00000000000000000003-00000000000000000064",
+            "durable-00000000000000000003-00000000000000000064",
             "7.seg",
         ] {
             fs.set_bytes(&dir.join(name), Vec::new());
@@ -753,15 +779,32 @@ mod tests {
     }
 
     #[test]
-    fn a_clean_close_marker_names_a_position_and_the_latest_of_several_counts() {
+    fn a_durable_marker_names_a_position_and_the_latest_of_several_counts() {
         let at = |segment, offset| Position { segment, offset };
         let names: Vec<String> = [at(3, 4096), at(12, 64), at(12, 8)]
             .into_iter()
-            .map(clean_close_marker_name)
-            .chain(["closed-x-1".to_string(), "void-1-2".to_string()])
+            .map(durable_marker_name)
+            .chain(["durable-x-1".to_string(), "void-1-2".to_string()])
             .collect();
-        assert_eq!(names[0], "closed-00000000000000000003-00000000000000004096");
-        assert_eq!(clean_close_marker(&names), Some(at(12, 64)));
-        assert_eq!(clean_close_marker(&names[3..]), None);
+        assert_eq!(
+            names[0],
+            "durable-00000000000000000003-00000000000000004096"
+        );
+        assert_eq!(durable_marker(&names), Some(at(12, 64)));
+        assert_eq!(durable_marker(&names[3..]), None);
+    }
+
+    #[test]
+    fn marking_a_durable_end_leaves_one_marker_whatever_was_there() {
+        let fs = std::sync::Arc::new(fs::MemFs::new());
+        let dir = std::path::Path::new("/spool");
+        let at = |segment, offset| Position { segment, offset };
+        for p in [at(1, 64), at(2, 128)] {
+            fs.set_bytes(&dir.join(durable_marker_name(p)), Vec::new());
+        }
+        mark_durable(&fs, dir, at(2, 128)).unwrap();
+        mark_durable(&fs, dir, at(3, 64)).unwrap();
+        let names = fs::FileSystem::list(&fs, dir).unwrap();
+        assert_eq!(names, vec![durable_marker_name(at(3, 64))]);
     }
 }

@@ -55,10 +55,14 @@ fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> Sp
 /// the frame (a segment written before the writer kept room for it): in those cases appends
 /// start unnamed, as before. A full filesystem costs the frame and nothing else; any other
 /// write error fails the start, as recovery's other writes do.
+///
+/// Nor before the durable end (row 14): a write there that a crash tore would read as damage
+/// to acknowledged records at the next start.
 fn close_before_active(
     opts: &SpoolOptions,
     segments: &mut BTreeMap<u64, SegMeta>,
     unclosed: &std::collections::BTreeSet<u64>,
+    durable_at: Option<Position>,
 ) -> Result<(), SpoolError> {
     let Some((&active, active_meta)) = segments.iter().next_back() else {
         return Ok(());
@@ -71,6 +75,13 @@ fn close_before_active(
     };
     let at = meta.data_end;
     if at + format::ROTATION_FRAME_BYTES_MAX > opts.segment_bytes_max {
+        return Ok(());
+    }
+    let position = Position {
+        segment: active - 1,
+        offset: at,
+    };
+    if durable_at.is_some_and(|d| position < d) {
         return Ok(());
     }
     let frame = format::Rotation {
@@ -304,9 +315,10 @@ pub(crate) fn recover(
     let mut ids: Vec<u64> = names.iter().filter_map(|n| parse_segment_name(n)).collect();
     ids.sort_unstable();
     let voids = void_markers(&names);
-    // Where a clean close said the data ended (row 14): everything before it was durable, so
-    // bytes there that do not read are damage to acknowledged records, never a torn write.
-    let closed_at = super::clean_close_marker(&names);
+    // The durable end a clean close or the last start recorded (row 14): everything before it
+    // was durable, so bytes there that do not read are damage to acknowledged records, never a
+    // torn write.
+    let durable_at = super::durable_marker(&names);
 
     let mut report = RecoveryReport::default();
     let mut segments = BTreeMap::new();
@@ -533,20 +545,27 @@ pub(crate) fn recover(
             }
         }
         // Rows 4 and 5: a tail where a crash can tear a write is zeroed, any other is damage.
-        // Row 14: not a tail that starts before where a clean close said the data ended.
+        // Row 14: not a tail that starts before the durable end.
         let at_the_end = is_newest_kept || Some(id) == tail_segment;
-        let closed_after = closed_at.is_some_and(|c| {
+        let durable_after = durable_at.is_some_and(|c| {
             c > Position {
                 segment: id,
                 offset: scanned.data_end,
             }
         });
-        let tail_is_torn_write = at_the_end && !closed_after;
+        let tail_is_torn_write = at_the_end && !durable_after;
+        // Row 14 with zeros where the data was: the durable end's own segment reads as zeros
+        // (blocks lost, or the file cut) from its data end up to the durable offset.
+        let zeros_lost = durable_at.filter(|c| {
+            scanned.tail_garbage_bytes == 0 && c.segment == id && c.offset > scanned.data_end
+        });
         let tail_zeroed = scanned.tail_garbage_bytes == 0 || tail_is_torn_write;
-        if !has_rotation && tail_zeroed {
+        // A segment whose reported loss would be written over by a rotation frame is left
+        // without one, as found.
+        if !has_rotation && tail_zeroed && zeros_lost.is_none() {
             unclosed.insert(id);
         }
-        if at_the_end && closed_after {
+        if at_the_end && durable_after {
             // Appends must not go on over acknowledged bytes, damaged or lost.
             fresh_segment_needed |= is_newest_kept;
         }
@@ -578,9 +597,8 @@ pub(crate) fn recover(
                         offset = at,
                         bytes = len,
                         records_lost = lost,
-                        "the last records before a clean close are damaged (they were \
-                         acknowledged; a torn write can only follow them); appends go on in a \
-                         new segment"
+                        "records before the durable end are damaged (they were acknowledged; a \
+                         torn write can only follow them); appends go on in a new segment"
                     );
                 } else {
                     tracing::warn!(
@@ -599,21 +617,14 @@ pub(crate) fn recover(
                 });
             }
         }
-        if let Some(c) = closed_at.filter(|c| {
-            at_the_end
-                && scanned.tail_garbage_bytes == 0
-                && c.segment == id
-                && c.offset > scanned.data_end
-        }) {
-            // Row 14 with zeros where the data was: the frames a clean close left durable up
-            // to its offset read as zeros now (blocks lost or the file cut). Their number is
-            // unknown; at least one.
+        if let Some(c) = zeros_lost {
+            // Their number is unknown; at least one.
             tracing::warn!(
                 segment = id,
                 offset = scanned.data_end,
                 bytes = c.offset - scanned.data_end,
-                "the last records before a clean close read as zeros (they were acknowledged); \
-                 appends go on in a new segment"
+                "records before the durable end read as zeros (they were acknowledged and are \
+                 lost); appends go on in a new segment"
             );
             report.damaged.push(DamagedRange {
                 segment: id,
@@ -682,17 +693,11 @@ pub(crate) fn recover(
             },
         );
     }
-    // The clean close's marker goes before this start writes anything of its own (a fresh
-    // segment, a rotation frame): it speaks of the spool as that close left it.
-    let markers: Vec<&String> = names
-        .iter()
-        .filter(|n| n.starts_with("void-") || n.starts_with("closed-"))
-        .collect();
-    for n in &markers {
+    for n in names.iter().filter(|n| n.starts_with("void-")) {
         let p = opts.dir.join(n);
-        fs.remove(&p).map_err(io("remove a marker", &p))?;
+        fs.remove(&p).map_err(io("remove void marker", &p))?;
     }
-    if !markers.is_empty() {
+    if !voids.is_empty() {
         fs.sync_dir(&opts.dir)
             .map_err(io("fsync directory", &opts.dir))?;
     }
@@ -735,31 +740,38 @@ pub(crate) fn recover(
         fresh_id = fresh_id.max(missing + 1);
         fresh_segment_needed = true;
     }
-    if let Some(c) = closed_at.filter(|c| {
-        c.offset > HEADER_LEN && newest.is_none_or(|n| n < c.segment) && {
-            let reported = report
+    if let Some(c) = durable_at.filter(|c| {
+        c.offset > HEADER_LEN
+            && !segments.contains_key(&c.segment)
+            // Gone with every later segment holding nothing: not compacted, since compaction
+            // never deletes the segment appends go on in.
+            && segments
+                .range(c.segment..)
+                .all(|(_, m)| m.data_end == HEADER_LEN)
+            && !report
                 .missing_segments
                 .iter()
-                .any(|&[first, last]| first <= c.segment && c.segment <= last);
-            !reported
-        }
+                .any(|&[first, last]| first <= c.segment && c.segment <= last)
     }) {
-        // Row 14 with the segment a clean close appended to gone, whatever names it: the
-        // envelopes it held were acknowledged.
-        // With no segment left, the ones before it may have been compacted: only it is known.
-        let first = newest.map_or(c.segment, |n| n + 1);
+        // Row 14 with the durable end's segment gone, whatever names it: the envelopes it held
+        // were acknowledged. With no segment before it, the ones before may have been
+        // compacted: only it is known.
+        let first = segments
+            .range(..c.segment)
+            .next_back()
+            .map_or(c.segment, |(&id, _)| id + 1);
         tracing::error!(
             first_missing = first,
             last_missing = c.segment,
-            "the newest segment is missing: the spool was closed cleanly with its data ending in \
-             segment {}; the envelopes it held were acknowledged and are lost; appends continue \
-             in segment {}",
-            c.segment,
-            c.segment + 1
+            "the segment the spool's durable end is in is missing: the envelopes it held were \
+             acknowledged and are lost"
         );
         report.missing_segments.push([first, c.segment]);
-        fresh_id = fresh_id.max(c.segment + 1);
-        fresh_segment_needed = true;
+        if newest.is_none_or(|n| n < c.segment) {
+            // Appends go on after it, so that the loss stays a gap later starts report.
+            fresh_id = fresh_id.max(c.segment + 1);
+            fresh_segment_needed = true;
+        }
     }
     if let Some(newest) = newest.filter(|n| older_format.contains(n) && !fresh_segment_needed) {
         let meta = &segments[&newest];
@@ -810,12 +822,24 @@ pub(crate) fn recover(
             },
         );
     }
-    close_before_active(opts, &mut segments, &unclosed)?;
+    close_before_active(opts, &mut segments, &unclosed, durable_at)?;
     let (&active, meta) = segments.iter().next_back().expect("at least one segment");
     let end = Position {
         segment: active,
         offset: meta.data_end,
     };
+    // Everything before `end` is durable now (the segments a crash could have left unsynced
+    // were fdatasync'd above) and appends begin there: recorded, a kill after this start
+    // cannot make damage to what this start found read as a torn write at the next one.
+    if let Err(e) = super::mark_durable(fs, &opts.dir, end) {
+        tracing::warn!(
+            segment = end.segment,
+            offset = end.offset,
+            error = %e,
+            "could not record the spool's durable end: damage to the last records would read \
+             as a torn tail at the next start"
+        );
+    }
     report.segments = segments.len();
     report.duration = started.elapsed();
     let lost: u64 = report.damaged.iter().map(|d| d.records_lost).sum();

@@ -673,30 +673,23 @@ impl Writer {
         }
     }
 
-    /// Best effort: leaves a `closed-<segment>-<offset>` marker saying that the spool's data
-    /// ended here at a clean close, every byte before it fdatasync'd. Without it the next start
-    /// cannot tell damage to the last acknowledged frames from a write torn by a power loss,
-    /// and would zero them as a torn tail (spool-format.md §4, row 14). Called only once the
-    /// final fdatasync succeeded and nothing can be appended any more; a marker that cannot be
-    /// made costs only that detection, so the close still succeeds.
+    /// Best effort: records the writer's last position as the spool's durable end (see
+    /// [`super::mark_durable`]), so that the next start can tell damage to the last
+    /// acknowledged frames from a write torn by a power loss (spool-format.md §4, row 14).
+    /// Called only once the final fdatasync succeeded and nothing can be appended any more; a
+    /// marker that cannot be made costs only that detection, so the close still succeeds.
     fn mark_clean_close(&self) {
-        let dir = &self.shared.opts.dir;
-        let marker = dir.join(super::clean_close_marker_name(Position {
+        let end = Position {
             segment: self.active,
             offset: self.offset,
-        }));
-        let made = self
-            .shared
-            .fs
-            .create(&marker)
-            .and_then(|_| self.shared.fs.sync_dir(dir));
-        if let Err(e) = made {
+        };
+        if let Err(e) = super::mark_durable(self.shared.fs.as_ref(), &self.shared.opts.dir, end) {
             tracing::warn!(
-                segment = self.active,
-                offset = self.offset,
+                segment = end.segment,
+                offset = end.offset,
                 error = %e,
-                "could not mark the clean close: damage to the last records before it would \
-                 read as a torn tail at the next start"
+                "could not record the durable end at the close: damage to the records \
+                 appended since the start would read as a torn tail at the next start"
             );
         }
     }
