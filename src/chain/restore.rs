@@ -133,33 +133,14 @@ pub enum ImportError {
     Locked(std::path::PathBuf),
     #[error(transparent)]
     Chain(#[from] ChainError),
+    #[error(transparent)]
+    Spool(#[from] crate::spool::SpoolError),
     #[error("I/O error on {path}: {source}")]
     Io {
         path: std::path::PathBuf,
         #[source]
         source: std::io::Error,
     },
-}
-
-/// The lowest id among the segment files (`<20 digits>.seg`) in `spool_dir`.
-fn oldest_segment(spool_dir: &Path) -> Result<Option<u64>, ImportError> {
-    let io = |source| ImportError::Io {
-        path: spool_dir.to_path_buf(),
-        source,
-    };
-    let mut oldest = None;
-    for entry in std::fs::read_dir(spool_dir).map_err(io)? {
-        let name = entry.map_err(io)?.file_name();
-        let id = name
-            .to_str()
-            .and_then(|n| n.strip_suffix(".seg"))
-            .filter(|n| n.len() == 20)
-            .and_then(|n| n.parse::<u64>().ok());
-        if let Some(id) = id {
-            oldest = Some(oldest.map_or(id, |o: u64| o.min(id)));
-        }
-    }
-    Ok(oldest)
 }
 
 /// Writes `heads` as `<data_dir>/chain-heads`, holding the spool's lock. An intact checkpoint
@@ -195,7 +176,7 @@ pub fn import(data_dir: &Path, mut heads: Chains) -> Result<ImportSummary, Impor
     }
     // The spool as it is now is what the operator vouches for: a start checks its segments
     // against this, as against compaction's. An empty spool vouches for nothing older.
-    heads.first_kept = oldest_segment(&spool_dir)?;
+    heads.first_kept = crate::spool::oldest_segment(&crate::spool::fs::StdFs, &spool_dir)?;
     heads.save(&path)?;
     Ok(ImportSummary {
         streams: heads.len(),
