@@ -81,9 +81,11 @@ fn run(ops: Vec<Op>, durability: Durability, preallocate: bool) -> Result<(), Te
                 durable_prefix = acked.len();
             }
             Op::Crash(seed) => {
-                drop(spool);
+                // The crash comes while the spool is open: dropping it first would run the
+                // writer's final fdatasync, and nothing unsynced would be left to tear.
                 let mut rng = fastrand::Rng::with_seed(seed);
                 mem.crash(&mut |n| rng.u64(..n.max(1)));
+                drop(spool);
                 let (s, report) = open_fs(&opts, fs.clone());
                 spool = s;
                 // No crash makes a segment look removed: a rotation frame names a segment

@@ -1000,3 +1000,65 @@ fn row_14_a_missing_newest_segment_that_a_rotation_frame_also_names_is_counted_o
     assert_eq!(report.missing_segments, vec![[last, last]]);
     assert_eq!(metrics.recovery_segments_missing_total.get(), 1);
 }
+
+#[test]
+fn row_14_compaction_moves_the_durable_end_past_the_segments_it_deletes() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts = options(dir.path());
+    opts.durability = spoolgate::spool::Durability::Never;
+    let (s, _, _) = open(&opts);
+    let mut n = 0;
+    while s.durable_end().segment < 2 {
+        append(&s, n);
+        n += 1;
+    }
+    assert_eq!(
+        durable_markers(dir.path()),
+        vec![durable_marker(Position {
+            segment: 1,
+            offset: HEADER_LEN
+        })]
+    );
+    s.remove_segments_below(2).unwrap();
+    assert_eq!(
+        durable_markers(dir.path()),
+        vec![durable_marker(Position {
+            segment: 2,
+            offset: HEADER_LEN
+        })]
+    );
+    drop(s);
+    // A power loss before segment 2's first fdatasync: it holds its header only.
+    let path = seg(dir.path(), 2);
+    let bytes = std::fs::read(&path).unwrap();
+    std::fs::write(&path, &bytes[..HEADER_LEN as usize]).unwrap();
+    let inspected = spoolgate::spool::inspect(dir.path()).unwrap();
+    assert!(inspected.missing_segments.is_empty(), "{inspected:?}");
+    let (_s, report, _) = open(&opts);
+    assert!(
+        report.missing_segments.is_empty(),
+        "segment 1 was compacted, not lost: {report:?}"
+    );
+    assert!(report.damaged.is_empty(), "{report:?}");
+}
+
+#[test]
+fn a_file_cut_inside_the_last_frames_padding_keeps_the_frame_and_appends_stay_aligned() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = options(dir.path());
+    // Record 3's payload is 17 bytes: its frame ends in 7 bytes of padding.
+    assert_eq!(payload(3).len(), 17);
+    write_and_crash(&opts, 4);
+    let path = seg(dir.path(), 1);
+    let bytes = std::fs::read(&path).unwrap();
+    std::fs::write(&path, &bytes[..bytes.len() - 3]).unwrap();
+    let (s, report, _) = open(&opts);
+    assert_eq!(read_all(&s), vec![0, 1, 2, 3]);
+    assert_eq!(report.torn_tail_bytes, 0);
+    let p = append(&s, 4);
+    assert_eq!(p.offset % 8, 0, "{p:?}");
+    drop(s);
+    let (s, report, _) = open(&opts);
+    assert_eq!(read_all(&s), vec![0, 1, 2, 3, 4]);
+    assert!(report.damaged.is_empty(), "{report:?}");
+}

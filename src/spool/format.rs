@@ -399,15 +399,18 @@ pub fn scan(bytes: &[u8], payload_max: u32) -> ScanResult {
                         pos = next;
                     }
                     None => {
-                        let end = pos.min(bytes.len());
-                        let garbage = bytes[end..]
+                        // The data ends at the current offset, which is after the last frame's
+                        // padding even when the file was cut inside it: appends must start at
+                        // an aligned offset, or no scan would find them (the bytes past the
+                        // file's end read as zeros).
+                        let garbage = bytes[pos.min(bytes.len())..]
                             .iter()
                             .rposition(|&b| b != 0)
                             .map_or(0, |last| last + 1)
                             as u64;
                         return ScanResult {
                             items,
-                            data_end: end as u64,
+                            data_end: pos as u64,
                             tail_garbage_bytes: garbage,
                         };
                     }

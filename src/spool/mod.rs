@@ -636,6 +636,7 @@ impl Spool {
         if victims.is_empty() {
             return Ok(0);
         }
+        self.keep_durable_marker_at_or_after(limit);
         let mut freed = 0;
         for (id, path, bytes) in &victims {
             // Forget it first: readers then skip to the next segment instead of opening it.
@@ -671,6 +672,34 @@ impl Spool {
             m.compaction_bytes_reclaimed_total.inc_by(*bytes);
         }
         Ok(freed)
+    }
+
+    /// Before segments below `limit` are deleted: a durable-end marker naming one of them would
+    /// tell the next start that its records were lost if the segments after it read as empty
+    /// (a power loss before the first fdatasync in `limit`, in the `interval` and `never`
+    /// modes). So the marker moves to the start of segment `limit`, whose header was made
+    /// durable when it was created and before which nothing is written again. Where it cannot
+    /// be made, the old marker goes instead: row 14 then has nothing to say until the next
+    /// start or close, which is what it had before markers existed, and compaction, which may
+    /// be freeing a full disk, goes on.
+    fn keep_durable_marker_at_or_after(&self, limit: u64) {
+        let (fs, dir) = (self.shared.fs.as_ref(), &self.shared.opts.dir);
+        let Ok(names) = fs.list(dir) else {
+            return;
+        };
+        if durable_marker(&names).is_none_or(|m| m.segment >= limit) {
+            return;
+        }
+        let start = Position {
+            segment: limit,
+            offset: format::HEADER_LEN,
+        };
+        if let Err(e) = mark_durable(fs, dir, start) {
+            tracing::warn!(error = %e, "could not move the durable-end marker past the segments compaction deletes; removing it");
+            for n in names.iter().filter(|n| n.starts_with("durable-")) {
+                let _ = fs.remove(&dir.join(n));
+            }
+        }
     }
 
     fn sync_after_removal(&self) -> Result<(), SpoolError> {

@@ -744,7 +744,7 @@ pub(crate) fn recover(
         c.offset > HEADER_LEN
             && !segments.contains_key(&c.segment)
             // Gone with every later segment holding nothing: not compacted, since compaction
-            // never deletes the segment appends go on in.
+            // moves the marker past the segments it deletes (`remove_segments_below`).
             && segments
                 .range(c.segment..)
                 .all(|(_, m)| m.data_end == HEADER_LEN)
