@@ -713,8 +713,9 @@ fn a_deletion_that_fails_part_way_counts_and_fsyncs_what_it_deleted() {
     }
     assert!(s.durable_end().segment >= 4);
     let first = s.segments()[0].clone();
-    // Segment 1 goes, segment 2 does not.
-    faults.removes_until_failure.store(2, Ordering::SeqCst);
+    // The durable-end marker (segment 1's, from the start) moves to segment 3 first: one
+    // removal and one directory fsync of its own. Then segment 1 goes, segment 2 does not.
+    faults.removes_until_failure.store(3, Ordering::SeqCst);
     let syncs_before = faults.dir_syncs.load(Ordering::SeqCst);
     let err = s.remove_segments_below(3).unwrap_err();
     assert!(err.to_string().contains("remove segment"), "{err}");
@@ -727,8 +728,8 @@ fn a_deletion_that_fails_part_way_counts_and_fsyncs_what_it_deleted() {
     );
     assert_eq!(
         faults.dir_syncs.load(Ordering::SeqCst),
-        syncs_before + 1,
-        "the deletion that happened is made durable"
+        syncs_before + 2,
+        "the marker moved and the deletion that happened are made durable"
     );
     assert_eq!(
         metrics.spool_segments_active.get(),
@@ -790,8 +791,9 @@ fn each_segment_deletion_is_made_durable_before_the_next_so_only_a_prefix_can_be
     s.remove_segments_below(3).unwrap();
     assert_eq!(
         faults.dir_syncs.load(Ordering::SeqCst),
-        syncs_before + 2,
-        "one directory fsync per segment deleted"
+        syncs_before + 1 + 2,
+        "one directory fsync for the durable-end marker moved past them, then one per \
+         segment deleted"
     );
     // The directory cannot be fsync'd: the first deletion is attempted, the next is not, so
     // a crash can never keep a later segment's unlink without an earlier one's.
