@@ -37,6 +37,16 @@ fn durable_markers(dir: &std::path::Path) -> Vec<String> {
     names
 }
 
+/// Flips one bit in the payload of the frame at `at` (in segment file `at.segment`), as a
+/// failing disk would; returns the file's path and its bytes as left.
+fn flip_a_payload_bit(dir: &std::path::Path, at: Position) -> (std::path::PathBuf, Vec<u8>) {
+    let path = seg(dir, at.segment);
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[at.offset as usize + 20] ^= 0x40;
+    std::fs::write(&path, &bytes).unwrap();
+    (path, bytes)
+}
+
 fn durable_marker(end: Position) -> String {
     format!("durable-{:020}-{:020}", end.segment, end.offset)
 }
@@ -61,10 +71,7 @@ fn row_2_a_damaged_frame_mid_segment_costs_only_itself_and_is_reported() {
     let dir = tempfile::tempdir().unwrap();
     let opts = options(dir.path());
     let positions = write_and_close(&opts, 3);
-    let path = seg(dir.path(), 1);
-    let mut bytes = std::fs::read(&path).unwrap();
-    bytes[positions[1].offset as usize + 20] ^= 0x40;
-    std::fs::write(&path, bytes).unwrap();
+    flip_a_payload_bit(dir.path(), positions[1]);
     let (s, report, metrics) = open(&opts);
     assert_eq!(read_all(&s), vec![0, 2]);
     assert_eq!(report.damaged.len(), 1);
@@ -748,10 +755,7 @@ fn row_14_damage_to_the_last_record_before_a_clean_close_is_corruption_not_a_tor
     let dir = tempfile::tempdir().unwrap();
     let opts = options(dir.path());
     let positions = write_and_close(&opts, 3);
-    let path = seg(dir.path(), 1);
-    let mut bytes = std::fs::read(&path).unwrap();
-    bytes[positions[2].offset as usize + 20] ^= 0x40;
-    std::fs::write(&path, &bytes).unwrap();
+    let (path, bytes) = flip_a_payload_bit(dir.path(), positions[2]);
     let inspected = spoolgate::spool::inspect(dir.path()).unwrap();
     assert_eq!(inspected.segments[0].damaged.len(), 1, "{inspected:?}");
     assert_eq!(inspected.segments[0].tail_garbage_bytes, 0);
@@ -784,10 +788,7 @@ fn row_14_damage_found_by_a_start_that_was_then_killed_is_still_reported_and_nev
     let dir = tempfile::tempdir().unwrap();
     let opts = options(dir.path());
     let positions = write_and_close(&opts, 3);
-    let path = seg(dir.path(), 1);
-    let mut bytes = std::fs::read(&path).unwrap();
-    bytes[positions[2].offset as usize + 20] ^= 0x40;
-    std::fs::write(&path, &bytes).unwrap();
+    let (path, bytes) = flip_a_payload_bit(dir.path(), positions[2]);
     // The start that finds it is killed before it appends anything.
     let (s, report, _) = open(&opts);
     assert_eq!(report.damaged.len(), 1);
@@ -818,10 +819,7 @@ fn row_14_after_a_kill_damage_before_the_starts_durable_end_is_corruption_and_af
             offset: second[0].offset
         })]
     );
-    let path = seg(dir.path(), 1);
-    let mut bytes = std::fs::read(&path).unwrap();
-    bytes[second[1].offset as usize + 20] ^= 0x40;
-    std::fs::write(&path, &bytes).unwrap();
+    flip_a_payload_bit(dir.path(), second[1]);
     let (s, report, _) = open(&opts);
     assert_eq!(read_all(&s), vec![0, 1, 2, 0]);
     assert!(report.damaged.is_empty(), "{:?}", report.damaged);
@@ -932,10 +930,7 @@ fn row_14_damage_to_the_last_record_is_reported_with_a_prepared_segment_after_it
     let n = append_until_segment_two_is_prepared(&s);
     let last = append(&s, n);
     s.close().unwrap();
-    let path = seg(dir.path(), 1);
-    let mut bytes = std::fs::read(&path).unwrap();
-    bytes[last.offset as usize + 20] ^= 0x40;
-    std::fs::write(&path, &bytes).unwrap();
+    flip_a_payload_bit(dir.path(), last);
     let inspected = spoolgate::spool::inspect(dir.path()).unwrap();
     let (s, report, _) = open(&opts);
     assert_eq!(read_all(&s), (0..n).collect::<Vec<_>>());
